@@ -1,0 +1,1 @@
+"""Actuators: one kernel knob each (read, apply, restore), plus dry-run twins."""

@@ -1,0 +1,1 @@
+"""Subcommands of the `remediator` CLI, one module each."""

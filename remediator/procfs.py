@@ -1,0 +1,297 @@
+"""Reading processes from procfs, with the procfs root as a parameter so tests use fake trees.
+
+A process is identified by (pid, start time): the start time (field 22 of /proc/<pid>/stat, in clock
+ticks since boot) tells a reused pid apart. Every failure on a process goes through one translation:
+a process that vanished is `ProcessGone` (ordinary), a refusal is `AccessDenied` (an error).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from .errors import ProcessGone, RemediatorError, translate_os_error
+
+PF_KTHREAD = 0x00200000  # include/linux/sched.h: "I am a kernel thread"
+KTHREADD_PID = 2
+UNIT_SUFFIXES = (".service", ".scope", ".slice", ".socket", ".mount", ".swap", ".timer")
+
+
+@dataclass(frozen=True, order=True)
+class ProcessIdentity:
+    pid: int
+    start_time: int  # clock ticks since boot
+
+    def __str__(self) -> str:
+        return f"{self.pid}@{self.start_time}"
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    flags: int
+    utime: int  # clock ticks
+    stime: int
+    nice: int
+    num_threads: int
+    start_time: int
+    processor: int
+
+    @property
+    def is_kernel_thread(self) -> bool:
+        return bool(self.flags & PF_KTHREAD) or self.pid == KTHREADD_PID or self.ppid == KTHREADD_PID
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """What policies match on and what the audit shows: plain data, JSON-friendly."""
+
+    pid: int
+    start_time: int
+    comm: str
+    exe: str = ""
+    cmdline: tuple[str, ...] = ()
+    cgroup: str = ""  # the v2 path, or on v1 hosts the name=systemd path
+    unit: str = ""
+    uid: int = -1
+    user: str = ""
+    ppid: int = 0
+    ancestors: tuple[tuple[int, str], ...] = ()  # (pid, comm), parent first, PID 1 excluded
+    kernel_thread: bool = False
+
+    @property
+    def identity(self) -> ProcessIdentity:
+        return ProcessIdentity(self.pid, self.start_time)
+
+    def to_json(self) -> dict:
+        return {
+            "pid": self.pid,
+            "start_time": self.start_time,
+            "comm": self.comm,
+            "exe": self.exe,
+            "cmdline": list(self.cmdline),
+            "cgroup": self.cgroup,
+            "unit": self.unit,
+            "uid": self.uid,
+            "user": self.user,
+            "ppid": self.ppid,
+            "ancestors": [list(a) for a in self.ancestors],
+            "kernel_thread": self.kernel_thread,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ProcessInfo":
+        return cls(
+            pid=int(data["pid"]),
+            start_time=int(data["start_time"]),
+            comm=str(data["comm"]),
+            exe=str(data.get("exe", "")),
+            cmdline=tuple(data.get("cmdline", ())),
+            cgroup=str(data.get("cgroup", "")),
+            unit=str(data.get("unit", "")),
+            uid=int(data.get("uid", -1)),
+            user=str(data.get("user", "")),
+            ppid=int(data.get("ppid", 0)),
+            ancestors=tuple((int(p), str(c)) for p, c in data.get("ancestors", ())),
+            kernel_thread=bool(data.get("kernel_thread", False)),
+        )
+
+
+@dataclass(frozen=True)
+class CgroupMembership:
+    v2_path: str = ""  # from the "0::" line ("" when the process is not in a v2 hierarchy)
+    v1_paths: dict[str, str] = field(default_factory=dict)  # controller (or name=...) -> path
+
+    @property
+    def systemd_path(self) -> str:
+        """The path systemd placed the process at: v2, or v1's name=systemd hierarchy."""
+        return self.v2_path or self.v1_paths.get("name=systemd", "")
+
+
+def unit_from_cgroup_path(path: str) -> str:
+    """The innermost systemd unit in a cgroup path ('/system.slice/nginx.service' -> 'nginx.service')."""
+    for part in reversed(path.split("/")):
+        if part.endswith(UNIT_SUFFIXES) and not part.endswith(".slice"):
+            return part
+    return ""
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, OverflowError):
+        return str(uid)
+
+
+class ProcFS:
+    """Access to one procfs tree (the real /proc by default)."""
+
+    def __init__(self, root: str | Path = "/proc"):
+        self.root = Path(root)
+
+    # -- raw reads --------------------------------------------------------------------------
+    def _read(self, pid: int, name: str, tid: int | None = None) -> str:
+        path = self.root / str(pid) / name if tid is None else self.root / str(pid) / "task" / str(tid) / name
+        try:
+            return path.read_text(errors="replace")
+        except OSError as exc:
+            raise translate_os_error(exc, pid, f"read {path}") from None
+
+    def pids(self) -> list[int]:
+        return [int(name) for name in os.listdir(self.root) if name.isdigit()]
+
+    def tids(self, pid: int) -> list[int]:
+        try:
+            return [int(name) for name in os.listdir(self.root / str(pid) / "task") if name.isdigit()]
+        except OSError as exc:
+            raise translate_os_error(exc, pid, f"list {self.root}/{pid}/task") from None
+
+    def stat(self, pid: int, tid: int | None = None) -> ProcStat:
+        text = self._read(pid, "stat", tid)
+        # comm sits in parentheses and may itself contain spaces and parentheses.
+        open_paren, close_paren = text.find("("), text.rfind(")")
+        if open_paren < 0 or close_paren < 0:
+            raise RemediatorError(f"{self.root}/{pid}/stat: unparsable: {text[:80]!r}")
+        comm = text[open_paren + 1 : close_paren]
+        rest = text[close_paren + 2 :].split()
+        # rest[0] is field 3 (state); field N is rest[N - 3].
+        return ProcStat(
+            pid=tid if tid is not None else pid,
+            comm=comm,
+            state=rest[0],
+            ppid=int(rest[1]),
+            flags=int(rest[6]),
+            utime=int(rest[11]),
+            stime=int(rest[12]),
+            nice=int(rest[16]),
+            num_threads=int(rest[17]),
+            start_time=int(rest[19]),
+            processor=int(rest[36]) if len(rest) > 36 else -1,
+        )
+
+    def identity(self, pid: int) -> ProcessIdentity:
+        return ProcessIdentity(pid, self.stat(pid).start_time)
+
+    def verify(self, identity: ProcessIdentity) -> ProcStat:
+        """Re-read the process and make sure the pid still names the same process."""
+        current = self.stat(identity.pid)
+        if current.start_time != identity.start_time:
+            raise ProcessGone(identity.pid, f"pid reused (started at {current.start_time}, expected {identity.start_time})")
+        return current
+
+    def comm(self, pid: int) -> str:
+        return self._read(pid, "comm").rstrip("\n")
+
+    def cmdline(self, pid: int) -> tuple[str, ...]:
+        raw = self._read(pid, "cmdline")
+        return tuple(part for part in raw.split("\0") if part) if raw else ()
+
+    def exe(self, pid: int) -> str:
+        """The executable path, or "" where the kernel will not say (kernel threads, EACCES)."""
+        try:
+            target = os.readlink(self.root / str(pid) / "exe")
+        except OSError:
+            if not (self.root / str(pid)).exists():
+                raise ProcessGone(pid) from None
+            return ""
+        return target.removesuffix(" (deleted)")
+
+    def status(self, pid: int) -> dict[str, str]:
+        fields = {}
+        for line in self._read(pid, "status").splitlines():
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+        return fields
+
+    def tgid_of(self, tid: int) -> int:
+        """The process a thread belongs to (/proc/<tid> resolves for any thread id)."""
+        return int(self.status(tid).get("Tgid", tid))
+
+    def uid(self, pid: int) -> int:
+        return int(self.status(pid)["Uid"].split()[0])
+
+    def cgroups(self, pid: int) -> CgroupMembership:
+        v2_path = ""
+        v1_paths: dict[str, str] = {}
+        for line in self._read(pid, "cgroup").splitlines():
+            hierarchy, _, rest = line.partition(":")
+            controllers, _, path = rest.partition(":")
+            if hierarchy == "0" and controllers == "":
+                v2_path = path
+            else:
+                for controller in controllers.split(","):
+                    if controller:
+                        v1_paths[controller] = path
+        return CgroupMembership(v2_path, v1_paths)
+
+    def schedstat(self, pid: int, tid: int | None = None) -> tuple[int, int, int]:
+        """(on-CPU ns, run-queue wait ns, timeslices) for one task, cumulative."""
+        run_ns, wait_ns, slices = self._read(pid, "schedstat", tid).split()[:3]
+        return int(run_ns), int(wait_ns), int(slices)
+
+    # -- composed views -----------------------------------------------------------------------
+    def ancestors(self, ppid: int, limit: int = 32) -> tuple[tuple[int, str], ...]:
+        chain: list[tuple[int, str]] = []
+        pid = ppid
+        while pid > 1 and len(chain) < limit:
+            try:
+                stat = self.stat(pid)
+            except RemediatorError:
+                break
+            chain.append((pid, stat.comm))
+            pid = stat.ppid
+        return tuple(chain)
+
+    def process_info(self, pid: int) -> ProcessInfo:
+        stat = self.stat(pid)
+        kernel_thread = stat.is_kernel_thread
+        cgroup_path = ""
+        try:
+            cgroup_path = self.cgroups(pid).systemd_path
+        except ProcessGone:
+            raise
+        except RemediatorError:
+            pass
+        uid = self.uid(pid)
+        info = ProcessInfo(
+            pid=pid,
+            start_time=stat.start_time,
+            comm=stat.comm,
+            exe="" if kernel_thread else self.exe(pid),
+            cmdline=() if kernel_thread else self.cmdline(pid),
+            cgroup=cgroup_path,
+            unit=unit_from_cgroup_path(cgroup_path),
+            uid=uid,
+            user=_user_name(uid),
+            ppid=stat.ppid,
+            ancestors=self.ancestors(stat.ppid),
+            kernel_thread=kernel_thread,
+        )
+        # The pid may have been reused between the reads: the identity must still hold.
+        self.verify(info.identity)
+        return info
+
+    def iter_processes(self) -> Iterator[ProcessInfo]:
+        """Every process that is still there by the time it is read; vanished ones are skipped."""
+        for pid in self.pids():
+            try:
+                yield self.process_info(pid)
+            except ProcessGone:
+                continue
+
+
+def clock_ticks_per_second() -> int:
+    return os.sysconf("SC_CLK_TCK")
+
+
+def boot_time(proc_root: str | Path = "/proc") -> float:
+    """Wall-clock seconds at boot, to turn start times into readable timestamps."""
+    match = re.search(r"^btime (\d+)$", Path(proc_root, "stat").read_text(), re.MULTILINE)
+    return float(match.group(1)) if match else 0.0

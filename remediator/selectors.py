@@ -1,0 +1,116 @@
+"""Which processes are protected: selectors by pid, comm glob, cgroup path and systemd unit.
+
+The same selectors serve `watch` flags and the daemon config's `[protect]` table. A process matches
+when any selector matches it; every thread of a matched process is protected.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Iterable
+
+from .errors import ProcessGone, RemediatorError
+from .procfs import ProcessInfo, ProcFS
+
+# Prefixes that name a cgroup by its mount path rather than its path inside the hierarchy.
+CGROUP_MOUNT_PREFIXES = (
+    "/sys/fs/cgroup/unified",
+    "/sys/fs/cgroup/systemd",
+    "/sys/fs/cgroup/cpuset",
+    "/sys/fs/cgroup/cpu,cpuacct",
+    "/sys/fs/cgroup/cpu",
+    "/sys/fs/cgroup",
+)
+
+
+def normalize_cgroup_path(path: str) -> str:
+    """'/sys/fs/cgroup/system.slice/x.service/' -> '/system.slice/x.service'."""
+    path = "/" + path.strip().strip("/")
+    for prefix in CGROUP_MOUNT_PREFIXES:
+        if path == prefix:
+            return "/"
+        if path.startswith(prefix + "/"):
+            return "/" + path[len(prefix) :].strip("/")
+    return path
+
+
+def _under(path: str, ancestor: str) -> bool:
+    return ancestor == "/" or path == ancestor or path.startswith(ancestor.rstrip("/") + "/")
+
+
+def normalize_unit(name: str) -> str:
+    name = name.strip()
+    return name if "." in name else name + ".service"
+
+
+@dataclass(frozen=True)
+class ProtectSelectors:
+    pids: tuple[int, ...] = ()
+    comms: tuple[str, ...] = ()  # fnmatch globs against the 15-character comm
+    cgroups: tuple[str, ...] = ()  # hierarchy paths; a process in the cgroup or below it matches
+    units: tuple[str, ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        pids: Iterable[int] = (),
+        comms: Iterable[str] = (),
+        cgroups: Iterable[str] = (),
+        units: Iterable[str] = (),
+    ) -> "ProtectSelectors":
+        return cls(
+            pids=tuple(int(p) for p in pids),
+            comms=tuple(comms),
+            cgroups=tuple(normalize_cgroup_path(c) for c in cgroups),
+            units=tuple(normalize_unit(u) for u in units),
+        )
+
+    @property
+    def empty(self) -> bool:
+        return not (self.pids or self.comms or self.cgroups or self.units)
+
+    def describe(self) -> str:
+        parts = [f"pid {p}" for p in self.pids]
+        parts += [f"comm {c}" for c in self.comms]
+        parts += [f"cgroup {c}" for c in self.cgroups]
+        parts += [f"unit {u}" for u in self.units]
+        return ", ".join(parts) or "nothing"
+
+    def match_reason(self, info: ProcessInfo, cgroup_paths: Iterable[str] = ()) -> str | None:
+        """Why this process is protected ("comm nginx*"), or None.
+
+        `cgroup_paths` adds the v1 hierarchy paths of the process to the one in `info`.
+        """
+        if info.kernel_thread:
+            return None
+        if info.pid in self.pids:
+            return f"pid {info.pid}"
+        for pattern in self.comms:
+            if fnmatch.fnmatchcase(info.comm, pattern):
+                return f"comm {pattern}"
+        paths = {info.cgroup, *cgroup_paths} - {""}
+        for wanted in self.cgroups:
+            if any(_under(path, wanted) for path in paths):
+                return f"cgroup {wanted}"
+        for unit in self.units:
+            if info.unit == unit or any(f"/{unit}/" in path + "/" for path in paths):
+                return f"unit {unit}"
+        return None
+
+    def resolve(self, procfs: ProcFS) -> dict[int, ProcessInfo]:
+        """Every live process the selectors match, by pid."""
+        matched: dict[int, ProcessInfo] = {}
+        only_pids = not (self.comms or self.cgroups or self.units)
+        candidates = self.pids if only_pids else procfs.pids()
+        for pid in candidates:
+            try:
+                info = procfs.process_info(pid)
+                v1_paths = procfs.cgroups(pid).v1_paths.values() if (self.cgroups or self.units) else ()
+            except ProcessGone:
+                continue
+            except RemediatorError:
+                continue  # unreadable (EACCES): cannot be judged, so not protected
+            if self.match_reason(info, v1_paths):
+                matched[pid] = info
+        return matched

@@ -1,0 +1,37 @@
+"""Test harness: markers for root and BPF, and process/cgroup cleanup helpers.
+
+Tests marked `root` or `bpf` skip, saying why, where this host cannot run them. In CI
+(`REMEDIATOR_REQUIRE_PRIVILEGED=1`, set by .ci/run) such a skip is a failure: the kernel path
+must really have been exercised.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from helpers.privileges import bpf_unavailable_reason, root_unavailable_reason  # noqa: E402
+
+REQUIRE_PRIVILEGED = os.environ.get("REMEDIATOR_REQUIRE_PRIVILEGED") == "1"
+
+
+def _skip_or_fail(reason: str) -> None:
+    if REQUIRE_PRIVILEGED:
+        pytest.fail(f"privileged test could not run in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("root") or item.get_closest_marker("bpf"):
+        reason = root_unavailable_reason()
+        if reason:
+            _skip_or_fail(reason)
+    if item.get_closest_marker("bpf"):
+        reason = bpf_unavailable_reason()
+        if reason:
+            _skip_or_fail(reason)
