@@ -35,3 +35,6 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         reason = bpf_unavailable_reason()
         if reason:
             _skip_or_fail(reason)
+
+
+from helpers.workloads import spawn  # noqa: E402,F401  (fixture)

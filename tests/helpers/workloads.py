@@ -1,0 +1,86 @@
+"""Start workload processes for tests and always kill them, even when the test fails."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+WORKLOADS = Path(__file__).resolve().parent.parent / "workloads"
+
+
+class Workload:
+    """A started workload; `pid` is its process, `lines` what it printed after 'ready'."""
+
+    def __init__(self, argv: list[str], ready_timeout: float = 10.0, **popen_kwargs):
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # its own process group, so kill() takes its children too
+            **popen_kwargs,
+        )
+        self.pid = self.proc.pid
+        deadline = time.monotonic() + ready_timeout
+        line = ""
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if line.startswith("ready") or not line:
+                break
+        if not line.startswith("ready"):
+            self.kill()
+            raise RuntimeError(f"workload {argv} did not start (exit {self.proc.poll()})")
+
+    def read_line(self, timeout: float = 10.0) -> str:
+        """The next line the workload prints (e.g. 'worker tid=123')."""
+        import selectors
+
+        selector = selectors.DefaultSelector()
+        selector.register(self.proc.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            raise TimeoutError("workload printed nothing")
+        return self.proc.stdout.readline().strip()
+
+    def tids(self) -> list[int]:
+        return sorted(int(t) for t in os.listdir(f"/proc/{self.pid}/task"))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=10)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+def hog_argv(comm: str = "fluent-bit", threads: int = 2, *extra: str) -> list[str]:
+    return [sys.executable, str(WORKLOADS / "hog.py"), "--comm", comm, "--threads", str(threads), *extra]
+
+
+def victim_argv(cpu: int | None = 0, *extra: str) -> list[str]:
+    argv = [sys.executable, str(WORKLOADS / "victim.py")]
+    if cpu is not None:
+        argv += ["--cpu", str(cpu)]
+    return argv + list(extra)
+
+
+@pytest.fixture
+def spawn():
+    """spawn(argv, **popen_kwargs) -> Workload; every workload is killed at teardown."""
+    started: list[Workload] = []
+
+    def start(argv: list[str], **kwargs) -> Workload:
+        workload = Workload(argv, **kwargs)
+        started.append(workload)
+        return workload
+
+    yield start
+    for workload in started:
+        workload.kill()
