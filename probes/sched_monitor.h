@@ -1,0 +1,167 @@
+/* Shared definitions of the sched_monitor probes: settings, map value layouts, histogram buckets.
+ *
+ * Plain C with no kernel includes, so the same bucket function compiles with gcc in the unit tests
+ * and is checked against the Python twin (remediator/histogram.py). Every setting can be overridden
+ * with a -D cflag by the loader (remediator/probes.py); the defaults here are what it passes.
+ *
+ * The probes read only tracepoint arguments plus bpf_get_current_pid_tgid() and
+ * bpf_get_smp_processor_id(): no kernel struct layout, so any header tree that lets clang parse
+ * bcc's helpers will do.
+ */
+#ifndef SCHED_MONITOR_H
+#define SCHED_MONITOR_H
+
+#ifdef SCHED_MONITOR_STANDALONE /* gcc build of the bucket math for the unit tests */
+#include <stdint.h>
+typedef uint64_t u64;
+typedef uint32_t u32;
+#endif
+
+/* Log-linear histogram of wait times in nanoseconds: each power of two is cut into
+ * 2^HIST_SUB_BITS equal sub-buckets, so a bucket is at most 1/8 of its lower bound wide and a
+ * percentile read at the bucket's midpoint is within +-6.25%. Values below 2^HIST_SUB_BITS ns get
+ * a bucket each; values at or above 2^HIST_MAX_POW ns (~68.7 s) share the last bucket. */
+#ifndef HIST_SUB_BITS
+#define HIST_SUB_BITS 3
+#endif
+#ifndef HIST_MAX_POW
+#define HIST_MAX_POW 36
+#endif
+#define HIST_SUB_COUNT (1u << HIST_SUB_BITS)
+#define HIST_SLOTS ((HIST_MAX_POW - HIST_SUB_BITS + 1) * HIST_SUB_COUNT)
+
+/* Map sizes. */
+#ifndef MAX_PROTECTED_THREADS
+#define MAX_PROTECTED_THREADS 65536
+#endif
+#ifndef MAX_WAITING_THREADS /* the start-timestamp map */
+#define MAX_WAITING_THREADS 65536
+#endif
+#ifndef MAX_PROC_CPU_ENTRIES /* (process, cpu) pairs with on-CPU time */
+#define MAX_PROC_CPU_ENTRIES 32768
+#endif
+#ifndef MAX_BLAMED_PROCESSES
+#define MAX_BLAMED_PROCESSES 16384
+#endif
+
+/* Per-process on-CPU time is also kept per sub-second window, so user space sees bursts: a ring
+ * of WINDOW_SLOTS windows of WINDOW_NS each, per (process, cpu). User space must read more often
+ * than every (WINDOW_SLOTS - 1) * WINDOW_NS. */
+#ifndef WINDOW_NS
+#define WINDOW_NS 100000000ull
+#endif
+#ifndef WINDOW_SLOTS
+#define WINDOW_SLOTS 16 /* power of two */
+#endif
+
+/* Recent run segments per CPU, walked back to find who ran while a protected thread waited. */
+#ifndef SEGMENT_RING
+#define SEGMENT_RING 16 /* power of two */
+#endif
+
+/* A start timestamp older than this is stale (a lost switch-in); the wait is dropped, not counted. */
+#ifndef MAX_WAIT_NS
+#define MAX_WAIT_NS 10000000000ull
+#endif
+
+/* sched_switch reports a runnable (preempted) prev as state index 0, optionally with the
+ * TASK_REPORT_MAX "+" bit; the loader derives the mask from the tracepoint's print fmt. */
+#ifndef TASK_STATE_MASK
+#define TASK_STATE_MASK 0xff
+#endif
+
+#ifndef EXEC_RING_PAGES
+#define EXEC_RING_PAGES 16
+#endif
+#define EXEC_FILENAME_LEN 128
+
+struct wait_totals {          /* per CPU, cumulative */
+    u64 waits;                /* completed run-queue waits of protected threads */
+    u64 wait_ns;
+    u64 wakeups;              /* waits that began with a wakeup */
+    u64 preemptions;          /* waits that began with a preemption */
+    u64 blamed_ns;            /* wait time attributed to some process */
+    u64 unattributed_ns;      /* wait time on an idle CPU or older than the segment ring */
+    u64 start_map_full;       /* waits not measured: the start-timestamp map was full */
+    u64 stale_starts;         /* starts dropped as older than MAX_WAIT_NS */
+    u64 proc_map_full;        /* run segments not accounted: the per-process map was full */
+    u64 blame_map_full;
+    u64 exec_events_dropped;  /* the exec ring buffer was full */
+    u64 protected_forks;      /* threads and children added to the protected set in-kernel */
+};
+
+struct wait_hist {
+    u64 slots[HIST_SLOTS];
+};
+
+/* The maximum wait per epoch: user space bumps the epoch, then reads the previous epoch's slot,
+ * which the kernel no longer writes. No read-then-clear race. */
+struct wait_max {
+    u64 epoch;
+    u64 max_ns;
+};
+
+struct cpu_state {            /* per CPU */
+    u64 since;                /* when the current task was switched in (0: not seen yet) */
+    u64 busy_ns;              /* cumulative non-idle time */
+    u32 current_tid;          /* the task on the CPU now (0 = idle) */
+    u32 pad;
+};
+
+struct run_segment {
+    u64 start;
+    u64 end;
+    u32 tgid;
+    u32 pad;
+};
+
+struct segment_ring {         /* per CPU */
+    struct run_segment segments[SEGMENT_RING];
+    u32 head;                 /* next slot to write */
+    u32 pad;
+};
+
+struct proc_cpu_key {
+    u32 tgid;
+    u32 cpu;
+};
+
+struct proc_cpu {
+    u64 total_ns;
+    u64 windows[WINDOW_SLOTS]; /* (window index << 32) | ns on this CPU in that window */
+    char comm[16];             /* comm of the thread that created the entry */
+};
+
+struct exec_event {
+    u64 ts;
+    u32 pid;
+    u32 old_pid;
+    char filename[EXEC_FILENAME_LEN];
+};
+
+/* floor(log2(v)) for v > 0, without loops (the verifier and gcc both like this). */
+static inline u32 sm_log2(u64 v)
+{
+    u32 r = 0, shift;
+    shift = (v > 0xFFFFFFFFull) << 5; v >>= shift; r |= shift;
+    shift = (v > 0xFFFFull) << 4; v >>= shift; r |= shift;
+    shift = (v > 0xFFull) << 3; v >>= shift; r |= shift;
+    shift = (v > 0xFull) << 2; v >>= shift; r |= shift;
+    shift = (v > 0x3ull) << 1; v >>= shift; r |= shift;
+    r |= (u32)(v >> 1);
+    return r;
+}
+
+static inline u32 hist_slot(u64 value)
+{
+    u32 exponent;
+    if (value < HIST_SUB_COUNT)
+        return (u32)value;
+    exponent = sm_log2(value);
+    if (exponent >= HIST_MAX_POW)
+        return HIST_SLOTS - 1;
+    return ((exponent - HIST_SUB_BITS + 1) << HIST_SUB_BITS) |
+           (u32)((value >> (exponent - HIST_SUB_BITS)) & (HIST_SUB_COUNT - 1));
+}
+
+#endif /* SCHED_MONITOR_H */

@@ -1,0 +1,224 @@
+"""The collector: keeps the protected set current and turns each tick's source delta into a Sample.
+
+The protected set is kept three ways, cheapest first: the kernel adds new threads and children of
+protected processes on fork; exec events name new processes to check against the selectors within
+a tick; a full rescan every few seconds catches the rest (a comm changed by prctl, a process moved
+into a protected cgroup). Without exec events (the procfs source) every tick rescans.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable
+
+from .errors import ProcessGone, RemediatorError
+from .procfs import ProcessInfo, ProcFS
+from .sample import ProcessUsage, ProtectedWaits, Sample
+from .selectors import ProtectSelectors
+from .sources import Source, TickDelta
+
+log = logging.getLogger(__name__)
+
+
+class Collector:
+    def __init__(
+        self,
+        source: Source,
+        selectors: ProtectSelectors,
+        procfs: ProcFS | None = None,
+        *,
+        rescan_s: float = 5.0,
+        top_n: int = 24,
+        wall_clock: Callable[[], float] = time.time,
+        mono_clock: Callable[[], float] = time.monotonic,
+    ):
+        self.source = source
+        self.selectors = selectors
+        self.procfs = procfs or ProcFS()
+        self.rescan_s = rescan_s if source.has_exec_events else 0.0
+        self.top_n = top_n
+        self.wall_clock = wall_clock
+        self.mono_clock = mono_clock
+        self.protected: dict[int, set[int]] = {}  # pid -> tids
+        self.protected_reason: dict[int, str] = {}
+        self._info_cache: dict[int, ProcessInfo] = {}
+        self._last_rescan = float("-inf")
+        self._cpu_count = os.cpu_count() or 1
+
+    # -- the protected set --------------------------------------------------------------------
+    def _add_process(self, pid: int, reason: str) -> None:
+        try:
+            tids = set(self.procfs.tids(pid))
+        except RemediatorError:
+            return
+        known = self.protected.setdefault(pid, set())
+        new = tids - known
+        if new:
+            self.source.protect(new)
+            known |= new
+        self.protected_reason.setdefault(pid, reason)
+
+    def _drop_process(self, pid: int) -> None:
+        tids = self.protected.pop(pid, set())
+        self.protected_reason.pop(pid, None)
+        if tids:
+            self.source.unprotect(tids)
+
+    def _rescan(self) -> None:
+        matched = self.selectors.resolve(self.procfs)
+        wanted = {pid: self.selectors.match_reason(info) or "selector" for pid, info in matched.items()}
+        known_tids = {tid for tids in self.protected.values() for tid in tids}
+        kernel_tids = self.source.kernel_protected_tids()
+        if kernel_tids:
+            stale = []
+            for tid in kernel_tids - known_tids:
+                try:
+                    tgid = self.procfs.tgid_of(tid)
+                except RemediatorError:
+                    stale.append(tid)
+                    continue
+                if tgid not in wanted:
+                    # Added in the kernel on fork: a child (or thread) of a protected process.
+                    wanted[tgid] = self.protected_reason.get(tgid, "child of a protected process")
+            if stale:
+                self.source.unprotect(stale)
+        for pid in set(self.protected) - set(wanted):
+            if self.protected_reason.get(pid) == "child of a protected process" and self._alive(pid):
+                continue
+            self._drop_process(pid)
+        for pid, reason in wanted.items():
+            self._add_process(pid, reason)
+        self._last_rescan = self.mono_clock()
+
+    def _alive(self, pid: int) -> bool:
+        return (self.procfs.root / str(pid)).exists()
+
+    def _handle_exec_events(self) -> None:
+        for event in self.source.exec_events():
+            pid = event.pid
+            if pid in self.protected:
+                self._add_process(pid, self.protected_reason.get(pid, "selector"))  # exec may change its threads
+                continue
+            try:
+                info = self.procfs.process_info(pid)
+                v1_paths = self.procfs.cgroups(pid).v1_paths.values() if (self.selectors.cgroups or self.selectors.units) else ()
+            except RemediatorError:
+                continue
+            reason = self.selectors.match_reason(info, v1_paths)
+            if reason:
+                log.debug("protecting pid %d (%s) after exec of %s", pid, reason, event.filename)
+                self._add_process(pid, reason)
+
+    def _refresh_threads(self) -> int:
+        """Pick up threads the kernel may have missed (created before the probes loaded)."""
+        threads = 0
+        for pid in list(self.protected):
+            try:
+                tids = set(self.procfs.tids(pid))
+            except RemediatorError:
+                self._drop_process(pid)
+                continue
+            known = self.protected[pid]
+            new = tids - known
+            if new:
+                self.source.protect(new)
+            gone = known - tids
+            known |= new
+            known -= gone
+            threads += len(known)
+        return threads
+
+    # -- ticks --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Resolve the protected set and take the baseline reading (its delta is discarded)."""
+        self._rescan()
+        self.source.read(self.protected)
+
+    def sample(self) -> Sample:
+        self._handle_exec_events()
+        if self.mono_clock() - self._last_rescan >= self.rescan_s:
+            self._rescan()
+            rescanned = True
+        else:
+            rescanned = False
+        threads = self._refresh_threads()
+        delta = self.source.read(self.protected)
+        if rescanned:
+            dead = {tgid for tgid in delta.live_tgids if not self._alive(tgid)}
+            if dead:
+                self.source.forget(dead)
+        return self._build_sample(delta, threads)
+
+    def _info(self, pid: int) -> ProcessInfo | None:
+        cached = self._info_cache.get(pid)
+        try:
+            if cached is not None:
+                if self.procfs.stat(pid).start_time == cached.start_time:
+                    return cached
+            info = self.procfs.process_info(pid)
+        except (ProcessGone, RemediatorError):
+            self._info_cache.pop(pid, None)
+            return None
+        self._info_cache[pid] = info
+        return info
+
+    def _build_sample(self, delta: TickDelta, threads: int) -> Sample:
+        duration = max(1, delta.end_ns - delta.start_ns)
+        ranked = sorted(delta.usage.items(), key=lambda item: item[1][0], reverse=True)
+        blamed = sorted(delta.blame.items(), key=lambda item: item[1], reverse=True)
+        # Metadata for who matters this tick: the busiest, the most blamed, and the protected.
+        wanted = [pid for pid, (cpu_ns, _) in ranked[: self.top_n] if cpu_ns * 200 >= duration]
+        wanted += [pid for pid, _ in blamed[: self.top_n]]
+        wanted += list(self.protected)
+        processes: dict[int, ProcessInfo] = {}
+        for pid in dict.fromkeys(wanted):
+            info = self._info(pid)
+            if info is not None:
+                processes[pid] = info
+        if len(self._info_cache) > 4 * self.top_n + len(self.protected):
+            for pid in list(self._info_cache):
+                if pid not in processes:
+                    del self._info_cache[pid]
+
+        usage = tuple(
+            ProcessUsage(
+                pid=pid,
+                comm=processes[pid].comm if pid in processes else delta.comms.get(pid, "?"),
+                cpu_ns=cpu_ns,
+                peak_ns=peak_ns,
+                protected=pid in self.protected,
+            )
+            for pid, (cpu_ns, peak_ns) in ranked
+        )
+        return Sample(
+            ts=self.wall_clock(),
+            start_ns=delta.start_ns,
+            end_ns=delta.end_ns,
+            source=self.source.name,
+            window_ns=self.source.window_ns,
+            ncpus=len(delta.cpu_busy_ns) or self._cpu_count,
+            protected=ProtectedWaits(
+                threads=threads,
+                pids=tuple(sorted(self.protected)),
+                waits=delta.waits,
+                wakeups=delta.wakeups,
+                preemptions=delta.preemptions,
+                wait_ns=delta.wait_ns,
+                max_ns=delta.max_ns,
+                histogram=None if delta.histogram is None else tuple(sorted(delta.histogram.items())),
+                blamed_ns=delta.blamed_ns,
+                unattributed_ns=delta.unattributed_ns,
+            ),
+            usage=usage,
+            blame=tuple(blamed),
+            cpu_busy_ns=tuple(delta.cpu_busy_ns),
+            processes=processes,
+            psi_some_us=delta.psi_some_us,
+            lost=delta.lost,
+            limitations=self.source.limitations,
+        )
+
+    def close(self) -> None:
+        self.source.close()

@@ -1,0 +1,460 @@
+"""Load probes/sched_monitor.bpf.c with bcc and read its cumulative maps as plain Python values.
+
+Thin on purpose: no differences, no policy, no /proc. It turns map bytes into numbers; the
+collector does the rest and is tested on recorded values. Map reads go through libbcc's raw
+calls with buffers allocated once: bcc's own batch helper allocates max_entries-sized arrays on
+every call, which would dominate the daemon's CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import errno
+import os
+import re
+import struct
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from . import histogram
+from .errors import SetupError
+from .hostcheck import bpf_problem, kernel_headers_description, tracefs_root
+
+PROBES_DIR_ENV = "REMEDIATOR_PROBES_DIR"
+PROGRAM_FILE = "sched_monitor.bpf.c"
+
+WAIT_TOTAL_FIELDS = (
+    "waits",
+    "wait_ns",
+    "wakeups",
+    "preemptions",
+    "blamed_ns",
+    "unattributed_ns",
+    "start_map_full",
+    "stale_starts",
+    "proc_map_full",
+    "blame_map_full",
+    "exec_events_dropped",
+    "protected_forks",
+)
+
+
+def probes_dir() -> Path:
+    override = os.environ.get(PROBES_DIR_ENV)
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parent.parent / "probes"
+
+
+def task_state_mask(format_text: str) -> int:
+    """The mask under which sched_switch's prev_state is 0 for a runnable (preempted) task.
+
+    Read from the tracepoint's print fmt so it follows the running kernel: since 4.14 it is
+    TASK_REPORT_MAX - 1 (0xff), before that TASK_STATE_MAX - 1.
+    """
+    modern = re.search(r"REC->prev_state & \(\(\(\(([^)]*)\) \+ 1\) << 1\) - 1\)", format_text)
+    if modern:
+        report_bits = 0
+        for number in re.findall(r"0x[0-9a-fA-F]+|\d+", modern.group(1)):
+            report_bits |= int(number, 0)
+        return ((report_bits + 1) << 1) - 1
+    legacy = re.search(r"REC->prev_state & \((\d+)-1\)", format_text)
+    if legacy:
+        return int(legacy.group(1)) - 1
+    return 0xFF
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    window_ns: int = 100_000_000
+    window_slots: int = 16
+    segment_ring: int = 16
+    max_wait_ns: int = 10_000_000_000
+    max_protected_threads: int = 65536
+    max_waiting_threads: int = 65536
+    max_proc_cpu_entries: int = 32768
+    max_blamed_processes: int = 16384
+    exec_ring_pages: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("window_slots", "segment_ring", "exec_ring_pages"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two, not {value}")
+        if not 1_000_000 <= self.window_ns < 1 << 32:
+            raise ValueError("window_ns must be between 1 ms and 4.29 s")
+
+    def cflags(self, state_mask: int) -> list[str]:
+        return [
+            f"-I{probes_dir()}",
+            f"-DHIST_SUB_BITS={histogram.SUB_BITS}",
+            f"-DHIST_MAX_POW={histogram.MAX_POW}",
+            f"-DWINDOW_NS={self.window_ns}ull",
+            f"-DWINDOW_SLOTS={self.window_slots}",
+            f"-DSEGMENT_RING={self.segment_ring}",
+            f"-DMAX_WAIT_NS={self.max_wait_ns}ull",
+            f"-DMAX_PROTECTED_THREADS={self.max_protected_threads}",
+            f"-DMAX_WAITING_THREADS={self.max_waiting_threads}",
+            f"-DMAX_PROC_CPU_ENTRIES={self.max_proc_cpu_entries}",
+            f"-DMAX_BLAMED_PROCESSES={self.max_blamed_processes}",
+            f"-DEXEC_RING_PAGES={self.exec_ring_pages}",
+            f"-DTASK_STATE_MASK={state_mask:#x}",
+        ]
+
+
+@dataclass(frozen=True)
+class ProcCpuEntry:
+    tgid: int
+    cpu: int
+    total_ns: int
+    windows: tuple[tuple[int, int], ...]  # (window index, ns) on this CPU
+    comm: str
+
+
+@dataclass(frozen=True)
+class CpuState:
+    since_ns: int
+    busy_ns: int
+    current_tid: int
+
+
+@dataclass
+class RawSnapshot:
+    """Cumulative counters as the kernel holds them, at one moment (CLOCK_MONOTONIC ns)."""
+
+    mono_ns: int
+    totals: dict[str, int]
+    histogram: list[int]
+    max_ns: int  # the largest wait since the previous snapshot
+    cpus: list[CpuState]
+    proc_cpu: dict[tuple[int, int], ProcCpuEntry]
+    blame: dict[int, int]
+
+
+@dataclass(frozen=True)
+class ExecEvent:
+    mono_ns: int
+    pid: int
+    old_pid: int
+    filename: str
+
+
+class _RawMap:
+    """Raw lookups on one BPF map by fd, with buffers allocated once."""
+
+    def __init__(self, lib, table, possible_cpus: int, percpu: bool):
+        self.lib = lib
+        self.fd = table.map_fd
+        self.key_size = ct.sizeof(table.Key)
+        value_size = ct.sizeof(table.sLeaf if percpu else table.Leaf)
+        # The kernel copies per-CPU values each rounded up to 8 bytes.
+        self.value_stride = (value_size + 7) & ~7 if percpu else value_size
+        self.value_size = value_size
+        self.copies = possible_cpus if percpu else 1
+        self.max_entries = table.max_entries
+        self._value = ct.create_string_buffer(self.value_stride * self.copies)
+        self._batch_keys = None
+        self._batch_values = None
+        self._batch_supported = True
+
+    def lookup(self, key: bytes) -> bytes | None:
+        key_buf = ct.create_string_buffer(key, self.key_size)
+        if self.lib.bpf_lookup_elem(self.fd, key_buf, self._value) != 0:
+            return None
+        return self._value.raw
+
+    def update(self, key: bytes, value: bytes) -> None:
+        key_buf = ct.create_string_buffer(key, self.key_size)
+        value_buf = ct.create_string_buffer(value, self.value_size)
+        if self.lib.bpf_update_elem(self.fd, key_buf, value_buf, 0) != 0:
+            raise OSError(ct.get_errno(), f"bpf map update: {os.strerror(ct.get_errno())}")
+
+    def delete(self, key: bytes) -> None:
+        key_buf = ct.create_string_buffer(key, self.key_size)
+        self.lib.bpf_delete_elem(self.fd, key_buf)  # a missing key is fine
+
+    def keys(self) -> list[bytes]:
+        result = []
+        key = ct.create_string_buffer(self.key_size)
+        next_key = ct.create_string_buffer(self.key_size)
+        if self.lib.bpf_get_first_key(self.fd, key, self.key_size) != 0:
+            return result
+        result.append(key.raw)
+        while self.lib.bpf_get_next_key(self.fd, key, next_key) == 0:
+            result.append(next_key.raw)
+            ct.memmove(key, next_key, self.key_size)
+            if len(result) > self.max_entries:
+                break  # the map changed under us; enough
+        return result
+
+    def items(self) -> tuple[bytes, bytes, int]:
+        """All entries as (keys buffer, values buffer, count); one syscall per batch."""
+        if self._batch_supported:
+            try:
+                return self._items_batch()
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOTSUPP if hasattr(errno, "ENOTSUPP") else 524):
+                    raise
+                self._batch_supported = False  # kernels before 5.6
+        keys = self.keys()
+        values = []
+        kept = []
+        for key in keys:
+            value = self.lookup(key)
+            if value is not None:
+                kept.append(key)
+                values.append(value[: self.value_stride * self.copies])
+        return b"".join(kept), b"".join(values), len(kept)
+
+    def _items_batch(self) -> tuple[bytes, bytes, int]:
+        entry_bytes = self.value_stride * self.copies
+        if self._batch_keys is None:
+            self._resize_batch(min(self.max_entries, 256))
+        in_batch = ct.c_uint32(0)
+        out_batch = ct.c_uint32(0)
+        count = ct.c_uint32(0)
+        total = 0
+        first = True
+        while True:
+            capacity = len(self._batch_keys) // self.key_size
+            if total == capacity:
+                if capacity >= self.max_entries:
+                    break
+                self._resize_batch(min(self.max_entries, capacity * 2), keep=total)
+                capacity = len(self._batch_keys) // self.key_size
+            count.value = capacity - total
+            result = self.lib.bpf_lookup_batch(
+                self.fd,
+                None if first else ct.byref(in_batch),
+                ct.byref(out_batch),
+                ct.byref(self._batch_keys, self.key_size * total),
+                ct.byref(self._batch_values, entry_bytes * total),
+                ct.byref(count),
+            )
+            error = ct.get_errno()
+            total += count.value
+            if result != 0:
+                if error == errno.ENOENT:
+                    break  # walked the whole map
+                if error == errno.ENOSPC and capacity < self.max_entries:
+                    # One hash bucket holds more entries than the space left: grow and retry it.
+                    self._resize_batch(min(self.max_entries, capacity * 2), keep=total)
+                    continue
+                raise OSError(error, os.strerror(error))
+            if count.value == 0:
+                break
+            in_batch.value = out_batch.value
+            first = False
+        keys = self._batch_keys.raw[: self.key_size * total]
+        values = self._batch_values.raw[: entry_bytes * total]
+        return keys, values, total
+
+    def _resize_batch(self, entries: int, keep: int = 0) -> None:
+        entry_bytes = self.value_stride * self.copies
+        keys = ct.create_string_buffer(self.key_size * entries)
+        values = ct.create_string_buffer(entry_bytes * entries)
+        if keep:
+            ct.memmove(keys, self._batch_keys, self.key_size * keep)
+            ct.memmove(values, self._batch_values, entry_bytes * keep)
+        self._batch_keys, self._batch_values = keys, values
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """bcc and clang write compile errors to fd 2; keep them for a one-line error instead."""
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        output: list[str] = []
+        try:
+            yield output
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            output.append(capture.read().decode(errors="replace"))
+
+
+def _first_error_line(text: str) -> str:
+    for line in text.splitlines():
+        if "error" in line.lower() or "invalid" in line.lower() or "failed" in line.lower():
+            return line.strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else "no output from bcc"
+
+
+class SchedProbes:
+    """The loaded sched_monitor program."""
+
+    def __init__(self, settings: ProbeSettings | None = None):
+        problem = bpf_problem()
+        if problem:
+            raise SetupError(problem)
+        from bcc import BPF  # imported here: only the kernel path needs bcc
+        from bcc.libbcc import lib
+        from bcc.utils import get_possible_cpus
+
+        self.settings = settings or ProbeSettings()
+        fmt_path = tracefs_root() / "events/sched/sched_switch/format"
+        self.state_mask = task_state_mask(fmt_path.read_text())
+        self.cflags = self.settings.cflags(self.state_mask)
+        self.source_path = probes_dir() / PROGRAM_FILE
+        self.headers = kernel_headers_description()
+        with _captured_stderr() as output:
+            try:
+                self.bpf = BPF(src_file=str(self.source_path).encode(), cflags=self.cflags)
+            except Exception:
+                failed = True
+            else:
+                failed = False
+        if failed:
+            raise SetupError(
+                f"could not load the eBPF probes from {self.source_path}: {_first_error_line(''.join(output))} "
+                f"(kernel headers: {self.headers})"
+            )
+        self._lib = lib
+        self.possible_cpus = len(get_possible_cpus())
+        self._maps = {
+            name: _RawMap(lib, self.bpf[name], self.possible_cpus, percpu)
+            for name, percpu in (
+                ("protected_tids", False),
+                ("wait_start", False),
+                ("wait_totals", True),
+                ("wait_hist", True),
+                ("wait_max", True),
+                ("max_epoch", False),
+                ("cpu_state", True),
+                ("proc_cpu", False),
+                ("blame", False),
+            )
+        }
+        self._epoch = 0
+        self._exec_events: list[ExecEvent] = []
+        self.bpf["exec_events"].open_ring_buffer(self._on_exec_event)
+        self._proc_value = struct.Struct(f"<Q{self.settings.window_slots}Q16s")
+        self._hist_value = struct.Struct(f"<{histogram.SLOTS}Q")
+        self._totals_value = struct.Struct(f"<{len(WAIT_TOTAL_FIELDS)}Q")
+
+    # -- the protected set --------------------------------------------------------------------
+    def protect(self, tids: Iterable[int]) -> None:
+        protected = self._maps["protected_tids"]
+        one = struct.pack("<I", 1)
+        for tid in tids:
+            try:
+                protected.update(struct.pack("<I", tid), one)
+            except OSError as exc:
+                raise SetupError(f"cannot protect thread {tid}: {exc.strerror} (the protected map holds {self.settings.max_protected_threads})") from None
+
+    def unprotect(self, tids: Iterable[int]) -> None:
+        for tid in tids:
+            key = struct.pack("<I", tid)
+            self._maps["protected_tids"].delete(key)
+            self._maps["wait_start"].delete(key)
+
+    def protected_tids(self) -> set[int]:
+        return {struct.unpack("<I", key)[0] for key in self._maps["protected_tids"].keys()}
+
+    # -- reading ------------------------------------------------------------------------------
+    def _percpu(self, name: str, index: int, layout: struct.Struct) -> list[tuple]:
+        raw = self._maps[name].lookup(struct.pack("<I", index))
+        if raw is None:
+            return []
+        stride = self._maps[name].value_stride
+        return [layout.unpack_from(raw, cpu * stride) for cpu in range(self.possible_cpus)]
+
+    def _read_max(self) -> int:
+        """Bump the epoch, then read the maximum of the epoch that just closed."""
+        closed = self._epoch
+        self._epoch += 1
+        self._maps["max_epoch"].update(struct.pack("<I", 0), struct.pack("<Q", self._epoch))
+        slots = self._percpu("wait_max", closed & 1, struct.Struct("<QQ"))
+        return max((max_ns for epoch, max_ns in slots if epoch == closed), default=0)
+
+    def snapshot(self) -> RawSnapshot:
+        mono_ns = time.monotonic_ns()
+        totals_per_cpu = self._percpu("wait_totals", 0, self._totals_value)
+        totals = {name: sum(cpu[i] for cpu in totals_per_cpu) for i, name in enumerate(WAIT_TOTAL_FIELDS)}
+        hist_per_cpu = self._percpu("wait_hist", 0, self._hist_value)
+        hist = [sum(column) for column in zip(*hist_per_cpu)] if hist_per_cpu else [0] * histogram.SLOTS
+        cpus = [CpuState(since, busy, tid) for since, busy, tid, _pad in self._percpu("cpu_state", 0, struct.Struct("<QQII"))]
+        return RawSnapshot(
+            mono_ns=mono_ns,
+            totals=totals,
+            histogram=hist,
+            max_ns=self._read_max(),
+            cpus=cpus,
+            proc_cpu=self._read_proc_cpu(),
+            blame=self._read_blame(),
+        )
+
+    def _read_proc_cpu(self) -> dict[tuple[int, int], ProcCpuEntry]:
+        keys, values, count = self._maps["proc_cpu"].items()
+        entries: dict[tuple[int, int], ProcCpuEntry] = {}
+        layout = self._proc_value
+        for index, (tgid, cpu) in enumerate(struct.iter_unpack("<II", keys)):
+            fields = layout.unpack_from(values, index * layout.size)
+            windows = tuple((packed >> 32, packed & 0xFFFFFFFF) for packed in fields[1:-1] if packed)
+            comm = fields[-1].split(b"\0", 1)[0].decode(errors="replace")
+            entries[(tgid, cpu)] = ProcCpuEntry(tgid, cpu, fields[0], windows, comm)
+        return entries
+
+    def _read_blame(self) -> dict[int, int]:
+        keys, values, count = self._maps["blame"].items()
+        return {tgid: ns for (tgid,), (ns,) in zip(struct.iter_unpack("<I", keys), struct.iter_unpack("<Q", values))}
+
+    def forget_processes(self, tgids: Iterable[int], cpus: Iterable[int]) -> None:
+        """Drop the entries of processes that exited (their last values were already read)."""
+        cpu_list = list(cpus)
+        for tgid in tgids:
+            for cpu in cpu_list:
+                self._maps["proc_cpu"].delete(struct.pack("<II", tgid, cpu))
+            self._maps["blame"].delete(struct.pack("<I", tgid))
+
+    # -- exec events --------------------------------------------------------------------------
+    def _on_exec_event(self, _ctx, data, _size) -> None:
+        event = self.bpf["exec_events"].event(data)
+        self._exec_events.append(
+            ExecEvent(event.ts, event.pid, event.old_pid, bytes(event.filename).split(b"\0", 1)[0].decode(errors="replace"))
+        )
+
+    def exec_events(self) -> list[ExecEvent]:
+        """Exec events since the last call (non-blocking)."""
+        self.bpf.ring_buffer_consume()
+        events, self._exec_events = self._exec_events, []
+        return events
+
+    def program_stats(self) -> dict[str, tuple[int, int]]:
+        """run_time_ns and run_cnt per program (needs kernel.bpf_stats_enabled=1)."""
+        stats = {}
+        for name, fn in self.bpf.funcs.items():
+            try:
+                info = Path(f"/proc/self/fdinfo/{fn.fd}").read_text()
+            except OSError:
+                continue
+            fields = dict(line.split(":\t", 1) for line in info.splitlines() if ":\t" in line)
+            stats[name.decode() if isinstance(name, bytes) else name] = (
+                int(fields.get("run_time_ns", "0")),
+                int(fields.get("run_cnt", "0")),
+            )
+        return stats
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
+def describe_program(settings: ProbeSettings | None = None) -> str:
+    """What would be loaded: the cflags and the program text (for `--ebpf`)."""
+    settings = settings or ProbeSettings()
+    root = tracefs_root()
+    mask = task_state_mask((root / "events/sched/sched_switch/format").read_text()) if root else 0xFF
+    source = probes_dir() / PROGRAM_FILE
+    header = probes_dir() / "sched_monitor.h"
+    return (
+        f"// cflags: {' '.join(settings.cflags(mask))}\n"
+        f"// ---- {header} ----\n{header.read_text()}\n"
+        f"// ---- {source} ----\n{source.read_text()}"
+    )

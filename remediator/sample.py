@@ -1,0 +1,199 @@
+"""A Sample: what the collector saw during one tick, as plain data.
+
+Samples are the only input of the detector and the engine, so a recorded file of them replays
+anywhere without a kernel (`remediator record`, `remediator replay`, and the tests). The JSON form
+is versioned; `Sample.from_json(sample.to_json()) == sample` holds for every sample.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterable, Iterator, Mapping
+
+from . import histogram
+from .errors import RemediatorError
+from .procfs import ProcessInfo
+
+SAMPLE_VERSION = 1
+
+SOURCE_BPF = "bpf"
+SOURCE_PROCFS = "procfs"
+
+
+@dataclass(frozen=True)
+class ProtectedWaits:
+    """Run-queue waits of the protected threads during the tick."""
+
+    threads: int
+    pids: tuple[int, ...]
+    waits: int  # completed waits (wakeups + preemptions)
+    wakeups: int
+    preemptions: int
+    wait_ns: int
+    max_ns: int | None  # None: the source cannot tell
+    histogram: tuple[tuple[int, int], ...] | None  # sparse (slot, count); None: no histogram
+    blamed_ns: int = 0
+    unattributed_ns: int = 0
+
+    def counts(self) -> dict[int, int]:
+        return dict(self.histogram or ())
+
+    def percentile_ns(self, q: float) -> float | None:
+        if not self.histogram:
+            return None
+        return histogram.percentile(self.counts(), q)
+
+
+@dataclass(frozen=True)
+class ProcessUsage:
+    """One process's on-CPU time during the tick (all threads, all CPUs)."""
+
+    pid: int
+    comm: str
+    cpu_ns: int
+    peak_ns: int | None  # the busiest sub-window (summed over CPUs); None: not measured
+    protected: bool = False
+
+
+@dataclass(frozen=True)
+class Sample:
+    ts: float  # wall clock at the end of the tick
+    start_ns: int  # CLOCK_MONOTONIC
+    end_ns: int
+    source: str
+    window_ns: int  # sub-window length behind peak_ns
+    ncpus: int
+    protected: ProtectedWaits
+    usage: tuple[ProcessUsage, ...]  # processes that ran, busiest first
+    blame: tuple[tuple[int, int], ...]  # (pid, ns) of others' runs while protected threads waited
+    cpu_busy_ns: tuple[int, ...]  # per CPU
+    processes: Mapping[int, ProcessInfo] = field(default_factory=dict)  # who the pids above are
+    psi_some_us: int | None = None  # /proc/pressure/cpu "some" total during the tick
+    lost: Mapping[str, int] = field(default_factory=dict)  # events the probes could not count
+    limitations: tuple[str, ...] = ()  # what this source cannot show
+
+    @property
+    def duration_ns(self) -> int:
+        return max(1, self.end_ns - self.start_ns)
+
+    @property
+    def duration_s(self) -> float:
+        return self.duration_ns / 1e9
+
+    def usage_of(self, pid: int) -> ProcessUsage | None:
+        for entry in self.usage:
+            if entry.pid == pid:
+                return entry
+        return None
+
+    def blame_of(self, pid: int) -> int:
+        for blamed_pid, ns in self.blame:
+            if blamed_pid == pid:
+                return ns
+        return 0
+
+    def blame_share(self, pid: int) -> float:
+        """The part of the protected threads' total wait that `pid` was on their CPU."""
+        if self.protected.wait_ns <= 0:
+            return 0.0
+        return self.blame_of(pid) / self.protected.wait_ns
+
+    def cpus_used(self, entry: ProcessUsage) -> float:
+        return entry.cpu_ns / self.duration_ns
+
+    def peak_cpus(self, entry: ProcessUsage) -> float | None:
+        return None if entry.peak_ns is None else entry.peak_ns / self.window_ns
+
+    # -- JSON ---------------------------------------------------------------------------------
+    def to_json(self) -> dict:
+        waits = self.protected
+        return {
+            "version": SAMPLE_VERSION,
+            "ts": self.ts,
+            "start_ns": self.start_ns,
+            "end_ns": self.end_ns,
+            "source": self.source,
+            "window_ns": self.window_ns,
+            "ncpus": self.ncpus,
+            "protected": {
+                "threads": waits.threads,
+                "pids": list(waits.pids),
+                "waits": waits.waits,
+                "wakeups": waits.wakeups,
+                "preemptions": waits.preemptions,
+                "wait_ns": waits.wait_ns,
+                "max_ns": waits.max_ns,
+                "histogram": None if waits.histogram is None else [list(pair) for pair in waits.histogram],
+                "blamed_ns": waits.blamed_ns,
+                "unattributed_ns": waits.unattributed_ns,
+            },
+            "usage": [[u.pid, u.comm, u.cpu_ns, u.peak_ns, u.protected] for u in self.usage],
+            "blame": [list(pair) for pair in self.blame],
+            "cpu_busy_ns": list(self.cpu_busy_ns),
+            "processes": {str(pid): info.to_json() for pid, info in self.processes.items()},
+            "psi_some_us": self.psi_some_us,
+            "lost": dict(self.lost),
+            "limitations": list(self.limitations),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Sample":
+        if data.get("version") != SAMPLE_VERSION:
+            raise ValueError(f"unsupported sample version {data.get('version')!r} (expected {SAMPLE_VERSION})")
+        waits = data["protected"]
+        hist = waits.get("histogram")
+        return cls(
+            ts=float(data["ts"]),
+            start_ns=int(data["start_ns"]),
+            end_ns=int(data["end_ns"]),
+            source=str(data["source"]),
+            window_ns=int(data["window_ns"]),
+            ncpus=int(data["ncpus"]),
+            protected=ProtectedWaits(
+                threads=int(waits["threads"]),
+                pids=tuple(int(p) for p in waits["pids"]),
+                waits=int(waits["waits"]),
+                wakeups=int(waits["wakeups"]),
+                preemptions=int(waits["preemptions"]),
+                wait_ns=int(waits["wait_ns"]),
+                max_ns=None if waits.get("max_ns") is None else int(waits["max_ns"]),
+                histogram=None if hist is None else tuple((int(s), int(c)) for s, c in hist),
+                blamed_ns=int(waits.get("blamed_ns", 0)),
+                unattributed_ns=int(waits.get("unattributed_ns", 0)),
+            ),
+            usage=tuple(
+                ProcessUsage(int(pid), str(comm), int(cpu_ns), None if peak is None else int(peak), bool(protected))
+                for pid, comm, cpu_ns, peak, protected in data["usage"]
+            ),
+            blame=tuple((int(pid), int(ns)) for pid, ns in data["blame"]),
+            cpu_busy_ns=tuple(int(ns) for ns in data["cpu_busy_ns"]),
+            processes={int(pid): ProcessInfo.from_json(info) for pid, info in data.get("processes", {}).items()},
+            psi_some_us=None if data.get("psi_some_us") is None else int(data["psi_some_us"]),
+            lost={str(k): int(v) for k, v in data.get("lost", {}).items()},
+            limitations=tuple(str(item) for item in data.get("limitations", ())),
+        )
+
+
+def write_samples(stream: IO[str], samples: Iterable[Sample]) -> None:
+    for sample in samples:
+        stream.write(json.dumps(sample.to_json(), separators=(",", ":")) + "\n")
+        stream.flush()
+
+
+def read_samples(path: str | Path) -> Iterator[Sample]:
+    """Samples from a JSON-lines recording; a bad line is a located error, not a traceback."""
+    path = Path(path)
+    try:
+        handle = path.open()
+    except OSError as exc:
+        raise RemediatorError(f"{path}: cannot read: {exc.strerror}") from None
+    with handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                yield Sample.from_json(json.loads(line))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise RemediatorError(f"{path}:{number}: not a remediator sample: {exc}") from None

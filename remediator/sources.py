@@ -1,0 +1,376 @@
+"""Where a tick's numbers come from: the eBPF probes, or procfs when BPF cannot load.
+
+Each source turns its own cumulative counters into one `TickDelta` per read. The BPF arithmetic is
+the pure function `bpf_delta()`, tested on hand-made snapshots; the sources around it only do I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Collection, Mapping, Protocol
+
+from . import histogram
+from .errors import ProcessGone, RemediatorError
+from .probes import ExecEvent, ProbeSettings, RawSnapshot, SchedProbes
+from .procfs import ProcFS, clock_ticks_per_second
+from .sample import SOURCE_BPF, SOURCE_PROCFS
+
+PROCFS_LIMITATIONS = (
+    "no run-queue latency tail: only the mean wait per timeslice from /proc/<tid>/schedstat (no histogram, p99 or max)",
+    "no blame: which processes ran while the protected threads waited is unknown",
+    "no sub-second bursts: CPU use is the tick's mean from /proc/<pid>/stat (10 ms resolution)",
+)
+
+
+@dataclass
+class TickDelta:
+    start_ns: int
+    end_ns: int
+    waits: int = 0
+    wakeups: int = 0
+    preemptions: int = 0
+    wait_ns: int = 0
+    max_ns: int | None = None
+    histogram: dict[int, int] | None = None
+    blamed_ns: int = 0
+    unattributed_ns: int = 0
+    usage: dict[int, tuple[int, int | None]] = field(default_factory=dict)  # tgid -> (cpu ns, peak ns)
+    comms: dict[int, str] = field(default_factory=dict)
+    blame: dict[int, int] = field(default_factory=dict)
+    cpu_busy_ns: list[int] = field(default_factory=list)
+    psi_some_us: int | None = None
+    lost: dict[str, int] = field(default_factory=dict)
+    live_tgids: set[int] = field(default_factory=set)  # processes with entries in the source's maps
+
+
+class Source(Protocol):
+    name: str
+    window_ns: int
+    limitations: tuple[str, ...]
+    has_exec_events: bool
+
+    def protect(self, tids: Collection[int]) -> None: ...
+    def unprotect(self, tids: Collection[int]) -> None: ...
+    def kernel_protected_tids(self) -> set[int] | None: ...
+    def exec_events(self) -> list[ExecEvent]: ...
+    def read(self, protected: Mapping[int, Collection[int]]) -> TickDelta: ...
+    def forget(self, tgids: Collection[int]) -> None: ...
+    def close(self) -> None: ...
+
+
+def read_psi_some_total_us(path: Path) -> int | None:
+    try:
+        for line in path.read_text().splitlines():
+            if line.startswith("some "):
+                for item in line.split():
+                    if item.startswith("total="):
+                        return int(item[6:])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+# -- BPF ----------------------------------------------------------------------------------------
+
+LOST_COUNTERS = ("start_map_full", "stale_starts", "proc_map_full", "blame_map_full", "exec_events_dropped")
+
+
+def _cumulative_usage(
+    snapshot: RawSnapshot, tid_to_tgid: Callable[[int], int | None]
+) -> tuple[dict[int, int], dict[int, list[tuple[int, int, int]]]]:
+    """Per process: cumulative on-CPU ns including runs still in progress, and the in-progress runs."""
+    totals: dict[int, int] = {}
+    for (tgid, _cpu), entry in snapshot.proc_cpu.items():
+        totals[tgid] = totals.get(tgid, 0) + entry.total_ns
+    running: dict[int, list[tuple[int, int, int]]] = {}
+    for cpu, state in enumerate(snapshot.cpus):
+        if state.current_tid == 0 or state.since_ns == 0 or snapshot.mono_ns <= state.since_ns:
+            continue
+        tgid = tid_to_tgid(state.current_tid)
+        if tgid is None:
+            continue
+        totals[tgid] = totals.get(tgid, 0) + (snapshot.mono_ns - state.since_ns)
+        running.setdefault(tgid, []).append((cpu, state.since_ns, snapshot.mono_ns))
+    return totals, running
+
+
+def _window_peaks(
+    snapshot: RawSnapshot,
+    running: Mapping[int, list[tuple[int, int, int]]],
+    window_ns: int,
+    first_window: int,
+    last_window: int,
+    changed: Collection[int],
+) -> dict[int, int]:
+    """Per process, the largest on-CPU ns in one complete window in [first_window, last_window]."""
+    if last_window < first_window:
+        return {}
+    sums: dict[int, dict[int, int]] = {}
+    for (tgid, _cpu), entry in snapshot.proc_cpu.items():
+        if tgid not in changed:
+            continue
+        for window, ns in entry.windows:
+            if first_window <= window <= last_window:
+                per_window = sums.setdefault(tgid, {})
+                per_window[window] = per_window.get(window, 0) + ns
+    for tgid, runs in running.items():
+        if tgid not in changed:
+            continue
+        for _cpu, start, end in runs:
+            low = max(first_window, start // window_ns)
+            high = min(last_window, end // window_ns)
+            for window in range(low, high + 1):
+                overlap = min(end, (window + 1) * window_ns) - max(start, window * window_ns)
+                if overlap > 0:
+                    per_window = sums.setdefault(tgid, {})
+                    per_window[window] = per_window.get(window, 0) + overlap
+    return {tgid: max(per_window.values()) for tgid, per_window in sums.items() if per_window}
+
+
+def bpf_delta(
+    previous: RawSnapshot | None,
+    current: RawSnapshot,
+    tid_to_tgid: Callable[[int], int | None],
+    window_ns: int,
+) -> TickDelta:
+    """What happened between two cumulative snapshots (the first read compares against nothing)."""
+    start_ns = previous.mono_ns if previous else current.mono_ns
+    delta = TickDelta(start_ns=start_ns, end_ns=current.mono_ns)
+
+    before = previous.totals if previous else {}
+    change = {name: value - before.get(name, 0) for name, value in current.totals.items()}
+    delta.waits = change.get("waits", 0)
+    delta.wakeups = change.get("wakeups", 0)
+    delta.preemptions = change.get("preemptions", 0)
+    delta.wait_ns = change.get("wait_ns", 0)
+    delta.blamed_ns = change.get("blamed_ns", 0)
+    delta.unattributed_ns = change.get("unattributed_ns", 0)
+    delta.lost = {name: change[name] for name in LOST_COUNTERS if change.get(name, 0) > 0}
+    delta.histogram = histogram.subtract(current.histogram, previous.histogram if previous else None)
+    delta.max_ns = current.max_ns
+
+    totals_now, running_now = _cumulative_usage(current, tid_to_tgid)
+    totals_before: dict[int, int] = {}
+    if previous:
+        totals_before, _ = _cumulative_usage(previous, tid_to_tgid)
+    changed = set()
+    for tgid, total in totals_now.items():
+        used = total - totals_before.get(tgid, 0)
+        if used < 0:  # the entry was dropped and recreated: count it from zero
+            used = total
+        if used > 0:
+            changed.add(tgid)
+            delta.usage[tgid] = (used, None)
+    # Windows that closed since the previous read; the one in progress waits for the next read.
+    first_window = start_ns // window_ns if previous else current.mono_ns // window_ns
+    last_window = current.mono_ns // window_ns - 1
+    peaks = _window_peaks(current, running_now, window_ns, first_window, last_window, changed)
+    for tgid, (used, _) in delta.usage.items():
+        delta.usage[tgid] = (used, peaks.get(tgid, 0))
+
+    for (tgid, _cpu), entry in current.proc_cpu.items():
+        delta.comms.setdefault(tgid, entry.comm)
+        delta.live_tgids.add(tgid)
+
+    blame_before = previous.blame if previous else {}
+    for tgid, ns in current.blame.items():
+        charged = ns - blame_before.get(tgid, 0)
+        if charged < 0:
+            charged = ns
+        if charged > 0:
+            delta.blame[tgid] = charged
+        delta.live_tgids.add(tgid)
+
+    cpus_before = previous.cpus if previous else []
+    for cpu, state in enumerate(current.cpus):
+        busy = state.busy_ns
+        if state.current_tid and state.since_ns and current.mono_ns > state.since_ns:
+            busy += current.mono_ns - state.since_ns
+        if cpu < len(cpus_before):
+            old = cpus_before[cpu]
+            old_busy = old.busy_ns
+            if old.current_tid and old.since_ns and previous.mono_ns > old.since_ns:
+                old_busy += previous.mono_ns - old.since_ns
+            busy -= old_busy
+        delta.cpu_busy_ns.append(max(0, busy))
+    return delta
+
+
+class BpfSource:
+    name = SOURCE_BPF
+    limitations: tuple[str, ...] = ()
+    has_exec_events = True
+
+    def __init__(self, procfs: ProcFS, settings: ProbeSettings | None = None, psi_path: Path = Path("/proc/pressure/cpu")):
+        self.procfs = procfs
+        self.probes = SchedProbes(settings)
+        self.window_ns = self.probes.settings.window_ns
+        self.psi_path = psi_path
+        self._previous: RawSnapshot | None = None
+        self._previous_psi = read_psi_some_total_us(psi_path)
+        self._tgid_cache: dict[int, int] = {}
+
+    def _tid_to_tgid(self, tid: int) -> int | None:
+        if tid in self._tgid_cache:
+            return self._tgid_cache[tid]
+        try:
+            tgid = self.procfs.tgid_of(tid)
+        except RemediatorError:
+            return None
+        if len(self._tgid_cache) > 65536:
+            self._tgid_cache.clear()
+        self._tgid_cache[tid] = tgid
+        return tgid
+
+    def protect(self, tids: Collection[int]) -> None:
+        self.probes.protect(tids)
+
+    def unprotect(self, tids: Collection[int]) -> None:
+        self.probes.unprotect(tids)
+
+    def kernel_protected_tids(self) -> set[int] | None:
+        return self.probes.protected_tids()
+
+    def exec_events(self) -> list[ExecEvent]:
+        events = self.probes.exec_events()
+        for event in events:
+            # exec keeps the tgid but a reused tid may now be another process's thread
+            self._tgid_cache.pop(event.pid, None)
+        return events
+
+    def read(self, protected: Mapping[int, Collection[int]]) -> TickDelta:
+        current = self.probes.snapshot()
+        delta = bpf_delta(self._previous, current, self._tid_to_tgid, self.window_ns)
+        self._previous = current
+        psi = read_psi_some_total_us(self.psi_path)
+        if psi is not None and self._previous_psi is not None:
+            delta.psi_some_us = max(0, psi - self._previous_psi)
+        self._previous_psi = psi
+        return delta
+
+    def forget(self, tgids: Collection[int]) -> None:
+        self.probes.forget_processes(tgids, range(self.probes.possible_cpus))
+        for tid in [tid for tid, tgid in self._tgid_cache.items() if tgid in tgids]:
+            del self._tgid_cache[tid]
+
+    def close(self) -> None:
+        self.probes.close()
+
+
+# -- procfs fallback ----------------------------------------------------------------------------
+
+
+class ProcfsSource:
+    """The fallback: per-thread run_delay from schedstat, CPU time from /proc, PSI."""
+
+    name = SOURCE_PROCFS
+    limitations = PROCFS_LIMITATIONS
+    has_exec_events = False
+
+    def __init__(self, procfs: ProcFS, psi_path: Path = Path("/proc/pressure/cpu"), clock: Callable[[], int] = time.monotonic_ns):
+        self.procfs = procfs
+        self.psi_path = psi_path
+        self.clock = clock
+        self.window_ns = 0
+        self.tick_ns = int(1e9 / clock_ticks_per_second())
+        self._thread_waits: dict[int, tuple[int, int]] = {}  # tid -> (run_delay ns, timeslices)
+        self._process_cpu: dict[int, tuple[int, int]] = {}  # pid -> (start_time, utime + stime ticks)
+        self._cpu_busy: list[int] | None = None
+        self._psi = read_psi_some_total_us(psi_path)
+        self._last_ns: int | None = None
+
+    def protect(self, tids: Collection[int]) -> None:
+        pass  # nothing to tell the kernel: the tids are read each tick
+
+    def unprotect(self, tids: Collection[int]) -> None:
+        for tid in tids:
+            self._thread_waits.pop(tid, None)
+
+    def kernel_protected_tids(self) -> set[int] | None:
+        return None
+
+    def exec_events(self) -> list[ExecEvent]:
+        return []
+
+    def _read_busy(self) -> list[int]:
+        busy = []
+        for line in (self.procfs.root / "stat").read_text().splitlines():
+            if line.startswith("cpu") and line[3:4].isdigit():
+                fields = [int(value) for value in line.split()[1:]]
+                # user nice system idle iowait irq softirq steal: busy = all but idle and iowait
+                busy.append((sum(fields[:8]) - fields[3] - fields[4]) * self.tick_ns)
+        return busy
+
+    def read(self, protected: Mapping[int, Collection[int]]) -> TickDelta:
+        now = self.clock()
+        delta = TickDelta(start_ns=self._last_ns if self._last_ns is not None else now, end_ns=now)
+        first = self._last_ns is None
+        self._last_ns = now
+
+        seen_threads: dict[int, tuple[int, int]] = {}
+        for pid, tids in protected.items():
+            for tid in tids:
+                try:
+                    _run, wait_ns, slices = self.procfs.schedstat(pid, tid)
+                except RemediatorError:
+                    continue
+                seen_threads[tid] = (wait_ns, slices)
+                old = self._thread_waits.get(tid)
+                if old is None and first:
+                    continue
+                old_wait, old_slices = old or (0, 0)
+                delta.wait_ns += max(0, wait_ns - old_wait)
+                delta.waits += max(0, slices - old_slices)
+        self._thread_waits = seen_threads
+
+        seen_processes: dict[int, tuple[int, int]] = {}
+        for pid in self.procfs.pids():
+            try:
+                stat = self.procfs.stat(pid)
+            except (ProcessGone, RemediatorError):
+                continue
+            ticks = stat.utime + stat.stime
+            seen_processes[pid] = (stat.start_time, ticks)
+            delta.comms[pid] = stat.comm
+            delta.live_tgids.add(pid)
+            old = self._process_cpu.get(pid)
+            if first:
+                continue
+            used = ticks - old[1] if old and old[0] == stat.start_time else ticks
+            if used > 0:
+                delta.usage[pid] = (used * self.tick_ns, None)
+        self._process_cpu = seen_processes
+
+        busy = self._read_busy()
+        if self._cpu_busy is not None and not first:
+            delta.cpu_busy_ns = [max(0, now_busy - old) for now_busy, old in zip(busy, self._cpu_busy)]
+        else:
+            delta.cpu_busy_ns = [0] * len(busy)
+        self._cpu_busy = busy
+
+        psi = read_psi_some_total_us(self.psi_path)
+        if psi is not None and self._psi is not None and not first:
+            delta.psi_some_us = max(0, psi - self._psi)
+        self._psi = psi
+        return delta
+
+    def forget(self, tgids: Collection[int]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def open_source(procfs: ProcFS, *, want: str = "auto", settings: ProbeSettings | None = None) -> tuple[Source, str | None]:
+    """The best source available: (source, why BPF is not used or None). want: auto | bpf | procfs."""
+    if want == SOURCE_PROCFS:
+        return ProcfsSource(procfs), "procfs requested"
+    try:
+        return BpfSource(procfs, settings), None
+    except RemediatorError as exc:
+        if want == SOURCE_BPF:
+            raise
+        return ProcfsSource(procfs), str(exc)
+
