@@ -1,0 +1,372 @@
+"""The durable journal of changes: originals first, on disk, before anything is touched.
+
+One JSON object per line, appended and fsync'd (the directory too when the file is created):
+
+    {"op": "intent",   "entry": E, "pid", "start_time", "kind", "policy", "step", "original", "target", ...}
+    {"op": "applied",  "entry": E, "applied": {...}}
+    {"op": "failed",   "entry": E, "reason": "...", "left_changed": false}
+    {"op": "restored", "entry": E, "detail": "..."}
+    {"op": "dropped",  "entry": E, "reason": "..."}        (process gone, or the change cannot be undone)
+
+The executor writes the intent (with the original) and fsyncs it, then makes the change, then
+writes the outcome. The current state is a fold over the lines. An intent without an outcome (a
+crash in between) counts as possibly applied: restoring an original is safe even if the change never
+happened. A second step of the same kind on the same process (nice 10, then 15) reuses the entry:
+the very first original is kept, the applied value is updated.
+
+A torn last line (a crash mid-write) is dropped with a warning; its intent was never acted on,
+or its outcome is simply unknown, which the fold already treats as possibly applied. A file holding
+only closed entries is compacted on open (new file, fsync, rename). One process at a time may
+write: an flock on <path>.lock, so `remediator revert` cannot race the daemon.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from .errors import RemediatorError
+from .procfs import ProcessIdentity
+
+log = logging.getLogger(__name__)
+
+DEFAULT_JOURNAL_PATH = "/var/lib/remediator/journal.jsonl"
+FORMAT_VERSION = 1
+
+OPEN_STATES = ("pending", "applied")  # pending: intent written, outcome unknown (possibly applied)
+CLOSED_STATES = ("failed", "restored", "dropped")
+
+
+class JournalError(RemediatorError):
+    pass
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One change to one process, folded from its lines."""
+
+    entry_id: str
+    identity: ProcessIdentity
+    kind: str
+    policy: str
+    step_index: int
+    original: dict  # the value before the very first step: what restore puts back
+    target: dict  # what the latest step asked for (what apply would have recorded)
+    applied: dict | None  # what is in place after the latest successful step
+    state: str  # one of OPEN_STATES or CLOSED_STATES
+    since: float  # wall-clock time of the first intent
+    updated: float
+    evidence: dict = field(default_factory=dict)
+    order: int = 0  # position of the first intent in the file: restore goes newest first
+
+    @property
+    def active(self) -> bool:
+        return self.state in OPEN_STATES
+
+    def to_json(self) -> dict:
+        return {
+            "entry": self.entry_id,
+            "pid": self.identity.pid,
+            "start_time": self.identity.start_time,
+            "kind": self.kind,
+            "policy": self.policy,
+            "step": self.step_index,
+            "original": self.original,
+            "target": self.target,
+            "applied": self.applied,
+            "state": self.state,
+            "since": self.since,
+            "updated": self.updated,
+        }
+
+
+def fold(records: Iterable[dict]) -> dict[str, JournalEntry]:
+    """The state of every entry after applying the records in order. Pure; unknown ops are ignored."""
+    entries: dict[str, JournalEntry] = {}
+    for order, record in enumerate(records):
+        try:
+            apply_record(entries, record, order)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("journal: ignoring a malformed %r record (%s: %s)", record.get("op"), type(exc).__name__, exc)
+    return entries
+
+
+def apply_record(entries: dict[str, JournalEntry], record: dict, order: int) -> None:
+    """Fold one record into `entries` (in place)."""
+    entry_id = record.get("entry")
+    op = record.get("op")
+    if not isinstance(entry_id, str):
+        return
+    entry = entries.get(entry_id)
+    when = float(record.get("time", 0.0))
+    if op == "intent":
+        if entry is None:
+            entries[entry_id] = JournalEntry(
+                entry_id=entry_id,
+                identity=ProcessIdentity(int(record["pid"]), int(record["start_time"])),
+                kind=str(record["kind"]),
+                policy=str(record.get("policy", "")),
+                step_index=int(record.get("step", 0)),
+                original=record["original"],
+                target=record.get("target") or {},
+                applied=None,
+                state="pending",
+                since=when,
+                updated=when,
+                evidence=record.get("evidence") or {},
+                order=order,
+            )
+        else:
+            # A further step: the first original stays, whatever this record repeats.
+            entries[entry_id] = dataclasses.replace(
+                entry,
+                policy=str(record.get("policy", entry.policy)),
+                step_index=int(record.get("step", entry.step_index)),
+                target=record.get("target") or {},
+                state="pending",
+                updated=when,
+                evidence=record.get("evidence") or entry.evidence,
+            )
+        return
+    if entry is None:
+        return  # an outcome for an entry compacted away or never written: nothing to do
+    if op == "applied":
+        entries[entry_id] = dataclasses.replace(entry, applied=record.get("applied") or {}, state="applied", updated=when)
+    elif op == "failed":
+        if record.get("left_changed"):
+            state = "pending"  # part of the change may be in place: keep it for restore
+        elif entry.applied is not None:
+            state = "applied"  # a further step failed cleanly: the previous step still holds
+        else:
+            state = "failed"
+        entries[entry_id] = dataclasses.replace(entry, state=state, updated=when)
+    elif op in ("restored", "dropped"):
+        entries[entry_id] = dataclasses.replace(entry, state=op, updated=when)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_private_dirs(directory: Path) -> None:
+    """Create missing parents one level at a time with 0700 (os.makedirs ignores mode for parents)."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            continue
+        os.chmod(path, 0o700)  # the umask must not widen or narrow it
+        _fsync_directory(path.parent)
+
+
+def read_records(path: str | Path) -> tuple[list[dict], int, list[str]]:
+    """(records, byte length of the complete lines, warnings) from a journal file; no locking."""
+    data = Path(path).read_bytes()
+    records: list[dict] = []
+    warnings: list[str] = []
+    complete = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
+    if complete < len(data):
+        warnings.append(
+            f"{path}: ignoring a torn last line ({len(data) - complete} bytes, a write cut short by a crash)"
+        )
+    for number, raw in enumerate(data[:complete].splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            warnings.append(f"{path}:{number}: ignoring an unreadable line ({exc})")
+            continue
+        records.append(record)
+    return records, complete, warnings
+
+
+def load_entries(path: str | Path) -> list[JournalEntry]:
+    """Every entry in a journal file, read-only and without locking (for status views)."""
+    if not Path(path).exists():
+        return []
+    records, _, warnings = read_records(path)
+    for warning in warnings:
+        log.warning("%s", warning)
+    return sorted(fold(records).values(), key=lambda entry: entry.order)
+
+
+class Journal:
+    """The journal file of one remediator: append-only, fsync'd, locked against a second writer."""
+
+    def __init__(self, path: str | Path = DEFAULT_JOURNAL_PATH, *, clock=time.time):
+        self.path = Path(path)
+        self.clock = clock
+        self._fd: int | None = None
+        self._lock_fd: int | None = None
+        _make_private_dirs(self.path.parent)
+        self._lock()
+        try:
+            self._records = self._load()
+            self._entries = fold(self._records)
+            if self._records and not any(entry.active for entry in self._entries.values()):
+                self._compact()
+            self._open_for_append()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening ------------------------------------------------------------------------------
+    def _lock(self) -> None:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise JournalError(
+                    f"journal {self.path} is in use by another remediator (the daemon?): stop it first, "
+                    "it restores its own changes on stop"
+                ) from None
+            raise JournalError(f"cannot lock {lock_path}: {exc.strerror}") from None
+
+    def _load(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        records, complete, warnings = read_records(self.path)
+        for warning in warnings:
+            log.warning("%s", warning)
+        if complete < self.path.stat().st_size:
+            # Cut the torn tail off, or the next record would be glued to it.
+            with open(self.path, "r+b") as handle:
+                handle.truncate(complete)
+                handle.flush()
+                os.fsync(handle.fileno())
+        return records
+
+    def _compact(self) -> None:
+        """Only closed entries: replace the file with an empty one, atomically."""
+        temporary = self.path.with_name(self.path.name + ".compact")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temporary, self.path)
+        _fsync_directory(self.path.parent)
+        log.debug("journal %s compacted (%d closed records dropped)", self.path, len(self._records))
+        self._records = []
+        self._entries = {}
+
+    def _open_for_append(self) -> None:
+        created = not self.path.exists()
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if created:
+            _fsync_directory(self.path.parent)  # the new name must survive a crash too
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # -- writing ------------------------------------------------------------------------------
+    def _append(self, record: dict) -> None:
+        if self._fd is None:
+            raise JournalError(f"journal {self.path} is closed")
+        record = {"v": FORMAT_VERSION, "time": self.clock(), **record}
+        line = (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        view = memoryview(line)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        os.fsync(self._fd)
+        self._records.append(record)
+        apply_record(self._entries, record, len(self._records) - 1)
+
+    def record_intent(
+        self,
+        identity: ProcessIdentity,
+        kind: str,
+        *,
+        policy: str,
+        step_index: int,
+        original: dict,
+        target: dict,
+        evidence: dict | None = None,
+    ) -> JournalEntry:
+        """Write (and fsync) the original before a change. An active entry of the same kind keeps its original."""
+        existing = self.find(identity, kind)
+        entry_id = existing.entry_id if existing else uuid.uuid4().hex[:16]
+        self._append(
+            {
+                "op": "intent",
+                "entry": entry_id,
+                "pid": identity.pid,
+                "start_time": identity.start_time,
+                "kind": kind,
+                "policy": policy,
+                "step": step_index,
+                "original": existing.original if existing else original,
+                "target": target,
+                "evidence": evidence or {},
+            }
+        )
+        return self._entries[entry_id]
+
+    def record_applied(self, entry: JournalEntry, applied: dict) -> JournalEntry:
+        self._append({"op": "applied", "entry": entry.entry_id, "applied": applied})
+        return self._entries[entry.entry_id]
+
+    def record_failed(self, entry: JournalEntry, reason: str, *, left_changed: bool = False) -> JournalEntry:
+        self._append({"op": "failed", "entry": entry.entry_id, "reason": reason, "left_changed": left_changed})
+        return self._entries[entry.entry_id]
+
+    def record_restored(self, entry: JournalEntry, detail: str = "") -> JournalEntry:
+        self._append({"op": "restored", "entry": entry.entry_id, "detail": detail})
+        return self._entries[entry.entry_id]
+
+    def record_dropped(self, entry: JournalEntry, reason: str) -> JournalEntry:
+        self._append({"op": "dropped", "entry": entry.entry_id, "reason": reason})
+        return self._entries[entry.entry_id]
+
+    # -- reading ------------------------------------------------------------------------------
+    def entries(self) -> list[JournalEntry]:
+        return sorted(self._entries.values(), key=lambda entry: entry.order)
+
+    def active(self) -> list[JournalEntry]:
+        """Entries whose change is (or may be) in place, oldest first."""
+        return [entry for entry in self.entries() if entry.active]
+
+    def find(self, identity: ProcessIdentity, kind: str) -> JournalEntry | None:
+        for entry in self.active():
+            if entry.identity == identity and entry.kind == kind:
+                return entry
+        return None
+
+    def get(self, entry_id: str) -> JournalEntry | None:
+        return self._entries.get(entry_id)
