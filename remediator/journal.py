@@ -265,6 +265,7 @@ class Journal:
         temporary = self.path.with_name(self.path.name + ".compact")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
+            os.fchmod(fd, 0o600)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -278,6 +279,7 @@ class Journal:
         created = not self.path.exists()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if created:
+            os.fchmod(self._fd, 0o600)  # whatever the umask: readable and writable by root only
             _fsync_directory(self.path.parent)  # the new name must survive a crash too
 
     def close(self) -> None:
