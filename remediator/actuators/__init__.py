@@ -1,1 +1,82 @@
-"""Actuators: one kernel knob each (read, apply, restore), plus dry-run twins."""
+"""Actuators: one kernel knob each (read, apply, restore), plus dry-run twins.
+
+    nice      setpriority(PRIO_PROCESS, tid, n) on every thread
+    affinity  sched_setaffinity(tid, cpus) on every thread, kept on new threads
+    cpuset    a remediator-owned cpuset cgroup (v1 or v2)
+
+Side effects go through two thin objects, `Syscalls` and `cgroupfs.CgroupFS`, so tests can record
+calls and inject errno values. Only the executor calls these; see remediator/executor.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..cgroupfs import DEFAULT_MOUNTINFO, CgroupFS, CgroupMount, discover_cpuset_mount
+from ..procfs import ProcFS
+from .affinity import AffinityActuator
+from .base import (
+    Actuator,
+    ActuatorError,
+    ApplyResult,
+    ChangeDenied,
+    ChangeFailed,
+    ChangeInvalid,
+    DryRun,
+    MaintainResult,
+    Plan,
+    Syscalls,
+)
+from .cpuset import CpusetActuator
+from .nice import NiceActuator
+
+KINDS = ("nice", "affinity", "cpuset")
+
+_UNSET = object()
+
+
+def default_actuators(
+    procfs: ProcFS,
+    *,
+    syscalls: Syscalls | None = None,
+    cgroupfs: CgroupFS | None = None,
+    cpuset_mount: CgroupMount | None | object = _UNSET,
+    mountinfo_path: str | Path = DEFAULT_MOUNTINFO,
+    cpuset_parent: str = "/",
+    sysfs_root: str | Path = "/sys",
+) -> dict[str, Actuator]:
+    """The three real actuators, the cpuset hierarchy discovered from mountinfo unless given."""
+    syscalls = syscalls or Syscalls()
+    cgroupfs = cgroupfs or CgroupFS()
+    mount = discover_cpuset_mount(mountinfo_path, cgroupfs) if cpuset_mount is _UNSET else cpuset_mount
+    return {
+        "nice": NiceActuator(procfs, syscalls),
+        "affinity": AffinityActuator(procfs, syscalls, cpuset_mount=mount, cgroupfs=cgroupfs, sysfs_root=sysfs_root),
+        "cpuset": CpusetActuator(
+            procfs, mount=mount, cgroupfs=cgroupfs, syscalls=syscalls, parent=cpuset_parent, sysfs_root=sysfs_root
+        ),
+    }
+
+
+def dry_run_twins(actuators: dict[str, Actuator]) -> dict[str, DryRun]:
+    return {kind: actuator if isinstance(actuator, DryRun) else DryRun(actuator) for kind, actuator in actuators.items()}
+
+
+__all__ = [
+    "KINDS",
+    "Actuator",
+    "ActuatorError",
+    "AffinityActuator",
+    "ApplyResult",
+    "ChangeDenied",
+    "ChangeFailed",
+    "ChangeInvalid",
+    "CpusetActuator",
+    "DryRun",
+    "MaintainResult",
+    "NiceActuator",
+    "Plan",
+    "Syscalls",
+    "default_actuators",
+    "dry_run_twins",
+]

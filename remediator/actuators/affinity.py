@@ -1,0 +1,90 @@
+"""CPU affinity, on every thread of a process, kept on threads created later.
+
+The target is narrowed to the CPUs the process's cpuset cgroup allows (cpuset.effective_cpus in v1,
+cpuset.cpus.effective in v2, online CPUs when there is no cpuset hierarchy): the kernel would refuse
+the rest anyway. When nothing is left, or the kernel answers EINVAL, the outcome says so: no silent
+fallback to some other mask.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+from ..cgroupfs import CgroupFS, CgroupMount, allowed_cpus
+from ..cpulist import format_cpulist
+from ..errors import ProcessGone, RemediatorError
+from ..procfs import ProcessIdentity, ProcFS
+from .base import ChangeInvalid, Syscalls
+from .threads import PerThreadActuator
+
+
+class AffinityActuator(PerThreadActuator[frozenset]):
+    kind = "affinity"
+    value_key = "cpus"
+
+    def __init__(
+        self,
+        procfs: ProcFS,
+        syscalls: Syscalls | None = None,
+        *,
+        cpuset_mount: CgroupMount | None = None,
+        cgroupfs: CgroupFS | None = None,
+        sysfs_root: str | Path = "/sys",
+    ):
+        super().__init__(procfs, syscalls)
+        self.cpuset_mount = cpuset_mount
+        self.cgroupfs = cgroupfs or CgroupFS()
+        self.sysfs_root = sysfs_root
+
+    def get(self, tid: int) -> frozenset:
+        return frozenset(self.syscalls.sched_getaffinity(tid))
+
+    def set(self, tid: int, value: frozenset) -> None:
+        self.syscalls.sched_setaffinity(tid, value)
+
+    def call_text(self, value: frozenset, tid: str = "tid") -> str:
+        return f"sched_setaffinity({tid}, {{{format_cpulist(value)}}})"
+
+    def value_text(self, value: frozenset) -> str:
+        return format_cpulist(value)
+
+    def to_json(self, value: frozenset) -> object:
+        return sorted(value)
+
+    def from_json(self, data: object) -> frozenset:
+        return frozenset(int(cpu) for cpu in data)  # type: ignore[union-attr]
+
+    def allowed(self, pid: int) -> tuple[frozenset, str]:
+        """CPUs the process's cpuset allows, and which cgroup (or 'online CPUs') says so."""
+        membership = self.procfs.cgroups(pid)
+        return allowed_cpus(self.cgroupfs, self.cpuset_mount, membership, self.sysfs_root)
+
+    def resolve(self, identity: ProcessIdentity, target: dict) -> tuple[frozenset, str, dict]:
+        requested_raw = target.get("cpus")
+        if not requested_raw:
+            raise ChangeInvalid("affinity needs a non-empty CPU set: nothing changed")
+        requested = frozenset(int(cpu) for cpu in requested_raw)
+        try:
+            allowed, source = self.allowed(identity.pid)
+        except ProcessGone:
+            raise
+        except (OSError, RemediatorError) as exc:
+            raise ChangeInvalid(f"cannot tell which CPUs pid {identity.pid} may use ({exc}): nothing changed") from None
+        value = requested & allowed
+        if not value:
+            raise ChangeInvalid(
+                f"requested CPUs {format_cpulist(requested)} are all outside the CPUs pid {identity.pid} may use "
+                f"({source} allows {format_cpulist(allowed)}): nothing changed"
+            )
+        note = ""
+        if value != requested:
+            note = f"requested {format_cpulist(requested)}, {source} allows {format_cpulist(allowed)}"
+        return value, note, {"requested": sorted(requested)}
+
+    def explain(self, errno_value: int | None, value: frozenset) -> str:
+        if errno_value == errno.EINVAL:
+            return "the mask holds no CPU this thread may run on (offline, or outside its cpuset)"
+        if errno_value in (errno.EPERM, errno.EACCES):
+            return "changing another user's thread needs CAP_SYS_NICE"
+        return ""

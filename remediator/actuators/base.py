@@ -1,0 +1,211 @@
+"""What every actuator shares: the syscall object, the typed failures, plans and results.
+
+An actuator owns one kernel knob. The executor drives it in a fixed order:
+
+    current = actuator.read(pid)                    # reads only
+    plan = actuator.plan(identity, target, current) # reads only; the exact change, as text
+    result = actuator.apply(plan)                   # the change (the dry-run twin changes nothing)
+    actuator.restore(identity, original, applied)   # back to the saved original
+    actuator.maintain(identity, original, applied, known_tids)  # threads created since
+
+Failures are typed so the executor turns them into outcomes without guessing: `ProcessGone` (the
+process left: ordinary), `ChangeDenied` (EPERM/EACCES), `ChangeInvalid` (EINVAL or a target that
+cannot work), `ChangeFailed` (anything else). A change that fails half-way is rolled back to what
+was read just before it; `left_changed` says when even that failed, so the journal keeps the entry.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Collection, Iterable, Protocol, TypeVar
+
+from ..errors import ProcessGone, RemediatorError
+from ..procfs import ProcessIdentity, ProcFS
+
+
+class Syscalls:
+    """The scheduling syscalls, one method each, so tests can record calls and inject errno values."""
+
+    def getpriority(self, tid: int) -> int:
+        return os.getpriority(os.PRIO_PROCESS, tid)
+
+    def setpriority(self, tid: int, value: int) -> None:
+        os.setpriority(os.PRIO_PROCESS, tid, value)
+
+    def sched_getaffinity(self, tid: int) -> frozenset[int]:
+        return frozenset(os.sched_getaffinity(tid))
+
+    def sched_setaffinity(self, tid: int, cpus: Collection[int]) -> None:
+        os.sched_setaffinity(tid, cpus)
+
+
+class ActuatorError(RemediatorError):
+    """A change (or its undo) that did not happen, with the reason in one line."""
+
+    status = "failed"
+
+    def __init__(self, message: str, *, left_changed: bool = False, closes_entry: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.left_changed = left_changed  # part of the change is still in place
+        self.closes_entry = closes_entry  # a restore that can never succeed (retrying is pointless)
+
+
+class ChangeDenied(ActuatorError):
+    status = "denied"
+
+
+class ChangeInvalid(ActuatorError):
+    status = "invalid"
+
+
+class ChangeFailed(ActuatorError):
+    status = "failed"
+
+
+ERRNO_NAMES = {errno.EPERM: "EPERM", errno.EACCES: "EACCES", errno.EINVAL: "EINVAL", errno.EBUSY: "EBUSY", errno.ESRCH: "ESRCH"}
+
+
+def errno_name(exc: OSError) -> str:
+    return ERRNO_NAMES.get(exc.errno, errno.errorcode.get(exc.errno or 0, str(exc.errno)))
+
+
+def change_error(exc: OSError, call: str, explanation: str = "") -> ActuatorError:
+    """Map a failed change call to a typed error (ESRCH is handled by the caller: it needs the identity)."""
+    text = f"{call} failed with {errno_name(exc)} ({exc.strerror or exc})"
+    if explanation:
+        text += f": {explanation}"
+    if exc.errno in (errno.EPERM, errno.EACCES):
+        return ChangeDenied(text)
+    if exc.errno == errno.EINVAL:
+        return ChangeInvalid(text)
+    return ChangeFailed(text)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A change worked out from what was read just now; `description` is the exact change."""
+
+    kind: str
+    identity: ProcessIdentity
+    current: dict  # JSON-friendly state read just before; the original when nothing is active yet
+    target: dict  # JSON-friendly: {"nice": 10}, {"cpus": [1]}, {"cgroup": "...", "cpus": [1]}
+    description: str
+    unchanged: bool = False
+    threads: int = 0
+    details: dict = field(default_factory=dict)  # the actuator's own working data
+    expected: dict = field(default_factory=dict)  # what apply will record as applied (journalled with the intent)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    applied: dict  # JSON-friendly: what is now in place (journalled as the applied value)
+    message: str
+    threads: int = 0
+    performed: bool = True  # False for a dry-run twin: nothing was changed
+
+
+@dataclass(frozen=True)
+class MaintainResult:
+    message: str
+    threads: int
+
+
+class Actuator(Protocol):
+    kind: str
+
+    def read(self, pid: int) -> dict: ...
+
+    def plan(self, identity: ProcessIdentity, target: dict, current: dict) -> Plan: ...
+
+    def apply(self, plan: Plan) -> ApplyResult: ...
+
+    def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None) -> str: ...
+
+    def maintain(
+        self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int]
+    ) -> MaintainResult | None: ...
+
+    def cleanup(self, original: dict, applied: dict | None) -> str: ...
+
+
+class DryRun:
+    """The dry-run twin of an actuator: reads for real, plans for real, changes nothing.
+
+    It never calls the real actuator's apply/restore/maintain, so no change can leak through.
+    """
+
+    def __init__(self, actuator: Actuator):
+        self.actuator = actuator
+        self.kind = actuator.kind
+
+    def read(self, pid: int) -> dict:
+        return self.actuator.read(pid)
+
+    def plan(self, identity: ProcessIdentity, target: dict, current: dict) -> Plan:
+        return self.actuator.plan(identity, target, current)
+
+    def apply(self, plan: Plan) -> ApplyResult:
+        return ApplyResult(applied=dict(plan.target), message=plan.description, threads=plan.threads, performed=False)
+
+    def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None) -> str:
+        raise RemediatorError("dry run: nothing was changed, so nothing is restored")
+
+    def maintain(self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int]) -> None:
+        return None
+
+    def cleanup(self, original: dict, applied: dict | None) -> str:
+        return ""
+
+
+# -- per-thread helpers shared by nice and affinity ------------------------------------------------
+
+T = TypeVar("T")
+
+
+def thread_values(procfs: ProcFS, pid: int, read: Callable[[int], T]) -> tuple[dict[int, T], T]:
+    """Read a per-thread value for every thread; returns (by tid, the main thread's value).
+
+    A thread that exits while we read is skipped; the process leaving raises ProcessGone.
+    """
+    values: dict[int, T] = {}
+    for tid in sorted(procfs.tids(pid)):
+        try:
+            values[tid] = read(tid)
+        except ProcessLookupError:
+            continue
+        except OSError as exc:
+            raise change_error(exc, f"read thread {tid} of pid {pid}") from None
+    if pid not in values:
+        raise ProcessGone(pid)
+    return values, values[pid]
+
+
+def ensure_alive(procfs: ProcFS, identity: ProcessIdentity) -> None:
+    """Raise ProcessGone when the process left or its pid now names another process."""
+    procfs.verify(identity)
+
+
+def group_counts(values: Iterable[str]) -> str:
+    """'0 on 2 threads, 3 on 1' from ['0', '0', '3'] (a single value is just '0')."""
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    ordered = sorted(counts.items(), key=lambda item: -item[1])
+    return ", ".join(f"{value} on {count} thread{'s' if count != 1 else ''}" for value, count in ordered)
+
+
+def plural_threads(count: int) -> str:
+    return f"{count} thread{'s' if count != 1 else ''}"
+
+
+def tid_map_from_json(data: dict) -> dict[int, object]:
+    return {int(tid): value for tid, value in data.items()}
+
+
+def tid_map_to_json(values: dict[int, object]) -> dict[str, object]:
+    return {str(tid): value for tid, value in sorted(values.items())}

@@ -1,0 +1,441 @@
+"""Confine a process to CPUs with a remediator-owned cpuset cgroup, on cgroup v1 or v2.
+
+cgroup v1 (a `cpuset` hierarchy, e.g. /sys/fs/cgroup/cpuset):
+    mkdir <parent>/remediator-<name>; write cpuset.cpus, then cpuset.mems (copied from the parent;
+    v1 refuses to move a task into a cpuset whose cpus or mems are empty); write the pid to
+    cgroup.procs, which moves every thread of the process.
+cgroup v2 (the unified tree, /sys/fs/cgroup on most hosts):
+    the controller must be enabled in cgroup.subtree_control of every cgroup from the root down to
+    the parent ("+cpuset"), and v2's no-internal-process rule forbids that in a non-root cgroup
+    that holds processes of its own: that case is detected before writing and reported (the kernel
+    would answer EBUSY). Then mkdir, cpuset.cpus, cpuset.mems, cgroup.procs as in v1.
+    Enabling +cpuset is not undone on restore: it changes nothing until a cgroup sets cpuset.cpus,
+    and cgroups created since may rely on it.
+
+The original is the process's path in the cpuset hierarchy (from /proc/<pid>/cgroup) and the CPU
+mask of each thread: kernels before 6.2 reset thread masks to the cpuset's CPUs when a task moves,
+so the masks are put back after moving back. Restore moves the process back only if it is still in
+our cgroup and the original cgroup still exists (else it says so and leaves it), then removes our
+cgroup once it is empty.
+
+Tested: the v1 path for real (as root, tests/test_cpuset_v1.py); the v2 path against a fake
+cgroupfs tree with kernel-like rules (tests/test_cpuset_v2.py), since this test host binds cpuset
+to v1. See docs/actuators.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..cgroupfs import CgroupFS, CgroupMount, cgroup_pids, effective_cpus, process_cgroup_path
+from ..cpulist import CpuListError, format_cpulist, online_cpus, parse_cpulist
+from ..errors import ProcessGone
+from ..procfs import ProcessIdentity, ProcFS
+from .base import (
+    ActuatorError,
+    ApplyResult,
+    ChangeDenied,
+    ChangeFailed,
+    ChangeInvalid,
+    Plan,
+    Syscalls,
+    ensure_alive,
+    errno_name,
+    plural_threads,
+    thread_values,
+)
+
+CGROUP_PREFIX = "remediator-"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+
+# What EBUSY means on each file, and what to do about it.
+EBUSY_MEANING = {
+    "cgroup.subtree_control": (
+        "cgroup v2 will not enable a controller for the children of a non-root cgroup that holds "
+        "processes of its own (no-internal-process rule)",
+        "move those processes into a leaf cgroup, or configure a cpuset parent that holds no processes",
+    ),
+    "cgroup.procs": (
+        "the target cgroup has controllers enabled for children (cgroup v2 keeps processes in leaf cgroups only)",
+        "remove the child controllers from its cgroup.subtree_control or use a leaf cgroup",
+    ),
+    "cpuset.cpus": (
+        "the CPUs are held exclusively by another cpuset (cpu_exclusive or a v2 partition)",
+        "pick CPUs outside the exclusive cpusets",
+    ),
+    "rmdir": (
+        "the cgroup still holds processes or child cgroups",
+        "move them out first",
+    ),
+}
+
+
+def cgroup_name(requested: str) -> str:
+    """The remediator-owned cgroup name for a policy's name ('log-shippers' -> 'remediator-log-shippers')."""
+    name = requested if requested.startswith(CGROUP_PREFIX) else CGROUP_PREFIX + requested
+    if not NAME_PATTERN.match(name) or name in (".", ".."):
+        raise ChangeInvalid(f"cgroup name {requested!r} is not a plain name (letters, digits, '.', '_', '-'): nothing changed")
+    return name
+
+
+def explain_write_error(exc: OSError, path: Path, value: str) -> str:
+    """One line: which file, what the errno means there, what to do."""
+    call = f'write "{value}" to {path}' if value else f"rmdir {path}"
+    key = path.name if value else "rmdir"
+    if exc.errno == errno.EBUSY and key in EBUSY_MEANING:
+        meaning, remedy = EBUSY_MEANING[key]
+        return f"{call} failed with EBUSY: {meaning}; {remedy}"
+    if exc.errno == errno.ENOSPC and path.name == "cgroup.procs":
+        return f"{call} failed with ENOSPC: the cgroup's cpuset.cpus or cpuset.mems is empty, so it cannot take tasks"
+    if exc.errno == errno.EINVAL and path.name in ("cpuset.cpus", "cpuset.mems"):
+        return f"{call} failed with EINVAL: the value is not within the parent cgroup's {path.name}"
+    return f"{call} failed with {errno_name(exc)} ({exc.strerror or exc})"
+
+
+def write_error(exc: OSError, path: Path, value: str) -> ActuatorError:
+    """A failed cgroupfs write as a typed error (EPERM -> denied, EINVAL -> invalid, else failed)."""
+    message = explain_write_error(exc, path, value)
+    if exc.errno in (errno.EPERM, errno.EACCES):
+        return ChangeDenied(message)
+    if exc.errno == errno.EINVAL:
+        return ChangeInvalid(message)
+    return ChangeFailed(message)
+
+
+@dataclass(frozen=True)
+class Step:
+    action: str  # "mkdir" | "write"
+    path: Path
+    value: str = ""
+
+    def to_json(self) -> dict:
+        return {"action": self.action, "path": str(self.path), "value": self.value}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Step":
+        return cls(data["action"], Path(data["path"]), data.get("value", ""))
+
+
+def describe_steps(steps: list[Step]) -> str:
+    """'mkdir /x/remediator-a; write "1" to .../cpuset.cpus; ...' (a directory named once, then '...')."""
+    named: set[Path] = set()
+    parts = []
+    for step in steps:
+        if step.action == "mkdir":
+            parts.append(f"mkdir {step.path}")
+            named.add(step.path)
+            continue
+        where = f".../{step.path.name}" if step.path.parent in named else str(step.path)
+        named.add(step.path.parent)
+        parts.append(f'write "{step.value}" to {where}')
+    return "; ".join(parts)
+
+
+class CpusetActuator:
+    kind = "cpuset"
+
+    def __init__(
+        self,
+        procfs: ProcFS,
+        *,
+        mount: CgroupMount | None,
+        cgroupfs: CgroupFS | None = None,
+        syscalls: Syscalls | None = None,
+        parent: str = "/",
+        sysfs_root: str | Path = "/sys",
+    ):
+        self.procfs = procfs
+        self.mount = mount
+        self.cgroupfs = cgroupfs or CgroupFS()
+        self.syscalls = syscalls or Syscalls()
+        self.parent = "/" + parent.strip("/")
+        self.sysfs_root = sysfs_root
+
+    # -- read ---------------------------------------------------------------------------------
+    def _require_mount(self) -> CgroupMount:
+        if self.mount is None:
+            raise ChangeFailed(
+                "no cpuset controller here: no cgroup v1 cpuset hierarchy is mounted and no cgroup v2 tree "
+                "lists cpuset in cgroup.controllers (see /proc/self/mountinfo): nothing changed"
+            )
+        return self.mount
+
+    def read(self, pid: int) -> dict:
+        mount = self._require_mount()
+        path = process_cgroup_path(mount, self.procfs.cgroups(pid))
+        if path is None:
+            raise ChangeFailed(f"pid {pid} has no place in the cpuset hierarchy at {mount.mount_point}: nothing changed")
+        masks, default = thread_values(self.procfs, pid, self.syscalls.sched_getaffinity)
+        return {
+            "cgroup": path,
+            **mount.to_json(),
+            "threads": {str(tid): sorted(mask) for tid, mask in masks.items()},
+            "default": sorted(default),
+        }
+
+    # -- plan ---------------------------------------------------------------------------------
+    def _read_cpus(self, path: Path) -> frozenset[int]:
+        try:
+            return parse_cpulist(self.cgroupfs.read(path))
+        except (OSError, CpuListError):
+            return frozenset()
+
+    def _parent_mems(self, mount: CgroupMount, parent_dir: Path) -> str:
+        if mount.version == 1:
+            for name in ("cpuset.mems", "cpuset.effective_mems"):
+                try:
+                    value = self.cgroupfs.read(parent_dir / name).strip()
+                except OSError:
+                    continue
+                if value:
+                    return value
+            return ""
+        directory = parent_dir
+        while True:
+            try:
+                value = self.cgroupfs.read(directory / "cpuset.mems.effective").strip()
+                if value:
+                    return value
+            except OSError:
+                pass
+            if directory == mount.mount_point:
+                return ""
+            directory = directory.parent
+
+    def _v2_enable_steps(self, mount: CgroupMount) -> list[Step]:
+        """"+cpuset" in cgroup.subtree_control from the root down to the parent, where missing."""
+        chain = ["/"]
+        for part in self.parent.strip("/").split("/"):
+            if part:
+                chain.append(chain[-1].rstrip("/") + "/" + part)
+        steps: list[Step] = []
+        for cgroup in chain:
+            directory = mount.fs_path(cgroup)
+            assert directory is not None
+            try:
+                enabled = self.cgroupfs.read(directory / "cgroup.subtree_control").split()
+            except OSError as exc:
+                raise ChangeFailed(f"cannot read {directory}/cgroup.subtree_control ({exc.strerror}): nothing changed") from None
+            if "cpuset" in enabled:
+                continue
+            if not steps:
+                # The topmost cgroup missing it must at least be offered the controller.
+                try:
+                    available = self.cgroupfs.read(directory / "cgroup.controllers").split()
+                except OSError:
+                    available = []
+                if "cpuset" not in available:
+                    raise ChangeFailed(
+                        f"cpuset is not available in {directory} (cgroup.controllers: {' '.join(available) or 'empty'}); "
+                        "it may be bound to a cgroup v1 hierarchy: nothing changed"
+                    )
+            if cgroup != "/":
+                holders = cgroup_pids(self.cgroupfs, directory)
+                if holders:
+                    shown = ", ".join(str(pid) for pid in holders[:5]) + (", ..." if len(holders) > 5 else "")
+                    raise ChangeFailed(
+                        f"cannot enable cpuset in {directory}/cgroup.subtree_control: {directory} holds processes "
+                        f"({shown}), and cgroup v2 gives no controllers to the children of a non-root cgroup with "
+                        "processes of its own (no-internal-process rule; the write would fail with EBUSY); "
+                        "configure a cpuset parent that holds no processes: nothing changed"
+                    )
+            steps.append(Step("write", directory / "cgroup.subtree_control", "+cpuset"))
+        return steps
+
+    def plan(self, identity: ProcessIdentity, target: dict, current: dict) -> Plan:
+        mount = self._require_mount()
+        name = cgroup_name(str(target.get("cgroup") or ""))
+        requested = frozenset(int(cpu) for cpu in target.get("cpus") or ())
+        if not requested:
+            raise ChangeInvalid("cpuset needs a non-empty CPU set: nothing changed")
+        parent_dir = mount.fs_path(self.parent)
+        if parent_dir is None or not self.cgroupfs.exists(parent_dir):
+            raise ChangeFailed(f"cpuset parent cgroup {self.parent} does not exist under {mount.mount_point}: nothing changed")
+        target_path = self.parent.rstrip("/") + "/" + name
+        target_dir = parent_dir / name
+
+        found = effective_cpus(self.cgroupfs, mount, self.parent)
+        allowed, source = found if found else (online_cpus(self.sysfs_root), "online CPUs")
+        cpus = requested & allowed
+        if not cpus:
+            raise ChangeInvalid(
+                f"requested CPUs {format_cpulist(requested)} are all outside what cpuset parent {source} allows "
+                f"({format_cpulist(allowed)}): nothing changed"
+            )
+        mems = self._parent_mems(mount, parent_dir)
+        if not mems:
+            raise ChangeFailed(f"cannot read the memory nodes of {parent_dir} (cpuset.mems): nothing changed")
+
+        steps: list[Step] = self._v2_enable_steps(mount) if mount.version == 2 else []
+        exists = self.cgroupfs.exists(target_dir)
+        previous_cpus = self._read_cpus(target_dir / "cpuset.cpus") if exists else frozenset()
+        if not exists:
+            steps.append(Step("mkdir", target_dir))
+        if previous_cpus != cpus:
+            steps.append(Step("write", target_dir / "cpuset.cpus", format_cpulist(cpus)))
+        if not exists or not self._cgroup_file_has_value(target_dir / "cpuset.mems"):
+            steps.append(Step("write", target_dir / "cpuset.mems", mems))
+        if current["cgroup"] != target_path:
+            steps.append(Step("write", target_dir / "cgroup.procs", str(identity.pid)))
+
+        threads = len(current.get("threads", {}))
+        if not steps:
+            description = f"pid {identity.pid} is already in {target_dir} with CPUs {format_cpulist(cpus)}"
+            return Plan(self.kind, identity, current, target, description, unchanged=True)
+        description = f"{describe_steps(steps)} (was {current['cgroup']})"
+        if cpus != requested:
+            description += f"; requested {format_cpulist(requested)}, {source} allows {format_cpulist(allowed)}"
+        details = {
+            "steps": [step.to_json() for step in steps],
+            "cgroup": target_path,
+            "cpus": sorted(cpus),
+            "mems": mems,
+            "created": not exists,
+            "previous_cpus": format_cpulist(previous_cpus) if exists else None,
+            "requested": sorted(requested),
+        }
+        expected = {"cgroup": target_path, "cpus": sorted(cpus), "mems": mems, "requested": sorted(requested)}
+        return Plan(self.kind, identity, current, target, description, threads=threads, details=details, expected=expected)
+
+    def _cgroup_file_has_value(self, path: Path) -> bool:
+        try:
+            return bool(self.cgroupfs.read(path).strip())
+        except OSError:
+            return False
+
+    # -- apply --------------------------------------------------------------------------------
+    def apply(self, plan: Plan) -> ApplyResult:
+        details = plan.details
+        steps = [Step.from_json(step) for step in details["steps"]]
+        done: list[Step] = []
+        for step in steps:
+            try:
+                if step.action == "mkdir":
+                    self.cgroupfs.mkdir(step.path)
+                else:
+                    self.cgroupfs.write(step.path, step.value)
+            except OSError as exc:
+                if exc.errno == errno.ESRCH and step.path.name == "cgroup.procs":
+                    self._roll_back(done, details)
+                    raise ProcessGone(plan.identity.pid) from None
+                error = write_error(exc, step.path, step.value if step.action == "write" else "")
+                error.message += self._roll_back(done, details)
+                error.args = (error.message,)
+                raise error from None
+            done.append(step)
+        ensure_alive(self.procfs, plan.identity)
+        applied = {
+            "cgroup": details["cgroup"],
+            "cpus": details["cpus"],
+            "mems": details["mems"],
+            "created": details["created"],
+            "enabled": [str(step.path.parent) for step in steps if step.path.name == "cgroup.subtree_control"],
+            "requested": details["requested"],
+        }
+        return ApplyResult(applied=applied, message=plan.description, threads=plan.threads)
+
+    def _roll_back(self, done: list[Step], details: dict) -> str:
+        """Undo a half-made change (the process was not moved yet); '+cpuset' stays, see the docstring."""
+        notes = []
+        for step in reversed(done):
+            try:
+                if step.action == "mkdir":
+                    self.cgroupfs.rmdir(step.path)
+                    notes.append(f"removed {step.path}")
+                elif step.path.name == "cpuset.cpus" and details.get("previous_cpus"):
+                    self.cgroupfs.write(step.path, details["previous_cpus"])
+                    notes.append(f"put back cpuset.cpus {details['previous_cpus']}")
+            except OSError as exc:
+                notes.append(f"could not undo {step.action} {step.path} ({exc.strerror})")
+        return "; " + ", ".join(notes) if notes else "; nothing was changed"
+
+    # -- restore ------------------------------------------------------------------------------
+    @staticmethod
+    def _mount_of(original: dict) -> CgroupMount:
+        # The hierarchy recorded with the change, not today's discovery: restore what was changed.
+        return CgroupMount(int(original["version"]), Path(original["mount"]), original.get("root", "/"), frozenset({"cpuset"}))
+
+    def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None) -> str:
+        pid = identity.pid
+        mount = self._mount_of(original)
+        ours = (applied or {}).get("cgroup")
+        now = process_cgroup_path(mount, self.procfs.cgroups(pid))
+        if ours is None or now != ours:
+            # Never applied, or someone else moved it since: their decision stands.
+            return f"pid {pid} is in {now}, not in {ours or 'a remediator cgroup'}: left there" + self._cleanup_note(mount, ours)
+        original_dir = mount.fs_path(original["cgroup"])
+        if original_dir is None or not self.cgroupfs.exists(original_dir):
+            raise ChangeFailed(
+                f"original cgroup {original['cgroup']} no longer exists under {mount.mount_point}: "
+                f"pid {pid} stays in {ours}",
+                closes_entry=True,
+            )
+        procs = original_dir / "cgroup.procs"
+        try:
+            self.cgroupfs.write(procs, str(pid))
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                raise ProcessGone(pid) from None
+            raise write_error(exc, procs, str(pid)) from None
+        message = f'write "{pid}" to {procs} (was {ours})'
+        message += self._restore_masks(identity, original)
+        ensure_alive(self.procfs, identity)
+        return message + self._cleanup_note(mount, ours)
+
+    def _restore_masks(self, identity: ProcessIdentity, original: dict) -> str:
+        """Put back thread masks a pre-6.2 kernel reset on the move (a no-op where it kept them)."""
+        if "threads" not in original:
+            return ""
+        masks = {int(tid): frozenset(mask) for tid, mask in original["threads"].items()}
+        default = frozenset(original.get("default") or ())
+        fixed, failed = 0, 0
+        for tid in sorted(self.procfs.tids(identity.pid)):
+            wanted = masks.get(tid, default)
+            if not wanted:
+                continue
+            try:
+                if frozenset(self.syscalls.sched_getaffinity(tid)) != wanted:
+                    self.syscalls.sched_setaffinity(tid, wanted)
+                    fixed += 1
+            except ProcessLookupError:
+                continue
+            except OSError:
+                failed += 1
+        note = ""
+        if fixed:
+            note += f"; sched_setaffinity back to the original mask on {plural_threads(fixed)}"
+        if failed:
+            note += f"; could not put back the original mask on {plural_threads(failed)}"
+        return note
+
+    def _cleanup_note(self, mount: CgroupMount, ours: str | None) -> str:
+        if not ours:
+            return ""
+        directory = mount.fs_path(ours)
+        if directory is None or not directory.name.startswith(CGROUP_PREFIX):
+            return ""  # only ever remove our own cgroups
+        if not self.cgroupfs.exists(directory):
+            return ""
+        try:
+            holders = cgroup_pids(self.cgroupfs, directory)
+        except OSError:
+            holders = []
+        if holders:
+            return f"; {directory} kept ({len(holders)} other process{'es' if len(holders) != 1 else ''} in it)"
+        try:
+            self.cgroupfs.rmdir(directory)
+        except OSError as exc:
+            return "; " + explain_write_error(exc, directory, "")
+        return f"; rmdir {directory}"
+
+    def cleanup(self, original: dict, applied: dict | None) -> str:
+        """After the process left: remove our cgroup if nothing else is in it."""
+        if not original or "mount" not in original:
+            return ""
+        return self._cleanup_note(self._mount_of(original), (applied or {}).get("cgroup")).lstrip("; ")
+
+    def maintain(self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int]) -> None:
+        return None  # new threads start in their creator's cgroup: nothing to follow up

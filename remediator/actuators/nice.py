@@ -1,0 +1,50 @@
+"""nice, on every thread of a process.
+
+Linux keeps nice per thread: setpriority(PRIO_PROCESS, pid, n) changes only the thread whose tid is
+`pid` (the main thread), so the value is set on each tid in /proc/<pid>/task. New threads inherit
+the nice of the thread that creates them; maintain() covers those created by a thread we missed.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from ..procfs import ProcessIdentity
+from .base import ChangeInvalid
+from .threads import PerThreadActuator
+
+NICE_MIN, NICE_MAX = -20, 19
+
+
+class NiceActuator(PerThreadActuator[int]):
+    kind = "nice"
+    value_key = "nice"
+
+    def get(self, tid: int) -> int:
+        return self.syscalls.getpriority(tid)
+
+    def set(self, tid: int, value: int) -> None:
+        self.syscalls.setpriority(tid, value)
+
+    def call_text(self, value: int, tid: str = "tid") -> str:
+        return f"setpriority(PRIO_PROCESS, {tid}, {value})"
+
+    def value_text(self, value: int) -> str:
+        return str(value)
+
+    def to_json(self, value: int) -> object:
+        return int(value)
+
+    def from_json(self, data: object) -> int:
+        return int(data)  # type: ignore[arg-type]
+
+    def resolve(self, identity: ProcessIdentity, target: dict) -> tuple[int, str, dict]:
+        value = target.get("nice")
+        if not isinstance(value, int) or isinstance(value, bool) or not NICE_MIN <= value <= NICE_MAX:
+            raise ChangeInvalid(f"nice {value!r} is not an integer from {NICE_MIN} to {NICE_MAX}: nothing changed")
+        return value, "", {}
+
+    def explain(self, errno_value: int | None, value: int) -> str:
+        if errno_value in (errno.EPERM, errno.EACCES):
+            return "lowering nice (raising priority) needs CAP_SYS_NICE or RLIMIT_NICE"
+        return ""
