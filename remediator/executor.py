@@ -1,0 +1,345 @@
+"""The executor: the only code that changes processes.
+
+For each request it re-reads the process, re-checks its identity (pid, start time) and the safety
+rules just before the change, asks the actuator for a plan (reads only), writes the original to the
+journal (fsync), makes the change, and writes the outcome. Every result is an `Outcome`; a process
+that left (ESRCH) and a refusal by the kernel (EPERM, EINVAL) are outcomes too, never exceptions.
+
+In dry-run mode the actuators are their dry-run twins: plans are made from real reads, the outcome
+is "would-apply" with the exact change, and nothing is written anywhere (not even the journal).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Collection, Iterable
+
+from .actuators import KINDS, Actuator, ActuatorError, default_actuators, dry_run_twins
+from .cpulist import format_cpulist
+from .errors import ProcessGone, RemediatorError
+from .journal import Journal, JournalEntry
+from .procfs import ProcessIdentity, ProcFS
+from .safety import exclusion_reason
+
+log = logging.getLogger(__name__)
+
+STATUSES = (
+    "applied",
+    "would-apply",
+    "unchanged",
+    "gone",
+    "denied",
+    "invalid",
+    "refused",
+    "restored",
+    "dropped",
+    "failed",
+)
+ERROR_STATUSES = frozenset({"denied", "invalid", "failed"})
+ON_START_CHOICES = ("restore", "keep")
+
+
+@dataclass(frozen=True)
+class ActionRequest:
+    identity: ProcessIdentity
+    kind: str  # "nice" | "affinity" | "cpuset"
+    policy: str
+    step_index: int
+    nice: int | None = None
+    cpus: frozenset[int] | None = None  # already resolved to concrete CPUs
+    cgroup: str | None = None  # cpuset: remediator-owned cgroup name
+    evidence: dict = field(default_factory=dict)  # opaque; stored with the journal entry
+
+    def target(self) -> dict:
+        """The request as the actuators take it (JSON-friendly)."""
+        if self.kind == "nice":
+            return {"nice": self.nice}
+        if self.kind == "affinity":
+            return {"cpus": sorted(self.cpus or ())}
+        if self.kind == "cpuset":
+            return {"cgroup": self.cgroup, "cpus": sorted(self.cpus or ())}
+        return {}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # one of STATUSES
+    kind: str
+    identity: ProcessIdentity
+    message: str  # the exact change, or the reason, on one line
+    original: dict | None = None
+    applied: dict | None = None
+    threads: int = 0
+
+    @property
+    def is_error(self) -> bool:
+        return self.status in ERROR_STATUSES
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.kind} pid {self.identity.pid}: {self.message}"
+
+
+class Executor:
+    def __init__(
+        self,
+        journal: Journal | None,
+        procfs: ProcFS,
+        *,
+        dry_run: bool,
+        actuators: dict[str, Actuator] | None = None,
+        self_pid: int | None = None,
+    ):
+        if journal is None and not dry_run:
+            raise ValueError("an executor that changes processes needs a journal")
+        self.journal = journal
+        self.procfs = procfs
+        self.dry_run = dry_run
+        actuators = dict(actuators) if actuators is not None else default_actuators(procfs)
+        # The dry-run twins can only read: a dry-run executor cannot change a process by mistake.
+        self.actuators: dict[str, Actuator] = dry_run_twins(actuators) if dry_run else actuators
+        self.self_pid = os.getpid() if self_pid is None else self_pid
+        self._known_tids: dict[str, set[int]] = {}  # entry id -> threads already handled by maintain()
+
+    # -- apply --------------------------------------------------------------------------------
+    def apply(self, request: ActionRequest, protected_pids: Collection[int]) -> Outcome:
+        identity, kind = request.identity, request.kind
+
+        def outcome(status: str, message: str, **extra) -> Outcome:
+            return Outcome(status, kind, identity, message, **extra)
+
+        actuator = self.actuators.get(kind)
+        if actuator is None:
+            return outcome("invalid", f"unknown action kind {kind!r} (known: {', '.join(KINDS)})")
+        try:
+            info = self.procfs.process_info(identity.pid)
+        except ProcessGone as exc:
+            return outcome("gone", str(exc))
+        except RemediatorError as exc:
+            return outcome("failed", f"cannot read the process: {exc}")
+        if info.identity != identity:
+            return outcome("gone", f"pid {identity.pid} was reused (started at {info.start_time}, expected {identity.start_time}): not touched")
+        reason = exclusion_reason(info, protected_pids, self.self_pid)
+        if reason:
+            return outcome("refused", f"pid {identity.pid} ({info.comm}) is off limits: {reason}")
+
+        existing = self.journal.find(identity, kind) if self.journal else None
+        try:
+            current = actuator.read(identity.pid)
+            plan = actuator.plan(identity, request.target(), current)
+        except ProcessGone as exc:
+            return outcome("gone", str(exc))
+        except ActuatorError as exc:
+            return outcome(exc.status, exc.message)
+        except RemediatorError as exc:
+            return outcome("failed", str(exc))
+        original = existing.original if existing else plan.current
+
+        if plan.unchanged:
+            return outcome("unchanged", plan.description, original=original, applied=existing.applied if existing else None)
+        if self.dry_run:
+            result = actuator.apply(plan)
+            return outcome("would-apply", result.message, original=original, applied=result.applied, threads=result.threads)
+
+        assert self.journal is not None
+        try:
+            entry = self.journal.record_intent(
+                identity,
+                kind,
+                policy=request.policy,
+                step_index=request.step_index,
+                original=plan.current,
+                target=plan.expected or plan.target,
+                evidence=request.evidence,
+            )
+        except OSError as exc:
+            return outcome("failed", f"cannot write the journal {self.journal.path} ({exc.strerror}): change not made")
+
+        try:
+            result = actuator.apply(plan)
+        except ProcessGone as exc:
+            self._record(self.journal.record_dropped, entry, f"{exc} during the change")
+            return outcome("gone", f"{exc} during the change", original=entry.original)
+        except ActuatorError as exc:
+            self._record(self.journal.record_failed, entry, exc.message, left_changed=exc.left_changed)
+            return outcome(exc.status, exc.message, original=entry.original)
+        except BaseException as exc:
+            # A bug, not a kernel answer: the change may be half made, so the entry stays open.
+            self._record(self.journal.record_failed, entry, f"internal error: {exc!r}", left_changed=True)
+            raise
+
+        note = self._record(self.journal.record_applied, entry, result.applied)
+        self._known_tids[entry.entry_id] = self._initial_known(entry, result.applied)
+        return outcome("applied", result.message + note, original=entry.original, applied=result.applied, threads=result.threads)
+
+    def _record(self, write, entry: JournalEntry, *args, **kwargs) -> str:
+        """Write an outcome record; a journal that fails now is reported, not raised (the change happened)."""
+        try:
+            write(entry, *args, **kwargs)
+        except OSError as exc:
+            log.error("journal %s: cannot record the outcome of entry %s: %s", self.journal.path, entry.entry_id, exc.strerror)
+            return f" (journal outcome not written: {exc.strerror}; the entry stays open and will be restored)"
+        return ""
+
+    @staticmethod
+    def _initial_known(entry: JournalEntry, applied: dict | None) -> set[int]:
+        known = {int(tid) for tid in entry.original.get("threads", {})}
+        known.update(int(tid) for tid in (applied or {}).get("tids", ()))
+        return known
+
+    # -- every tick ---------------------------------------------------------------------------
+    def maintain(self) -> list[Outcome]:
+        """Re-apply to threads created since the change; drop entries whose process is gone."""
+        if self.dry_run or self.journal is None:
+            return []
+        outcomes = []
+        for entry in self.journal.active():
+            actuator = self.actuators.get(entry.kind)
+            if actuator is None or entry.state != "applied":
+                continue  # pending entries are settled by reconcile()/restore()
+            try:
+                self.procfs.verify(entry.identity)
+            except ProcessGone as exc:
+                outcomes.append(self._drop(entry, actuator, str(exc)))
+                continue
+            except RemediatorError:
+                continue  # unreadable this tick; try again on the next
+            known = self._known_tids.setdefault(entry.entry_id, self._initial_known(entry, entry.applied))
+            try:
+                result = actuator.maintain(entry.identity, entry.original, entry.applied or {}, known)
+            except ProcessGone as exc:
+                outcomes.append(self._drop(entry, actuator, str(exc)))
+                continue
+            except ActuatorError as exc:
+                outcomes.append(Outcome(exc.status, entry.kind, entry.identity, exc.message))
+                continue
+            except RemediatorError as exc:
+                outcomes.append(Outcome("failed", entry.kind, entry.identity, str(exc)))
+                continue
+            if result is not None:
+                outcomes.append(
+                    Outcome("applied", entry.kind, entry.identity, result.message, entry.original, entry.applied, result.threads)
+                )
+        return outcomes
+
+    # -- restore ------------------------------------------------------------------------------
+    def restore(self, identity: ProcessIdentity | None = None, kinds: Iterable[str] | None = None) -> list[Outcome]:
+        """Restore active changes (all when identity is None), newest first."""
+        wanted = set(kinds) if kinds is not None else None
+        return self._restore_entries(
+            entry
+            for entry in self.active()
+            if (identity is None or entry.identity == identity) and (wanted is None or entry.kind in wanted)
+        )
+
+    def restore_pid(self, pid: int) -> list[Outcome]:
+        """Restore what was changed on `pid`; entries of an earlier process with that pid are dropped."""
+        return self._restore_entries(entry for entry in self.active() if entry.identity.pid == pid)
+
+    def _restore_entries(self, entries: Iterable[JournalEntry]) -> list[Outcome]:
+        if self.dry_run:
+            return []
+        # Newest first: a later change (cpuset after affinity) is undone before the earlier one.
+        ordered = sorted(entries, key=lambda entry: entry.order, reverse=True)
+        return [self._restore_entry(entry) for entry in ordered]
+
+    def _restore_entry(self, entry: JournalEntry) -> Outcome:
+        assert self.journal is not None
+        identity, kind = entry.identity, entry.kind
+
+        def outcome(status: str, message: str) -> Outcome:
+            return Outcome(status, kind, identity, message, entry.original, entry.applied)
+
+        actuator = self.actuators.get(kind)
+        if actuator is None:
+            return outcome("failed", f"no actuator for kind {kind!r}: entry {entry.entry_id} left in the journal")
+        try:
+            self.procfs.verify(identity)
+        except ProcessGone as exc:
+            return self._drop(entry, actuator, str(exc))
+        except RemediatorError as exc:
+            return outcome("failed", f"cannot read the process: {exc}")
+        try:
+            message = actuator.restore(identity, entry.original, entry.applied or entry.target)
+        except ProcessGone as exc:
+            return self._drop(entry, actuator, str(exc))
+        except ActuatorError as exc:
+            if exc.closes_entry:
+                self._record(self.journal.record_dropped, entry, exc.message)
+            return outcome(exc.status, exc.message)
+        except RemediatorError as exc:
+            return outcome("failed", str(exc))
+        message += self._record(self.journal.record_restored, entry, message)
+        self._known_tids.pop(entry.entry_id, None)
+        return outcome("restored", message)
+
+    def _drop(self, entry: JournalEntry, actuator: Actuator, reason: str) -> Outcome:
+        """The process left (or its pid names another one now): close the entry, touch nothing of it."""
+        try:
+            cleanup = actuator.cleanup(entry.original, entry.applied or entry.target)
+        except (OSError, RemediatorError) as exc:
+            cleanup = f"cleanup failed: {exc}"
+        message = f"{reason}: nothing to restore" + (f"; {cleanup}" if cleanup else "")
+        if self.journal is not None:
+            message += self._record(self.journal.record_dropped, entry, message)
+        self._known_tids.pop(entry.entry_id, None)
+        return Outcome("dropped", entry.kind, entry.identity, message, entry.original, entry.applied)
+
+    # -- start-up -----------------------------------------------------------------------------
+    def reconcile(self, on_start: str) -> list[Outcome]:
+        """Settle what a previous run left in the journal.
+
+        "restore": restore everything whose process is still the same one.
+        "keep": keep applied changes and adopt them (maintain() continues); changes whose outcome
+        was never written (a crash mid-change) are restored either way.
+        Entries of processes that are gone are dropped in both modes.
+        """
+        if on_start not in ON_START_CHOICES:
+            raise ValueError(f"on_start must be one of {', '.join(ON_START_CHOICES)}, not {on_start!r}")
+        if self.dry_run:
+            return []
+        outcomes = []
+        for entry in sorted(self.active(), key=lambda entry: entry.order, reverse=True):
+            if on_start == "restore" or entry.state == "pending":
+                outcomes.append(self._restore_entry(entry))
+                continue
+            actuator = self.actuators.get(entry.kind)
+            if actuator is None:
+                continue
+            try:
+                self.procfs.verify(entry.identity)
+            except ProcessGone as exc:
+                outcomes.append(self._drop(entry, actuator, str(exc)))
+                continue
+            except RemediatorError:
+                continue
+            # Threads created while no remediator ran are not in `known`: maintain() covers them.
+            self._known_tids[entry.entry_id] = self._initial_known(entry, entry.applied)
+            outcomes.append(
+                Outcome(
+                    "unchanged",
+                    entry.kind,
+                    entry.identity,
+                    f"kept {entry.kind} {_summary(entry.applied)} from policy {entry.policy or '?'} (step {entry.step_index})",
+                    entry.original,
+                    entry.applied,
+                )
+            )
+        return outcomes
+
+    def active(self) -> list[JournalEntry]:
+        """Active journal entries (identity, kind, original, applied, policy, since), oldest first."""
+        return self.journal.active() if self.journal is not None else []
+
+
+def _summary(applied: dict | None) -> str:
+    if not applied:
+        return "?"
+    if "cgroup" in applied:
+        return f"{applied['cgroup']} (CPUs {format_cpulist(applied.get('cpus', ()))})"
+    if "nice" in applied:
+        return str(applied["nice"])
+    if "cpus" in applied:
+        return "{" + format_cpulist(applied["cpus"]) + "}"
+    return "?"
