@@ -95,6 +95,10 @@ class FakeCgroupV2(CgroupFS):
             self._move(directory, pid)
         return directory
 
+    def place(self, cgroup: str, pid: int) -> None:
+        """Put a process in an existing cgroup, as the host had it (no calls recorded, no rules checked)."""
+        self._move(self.path_of(cgroup), pid)
+
     def pids_in(self, cgroup: str) -> list[int]:
         return [int(p) for p in (self.path_of(cgroup) / "cgroup.procs").read_text().split()]
 
