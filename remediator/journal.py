@@ -241,8 +241,7 @@ class Journal:
             self._lock_fd = None
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise JournalError(
-                    f"journal {self.path} is in use by another remediator (the daemon?): stop it first, "
-                    "it restores its own changes on stop"
+                    f"journal {self.path} is in use by another remediator process (the daemon?): stop it first"
                 ) from None
             raise JournalError(f"cannot lock {lock_path}: {exc.strerror}") from None
 

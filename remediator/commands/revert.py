@@ -1,0 +1,98 @@
+"""`remediator revert`: put back the original nice, affinity and cgroup of processes, from the journal.
+
+It restores exactly what the journal holds: each thread its own original value, threads created
+since the change the default, a process only if it is still the same one (pid and start time);
+entries of processes that are gone (or whose pid now names another process) are dropped untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import Location, LocatedError, RemediatorError
+from ..executor import Executor
+from ..journal import DEFAULT_JOURNAL_PATH, Journal
+from ..procfs import ProcFS
+
+DESCRIPTION = """\
+Restore what remediator changed, from its journal: nice and CPU affinity per thread, and
+the cpuset cgroup (the process moves back; the remediator cgroup is removed once empty).
+
+Prints one line per change: restored; dropped (the process is gone, or its pid now names
+another process: nothing is touched); or an error. Exit status 0 when everything
+restorable was restored, 1 otherwise. Stop the daemon first: it holds a lock on the
+journal while it runs.
+"""
+
+EXAMPLES = """\
+examples:
+  sudo remediator revert --all                 restore every change still in the journal
+  sudo remediator revert --pid 2621            only what was changed on pid 2621
+  sudo remediator revert --all --journal /tmp/journal.jsonl
+  sudo remediator revert --all --config /etc/remediator/remediator.toml
+                                               the journal named by [daemon] journal there
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "revert",
+        help="restore the original nice, CPU affinity and cgroup of processes from the journal",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every active change in the journal")
+    which.add_argument("--pid", type=int, metavar="N", help="the changes made to process N")
+    parser.add_argument("--journal", metavar="PATH", help=f"the journal file (default {DEFAULT_JOURNAL_PATH}; overrides --config)")
+    parser.add_argument("--config", metavar="FILE", help="take the journal path from this config file's [daemon] journal")
+    parser.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
+    parser.set_defaults(handler=run_revert)
+
+
+def journal_path_from_config(config_path: str) -> str:
+    """The `[daemon] journal` of a config file (the default path when the key is absent).
+
+    Only this key is read here, with tomli, so revert works whatever else the file holds.
+    """
+    import tomli
+
+    try:
+        with open(config_path, "rb") as handle:
+            data = tomli.load(handle)
+    except OSError as exc:
+        raise RemediatorError(f"{config_path}: cannot read ({exc.strerror})") from None
+    except tomli.TOMLDecodeError as exc:
+        where = Location(config_path, getattr(exc, "lineno", 0), getattr(exc, "colno", 0))
+        raise LocatedError(where, getattr(exc, "msg", str(exc))) from None
+    daemon = data.get("daemon", {})
+    if not isinstance(daemon, dict):
+        raise LocatedError(Location(config_path), "[daemon] must be a table")
+    journal = daemon.get("journal", DEFAULT_JOURNAL_PATH)
+    if not isinstance(journal, str) or not journal:
+        raise LocatedError(Location(config_path), f"[daemon] journal must be a file path, not {journal!r}")
+    return journal
+
+
+def run_revert(args: argparse.Namespace) -> int:
+    path = args.journal or (journal_path_from_config(args.config) if args.config else DEFAULT_JOURNAL_PATH)
+    if not Path(path).exists():
+        print(f"nothing to revert: no journal at {path}")
+        return 0
+    procfs = ProcFS(args.proc_root)
+    try:
+        journal = Journal(path)
+    except OSError as exc:
+        raise RemediatorError(f"cannot open the journal {path}: {exc.strerror} (it is root's: run with sudo)") from None
+    with journal:
+        executor = Executor(journal, procfs, dry_run=False)
+        outcomes = executor.restore() if args.all else executor.restore_pid(args.pid)
+    if not outcomes:
+        scope = "" if args.all else f" for pid {args.pid}"
+        print(f"nothing to revert{scope}: no active change in {path}")
+        return 0
+    for outcome in outcomes:
+        print(outcome, flush=True)
+    return 1 if any(outcome.is_error for outcome in outcomes) else 0
