@@ -213,11 +213,24 @@ def load_entries(path: str | Path) -> list[JournalEntry]:
 class Journal:
     """The journal file of one remediator: append-only, fsync'd, locked against a second writer."""
 
-    def __init__(self, path: str | Path = DEFAULT_JOURNAL_PATH, *, clock=time.time):
+    def __init__(self, path: str | Path = DEFAULT_JOURNAL_PATH, *, clock=time.time, read_only: bool = False):
+        """Open (creating it and its 0700 parents if needed) and lock the journal.
+
+        read_only: just fold what is there (a missing file is empty): no lock, no compaction, no
+        repair of a torn tail, and every record_* call fails. For dry runs and status views.
+        """
         self.path = Path(path)
         self.clock = clock
+        self.read_only = read_only
         self._fd: int | None = None
         self._lock_fd: int | None = None
+        if read_only:
+            records, _, warnings = read_records(self.path) if self.path.exists() else ([], 0, [])
+            for warning in warnings:
+                log.warning("%s", warning)
+            self._records = records
+            self._entries = fold(records)
+            return
         _make_private_dirs(self.path.parent)
         self._lock()
         try:
@@ -297,6 +310,8 @@ class Journal:
 
     # -- writing ------------------------------------------------------------------------------
     def _append(self, record: dict) -> None:
+        if self.read_only:
+            raise JournalError(f"journal {self.path} was opened read-only")
         if self._fd is None:
             raise JournalError(f"journal {self.path} is closed")
         record = {"v": FORMAT_VERSION, "time": self.clock(), **record}

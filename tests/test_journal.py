@@ -215,3 +215,22 @@ def test_fold_ignores_outcomes_of_unknown_entries_and_malformed_records():
     entries = fold(records)
     assert list(entries) == ["b"]
     assert entries["b"].identity == ProcessIdentity(5, 6)
+
+
+def test_read_only_reads_without_locking_creating_or_compacting(tmp_path):
+    missing = tmp_path / "nowhere" / "journal.jsonl"
+    assert Journal(missing, read_only=True).entries() == []
+    assert not missing.parent.exists()
+    path = tmp_path / "journal.jsonl"
+    with Journal(path) as writer:
+        entry = intent(writer)
+        writer.record_restored(entry, "done")
+        intent(writer, identity=ProcessIdentity(9, 9))
+        reader = Journal(path, read_only=True)  # beside the writer: no lock conflict
+        assert [e.identity.pid for e in reader.active()] == [9]
+        with pytest.raises(JournalError, match="read-only"):
+            intent(reader)
+        writer.record_dropped(writer.active()[0], "gone")
+    size = path.stat().st_size
+    assert Journal(path, read_only=True).active() == []
+    assert path.stat().st_size == size  # only closed entries, yet not compacted by a reader
