@@ -1,0 +1,247 @@
+"""The daemon's config file (remediator.toml): parse, check, compile to a frozen `DaemonConfig`.
+
+The keys are described once in schema.CONFIG_FILE; this module adds what needs more than one key
+(protect must select something, policy paths must exist) and resolves paths relative to the file.
+Also here: reading any TOML input into a Document with diagnostics, and the ownership check a root
+daemon applies before trusting a file.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .cpulist import format_cpulist
+from .errors import Location, RemediatorError
+from .schema import CONFIG_FILE, Checker, Diagnostic, PolicyErrors, has_errors
+from .selectors import ProtectSelectors
+from .tomlpos import Document, TomlSyntaxError, format_key_path, parse
+
+CONFIG_FILE_NAME = "remediator.toml"
+CONFIG_TABLES = frozenset({"protect", "daemon"})
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    path: Path
+    protect: ProtectSelectors
+    request_cpus: frozenset[int] | None  # None = auto (from the protected threads' affinity)
+    mode: str  # "live" | "dry-run"
+    tick_s: float
+    policy_paths: tuple[Path, ...]  # resolved relative to the config file
+    journal_path: Path
+    audit_path: Path
+    on_start: str  # "restore" | "keep"
+    revert_on_exit: bool
+    max_changes_per_minute: int
+
+    def to_json(self) -> dict:
+        return {
+            "path": str(self.path),
+            "protect": self.protect.describe(),
+            "request_cpus": "auto" if self.request_cpus is None else format_cpulist(self.request_cpus),
+            "mode": self.mode,
+            "tick_s": self.tick_s,
+            "policy_paths": [str(p) for p in self.policy_paths],
+            "journal_path": str(self.journal_path),
+            "audit_path": str(self.audit_path),
+            "on_start": self.on_start,
+            "revert_on_exit": self.revert_on_exit,
+            "max_changes_per_minute": self.max_changes_per_minute,
+        }
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+def read_document(path: Path | str, display: str | None = None) -> tuple[Document | None, list[Diagnostic]]:
+    """Read and parse one TOML file; (None, [diagnostic]) when it cannot be read or parsed."""
+    shown = display if display is not None else str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        code = "not-found" if isinstance(exc, FileNotFoundError) else "unreadable"
+        return None, [Diagnostic(Location(shown), "error", f"cannot read: {reason}", code)]
+    return parse_source(raw, shown)
+
+
+def parse_source(source: bytes | str, display: str) -> tuple[Document | None, list[Diagnostic]]:
+    try:
+        return parse(source, display), []
+    except TomlSyntaxError as exc:
+        return None, [Diagnostic(exc.location, "error", exc.message, "syntax")]
+
+
+def looks_like_config(document: Document | None, display: str) -> bool:
+    """Config files are recognised by name or by their [protect] / [daemon] tables."""
+    if Path(display).name == CONFIG_FILE_NAME:
+        return True
+    return document is not None and "policy" not in document.data and bool(CONFIG_TABLES & document.data.keys())
+
+
+# -- compile ----------------------------------------------------------------------------------
+
+def compile_config(document: Document, base: Path | None = None) -> tuple[DaemonConfig | None, list[Diagnostic]]:
+    """Check a config document; the DaemonConfig when it has no error. Paths resolve against `base`
+    (default: the directory of the document's path)."""
+    checker = Checker(document)
+    clean = checker.check_table(CONFIG_FILE, document.data, ())
+    diagnostics = checker.diagnostics
+    if clean is None or has_errors(diagnostics):
+        return None, diagnostics
+    config_path = Path(document.path)
+    base = base if base is not None else config_path.absolute().parent
+    protect_values: dict[str, Any] = clean["protect"]
+    daemon: dict[str, Any] = clean["daemon"]
+    selectors = ProtectSelectors.build(
+        pids=protect_values["pids"], comms=protect_values["comm"], cgroups=protect_values["cgroup"], units=protect_values["unit"]
+    )
+    if selectors.empty:
+        diagnostics.append(
+            Diagnostic(
+                document.value_location(("protect",)),
+                "error",
+                "protect: selects nothing; give at least one of pids, comm, cgroup, unit (the daemon guards their latency)",
+                "empty-match",
+                "protect",
+            )
+        )
+    policy_paths = []
+    for index, item in enumerate(daemon["policies"]):
+        resolved = _resolve(base, item)
+        policy_paths.append(resolved)
+        if not resolved.exists():
+            diagnostics.append(
+                Diagnostic(
+                    document.value_location(_policies_key_path(document, index)),
+                    "error",
+                    f"daemon.policies: {item} does not exist (resolved to {resolved})",
+                    "not-found",
+                    "daemon.policies",
+                )
+            )
+    if has_errors(diagnostics):
+        return None, diagnostics
+    request = protect_values["request_cpus"]
+    config = DaemonConfig(
+        path=config_path,
+        protect=selectors,
+        request_cpus=None if request == "auto" else frozenset(request),
+        mode=daemon["mode"],
+        tick_s=daemon["tick"],
+        policy_paths=tuple(policy_paths),
+        journal_path=_resolve(base, daemon["journal"]),
+        audit_path=_resolve(base, daemon["audit_log"]),
+        on_start=daemon["on_start"],
+        revert_on_exit=daemon["revert_on_exit"],
+        max_changes_per_minute=clean["limits"]["max_changes_per_minute"],
+    )
+    return config, diagnostics
+
+
+def _policies_key_path(document: Document, index: int) -> tuple:
+    """Where the policies entry is written; the [daemon] table (or the file) when it is the default."""
+    daemon = document.data.get("daemon")
+    written = daemon.get("policies") if isinstance(daemon, dict) else None
+    if isinstance(written, list):
+        return ("daemon", "policies", index)
+    if written is not None:
+        return ("daemon", "policies")
+    return ("daemon",)
+
+
+def _resolve(base: Path, item: str) -> Path:
+    return Path(os.path.normpath(base / os.path.expanduser(item)))
+
+
+def host_cpu_warnings(document: Document, key_path: tuple, cpus: frozenset[int], online: frozenset[int]) -> list[Diagnostic]:
+    """A warning when an explicit CPU list names CPUs this host does not have online."""
+    missing = cpus - online
+    if not missing:
+        return []
+    what = "CPU {} is" if len(missing) == 1 else "CPUs {} are"
+    return [
+        Diagnostic(
+            document.value_location(key_path),
+            "warning",
+            f"{format_key_path(key_path)}: {what.format(format_cpulist(missing))} not online on this host (online: {format_cpulist(online) or 'none'})",
+            "host-cpu",
+            format_key_path(key_path),
+        )
+    ]
+
+
+def config_diagnostics(document: Document, online_cpus: frozenset[int] | None = None) -> tuple[DaemonConfig | None, list[Diagnostic]]:
+    """compile_config plus the host check of an explicit request_cpus."""
+    config, diagnostics = compile_config(document)
+    if config is not None and online_cpus is not None and config.request_cpus is not None:
+        diagnostics += host_cpu_warnings(document, ("protect", "request_cpus"), config.request_cpus, online_cpus)
+    return config, diagnostics
+
+
+def load_config(path: Path | str, require_trusted: bool = False) -> DaemonConfig:
+    """Load remediator.toml; raise PolicyErrors listing every located problem."""
+    if require_trusted:
+        assert_trusted_file(path)
+    document, diagnostics = read_document(path)
+    if document is None:
+        raise PolicyErrors(diagnostics)
+    config, diagnostics = compile_config(document)
+    if config is None:
+        raise PolicyErrors(diagnostics)
+    return config
+
+
+# -- trust --------------------------------------------------------------------------------------
+
+class UntrustedFile(RemediatorError):
+    """A file a root daemon would read, writable by someone other than root."""
+
+
+def assert_trusted_file(path: Path | str) -> None:
+    """Refuse a file (or a directory on its path) that is not root-owned or is group/world-writable.
+
+    A root daemon that acts on rules others can edit hands them root's power over every process.
+    The file and its directory must be owned by root and not writable by group or others; the
+    directories above must be root-owned and not writable by others unless sticky (like /tmp, where
+    others cannot rename what root owns).
+    """
+    target = Path(os.path.realpath(path))
+    try:
+        info = os.stat(target)
+    except OSError as exc:
+        raise RemediatorError(f"{path}: cannot check ownership: {exc.strerror or exc}") from None
+    _require_root_owned(target, info, str(path), strict=True)
+    directory = target.parent
+    strict = True
+    while True:
+        try:
+            info = os.stat(directory)
+        except OSError as exc:
+            raise RemediatorError(f"{path}: cannot check ownership of {directory}: {exc.strerror or exc}") from None
+        _require_root_owned(directory, info, str(path), strict=strict)
+        strict = False
+        if directory.parent == directory:
+            return
+        directory = directory.parent
+
+
+def _require_root_owned(target: Path, info: os.stat_result, shown: str, strict: bool) -> None:
+    what = "it" if str(target) == os.path.realpath(shown) else f"{target}"
+    fix = f"chown root:root {target} && chmod go-w {target}"
+    if info.st_uid != 0:
+        raise UntrustedFile(
+            f"refusing {shown}: {what} is owned by uid {info.st_uid}, not root; a root daemon acting on rules "
+            f"another user can change would give that user root's power over every process ({fix})"
+        )
+    writable = stat.S_IWOTH | (stat.S_IWGRP if strict else 0)
+    sticky_dir = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX and not strict
+    if info.st_mode & writable and not sticky_dir:
+        who = "group- or world-writable" if strict else "world-writable"
+        raise UntrustedFile(
+            f"refusing {shown}: {what} is {who} (mode {stat.S_IMODE(info.st_mode):04o}); a root daemon acting on "
+            f"rules others can change would give them root's power over every process ({fix})"
+        )

@@ -1,0 +1,665 @@
+"""Policies: compile checked TOML into frozen dataclasses the engine consumes, and `policy check`.
+
+Two steps, as in oomd: tomlpos parses a file into a position-annotated Document; schema.Checker
+checks every key against the format description; `compile_policies` here checks what involves
+several keys (trigger forms, ladders, CPU lists against min_cpus) and builds `Policy` objects.
+Across files: names are unique, and two policies at the same priority and specificity that name
+the same selector value must agree on their ladder (else which one acts would be an accident of
+file order).
+
+Compiling is pure: nothing here reads /proc or /sys. The optional host check (CPUs a list names
+that this host does not have) takes the online CPU set as an argument.
+
+Precedence when several policies match one process: higher `priority`; then higher specificity
+(more match fields given); then the earlier file (sorted path) and the earlier position in it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .config import (
+    DaemonConfig,
+    assert_trusted_file,
+    config_diagnostics,
+    host_cpu_warnings,
+    looks_like_config,
+    parse_source,
+    read_document,
+)
+from .cpulist import format_cpulist
+from .errors import Location
+from .matching import FIELDS, Match, MatchResult
+from .procfs import ProcessInfo
+from .schema import POLICY_FILE, Checker, Diagnostic, PolicyErrors, format_duration, has_errors
+from .tomlpos import Document, KeyPath, format_key_path
+
+__all__ = [
+    "CpuSpec",
+    "Diagnostic",
+    "Limits",
+    "Match",
+    "MatchResult",
+    "Policy",
+    "PolicyErrors",
+    "PolicySet",
+    "Step",
+    "Trigger",
+    "check_paths",
+    "check_sources",
+    "compile_policies",
+    "load_policies",
+    "policy_files",
+]
+
+
+@dataclass(frozen=True)
+class CpuSpec:
+    """Target CPUs of an affinity or cpuset step."""
+
+    unprotected: bool  # resolve at run time: online CPUs minus request CPUs
+    cpus: frozenset[int] = frozenset()  # explicit set when not unprotected (empty otherwise)
+
+    def describe(self) -> str:
+        return "unprotected" if self.unprotected else format_cpulist(self.cpus)
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # "nice" | "affinity" | "cpuset"
+    settle_s: float
+    location: Location  # where this step's table is
+    nice: int | None = None
+    cpus: CpuSpec | None = None
+    cgroup: str | None = None  # cpuset only: remediator-owned cgroup name
+
+    def describe(self) -> str:
+        """'nice 10', 'affinity unprotected', 'cpuset 2-3 in cgroup log-shippers'."""
+        if self.kind == "nice":
+            return f"nice {self.nice}"
+        assert self.cpus is not None
+        if self.kind == "affinity":
+            return f"affinity {self.cpus.describe()}"
+        return f"cpuset {self.cpus.describe()} in cgroup {self.cgroup}"
+
+    def same_action(self, other: "Step") -> bool:
+        """Equal apart from where it is written."""
+        return (self.kind, self.settle_s, self.nice, self.cpus, self.cgroup) == (
+            other.kind,
+            other.settle_s,
+            other.nice,
+            other.cpus,
+            other.cgroup,
+        )
+
+    def to_json(self) -> dict:
+        data: dict[str, Any] = {"kind": self.kind, "settle_s": self.settle_s, "location": str(self.location)}
+        if self.nice is not None:
+            data["nice"] = self.nice
+        if self.cpus is not None:
+            data["cpus"] = self.cpus.describe()
+        if self.cgroup is not None:
+            data["cgroup"] = self.cgroup
+        return data
+
+
+@dataclass(frozen=True)
+class Trigger:
+    always: bool
+    tail_percentile: float | None  # e.g. 99.0
+    tail_above_us: float | None
+    windows: int | None  # N
+    of_windows: int | None  # M
+    offender_cpu: float | None  # CPUs
+    offender_cpu_kind: str  # "mean" | "peak"
+    offender_blame_share: float | None  # 0..1
+    offender_require: str  # "any" | "all"
+
+    def describe(self) -> str:
+        if self.always:
+            return "always (static placement at exec)"
+        conditions = []
+        if self.offender_cpu is not None:
+            conditions.append(f"{self.offender_cpu_kind} CPU >= {self.offender_cpu:g}")
+        if self.offender_blame_share is not None:
+            conditions.append(f"blame share >= {self.offender_blame_share:g}")
+        joiner = " and " if self.offender_require == "all" else " or "
+        return (
+            f"p{self.tail_percentile:g} above {format_duration((self.tail_above_us or 0) / 1e6)} in {self.windows} of the last "
+            f"{self.of_windows} windows, and offender {joiner.join(conditions)}"
+        )
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Limits:
+    cooldown_s: float
+    max_actions_per_hour: int
+    revert_after_quiet_s: float | None  # None = never
+    min_cpus: int
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    description: str
+    priority: int
+    match: Match
+    trigger: Trigger
+    steps: tuple[Step, ...]
+    limits: Limits
+    location: Location  # where the [[policy]] header is
+
+    def same_ladder(self, other: "Policy") -> bool:
+        return len(self.steps) == len(other.steps) and all(a.same_action(b) for a, b in zip(self.steps, other.steps))
+
+    def to_json(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "priority": self.priority,
+            "location": str(self.location),
+            "match": self.match.to_json(),
+            "specificity": self.match.specificity,
+            "trigger": self.trigger.to_json(),
+            "steps": [step.to_json() for step in self.steps],
+            "limits": self.limits.to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    policies: tuple[Policy, ...]  # in file order (sorted paths), then position: the last tie-breaker
+    warnings: tuple[Diagnostic, ...] = ()
+
+    def matching(self, info: ProcessInfo) -> list[tuple[Policy, MatchResult]]:
+        """Every policy that matches `info`, the winner first."""
+        found = []
+        for order, policy in enumerate(self.policies):
+            result = policy.match.matches(info)
+            if result is not None:
+                found.append((order, policy, result))
+        found.sort(key=lambda item: (-item[1].priority, -item[1].match.specificity, item[0]))
+        return [(policy, result) for _, policy, result in found]
+
+    def select(self, info: ProcessInfo) -> tuple[Policy, MatchResult] | None:
+        """The policy that governs `info` after precedence, with how it matched; None if none matches."""
+        found = self.matching(info)
+        return found[0] if found else None
+
+    def by_name(self, name: str) -> Policy | None:
+        for policy in self.policies:
+            if policy.name == name:
+                return policy
+        return None
+
+
+# -- compile one document -----------------------------------------------------------------------
+
+@dataclass
+class _Compiled:
+    """A compiled policy and what the cross-file checks need: where its name and selectors are."""
+
+    policy: Policy
+    document: Document
+    path: KeyPath  # ("policy", index)
+    selector_paths: dict[tuple[str, str], KeyPath] = field(default_factory=dict)
+
+
+def compile_policies(document: Document, online_cpus: frozenset[int] | None = None) -> tuple[list[_Compiled], list[Diagnostic]]:
+    """Check and compile one policy document. Policies with an error are left out of the result."""
+    checker = Checker(document)
+    clean = checker.check_table(POLICY_FILE, document.data, ())
+    diagnostics = checker.diagnostics
+    compiled: list[_Compiled] = []
+    if clean is None:
+        return compiled, diagnostics
+    if "policy" not in document.data and not has_errors(diagnostics):
+        diagnostics.append(Diagnostic(Location(document.path), "warning", "no [[policy]] table in this file", "no-policy"))
+    raw_policies = document.data.get("policy")
+    for index, values in enumerate(clean.get("policy") or []):
+        path: KeyPath = ("policy", index)
+        before = len(diagnostics)
+        if values is None:
+            continue  # not a table: already reported
+        raw = raw_policies[index] if isinstance(raw_policies, list) else {}
+        result = _PolicyCompiler(document, path, values, raw, diagnostics, online_cpus).compile()
+        if result is not None and not has_errors(diagnostics[before:]) and not _has_errors_under(checker.diagnostics, path):
+            compiled.append(result)
+    return compiled, diagnostics
+
+
+def _has_errors_under(diagnostics: list[Diagnostic], path: KeyPath) -> bool:
+    prefix = format_key_path(path)
+    return any(
+        d.severity == "error" and (d.key == prefix or d.key.startswith(prefix + ".") or d.key.startswith(prefix + "["))
+        for d in diagnostics
+    )
+
+
+class _PolicyCompiler:
+    """Checks that span several keys of one [[policy]], then builds the Policy."""
+
+    def __init__(
+        self,
+        document: Document,
+        path: KeyPath,
+        values: dict,
+        raw: Any,
+        diagnostics: list[Diagnostic],
+        online_cpus: frozenset[int] | None,
+    ):
+        self.document = document
+        self.path = path
+        self.values = values
+        self.raw = raw if isinstance(raw, dict) else {}
+        self.diagnostics = diagnostics
+        self.online_cpus = online_cpus
+        self.failed = False
+
+    def problem(self, key_path: KeyPath, message: str, code: str, severity: str = "error", at_key: bool = False) -> None:
+        location = self.document.key_location(key_path) if at_key else self.document.value_location(key_path)
+        where = format_key_path(key_path)
+        self.diagnostics.append(Diagnostic(location, severity, f"{where}: {message}", code, where))
+        if severity == "error":
+            self.failed = True
+
+    def compile(self) -> _Compiled | None:
+        values = self.values
+        match = self._match()
+        trigger = self._trigger()
+        limits = self._limits()
+        steps = self._steps(limits)
+        if self.failed or match is None or trigger is None or limits is None or steps is None:
+            return None
+        if "name" not in values or "description" not in values:
+            return None
+        policy = Policy(
+            name=values["name"],
+            description=values["description"],
+            priority=values["priority"],
+            match=match,
+            trigger=trigger,
+            steps=steps,
+            limits=limits,
+            location=self.document.value_location(self.path),
+        )
+        result = _Compiled(policy, self.document, self.path)
+        raw_match = self.raw.get("match") if isinstance(self.raw.get("match"), dict) else {}
+        for name in FIELDS:
+            written = raw_match.get(name)
+            items = values["match"].get(name)
+            if items is None:
+                continue
+            if name == "cmdline":
+                result.selector_paths[(name, items)] = self.path + ("match", name)
+                continue
+            for index, item in enumerate(items):
+                where = self.path + ("match", name) + ((index,) if isinstance(written, list) else ())
+                result.selector_paths.setdefault((name, item), where)
+        return result
+
+    def _match(self) -> Match | None:
+        values = self.values.get("match")
+        if values is None:
+            return None
+        if not any(name in values for name in FIELDS):
+            if isinstance(self.raw.get("match"), dict) and not self.raw["match"]:
+                self.problem(
+                    self.path + ("match",),
+                    f"is empty, which would match every process; give at least one of {', '.join(FIELDS)}",
+                    "empty-match",
+                )
+            return None
+        return Match.build(**{name: values[name] for name in FIELDS if name in values})
+
+    def _trigger(self) -> Trigger | None:
+        values = self.values.get("trigger")
+        if values is None:
+            return None
+        path = self.path + ("trigger",)
+        always = values.get("always", False)
+        raw = self.raw.get("trigger") if isinstance(self.raw.get("trigger"), dict) else {}
+        if always:
+            for name in ("tail", "offender"):
+                if name in raw:
+                    self.problem(
+                        path + (name,),
+                        f"always = true means static placement at exec with no condition; remove {name} (or set always = false)",
+                        "exclusive",
+                        at_key=True,
+                    )
+            if len(self.values.get("actions") or ()) > 1:
+                self.problem(
+                    path + ("always",),
+                    "with always = true the ladder is climbed after each settle time with nothing to stop it; "
+                    "a static placement is normally a single step",
+                    "always-ladder",
+                    severity="warning",
+                )
+            if self.failed:
+                return None
+            return Trigger(True, None, None, None, None, None, "mean", None, "any")
+        for name in ("tail", "offender"):
+            if name not in raw:
+                self.problem(
+                    path, f"missing required key '{name}' (or set always = true for a static placement)", "missing-key"
+                )
+        tail, offender = values.get("tail"), values.get("offender")
+        if tail is None or offender is None:
+            return None
+        if "windows" in tail and "of" in tail and tail["windows"] > tail["of"]:
+            self.problem(
+                path + ("tail", "windows"), f"{tail['windows']} is more than of = {tail['of']} (N of the last M windows)", "range"
+            )
+        if "cpu" not in offender and "blame_share" not in offender:
+            raw_offender = raw.get("offender")
+            if isinstance(raw_offender, dict) and "cpu" not in raw_offender and "blame_share" not in raw_offender:
+                self.problem(
+                    path + ("offender",), "give cpu, blame_share or both: the use that makes a matched process an offender", "missing-key"
+                )
+            return None
+        if "above" not in tail or self.failed:
+            return None
+        return Trigger(
+            always=False,
+            tail_percentile=tail["percentile"],
+            tail_above_us=tail["above"] * 1e6,
+            windows=tail["windows"],
+            of_windows=tail["of"],
+            offender_cpu=offender.get("cpu"),
+            offender_cpu_kind=offender["cpu_kind"],
+            offender_blame_share=offender.get("blame_share"),
+            offender_require=offender["require"],
+        )
+
+    def _limits(self) -> Limits | None:
+        values = self.values.get("limits")
+        if values is None or not all(name in values for name in ("cooldown", "max_actions_per_hour", "revert_after_quiet", "min_cpus")):
+            return None  # an invalid limit: already reported
+        return Limits(
+            cooldown_s=values["cooldown"],
+            max_actions_per_hour=values["max_actions_per_hour"],
+            revert_after_quiet_s=values["revert_after_quiet"],
+            min_cpus=values["min_cpus"],
+        )
+
+    def _steps(self, limits: Limits | None) -> tuple[Step, ...] | None:
+        actions = self.values.get("actions")
+        if actions is None:
+            return None
+        steps = []
+        for index, action in enumerate(actions):
+            path = self.path + ("actions", index)
+            if action is None or "settle" not in action:
+                continue
+            step = self._step(path, action, limits)
+            if step is not None:
+                steps.append(step)
+        if len(steps) != len(actions):
+            return None
+        return tuple(steps)
+
+    def _step(self, path: KeyPath, action: dict, limits: Limits | None) -> Step | None:
+        location = self.document.value_location(path)
+        settle = action["settle"]
+        if "nice" in action:
+            if action["nice"] < 0:
+                self.problem(
+                    path + ("nice",),
+                    f"{action['nice']} raises the process's priority over the default; a remediation step normally lowers it (nice > 0)",
+                    "nice-raises",
+                    severity="warning",
+                )
+            return Step("nice", settle, location, nice=action["nice"])
+        if "affinity" in action:
+            spec = self._cpu_spec(path + ("affinity",), action["affinity"], limits)
+            return Step("affinity", settle, location, cpus=spec) if spec is not None else None
+        if "cpuset" in action:
+            cpuset = action["cpuset"]
+            if "cpus" not in cpuset or "cgroup" not in cpuset:
+                return None
+            spec = self._cpu_spec(path + ("cpuset", "cpus"), cpuset["cpus"], limits)
+            return Step("cpuset", settle, location, cpus=spec, cgroup=cpuset["cgroup"]) if spec is not None else None
+        return None  # none (or several) of the three: reported by the checker
+
+    def _cpu_spec(self, path: KeyPath, value: Any, limits: Limits | None) -> CpuSpec | None:
+        if value == "unprotected":
+            return CpuSpec(unprotected=True)
+        cpus = frozenset(value)
+        if limits is not None and len(cpus) < limits.min_cpus:
+            self.problem(
+                path,
+                f"{format_cpulist(cpus)} leaves {len(cpus)} CPU{'s' if len(cpus) != 1 else ''}, fewer than limits.min_cpus = {limits.min_cpus}",
+                "range",
+            )
+            return None
+        if self.online_cpus is not None:
+            self.diagnostics.extend(host_cpu_warnings(self.document, path, cpus, self.online_cpus))
+        return CpuSpec(unprotected=False, cpus=cpus)
+
+
+# -- across files ---------------------------------------------------------------------------------
+
+def cross_file_diagnostics(compiled: list[_Compiled]) -> list[Diagnostic]:
+    """Duplicate names, and policies that would fight over a selector."""
+    diagnostics: list[Diagnostic] = []
+    first_by_name: dict[str, _Compiled] = {}
+    for item in compiled:
+        name = item.policy.name
+        earlier = first_by_name.get(name)
+        if earlier is None:
+            first_by_name[name] = item
+            continue
+        where = item.document.value_location(item.path + ("name",))
+        diagnostics.append(
+            Diagnostic(
+                where,
+                "error",
+                f"{format_key_path(item.path + ('name',))}: policy name '{name}' is already used at "
+                f"{earlier.document.value_location(earlier.path + ('name',))}; names must be unique across files",
+                "duplicate-name",
+                format_key_path(item.path + ("name",)),
+            )
+        )
+    for later_index, later in enumerate(compiled):
+        for earlier in compiled[:later_index]:
+            a, b = earlier.policy, later.policy
+            if a.name == b.name or a.priority != b.priority or a.match.specificity != b.match.specificity:
+                continue
+            if a.same_ladder(b):
+                continue
+            shared = [key for key in later.selector_paths if key in earlier.selector_paths]
+            if not shared:
+                continue
+            field_name, value = shared[0]
+            diagnostics.append(
+                Diagnostic(
+                    later.document.value_location(later.selector_paths[shared[0]]),
+                    "error",
+                    f"{format_key_path(later.selector_paths[shared[0]])}: {field_name} '{value}' is also selected by policy "
+                    f"'{a.name}' ({earlier.document.value_location(earlier.selector_paths[shared[0]])}) at the same priority "
+                    f"({a.priority}) and specificity ({a.match.specificity}) with a different ladder; which one acts would "
+                    "depend on file order: give one a higher priority or make the ladders equal",
+                    "conflict",
+                    format_key_path(later.selector_paths[shared[0]]),
+                )
+            )
+    return diagnostics
+
+
+def unprotected_warnings(compiled: list[_Compiled], request_cpus: frozenset[int], online: frozenset[int]) -> list[Diagnostic]:
+    """Steps aimed at `unprotected` CPUs when the config's request CPUs leave none on this host."""
+    if online - request_cpus:
+        return []
+    diagnostics = []
+    for item in compiled:
+        for index, step in enumerate(item.policy.steps):
+            if step.cpus is not None and step.cpus.unprotected:
+                path = item.path + ("actions", index, "affinity" if step.kind == "affinity" else "cpuset")
+                diagnostics.append(
+                    Diagnostic(
+                        item.document.value_location(path),
+                        "warning",
+                        f"{format_key_path(path)}: 'unprotected' resolves to no CPU on this host: request_cpus "
+                        f"{format_cpulist(request_cpus)} covers every online CPU ({format_cpulist(online)}); this step will be skipped",
+                        "unprotected-empty",
+                        format_key_path(path),
+                    )
+                )
+    return diagnostics
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+def policy_files(paths: Iterable[Path | str]) -> tuple[list[Path], list[Diagnostic]]:
+    """Files named, and every *.toml in directories named; sorted by path, duplicates removed."""
+    files: dict[str, Path] = {}
+    diagnostics: list[Diagnostic] = []
+    for entry in paths:
+        path = Path(entry)
+        if path.is_dir():
+            try:
+                found = [child for child in path.iterdir() if child.suffix == ".toml" and not child.is_dir()]
+            except OSError as exc:
+                diagnostics.append(Diagnostic(Location(str(path)), "error", f"cannot list: {exc.strerror or exc}", "unreadable"))
+                continue
+            for child in found:
+                files.setdefault(os.path.realpath(child), child)
+        elif path.exists():
+            files.setdefault(os.path.realpath(path), path)
+        else:
+            diagnostics.append(Diagnostic(Location(str(path)), "error", "no such file or directory", "not-found"))
+    return sorted(files.values(), key=lambda p: os.path.abspath(p)), diagnostics
+
+
+def _display(path: Path) -> str:
+    """Paths as a reviewer would type them: relative to the working directory when below it."""
+    if not path.is_absolute():
+        return str(path)
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+def load_policies(
+    paths: Sequence[Path | str], online_cpus: frozenset[int] | None = None, require_trusted: bool = False
+) -> PolicySet:
+    """Load and compile every policy file under `paths`; raise PolicyErrors on any error.
+
+    Warnings (e.g. CPUs this host lacks, when `online_cpus` is given) are kept in PolicySet.warnings.
+    """
+    files, diagnostics = policy_files(paths)
+    sources = []
+    for path in files:
+        if require_trusted:
+            assert_trusted_file(path)
+        try:
+            sources.append((str(path), path.read_bytes()))
+        except OSError as exc:
+            diagnostics.append(Diagnostic(Location(str(path)), "error", f"cannot read: {exc.strerror or exc}", "unreadable"))
+    compiled, more = _check_policy_sources(sources, online_cpus)
+    diagnostics += more
+    if has_errors(diagnostics):
+        raise PolicyErrors(diagnostics)
+    return PolicySet(tuple(item.policy for item in compiled), tuple(diagnostics))
+
+
+def _check_policy_sources(
+    sources: Sequence[tuple[str, bytes | str]], online_cpus: frozenset[int] | None
+) -> tuple[list[_Compiled], list[Diagnostic]]:
+    compiled: list[_Compiled] = []
+    diagnostics: list[Diagnostic] = []
+    for display, source in sources:
+        document, problems = parse_source(source, display)
+        diagnostics += problems
+        if document is None:
+            continue
+        found, problems = compile_policies(document, online_cpus)
+        compiled += found
+        diagnostics += problems
+    diagnostics += cross_file_diagnostics(compiled)
+    return compiled, diagnostics
+
+
+def check_sources(
+    sources: Sequence[tuple[str, bytes | str]], online_cpus: frozenset[int] | None = None
+) -> list[Diagnostic]:
+    """Check in-memory files (display path, content): each is a config or a policy file."""
+    diagnostics: list[Diagnostic] = []
+    policy_sources = []
+    config_documents: list[Document] = []
+    for display, source in sources:
+        document, problems = parse_source(source, display)
+        if looks_like_config(document, display):
+            diagnostics += problems
+            if document is not None:
+                config_documents.append(document)
+        else:
+            policy_sources.append((display, source))
+    configs: list[DaemonConfig] = []
+    for document in config_documents:
+        config, problems = config_diagnostics(document, online_cpus)
+        diagnostics += problems
+        if config is not None:
+            configs.append(config)
+    compiled, problems = _check_policy_sources(policy_sources, online_cpus)
+    diagnostics += problems
+    if online_cpus is not None:
+        for config in configs:
+            if config.request_cpus is not None:
+                diagnostics += unprotected_warnings(compiled, config.request_cpus, online_cpus)
+    return diagnostics
+
+
+def check_paths(paths: Sequence[Path | str], online_cpus: frozenset[int] | None = None) -> list[Diagnostic]:
+    """What `policy check` reports for files and directories. A config file found among them
+    (by name, or by its [protect] / [daemon] tables) is checked too, and the policy paths it names
+    are checked with the rest (each file once)."""
+    files, diagnostics = policy_files(paths)
+    seen = {os.path.realpath(path) for path in files}
+    sources: list[tuple[str, bytes]] = []
+    queue = list(files)
+    while queue:
+        path = queue.pop(0)
+        display = _display(path)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            diagnostics.append(Diagnostic(Location(display), "error", f"cannot read: {exc.strerror or exc}", "unreadable"))
+            continue
+        sources.append((display, raw))
+        document, _ = parse_source(raw, display)
+        if document is None or not looks_like_config(document, display):
+            continue
+        config, _ = config_diagnostics(document)
+        if config is None:
+            continue
+        more, problems = policy_files(config.policy_paths)
+        for extra in more:
+            real = os.path.realpath(extra)
+            if real not in seen:
+                seen.add(real)
+                queue.append(extra)
+    # Policy order (sorted absolute paths) is the last precedence tie-breaker, as in load_policies.
+    sources.sort(key=lambda item: os.path.abspath(item[0]))
+    diagnostics += check_sources(sources, online_cpus)
+    return sorted(diagnostics, key=_diagnostic_order(sources))
+
+
+def _diagnostic_order(sources: list[tuple[str, bytes]]):
+    rank = {display: index for index, (display, _) in enumerate(sources)}
+
+    def key(diagnostic: Diagnostic):
+        location = diagnostic.location
+        return (rank.get(location.path, -1), location.line, location.column)
+
+    return key
+
