@@ -187,3 +187,18 @@ def test_cpuset_restore_puts_back_masks_a_kernel_reset(spawn, new_executor):
     assert restored.status == "restored"
     assert "sched_setaffinity back to the original mask on 1 thread" in restored.message
     assert thread_masks(hog.pid) == before
+
+
+def test_a_later_step_into_another_cgroup_keeps_the_first_original_and_removes_the_emptied_cgroup(spawn, new_executor, no_leftover_cgroups):
+    hog = spawn(hog_argv(threads=1))
+    first, second = unique_name(), unique_name()
+    executor = new_executor()
+    assert executor.apply(cpuset_request(hog.pid, {0, 1}, first), ()).status == "applied"
+    moved = executor.apply(cpuset_request(hog.pid, {1}, second, step=1), ())
+    assert moved.status == "applied", moved
+    assert moved.message.endswith(f"(was /remediator-{first}); rmdir {no_leftover_cgroups}/remediator-{first}")
+    assert not (no_leftover_cgroups / f"remediator-{first}").exists()
+    [entry] = executor.active()
+    assert entry.original["cgroup"] == "/" and entry.applied["cgroup"] == f"/remediator-{second}"
+    [restored] = executor.restore()
+    assert restored.status == "restored" and cpuset_path_of(hog.pid) == "/"

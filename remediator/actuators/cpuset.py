@@ -327,6 +327,11 @@ class CpusetActuator:
                 raise error from None
             done.append(step)
         ensure_alive(self.procfs, plan.identity)
+        message = plan.description
+        previous = plan.current.get("cgroup")
+        if previous != details["cgroup"] and previous and previous.rsplit("/", 1)[-1].startswith(CGROUP_PREFIX):
+            # A later step moved it from one of our cgroups to another: the old one may be empty now.
+            message += self._cleanup_note(self._require_mount(), previous)
         applied = {
             "cgroup": details["cgroup"],
             "cpus": details["cpus"],
@@ -335,7 +340,7 @@ class CpusetActuator:
             "enabled": [str(step.path.parent) for step in steps if step.path.name == "cgroup.subtree_control"],
             "requested": details["requested"],
         }
-        return ApplyResult(applied=applied, message=plan.description, threads=plan.threads)
+        return ApplyResult(applied=applied, message=message, threads=plan.threads)
 
     def _roll_back(self, done: list[Step], details: dict) -> str:
         """Undo a half-made change (the process was not moved yet); '+cpuset' stays, see the docstring."""
