@@ -81,6 +81,8 @@ class CgroupMount:
     def fs_path(self, cgroup_path: str) -> Path | None:
         """Where a path from /proc/<pid>/cgroup lives in this mount, or None when outside it."""
         cgroup_path = "/" + cgroup_path.strip("/")
+        if ".." in cgroup_path.split("/"):
+            return None  # a path read from a file must not climb out of the mount
         root = "/" + self.root.strip("/")
         if root != "/":
             if cgroup_path != root and not cgroup_path.startswith(root + "/"):

@@ -113,3 +113,10 @@ def test_this_host_reports_its_real_cpuset_hierarchy():
     assert (mount.mount_point / mount.effective_cpus_file).exists()
     found = effective_cpus(CgroupFS(), mount, "/")
     assert found is not None and found[0]
+
+
+def test_a_cgroup_path_cannot_climb_out_of_the_mount():
+    mount = CgroupMount(1, Path("/sys/fs/cgroup/cpuset"), "/", frozenset({"cpuset"}))
+    assert mount.fs_path("/../../../etc") is None
+    assert mount.fs_path("/a/../b") is None
+    assert mount.fs_path("/a/b") == Path("/sys/fs/cgroup/cpuset/a/b")

@@ -30,12 +30,25 @@ def test_a_missing_journal_means_nothing_to_revert(tmp_path, capsys):
     assert not (tmp_path / "none.jsonl").exists()  # looking created nothing
 
 
-def test_journal_path_comes_from_the_config_daemon_table(tmp_path, capsys):
+def test_journal_path_comes_from_the_config_relative_to_the_file(tmp_path, capsys):
+    (tmp_path / "policies").mkdir()
     config = tmp_path / "remediator.toml"
-    journal = tmp_path / "state" / "journal.jsonl"
-    config.write_text(f'[daemon]\njournal = "{journal}"\n\n[protect]\nunits = ["api"]\n')
+    config.write_text('[protect]\nunit = ["api"]\n\n[daemon]\njournal = "state/journal.jsonl"\n')
     assert main(["revert", "--all", "--config", str(config)]) == 0
-    assert capsys.readouterr().out == f"nothing to revert: no journal at {journal}\n"
+    captured = capsys.readouterr()
+    assert captured.out == f"nothing to revert: no journal at {tmp_path / 'state' / 'journal.jsonl'}\n"
+    assert captured.err == ""
+
+
+def test_a_config_with_problems_elsewhere_still_names_the_journal(tmp_path, capsys):
+    config = tmp_path / "remediator.toml"  # its default policies directory does not exist
+    journal = tmp_path / "journal.jsonl"
+    config.write_text(f'[protect]\nunit = ["api"]\n\n[daemon]\njournal = "{journal}"\n')
+    assert main(["revert", "--all", "--config", str(config)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"nothing to revert: no journal at {journal}\n"
+    assert "does not load (1 problem, first: " in captured.err and "daemon.policies" in captured.err
+    assert f"using its [daemon] journal ({journal}) anyway" in captured.err
 
 
 def test_journal_flag_overrides_the_config(tmp_path, capsys):
@@ -67,3 +80,13 @@ def test_a_wrong_journal_type_in_the_config_is_an_error(tmp_path, capsys):
     config.write_text("[daemon]\njournal = 3\n")
     assert main(["revert", "--all", "--config", str(config)]) == 1
     assert "[daemon] journal must be a file path, not 3" in capsys.readouterr().err
+
+
+@pytest.mark.root
+def test_root_refuses_a_journal_others_can_write(tmp_path, capsys):
+    journal = tmp_path / "journal.jsonl"
+    journal.write_text("")
+    journal.chmod(0o666)
+    assert main(["revert", "--all", "--journal", str(journal)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"remediator: error: refusing {journal}: it is group- or world-writable (mode 0666)")

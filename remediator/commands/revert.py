@@ -8,12 +8,20 @@ entries of processes that are gone (or whose pid now names another process) are 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 from pathlib import Path
 
+import tomli
+
+from ..config import UntrustedFile, assert_trusted_file, load_config
 from ..errors import Location, LocatedError, RemediatorError
 from ..executor import Executor
 from ..journal import DEFAULT_JOURNAL_PATH, Journal
 from ..procfs import ProcFS
+from ..schema import PolicyErrors
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Restore what remediator changed, from its journal: nice and CPU affinity per thread, and
@@ -53,12 +61,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def journal_path_from_config(config_path: str) -> str:
-    """The `[daemon] journal` of a config file (the default path when the key is absent).
+    """The journal named by a config file's [daemon] journal (relative to the file; default when absent).
 
-    Only this key is read here, with tomli, so revert works whatever else the file holds.
+    The config loader checks the whole file. When something else in it is wrong (a policy directory
+    missing, say), revert still reads the one key it needs: it is the way back, and must not be
+    blocked by a mistake elsewhere. It says so on stderr.
     """
-    import tomli
+    try:
+        return str(load_config(config_path, require_trusted=os.geteuid() == 0).journal_path)
+    except UntrustedFile:
+        raise
+    except PolicyErrors as exc:
+        journal = _journal_key_only(config_path)
+        problems = str(exc).splitlines()
+        log.warning(
+            "%s does not load (%d problem%s, first: %s); using its [daemon] journal (%s) anyway",
+            config_path, len(problems), "" if len(problems) == 1 else "s", problems[0] if problems else "?", journal,
+        )
+        return journal
 
+
+def _journal_key_only(config_path: str) -> str:
     try:
         with open(config_path, "rb") as handle:
             data = tomli.load(handle)
@@ -73,7 +96,9 @@ def journal_path_from_config(config_path: str) -> str:
     journal = daemon.get("journal", DEFAULT_JOURNAL_PATH)
     if not isinstance(journal, str) or not journal:
         raise LocatedError(Location(config_path), f"[daemon] journal must be a file path, not {journal!r}")
-    return journal
+    # Relative to the config file, as the config loader resolves it.
+    base = Path(config_path).absolute().parent
+    return os.path.normpath(base / os.path.expanduser(journal))
 
 
 def run_revert(args: argparse.Namespace) -> int:
@@ -81,6 +106,9 @@ def run_revert(args: argparse.Namespace) -> int:
     if not Path(path).exists():
         print(f"nothing to revert: no journal at {path}")
         return 0
+    if os.geteuid() == 0:
+        # Every line of the journal becomes a syscall on some process: root only trusts a root-owned one.
+        assert_trusted_file(path)
     procfs = ProcFS(args.proc_root)
     try:
         journal = Journal(path)
