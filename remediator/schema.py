@@ -651,18 +651,12 @@ def _range_text(key: Key) -> str:
 
 # -- JSON Schema ------------------------------------------------------------------------------
 
-SCHEMA_IDS = {
-    "policy": "https://github.com/remediator/remediator/policy.schema.json",
-    "config": "https://github.com/remediator/remediator/config.schema.json",
-}
-
-
 def json_schema(kind: str = "policy") -> dict:
     """A JSON Schema (draft-07, which taplo and Even Better TOML read) of a policy or config file."""
     spec = POLICY_FILE if kind == "policy" else CONFIG_FILE
     schema = _schema_of(spec)
     title = "remediator policy file" if kind == "policy" else "remediator daemon config (remediator.toml)"
-    return {"$schema": "http://json-schema.org/draft-07/schema#", "$id": SCHEMA_IDS[kind], "title": title, **schema}
+    return {"$schema": "http://json-schema.org/draft-07/schema#", "title": title, **schema}
 
 
 def _schema_of(key: Key) -> dict:

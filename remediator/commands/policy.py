@@ -1,0 +1,187 @@
+"""`remediator policy check | explain | schema`: review policies before they reach a host."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..config import CONFIG_FILE_NAME, load_config
+from ..cpulist import CpuListError, online_cpus, parse_cpulist
+from ..errors import RemediatorError
+from ..explain import explain
+from ..policy import check_paths, load_policies
+from ..procfs import ProcFS
+from ..schema import json_schema, reference_markdown
+from ..selectors import ProtectSelectors
+
+CHECK_EXAMPLES = """\
+Prints every problem as file:line:col: severity: message; exits 0 when there is no error
+(warnings do not fail), 1 otherwise. A config file among PATHS (named remediator.toml, or with
+[protect]/[daemon] tables) is checked too, with the policy paths it names.
+
+examples:
+  remediator policy check policies/ examples/remediator.toml
+  remediator policy check --format json policies/ > report.json      for CI bots
+  remediator policy check --online-cpus 0-15 policies/               against a 16-CPU host
+"""
+
+EXPLAIN_EXAMPLES = """\
+Lists, per policy, the live processes it matches (and by which field), what its first step would
+do to each (from the current nice, affinity and cpuset cgroup, read only), which matched processes
+are excluded for safety and why, and which processes are protected. Changes nothing.
+
+examples:
+  sudo remediator policy explain --config /etc/remediator/remediator.toml
+  sudo remediator policy explain --protect-comm nginx policies/
+  sudo remediator policy explain --protect-unit api.service --request-cpus 0-3 --format json
+"""
+
+SCHEMA_EXAMPLES = """\
+examples:
+  remediator policy schema > policy.schema.json               for taplo / Even Better TOML
+  remediator policy schema --kind config > config.schema.json
+  remediator policy schema --format markdown                  the key tables of docs/policy-format.md
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "policy",
+        help="check, explain and describe policy and config files",
+        description="Review remediation policies like code: check them, see what they would touch, get their JSON Schema.",
+    )
+    commands = parser.add_subparsers(dest="policy_command", metavar="SUBCOMMAND")
+    parser.set_defaults(handler=lambda args: _usage(parser))
+
+    check = commands.add_parser(
+        "check",
+        help="check config and policy files; exit 1 on any error",
+        description="Check remediator config and policy files.",
+        epilog=CHECK_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument("paths", nargs="*", metavar="PATH", help="files or directories (default: ./policies and ./remediator.toml)")
+    check.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
+    check.add_argument(
+        "--online-cpus", type=_cpulist, metavar="LIST", help="check CPU lists against these CPUs instead of this host's online CPUs"
+    )
+    check.add_argument("--sysfs-root", default="/sys", help=argparse.SUPPRESS)
+    check.set_defaults(handler=run_check)
+
+    explain_parser = commands.add_parser(
+        "explain",
+        help="show which live processes each policy matches and what its first step would do",
+        description="Show what the policies would touch on this host, now.",
+        epilog=EXPLAIN_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    explain_parser.add_argument("paths", nargs="*", metavar="PATH", help="policy files or directories (default: the config's, else ./policies)")
+    explain_parser.add_argument("--config", metavar="FILE", help="remediator.toml: protected selectors, request CPUs, policy paths")
+    group = explain_parser.add_argument_group("what is protected (repeatable; added to the config's)")
+    group.add_argument("--protect-pid", type=int, action="append", default=[], metavar="N")
+    group.add_argument("--protect-comm", action="append", default=[], metavar="GLOB")
+    group.add_argument("--protect-unit", action="append", default=[], metavar="NAME")
+    group.add_argument("--protect-cgroup", action="append", default=[], metavar="PATH")
+    explain_parser.add_argument(
+        "--request-cpus", metavar="LIST|auto", help="CPUs the request path owns (default: the config's, else auto)"
+    )
+    explain_parser.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
+    explain_parser.add_argument("--proc-root", default="/proc", help="procfs to read processes from (default /proc)")
+    explain_parser.add_argument("--sysfs-root", default="/sys", help="sysfs to read the online CPUs from (default /sys)")
+    explain_parser.set_defaults(handler=run_explain)
+
+    schema = commands.add_parser(
+        "schema",
+        help="print the JSON Schema of the policy (or config) format",
+        description="Print a JSON Schema (draft-07) of the format, for editors; or the key reference as Markdown.",
+        epilog=SCHEMA_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    schema.add_argument("--kind", choices=("policy", "config"), default="policy", help="which file (default policy)")
+    schema.add_argument("--format", choices=("json", "markdown"), default="json", help="json: the schema; markdown: the key reference")
+    schema.set_defaults(handler=run_schema)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _cpulist(text: str) -> frozenset[int]:
+    try:
+        return parse_cpulist(text)
+    except CpuListError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _host_online(sysfs_root: str) -> frozenset[int] | None:
+    try:
+        return online_cpus(sysfs_root)
+    except (OSError, CpuListError):
+        return None  # no sysfs (a container build): skip the host check rather than guess
+
+
+def run_check(args: argparse.Namespace) -> int:
+    paths = args.paths
+    if not paths:
+        paths = [p for p in ("policies", CONFIG_FILE_NAME) if Path(p).exists()]
+        if not paths:
+            raise RemediatorError("nothing to check: give PATHS (no ./policies or ./remediator.toml here)")
+    online = args.online_cpus if args.online_cpus is not None else _host_online(args.sysfs_root)
+    diagnostics = check_paths(paths, online_cpus=online)
+    errors = sum(1 for d in diagnostics if d.severity == "error")
+    warnings = len(diagnostics) - errors
+    if args.format == "json":
+        print(
+            json.dumps(
+                {"ok": errors == 0, "errors": errors, "warnings": warnings, "diagnostics": [d.to_json() for d in diagnostics]},
+                indent=2,
+            )
+        )
+    else:
+        for diagnostic in diagnostics:
+            print(diagnostic)
+        print(f"{errors} error{'s' if errors != 1 else ''}, {warnings} warning{'s' if warnings != 1 else ''}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    config = load_config(args.config) if args.config else None
+    protect = ProtectSelectors.build(
+        pids=list(config.protect.pids if config else ()) + args.protect_pid,
+        comms=list(config.protect.comms if config else ()) + args.protect_comm,
+        cgroups=list(config.protect.cgroups if config else ()) + args.protect_cgroup,
+        units=list(config.protect.units if config else ()) + args.protect_unit,
+    )
+    if args.request_cpus is not None:
+        request = None if args.request_cpus == "auto" else _parse_request(args.request_cpus)
+    else:
+        request = config.request_cpus if config else None
+    paths: list = args.paths or (list(config.policy_paths) if config else ["policies"])
+    online = _host_online(args.sysfs_root)
+    if online is None:
+        raise RemediatorError(f"cannot read the online CPUs from {args.sysfs_root}/devices/system/cpu/online")
+    policies = load_policies(paths, online_cpus=online)
+    report = explain(policies, protect, ProcFS(args.proc_root), online, request_cpus=request)
+    if args.format == "json":
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        sys.stdout.write(report.to_text())
+    return 0
+
+
+def _parse_request(text: str) -> frozenset[int]:
+    try:
+        return parse_cpulist(text)
+    except CpuListError as exc:
+        raise RemediatorError(f"--request-cpus: {exc}") from None
+
+
+def run_schema(args: argparse.Namespace) -> int:
+    if args.format == "markdown":
+        sys.stdout.write(reference_markdown())
+    else:
+        print(json.dumps(json_schema(args.kind), indent=2))
+    return 0
