@@ -134,6 +134,8 @@ class Executor:
             return outcome(exc.status, exc.message)
         except RemediatorError as exc:
             return outcome("failed", str(exc))
+        except OSError as exc:
+            return outcome("failed", f"cannot read {exc.filename or 'the current state'}: {exc.strerror or exc}: nothing changed")
         original = existing.original if existing else plan.current
 
         if plan.unchanged:
@@ -164,6 +166,11 @@ class Executor:
         except ActuatorError as exc:
             self._record(self.journal.record_failed, entry, exc.message, left_changed=exc.left_changed)
             return outcome(exc.status, exc.message, original=entry.original)
+        except (OSError, RemediatorError) as exc:
+            # Not a refusal the actuator understood: the change may be half made, so the entry stays open.
+            message = f"{exc}; the change may be partly in place and stays in the journal for restore"
+            self._record(self.journal.record_failed, entry, message, left_changed=True)
+            return outcome("failed", message, original=entry.original)
         except BaseException as exc:
             # A bug, not a kernel answer: the change may be half made, so the entry stays open.
             self._record(self.journal.record_failed, entry, f"internal error: {exc!r}", left_changed=True)
@@ -214,7 +221,7 @@ class Executor:
             except ActuatorError as exc:
                 outcomes.append(Outcome(exc.status, entry.kind, entry.identity, exc.message))
                 continue
-            except RemediatorError as exc:
+            except (OSError, RemediatorError) as exc:
                 outcomes.append(Outcome("failed", entry.kind, entry.identity, str(exc)))
                 continue
             if result is not None:
@@ -268,8 +275,8 @@ class Executor:
             if exc.closes_entry:
                 self._record(self.journal.record_dropped, entry, exc.message)
             return outcome(exc.status, exc.message)
-        except RemediatorError as exc:
-            return outcome("failed", str(exc))
+        except (OSError, RemediatorError) as exc:
+            return outcome("failed", f"{exc}; the entry stays in the journal for another attempt")
         message += self._record(self.journal.record_restored, entry, message)
         self._known_tids.pop(entry.entry_id, None)
         return outcome("restored", message)

@@ -208,3 +208,14 @@ def test_process_gone_before_the_move_is_gone_and_leaves_no_cgroup(host):
     assert not (v2.root / "remediator-log-shippers").exists()
     assert executor.active() == []
     assert [entry.state for entry in executor.journal.entries()] == ["dropped"]
+
+
+def test_an_unreadable_cgroup_file_is_a_failed_outcome_not_a_traceback(host):
+    v2 = host(parent="/remediator.slice")
+    v2.cgroupfs.make_cgroup("/remediator.slice")
+    v2.cgroupfs.fail("read", "cgroup.procs", errno.EACCES)
+    executor = v2.executor()
+    outcome = executor.apply(v2.request(), ())
+    assert outcome.status == "failed"
+    assert outcome.message == f"cannot read {v2.root}/remediator.slice/cgroup.procs: Permission denied: nothing changed"
+    assert v2.cgroupfs.calls == [] and executor.journal.entries() == []

@@ -81,7 +81,7 @@ class FakeCgroupV2(CgroupFS):
 
     # -- test controls ------------------------------------------------------------------------
     def fail(self, operation: str, name: str, code: int) -> None:
-        """Make `operation` ("write", "mkdir", "rmdir") on a file/dir called `name` fail with `code`."""
+        """Make `operation` ("read", "write", "mkdir", "rmdir") on a file/dir called `name` fail with `code`."""
         self.faults[(operation, name)] = code
 
     def path_of(self, cgroup: str) -> Path:
@@ -142,6 +142,7 @@ class FakeCgroupV2(CgroupFS):
             self.procs.set_cgroup(pid, self._relative(directory))
 
     def read(self, path: Path) -> str:
+        self._check_fault("read", Path(path))
         return Path(path).read_text()
 
     def write(self, path: Path, value: str) -> None:
