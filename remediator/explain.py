@@ -1,0 +1,353 @@
+"""`policy explain`: what the policies would touch on this host, now, and what the first step would do.
+
+Read-only by construction: processes and their current nice / affinity / cpuset cgroup are read
+from procfs (the root is a parameter, so tests can use a fake tree): the nice of a thread is field
+19 of /proc/PID/task/TID/stat (what getpriority returns), its affinity the Cpus_allowed_list of
+/proc/PID/task/TID/status (what sched_getaffinity returns), its cgroup /proc/PID/cgroup.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .cpulist import CpuListError, format_cpulist, parse_cpulist
+from .errors import ProcessGone, RemediatorError, translate_os_error
+from .placement import auto_request_cpus, owned_cgroup_name, resolve_cpu_spec, unprotected_cpus
+from .policy import Policy, PolicySet, Step
+from .procfs import ProcessInfo, ProcFS, boot_time, clock_ticks_per_second
+from .safety import exclusion_reason
+from .selectors import ProtectSelectors
+
+
+@dataclass
+class ProcessEntry:
+    """One live process a policy matches."""
+
+    info: ProcessInfo
+    fields: tuple[str, ...]
+    detail: str
+    status: str  # "acts" | "excluded" | "overridden"
+    reason: str = ""  # why excluded, or which policy wins and why
+    effect: str = ""  # what the first step would do (when status == "acts")
+    effect_data: dict = field(default_factory=dict)
+
+
+@dataclass
+class PolicyEntry:
+    policy: Policy
+    processes: list[ProcessEntry] = field(default_factory=list)
+
+
+@dataclass
+class ExplainReport:
+    online_cpus: frozenset[int]
+    request_cpus: frozenset[int]
+    request_source: str  # "config" | "auto"
+    protected: list[tuple[ProcessInfo, str]]
+    policies: list[PolicyEntry]
+    scanned: int
+    unreadable: int
+    notes: list[str]
+    started: dict[int, str]  # pid -> readable start time
+
+    @property
+    def unprotected(self) -> frozenset[int]:
+        return unprotected_cpus(self.request_cpus, self.online_cpus)
+
+    def to_json(self) -> dict:
+        def process(info: ProcessInfo) -> dict:
+            return {"pid": info.pid, "comm": info.comm, "start_time": info.start_time, "started": self.started.get(info.pid, "")}
+
+        return {
+            "online_cpus": format_cpulist(self.online_cpus),
+            "request_cpus": format_cpulist(self.request_cpus),
+            "request_cpus_source": self.request_source,
+            "unprotected_cpus": format_cpulist(self.unprotected),
+            "protected": [{**process(info), "selector": reason} for info, reason in self.protected],
+            "policies": [
+                {
+                    "name": entry.policy.name,
+                    "location": str(entry.policy.location),
+                    "priority": entry.policy.priority,
+                    "specificity": entry.policy.match.specificity,
+                    "first_step": entry.policy.steps[0].describe(),
+                    "processes": [
+                        {
+                            **process(item.info),
+                            "fields": list(item.fields),
+                            "detail": item.detail,
+                            "status": item.status,
+                            "reason": item.reason,
+                            "first_step": item.effect_data if item.status == "acts" else None,
+                        }
+                        for item in entry.processes
+                    ],
+                }
+                for entry in self.policies
+            ],
+            "scanned": self.scanned,
+            "unreadable": self.unreadable,
+            "notes": list(self.notes),
+        }
+
+    def to_text(self) -> str:
+        lines: list[str] = []
+        lines.append(f"protected processes ({len(self.protected)}):")
+        for info, reason in self.protected:
+            lines.append(f"  pid {info.pid} {info.comm}  started {self.started.get(info.pid, '?')}  by {reason}")
+        if not self.protected:
+            lines.append("  none running")
+        source = "from the config" if self.request_source == "config" else "auto: allowed CPUs of the protected threads"
+        lines.append(
+            f"request CPUs: {format_cpulist(self.request_cpus) or 'none'} ({source}); online CPUs: "
+            f"{format_cpulist(self.online_cpus)}; unprotected: {format_cpulist(self.unprotected) or 'none'}"
+        )
+        for entry in self.policies:
+            policy = entry.policy
+            lines.append("")
+            lines.append(
+                f"policy {policy.name} ({policy.location}), priority {policy.priority}, specificity {policy.match.specificity}"
+            )
+            lines.append(f"  trigger: {policy.trigger.describe()}")
+            lines.append(f"  ladder: {' -> '.join(step.describe() for step in policy.steps)}")
+            if not entry.processes:
+                lines.append("  no live process matches")
+            for item in entry.processes:
+                info = item.info
+                lines.append(f"  pid {info.pid} {info.comm}  started {self.started.get(info.pid, '?')}")
+                lines.append(f"    matched by {', '.join(item.fields)}: {item.detail}")
+                if item.status == "acts":
+                    lines.append(f"    first step: {item.effect}")
+                elif item.status == "excluded":
+                    lines.append(f"    excluded for safety: {item.reason}")
+                else:
+                    lines.append(f"    not acted on by this policy: {item.reason}")
+        matched = {item.info.pid for entry in self.policies for item in entry.processes}
+        excluded = {item.info.pid for entry in self.policies for item in entry.processes if item.status == "excluded"}
+        lines.append("")
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        lines.append(
+            f"{len(self.policies)} policies; {len(matched)} processes matched, {len(excluded)} excluded for safety; "
+            f"{self.scanned} processes scanned" + (f" ({self.unreadable} unreadable)" if self.unreadable else "")
+        )
+        return "\n".join(lines) + "\n"
+
+
+class _Reader:
+    """Read-only views of one process through a procfs root."""
+
+    def __init__(self, procfs: ProcFS):
+        self.procfs = procfs
+
+    def _task_file(self, pid: int, tid: int, name: str) -> str:
+        path = self.procfs.root / str(pid) / "task" / str(tid) / name
+        try:
+            return path.read_text(errors="replace")
+        except OSError as exc:
+            raise translate_os_error(exc, pid, f"read {path}") from None
+
+    def thread_nice(self, pid: int) -> dict[int, int]:
+        return {tid: self.procfs.stat(pid, tid).nice for tid in sorted(self.procfs.tids(pid))}
+
+    def thread_affinity(self, pid: int) -> dict[int, frozenset[int]]:
+        return {tid: self.affinity(pid, tid) for tid in sorted(self.procfs.tids(pid))}
+
+    def affinity(self, pid: int, tid: int) -> frozenset[int]:
+        for line in self._task_file(pid, tid, "status").splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                try:
+                    return parse_cpulist(line.split(":", 1)[1])
+                except CpuListError as exc:
+                    raise RemediatorError(f"pid {pid}: unparsable Cpus_allowed_list: {exc}") from None
+        raise RemediatorError(f"pid {pid}: no Cpus_allowed_list in /proc/{pid}/task/{tid}/status")
+
+    def cpuset_path(self, pid: int) -> str:
+        membership = self.procfs.cgroups(pid)
+        return membership.v1_paths.get("cpuset") or membership.v2_path or "/"
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def first_step_effect(
+    step: Step, policy: Policy, pid: int, reader: _Reader, request_cpus: frozenset[int], online: frozenset[int]
+) -> tuple[str, dict]:
+    """What the step would change on this process now, in words and as data."""
+    data: dict[str, Any] = {"step": step.describe(), "kind": step.kind}
+    try:
+        if step.kind == "nice":
+            current = reader.thread_nice(pid)
+            assert step.nice is not None
+            data.update(target=step.nice, threads={str(tid): value for tid, value in current.items()})
+            changing = Counter(value for value in current.values() if value != step.nice)
+            same = sum(1 for value in current.values() if value == step.nice)
+            parts = [f"nice {value} -> {step.nice} on {_plural(count, 'thread')}" for value, count in sorted(changing.items())]
+            if same:
+                parts.append(f"already {step.nice} on {_plural(same, 'thread')}")
+            text = ", ".join(parts) if changing else f"no change: nice already {step.nice} on {_plural(same, 'thread')}"
+            data["text"] = text
+            return text, data
+        assert step.cpus is not None
+        target = resolve_cpu_spec(step.cpus, request_cpus, online)
+        data["target"] = format_cpulist(target)
+        if not target:
+            text = f"skipped: {step.cpus.describe()} resolves to no CPU on this host"
+            data["text"] = text
+            return text, data
+        if len(target) < policy.limits.min_cpus:
+            text = f"skipped: {format_cpulist(target)} is fewer CPUs than limits.min_cpus = {policy.limits.min_cpus}"
+            data["text"] = text
+            return text, data
+        if step.kind == "affinity":
+            masks = reader.thread_affinity(pid)
+            data["threads"] = {str(tid): format_cpulist(mask) for tid, mask in masks.items()}
+            changing = Counter(format_cpulist(mask) for mask in masks.values() if mask != target)
+            same = sum(1 for mask in masks.values() if mask == target)
+            parts = [f"affinity {mask} -> {format_cpulist(target)} on {_plural(count, 'thread')}" for mask, count in sorted(changing.items())]
+            if same:
+                parts.append(f"already {format_cpulist(target)} on {_plural(same, 'thread')}")
+            text = ", ".join(parts) if changing else f"no change: affinity already {format_cpulist(target)} on {_plural(same, 'thread')}"
+            data["text"] = text
+            return text, data
+        assert step.cgroup is not None
+        current_path = reader.cpuset_path(pid)
+        name = owned_cgroup_name(step.cgroup)
+        data.update(cgroup=current_path, target_cgroup=name)
+        if current_path.rstrip("/").endswith("/" + name):
+            text = f"cpuset: already in {current_path}; cpus {format_cpulist(target)}"
+        else:
+            text = f"cpuset: move from {current_path} to {name} with cpus {format_cpulist(target)}"
+        data["text"] = text
+        return text, data
+    except ProcessGone:
+        data["text"] = "process exited while being read"
+        return data["text"], data
+    except RemediatorError as exc:
+        data["text"] = f"cannot read the current value: {exc}"
+        return data["text"], data
+
+
+def _precedence_reason(winner: Policy, loser: Policy) -> str:
+    if winner.priority != loser.priority:
+        why = f"priority {winner.priority} > {loser.priority}"
+    elif winner.match.specificity != loser.match.specificity:
+        why = f"more specific: {winner.match.specificity} match fields > {loser.match.specificity}"
+    else:
+        why = f"same priority and specificity, earlier in file order ({winner.location} before {loser.location})"
+    return f"policy {winner.name} wins ({why})"
+
+
+def _start_times(procfs: ProcFS, infos: list[ProcessInfo]) -> dict[int, str]:
+    try:
+        booted = boot_time(procfs.root)
+    except (OSError, ValueError):
+        booted = 0.0
+    ticks = clock_ticks_per_second()
+    shown = {}
+    for info in infos:
+        if booted:
+            moment = datetime.datetime.fromtimestamp(booted + info.start_time / ticks)
+            shown[info.pid] = moment.strftime("%Y-%m-%d %H:%M:%S")
+        else:
+            shown[info.pid] = f"{info.start_time / ticks:.2f}s after boot"
+    return shown
+
+
+def explain(
+    policies: PolicySet,
+    protect: ProtectSelectors,
+    procfs: ProcFS,
+    online: frozenset[int],
+    request_cpus: frozenset[int] | None = None,
+    self_pid: int | None = None,
+) -> ExplainReport:
+    """Match every live process against the policies and the protect selectors; change nothing."""
+    self_pid = os.getpid() if self_pid is None else self_pid
+    reader = _Reader(procfs)
+    infos: list[ProcessInfo] = []
+    unreadable = 0
+    notes: list[str] = []
+    for pid in sorted(procfs.pids()):
+        try:
+            infos.append(procfs.process_info(pid))
+        except ProcessGone:
+            continue
+        except RemediatorError:
+            unreadable += 1  # e.g. EACCES without root: cannot be judged
+    protected: list[tuple[ProcessInfo, str]] = []
+    needs_v1 = bool(protect.cgroups or protect.units)
+    for info in infos:
+        try:
+            extra_paths = procfs.cgroups(info.pid).v1_paths.values() if needs_v1 else ()
+        except RemediatorError:
+            extra_paths = ()
+        reason = protect.match_reason(info, extra_paths)
+        if reason:
+            protected.append((info, reason))
+    protected_pids = {info.pid for info, _ in protected}
+
+    if request_cpus is not None:
+        request, source = frozenset(request_cpus), "config"
+    else:
+        source = "auto"
+        tids = []
+        for info, _ in protected:
+            try:
+                tids += [(info.pid, tid) for tid in procfs.tids(info.pid)]
+            except RemediatorError:
+                continue
+        by_tid = dict((tid, pid) for pid, tid in tids)
+
+        def affinity_of(tid: int) -> frozenset[int]:
+            try:
+                return reader.affinity(by_tid[tid], tid)
+            except ProcessGone:
+                raise ProcessLookupError(tid) from None
+
+        request = auto_request_cpus(by_tid, get_affinity=affinity_of)
+        if protect.empty:
+            notes.append("nothing is protected (give --config or --protect-*): request CPUs are empty, so 'unprotected' is every online CPU")
+        elif not protected:
+            notes.append(f"no protected process is running ({protect.describe()}): auto request CPUs are empty")
+    if not unprotected_cpus(request, online):
+        notes.append(
+            f"'unprotected' resolves to no CPU: the request path owns every online CPU ({format_cpulist(online)}); "
+            "affinity and cpuset steps aimed at it would be skipped"
+        )
+
+    entries = [PolicyEntry(policy) for policy in policies.policies]
+    by_name = {entry.policy.name: entry for entry in entries}
+    for info in infos:
+        found = policies.matching(info)
+        if not found:
+            continue
+        winner = found[0][0]
+        excluded = exclusion_reason(info, protected_pids, self_pid)
+        for policy, result in found:
+            item = ProcessEntry(info, result.fields, result.detail, "acts")
+            if excluded:
+                item.status, item.reason = "excluded", excluded
+            elif policy is not winner:
+                item.status, item.reason = "overridden", _precedence_reason(winner, policy)
+            else:
+                item.effect, item.effect_data = first_step_effect(policy.steps[0], policy, info.pid, reader, request, online)
+            by_name[policy.name].processes.append(item)
+    shown = [info for info, _ in protected] + [item.info for entry in entries for item in entry.processes]
+    return ExplainReport(
+        online_cpus=online,
+        request_cpus=request,
+        request_source=source,
+        protected=protected,
+        policies=entries,
+        scanned=len(infos) + unreadable,
+        unreadable=unreadable,
+        notes=notes,
+        started=_start_times(procfs, shown),
+    )
+
