@@ -319,7 +319,7 @@ class SchedProbes:
         self._lib = lib
         self.possible_cpus = len(get_possible_cpus())
         self._maps = {
-            name: _RawMap(lib, self.bpf[name], self.possible_cpus, percpu)
+            name: _RawMap(lib, self.bpf[name.encode()], self.possible_cpus, percpu)
             for name, percpu in (
                 ("protected_tids", False),
                 ("wait_start", False),
@@ -334,7 +334,7 @@ class SchedProbes:
         }
         self._epoch = 0
         self._exec_events: list[ExecEvent] = []
-        self.bpf["exec_events"].open_ring_buffer(self._on_exec_event)
+        self.bpf[b"exec_events"].open_ring_buffer(self._on_exec_event)
         self._proc_value = struct.Struct(f"<Q{self.settings.window_slots}Q16s")
         self._hist_value = struct.Struct(f"<{histogram.SLOTS}Q")
         self._totals_value = struct.Struct(f"<{len(WAIT_TOTAL_FIELDS)}Q")
@@ -416,7 +416,7 @@ class SchedProbes:
 
     # -- exec events --------------------------------------------------------------------------
     def _on_exec_event(self, _ctx, data, _size) -> None:
-        event = self.bpf["exec_events"].event(data)
+        event = self.bpf[b"exec_events"].event(data)
         self._exec_events.append(
             ExecEvent(event.ts, event.pid, event.old_pid, bytes(event.filename).split(b"\0", 1)[0].decode(errors="replace"))
         )

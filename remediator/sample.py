@@ -197,3 +197,70 @@ def read_samples(path: str | Path) -> Iterator[Sample]:
                 yield Sample.from_json(json.loads(line))
             except (ValueError, KeyError, TypeError) as exc:
                 raise RemediatorError(f"{path}:{number}: not a remediator sample: {exc}") from None
+
+
+def merge_samples(samples: list[Sample]) -> Sample:
+    """One sample covering consecutive ones (e.g. 1 s reads shown every 5 s)."""
+    if not samples:
+        raise ValueError("nothing to merge")
+    if len(samples) == 1:
+        return samples[0]
+    for before, after in zip(samples, samples[1:]):
+        if after.start_ns != before.end_ns:
+            raise ValueError("samples to merge must follow each other (a gap would skew every mean)")
+    first, last = samples[0], samples[-1]
+    counts: dict[int, int] = {}
+    usage: dict[int, list] = {}
+    blame: dict[int, int] = {}
+    lost: dict[str, int] = {}
+    processes: dict[int, ProcessInfo] = {}
+    has_histogram = all(s.protected.histogram is not None for s in samples)
+    maxima = [s.protected.max_ns for s in samples if s.protected.max_ns is not None]
+    psi = [s.psi_some_us for s in samples if s.psi_some_us is not None]
+    busy = [0] * max(len(s.cpu_busy_ns) for s in samples)
+    for sample in samples:
+        for slot, count in sample.protected.histogram or ():
+            counts[slot] = counts.get(slot, 0) + count
+        for entry in sample.usage:
+            merged = usage.setdefault(entry.pid, [entry.comm, 0, entry.peak_ns, entry.protected])
+            merged[1] += entry.cpu_ns
+            if entry.peak_ns is not None:
+                merged[2] = max(merged[2] or 0, entry.peak_ns)
+        for pid, ns in sample.blame:
+            blame[pid] = blame.get(pid, 0) + ns
+        for name, value in sample.lost.items():
+            lost[name] = lost.get(name, 0) + value
+        for cpu, ns in enumerate(sample.cpu_busy_ns):
+            busy[cpu] += ns
+        processes.update(sample.processes)
+    waits = [s.protected for s in samples]
+    return Sample(
+        ts=last.ts,
+        start_ns=first.start_ns,
+        end_ns=last.end_ns,
+        source=last.source,
+        window_ns=last.window_ns,
+        ncpus=last.ncpus,
+        protected=ProtectedWaits(
+            threads=last.protected.threads,
+            pids=last.protected.pids,
+            waits=sum(w.waits for w in waits),
+            wakeups=sum(w.wakeups for w in waits),
+            preemptions=sum(w.preemptions for w in waits),
+            wait_ns=sum(w.wait_ns for w in waits),
+            max_ns=max(maxima) if maxima else None,
+            histogram=tuple(sorted(counts.items())) if has_histogram else None,
+            blamed_ns=sum(w.blamed_ns for w in waits),
+            unattributed_ns=sum(w.unattributed_ns for w in waits),
+        ),
+        usage=tuple(
+            ProcessUsage(pid, comm, cpu_ns, peak, protected)
+            for pid, (comm, cpu_ns, peak, protected) in sorted(usage.items(), key=lambda item: item[1][1], reverse=True)
+        ),
+        blame=tuple(sorted(blame.items(), key=lambda item: item[1], reverse=True)),
+        cpu_busy_ns=tuple(busy),
+        processes=processes,
+        psi_some_us=sum(psi) if psi else None,
+        lost=lost,
+        limitations=last.limitations,
+    )

@@ -366,7 +366,7 @@ class ProcfsSource:
 def open_source(procfs: ProcFS, *, want: str = "auto", settings: ProbeSettings | None = None) -> tuple[Source, str | None]:
     """The best source available: (source, why BPF is not used or None). want: auto | bpf | procfs."""
     if want == SOURCE_PROCFS:
-        return ProcfsSource(procfs), "procfs requested"
+        return ProcfsSource(procfs), None
     try:
         return BpfSource(procfs, settings), None
     except RemediatorError as exc:

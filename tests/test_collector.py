@@ -1,0 +1,136 @@
+"""The collector keeps the protected set current: exec events, new threads, exits, in-kernel forks."""
+
+from __future__ import annotations
+
+from remediator.collector import Collector
+from remediator.probes import ExecEvent
+from remediator.procfs import ProcFS
+from remediator.selectors import ProtectSelectors
+from remediator.sources import TickDelta
+
+from helpers.fakeproc import FakeProc, FakeProcess, FakeThread
+
+
+class RecordingSource:
+    """A Source that records what the collector tells it and returns scripted deltas."""
+
+    name = "bpf"
+    window_ns = 100_000_000
+    limitations = ()
+    has_exec_events = True
+
+    def __init__(self):
+        self.kernel_tids: set[int] = set()
+        self.pending_execs: list[ExecEvent] = []
+        self.next_delta = TickDelta(0, 1_000_000_000)
+        self.forgotten: set[int] = set()
+
+    def protect(self, tids):
+        self.kernel_tids |= set(tids)
+
+    def unprotect(self, tids):
+        self.kernel_tids -= set(tids)
+
+    def kernel_protected_tids(self):
+        return set(self.kernel_tids)
+
+    def exec_events(self):
+        events, self.pending_execs = self.pending_execs, []
+        return events
+
+    def read(self, protected):
+        return self.next_delta
+
+    def forget(self, tgids):
+        self.forgotten |= set(tgids)
+
+    def close(self):
+        pass
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def setup(tmp_path):
+    proc = FakeProc(tmp_path / "proc")
+    proc.add(FakeProcess(1, "init"))
+    proc.add(FakeProcess(10, "api", threads=[FakeThread(10), FakeThread(11)]))
+    proc.add(FakeProcess(20, "fluent-bit"))
+    proc.write()
+    source = RecordingSource()
+    clock = Clock()
+    collector = Collector(source, ProtectSelectors.build(comms=["api"]), ProcFS(proc.root), rescan_s=5.0,
+                          mono_clock=clock, wall_clock=lambda: 1_700_000_000.0)
+    collector.start()
+    return proc, source, clock, collector
+
+
+def test_start_protects_every_thread_of_matching_processes(tmp_path):
+    _, source, _, collector = setup(tmp_path)
+    assert source.kernel_tids == {10, 11}
+    assert collector.protected == {10: {10, 11}}
+
+
+def test_a_new_matching_process_is_picked_up_from_its_exec_event_within_a_tick(tmp_path):
+    proc, source, clock, collector = setup(tmp_path)
+    proc.add(FakeProcess(30, "api", threads=[FakeThread(30), FakeThread(31)]))
+    proc.write()
+    source.pending_execs.append(ExecEvent(0, 30, 30, "/usr/bin/api"))
+    clock.now += 0.25  # well before the next rescan
+    sample = collector.sample()
+    assert 30 in sample.protected.pids and {30, 31} <= source.kernel_tids
+    assert sample.protected.threads == 4
+
+
+def test_a_thread_the_kernel_missed_is_added_and_a_gone_process_dropped(tmp_path):
+    proc, source, clock, collector = setup(tmp_path)
+    proc.processes[10].threads.append(FakeThread(12))
+    proc.write()
+    collector.sample()
+    assert 12 in source.kernel_tids
+    proc.remove(10)
+    sample = collector.sample()
+    assert sample.protected.pids == () and collector.protected == {}
+
+
+def test_children_added_in_the_kernel_are_adopted_at_rescan(tmp_path):
+    proc, source, clock, collector = setup(tmp_path)
+    proc.add(FakeProcess(40, "sh", ppid=10))  # forked by api: the kernel protected it on fork
+    proc.write()
+    source.kernel_tids.add(40)
+    clock.now += 6
+    sample = collector.sample()
+    assert 40 in sample.protected.pids
+    assert collector.protected_reason[40] == "child of a protected process"
+
+
+def test_a_process_no_longer_matching_is_released_at_rescan(tmp_path):
+    proc, source, clock, collector = setup(tmp_path)
+    proc.processes[10].comm = "renamed"
+    proc.write()
+    clock.now += 6
+    collector.sample()
+    assert collector.protected == {} and not ({10, 11} & source.kernel_tids)
+
+
+def test_dead_processes_are_dropped_from_the_maps_at_rescan(tmp_path):
+    proc, source, clock, collector = setup(tmp_path)
+    source.next_delta = TickDelta(0, 1_000_000_000, usage={20: (5, 0), 99: (7, 0)}, live_tgids={20, 99})
+    clock.now += 6
+    collector.sample()
+    assert source.forgotten == {99}
+
+
+def test_sample_carries_metadata_for_busy_and_blamed_processes(tmp_path):
+    proc, source, clock, collector = setup(tmp_path)
+    source.next_delta = TickDelta(0, 1_000_000_000, usage={20: (900_000_000, 100_000_000), 10: (1_000, 0)},
+                                  blame={20: 5_000}, wait_ns=6_000)
+    sample = collector.sample()
+    assert sample.usage[0].pid == 20 and sample.usage[0].comm == "fluent-bit"
+    assert sample.processes[20].comm == "fluent-bit" and 10 in sample.processes
+    assert sample.usage_of(10).protected and not sample.usage_of(20).protected

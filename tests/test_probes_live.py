@@ -1,0 +1,232 @@
+"""The eBPF probes on real processes: tail, blame, schedstat agreement, threads born later.
+
+Runs as root with BPF (CI); elsewhere it skips saying why, and .ci/run fails on such a skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from remediator import histogram
+from remediator.collector import Collector
+from remediator.procfs import ProcFS
+from remediator.sample import merge_samples
+from remediator.selectors import ProtectSelectors
+from remediator.sources import BpfSource
+
+from helpers.workloads import WORKLOADS, hog_argv, victim_argv
+
+pytestmark = pytest.mark.bpf
+
+PROCFS = ProcFS()
+
+
+@contextmanager
+def collecting(selectors: ProtectSelectors):
+    collector = Collector(BpfSource(PROCFS), selectors, PROCFS)
+    try:
+        collector.start()
+        yield collector
+    finally:
+        collector.close()
+
+
+def observe(collector: Collector, seconds: float, every: float = 0.5):
+    collector.sample()  # discard what happened before
+    parts = []
+    for _ in range(max(1, round(seconds / every))):
+        time.sleep(every)
+        parts.append(collector.sample())
+    return merge_samples(parts)
+
+
+def run_delay_ns(pid: int) -> int:
+    total = 0
+    for tid in PROCFS.tids(pid):
+        total += PROCFS.schedstat(pid, tid)[1]
+    return total
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    for tid in PROCFS.tids(pid):
+        os.sched_setaffinity(tid, cpus)
+
+
+@pytest.fixture
+def two_cpus():
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs")
+
+
+def test_fluent_bit_hog_is_blamed_and_leaves_when_pinned_away(spawn, two_cpus):
+    """The issue's scene: victim pinned to CPU 0 (sleep 1 ms, work 100 us), a two-thread hog.
+
+    Uncontended and contended phases alternate (the hog stopped with SIGSTOP, then resumed) so the
+    machine's own noise falls on both alike. On EEVDF kernels (6.6+) a sleeper this light preempts
+    the hog on most wakeups; the waits that land inside the hog's protected slice last until the
+    next tick (4 ms at HZ=250). That is 0.3-2% of wakeups, so p99 sits on the edge of them and
+    p99.9 is where the damage shows reliably: the test asserts p99.9 and prints p99.
+    """
+    victim = spawn(victim_argv(0))
+    hog = spawn(hog_argv("fluent-bit", 2))
+    phases = {"alone": [], "contended": []}
+    with collecting(ProtectSelectors.build(pids=[victim.pid])) as collector:
+        for _ in range(3):
+            for phase, sig in (("alone", signal.SIGSTOP), ("contended", signal.SIGCONT)):
+                os.kill(hog.pid, sig)
+                time.sleep(0.2)
+                collector.sample()
+                time.sleep(1.0)
+                phases[phase].append(collector.sample())
+        pin(hog.pid, {1})
+        time.sleep(0.3)
+        pinned = observe(collector, 3.0)
+    def tail(samples):
+        counts = Counter()
+        for sample in samples:
+            counts.update(sample.protected.counts())
+        return histogram.percentile(counts, 99) / 1e3, histogram.percentile(counts, 99.9) / 1e3
+
+    def blame_share(samples, pid):
+        return sum(s.blame_of(pid) for s in samples) / sum(s.protected.wait_ns for s in samples)
+
+    contended = phases["contended"]
+    (p99_alone, p999_alone), (p99_hog, p999_hog) = tail(phases["alone"]), tail(contended)
+    blamed = Counter()
+    for sample in contended:
+        blamed.update(dict(sample.blame))
+    top_pid = blamed.most_common(1)[0][0]
+    share = blame_share(contended, hog.pid)
+    share_pinned = pinned.blame_share(hog.pid)
+    report = (f"alone p99 {p99_alone:.0f} us p99.9 {p999_alone:.0f} us; contended p99 {p99_hog:.0f} us "
+              f"p99.9 {p999_hog:.0f} us; hog blame share {share:.2f} -> {share_pinned:.2f} pinned; "
+              f"top blame pid {top_pid} (hog {hog.pid})")
+    print(report)
+    assert contended[-1].processes[hog.pid].comm == "fluent-bit"
+    assert top_pid == hog.pid, report
+    assert share > 0.5, report  # "most of the share"; the rest really ran there (kworkers, kdamond)
+    assert p999_hog >= 1000 and p999_hog >= 2 * p999_alone, report
+    assert share_pinned <= share / 4, report
+    # the hog's two threads show up as one process using about two CPUs
+    cpus = sum(s.usage_of(hog.pid).cpu_ns for s in contended) / sum(s.duration_ns for s in contended)
+    peak = max(s.peak_cpus(s.usage_of(hog.pid)) for s in contended)
+    assert cpus > 1.2 and peak > 1.2, f"{report}; hog cpu {cpus:.2f} peak {peak:.2f}"
+
+
+def test_probe_wait_total_agrees_with_schedstat_for_queueing(spawn, two_cpus):
+    # A CPU-bound victim sharing CPU 0 with a CPU-bound hog: every wait is a preemption and
+    # lasts a timeslice, which is exactly what the kernel's run_delay measures too.
+    victim = spawn(victim_argv(0, "--sleep-us", "0", "--work-us", "1000000"))
+    hog = spawn(hog_argv("fluent-bit", 1))
+    pin(hog.pid, {0})
+    with collecting(ProtectSelectors.build(pids=[victim.pid])) as collector:
+        collector.sample()
+        before = run_delay_ns(victim.pid)
+        time.sleep(3.0)
+        sample = collector.sample()
+        after = run_delay_ns(victim.pid)
+    kernel = after - before
+    probe = sample.protected.wait_ns
+    print(f"probe {probe / 1e6:.1f} ms, schedstat {kernel / 1e6:.1f} ms, ratio {probe / kernel:.3f}, waits {sample.protected.waits}")
+    assert kernel > 500e6, "the victim should have waited for about half of the time"
+    assert abs(probe - kernel) <= 0.10 * kernel
+
+
+def test_probe_wait_total_tracks_schedstat_for_wakeups(spawn, two_cpus):
+    # The issue's victim (sleep 1 ms, work 100 us) behind a hog on its CPU. The kernel skips the rq
+    # clock update after a wakeup preemption (wakeup_preempt -> rq_clock_skip_update), so run_delay
+    # leaves out the few microseconds from such a wakeup to the switch that the probe does count:
+    # the two agree within 10% plus that bounded per-wakeup difference, and the probe never sees less.
+    victim = spawn(victim_argv(0))
+    hog = spawn(hog_argv("fluent-bit", 1))
+    pin(hog.pid, {0})
+    with collecting(ProtectSelectors.build(pids=[victim.pid])) as collector:
+        collector.sample()
+        before = run_delay_ns(victim.pid)
+        time.sleep(3.0)
+        sample = collector.sample()
+        after = run_delay_ns(victim.pid)
+    kernel = after - before
+    probe = sample.protected.wait_ns
+    wakeups = sample.protected.wakeups
+    print(f"probe {probe / 1e6:.2f} ms, schedstat {kernel / 1e6:.2f} ms, wakeups {wakeups}, "
+          f"difference per wakeup {(probe - kernel) / max(1, wakeups) / 1e3:.1f} us")
+    assert wakeups > 1000
+    assert probe >= 0.9 * kernel
+    assert probe - kernel <= 0.10 * kernel + 20_000 * wakeups
+
+
+def test_a_thread_created_after_watching_started_is_counted(spawn):
+    victim = spawn(victim_argv(0, "--worker-after", "1.5"))
+    with collecting(ProtectSelectors.build(pids=[victim.pid])) as collector:
+        assert collector.protected[victim.pid] == {victim.pid}
+        forks_before = collector.source.probes.snapshot().totals["protected_forks"]
+        worker_tid = int(victim.read_line().split("tid=")[1])
+        sample = observe(collector, 1.5)
+        forks_after = collector.source.probes.snapshot().totals["protected_forks"]
+        assert worker_tid in collector.source.kernel_protected_tids()
+    # Only the new thread works, so every counted wait is its own.
+    assert sample.protected.threads == 2
+    assert sample.protected.waits > 500, sample.protected
+    assert forks_after > forks_before, "the kernel should have added the thread on fork"
+
+
+def test_a_process_started_later_is_protected_within_a_tick(spawn, tmp_path):
+    # Exec through a symlink so the comm is the selector's from the first instruction.
+    launcher = tmp_path / "svc-late"
+    launcher.symlink_to(sys.executable)
+    with collecting(ProtectSelectors.build(comms=["svc-late"])) as collector:
+        collector.sample()
+        late = spawn([str(launcher), str(WORKLOADS / "victim.py"), "--comm", "svc-late"])
+        time.sleep(0.3)
+        collector.sample()
+        assert late.pid in collector.protected
+        time.sleep(0.5)
+        sample = collector.sample()
+    assert sample.protected.waits > 100
+
+
+def test_watch_json_cli_on_a_real_victim(spawn):
+    victim = spawn(victim_argv(0))
+    spawn(hog_argv("fluent-bit", 2))
+    remediator = Path(sys.executable).with_name("remediator")
+    out = subprocess.run(
+        [str(remediator), "watch", "--pid", str(victim.pid), "--json", "-c", "2", "-i", "0.5"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(lines) == 2
+    for view in lines:
+        assert view["source"] == "bpf"
+        assert set(view) >= {"ts", "source", "protected", "top_cpu", "top_blame"}
+        assert set(view["protected"]) >= {"threads", "wakeups", "wait_us_total", "p50_us", "p99_us", "p999_us", "max_us", "histogram"}
+        assert view["protected"]["threads"] == 1 and view["protected"]["wakeups"] > 100
+        assert set(view["top_cpu"][0]) >= {"pid", "comm", "cpu"}
+        assert set(view["top_blame"][0]) >= {"pid", "comm", "blame_us", "share"}
+    assert lines[-1]["top_cpu"][0]["comm"] == "fluent-bit"
+
+
+@pytest.mark.root
+def test_not_root_gets_one_line_not_a_traceback(tmp_path):
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to drop privileges")
+    remediator = Path(sys.executable).with_name("remediator")
+    out = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(remediator), "watch", "--pid", "1", "--source", "bpf", "-c", "1"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == ["remediator: error: eBPF needs root (CAP_BPF and CAP_PERFMON): run with sudo"]

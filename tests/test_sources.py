@@ -1,0 +1,157 @@
+"""The arithmetic behind each tick: BPF snapshot differences and the procfs fallback."""
+
+from __future__ import annotations
+
+import pytest
+
+from remediator import histogram
+from remediator.probes import CpuState, ProcCpuEntry, RawSnapshot, task_state_mask
+from remediator.procfs import ProcFS
+from remediator.sources import PROCFS_LIMITATIONS, ProcfsSource, bpf_delta
+
+from helpers.fakeproc import FakeProc, FakeProcess, FakeThread
+
+W = 100_000_000  # window
+TGIDS = {1001: 100, 1002: 100, 2001: 200}
+
+
+def snap(mono_ns, *, totals=None, hist=None, max_ns=0, cpus=None, proc=(), blame=None):
+    entries = {}
+    for tgid, cpu, total_ns, windows in proc:
+        entries[(tgid, cpu)] = ProcCpuEntry(tgid, cpu, total_ns, tuple(windows), f"comm{tgid}")
+    return RawSnapshot(
+        mono_ns=mono_ns,
+        totals={"waits": 0, "wait_ns": 0, "wakeups": 0, "preemptions": 0, "blamed_ns": 0,
+                "unattributed_ns": 0, "stale_starts": 0, **(totals or {})},
+        histogram=hist or [0] * histogram.SLOTS,
+        max_ns=max_ns,
+        cpus=cpus or [CpuState(0, 0, 0), CpuState(0, 0, 0)],
+        proc_cpu=entries,
+        blame=blame or {},
+    )
+
+
+def delta(previous, current):
+    return bpf_delta(previous, current, TGIDS.get, W)
+
+
+def test_counters_are_differences_and_the_first_read_is_a_baseline():
+    hist1 = [0] * histogram.SLOTS
+    hist1[50] = 4
+    hist2 = list(hist1)
+    hist2[50] = 10
+    hist2[90] = 1
+    first = snap(10 * W, totals={"waits": 4, "wait_ns": 400, "stale_starts": 2}, hist=hist1)
+    second = snap(20 * W, totals={"waits": 11, "wait_ns": 1500, "stale_starts": 3}, hist=hist2, max_ns=900)
+    d = delta(first, second)
+    assert (d.waits, d.wait_ns, d.max_ns) == (7, 1100, 900)
+    assert d.histogram == {50: 6, 90: 1}
+    assert d.lost == {"stale_starts": 1}
+    assert (d.start_ns, d.end_ns) == (10 * W, 20 * W)
+
+
+def test_cpu_time_sums_cpus_and_includes_the_run_in_progress():
+    # Process 100 ran 50 ms on each CPU before; now +30 ms closed on cpu0, and thread 1002 has been
+    # on cpu1 since 15.5 windows in, still running at 20 windows.
+    first = snap(15 * W, proc=[(100, 0, 50_000_000, []), (100, 1, 50_000_000, [])])
+    running = [CpuState(0, 0, 0), CpuState(int(15.5 * W), 0, 1002)]
+    second = snap(20 * W, cpus=running, proc=[(100, 0, 80_000_000, [(16, 30_000_000)]), (100, 1, 50_000_000, [])])
+    d = delta(first, second)
+    cpu_ns, peak_ns = d.usage[100]
+    assert cpu_ns == 30_000_000 + int(4.5 * W)
+    # Window 16: 30 ms closed on cpu0 + the full window of the run in progress on cpu1.
+    assert peak_ns == 30_000_000 + W
+
+
+def test_peak_sees_a_burst_that_the_mean_hides():
+    # 1 s tick; the process used two CPUs flat out for one window only.
+    first = snap(10 * W, proc=[(200, 0, 0, []), (200, 1, 0, [])])
+    second = snap(20 * W, proc=[(200, 0, W, [(14, W)]), (200, 1, W, [(14, W)])])
+    cpu_ns, peak_ns = delta(first, second).usage[200]
+    assert cpu_ns / (10 * W) == pytest.approx(0.2)
+    assert peak_ns / W == pytest.approx(2.0)
+
+
+def test_only_windows_closed_since_the_last_read_count():
+    first = snap(10 * W, proc=[(200, 0, 0, [])])
+    # Window 9 closed before the previous read; window 19 is still open at 19.5 windows.
+    second = snap(int(19.5 * W), proc=[(200, 0, 3 * W, [(9, W), (12, W // 2), (19, W // 4)])])
+    assert delta(first, second).usage[200][1] == W // 2
+
+
+def test_a_recreated_entry_counts_from_zero_not_negative():
+    first = snap(10 * W, proc=[(200, 0, 500_000_000, [])], blame={200: 9_000})
+    second = snap(20 * W, proc=[(200, 0, 20_000_000, [])], blame={200: 1_000})
+    d = delta(first, second)
+    assert d.usage[200][0] == 20_000_000
+    assert d.blame[200] == 1_000
+
+
+def test_busy_time_per_cpu_includes_the_run_in_progress():
+    first = snap(10 * W, cpus=[CpuState(9 * W, 100, 1001), CpuState(0, 0, 0)])
+    second = snap(20 * W, cpus=[CpuState(19 * W, 100 + 10 * W, 1001), CpuState(0, 0, 0)])
+    d = delta(first, second)
+    # cpu0: previously 100 + 1 window in progress; now 100 + 10 windows closed + 1 in progress.
+    assert d.cpu_busy_ns == [10 * W, 0]
+
+
+def test_task_state_mask_from_the_tracepoint_format():
+    modern = ('print fmt: "prev_comm=%s ...", REC->prev_comm, REC->prev_pid, REC->prev_prio, (REC->prev_state & '
+              "((((0x00000000 | 0x00000001 | 0x00000002 | 0x00000004 | 0x00000008 | 0x00000010 | 0x00000020 | "
+              '0x00000040) + 1) << 1) - 1)) ? __print_flags(...)')
+    assert task_state_mask(modern) == 0xFF
+    assert task_state_mask('print fmt: "...", REC->prev_state & (4096-1) ? ...') == 4095
+    assert task_state_mask("unrecognised") == 0xFF
+
+
+# -- the procfs fallback on a fake tree -----------------------------------------------------------
+
+
+def fallback_tree(tmp_path):
+    proc = FakeProc(tmp_path / "proc")
+    proc.add(FakeProcess(10, "api", threads=[FakeThread(10, wait_ns=1_000_000, timeslices=100), FakeThread(11, wait_ns=0, timeslices=0)]))
+    proc.add(FakeProcess(20, "fluent-bit", utime=100, stime=0))
+    proc.psi_some_total_us = 5_000
+    proc.write()
+    return proc
+
+
+def test_fallback_reads_schedstat_stat_and_psi(tmp_path):
+    proc = fallback_tree(tmp_path)
+    clock = iter([1_000_000_000, 2_000_000_000, 3_000_000_000]).__next__
+    source = ProcfsSource(ProcFS(proc.root), psi_path=proc.root / "pressure/cpu", clock=clock)
+    protected = {10: {10, 11}}
+    baseline = source.read(protected)
+    assert baseline.wait_ns == 0 and baseline.usage == {}
+
+    proc.processes[10].threads[0].wait_ns = 4_000_000
+    proc.processes[10].threads[0].timeslices = 130
+    proc.processes[10].threads[1].wait_ns = 500_000
+    proc.processes[10].threads[1].timeslices = 10
+    proc.processes[20].utime = 250  # +150 ticks = 1.5 s of CPU
+    proc.psi_some_total_us = 85_000
+    proc.cpu_ticks[0][0] = 100  # cpu0 busy 100 ticks
+    proc.write()
+    d = source.read(protected)
+    assert d.wait_ns == 3_000_000 + 500_000
+    assert d.waits == 40
+    assert d.usage[20][0] == 150 * source.tick_ns
+    assert d.usage[20][1] is None  # no sub-interval peaks
+    assert d.psi_some_us == 80_000
+    assert d.histogram is None and d.max_ns is None and d.blame == {}
+    assert d.cpu_busy_ns[0] == 100 * source.tick_ns
+
+
+def test_fallback_counts_a_thread_born_between_reads_from_zero(tmp_path):
+    proc = fallback_tree(tmp_path)
+    source = ProcfsSource(ProcFS(proc.root), psi_path=proc.root / "pressure/cpu", clock=iter(range(1, 10**9, 10**8)).__next__)
+    source.read({10: {10, 11}})
+    proc.processes[10].threads.append(FakeThread(12, wait_ns=700_000, timeslices=7))
+    proc.write()
+    d = source.read({10: {10, 11, 12}})
+    assert d.wait_ns == 700_000 and d.waits == 7
+
+
+def test_fallback_says_what_it_cannot_show():
+    text = " ".join(PROCFS_LIMITATIONS)
+    assert "no run-queue latency tail" in text and "no blame" in text
