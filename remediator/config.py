@@ -90,40 +90,45 @@ def compile_config(document: Document, base: Path | None = None) -> tuple[Daemon
     checker = Checker(document)
     clean = checker.check_table(CONFIG_FILE, document.data, ())
     diagnostics = checker.diagnostics
-    if clean is None or has_errors(diagnostics):
+    if clean is None:
         return None, diagnostics
     config_path = Path(document.path)
     base = base if base is not None else config_path.absolute().parent
-    protect_values: dict[str, Any] = clean["protect"]
-    daemon: dict[str, Any] = clean["daemon"]
-    selectors = ProtectSelectors.build(
-        pids=protect_values["pids"], comms=protect_values["comm"], cgroups=protect_values["cgroup"], units=protect_values["unit"]
-    )
-    if selectors.empty:
-        diagnostics.append(
-            Diagnostic(
-                document.value_location(("protect",)),
-                "error",
-                "protect: selects nothing; give at least one of pids, comm, cgroup, unit (the daemon guards their latency)",
-                "empty-match",
-                "protect",
-            )
+    # Checks across keys run on the sections that are valid, so one pass reports as much as it can.
+    protect_values: dict[str, Any] = clean.get("protect") or {}
+    selectors = None
+    if all(name in protect_values for name in ("pids", "comm", "cgroup", "unit")):
+        selectors = ProtectSelectors.build(
+            pids=protect_values["pids"], comms=protect_values["comm"], cgroups=protect_values["cgroup"], units=protect_values["unit"]
         )
+        if selectors.empty:
+            diagnostics.append(
+                Diagnostic(
+                    document.value_location(("protect",)),
+                    "error",
+                    "protect: selects nothing; give at least one of pids, comm, cgroup, unit (the daemon guards their latency)",
+                    "empty-match",
+                    "protect",
+                )
+            )
+    daemon: dict[str, Any] = clean.get("daemon") or {}
     policy_paths = []
-    for index, item in enumerate(daemon["policies"]):
+    for index, item in enumerate(daemon.get("policies", ())):
         resolved = _resolve(base, item)
         policy_paths.append(resolved)
         if not resolved.exists():
+            key_path = _policies_key_path(document, index)
+            what = item if "policies" in key_path else f'the default "{item}"'
             diagnostics.append(
                 Diagnostic(
-                    document.value_location(_policies_key_path(document, index)),
+                    document.value_location(key_path),
                     "error",
-                    f"daemon.policies: {item} does not exist (resolved to {resolved})",
+                    f"daemon.policies: {what} does not exist (resolved to {resolved})",
                     "not-found",
                     "daemon.policies",
                 )
             )
-    if has_errors(diagnostics):
+    if has_errors(diagnostics) or selectors is None:
         return None, diagnostics
     request = protect_values["request_cpus"]
     config = DaemonConfig(

@@ -227,12 +227,12 @@ def compile_policies(document: Document, online_cpus: frozenset[int] | None = No
     raw_policies = document.data.get("policy")
     for index, values in enumerate(clean.get("policy") or []):
         path: KeyPath = ("policy", index)
-        before = len(diagnostics)
-        if values is None:
-            continue  # not a table: already reported
+        if values is None or _has_errors_under(diagnostics, path):
+            continue  # the checker reported it; checks across keys need every key valid
         raw = raw_policies[index] if isinstance(raw_policies, list) else {}
+        before = len(diagnostics)
         result = _PolicyCompiler(document, path, values, raw, diagnostics, online_cpus).compile()
-        if result is not None and not has_errors(diagnostics[before:]) and not _has_errors_under(checker.diagnostics, path):
+        if result is not None and not has_errors(diagnostics[before:]):
             compiled.append(result)
     return compiled, diagnostics
 

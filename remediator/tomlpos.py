@@ -116,6 +116,9 @@ def parse(source: str | bytes, path: str) -> Document:
         line = getattr(exc, "lineno", 0) or 0
         column = getattr(exc, "colno", 0) or 0
         message = getattr(exc, "msg", None) or str(exc)
+        if message == "Illegal character '\\n'":
+            # tomli says this only inside a one-line string that reaches the end of its line.
+            message = "string not closed before the end of the line (\"...\" and '...' are one line; use \"\"\"...\"\"\" for several)"
         raise TomlSyntaxError(Location(path, line, column), f"TOML syntax: {message[0].lower()}{message[1:]}") from None
     document = Document(path, text, data)
     try:
