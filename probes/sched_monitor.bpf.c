@@ -10,48 +10,58 @@
  * Only sched tracepoints; only their arguments plus bpf_get_current_pid_tgid() and
  * bpf_get_smp_processor_id(). All counters are cumulative: user space takes differences.
  * One handler per tracepoint (bcc rewrites map calls only in this file, and one program per
- * sched_switch costs less than several).
+ * sched_switch costs less than several). The hot path only looks up and writes in place: the
+ * protected map's value is the thread's wait start, so no insert or delete per wait; and a bitmap
+ * in front of it answers "not protected" for most events without a hash lookup.
  */
 #include "sched_monitor.h"
 
-BPF_HASH(protected_tids, u32, u32, MAX_PROTECTED_THREADS);
-BPF_HASH(wait_start, u32, u64, MAX_WAITING_THREADS);
-BPF_PERCPU_ARRAY(wait_totals, struct wait_totals, 1);
-BPF_PERCPU_ARRAY(wait_hist, struct wait_hist, 1);
-BPF_PERCPU_ARRAY(wait_max, struct wait_max, 2);
+BPF_HASH(protected_threads, u32, struct protected_thread, MAX_PROTECTED_THREADS);
+/* The filter in front of it, in two halves so that neither side overwrites the other's bits:
+ * user space writes only user_protected_bits, the kernel (fork, exit) only fork_protected_bits,
+ * with atomics. A stale bit costs one hash miss; the hash is the truth. */
+BPF_ARRAY(user_protected_bits, u64, PROTECTED_BITMAP_WORDS);
+BPF_ARRAY(fork_protected_bits, u64, PROTECTED_BITMAP_WORDS);
+BPF_PERCPU_ARRAY(wait_stats, struct wait_stats, 1);
 BPF_ARRAY(max_epoch, u64, 1);
 BPF_PERCPU_ARRAY(cpu_state, struct cpu_state, 1);
-BPF_PERCPU_ARRAY(segment_ring, struct segment_ring, 1);
 BPF_HASH(proc_cpu, struct proc_cpu_key, struct proc_cpu, MAX_PROC_CPU_ENTRIES);
 BPF_HASH(blame, u32, u64, MAX_BLAMED_PROCESSES);
 BPF_RINGBUF_OUTPUT(exec_events, EXEC_RING_PAGES);
 
-static __always_inline struct wait_totals *totals_here(void)
+static __always_inline struct wait_stats *stats_here(void)
 {
     u32 zero = 0;
-    return wait_totals.lookup(&zero);
+    return wait_stats.lookup(&zero);
 }
 
-static __always_inline void start_wait(u32 tid, u64 now)
+static __always_inline struct protected_thread *protected_lookup(u32 tid)
 {
-    struct wait_totals *totals;
-    /* Overwrites an older start: the newest wakeup is the one the next switch-in ends. */
-    if (wait_start.update(&tid, &now) != 0) {
-        totals = totals_here();
-        if (totals)
-            totals->start_map_full++;
+    u32 word = tid >> 6;
+    if (word < PROTECTED_BITMAP_WORDS) {
+        u64 bit = 1ull << (tid & 63);
+        u64 *by_user = user_protected_bits.lookup(&word);
+        u64 *by_fork = fork_protected_bits.lookup(&word);
+        u64 bits = (by_user ? *by_user : 0) | (by_fork ? *by_fork : 0);
+        if (!(bits & bit))
+            return NULL;
     }
+    return protected_threads.lookup(&tid);
 }
 
 static __always_inline void on_wakeup(u32 tid)
 {
-    struct wait_totals *totals;
-    if (tid == 0 || !protected_tids.lookup(&tid))
+    struct protected_thread *thread;
+    struct wait_stats *stats;
+    if (tid == 0)
         return;
-    start_wait(tid, bpf_ktime_get_ns());
-    totals = totals_here();
-    if (totals)
-        totals->wakeups++;
+    thread = protected_lookup(tid);
+    if (!thread)
+        return;
+    thread->wait_start = bpf_ktime_get_ns();
+    stats = stats_here();
+    if (stats)
+        stats->totals.wakeups++;
 }
 
 TRACEPOINT_PROBE(sched, sched_wakeup)
@@ -68,7 +78,7 @@ TRACEPOINT_PROBE(sched, sched_wakeup_new)
 
 /* Add [start, end) of a process's run on this CPU to its totals and its windows. */
 static __always_inline void account_run(u32 tgid, u32 cpu, u64 start, u64 end, char *comm,
-                                        struct wait_totals *totals)
+                                        struct wait_stats *stats)
 {
     struct proc_cpu_key key = {.tgid = tgid, .cpu = cpu};
     struct proc_cpu *usage = proc_cpu.lookup(&key);
@@ -78,21 +88,21 @@ static __always_inline void account_run(u32 tgid, u32 cpu, u64 start, u64 end, c
         proc_cpu.insert(&key, &fresh);
         usage = proc_cpu.lookup(&key);
         if (!usage) {
-            if (totals)
-                totals->proc_map_full++;
+            if (stats)
+                stats->totals.proc_map_full++;
             return;
         }
     }
     usage->total_ns += end - start;
 
-    u64 first = start / WINDOW_NS, last = end / WINDOW_NS;
+    u64 first = start >> WINDOW_SHIFT, last = end >> WINDOW_SHIFT;
     if (last - first >= WINDOW_SLOTS)
         first = last - WINDOW_SLOTS + 1; /* older windows are beyond the ring anyway */
     for (u32 i = 0; i < WINDOW_SLOTS; i++) {
         u64 window = first + i;
         if (window > last)
             break;
-        u64 lo = window * WINDOW_NS, hi = lo + WINDOW_NS;
+        u64 lo = window << WINDOW_SHIFT, hi = lo + WINDOW_NS;
         if (lo < start)
             lo = start;
         if (hi > end)
@@ -107,13 +117,12 @@ static __always_inline void account_run(u32 tgid, u32 cpu, u64 start, u64 end, c
 
 /* A protected thread waited on this CPU during [t0, t1): charge every process that ran here in
  * that interval with the part of its run inside it. */
-static __always_inline void attribute_wait(struct segment_ring *ring, u64 t0, u64 t1,
-                                           struct wait_totals *totals)
+static __always_inline void attribute_wait(struct cpu_state *state, u64 t0, u64 t1, struct wait_stats *stats)
 {
     u64 blamed = 0;
-    u32 head = ring->head;
+    u32 head = state->head;
     for (u32 i = 1; i <= SEGMENT_RING; i++) {
-        struct run_segment *segment = &ring->segments[(head - i) & (SEGMENT_RING - 1)];
+        struct run_segment *segment = &state->segments[(head - i) & (SEGMENT_RING - 1)];
         if (segment->end <= t0)
             break;
         u64 lo = segment->start > t0 ? segment->start : t0;
@@ -124,94 +133,86 @@ static __always_inline void attribute_wait(struct segment_ring *ring, u64 t0, u6
                 __sync_fetch_and_add(charged, hi - lo);
                 blamed += hi - lo;
             } else {
-                totals->blame_map_full++;
+                stats->totals.blame_map_full++;
             }
         }
         if (segment->start <= t0)
             break;
     }
-    totals->blamed_ns += blamed;
-    totals->unattributed_ns += (t1 - t0) - blamed;
+    stats->totals.blamed_ns += blamed;
+    stats->totals.unattributed_ns += (t1 - t0) - blamed;
 }
 
-static __always_inline void end_wait(u32 tid, u64 now, struct segment_ring *ring, u32 cpu)
+static __always_inline void end_wait(struct protected_thread *thread, u64 now, struct cpu_state *state)
 {
-    u64 *started = wait_start.lookup(&tid);
-    if (!started)
-        return;
-    u64 t0 = *started;
-    wait_start.delete(&tid);
-
-    u32 zero = 0;
-    struct wait_totals *totals = wait_totals.lookup(&zero);
-    if (!totals)
+    u64 t0 = thread->wait_start;
+    thread->wait_start = 0;
+    struct wait_stats *stats = stats_here();
+    if (!stats)
         return;
     if (t0 > now || now - t0 > MAX_WAIT_NS) {
-        totals->stale_starts++;
+        stats->totals.stale_starts++;
         return;
     }
     u64 delta = now - t0;
-    totals->waits++;
-    totals->wait_ns += delta;
+    stats->totals.waits++;
+    stats->totals.wait_ns += delta;
+    u32 slot = hist_slot(delta);
+    if (slot < HIST_SLOTS)
+        stats->hist[slot]++;
 
-    struct wait_hist *hist = wait_hist.lookup(&zero);
-    if (hist) {
-        u32 slot = hist_slot(delta);
-        if (slot < HIST_SLOTS)
-            hist->slots[slot]++;
-    }
-
+    u32 zero = 0;
     u64 *epoch = max_epoch.lookup(&zero);
     if (epoch) {
-        u32 index = (u32)(*epoch & 1);
-        struct wait_max *max = wait_max.lookup(&index);
-        if (max) {
-            if (max->epoch != *epoch) {
-                max->epoch = *epoch;
-                max->max_ns = 0;
-            }
-            if (delta > max->max_ns)
-                max->max_ns = delta;
+        struct wait_max *max = &stats->max[*epoch & 1];
+        if (max->epoch != *epoch) {
+            max->epoch = *epoch;
+            max->max_ns = 0;
         }
+        if (delta > max->max_ns)
+            max->max_ns = delta;
     }
-    attribute_wait(ring, t0, now, totals);
+    attribute_wait(state, t0, now, stats);
 }
 
 TRACEPOINT_PROBE(sched, sched_switch)
 {
     u64 now = bpf_ktime_get_ns();
-    u32 cpu = bpf_get_smp_processor_id();
-    u32 prev_tgid = bpf_get_current_pid_tgid() >> 32; /* current is still prev here */
     u32 prev_tid = args->prev_pid, next_tid = args->next_pid;
     u32 zero = 0;
-
     struct cpu_state *state = cpu_state.lookup(&zero);
-    struct segment_ring *ring = segment_ring.lookup(&zero);
-    if (!state || !ring)
+    if (!state)
         return 0;
 
-    /* 1. The run that just ended. The idle task (tid 0) never counts. */
+    /* 1. The run that just ended (current is still prev here). The idle task never counts. */
     if (state->since && prev_tid != 0 && now > state->since) {
+        u32 prev_tgid = bpf_get_current_pid_tgid() >> 32;
         state->busy_ns += now - state->since;
-        account_run(prev_tgid, cpu, state->since, now, args->prev_comm, totals_here());
-        u32 slot = ring->head & (SEGMENT_RING - 1);
-        ring->segments[slot].start = state->since;
-        ring->segments[slot].end = now;
-        ring->segments[slot].tgid = prev_tgid;
-        ring->head++;
+        account_run(prev_tgid, bpf_get_smp_processor_id(), state->since, now, args->prev_comm, stats_here());
+        struct run_segment *segment = &state->segments[state->head & (SEGMENT_RING - 1)];
+        segment->start = state->since;
+        segment->end = now;
+        segment->tgid = prev_tgid;
+        state->head++;
     }
 
     /* 2. A protected thread preempted while runnable starts waiting now. */
-    if (prev_tid != 0 && (args->prev_state & TASK_STATE_MASK) == 0 && protected_tids.lookup(&prev_tid)) {
-        start_wait(prev_tid, now);
-        struct wait_totals *totals = totals_here();
-        if (totals)
-            totals->preemptions++;
+    if (prev_tid != 0 && (args->prev_state & TASK_STATE_MASK) == 0) {
+        struct protected_thread *prev = protected_lookup(prev_tid);
+        if (prev) {
+            prev->wait_start = now;
+            struct wait_stats *stats = stats_here();
+            if (stats)
+                stats->totals.preemptions++;
+        }
     }
 
     /* 3. A protected thread switched in ends its wait. */
-    if (next_tid != 0)
-        end_wait(next_tid, now, ring, cpu);
+    if (next_tid != 0) {
+        struct protected_thread *next = protected_lookup(next_tid);
+        if (next && next->wait_start)
+            end_wait(next, now, state);
+    }
 
     state->since = now;
     state->current_tid = next_tid;
@@ -221,22 +222,33 @@ TRACEPOINT_PROBE(sched, sched_switch)
 TRACEPOINT_PROBE(sched, sched_process_fork)
 {
     u32 parent = args->parent_pid, child = args->child_pid;
-    u32 *protected = protected_tids.lookup(&parent);
-    if (!protected)
+    if (!protected_lookup(parent))
         return 0;
-    u32 value = *protected;
-    protected_tids.update(&child, &value);
-    struct wait_totals *totals = totals_here();
-    if (totals)
-        totals->protected_forks++;
+    struct protected_thread fresh = {};
+    struct wait_stats *stats = stats_here();
+    if (protected_threads.insert(&child, &fresh) == 0) {
+        u32 word = child >> 6;
+        u64 *bits = fork_protected_bits.lookup(&word);
+        if (bits)
+            __sync_fetch_and_or(bits, 1ull << (child & 63));
+        if (stats)
+            stats->totals.protected_forks++;
+    } else if (stats) {
+        stats->totals.protected_map_full++;
+    }
     return 0;
 }
 
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u32 tid = args->pid;
-    protected_tids.delete(&tid);
-    wait_start.delete(&tid);
+    if (!protected_lookup(tid))
+        return 0;
+    protected_threads.delete(&tid);
+    u32 word = tid >> 6;
+    u64 *bits = fork_protected_bits.lookup(&word);
+    if (bits)
+        __sync_fetch_and_and(bits, ~(1ull << (tid & 63)));
     return 0;
 }
 
@@ -244,9 +256,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 {
     struct exec_event *event = exec_events.ringbuf_reserve(sizeof(struct exec_event));
     if (!event) {
-        struct wait_totals *totals = totals_here();
-        if (totals)
-            totals->exec_events_dropped++;
+        struct wait_stats *stats = stats_here();
+        if (stats)
+            stats->totals.exec_events_dropped++;
         return 0;
     }
     event->ts = bpf_ktime_get_ns();

@@ -31,12 +31,16 @@ typedef uint32_t u32;
 #define HIST_SLOTS ((HIST_MAX_POW - HIST_SUB_BITS + 1) * HIST_SUB_COUNT)
 
 /* Map sizes. */
-#ifndef MAX_PROTECTED_THREADS
+#ifndef MAX_PROTECTED_THREADS /* also the start-timestamp map: a protected thread's entry holds its wait start */
 #define MAX_PROTECTED_THREADS 65536
 #endif
-#ifndef MAX_WAITING_THREADS /* the start-timestamp map */
-#define MAX_WAITING_THREADS 65536
+/* A bitmap over thread ids filters the protected map: most scheduler events concern unprotected
+ * threads, and a bit test costs a fraction of a hash lookup. Sized from kernel.pid_max by the
+ * loader; a thread id beyond it falls back to the hash lookup. */
+#ifndef PROTECTED_BITMAP_WORDS
+#define PROTECTED_BITMAP_WORDS 65536 /* pid_max 4194304 */
 #endif
+
 #ifndef MAX_PROC_CPU_ENTRIES /* (process, cpu) pairs with on-CPU time */
 #define MAX_PROC_CPU_ENTRIES 32768
 #endif
@@ -45,11 +49,13 @@ typedef uint32_t u32;
 #endif
 
 /* Per-process on-CPU time is also kept per sub-second window, so user space sees bursts: a ring
- * of WINDOW_SLOTS windows of WINDOW_NS each, per (process, cpu). User space must read more often
- * than every (WINDOW_SLOTS - 1) * WINDOW_NS. */
-#ifndef WINDOW_NS
-#define WINDOW_NS 100000000ull
+ * of WINDOW_SLOTS windows of 2^WINDOW_SHIFT ns each (a power of two: shifts, not divisions, on every
+ * context switch), per (process, cpu). User space must read more often than every
+ * (WINDOW_SLOTS - 1) windows. */
+#ifndef WINDOW_SHIFT
+#define WINDOW_SHIFT 27 /* 134 ms */
 #endif
+#define WINDOW_NS (1ull << WINDOW_SHIFT)
 #ifndef WINDOW_SLOTS
 #define WINDOW_SLOTS 16 /* power of two */
 #endif
@@ -75,23 +81,23 @@ typedef uint32_t u32;
 #endif
 #define EXEC_FILENAME_LEN 128
 
-struct wait_totals {          /* per CPU, cumulative */
+struct protected_thread {
+    u64 wait_start;           /* when it began waiting for a CPU; 0 = not waiting */
+};
+
+struct wait_totals {          /* cumulative */
     u64 waits;                /* completed run-queue waits of protected threads */
     u64 wait_ns;
     u64 wakeups;              /* waits that began with a wakeup */
     u64 preemptions;          /* waits that began with a preemption */
     u64 blamed_ns;            /* wait time attributed to some process */
     u64 unattributed_ns;      /* wait time on an idle CPU or older than the segment ring */
-    u64 start_map_full;       /* waits not measured: the start-timestamp map was full */
+    u64 protected_map_full;   /* new threads not protected on fork: the protected map was full */
     u64 stale_starts;         /* starts dropped as older than MAX_WAIT_NS */
     u64 proc_map_full;        /* run segments not accounted: the per-process map was full */
     u64 blame_map_full;
     u64 exec_events_dropped;  /* the exec ring buffer was full */
     u64 protected_forks;      /* threads and children added to the protected set in-kernel */
-};
-
-struct wait_hist {
-    u64 slots[HIST_SLOTS];
 };
 
 /* The maximum wait per epoch: user space bumps the epoch, then reads the previous epoch's slot,
@@ -101,11 +107,10 @@ struct wait_max {
     u64 max_ns;
 };
 
-struct cpu_state {            /* per CPU */
-    u64 since;                /* when the current task was switched in (0: not seen yet) */
-    u64 busy_ns;              /* cumulative non-idle time */
-    u32 current_tid;          /* the task on the CPU now (0 = idle) */
-    u32 pad;
+struct wait_stats {           /* per CPU: one lookup per wait for everything it updates */
+    struct wait_totals totals;
+    struct wait_max max[2];
+    u64 hist[HIST_SLOTS];
 };
 
 struct run_segment {
@@ -115,10 +120,12 @@ struct run_segment {
     u32 pad;
 };
 
-struct segment_ring {         /* per CPU */
-    struct run_segment segments[SEGMENT_RING];
-    u32 head;                 /* next slot to write */
-    u32 pad;
+struct cpu_state {            /* per CPU */
+    u64 since;                /* when the current task was switched in (0: not seen yet) */
+    u64 busy_ns;              /* cumulative non-idle time */
+    u32 current_tid;          /* the task on the CPU now (0 = idle) */
+    u32 head;                 /* next slot of the segment ring to write */
+    struct run_segment segments[SEGMENT_RING]; /* the latest runs on this CPU */
 };
 
 struct proc_cpu_key {

@@ -9,6 +9,7 @@ every call, which would dominate the daemon's CPU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ctypes as ct
 import errno
 import os
@@ -34,13 +35,20 @@ WAIT_TOTAL_FIELDS = (
     "preemptions",
     "blamed_ns",
     "unattributed_ns",
-    "start_map_full",
+    "protected_map_full",
     "stale_starts",
     "proc_map_full",
     "blame_map_full",
     "exec_events_dropped",
     "protected_forks",
 )
+
+
+def _read_pid_max() -> int | None:
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def probes_dir() -> Path:
@@ -68,14 +76,21 @@ def task_state_mask(format_text: str) -> int:
     return 0xFF
 
 
+def window_shift_for(window_ms: float) -> int:
+    """The power-of-two window nearest to `window_ms` (the probes shift, they do not divide)."""
+    import math
+
+    return max(20, min(31, round(math.log2(max(window_ms, 1.0) * 1e6))))
+
+
 @dataclass(frozen=True)
 class ProbeSettings:
-    window_ns: int = 100_000_000
+    window_shift: int = 27  # 2**27 ns = 134 ms windows
     window_slots: int = 16
     segment_ring: int = 16
     max_wait_ns: int = 10_000_000_000
     max_protected_threads: int = 65536
-    max_waiting_threads: int = 65536
+    pid_max: int = 4194304  # sizes the protected bitmap; the loader passes kernel.pid_max
     max_proc_cpu_entries: int = 32768
     max_blamed_processes: int = 16384
     exec_ring_pages: int = 16
@@ -85,20 +100,24 @@ class ProbeSettings:
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, not {value}")
-        if not 1_000_000 <= self.window_ns < 1 << 32:
-            raise ValueError("window_ns must be between 1 ms and 4.29 s")
+        if not 20 <= self.window_shift <= 31:
+            raise ValueError("window_shift must be between 20 (1 ms) and 31 (2.1 s)")
+
+    @property
+    def window_ns(self) -> int:
+        return 1 << self.window_shift
 
     def cflags(self, state_mask: int) -> list[str]:
         return [
             f"-I{probes_dir()}",
             f"-DHIST_SUB_BITS={histogram.SUB_BITS}",
             f"-DHIST_MAX_POW={histogram.MAX_POW}",
-            f"-DWINDOW_NS={self.window_ns}ull",
+            f"-DWINDOW_SHIFT={self.window_shift}",
             f"-DWINDOW_SLOTS={self.window_slots}",
             f"-DSEGMENT_RING={self.segment_ring}",
             f"-DMAX_WAIT_NS={self.max_wait_ns}ull",
             f"-DMAX_PROTECTED_THREADS={self.max_protected_threads}",
-            f"-DMAX_WAITING_THREADS={self.max_waiting_threads}",
+            f"-DPROTECTED_BITMAP_WORDS={(self.pid_max + 63) // 64}",
             f"-DMAX_PROC_CPU_ENTRIES={self.max_proc_cpu_entries}",
             f"-DMAX_BLAMED_PROCESSES={self.max_blamed_processes}",
             f"-DEXEC_RING_PAGES={self.exec_ring_pages}",
@@ -167,11 +186,12 @@ class _RawMap:
             return None
         return self._value.raw
 
-    def update(self, key: bytes, value: bytes) -> None:
+    def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
         key_buf = ct.create_string_buffer(key, self.key_size)
         value_buf = ct.create_string_buffer(value, self.value_size)
-        if self.lib.bpf_update_elem(self.fd, key_buf, value_buf, 0) != 0:
-            raise OSError(ct.get_errno(), f"bpf map update: {os.strerror(ct.get_errno())}")
+        if self.lib.bpf_update_elem(self.fd, key_buf, value_buf, flags) != 0:
+            error = ct.get_errno()
+            raise OSError(error, f"bpf map update: {os.strerror(error)}")
 
     def delete(self, key: bytes) -> None:
         key_buf = ct.create_string_buffer(key, self.key_size)
@@ -299,6 +319,9 @@ class SchedProbes:
         from bcc.utils import get_possible_cpus
 
         self.settings = settings or ProbeSettings()
+        pid_max = _read_pid_max()
+        if pid_max and pid_max != self.settings.pid_max:
+            self.settings = dataclasses.replace(self.settings, pid_max=pid_max)
         fmt_path = tracefs_root() / "events/sched/sched_switch/format"
         self.state_mask = task_state_mask(fmt_path.read_text())
         self.cflags = self.settings.cflags(self.state_mask)
@@ -321,11 +344,9 @@ class SchedProbes:
         self._maps = {
             name: _RawMap(lib, self.bpf[name.encode()], self.possible_cpus, percpu)
             for name, percpu in (
-                ("protected_tids", False),
-                ("wait_start", False),
-                ("wait_totals", True),
-                ("wait_hist", True),
-                ("wait_max", True),
+                ("protected_threads", False),
+                ("user_protected_bits", False),
+                ("wait_stats", True),
                 ("max_epoch", False),
                 ("cpu_state", True),
                 ("proc_cpu", False),
@@ -336,27 +357,49 @@ class SchedProbes:
         self._exec_events: list[ExecEvent] = []
         self.bpf[b"exec_events"].open_ring_buffer(self._on_exec_event)
         self._proc_value = struct.Struct(f"<Q{self.settings.window_slots}Q16s")
-        self._hist_value = struct.Struct(f"<{histogram.SLOTS}Q")
-        self._totals_value = struct.Struct(f"<{len(WAIT_TOTAL_FIELDS)}Q")
+        # struct wait_stats: totals, then max[2] as (epoch, max_ns) pairs, then the histogram
+        self._wait_stats = struct.Struct(f"<{len(WAIT_TOTAL_FIELDS)}Q4Q{histogram.SLOTS}Q")
 
     # -- the protected set --------------------------------------------------------------------
+    def _set_user_bits(self, tids: Iterable[int], present: bool) -> None:
+        """Only user space writes this half of the bitmap, so read-modify-write cannot race."""
+        bitmap = self._maps["user_protected_bits"]
+        words: dict[int, list[int]] = {}
+        for tid in tids:
+            if tid >> 6 < bitmap.max_entries:
+                words.setdefault(tid >> 6, []).append(tid & 63)
+        for word, bits in words.items():
+            key = struct.pack("<I", word)
+            raw = bitmap.lookup(key)
+            value = struct.unpack_from("<Q", raw)[0] if raw else 0
+            for bit in bits:
+                value = value | (1 << bit) if present else value & ~(1 << bit)
+            bitmap.update(key, struct.pack("<Q", value))
+
     def protect(self, tids: Iterable[int]) -> None:
-        protected = self._maps["protected_tids"]
-        one = struct.pack("<I", 1)
+        tids = list(tids)
+        protected = self._maps["protected_threads"]
+        not_waiting = struct.pack("<Q", 0)
         for tid in tids:
             try:
-                protected.update(struct.pack("<I", tid), one)
+                # BPF_NOEXIST: a thread the kernel already added keeps its wait start.
+                protected.update(struct.pack("<I", tid), not_waiting, flags=1)
             except OSError as exc:
-                raise SetupError(f"cannot protect thread {tid}: {exc.strerror} (the protected map holds {self.settings.max_protected_threads})") from None
+                if exc.errno == errno.EEXIST:
+                    continue
+                raise SetupError(
+                    f"cannot protect thread {tid}: {exc.strerror} (the protected map holds {self.settings.max_protected_threads})"
+                ) from None
+        self._set_user_bits(tids, True)
 
     def unprotect(self, tids: Iterable[int]) -> None:
+        tids = list(tids)
         for tid in tids:
-            key = struct.pack("<I", tid)
-            self._maps["protected_tids"].delete(key)
-            self._maps["wait_start"].delete(key)
+            self._maps["protected_threads"].delete(struct.pack("<I", tid))
+        self._set_user_bits(tids, False)
 
     def protected_tids(self) -> set[int]:
-        return {struct.unpack("<I", key)[0] for key in self._maps["protected_tids"].keys()}
+        return {struct.unpack("<I", key)[0] for key in self._maps["protected_threads"].keys()}
 
     # -- reading ------------------------------------------------------------------------------
     def _percpu(self, name: str, index: int, layout: struct.Struct) -> list[tuple]:
@@ -366,26 +409,28 @@ class SchedProbes:
         stride = self._maps[name].value_stride
         return [layout.unpack_from(raw, cpu * stride) for cpu in range(self.possible_cpus)]
 
-    def _read_max(self) -> int:
-        """Bump the epoch, then read the maximum of the epoch that just closed."""
+    def snapshot(self) -> RawSnapshot:
+        # Bump the epoch first: the maximum of the epoch that just closed is then no longer written.
         closed = self._epoch
         self._epoch += 1
         self._maps["max_epoch"].update(struct.pack("<I", 0), struct.pack("<Q", self._epoch))
-        slots = self._percpu("wait_max", closed & 1, struct.Struct("<QQ"))
-        return max((max_ns for epoch, max_ns in slots if epoch == closed), default=0)
-
-    def snapshot(self) -> RawSnapshot:
         mono_ns = time.monotonic_ns()
-        totals_per_cpu = self._percpu("wait_totals", 0, self._totals_value)
-        totals = {name: sum(cpu[i] for cpu in totals_per_cpu) for i, name in enumerate(WAIT_TOTAL_FIELDS)}
-        hist_per_cpu = self._percpu("wait_hist", 0, self._hist_value)
-        hist = [sum(column) for column in zip(*hist_per_cpu)] if hist_per_cpu else [0] * histogram.SLOTS
-        cpus = [CpuState(since, busy, tid) for since, busy, tid, _pad in self._percpu("cpu_state", 0, struct.Struct("<QQII"))]
+        per_cpu = self._percpu("wait_stats", 0, self._wait_stats)
+        count = len(WAIT_TOTAL_FIELDS)
+        totals = {name: sum(cpu[i] for cpu in per_cpu) for i, name in enumerate(WAIT_TOTAL_FIELDS)}
+        max_ns = 0
+        for cpu in per_cpu:
+            pairs = cpu[count : count + 4]
+            epoch, value = pairs[2 * (closed & 1)], pairs[2 * (closed & 1) + 1]
+            if epoch == closed:
+                max_ns = max(max_ns, value)
+        hist = [sum(column) for column in zip(*(cpu[count + 4 :] for cpu in per_cpu))] if per_cpu else [0] * histogram.SLOTS
+        cpus = [CpuState(since, busy, tid) for since, busy, tid, _head in self._percpu("cpu_state", 0, struct.Struct("<QQII"))]
         return RawSnapshot(
             mono_ns=mono_ns,
             totals=totals,
             histogram=hist,
-            max_ns=self._read_max(),
+            max_ns=max_ns,
             cpus=cpus,
             proc_cpu=self._read_proc_cpu(),
             blame=self._read_blame(),

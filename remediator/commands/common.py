@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 from ..collector import Collector
 from ..errors import RemediatorError
 from ..hostcheck import kernel_headers_description
-from ..probes import ProbeSettings
+from ..probes import ProbeSettings, window_shift_for
 from ..procfs import ProcFS
 from ..sample import Sample, merge_samples
 from ..selectors import ProtectSelectors
@@ -50,9 +50,10 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--window",
         type=positive_float,
-        default=100.0,
+        default=134.0,
         metavar="MS",
-        help="length of the sub-interval windows behind burst peaks (default 100 ms)",
+        help="length of the sub-interval windows behind burst peaks, rounded to a power of two "
+        "nanoseconds (default 134 ms = 2^27 ns)",
     )
     parser.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
 
@@ -67,7 +68,7 @@ def selectors_from_args(args: argparse.Namespace) -> ProtectSelectors:
 def open_collector(args: argparse.Namespace) -> tuple[Collector, str]:
     """A started collector, and a one-line note on the source in use."""
     procfs = ProcFS(args.proc_root)
-    settings = ProbeSettings(window_ns=int(args.window * 1e6))
+    settings = ProbeSettings(window_shift=window_shift_for(args.window))
     source, fallback_reason = open_source(procfs, want=args.source, settings=settings)
     if fallback_reason:
         note = f"source procfs (eBPF not used: {fallback_reason})"

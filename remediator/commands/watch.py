@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from ..probes import ProbeSettings, describe_program
+from ..probes import ProbeSettings, describe_program, window_shift_for
 from ..view import interval_view, render_text
 from .common import add_selector_arguments, add_source_arguments, interval_samples, open_collector, positive_float
 
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_watch(args: argparse.Namespace) -> int:
     if args.ebpf:
-        print(describe_program(ProbeSettings(window_ns=int(args.window * 1e6))))
+        print(describe_program(ProbeSettings(window_shift=window_shift_for(args.window))))
         return 0
     collector, note = open_collector(args)
     clear = sys.stdout.isatty() and not args.json
