@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Pattern
 
@@ -106,9 +107,17 @@ def check_user(name: str) -> str:
     return name
 
 
+def compile_regex(pattern: str) -> Pattern[str]:
+    # re warns (FutureWarning) about some valid patterns, e.g. "[[a]"; the pattern is the user's
+    # and compiles, so the warning would only be noise in the daemon's log.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return re.compile(pattern)
+
+
 def check_regex(pattern: str) -> str:
     try:
-        re.compile(pattern)
+        compile_regex(pattern)
     except (re.error, OverflowError, RecursionError, ValueError) as exc:
         raise ValueError(f"regex {_quote(pattern)} does not compile: {exc}") from None
     return pattern
@@ -201,7 +210,7 @@ class Match:
         return cls(
             comm=_globs(comm),
             exe=_globs(exe),
-            cmdline=re.compile(cmdline) if cmdline is not None else None,
+            cmdline=compile_regex(cmdline) if cmdline is not None else None,
             cgroup=_globs(cgroup),
             unit=_globs(unit),
             user=tuple(user),

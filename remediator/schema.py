@@ -175,6 +175,7 @@ class Key:
     item_check: Optional[ItemCheck] = None  # strings/string: per-item semantic check
     allow_empty: bool = False  # strings/integers/table-array: [] allowed
     item_name: str = "item"  # table-array: what one element is called in messages
+    empty_message: str = "is an empty list; give at least one item"  # strings: when [] is not allowed
     keys: tuple["Key", ...] = ()  # table, table-array
     exactly_one_of: tuple[str, ...] = ()  # table: one and only one of these keys
     example: str = ""
@@ -207,6 +208,7 @@ TYPES = {
 }
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+MATCHES_NOTHING = "is an empty list, which matches nothing; remove the key or give at least one item"
 
 MATCH_KEYS = (
     Key(
@@ -215,6 +217,7 @@ MATCH_KEYS = (
         "Globs (fnmatch: `*`, `?`, `[...]`) on the process name, which the kernel cuts to 15 characters: "
         "`fluent-bit-forwarder` runs as `fluent-bit-forw`. A glob that can never match a 15-character name is an error.",
         item_check=check_comm_glob,
+        empty_message=MATCHES_NOTHING,
         example='comm = ["fluent-bit", "td-agent*"]',
     ),
     Key(
@@ -222,6 +225,7 @@ MATCH_KEYS = (
         "strings",
         "Globs on the full path of the executable (/proc/PID/exe); `*` also matches `/`. Must start with `/` or a wildcard.",
         item_check=check_exe_glob,
+        empty_message=MATCHES_NOTHING,
         example='exe = ["/usr/bin/fluent-bit", "/opt/*/bin/fluent-bit"]',
     ),
     Key(
@@ -238,6 +242,7 @@ MATCH_KEYS = (
         "matches when the glob matches its cgroup or any parent of it. Write `/system.slice/x.service`, "
         "not `/sys/fs/cgroup/...`.",
         item_check=check_cgroup_glob,
+        empty_message=MATCHES_NOTHING,
         example='cgroup = ["/system.slice/fluent-bit.service"]',
     ),
     Key(
@@ -245,6 +250,7 @@ MATCH_KEYS = (
         "strings",
         "Globs on the systemd units in the process's cgroup path; a name without a dot means `.service`.",
         item_check=check_unit_glob,
+        empty_message=MATCHES_NOTHING,
         example='unit = ["fluent-bit.service"]',
     ),
     Key(
@@ -252,6 +258,7 @@ MATCH_KEYS = (
         "strings",
         "User names or numeric uids (as strings) owning the process (real uid).",
         item_check=check_user,
+        empty_message=MATCHES_NOTHING,
         example='user = ["root", "td-agent"]',
     ),
     Key(
@@ -259,6 +266,7 @@ MATCH_KEYS = (
         "strings",
         "Comm globs of any ancestor (parent first, PID 1 excluded), so `gzip` started by `logrotate` can be matched through its parent.",
         item_check=check_comm_glob,
+        empty_message=MATCHES_NOTHING,
         example='ancestor = ["logrotate"]',
     ),
 )
@@ -583,7 +591,7 @@ class Checker:
             self.at_value(path, f"expected a string or an array of strings, got {toml_type(value)} ({show(value)})", "type")
             return _INVALID
         if not value and not key.allow_empty:
-            self.at_value(path, "is an empty list, which matches nothing; remove the key or give at least one item", "empty")
+            self.at_value(path, key.empty_message, "empty")
             return _INVALID
         items = []
         valid = True

@@ -83,14 +83,14 @@ class Document:
         """Where the key at `path` is written (or its nearest written parent)."""
         _, span = self._nearest(path)
         if span is None:
-            return Location(self.path, 1, 1) if self.text else Location(self.path)
+            return Location(self.path, 1, 1)  # the document itself (even an empty one) starts there
         return Location(self.path, span.key_line, span.key_column)
 
     def value_location(self, path: KeyPath) -> Location:
         """Where the value at `path` starts (for a table: its header or its opening brace)."""
         _, span = self._nearest(path)
         if span is None:
-            return Location(self.path, 1, 1) if self.text else Location(self.path)
+            return Location(self.path, 1, 1)
         return Location(self.path, span.value_line, span.value_column)
 
 
