@@ -103,6 +103,8 @@ def parse_duration(text: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
+    if seconds == 0:
+        return "0s"
     for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 1e-3)):
         if seconds >= size and abs(seconds / size - round(seconds / size)) < 1e-9:
             return f"{round(seconds / size)}{unit}"
@@ -308,7 +310,7 @@ ACTION_KEYS = (
 )
 
 LIMITS_KEYS = (
-    Key("cooldown", "duration", "Minimum time between two actions of this policy on one process.", default="60s", minimum=0, maximum=86400),
+    Key("cooldown", "duration", "After the policy's changes on a process are reverted, how long before it may act on that process again (stops flapping).", default="60s", minimum=0, maximum=86400),
     Key("max_actions_per_hour", "integer", "Most actions this policy may take per hour, over all processes.", default=6, minimum=1, maximum=3600),
     Key("revert_after_quiet", "duration-or-never", "Undo the policy's changes on a process after the trigger has been quiet this long; `never` keeps them.",
         default="10m", minimum=1, maximum=7 * 86400),
@@ -529,7 +531,7 @@ class Checker:
         high_ok = high is None or value <= high
         if low_ok and high_ok:  # written this way round so that nan fails
             return value
-        self.at_value(path, f"{shown} is out of range {_range_text(key)}", "range")
+        self.at_value(path, f"{shown} is out of range ({_range_text(key)})", "range")
         return _INVALID
 
     def _check_duration(self, key: Key, value: Any, path: KeyPath) -> Any:
@@ -644,17 +646,22 @@ def _choices(key: Key) -> str:
 
 
 def _range_text(key: Key) -> str:
+    """'-20..19', 'at least 1', 'more than 0 and at most 100'."""
+
     def number(value: float) -> str:
         if key.type in ("duration", "duration-or-never"):
             return format_duration(value)
         return f"{value:g}" if isinstance(value, float) else str(value)
 
     low, high = key.minimum, key.maximum
-    if low is not None and high is not None:
-        return f"{'(' if key.exclusive_minimum else ''}{number(low)}..{number(high)}"
+    if low is not None and high is not None and not key.exclusive_minimum:
+        return f"{number(low)}..{number(high)}"
+    parts = []
     if low is not None:
-        return f"{'>' if key.exclusive_minimum else '>='} {number(low)}"
-    return f"<= {number(high)}" if high is not None else ""
+        parts.append(f"{'more than' if key.exclusive_minimum else 'at least'} {number(low)}")
+    if high is not None:
+        parts.append(f"at most {number(high)}")
+    return " and ".join(parts)
 
 
 # -- JSON Schema ------------------------------------------------------------------------------
@@ -772,8 +779,8 @@ def _tables_markdown(spec: Key, prefix: str, title: str) -> list[str]:
 def _walk_tables(spec: Key, prefix: str):
     if spec.type == "table-array":
         yield f"[[{prefix}]]", spec
-    elif prefix:
-        yield f"[{prefix}]", spec
+    else:
+        yield (f"[{prefix}]" if prefix else ""), spec
     for child in spec.keys:
         if child.type in ("table", "table-array"):
             yield from _walk_tables(child, f"{prefix}.{child.name}" if prefix else child.name)
