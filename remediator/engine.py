@@ -1,0 +1,398 @@
+"""The engine: from windows, policies and the clock to decisions. Pure: no I/O, time is an argument.
+
+    state, decisions = decide(state, sample, policies, settings)
+    ... the daemon has the executor carry out each "act" / "revert" decision ...
+    state = record_outcome(state, decision, outcome_status, now)
+
+Rules, in the order they are checked:
+- never act on a process no policy names, nor on one that safety rules exclude (PID 1, kernel
+  threads, the protected service and its children, remediator itself);
+- a policy's ladder starts at step 0 when its trigger fires; the next step is considered only
+  once the current one has had its settle time, and only while the trigger still holds;
+- after the last step: no further escalation, and one warning;
+- at most `max_actions_per_hour` actions per process and policy, and `max_changes_per_minute`
+  across the host;
+- once the protected tail has stayed under the policy's threshold for `revert_after_quiet`, the
+  process gets its originals back; after that, `cooldown` must pass before the policy acts on it
+  again (so a process is not changed and given back in a loop);
+- every action is verified: the protected tail (and the offender's blame share) over the settle
+  period before it against the same period after it.
+An `always` policy places a process with its whole ladder as soon as it is seen (at exec), with no
+tail condition, and never reverts it.
+
+Engine time is CLOCK_MONOTONIC seconds from the samples (sample.end_ns), so a recording replays
+with the same timing as the live run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from .detector import Window, blame_share, combined_tail_us, evaluate_trigger
+from .executor import ActionRequest
+from .placement import resolve_cpu_spec
+from .policy import Policy, PolicySet, Step
+from .procfs import ProcessIdentity, ProcessInfo
+from .safety import exclusion_reason
+from .sample import Sample
+
+# An action "helped" when the tail after it is at least this much lower than before, or under the threshold.
+HELPED_RATIO = 0.9
+APPLIED_STATUSES = frozenset({"applied", "would-apply", "unchanged"})
+GONE_STATUSES = frozenset({"gone"})
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    request_cpus: frozenset[int]  # CPUs the request path owns (resolved by the daemon each tick)
+    online_cpus: frozenset[int]
+    max_changes_per_minute: int
+    self_pid: int
+    history_s: float = 120.0  # how much of the past the engine keeps (longest settle, N of M windows)
+
+
+@dataclass(frozen=True)
+class Decision:
+    kind: str  # "act" | "revert" | "verify" | "exhausted" | "capped" | "excluded" | "infeasible"
+    at: float  # engine time (monotonic seconds)
+    ts: float  # wall clock, for the audit
+    info: ProcessInfo
+    policy: Policy | None
+    message: str
+    step_index: int | None = None
+    step: Step | None = None
+    request: ActionRequest | None = None
+    evidence: Mapping = field(default_factory=dict)
+    action_id: str | None = None
+
+    @property
+    def identity(self) -> ProcessIdentity:
+        return self.info.identity
+
+
+@dataclass(frozen=True)
+class Remediation:
+    """One policy's ladder on one process."""
+
+    identity: ProcessIdentity
+    policy: str
+    step_index: int = -1  # the last step carried out; -1: none (or given back)
+    last_action_at: float | None = None
+    action_times: tuple[float, ...] = ()
+    applied: bool = False  # something of it is in place (to give back)
+    exhausted_warned: bool = False
+    capped_warned_at: float | None = None
+    reverted_at: float | None = None
+    infeasible_warned: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class PendingVerification:
+    action_id: str
+    info: ProcessInfo
+    policy: str
+    step_index: int
+    step_text: str
+    at: float
+    verify_at: float
+    percentile: float
+    threshold_us: float | None
+    before_tail_us: float | None
+    before_blame_share: float
+
+
+@dataclass(frozen=True)
+class EngineState:
+    windows: tuple[Window, ...] = ()
+    remediations: Mapping[tuple[ProcessIdentity, str], Remediation] = field(default_factory=dict)
+    pending: tuple[PendingVerification, ...] = ()
+    recent_changes: tuple[float, ...] = ()  # engine times of actions, for the per-minute cap
+    last_over: Mapping[str, float] = field(default_factory=dict)  # policy -> last time its tail was over
+    excluded_seen: frozenset[ProcessIdentity] = frozenset()
+    next_action: int = 1
+
+    def active(self) -> list[Remediation]:
+        return [r for r in self.remediations.values() if r.applied]
+
+
+def _action_id(state: EngineState, info: ProcessInfo) -> tuple[str, EngineState]:
+    return f"a{state.next_action}-{info.pid}", dataclasses.replace(state, next_action=state.next_action + 1)
+
+
+def _request_for(step: Step, policy: Policy, info: ProcessInfo, settings: EngineSettings, index: int, evidence: dict) -> tuple[ActionRequest | None, str]:
+    """The concrete request for a step, or None and why it cannot be done."""
+    if step.kind == "nice":
+        return ActionRequest(info.identity, "nice", policy.name, index, nice=step.nice, evidence=evidence), ""
+    cpus = resolve_cpu_spec(step.cpus, settings.request_cpus, settings.online_cpus)
+    if len(cpus) < max(1, policy.limits.min_cpus):
+        return None, (
+            f"{step.describe()} resolves to {len(cpus)} CPU(s) but the policy leaves the offender at least "
+            f"{policy.limits.min_cpus}: request CPUs cover the host"
+        )
+    return ActionRequest(info.identity, step.kind, policy.name, index, cpus=frozenset(cpus), cgroup=step.cgroup, evidence=evidence), ""
+
+
+def _verify(pending: PendingVerification, windows: tuple[Window, ...], now: float, ts: float, policies: PolicySet) -> Decision:
+    after_windows = [w for w in windows if w.start_s >= pending.at - 1e-9 and w.end_s <= pending.verify_at + 1e-9]
+    after_tail = combined_tail_us(after_windows, pending.percentile)
+    after_share = blame_share(after_windows, pending.info.pid)
+    before = pending.before_tail_us
+    if after_tail is None:
+        verdict, text = "unknown", "no protected waits after the action"
+    elif before is None:
+        verdict, text = "unknown", "no protected waits before the action"
+    elif after_tail <= before * HELPED_RATIO or (pending.threshold_us is not None and after_tail <= pending.threshold_us):
+        verdict, text = "helped", f"p{pending.percentile:g} {before:.0f} -> {after_tail:.0f} us"
+    else:
+        verdict, text = "did-not-help", f"p{pending.percentile:g} {before:.0f} -> {after_tail:.0f} us: the step did not help"
+    return Decision(
+        kind="verify",
+        at=now,
+        ts=ts,
+        info=pending.info,
+        policy=policies.by_name(pending.policy),
+        message=f"{pending.step_text}: {text}",
+        step_index=pending.step_index,
+        action_id=pending.action_id,
+        evidence={
+            "verdict": verdict,
+            "percentile": pending.percentile,
+            "threshold_us": pending.threshold_us,
+            "before_tail_us": None if before is None else round(before, 3),
+            "after_tail_us": None if after_tail is None else round(after_tail, 3),
+            "before_blame_share": round(pending.before_blame_share, 3),
+            "after_blame_share": round(after_share, 3),
+            "window_s": round(pending.verify_at - pending.at, 3),
+        },
+    )
+
+
+def decide(
+    state: EngineState,
+    sample: Sample,
+    policies: PolicySet,
+    settings: EngineSettings,
+    discovered: Iterable[ProcessInfo] = (),
+) -> tuple[EngineState, list[Decision]]:
+    """Take one tick's sample; return the new state and what to do."""
+    now = sample.end_ns / 1e9
+    ts = sample.ts
+    window = Window.from_sample(sample)
+    windows = tuple(w for w in state.windows if w.end_s >= now - settings.history_s) + (window,)
+    state = dataclasses.replace(state, windows=windows)
+    decisions: list[Decision] = []
+
+    # Which policies' tails are over their threshold now (for revert-after-quiet).
+    last_over = dict(state.last_over)
+    for policy in policies.policies:
+        trigger = policy.trigger
+        if trigger.always or trigger.tail_above_us is None:
+            continue
+        value = window.tail_us(trigger.tail_percentile or 99.0)
+        if value is not None and value > trigger.tail_above_us:
+            last_over[policy.name] = now
+    state = dataclasses.replace(state, last_over=last_over)
+
+    # 1. Verifications whose settle period has ended.
+    still_pending = []
+    for pending in state.pending:
+        if now >= pending.verify_at:
+            decisions.append(_verify(pending, windows, now, ts, policies))
+        else:
+            still_pending.append(pending)
+    state = dataclasses.replace(state, pending=tuple(still_pending))
+
+    # 2. Give back what has been quiet long enough.
+    for remediation in list(state.remediations.values()):
+        if not remediation.applied:
+            continue
+        policy = policies.by_name(remediation.policy)
+        if policy is None or policy.trigger.always or policy.limits.revert_after_quiet_s is None:
+            continue
+        quiet_since = max(last_over.get(policy.name, float("-inf")), remediation.last_action_at or float("-inf"))
+        if now - quiet_since >= policy.limits.revert_after_quiet_s:
+            info = sample.processes.get(remediation.identity.pid)
+            if info is None or info.identity != remediation.identity:
+                info = ProcessInfo(pid=remediation.identity.pid, start_time=remediation.identity.start_time, comm="?")
+            decisions.append(
+                Decision(
+                    kind="revert",
+                    at=now,
+                    ts=ts,
+                    info=info,
+                    policy=policy,
+                    message=f"the protected tail has been under {policy.trigger.tail_above_us:g} us for "
+                    f"{policy.limits.revert_after_quiet_s:g} s: giving the originals back",
+                    evidence={"quiet_s": round(now - quiet_since, 3)},
+                )
+            )
+
+    # 3. Offenders: every process the sample names that a policy governs.
+    recent_changes = tuple(t for t in state.recent_changes if t > now - 60.0)
+    candidates: dict[int, ProcessInfo] = {}
+    for info in discovered:
+        candidates[info.pid] = info
+    for pid in list(window.usage) + list(window.blame):
+        info = sample.processes.get(pid)
+        if info is not None:
+            candidates.setdefault(pid, info)
+    remediations = dict(state.remediations)
+    excluded_seen = set(state.excluded_seen)
+    planned_changes = 0
+    for pid, info in candidates.items():
+        selected = policies.select(info)
+        if selected is None:
+            continue  # never act on what no policy names
+        policy, match = selected
+        reason = exclusion_reason(info, sample.protected.pids, settings.self_pid)
+        if reason:
+            if info.identity not in excluded_seen:
+                excluded_seen.add(info.identity)
+                decisions.append(
+                    Decision("excluded", now, ts, info, policy, f"matched by {policy.name} ({match.detail}) but off limits: {reason}")
+                )
+            continue
+        key = (info.identity, policy.name)
+        remediation = remediations.get(key) or Remediation(info.identity, policy.name)
+
+        if policy.trigger.always:
+            if remediation.step_index >= 0:
+                continue  # placed already
+            steps = list(enumerate(policy.steps))
+            evidence = {"trigger": "always", "match": match.detail}
+        else:
+            trigger_evidence = evaluate_trigger(policy.trigger, windows, pid)
+            if not trigger_evidence.fired:
+                continue
+            evidence = {"match": match.detail, **trigger_evidence.to_json()}
+            if remediation.step_index < 0:
+                if remediation.reverted_at is not None and now - remediation.reverted_at < policy.limits.cooldown_s:
+                    continue  # given back recently: leave it alone for the cooldown
+                next_index = 0
+            else:
+                current = policy.steps[min(remediation.step_index, len(policy.steps) - 1)]
+                if now - (remediation.last_action_at or now) < current.settle_s:
+                    continue  # the current step is still settling
+                next_index = remediation.step_index + 1
+                if next_index >= len(policy.steps):
+                    if not remediation.exhausted_warned:
+                        remediation = dataclasses.replace(remediation, exhausted_warned=True)
+                        remediations[key] = remediation
+                        decisions.append(
+                            Decision("exhausted", now, ts, info, policy,
+                                     f"the last step ({current.describe()}) is in place and the trigger still holds: no further escalation",
+                                     step_index=remediation.step_index, evidence=evidence)
+                        )
+                    continue
+            steps = [(next_index, policy.steps[next_index])]
+
+        # Caps: per process and policy per hour, and across the host per minute.
+        hourly = tuple(t for t in remediation.action_times if t > now - 3600.0)
+        if len(hourly) + len(steps) > policy.limits.max_actions_per_hour:
+            if remediation.capped_warned_at is None or now - remediation.capped_warned_at >= 3600.0:
+                remediations[key] = dataclasses.replace(remediation, capped_warned_at=now)
+                decisions.append(
+                    Decision("capped", now, ts, info, policy,
+                             f"{len(hourly)} actions in the last hour: max_actions_per_hour = {policy.limits.max_actions_per_hour}",
+                             evidence=evidence)
+                )
+            continue
+        if len(recent_changes) + planned_changes + len(steps) > settings.max_changes_per_minute:
+            decisions.append(
+                Decision("capped", now, ts, info, policy,
+                         f"{len(recent_changes) + planned_changes} changes in the last minute: "
+                         f"max_changes_per_minute = {settings.max_changes_per_minute}", evidence=evidence)
+            )
+            continue
+
+        for index, step in steps:
+            request, why_not = _request_for(step, policy, info, settings, index, dict(evidence))
+            if request is None:
+                if index not in remediation.infeasible_warned:
+                    remediation = dataclasses.replace(remediation, infeasible_warned=remediation.infeasible_warned | {index})
+                    remediations[key] = remediation
+                    decisions.append(Decision("infeasible", now, ts, info, policy, why_not, step_index=index, step=step, evidence=evidence))
+                continue
+            action_id, state = _action_id(state, info)
+            planned_changes += 1
+            decisions.append(
+                Decision("act", now, ts, info, policy, f"step {index + 1} of {len(policy.steps)}: {step.describe()}",
+                         step_index=index, step=step, request=request, evidence=evidence, action_id=action_id)
+            )
+    state = dataclasses.replace(state, remediations=remediations, excluded_seen=frozenset(excluded_seen), recent_changes=recent_changes)
+    return state, decisions
+
+
+def record_outcome(state: EngineState, decision: Decision, status: str, policies: PolicySet) -> EngineState:
+    """Fold what the executor did with a decision back into the state."""
+    now = decision.at
+    remediations = dict(state.remediations)
+    if decision.policy is None:
+        return state
+    key = (decision.identity, decision.policy.name)
+    remediation = remediations.get(key) or Remediation(decision.identity, decision.policy.name)
+    if status in GONE_STATUSES:
+        return forget(state, decision.identity)
+
+    if decision.kind == "revert":
+        if status in ("restored", "would-apply", "dropped", "unchanged"):
+            remediations[key] = Remediation(decision.identity, decision.policy.name, reverted_at=now,
+                                            action_times=remediation.action_times)
+        return dataclasses.replace(state, remediations=remediations)
+    if decision.kind != "act" or decision.step is None or decision.step_index is None:
+        return state
+
+    # A step that failed (denied, invalid) still counts as tried: the ladder moves on after settling.
+    remediation = dataclasses.replace(
+        remediation,
+        step_index=max(remediation.step_index, decision.step_index),
+        last_action_at=now,
+        action_times=tuple(t for t in remediation.action_times if t > now - 3600.0) + (now,),
+        applied=remediation.applied or status in APPLIED_STATUSES,
+        reverted_at=None,
+    )
+    remediations[key] = remediation
+    state = dataclasses.replace(state, remediations=remediations, recent_changes=state.recent_changes + (now,))
+    if status in APPLIED_STATUSES and not decision.policy.trigger.always:
+        trigger = decision.policy.trigger
+        percentile = trigger.tail_percentile or 99.0
+        settle = decision.step.settle_s
+        before = [w for w in state.windows if w.end_s > now - settle - 1e-9]
+        pending = PendingVerification(
+            action_id=decision.action_id or "",
+            info=decision.info,
+            policy=decision.policy.name,
+            step_index=decision.step_index,
+            step_text=decision.step.describe(),
+            at=now,
+            verify_at=now + settle,
+            percentile=percentile,
+            threshold_us=trigger.tail_above_us,
+            before_tail_us=combined_tail_us(before, percentile),
+            before_blame_share=blame_share(before, decision.info.pid),
+        )
+        state = dataclasses.replace(state, pending=state.pending + (pending,))
+    return state
+
+
+def forget(state: EngineState, identity: ProcessIdentity) -> EngineState:
+    """The process is gone: drop everything about it."""
+    return dataclasses.replace(
+        state,
+        remediations={key: value for key, value in state.remediations.items() if key[0] != identity},
+        pending=tuple(p for p in state.pending if p.info.identity != identity),
+        excluded_seen=frozenset(i for i in state.excluded_seen if i != identity),
+    )
+
+
+__all__ = [
+    "Decision",
+    "EngineSettings",
+    "EngineState",
+    "Remediation",
+    "decide",
+    "forget",
+    "record_outcome",
+]
