@@ -1,0 +1,298 @@
+"""`policy explain`: against a fake procfs tree (every exclusion and effect, deterministic), and as
+root against real processes started by the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from helpers.policy_procs import add_process, make_proc_root, make_sys_root
+from helpers.workloads import WORKLOADS, hog_argv, victim_argv
+from remediator.cli import main
+from remediator.cpulist import format_cpulist
+from remediator.errors import RemediatorError
+from remediator.explain import explain
+from remediator.policy import load_policies
+from remediator.procfs import ProcFS
+from remediator.selectors import ProtectSelectors
+
+POLICIES = """\
+[[policy]]
+name = "shippers"
+description = "log shippers"
+match.comm = ["fluent-bit"]
+trigger.tail.above = "2ms"
+trigger.offender.cpu = 0.5
+[[policy.actions]]
+nice = 10
+[[policy.actions]]
+affinity = "unprotected"
+
+[[policy]]
+name = "compressors"
+description = "compressors under logrotate"
+match.comm = ["gzip"]
+match.ancestor = ["logrotate"]
+trigger.always = true
+[[policy.actions]]
+affinity = "unprotected"
+
+[[policy]]
+name = "gzip-any"
+description = "any gzip: less specific, so the compressors policy wins under logrotate"
+match.comm = ["gzip"]
+trigger.always = true
+[[policy.actions]]
+nice = 5
+
+[[policy]]
+name = "protected-too"
+description = "matches the protected service, which must be excluded"
+match.comm = ["victim"]
+trigger.always = true
+[[policy.actions]]
+nice = 10
+"""
+
+
+@pytest.fixture
+def policy_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "policies"
+    directory.mkdir()
+    (directory / "test.toml").write_text(POLICIES)
+    return directory
+
+
+def by_pid(report: dict) -> dict[str, dict[int, dict]]:
+    return {entry["name"]: {item["pid"]: item for item in entry["processes"]} for entry in report["policies"]}
+
+
+# -- fake procfs ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_host(tmp_path: Path):
+    proc = make_proc_root(tmp_path)
+    add_process(proc, 1, "systemd", ppid=0, exe="/usr/lib/systemd/systemd")
+    add_process(proc, 2, "kthreadd", ppid=0, kernel_thread=True)
+    add_process(proc, 30, "gzip", ppid=2, kernel_thread=True)  # a kernel thread that happens to be named gzip
+    add_process(proc, 100, "victim", exe="/usr/bin/victim", threads={100: (0, "0"), 101: (0, "0")})
+    add_process(
+        proc, 200, "fluent-bit", exe="/usr/bin/fluent-bit", cgroup="/system.slice/fluent-bit.service",
+        threads={200: (0, "0-3"), 201: (0, "0-3"), 202: (5, "0-3")},
+    )
+    add_process(proc, 300, "logrotate", exe="/usr/sbin/logrotate")
+    add_process(proc, 301, "gzip", ppid=300, exe="/usr/bin/gzip", threads={301: (0, "0-3")})
+    add_process(proc, 400, "gzip", exe="/usr/bin/gzip")  # not under logrotate
+    add_process(proc, 500, "busy", exe="/usr/bin/busy")
+    add_process(proc, 600, "fluent-bit", exe="/usr/bin/fluent-bit", ppid=700)  # a child of "remediator" (pid 700)
+    add_process(proc, 700, "remediator", exe="/usr/bin/python3")
+    return proc
+
+
+def run_fake(proc: Path, policy_dir: Path, request=None, online=frozenset(range(4))):
+    policies = load_policies([policy_dir])
+    protect = ProtectSelectors.build(comms=["victim"])
+    return explain(policies, protect, ProcFS(proc), online, request_cpus=request, self_pid=700)
+
+
+def test_fake_host_matches_exclusions_and_first_steps(fake_host, policy_dir):
+    report = run_fake(fake_host, policy_dir)
+    data = report.to_json()
+    assert data["request_cpus"] == "0" and data["request_cpus_source"] == "auto"
+    assert data["unprotected_cpus"] == "1-3"
+    assert [(p["pid"], p["selector"]) for p in data["protected"]] == [(100, "comm victim")]
+
+    found = by_pid(data)
+    shipper = found["shippers"][200]
+    assert shipper["fields"] == ["comm"] and shipper["status"] == "acts"
+    assert shipper["detail"] == "comm fluent-bit matches 'fluent-bit'"
+    assert shipper["first_step"]["text"] == "nice 0 -> 10 on 2 threads, nice 5 -> 10 on 1 thread"
+    assert found["shippers"][600]["status"] == "excluded"
+    assert found["shippers"][600]["reason"] == "a child of remediator"
+
+    compressor = found["compressors"][301]
+    assert compressor["fields"] == ["comm", "ancestor"]
+    assert "ancestor logrotate (pid 300) matches 'logrotate'" in compressor["detail"]
+    assert compressor["first_step"]["text"] == "affinity 0-3 -> 1-3 on 1 thread"
+    assert set(found["compressors"]) == {301}
+
+    assert found["gzip-any"][301]["status"] == "overridden"
+    assert found["gzip-any"][301]["reason"] == "policy compressors wins (more specific: 2 match fields > 1)"
+    assert found["gzip-any"][400]["status"] == "acts"
+    assert found["gzip-any"][400]["first_step"]["text"] == "nice 0 -> 5 on 1 thread"
+    assert found["gzip-any"][30]["status"] == "excluded" and found["gzip-any"][30]["reason"] == "kernel thread"
+
+    assert found["protected-too"][100]["status"] == "excluded"
+    assert found["protected-too"][100]["reason"] == "protected service"
+    everywhere = {pid for entry in found.values() for pid in entry}
+    assert 500 not in everywhere and 300 not in everywhere
+
+
+def test_fake_host_pid_1_and_self_are_excluded(fake_host, tmp_path):
+    directory = tmp_path / "p"
+    directory.mkdir()
+    (directory / "all.toml").write_text(
+        textwrap.dedent(
+            """\
+            [[policy]]
+            name = "everything-named"
+            description = "matches init and remediator itself"
+            match.comm = ["systemd", "remediator"]
+            trigger.always = true
+            [[policy.actions]]
+            nice = 10
+            """
+        )
+    )
+    report = explain(load_policies([directory]), ProtectSelectors.build(), ProcFS(fake_host), frozenset({0, 1}), self_pid=700)
+    items = by_pid(report.to_json())["everything-named"]
+    assert items[1]["reason"] == "PID 1 (init)"
+    assert items[700]["reason"] == "remediator itself"
+    assert any("nothing is protected" in note for note in report.notes)
+
+
+def test_fake_host_cpuset_step_and_unprotected_note(fake_host, tmp_path):
+    directory = tmp_path / "p"
+    directory.mkdir()
+    (directory / "cpuset.toml").write_text(
+        textwrap.dedent(
+            """\
+            [[policy]]
+            name = "shippers"
+            description = "straight to a cpuset"
+            match.unit = ["fluent-bit"]
+            trigger.always = true
+            [[policy.actions]]
+            cpuset = { cpus = "unprotected", cgroup = "log-shippers" }
+            """
+        )
+    )
+    policies = load_policies([directory])
+    protect = ProtectSelectors.build(comms=["victim"])
+    report = explain(policies, protect, ProcFS(fake_host), frozenset(range(4)), self_pid=700)
+    item = by_pid(report.to_json())["shippers"][200]
+    assert item["detail"] == "unit fluent-bit.service matches 'fluent-bit.service'"
+    assert item["first_step"]["text"] == "cpuset: move from /system.slice/fluent-bit.service to remediator-log-shippers with cpus 1-3"
+
+    # The request path owning every online CPU leaves `unprotected` empty: said per process and once overall.
+    report = explain(policies, protect, ProcFS(fake_host), frozenset(range(4)), request_cpus=frozenset(range(4)), self_pid=700)
+    item = by_pid(report.to_json())["shippers"][200]
+    assert item["first_step"]["text"] == "skipped: unprotected resolves to no CPU on this host"
+    assert any("'unprotected' resolves to no CPU" in note for note in report.notes)
+
+
+def test_fake_host_through_the_cli(fake_host, policy_dir, tmp_path, capsys):
+    sysfs = make_sys_root(tmp_path, "0-3")
+    argv = ["policy", "explain", str(policy_dir), "--protect-comm", "victim", "--proc-root", str(fake_host), "--sysfs-root", str(sysfs)]
+    assert main(argv + ["--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["online_cpus"] == "0-3"
+    assert by_pid(data)["shippers"][200]["first_step"]["text"] == "nice 0 -> 10 on 2 threads, nice 5 -> 10 on 1 thread"
+
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "policy shippers (" in text and "priority 0, specificity 1" in text
+    assert "  pid 200 fluent-bit  started 2023-11-14" in text  # btime 1700000000 + 1000 ticks
+    assert "    matched by comm: comm fluent-bit matches 'fluent-bit'" in text
+    assert "    first step: nice 0 -> 10 on 2 threads, nice 5 -> 10 on 1 thread" in text
+    assert "    excluded for safety: protected service" in text
+    assert "    not acted on by this policy: policy compressors wins (more specific: 2 match fields > 1)" in text
+    assert "request CPUs: 0 (auto: allowed CPUs of the protected threads); online CPUs: 0-3; unprotected: 1-3" in text
+
+
+def test_explain_with_config_uses_its_policies_and_request_cpus(fake_host, policy_dir, tmp_path, capsys):
+    config = tmp_path / "remediator.toml"
+    config.write_text(f'[protect]\ncomm = ["victim"]\nrequest_cpus = "0-1"\n[daemon]\npolicies = ["{policy_dir}"]\n')
+    sysfs = make_sys_root(tmp_path, "0-3")
+    argv = ["policy", "explain", "--config", str(config), "--proc-root", str(fake_host), "--sysfs-root", str(sysfs), "--format", "json"]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["request_cpus"], data["request_cpus_source"], data["unprotected_cpus"]) == ("0-1", "config", "2-3")
+    assert by_pid(data)["compressors"][301]["first_step"]["text"] == "affinity 0-3 -> 2-3 on 1 thread"
+
+
+def test_explain_refuses_invalid_policies_with_located_errors(tmp_path, capsys):
+    directory = tmp_path / "p"
+    directory.mkdir()
+    (directory / "bad.toml").write_text('[[policy]]\nname = "x"\n')
+    assert main(["policy", "explain", str(directory)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("remediator: error: ")
+    assert f"{directory}/bad.toml:1:1: error: policy[0]: missing required key 'description'" in err
+
+
+# -- real processes -----------------------------------------------------------------------------------
+
+def children_of(pid: int) -> list[int]:
+    procfs = ProcFS()
+    return [child for child in procfs.pids() if _ppid(procfs, child) == pid]
+
+
+def _ppid(procfs: ProcFS, pid: int) -> int | None:
+    try:
+        return procfs.stat(pid).ppid
+    except RemediatorError:  # exited while scanning: not a child any more
+        return None
+
+
+def run_cli(argv: list[str]) -> str:
+    """The CLI in its own process: the workloads are children of the test process, which
+    explain would rightly exclude as "a child of remediator" if it ran in-process."""
+    done = subprocess.run([sys.executable, "-m", "remediator", *argv], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    return done.stdout
+
+
+@pytest.mark.root
+def test_explain_real_processes(spawn, policy_dir):
+    protected = spawn(victim_argv(cpu=0))  # comm "victim", pinned to CPU 0: the request path
+    shipper = spawn(hog_argv("fluent-bit", 2))
+    tree = spawn([hog_argv()[0], str(WORKLOADS / "logrotate_tree.py")])
+    gzip_pid = children_of(tree.pid)[0]
+    unrelated = spawn(hog_argv("unrelated-busy", 1))
+    shipper_threads = len(os.listdir(f"/proc/{shipper.pid}/task"))
+    online = sorted(os.sched_getaffinity(0))
+    if len(online) < 2:
+        pytest.skip("needs 2 CPUs to have an unprotected CPU")
+
+    argv = ["policy", "explain", str(policy_dir), "--protect-comm", "victim"]
+    data = json.loads(run_cli(argv + ["--format", "json"]))
+    found = by_pid(data)
+
+    assert data["request_cpus"] == "0"
+    assert protected.pid in {p["pid"] for p in data["protected"] if p["selector"] == "comm victim"}
+
+    item = found["shippers"][shipper.pid]
+    assert (item["comm"], item["fields"], item["status"]) == ("fluent-bit", ["comm"], "acts")
+    assert item["first_step"]["text"] == f"nice 0 -> 10 on {shipper_threads} threads"
+    # The values shown are the kernel's: the same as the syscalls report.
+    for tid, nice in item["first_step"]["threads"].items():
+        assert nice == os.getpriority(os.PRIO_PROCESS, int(tid))
+
+    item = found["compressors"][gzip_pid]
+    assert (item["comm"], item["fields"], item["status"]) == ("gzip", ["comm", "ancestor"], "acts")
+    assert f"ancestor logrotate (pid {tree.pid}) matches 'logrotate'" in item["detail"]
+    assert item["first_step"]["text"] == (
+        f"affinity {format_cpulist(os.sched_getaffinity(gzip_pid))} -> {format_cpulist(set(online) - {0})} on 1 thread"
+    )
+    assert found["gzip-any"][gzip_pid]["status"] == "overridden"
+
+    assert found["protected-too"][protected.pid]["status"] == "excluded"
+    assert found["protected-too"][protected.pid]["reason"] == "protected service"
+
+    everywhere = {pid for entry in found.values() for pid in entry}
+    assert unrelated.pid not in everywhere
+    assert tree.pid not in everywhere  # logrotate itself matches no policy here
+
+    text = run_cli(argv)
+    assert f"  pid {shipper.pid} fluent-bit  started " in text
+    assert f"    first step: nice 0 -> 10 on {shipper_threads} threads" in text
+    assert f"  pid {gzip_pid} gzip  started " in text
+    assert f"  pid {protected.pid} victim  started " in text
+    assert f"pid {unrelated.pid} " not in text
