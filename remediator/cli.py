@@ -12,7 +12,7 @@ import logging
 import signal
 import sys
 
-from .errors import RemediatorError
+from .errors import LocatedError, RemediatorError
 
 # Modules that define `register(subparsers)`; each adds its parser and sets `handler`.
 COMMAND_MODULES = (
@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except RemediatorError as exc:
-        print(f"remediator: error: {exc}", file=sys.stderr)
+        if isinstance(exc, LocatedError) or getattr(exc, "diagnostics", None):
+            print(exc, file=sys.stderr)  # already "file:line:col: error: message", one per line
+        else:
+            print(f"remediator: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 128 + signal.SIGINT

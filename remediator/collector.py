@@ -31,6 +31,7 @@ class Collector:
         *,
         rescan_s: float = 5.0,
         top_n: int = 24,
+        track_execs: bool = False,
         wall_clock: Callable[[], float] = time.time,
         mono_clock: Callable[[], float] = time.monotonic,
     ):
@@ -39,6 +40,8 @@ class Collector:
         self.procfs = procfs or ProcFS()
         self.rescan_s = rescan_s if source.has_exec_events else 0.0
         self.top_n = top_n
+        self.track_execs = track_execs  # name exec'd processes in the sample (for exec-time placement)
+        self._execs: list[int] = []
         self.wall_clock = wall_clock
         self.mono_clock = mono_clock
         self.protected: dict[int, set[int]] = {}  # pid -> tids
@@ -98,6 +101,8 @@ class Collector:
     def _handle_exec_events(self) -> None:
         for event in self.source.exec_events():
             pid = event.pid
+            if self.track_execs:
+                self._execs.append(pid)
             if pid in self.protected:
                 self._add_process(pid, self.protected_reason.get(pid, "selector"))  # exec may change its threads
                 continue
@@ -129,6 +134,10 @@ class Collector:
             known -= gone
             threads += len(known)
         return threads
+
+    def rescan_now(self) -> None:
+        """Resolve the selectors again at the next sample (e.g. after they changed)."""
+        self._last_rescan = float("-inf")
 
     # -- ticks --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -172,6 +181,8 @@ class Collector:
         wanted = [pid for pid, (cpu_ns, _) in ranked[: self.top_n] if cpu_ns * 200 >= duration]
         wanted += [pid for pid, _ in blamed[: self.top_n]]
         wanted += list(self.protected)
+        execs, self._execs = tuple(dict.fromkeys(self._execs)), []
+        wanted += list(execs)
         processes: dict[int, ProcessInfo] = {}
         for pid in dict.fromkeys(wanted):
             info = self._info(pid)
@@ -218,6 +229,7 @@ class Collector:
             psi_some_us=delta.psi_some_us,
             lost=delta.lost,
             limitations=self.source.limitations,
+            execs=tuple(pid for pid in execs if pid in processes),
         )
 
     def close(self) -> None:

@@ -73,6 +73,7 @@ class Sample:
     psi_some_us: int | None = None  # /proc/pressure/cpu "some" total during the tick
     lost: Mapping[str, int] = field(default_factory=dict)  # events the probes could not count
     limitations: tuple[str, ...] = ()  # what this source cannot show
+    execs: tuple[int, ...] = ()  # processes that exec'd during the tick (when the collector tracks them)
 
     @property
     def duration_ns(self) -> int:
@@ -136,6 +137,7 @@ class Sample:
             "psi_some_us": self.psi_some_us,
             "lost": dict(self.lost),
             "limitations": list(self.limitations),
+            "execs": list(self.execs),
         }
 
     @classmethod
@@ -173,6 +175,7 @@ class Sample:
             psi_some_us=None if data.get("psi_some_us") is None else int(data["psi_some_us"]),
             lost={str(k): int(v) for k, v in data.get("lost", {}).items()},
             limitations=tuple(str(item) for item in data.get("limitations", ())),
+            execs=tuple(int(pid) for pid in data.get("execs", ())),
         )
 
 
@@ -263,4 +266,5 @@ def merge_samples(samples: list[Sample]) -> Sample:
         psi_some_us=sum(psi) if psi else None,
         lost=lost,
         limitations=last.limitations,
+        execs=tuple(pid for sample in samples for pid in sample.execs),
     )

@@ -38,3 +38,4 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 from helpers.workloads import spawn  # noqa: E402,F401  (fixture)
+from helpers.daemon import daemon  # noqa: E402,F401  (fixture)

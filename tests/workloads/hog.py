@@ -34,8 +34,12 @@ def compress_until(deadline: float, data: bytes) -> None:
         zlib.compress(data, 6)
 
 
-def worker(args: argparse.Namespace, index: int) -> None:
+def worker(args: argparse.Namespace, index: int, reset: bool = False) -> None:
     set_thread_name(args.comm)
+    if reset:
+        # Like a runtime that sets up its own threads: undo what the thread inherited.
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 0)
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
     data = log_like_data(256 * 1024, index)
     if not args.burst_ms:
         compress_until(float("inf"), data)
@@ -60,6 +64,8 @@ def main() -> None:
     parser.add_argument("--period-ms", type=float, default=3000.0)
     parser.add_argument("--epoch", type=float, default=0.0, help="time.monotonic() the burst schedule starts at")
     parser.add_argument("--extra-thread-after", type=float, default=0.0)
+    parser.add_argument("--extra-thread-resets", action="store_true",
+                        help="the extra thread resets its own nice to 0 and affinity to all CPUs as it starts")
     args = parser.parse_args()
     set_thread_name(args.comm)
     threads = [threading.Thread(target=worker, args=(args, i), daemon=True) for i in range(args.threads)]
@@ -68,7 +74,7 @@ def main() -> None:
     announce_ready(threads=args.threads)
     if args.extra_thread_after:
         time.sleep(args.extra_thread_after)
-        extra = threading.Thread(target=worker, args=(args, len(threads)), daemon=True)
+        extra = threading.Thread(target=worker, args=(args, len(threads), args.extra_thread_resets), daemon=True)
         extra.start()
         print(f"extra-thread tid={extra.native_id}", flush=True)
     while True:

@@ -1,0 +1,146 @@
+"""The audit log: one JSON line per decision, live or dry-run, with its evidence and outcome.
+
+Lines are appended and flushed as they happen; `remediator audit` prints them as a table. A line
+carries: time, mode, decision kind, policy (with file:line), process (pid, start time, comm,
+cmdline), evidence (protected tail and threshold, offender CPU and blame share), the step, the
+exact change (or the reason nothing changed), the outcome, and for verifications the before/after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import IO, Iterator
+
+from .engine import Decision
+from .errors import RemediatorError
+from .executor import Outcome
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+def audit_record(decision: Decision, outcome: Outcome | None, mode: str) -> dict:
+    info = decision.info
+    record = {
+        "ts": _iso(decision.ts),
+        "epoch": round(decision.ts, 3),
+        "mode": mode,
+        "decision": decision.kind,
+        "action_id": decision.action_id,
+        "policy": None
+        if decision.policy is None
+        else {"name": decision.policy.name, "location": str(decision.policy.location)},
+        "process": {
+            "pid": info.pid,
+            "start_time": info.start_time,
+            "comm": info.comm,
+            "cmdline": " ".join(info.cmdline),
+        },
+        "message": decision.message,
+        "evidence": dict(decision.evidence),
+    }
+    if decision.step is not None:
+        record["step"] = {
+            "index": decision.step_index,
+            "action": decision.step.describe(),
+            "settle_s": decision.step.settle_s,
+            "location": str(decision.step.location),
+        }
+    if outcome is not None:
+        record["outcome"] = outcome.status
+        record["change"] = outcome.message
+        if outcome.original is not None:
+            record["original"] = outcome.original
+        if outcome.threads:
+            record["threads"] = outcome.threads
+    return record
+
+
+class AuditLog:
+    """Appends audit lines to a file (created 0640 with its directory 0750)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        except OSError as exc:
+            raise RemediatorError(f"cannot open the audit log {self.path}: {exc.strerror or exc}") from None
+        self._stream: IO[str] = os.fdopen(fd, "a", buffering=1)
+
+    def write(self, record: dict) -> None:
+        self._stream.write(json.dumps(record, separators=(",", ":"), default=str) + "\n")
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def read_audit(path: str | Path) -> Iterator[dict]:
+    path = Path(path)
+    try:
+        handle = path.open()
+    except OSError as exc:
+        raise RemediatorError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    with handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RemediatorError(f"{path}:{number}: not an audit line: {exc.msg}") from None
+
+
+def _detail(record: dict) -> str:
+    evidence = record.get("evidence") or {}
+    kind = record.get("decision")
+    if kind == "verify":
+        return (
+            f"{evidence.get('verdict')}: p{evidence.get('percentile'):g} {evidence.get('before_tail_us')} -> "
+            f"{evidence.get('after_tail_us')} us, blame {evidence.get('before_blame_share')} -> {evidence.get('after_blame_share')}"
+        )
+    tail = evidence.get("protected_tail")
+    offender = evidence.get("offender")
+    parts = []
+    if tail:
+        parts.append(f"p{tail.get('percentile'):g} {tail.get('value_us')} us > {tail.get('threshold_us')} us "
+                     f"({tail.get('windows_over')}/{tail.get('of_windows')})")
+    if offender:
+        parts.append(f"cpu {offender.get('cpu')} peak {offender.get('peak_cpu')} blame {offender.get('blame_share')}")
+    if record.get("change"):
+        parts.append(record["change"])
+    elif record.get("message"):
+        parts.append(record["message"])
+    return "; ".join(parts)
+
+
+def format_table(records: list[dict], width: int = 0) -> str:
+    rows = [("TIME (UTC)", "MODE", "DECISION", "POLICY", "PID", "COMM", "STEP", "OUTCOME", "DETAIL")]
+    for record in records:
+        policy = record.get("policy") or {}
+        process = record.get("process") or {}
+        step = record.get("step") or {}
+        rows.append(
+            (
+                record.get("ts", "")[11:23],
+                record.get("mode", ""),
+                record.get("decision", ""),
+                policy.get("name", ""),
+                str(process.get("pid", "")),
+                process.get("comm", ""),
+                step.get("action", ""),
+                record.get("outcome", ""),
+                _detail(record),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = []
+    for row in rows:
+        line = "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])) + "  " + row[-1]
+        lines.append(line[:width] if width else line)
+    return "\n".join(lines)

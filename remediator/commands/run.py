@@ -1,0 +1,45 @@
+"""`remediator run`: the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..daemon import Daemon
+
+EXAMPLES = """\
+examples:
+  sudo remediator run --config /etc/remediator/remediator.toml           mode from the config
+  sudo remediator run --config examples/remediator.toml --dry-run        judge this host, change nothing
+  sudo remediator run --config /etc/remediator/remediator.toml --live    make the changes
+  sudo systemctl reload remediator        (SIGHUP) reload config and policies; a bad set keeps the old one
+
+Every decision goes to the audit log (see 'remediator audit'); every change is journaled first
+(see 'remediator revert').
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="the daemon: watch, decide, act (or say what it would do), verify, give back",
+        description="Run the remediation loop on this host with the given config and its policies.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", required=True, metavar="FILE", help="the daemon config (remediator.toml)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", dest="mode", action="store_const", const="dry-run",
+                      help="change nothing; log and audit what would be done (overrides the config's mode)")
+    mode.add_argument("--live", dest="mode", action="store_const", const="live", help="make the changes (overrides the config's mode)")
+    parser.add_argument("--source", choices=("auto", "bpf", "procfs"), default="auto",
+                        help="where samples come from (default: bpf, else procfs without tail or blame)")
+    parser.add_argument("--ticks", type=int, default=None, help=argparse.SUPPRESS)  # stop after N ticks (tests)
+    parser.set_defaults(handler=run_daemon)
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    daemon = Daemon(args.config, mode=args.mode, source=args.source, max_ticks=args.ticks)
+    daemon.install_signal_handlers()
+    logging.getLogger("remediator").debug("config %s loaded", args.config)
+    return daemon.run()

@@ -1,0 +1,317 @@
+"""`remediator run`: the loop that turns samples and policies into changes, hands-off.
+
+    collector -> engine (pure) -> executor (journal first) -> audit log + journald-friendly log
+
+One tick: take a sample, decide, carry out each decision, re-apply changes to threads born since,
+tell systemd we are alive. SIGHUP reloads the config and policies (a bad reload keeps the last good
+set and logs every located error); SIGTERM and SIGINT stop, restoring every change first when
+`revert_on_exit` says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from .audit import AuditLog, audit_record
+from .collector import Collector
+from .config import DaemonConfig, assert_trusted_file, load_config
+from .cpulist import format_cpulist, online_cpus
+from .engine import Decision, EngineSettings, EngineState, decide, forget, record_outcome
+from .errors import RemediatorError
+from .executor import Executor, Outcome
+from .journal import Journal
+from .placement import auto_request_cpus
+from .policy import PolicyErrors, PolicySet, load_policies
+from .probes import ProbeSettings, window_shift_for
+from .procfs import ProcessInfo, ProcFS
+from .safety import exclusion_reason
+from .sdnotify import Notifier
+from .sources import open_source
+
+log = logging.getLogger("remediator")
+
+SUMMARY_EVERY_S = 30.0
+WARN_KINDS = frozenset({"exhausted", "capped", "infeasible"})
+
+
+def load_all(config_path: Path, trusted: bool) -> tuple[DaemonConfig, PolicySet]:
+    """Config and policies, checked; raises PolicyErrors (located) or RemediatorError."""
+    if trusted:
+        assert_trusted_file(config_path)
+    config = load_config(config_path, require_trusted=trusted)
+    policies = load_policies(config.policy_paths, online_cpus=online_cpus(), require_trusted=trusted)
+    return config, policies
+
+
+class Daemon:
+    def __init__(
+        self,
+        config_path: str | Path,
+        *,
+        mode: str | None = None,
+        source: str = "auto",
+        procfs: ProcFS | None = None,
+        notifier: Notifier | None = None,
+        max_ticks: int | None = None,
+        sleep: Callable[[float], None] | None = None,
+    ):
+        self.config_path = Path(config_path)
+        self.mode_override = mode
+        self.source_choice = source
+        self.procfs = procfs or ProcFS()
+        self.notifier = notifier or Notifier()
+        self.max_ticks = max_ticks
+        self.trusted = os.geteuid() == 0  # a root daemon must not read rules others can edit
+        self._wake = threading.Event()
+        self._sleep = sleep
+        self._stop = False
+        self._reload = False
+        self.config, self.policies = load_all(self.config_path, self.trusted)
+        self.mode = self.mode_override or self.config.mode
+        if self.mode == "live" and os.geteuid() != 0:
+            raise RemediatorError("live mode changes other users' processes: run as root (or use --dry-run)")
+        for warning in self.policies.warnings:
+            log.warning("%s", warning)
+
+    # -- signals --------------------------------------------------------------------------------
+    def _on_signal(self, signum, _frame) -> None:
+        if signum == signal.SIGHUP:
+            self._reload = True
+        else:
+            self._stop = True
+        self._wake.set()
+
+    def install_signal_handlers(self) -> None:
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def reload(self) -> bool:
+        """Load config and policies again; keep the running ones when the new set is bad."""
+        try:
+            config, policies = load_all(self.config_path, self.trusted)
+        except PolicyErrors as exc:
+            for diagnostic in exc.diagnostics:
+                log.error("reload: %s", diagnostic)
+            log.error("reload failed: keeping the last good configuration and %d policies", len(self.policies.policies))
+            return False
+        except RemediatorError as exc:
+            log.error("reload failed: %s: keeping the last good configuration", exc)
+            return False
+        for name in ("journal_path", "audit_path", "tick_s"):
+            if getattr(config, name) != getattr(self.config, name):
+                log.warning("reload: %s changed; it takes effect at the next restart", name.replace("_", " "))
+                config = dataclasses.replace(config, **{name: getattr(self.config, name)})
+        if config.protect != self.config.protect:
+            self.collector.selectors = config.protect
+            self.collector.rescan_now()
+        self.config, self.policies = config, policies
+        for warning in policies.warnings:
+            log.warning("%s", warning)
+        log.info("reloaded %s: %d policies", self.config_path, len(policies.policies))
+        return True
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> int:
+        config = self.config
+        dry_run = self.mode == "dry-run"
+        self.audit = AuditLog(config.audit_path)
+        journal = None if dry_run else Journal(config.journal_path)
+        self.executor = Executor(journal, self.procfs, dry_run=dry_run)
+        window_ms = max(1.0, config.tick_s * 1000 / 4)  # several windows per tick, so bursts show
+        source, fallback = open_source(self.procfs, want=self.source_choice, settings=ProbeSettings(window_shift=window_shift_for(window_ms)))
+        if fallback:
+            log.warning("eBPF probes not loaded (%s): using procfs, which has no run-queue tail and no blame, "
+                        "so only policies with always = true can act", fallback)
+        self.collector = Collector(source, config.protect, self.procfs, track_execs=self._has_always_policies())
+        self.state = EngineState()
+        try:
+            if not dry_run:
+                for outcome in self.executor.reconcile(config.on_start):
+                    self._log_outcome("start-up", outcome)
+            self.collector.start()
+            log.info(
+                "%s: %d policies, protecting %s (%s), tick %g s, source %s, audit %s",
+                "dry-run (nothing will be changed)" if dry_run else "live",
+                len(self.policies.policies), config.protect.describe(), self._protected_summary(),
+                config.tick_s, source.name, config.audit_path,
+            )
+            self.notifier.ready(f"{self.mode}: starting")
+            self._loop(first_scan=True)
+        finally:
+            self._shutdown(dry_run)
+        return 0
+
+    def _has_always_policies(self) -> bool:
+        return any(policy.trigger.always for policy in self.policies.policies)
+
+    def _protected_summary(self) -> str:
+        pids = sorted(self.collector.protected)
+        if not pids:
+            return "none running yet"
+        threads = sum(len(tids) for tids in self.collector.protected.values())
+        return f"{len(pids)} processes, {threads} threads"
+
+    def _discover_always(self) -> list[ProcessInfo]:
+        """Processes already running that an always-policy places (at start and after a reload)."""
+        if not self._has_always_policies():
+            return []
+        found = []
+        for info in self.procfs.iter_processes():
+            selected = self.policies.select(info)
+            if selected and selected[0].trigger.always:
+                found.append(info)
+        return found
+
+    def _loop(self, first_scan: bool) -> None:
+        ticks = 0
+        next_tick = time.monotonic()
+        last_summary = time.monotonic()
+        discovered = self._discover_always() if first_scan else []
+        while not self._stop:
+            next_tick += self.config.tick_s
+            delay = next_tick - time.monotonic()
+            if delay > 0:
+                if self._sleep:
+                    self._sleep(delay)
+                else:
+                    self._wake.wait(delay)
+                    self._wake.clear()
+            else:
+                next_tick = time.monotonic()  # fell behind: do not try to catch up in a burst
+            if self._stop:
+                break
+            if self._reload:
+                self._reload = False
+                if self.reload():
+                    discovered = self._discover_always()
+                    self.collector.track_execs = self._has_always_policies()
+            self.tick(discovered)
+            discovered = []
+            ticks += 1
+            now = time.monotonic()
+            if now - last_summary >= SUMMARY_EVERY_S:
+                last_summary = now
+                self._log_summary()
+            if self.max_ticks is not None and ticks >= self.max_ticks:
+                break
+
+    def tick(self, discovered: list[ProcessInfo] = ()) -> list[Decision]:
+        sample = self.collector.sample()
+        self.last_sample = sample
+        protected_tids = [tid for tids in self.collector.protected.values() for tid in tids]
+        online = online_cpus()
+        request = self.config.request_cpus if self.config.request_cpus is not None else auto_request_cpus(protected_tids)
+        settings = EngineSettings(
+            request_cpus=frozenset(request) & online,
+            online_cpus=online,
+            max_changes_per_minute=self.config.max_changes_per_minute,
+            self_pid=os.getpid(),
+        )
+        exec_infos = [sample.processes[pid] for pid in sample.execs if pid in sample.processes]
+        self.state, decisions = decide(self.state, sample, self.policies, settings, list(discovered) + exec_infos)
+        for decision in decisions:
+            self._carry_out(decision, sample.protected.pids)
+        for outcome in self.executor.maintain():
+            if outcome.status in ("gone", "dropped"):
+                self.state = forget(self.state, outcome.identity)
+            self._log_outcome("maintain", outcome)
+        self.notifier.watchdog()
+        self.notifier.status(self._status_line(sample))
+        return decisions
+
+    def _status_line(self, sample) -> str:
+        p99 = sample.protected.percentile_ns(99)
+        tail = "n/a" if p99 is None else f"{p99 / 1000:.0f} us"
+        return f"{self.mode}: protected p99 {tail}, {len(self.state.active())} active remediations"
+
+    def _carry_out(self, decision: Decision, protected_pids) -> None:
+        outcome = None
+        if decision.kind == "act":
+            outcome = self.executor.apply(decision.request, protected_pids)
+            self.state = record_outcome(self.state, decision, outcome.status, self.policies)
+        elif decision.kind == "revert":
+            outcome = self._revert(decision)
+            self.state = record_outcome(self.state, decision, outcome.status, self.policies)
+        self.audit.write(audit_record(decision, outcome, self.mode))
+        self._log_decision(decision, outcome)
+
+    def _revert(self, decision: Decision) -> Outcome:
+        outcomes = self.executor.restore(decision.identity)
+        if not outcomes:
+            status = "would-apply" if self.mode == "dry-run" else "unchanged"
+            message = "would restore the originals" if self.mode == "dry-run" else "nothing left to restore"
+            return Outcome(status, "all", decision.identity, message)
+        errors = [o for o in outcomes if o.is_error]
+        status = errors[0].status if errors else ("gone" if all(o.status == "gone" for o in outcomes) else "restored")
+        return Outcome(status, "all", decision.identity, "; ".join(o.message for o in outcomes))
+
+    # -- logs ---------------------------------------------------------------------------------
+    def _log_decision(self, decision: Decision, outcome: Outcome | None) -> None:
+        who = f"pid {decision.info.pid} ({decision.info.comm})"
+        policy = f"policy {decision.policy.name} ({decision.policy.location})" if decision.policy else "no policy"
+        if decision.kind == "act":
+            verb = "would change" if outcome and outcome.status == "would-apply" else outcome.status if outcome else "?"
+            level = logging.WARNING if outcome and outcome.is_error else logging.INFO
+            log.log(level, "%s %s by %s, %s: %s [%s]", verb, who, policy, decision.message,
+                    outcome.message if outcome else "", decision.evidence.get("reason", decision.evidence.get("trigger", "")))
+        elif decision.kind == "revert":
+            log.info("revert %s by %s: %s: %s", who, policy, decision.message, outcome.message if outcome else "")
+        elif decision.kind in WARN_KINDS:
+            log.warning("%s %s by %s: %s", decision.kind, who, policy, decision.message)
+        else:
+            log.info("%s %s by %s: %s", decision.kind, who, policy, decision.message)
+
+    def _log_outcome(self, when: str, outcome: Outcome) -> None:
+        if outcome.status == "unchanged":
+            return
+        level = logging.WARNING if outcome.is_error else logging.INFO
+        log.log(level, "%s: %s", when, outcome)
+        self.audit.write({"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "epoch": round(time.time(), 3),
+                          "mode": self.mode, "decision": when, "process": {"pid": outcome.identity.pid,
+                          "start_time": outcome.identity.start_time}, "outcome": outcome.status, "change": outcome.message})
+
+    def _log_summary(self) -> None:
+        sample = getattr(self, "last_sample", None)
+        if sample is None:
+            return
+        waits = sample.protected
+        if not waits.pids:
+            log.info("nothing protected is running (%s); watching for it", self.config.protect.describe())
+            return
+        p99 = waits.percentile_ns(99)
+        top = []
+        for pid, ns in sample.blame[:3]:
+            info = sample.processes.get(pid)
+            name = info.comm if info else str(pid)
+            policy = self.policies.select(info) if info else None
+            excluded = exclusion_reason(info, waits.pids) if info else None
+            note = excluded or (f"policy {policy[0].name}" if policy else "no policy")
+            top.append(f"{name} ({pid}) {sample.blame_share(pid):.0%} [{note}]")
+        active = self.state.active()
+        log.info(
+            "protected %d processes, %d threads; p99 %s; most blamed: %s; %d active remediations; request CPUs %s",
+            len(waits.pids), waits.threads, "n/a" if p99 is None else f"{p99 / 1000:.0f} us", ", ".join(top) or "nobody",
+            len(active), format_cpulist(self.config.request_cpus) if self.config.request_cpus is not None else "auto",
+        )
+
+    def _shutdown(self, dry_run: bool) -> None:
+        self.notifier.stopping()
+        try:
+            if not dry_run and self.config.revert_on_exit and hasattr(self, "executor"):
+                for outcome in self.executor.restore():
+                    self._log_outcome("exit", outcome)
+        finally:
+            if hasattr(self, "collector"):
+                self.collector.close()
+            if hasattr(self, "executor") and self.executor.journal is not None:
+                self.executor.journal.close()
+            if hasattr(self, "audit"):
+                self.audit.close()
+            self.notifier.close()
