@@ -408,12 +408,14 @@ class Checker:
             result = self.check_value(key, value, path + (name,))
             if result is not _INVALID:
                 clean[name] = result
+        missing = [key.name for key in spec.keys if key.required and key.name not in data]
+        if missing:
+            names = ", ".join(f"'{name}'" for name in missing)
+            self.at_value(path, f"missing required key{'s' if len(missing) > 1 else ''} {names}", "missing-key")
         for key in spec.keys:
-            if key.name in data:
+            if key.name in data or key.required:
                 continue
-            if key.required:
-                self.at_value(path, f"missing required key '{key.name}'", "missing-key")
-            elif key.has_default:
+            if key.has_default:
                 clean[key.name] = self.convert_default(key)
             elif key.type == "table" and not any(child.required for child in key.keys) and all(
                 child.has_default or child.type == "table" for child in key.keys

@@ -119,13 +119,42 @@ def parse(source: str | bytes, path: str) -> Document:
         if message == "Illegal character '\\n'":
             # tomli says this only inside a one-line string that reaches the end of its line.
             message = "string not closed before the end of the line (\"...\" and '...' are one line; use \"\"\"...\"\"\" for several)"
-        raise TomlSyntaxError(Location(path, line, column), f"TOML syntax: {message[0].lower()}{message[1:]}") from None
+        raise TomlSyntaxError(Location(path, line, column), f"TOML syntax: {_sentence(message)}") from None
+    except RecursionError as exc:
+        # tomli refuses arrays and inline tables nested too deep this way, without a position.
+        line, column = _deepest_nesting(text)
+        raise TomlSyntaxError(Location(path, line, column), f"TOML syntax: {_sentence(str(exc))}") from None
     document = Document(path, text, data)
     try:
         document.spans = _Scanner(text).scan()
-    except _ScanError:
-        document.complete = False
+    except (_ScanError, RecursionError):
+        document.complete = False  # positions fall back to the nearest known parent
     return document
+
+
+def _deepest_nesting(text: str) -> tuple[int, int]:
+    """Where brackets first reach their deepest nesting (strings are not skipped: good enough to point at)."""
+    depth = deepest = 0
+    line, column = 1, 0
+    where = (1, 1)
+    for char in text:
+        column += 1
+        if char == "\n":
+            line, column = line + 1, 0
+        elif char in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, where = depth, (line, column)
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return where
+
+
+def _sentence(message: str) -> str:
+    """tomli's message as the rest of a sentence: 'Invalid value' -> 'invalid value', 'TOML ...' kept."""
+    if len(message) > 1 and message[1].isupper():
+        return message
+    return message[:1].lower() + message[1:]
 
 
 class _ScanError(Exception):

@@ -223,8 +223,9 @@ def test_explain_refuses_invalid_policies_with_located_errors(tmp_path, capsys):
     (directory / "bad.toml").write_text('[[policy]]\nname = "x"\n')
     assert main(["policy", "explain", str(directory)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("remediator: error: ")
-    assert f"{directory}/bad.toml:1:1: error: policy[0]: missing required key 'description'" in err
+    assert err.splitlines() == [
+        f"{directory}/bad.toml:1:1: error: policy[0]: missing required keys 'description', 'match', 'trigger', 'actions'"
+    ]
 
 
 # -- real processes -----------------------------------------------------------------------------------

@@ -1,0 +1,106 @@
+"""The daemon config: compiled values, paths relative to the file, errors, and the trust check."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from remediator.config import UntrustedFile, assert_trusted_file, load_config
+from remediator.policy import PolicyErrors
+from remediator.selectors import ProtectSelectors
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_example_config():
+    config = load_config(ROOT / "examples" / "remediator.toml")
+    assert config.protect == ProtectSelectors(pids=(), comms=("nginx", "envoy"), cgroups=(), units=("api.service",))
+    assert config.request_cpus is None  # auto
+    assert (config.mode, config.tick_s, config.on_start, config.revert_on_exit) == ("dry-run", 0.25, "restore", True)
+    assert config.policy_paths == (ROOT / "policies",)
+    assert config.journal_path == Path("/var/lib/remediator/journal.jsonl")
+    assert config.audit_path == Path("/var/log/remediator/audit.jsonl")
+    assert config.max_changes_per_minute == 10
+
+
+def test_defaults_and_relative_paths(tmp_path):
+    (tmp_path / "policies").mkdir()
+    path = tmp_path / "remediator.toml"
+    path.write_text('[protect]\nunit = "api"\ncgroup = ["/sys/fs/cgroup/system.slice/api.service/"]\nrequest_cpus = "0-1, 4"\n'
+                    '[daemon]\njournal = "state/journal.jsonl"\n')
+    config = load_config(path)
+    assert config.protect.units == ("api.service",)
+    assert config.protect.cgroups == ("/system.slice/api.service",)
+    assert config.request_cpus == frozenset({0, 1, 4})
+    assert config.mode == "dry-run" and config.tick_s == 0.25
+    assert config.policy_paths == (tmp_path / "policies",)
+    assert config.journal_path == tmp_path / "state" / "journal.jsonl"
+    assert config.max_changes_per_minute == 10
+
+
+def test_errors_are_located(tmp_path):
+    (tmp_path / "policies").mkdir()
+    path = tmp_path / "remediator.toml"
+    path.write_text('[protect]\ncomm = ["nginx"]\n[daemon]\nmode = "on"\ntick = 1\n')
+    with pytest.raises(PolicyErrors) as caught:
+        load_config(path)
+    assert str(caught.value).splitlines() == [
+        f"{path}:4:8: error: daemon.mode: \"on\" is not one of 'live', 'dry-run'",
+        f'{path}:5:8: error: daemon.tick: a duration needs a unit: write "1s" (units: us, ms, s, m, h)',
+    ]
+
+
+def test_unreadable_and_syntax_errors(tmp_path):
+    with pytest.raises(PolicyErrors, match="missing.toml: error: cannot read: No such file or directory"):
+        load_config(tmp_path / "missing.toml")
+    path = tmp_path / "remediator.toml"
+    path.write_text("[protect\n")
+    with pytest.raises(PolicyErrors, match=r"remediator.toml:1:9: error: TOML syntax: "):
+        load_config(path)
+
+
+# -- trust ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def trusted_dir(tmp_path):
+    directory = tmp_path / "etc"
+    directory.mkdir(mode=0o755)
+    os.chmod(directory, 0o755)
+    path = directory / "remediator.toml"
+    path.write_text('[protect]\ncomm = ["nginx"]\n[daemon]\npolicies = ["."]\n')
+    os.chmod(path, 0o644)
+    return directory
+
+
+@pytest.mark.root
+def test_trusted_file_owned_by_root_and_not_writable_by_others(trusted_dir):
+    path = trusted_dir / "remediator.toml"
+    assert_trusted_file(path)  # tmp_path sits under /tmp: world-writable but sticky, which is allowed above
+    assert load_config(path, require_trusted=True).protect.comms == ("nginx",)
+
+    os.chmod(path, 0o664)
+    with pytest.raises(UntrustedFile, match=r"it is group- or world-writable \(mode 0664\)"):
+        assert_trusted_file(path)
+    os.chmod(path, 0o644)
+
+    os.chmod(trusted_dir, 0o777)
+    with pytest.raises(UntrustedFile, match=rf"{trusted_dir} is group- or world-writable"):
+        assert_trusted_file(path)
+    os.chmod(trusted_dir, 0o755)
+
+    os.chown(path, 65534, 65534)
+    with pytest.raises(UntrustedFile, match="is owned by uid 65534, not root"):
+        load_config(path, require_trusted=True)
+
+
+@pytest.mark.root
+def test_a_symlink_is_judged_by_its_target(trusted_dir, tmp_path):
+    target = trusted_dir / "remediator.toml"
+    link = tmp_path / "link.toml"
+    link.symlink_to(target)
+    assert_trusted_file(link)
+    os.chown(target, 65534, 65534)
+    with pytest.raises(UntrustedFile, match="owned by uid 65534"):
+        assert_trusted_file(link)
