@@ -28,7 +28,6 @@ from .config import (
     host_cpu_warnings,
     looks_like_config,
     parse_source,
-    read_document,
 )
 from .cpulist import format_cpulist
 from .errors import Location
@@ -38,6 +37,7 @@ from .schema import POLICY_FILE, Checker, Diagnostic, PolicyErrors, format_durat
 from .tomlpos import Document, KeyPath, format_key_path
 
 __all__ = [
+    "CompiledPolicy",
     "CpuSpec",
     "Diagnostic",
     "Limits",
@@ -205,34 +205,33 @@ class PolicySet:
 # -- compile one document -----------------------------------------------------------------------
 
 @dataclass
-class _Compiled:
-    """A compiled policy and what the cross-file checks need: where its name and selectors are."""
+class CompiledPolicy:
+    """A compiled policy with what the checks across files need: where it and its selectors are."""
 
     policy: Policy
     document: Document
     path: KeyPath  # ("policy", index)
-    selector_paths: dict[tuple[str, str], KeyPath] = field(default_factory=dict)
+    selector_paths: dict[tuple[str, str], KeyPath] = field(default_factory=dict)  # (field, value) -> where written
 
 
-def compile_policies(document: Document, online_cpus: frozenset[int] | None = None) -> tuple[list[_Compiled], list[Diagnostic]]:
+def compile_policies(document: Document, online_cpus: frozenset[int] | None = None) -> tuple[list[CompiledPolicy], list[Diagnostic]]:
     """Check and compile one policy document. Policies with an error are left out of the result."""
     checker = Checker(document)
     clean = checker.check_table(POLICY_FILE, document.data, ())
     diagnostics = checker.diagnostics
-    compiled: list[_Compiled] = []
+    compiled: list[CompiledPolicy] = []
     if clean is None:
         return compiled, diagnostics
     if "policy" not in document.data and not has_errors(diagnostics):
         diagnostics.append(Diagnostic(Location(document.path), "warning", "no [[policy]] table in this file", "no-policy"))
-    raw_policies = document.data.get("policy")
     for index, values in enumerate(clean.get("policy") or []):
         path: KeyPath = ("policy", index)
+        # Checks across keys need every key valid: a policy the checker rejected is not compiled
+        # (its problems are reported; the rest follow once they are fixed).
         if values is None or _has_errors_under(diagnostics, path):
-            continue  # the checker reported it; checks across keys need every key valid
-        raw = raw_policies[index] if isinstance(raw_policies, list) else {}
-        before = len(diagnostics)
-        result = _PolicyCompiler(document, path, values, raw, diagnostics, online_cpus).compile()
-        if result is not None and not has_errors(diagnostics[before:]):
+            continue
+        result = _PolicyCompiler(document, path, values, diagnostics, online_cpus).compile()
+        if result is not None:
             compiled.append(result)
     return compiled, diagnostics
 
@@ -246,21 +245,18 @@ def _has_errors_under(diagnostics: list[Diagnostic], path: KeyPath) -> bool:
 
 
 class _PolicyCompiler:
-    """Checks that span several keys of one [[policy]], then builds the Policy."""
+    """The checks that span several keys of one structurally valid [[policy]], then the Policy.
+
+    `values` is the checker's clean tree: every required key present, defaults filled in,
+    durations in seconds, CPU lists as frozensets.
+    """
 
     def __init__(
-        self,
-        document: Document,
-        path: KeyPath,
-        values: dict,
-        raw: Any,
-        diagnostics: list[Diagnostic],
-        online_cpus: frozenset[int] | None,
+        self, document: Document, path: KeyPath, values: dict, diagnostics: list[Diagnostic], online_cpus: frozenset[int] | None
     ):
         self.document = document
         self.path = path
         self.values = values
-        self.raw = raw if isinstance(raw, dict) else {}
         self.diagnostics = diagnostics
         self.online_cpus = online_cpus
         self.failed = False
@@ -272,15 +268,18 @@ class _PolicyCompiler:
         if severity == "error":
             self.failed = True
 
-    def compile(self) -> _Compiled | None:
+    def compile(self) -> CompiledPolicy | None:
         values = self.values
         match = self._match()
         trigger = self._trigger()
-        limits = self._limits()
-        steps = self._steps(limits)
-        if self.failed or match is None or trigger is None or limits is None or steps is None:
-            return None
-        if "name" not in values or "description" not in values:
+        limits = Limits(
+            cooldown_s=values["limits"]["cooldown"],
+            max_actions_per_hour=values["limits"]["max_actions_per_hour"],
+            revert_after_quiet_s=values["limits"]["revert_after_quiet"],
+            min_cpus=values["limits"]["min_cpus"],
+        )
+        steps = tuple(self._step(self.path + ("actions", index), action, limits) for index, action in enumerate(values["actions"]))
+        if self.failed or match is None or trigger is None:
             return None
         policy = Policy(
             name=values["name"],
@@ -292,52 +291,42 @@ class _PolicyCompiler:
             limits=limits,
             location=self.document.value_location(self.path),
         )
-        result = _Compiled(policy, self.document, self.path)
-        raw_match = self.raw.get("match") if isinstance(self.raw.get("match"), dict) else {}
+        result = CompiledPolicy(policy, self.document, self.path)
+        written_match = self.document.data["policy"][self.path[1]]["match"]
         for name in FIELDS:
-            written = raw_match.get(name)
             items = values["match"].get(name)
             if items is None:
                 continue
             if name == "cmdline":
                 result.selector_paths[(name, items)] = self.path + ("match", name)
                 continue
+            as_list = isinstance(written_match[name], list)
             for index, item in enumerate(items):
-                where = self.path + ("match", name) + ((index,) if isinstance(written, list) else ())
-                result.selector_paths.setdefault((name, item), where)
+                result.selector_paths.setdefault((name, item), self.path + ("match", name) + ((index,) if as_list else ()))
         return result
 
     def _match(self) -> Match | None:
-        values = self.values.get("match")
-        if values is None:
-            return None
+        values = self.values["match"]
         if not any(name in values for name in FIELDS):
-            if isinstance(self.raw.get("match"), dict) and not self.raw["match"]:
-                self.problem(
-                    self.path + ("match",),
-                    f"is empty, which would match every process; give at least one of {', '.join(FIELDS)}",
-                    "empty-match",
-                )
+            self.problem(
+                self.path + ("match",), f"is empty, which would match every process; give at least one of {', '.join(FIELDS)}", "empty-match"
+            )
             return None
         return Match.build(**{name: values[name] for name in FIELDS if name in values})
 
     def _trigger(self) -> Trigger | None:
-        values = self.values.get("trigger")
-        if values is None:
-            return None
+        values = self.values["trigger"]
         path = self.path + ("trigger",)
-        always = values.get("always", False)
-        raw = self.raw.get("trigger") if isinstance(self.raw.get("trigger"), dict) else {}
-        if always:
+        if values["always"]:
             for name in ("tail", "offender"):
-                if name in raw:
+                if name in values:
                     self.problem(
                         path + (name,),
                         f"always = true means static placement at exec with no condition; remove {name} (or set always = false)",
                         "exclusive",
                         at_key=True,
                     )
-            if len(self.values.get("actions") or ()) > 1:
+            if len(self.values["actions"]) > 1:
                 self.problem(
                     path + ("always",),
                     "with always = true the ladder is climbed after each settle time with nothing to stop it; "
@@ -345,29 +334,20 @@ class _PolicyCompiler:
                     "always-ladder",
                     severity="warning",
                 )
-            if self.failed:
-                return None
             return Trigger(True, None, None, None, None, None, "mean", None, "any")
         for name in ("tail", "offender"):
-            if name not in raw:
-                self.problem(
-                    path, f"missing required key '{name}' (or set always = true for a static placement)", "missing-key"
-                )
+            if name not in values:
+                self.problem(path, f"missing required key '{name}' (or set always = true for a static placement)", "missing-key")
         tail, offender = values.get("tail"), values.get("offender")
         if tail is None or offender is None:
             return None
-        if "windows" in tail and "of" in tail and tail["windows"] > tail["of"]:
-            self.problem(
-                path + ("tail", "windows"), f"{tail['windows']} is more than of = {tail['of']} (N of the last M windows)", "range"
-            )
+        if tail["windows"] > tail["of"]:
+            self.problem(path + ("tail", "windows"), f"{tail['windows']} is more than of = {tail['of']} (N of the last M windows)", "range")
         if "cpu" not in offender and "blame_share" not in offender:
-            raw_offender = raw.get("offender")
-            if isinstance(raw_offender, dict) and "cpu" not in raw_offender and "blame_share" not in raw_offender:
-                self.problem(
-                    path + ("offender",), "give cpu, blame_share or both: the use that makes a matched process an offender", "missing-key"
-                )
-            return None
-        if "above" not in tail or self.failed:
+            self.problem(
+                path + ("offender",), "give cpu, blame_share or both: the use that makes a matched process an offender", "missing-key"
+            )
+        if self.failed:
             return None
         return Trigger(
             always=False,
@@ -381,34 +361,7 @@ class _PolicyCompiler:
             offender_require=offender["require"],
         )
 
-    def _limits(self) -> Limits | None:
-        values = self.values.get("limits")
-        if values is None or not all(name in values for name in ("cooldown", "max_actions_per_hour", "revert_after_quiet", "min_cpus")):
-            return None  # an invalid limit: already reported
-        return Limits(
-            cooldown_s=values["cooldown"],
-            max_actions_per_hour=values["max_actions_per_hour"],
-            revert_after_quiet_s=values["revert_after_quiet"],
-            min_cpus=values["min_cpus"],
-        )
-
-    def _steps(self, limits: Limits | None) -> tuple[Step, ...] | None:
-        actions = self.values.get("actions")
-        if actions is None:
-            return None
-        steps = []
-        for index, action in enumerate(actions):
-            path = self.path + ("actions", index)
-            if action is None or "settle" not in action:
-                continue
-            step = self._step(path, action, limits)
-            if step is not None:
-                steps.append(step)
-        if len(steps) != len(actions):
-            return None
-        return tuple(steps)
-
-    def _step(self, path: KeyPath, action: dict, limits: Limits | None) -> Step | None:
+    def _step(self, path: KeyPath, action: dict, limits: Limits) -> Step:
         location = self.document.value_location(path)
         settle = action["settle"]
         if "nice" in action:
@@ -421,38 +374,32 @@ class _PolicyCompiler:
                 )
             return Step("nice", settle, location, nice=action["nice"])
         if "affinity" in action:
-            spec = self._cpu_spec(path + ("affinity",), action["affinity"], limits)
-            return Step("affinity", settle, location, cpus=spec) if spec is not None else None
-        if "cpuset" in action:
-            cpuset = action["cpuset"]
-            if "cpus" not in cpuset or "cgroup" not in cpuset:
-                return None
-            spec = self._cpu_spec(path + ("cpuset", "cpus"), cpuset["cpus"], limits)
-            return Step("cpuset", settle, location, cpus=spec, cgroup=cpuset["cgroup"]) if spec is not None else None
-        return None  # none (or several) of the three: reported by the checker
+            return Step("affinity", settle, location, cpus=self._cpu_spec(path + ("affinity",), action["affinity"], limits))
+        cpuset = action["cpuset"]
+        spec = self._cpu_spec(path + ("cpuset", "cpus"), cpuset["cpus"], limits)
+        return Step("cpuset", settle, location, cpus=spec, cgroup=cpuset["cgroup"])
 
-    def _cpu_spec(self, path: KeyPath, value: Any, limits: Limits | None) -> CpuSpec | None:
+    def _cpu_spec(self, path: KeyPath, value: Any, limits: Limits) -> CpuSpec:
         if value == "unprotected":
             return CpuSpec(unprotected=True)
         cpus = frozenset(value)
-        if limits is not None and len(cpus) < limits.min_cpus:
+        if len(cpus) < limits.min_cpus:
             self.problem(
                 path,
                 f"{format_cpulist(cpus)} leaves {len(cpus)} CPU{'s' if len(cpus) != 1 else ''}, fewer than limits.min_cpus = {limits.min_cpus}",
                 "range",
             )
-            return None
-        if self.online_cpus is not None:
+        elif self.online_cpus is not None:
             self.diagnostics.extend(host_cpu_warnings(self.document, path, cpus, self.online_cpus))
         return CpuSpec(unprotected=False, cpus=cpus)
 
 
 # -- across files ---------------------------------------------------------------------------------
 
-def cross_file_diagnostics(compiled: list[_Compiled]) -> list[Diagnostic]:
+def cross_file_diagnostics(compiled: list[CompiledPolicy]) -> list[Diagnostic]:
     """Duplicate names, and policies that would fight over a selector."""
     diagnostics: list[Diagnostic] = []
-    first_by_name: dict[str, _Compiled] = {}
+    first_by_name: dict[str, CompiledPolicy] = {}
     for item in compiled:
         name = item.policy.name
         earlier = first_by_name.get(name)
@@ -496,7 +443,7 @@ def cross_file_diagnostics(compiled: list[_Compiled]) -> list[Diagnostic]:
     return diagnostics
 
 
-def unprotected_warnings(compiled: list[_Compiled], request_cpus: frozenset[int], online: frozenset[int]) -> list[Diagnostic]:
+def unprotected_warnings(compiled: list[CompiledPolicy], request_cpus: frozenset[int], online: frozenset[int]) -> list[Diagnostic]:
     """Steps aimed at `unprotected` CPUs when the config's request CPUs leave none on this host."""
     if online - request_cpus:
         return []
@@ -574,8 +521,8 @@ def load_policies(
 
 def _check_policy_sources(
     sources: Sequence[tuple[str, bytes | str]], online_cpus: frozenset[int] | None
-) -> tuple[list[_Compiled], list[Diagnostic]]:
-    compiled: list[_Compiled] = []
+) -> tuple[list[CompiledPolicy], list[Diagnostic]]:
+    compiled: list[CompiledPolicy] = []
     diagnostics: list[Diagnostic] = []
     for display, source in sources:
         document, problems = parse_source(source, display)
