@@ -326,14 +326,6 @@ class _PolicyCompiler:
                         "exclusive",
                         at_key=True,
                     )
-            if len(self.values["actions"]) > 1:
-                self.problem(
-                    path + ("always",),
-                    "with always = true the ladder is climbed after each settle time with nothing to stop it; "
-                    "a static placement is normally a single step",
-                    "always-ladder",
-                    severity="warning",
-                )
             return Trigger(True, None, None, None, None, None, "mean", None, "any")
         for name in ("tail", "offender"):
             if name not in values:

@@ -288,7 +288,7 @@ OFFENDER_KEYS = (
 )
 
 TRIGGER_KEYS = (
-    Key("always", "boolean", "`true`: static placement at exec, no tail condition; then `tail` and `offender` must be absent.", default=False),
+    Key("always", "boolean", "`true`: static placement at exec: the whole ladder is applied at once, with no condition, and never reverted; then `tail` and `offender` must be absent.", default=False),
     Key("tail", "table", "The protected service's latency condition (required unless `always`).", keys=TAIL_KEYS,
         example='tail = { percentile = 99.0, above = "2ms", windows = 3, of = 5 }'),
     Key("offender", "table", "Which matched processes are to blame (required unless `always`; give `cpu`, `blame_share` or both).", keys=OFFENDER_KEYS,
@@ -311,8 +311,8 @@ ACTION_KEYS = (
 
 LIMITS_KEYS = (
     Key("cooldown", "duration", "After the policy's changes on a process are reverted, how long before it may act on that process again (stops flapping).", default="60s", minimum=0, maximum=86400),
-    Key("max_actions_per_hour", "integer", "Most actions this policy may take per hour, over all processes.", default=6, minimum=1, maximum=3600),
-    Key("revert_after_quiet", "duration-or-never", "Undo the policy's changes on a process after the trigger has been quiet this long; `never` keeps them.",
+    Key("max_actions_per_hour", "integer", "Most steps this policy may apply to one process per hour.", default=6, minimum=1, maximum=3600),
+    Key("revert_after_quiet", "duration-or-never", "Undo the policy's changes on a process once the protected tail has stayed under `tail.above` this long; `never` keeps them.",
         default="10m", minimum=1, maximum=7 * 86400),
     Key("min_cpus", "integer", "Fewest CPUs an affinity or cpuset step may leave to the process.", default=1, minimum=1, maximum=4096),
 )
