@@ -43,6 +43,9 @@ def audit_record(decision: Decision, outcome: Outcome | None, mode: str) -> dict
         "message": decision.message,
         "evidence": dict(decision.evidence),
     }
+    if decision.kind == "verify" and mode != "live":
+        # Nothing was changed: before/after compares two periods, not the effect of a change.
+        record["evidence"]["note"] = f"{mode}: nothing was changed, so this only compares the periods before and after"
     if decision.step is not None:
         record["step"] = {
             "index": decision.step_index,
@@ -100,10 +103,11 @@ def _detail(record: dict) -> str:
     evidence = record.get("evidence") or {}
     kind = record.get("decision")
     if kind == "verify":
-        return (
+        text = (
             f"{evidence.get('verdict')}: p{evidence.get('percentile'):g} {evidence.get('before_tail_us')} -> "
             f"{evidence.get('after_tail_us')} us, blame {evidence.get('before_blame_share')} -> {evidence.get('after_blame_share')}"
         )
+        return text + (" (nothing was changed)" if evidence.get("note") else "")
     tail = evidence.get("protected_tail")
     offender = evidence.get("offender")
     parts = []
