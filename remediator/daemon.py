@@ -38,6 +38,7 @@ from .sources import open_source
 log = logging.getLogger("remediator")
 
 SUMMARY_EVERY_S = 30.0
+FIRST_SUMMARY_S = 5.0  # a new user sees a judgement of the host within seconds
 WARN_KINDS = frozenset({"exhausted", "capped", "infeasible"})
 
 
@@ -142,11 +143,35 @@ class Daemon:
                 len(self.policies.policies), config.protect.describe(), self._protected_summary(),
                 config.tick_s, source.name, config.audit_path,
             )
+            self._log_policy_matches()
             self.notifier.ready(f"{self.mode}: starting")
             self._loop(first_scan=True)
         finally:
             self._shutdown(dry_run)
         return 0
+
+    def _log_policy_matches(self) -> None:
+        """Which running processes the policies govern, and which they may not touch."""
+        governed: dict[str, list[str]] = {}
+        excluded: list[str] = []
+        protected = set(self.collector.protected)
+        for info in self.procfs.iter_processes():
+            selected = self.policies.select(info)
+            if selected is None:
+                continue
+            policy, _ = selected
+            reason = exclusion_reason(info, protected)
+            if reason:
+                excluded.append(f"{info.comm} ({info.pid}, {policy.name}): {reason}")
+            else:
+                governed.setdefault(policy.name, []).append(f"{info.comm} ({info.pid})")
+        if not governed:
+            log.info("no running process is named by a policy yet")
+        for name, processes in sorted(governed.items()):
+            shown = ", ".join(processes[:8]) + (f" and {len(processes) - 8} more" if len(processes) > 8 else "")
+            log.info("policy %s governs %s", name, shown)
+        for line in excluded:
+            log.info("off limits although a policy names it: %s", line)
 
     def _has_always_policies(self) -> bool:
         return any(policy.trigger.always for policy in self.policies.policies)
@@ -172,7 +197,7 @@ class Daemon:
     def _loop(self, first_scan: bool) -> None:
         ticks = 0
         next_tick = time.monotonic()
-        last_summary = time.monotonic()
+        last_summary = time.monotonic() - SUMMARY_EVERY_S + FIRST_SUMMARY_S
         discovered = self._discover_always() if first_scan else []
         while not self._stop:
             next_tick += self.config.tick_s
