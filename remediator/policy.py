@@ -344,7 +344,7 @@ class _PolicyCompiler:
         return Trigger(
             always=False,
             tail_percentile=tail["percentile"],
-            tail_above_us=tail["above"] * 1e6,
+            tail_above_us=round(tail["above"] * 1e6, 6),  # 30us is 30.0, not 29.999999999999996
             windows=tail["windows"],
             of_windows=tail["of"],
             offender_cpu=offender.get("cpu"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+from decimal import Decimal
 import json
 import math
 import re
@@ -86,20 +87,25 @@ def has_errors(diagnostics: list[Diagnostic]) -> bool:
 
 # -- values -----------------------------------------------------------------------------------
 
-DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 DURATION_PATTERN = r"^[0-9]+(\.[0-9]+)?(us|ms|s|m|h)$"
 CPULIST_PATTERN = r"[0-9]+(-[0-9]+)?(, *[0-9]+(-[0-9]+)?)*"
 _DURATION = re.compile(DURATION_PATTERN)
 _CPULIST = re.compile(CPULIST_PATTERN)
 
 
+_UNIT_SECONDS = {"us": Decimal("0.000001"), "ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
+
+
 def parse_duration(text: str) -> float:
-    """"250ms" -> 0.25 (seconds). Raises ValueError for anything else."""
+    """"250ms" -> 0.25 (seconds). Raises ValueError for anything else.
+
+    Decimal arithmetic, so "30us" is the float nearest 30e-6 (30 * 1e-6 in floats is not).
+    """
     match = _DURATION.match(text)
     if not match:
         raise ValueError(text)
     unit = match.group(2)
-    return float(text[: -len(unit)]) * DURATION_UNITS[unit]
+    return float(Decimal(text[: -len(unit)]) * _UNIT_SECONDS[unit])
 
 
 def format_duration(seconds: float) -> str:

@@ -196,3 +196,10 @@ def test_auto_request_cpus_is_the_union_and_skips_vanished_threads():
 
     assert auto_request_cpus([10, 11, 12], get_affinity=affinity) == {0, 1}
     assert auto_request_cpus([os.getpid()]) == frozenset(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("above, expected_us", [("30us", 30.0), ("2ms", 2000.0), ("0.5ms", 500.0), ("1.5s", 1_500_000.0), ("0.1ms", 100.0)])
+def test_tail_threshold_in_microseconds_is_exact(above, expected_us):
+    text = FULL.replace('above = "2ms"', f'above = "{above}"')
+    (policy,), _ = compile_text(text)
+    assert policy.trigger.tail_above_us == expected_us
