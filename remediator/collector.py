@@ -46,7 +46,7 @@ class Collector:
         self.mono_clock = mono_clock
         self.protected: dict[int, set[int]] = {}  # pid -> tids
         self.protected_reason: dict[int, str] = {}
-        self._info_cache: dict[int, ProcessInfo] = {}
+        self._info_cache: dict[int, tuple[ProcessInfo, float]] = {}  # pid -> (info, when checked)
         self._last_rescan = float("-inf")
         self._cpu_count = os.cpu_count() or 1
 
@@ -101,6 +101,7 @@ class Collector:
     def _handle_exec_events(self) -> None:
         for event in self.source.exec_events():
             pid = event.pid
+            self._info_cache.pop(pid, None)  # exec keeps (pid, start time) but changes comm, exe, cmdline
             if self.track_execs:
                 self._execs.append(pid)
             if pid in self.protected:
@@ -161,16 +162,23 @@ class Collector:
         return self._build_sample(delta, threads)
 
     def _info(self, pid: int) -> ProcessInfo | None:
+        """Who a pid is. Re-checked at most every rescan: a reused pid in between is caught where it
+        matters, by the executor's identity check just before any change."""
         cached = self._info_cache.get(pid)
+        now = self.mono_clock()
         try:
             if cached is not None:
-                if self.procfs.stat(pid).start_time == cached.start_time:
-                    return cached
+                info, checked = cached
+                if now - checked < max(self.rescan_s, 1.0):
+                    return info
+                if self.procfs.stat(pid).start_time == info.start_time:
+                    self._info_cache[pid] = (info, now)
+                    return info
             info = self.procfs.process_info(pid)
         except (ProcessGone, RemediatorError):
             self._info_cache.pop(pid, None)
             return None
-        self._info_cache[pid] = info
+        self._info_cache[pid] = (info, now)
         return info
 
     def _build_sample(self, delta: TickDelta, threads: int) -> Sample:

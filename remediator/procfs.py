@@ -135,12 +135,14 @@ class ProcFS:
 
     def __init__(self, root: str | Path = "/proc"):
         self.root = Path(root)
+        self._root = str(self.root)  # plain strings: the daemon reads these files every tick
 
     # -- raw reads --------------------------------------------------------------------------
     def _read(self, pid: int, name: str, tid: int | None = None) -> str:
-        path = self.root / str(pid) / name if tid is None else self.root / str(pid) / "task" / str(tid) / name
+        path = f"{self._root}/{pid}/{name}" if tid is None else f"{self._root}/{pid}/task/{tid}/{name}"
         try:
-            return path.read_text(errors="replace")
+            with open(path, "rb") as handle:
+                return handle.read().decode(errors="replace")
         except OSError as exc:
             raise translate_os_error(exc, pid, f"read {path}") from None
 
@@ -149,7 +151,7 @@ class ProcFS:
 
     def tids(self, pid: int) -> list[int]:
         try:
-            return [int(name) for name in os.listdir(self.root / str(pid) / "task") if name.isdigit()]
+            return [int(name) for name in os.listdir(f"{self._root}/{pid}/task") if name.isdigit()]
         except OSError as exc:
             raise translate_os_error(exc, pid, f"list {self.root}/{pid}/task") from None
 

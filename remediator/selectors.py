@@ -98,6 +98,23 @@ class ProtectSelectors:
                 return f"unit {unit}"
         return None
 
+    def _might_match(self, procfs: ProcFS, pid: int) -> bool:
+        """A cheap first look (comm from stat, then the cgroup file) before reading everything."""
+        if pid in self.pids:
+            return True
+        if self.comms:
+            stat = procfs.stat(pid)
+            if not stat.is_kernel_thread and any(fnmatch.fnmatchcase(stat.comm, pattern) for pattern in self.comms):
+                return True
+        if self.cgroups or self.units:
+            membership = procfs.cgroups(pid)
+            paths = {membership.v2_path, *membership.v1_paths.values()} - {""}
+            if any(_under(path, wanted) for path in paths for wanted in self.cgroups):
+                return True
+            if any(f"/{unit}/" in path + "/" for path in paths for unit in self.units):
+                return True
+        return False
+
     def resolve(self, procfs: ProcFS) -> dict[int, ProcessInfo]:
         """Every live process the selectors match, by pid."""
         matched: dict[int, ProcessInfo] = {}
@@ -105,6 +122,8 @@ class ProtectSelectors:
         candidates = self.pids if only_pids else procfs.pids()
         for pid in candidates:
             try:
+                if not self._might_match(procfs, pid):
+                    continue
                 info = procfs.process_info(pid)
                 v1_paths = procfs.cgroups(pid).v1_paths.values() if (self.cgroups or self.units) else ()
             except ProcessGone:

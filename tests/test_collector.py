@@ -134,3 +134,13 @@ def test_sample_carries_metadata_for_busy_and_blamed_processes(tmp_path):
     assert sample.usage[0].pid == 20 and sample.usage[0].comm == "fluent-bit"
     assert sample.processes[20].comm == "fluent-bit" and 10 in sample.processes
     assert sample.usage_of(10).protected and not sample.usage_of(20).protected
+
+
+def test_an_exec_refreshes_what_the_sample_says_about_a_process(tmp_path):
+    proc, source, clock, collector = setup(tmp_path)
+    source.next_delta = TickDelta(0, 1_000_000_000, usage={20: (900_000_000, 100_000_000)})
+    assert collector.sample().processes[20].comm == "fluent-bit"
+    proc.processes[20].comm = "gzip"  # same pid, same start time: an exec
+    proc.write()
+    source.pending_execs.append(ExecEvent(0, 20, 20, "/bin/gzip"))
+    assert collector.sample().processes[20].comm == "gzip"
