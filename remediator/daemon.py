@@ -239,6 +239,7 @@ class Daemon:
             max_changes_per_minute=self.config.max_changes_per_minute,
             self_pid=os.getpid(),
         )
+        self._keep_off(settings.request_cpus, online)
         exec_infos = [sample.processes[pid] for pid in sample.execs if pid in sample.processes]
         self.state, decisions = decide(self.state, sample, self.policies, settings, list(discovered) + exec_infos)
         for decision in decisions:
@@ -250,6 +251,20 @@ class Daemon:
         self.notifier.watchdog()
         self.notifier.status(self._status_line(sample))
         return decisions
+
+    def _keep_off(self, request: frozenset[int], online: frozenset[int]) -> None:
+        """Keep the daemon itself off the CPUs it protects: it is a neighbour too."""
+        target = online - request
+        if not target or target == getattr(self, "_own_cpus", None):
+            return
+        try:
+            for tid in os.listdir("/proc/self/task"):
+                os.sched_setaffinity(int(tid), target)
+        except OSError as exc:
+            log.warning("could not move remediator off the request CPUs: %s", exc.strerror)
+            return
+        self._own_cpus = target
+        log.info("remediator runs on CPUs %s, off the request CPUs %s", format_cpulist(target), format_cpulist(request))
 
     def _status_line(self, sample) -> str:
         p99 = sample.protected.percentile_ns(99)

@@ -71,7 +71,8 @@ def test_a_broken_config_is_one_located_error(tmp_path, capsys):
     config.write_text('[daemon]\njournal = "unterminated\n')
     assert main(["revert", "--all", "--config", str(config)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"remediator: error: {config}:2:")
+    # A located error prints as the compiler-style line itself, not behind a second "error:".
+    assert err.startswith(f"{config}:2:") and ": error: " in err
     assert len(err.strip().splitlines()) == 1
 
 

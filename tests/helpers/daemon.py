@@ -21,7 +21,9 @@ description = "fluent-bit in the tests: nice, then off the request CPU"
 [policy.match]
 comm = ["fluent-bit"]
 [policy.trigger]
-tail = {{ percentile = 99.0, above = "{above}", windows = {windows}, of = 4 }}
+# p99.9: on EEVDF kernels this victim's p99 often stays at ~20 us under contention, while p99.9
+# reliably shows the hog's tick-long waits (see the README, "How the probes work").
+tail = {{ percentile = 99.9, above = "{above}", windows = {windows}, of = 4 }}
 offender = {{ cpu = 0.5, cpu_kind = "peak", blame_share = 0.3, require = "any" }}
 [[policy.actions]]
 nice = 10
@@ -42,7 +44,7 @@ def write_config(
     protect_pids: list[int],
     *,
     mode: str = "live",
-    above: str = "30us",
+    above: str = "1ms",
     windows: int = 2,
     on_start: str = "restore",
     revert_on_exit: bool = True,
@@ -106,8 +108,9 @@ class DaemonProcess:
 
 
 @pytest.fixture
-def daemon():
-    """daemon(config, *args) -> DaemonProcess; killed at teardown if still running."""
+def daemon(request):
+    """daemon(config, *args) -> DaemonProcess; killed at teardown if still running, and its log
+    printed when the test failed (pytest shows captured output of failed tests)."""
     started: list[DaemonProcess] = []
 
     def start(config: Path, *args: str, env: dict | None = None) -> DaemonProcess:
@@ -118,6 +121,7 @@ def daemon():
     yield start
     for process in started:
         process.kill()
+        print(f"--- daemon log {process.log_path} ---\n{process.log()}")
 
 
 def wait_until(predicate, timeout: float, every: float = 0.05, what: str = "condition"):

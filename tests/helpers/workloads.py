@@ -14,6 +14,10 @@ import pytest
 WORKLOADS = Path(__file__).resolve().parent.parent / "workloads"
 
 
+def _all_cpus() -> None:
+    os.sched_setaffinity(0, range(os.cpu_count() or 1))
+
+
 class Workload:
     """A started workload; `pid` is its process, `lines` what it printed after 'ready'."""
 
@@ -23,6 +27,7 @@ class Workload:
             stdout=subprocess.PIPE,
             text=True,
             start_new_session=True,  # its own process group, so kill() takes its children too
+            preexec_fn=_all_cpus,  # not whatever CPUs the test process itself was kept to
             **popen_kwargs,
         )
         self.pid = self.proc.pid
