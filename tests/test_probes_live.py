@@ -80,6 +80,11 @@ def test_fluent_bit_hog_is_blamed_and_leaves_when_pinned_away(spawn, two_cpus):
     """
     victim = spawn(victim_argv(0))
     hog = spawn(hog_argv("fluent-bit", 2))
+    # One compressing thread on each CPU: left alone, the load balancer sometimes parks both on
+    # CPU 1 for seconds.
+    workers = sorted(tid for tid in PROCFS.tids(hog.pid) if tid != hog.pid)  # the main thread only waits
+    for worker, cpu in zip(workers, (0, 1)):
+        os.sched_setaffinity(worker, {cpu})
     phases = {"alone": [], "contended": []}
     with collecting(ProtectSelectors.build(pids=[victim.pid])) as collector:
         for _ in range(3):
