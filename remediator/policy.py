@@ -179,6 +179,8 @@ class Policy:
 class PolicySet:
     policies: tuple[Policy, ...]  # in file order (sorted paths), then position: the last tie-breaker
     warnings: tuple[Diagnostic, ...] = ()
+    # select() per process is asked every tick; a process's facts (ProcessInfo) decide the answer.
+    _selected: dict = field(default_factory=dict, compare=False, repr=False)
 
     def matching(self, info: ProcessInfo) -> list[tuple[Policy, MatchResult]]:
         """Every policy that matches `info`, the winner first."""
@@ -192,8 +194,13 @@ class PolicySet:
 
     def select(self, info: ProcessInfo) -> tuple[Policy, MatchResult] | None:
         """The policy that governs `info` after precedence, with how it matched; None if none matches."""
+        if info in self._selected:
+            return self._selected[info]
         found = self.matching(info)
-        return found[0] if found else None
+        if len(self._selected) >= 4096:
+            self._selected.clear()
+        self._selected[info] = found[0] if found else None
+        return self._selected[info]
 
     def by_name(self, name: str) -> Policy | None:
         for policy in self.policies:
