@@ -72,16 +72,22 @@ def errno_name(exc: OSError) -> str:
     return ERRNO_NAMES.get(exc.errno, errno.errorcode.get(exc.errno or 0, str(exc.errno)))
 
 
+def typed_change_error(exc: OSError, message: str) -> ActuatorError:
+    """The one place where a failed change's errno becomes its outcome: EPERM/EACCES denied,
+    EINVAL invalid, anything else failed (ESRCH is the caller's: it needs the identity)."""
+    if exc.errno in (errno.EPERM, errno.EACCES):
+        return ChangeDenied(message)
+    if exc.errno == errno.EINVAL:
+        return ChangeInvalid(message)
+    return ChangeFailed(message)
+
+
 def change_error(exc: OSError, call: str, explanation: str = "") -> ActuatorError:
-    """Map a failed change call to a typed error (ESRCH is handled by the caller: it needs the identity)."""
+    """A failed syscall on a thread as a typed error."""
     text = f"{call} failed with {errno_name(exc)} ({exc.strerror or exc})"
     if explanation:
         text += f": {explanation}"
-    if exc.errno in (errno.EPERM, errno.EACCES):
-        return ChangeDenied(text)
-    if exc.errno == errno.EINVAL:
-        return ChangeInvalid(text)
-    return ChangeFailed(text)
+    return typed_change_error(exc, text)
 
 
 @dataclass(frozen=True)

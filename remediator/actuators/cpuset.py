@@ -37,7 +37,6 @@ from ..procfs import ProcessIdentity, ProcFS
 from .base import (
     ActuatorError,
     ApplyResult,
-    ChangeDenied,
     ChangeFailed,
     ChangeInvalid,
     Plan,
@@ -46,6 +45,7 @@ from .base import (
     errno_name,
     plural_threads,
     thread_values,
+    typed_change_error,
 )
 
 CGROUP_PREFIX = "remediator-"
@@ -96,13 +96,8 @@ def explain_write_error(exc: OSError, path: Path, value: str) -> str:
 
 
 def write_error(exc: OSError, path: Path, value: str) -> ActuatorError:
-    """A failed cgroupfs write as a typed error (EPERM -> denied, EINVAL -> invalid, else failed)."""
-    message = explain_write_error(exc, path, value)
-    if exc.errno in (errno.EPERM, errno.EACCES):
-        return ChangeDenied(message)
-    if exc.errno == errno.EINVAL:
-        return ChangeInvalid(message)
-    return ChangeFailed(message)
+    """A failed cgroupfs write as a typed error, with what it means for that file."""
+    return typed_change_error(exc, explain_write_error(exc, path, value))
 
 
 @dataclass(frozen=True)
