@@ -17,6 +17,7 @@ from typing import IO, Iterator
 from .engine import Decision
 from .errors import RemediatorError
 from .executor import Outcome
+from .jsonlines import read_json_lines
 
 
 def _iso(ts: float) -> str:
@@ -84,19 +85,10 @@ class AuditLog:
 
 
 def read_audit(path: str | Path) -> Iterator[dict]:
-    path = Path(path)
-    try:
-        handle = path.open()
-    except OSError as exc:
-        raise RemediatorError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    with handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RemediatorError(f"{path}:{number}: not an audit line: {exc.msg}") from None
+    for number, record in read_json_lines(path, "an audit line"):
+        if not isinstance(record, dict):
+            raise RemediatorError(f"{path}:{number}: not an audit line: a JSON object was expected")
+        yield record
 
 
 def _detail(record: dict) -> str:

@@ -14,6 +14,7 @@ from typing import IO, Iterable, Iterator, Mapping
 
 from . import histogram
 from .errors import RemediatorError
+from .jsonlines import read_json_lines
 from .procfs import ProcessInfo
 
 SAMPLE_VERSION = 1
@@ -187,19 +188,11 @@ def write_samples(stream: IO[str], samples: Iterable[Sample]) -> None:
 
 def read_samples(path: str | Path) -> Iterator[Sample]:
     """Samples from a JSON-lines recording; a bad line is a located error, not a traceback."""
-    path = Path(path)
-    try:
-        handle = path.open()
-    except OSError as exc:
-        raise RemediatorError(f"{path}: cannot read: {exc.strerror}") from None
-    with handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                yield Sample.from_json(json.loads(line))
-            except (ValueError, KeyError, TypeError) as exc:
-                raise RemediatorError(f"{path}:{number}: not a remediator sample: {exc}") from None
+    for number, data in read_json_lines(path, "a remediator sample"):
+        try:
+            yield Sample.from_json(data)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise RemediatorError(f"{path}:{number}: not a remediator sample: {exc}") from None
 
 
 def merge_samples(samples: list[Sample]) -> Sample:
