@@ -129,19 +129,24 @@ def test_fluent_bit_hog_is_blamed_and_leaves_when_pinned_away(spawn, two_cpus):
     assert cpus > 1.2 and peak > 1.2, f"{report}; hog cpu {cpus:.2f} peak {peak:.2f}"
 
 
-def test_probe_wait_total_agrees_with_schedstat_for_queueing(spawn, two_cpus):
-    # A CPU-bound victim sharing CPU 0 with a CPU-bound hog: every wait is a preemption and
-    # lasts a timeslice, which is exactly what the kernel's run_delay measures too.
-    victim = spawn(victim_argv(0, "--sleep-us", "0", "--work-us", "1000000"))
+def probe_and_schedstat(spawn, *victim_args: str, seconds: float = 3.0):
+    """A victim on CPU 0 next to a one-thread hog pinned there: (probe's sample, kernel's run_delay ns)."""
+    victim = spawn(victim_argv(0, *victim_args))
     hog = spawn(hog_argv("fluent-bit", 1))
     pin(hog.pid, {0})
     with collecting(ProtectSelectors.build(pids=[victim.pid])) as collector:
         collector.sample()
         before = run_delay_ns(victim.pid)
-        time.sleep(3.0)
+        time.sleep(seconds)
         sample = collector.sample()
         after = run_delay_ns(victim.pid)
-    kernel = after - before
+    return sample, after - before
+
+
+def test_probe_wait_total_agrees_with_schedstat_for_queueing(spawn, two_cpus):
+    # A CPU-bound victim sharing CPU 0 with a CPU-bound hog: every wait is a preemption and
+    # lasts a timeslice, which is exactly what the kernel's run_delay measures too.
+    sample, kernel = probe_and_schedstat(spawn, "--sleep-us", "0", "--work-us", "1000000")
     probe = sample.protected.wait_ns
     print(f"probe {probe / 1e6:.1f} ms, schedstat {kernel / 1e6:.1f} ms, ratio {probe / kernel:.3f}, waits {sample.protected.waits}")
     assert kernel > 500e6, "the victim should have waited for about half of the time"
@@ -153,16 +158,7 @@ def test_probe_wait_total_tracks_schedstat_for_wakeups(spawn, two_cpus):
     # clock update after a wakeup preemption (wakeup_preempt -> rq_clock_skip_update), so run_delay
     # leaves out the few microseconds from such a wakeup to the switch that the probe does count:
     # the two agree within 10% plus that bounded per-wakeup difference, and the probe never sees less.
-    victim = spawn(victim_argv(0))
-    hog = spawn(hog_argv("fluent-bit", 1))
-    pin(hog.pid, {0})
-    with collecting(ProtectSelectors.build(pids=[victim.pid])) as collector:
-        collector.sample()
-        before = run_delay_ns(victim.pid)
-        time.sleep(3.0)
-        sample = collector.sample()
-        after = run_delay_ns(victim.pid)
-    kernel = after - before
+    sample, kernel = probe_and_schedstat(spawn)
     probe = sample.protected.wait_ns
     wakeups = sample.protected.wakeups
     print(f"probe {probe / 1e6:.2f} ms, schedstat {kernel / 1e6:.2f} ms, wakeups {wakeups}, "
