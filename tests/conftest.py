@@ -39,3 +39,30 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 from helpers.workloads import spawn  # noqa: E402,F401  (fixture)
 from helpers.daemon import daemon  # noqa: E402,F401  (fixture)
+
+
+CGROUP_GLOBS = ("/sys/fs/cgroup/cpuset/remediator*", "/sys/fs/cgroup/unified/remediator*", "/sys/fs/cgroup/remediator*")
+
+
+def _remediator_cgroups() -> set[str]:
+    import glob
+
+    return {path for pattern in CGROUP_GLOBS for path in glob.glob(pattern)}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config._cgroups_before = _remediator_cgroups()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A test that leaves a remediator cgroup behind fails the run (and the cgroup is removed)."""
+    left = sorted(_remediator_cgroups() - getattr(session.config, "_cgroups_before", set()))
+    if not left:
+        return
+    for path in reversed(left):  # children before parents
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+    print(f"\nerror: tests left cgroups behind: {', '.join(left)}", file=sys.stderr)
+    session.exitstatus = 1
