@@ -13,8 +13,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from functools import lru_cache
 from pathlib import Path
 
