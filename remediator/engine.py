@@ -340,6 +340,9 @@ def record_outcome(state: EngineState, decision: Decision, status: str, policies
         if status in ("restored", "would-apply", "dropped", "unchanged"):
             remediations[key] = Remediation(decision.identity, decision.policy.name, reverted_at=now,
                                             action_times=remediation.action_times)
+        else:
+            # Giving back failed (the audit says why): try again after another quiet period, not every tick.
+            remediations[key] = dataclasses.replace(remediation, last_action_at=now)
         return dataclasses.replace(state, remediations=remediations)
     if decision.kind != "act" or decision.step is None or decision.step_index is None:
         return state

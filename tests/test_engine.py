@@ -199,6 +199,20 @@ def test_revert_after_quiet_then_cooldown(tmp_path):
     assert per_tick[8][0].identity == SHIPPER.identity
 
 
+def test_a_failed_revert_is_retried_after_another_quiet_period_not_every_tick(tmp_path):
+    p = policies(tmp_path, n=1, m=1, quiet="2s")
+    state, per_tick = run(p, [hot(TICK)])
+    reverts = []
+    for i in range(2, 30):
+        state, decisions = decide(state, sample(TICK * i), p, SETTINGS)
+        for decision in decisions:
+            if decision.kind == "revert":
+                reverts.append(i)
+                state = record_outcome(state, decision, "denied", p)
+    # quiet from 0.25 s: first try at 2.25 s (tick 9), then every 2 s (8 ticks), not every tick
+    assert reverts == [9, 17, 25]
+
+
 def test_verification_says_whether_the_step_helped(tmp_path):
     p = policies(tmp_path, n=1, m=1)
     helped = [hot(TICK)] + [sample(TICK * i) for i in range(2, 12)]
