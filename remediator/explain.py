@@ -171,6 +171,18 @@ class _Reader:
         return membership.v1_paths.get("cpuset") or membership.v2_path or "/"
 
 
+def _summarize_threads(what: str, current: dict[int, str], target: str) -> str:
+    """'nice 0 -> 10 on 2 threads, already 10 on 1 thread', or 'no change: ...'."""
+    changing = Counter(value for value in current.values() if value != target)
+    same = sum(1 for value in current.values() if value == target)
+    if not changing:
+        return f"no change: {what} already {target} on {_plural(same, 'thread')}"
+    parts = [f"{what} {value} -> {target} on {_plural(count, 'thread')}" for value, count in sorted(changing.items())]
+    if same:
+        parts.append(f"already {target} on {_plural(same, 'thread')}")
+    return ", ".join(parts)
+
+
 def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
@@ -185,12 +197,7 @@ def first_step_effect(
             current = reader.thread_nice(pid)
             assert step.nice is not None
             data.update(target=step.nice, threads={str(tid): value for tid, value in current.items()})
-            changing = Counter(value for value in current.values() if value != step.nice)
-            same = sum(1 for value in current.values() if value == step.nice)
-            parts = [f"nice {value} -> {step.nice} on {_plural(count, 'thread')}" for value, count in sorted(changing.items())]
-            if same:
-                parts.append(f"already {step.nice} on {_plural(same, 'thread')}")
-            text = ", ".join(parts) if changing else f"no change: nice already {step.nice} on {_plural(same, 'thread')}"
+            text = _summarize_threads("nice", {tid: str(value) for tid, value in current.items()}, str(step.nice))
             data["text"] = text
             return text, data
         assert step.cpus is not None
@@ -207,12 +214,7 @@ def first_step_effect(
         if step.kind == "affinity":
             masks = reader.thread_affinity(pid)
             data["threads"] = {str(tid): format_cpulist(mask) for tid, mask in masks.items()}
-            changing = Counter(format_cpulist(mask) for mask in masks.values() if mask != target)
-            same = sum(1 for mask in masks.values() if mask == target)
-            parts = [f"affinity {mask} -> {format_cpulist(target)} on {_plural(count, 'thread')}" for mask, count in sorted(changing.items())]
-            if same:
-                parts.append(f"already {format_cpulist(target)} on {_plural(same, 'thread')}")
-            text = ", ".join(parts) if changing else f"no change: affinity already {format_cpulist(target)} on {_plural(same, 'thread')}"
+            text = _summarize_threads("affinity", {tid: format_cpulist(mask) for tid, mask in masks.items()}, format_cpulist(target))
             data["text"] = text
             return text, data
         assert step.cgroup is not None
