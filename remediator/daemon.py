@@ -37,6 +37,10 @@ from .sources import open_source
 
 log = logging.getLogger("remediator")
 
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "es" if word.endswith("s") else "s")
+
+
 SUMMARY_EVERY_S = 30.0
 FIRST_SUMMARY_S = 5.0  # a new user sees a judgement of the host within seconds
 WARN_KINDS = frozenset({"exhausted", "capped", "infeasible"})
@@ -181,7 +185,7 @@ class Daemon:
         if not pids:
             return "none running yet"
         threads = sum(len(tids) for tids in self.collector.protected.values())
-        return f"{len(pids)} processes, {threads} threads"
+        return f"{plural(len(pids), 'process')}, {plural(threads, 'thread')}"
 
     def _discover_always(self) -> list[ProcessInfo]:
         """Processes already running that an always-policy places (at start and after a reload)."""
@@ -255,7 +259,7 @@ class Daemon:
     def _keep_off(self, request: frozenset[int], online: frozenset[int]) -> None:
         """Keep the daemon itself off the CPUs it protects: it is a neighbour too."""
         target = online - request
-        if not target or target == getattr(self, "_own_cpus", None):
+        if not request or not target or target == getattr(self, "_own_cpus", None):
             return
         try:
             for tid in os.listdir("/proc/self/task"):
@@ -305,6 +309,9 @@ class Daemon:
             log.info("revert %s by %s: %s: %s", who, policy, decision.message, outcome.message if outcome else "")
         elif decision.kind in WARN_KINDS:
             log.warning("%s %s by %s: %s", decision.kind, who, policy, decision.message)
+        elif decision.kind == "verify" and self.mode != "live":
+            log.info("verify %s by %s: %s (%s: nothing was changed, so this only compares the periods before and "
+                     "after)", who, policy, decision.message, self.mode)
         else:
             log.info("%s %s by %s: %s", decision.kind, who, policy, decision.message)
 
@@ -323,7 +330,9 @@ class Daemon:
             return
         waits = sample.protected
         if not waits.pids:
-            log.info("nothing protected is running (%s); watching for it", self.config.protect.describe())
+            log.info("nothing protected is running (%s); watching for it. Name your service in the [protect] "
+                     "table of %s (see 'remediator watch --comm NAME' to try a selector)", self.config.protect.describe(),
+                     self.config_path)
             return
         p99 = waits.percentile_ns(99)
         top = []
@@ -336,9 +345,11 @@ class Daemon:
             top.append(f"{name} ({pid}) {sample.blame_share(pid):.0%} [{note}]")
         active = self.state.active()
         log.info(
-            "protected %d processes, %d threads; p99 %s; most blamed: %s; %d active remediations; request CPUs %s",
-            len(waits.pids), waits.threads, "n/a" if p99 is None else f"{p99 / 1000:.0f} us", ", ".join(top) or "nobody",
-            len(active), format_cpulist(self.config.request_cpus) if self.config.request_cpus is not None else "auto",
+            "protected %s, %s; p99 %s; most blamed: %s; %s; request CPUs %s",
+            plural(len(waits.pids), "process"), plural(waits.threads, "thread"),
+            "n/a" if p99 is None else f"{p99 / 1000:.0f} us", ", ".join(top) or "nobody",
+            plural(len(active), "active remediation"),
+            format_cpulist(self.config.request_cpus) if self.config.request_cpus is not None else "auto",
         )
 
     def _shutdown(self, dry_run: bool) -> None:
