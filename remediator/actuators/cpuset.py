@@ -34,6 +34,7 @@ from ..cgroupfs import CgroupFS, CgroupMount, cgroup_pids, effective_cpus, proce
 from ..cpulist import CpuListError, format_cpulist, online_cpus, parse_cpulist
 from ..errors import ProcessGone
 from ..procfs import ProcessIdentity, ProcFS
+from ..placement import CGROUP_PREFIX, owned_cgroup_name
 from .base import (
     ActuatorError,
     ApplyResult,
@@ -48,7 +49,6 @@ from .base import (
     typed_change_error,
 )
 
-CGROUP_PREFIX = "remediator-"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
 # What EBUSY means on each file, and what to do about it.
@@ -75,7 +75,7 @@ EBUSY_MEANING = {
 
 def cgroup_name(requested: str) -> str:
     """The remediator-owned cgroup name for a policy's name ('log-shippers' -> 'remediator-log-shippers')."""
-    name = requested if requested.startswith(CGROUP_PREFIX) else CGROUP_PREFIX + requested
+    name = owned_cgroup_name(requested)
     if not NAME_PATTERN.match(name) or name in (".", ".."):
         raise ChangeInvalid(f"cgroup name {requested!r} is not a plain name (letters, digits, '.', '_', '-'): nothing changed")
     return name
