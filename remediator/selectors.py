@@ -77,6 +77,21 @@ class ProtectSelectors:
         parts += [f"unit {u}" for u in self.units]
         return ", ".join(parts) or "nothing"
 
+    def _comm_reason(self, comm: str) -> str | None:
+        for pattern in self.comms:
+            if fnmatch.fnmatchcase(comm, pattern):
+                return f"comm {pattern}"
+        return None
+
+    def _cgroup_reason(self, paths: set[str], unit: str = "") -> str | None:
+        for wanted in self.cgroups:
+            if any(_under(path, wanted) for path in paths):
+                return f"cgroup {wanted}"
+        for wanted_unit in self.units:
+            if unit == wanted_unit or any(f"/{wanted_unit}/" in path + "/" for path in paths):
+                return f"unit {wanted_unit}"
+        return None
+
     def match_reason(self, info: ProcessInfo, cgroup_paths: Iterable[str] = ()) -> str | None:
         """Why this process is protected ("comm nginx*"), or None.
 
@@ -86,34 +101,22 @@ class ProtectSelectors:
             return None
         if info.pid in self.pids:
             return f"pid {info.pid}"
-        for pattern in self.comms:
-            if fnmatch.fnmatchcase(info.comm, pattern):
-                return f"comm {pattern}"
-        paths = {info.cgroup, *cgroup_paths} - {""}
-        for wanted in self.cgroups:
-            if any(_under(path, wanted) for path in paths):
-                return f"cgroup {wanted}"
-        for unit in self.units:
-            if info.unit == unit or any(f"/{unit}/" in path + "/" for path in paths):
-                return f"unit {unit}"
-        return None
+        return self._comm_reason(info.comm) or self._cgroup_reason({info.cgroup, *cgroup_paths} - {""}, info.unit)
 
-    def _might_match(self, procfs: ProcFS, pid: int) -> bool:
-        """A cheap first look (comm from stat, then the cgroup file) before reading everything."""
+    def _first_look(self, procfs: ProcFS, pid: int) -> tuple[bool, tuple[str, ...]]:
+        """A cheap look (comm from stat, then the cgroup file) before reading everything: whether the
+        process may match, and the v1 cgroup paths if they were read."""
         if pid in self.pids:
-            return True
+            return True, ()
         if self.comms:
             stat = procfs.stat(pid)
-            if not stat.is_kernel_thread and any(fnmatch.fnmatchcase(stat.comm, pattern) for pattern in self.comms):
-                return True
+            if not stat.is_kernel_thread and self._comm_reason(stat.comm):
+                return True, ()
         if self.cgroups or self.units:
             membership = procfs.cgroups(pid)
-            paths = {membership.v2_path, *membership.v1_paths.values()} - {""}
-            if any(_under(path, wanted) for path in paths for wanted in self.cgroups):
-                return True
-            if any(f"/{unit}/" in path + "/" for path in paths for unit in self.units):
-                return True
-        return False
+            v1_paths = tuple(membership.v1_paths.values())
+            return bool(self._cgroup_reason({membership.v2_path, *v1_paths} - {""})), v1_paths
+        return False, ()
 
     def resolve(self, procfs: ProcFS) -> dict[int, ProcessInfo]:
         """Every live process the selectors match, by pid."""
@@ -122,10 +125,12 @@ class ProtectSelectors:
         candidates = self.pids if only_pids else procfs.pids()
         for pid in candidates:
             try:
-                if not self._might_match(procfs, pid):
+                may_match, v1_paths = self._first_look(procfs, pid)
+                if not may_match:
                     continue
                 info = procfs.process_info(pid)
-                v1_paths = procfs.cgroups(pid).v1_paths.values() if (self.cgroups or self.units) else ()
+                if (self.cgroups or self.units) and not v1_paths:
+                    v1_paths = tuple(procfs.cgroups(pid).v1_paths.values())
             except ProcessGone:
                 continue
             except RemediatorError:
