@@ -51,17 +51,23 @@ class Collector:
         self._cpu_count = os.cpu_count() or 1
 
     # -- the protected set --------------------------------------------------------------------
-    def _add_process(self, pid: int, reason: str) -> None:
+    def _sync_threads(self, pid: int) -> bool:
+        """Protect the process's threads not yet known, forget those gone; False if the process is gone."""
         try:
             tids = set(self.procfs.tids(pid))
         except RemediatorError:
-            return
+            return False
         known = self.protected.setdefault(pid, set())
         new = tids - known
         if new:
             self.source.protect(new)
-            known |= new
-        self.protected_reason.setdefault(pid, reason)
+        known |= new
+        known &= tids
+        return True
+
+    def _add_process(self, pid: int, reason: str) -> None:
+        if self._sync_threads(pid):
+            self.protected_reason.setdefault(pid, reason)
 
     def _drop_process(self, pid: int) -> None:
         tids = self.protected.pop(pid, set())
@@ -70,8 +76,7 @@ class Collector:
             self.source.unprotect(tids)
 
     def _rescan(self) -> None:
-        matched = self.selectors.resolve(self.procfs)
-        wanted = {pid: self.selectors.match_reason(info) or "selector" for pid, info in matched.items()}
+        wanted = {pid: reason for pid, (_info, reason) in self.selectors.resolve(self.procfs).items()}
         known_tids = {tid for tids in self.protected.values() for tid in tids}
         kernel_tids = self.source.kernel_protected_tids()
         if kernel_tids:
@@ -107,13 +112,9 @@ class Collector:
             if pid in self.protected:
                 self._add_process(pid, self.protected_reason.get(pid, "selector"))  # exec may change its threads
                 continue
-            try:
-                info = self.procfs.process_info(pid)
-                v1_paths = self.procfs.cgroups(pid).v1_paths.values() if (self.selectors.cgroups or self.selectors.units) else ()
-            except RemediatorError:
-                continue
-            reason = self.selectors.match_reason(info, v1_paths)
-            if reason:
+            found = self.selectors.match_pid(self.procfs, pid)
+            if found:
+                _info, reason = found
                 log.debug("protecting pid %d (%s) after exec of %s", pid, reason, event.filename)
                 self._add_process(pid, reason)
 
@@ -121,19 +122,10 @@ class Collector:
         """Pick up threads the kernel may have missed (created before the probes loaded)."""
         threads = 0
         for pid in list(self.protected):
-            try:
-                tids = set(self.procfs.tids(pid))
-            except RemediatorError:
+            if self._sync_threads(pid):
+                threads += len(self.protected[pid])
+            else:
                 self._drop_process(pid)
-                continue
-            known = self.protected[pid]
-            new = tids - known
-            if new:
-                self.source.protect(new)
-            gone = known - tids
-            known |= new
-            known -= gone
-            threads += len(known)
         return threads
 
     def rescan_now(self) -> None:

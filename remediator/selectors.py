@@ -10,7 +10,7 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Iterable
 
-from .errors import ProcessGone, RemediatorError
+from .errors import RemediatorError
 from .procfs import ProcessInfo, ProcFS
 
 # Prefixes that name a cgroup by its mount path rather than its path inside the hierarchy.
@@ -118,23 +118,27 @@ class ProtectSelectors:
             return bool(self._cgroup_reason({membership.v2_path, *v1_paths} - {""})), v1_paths
         return False, ()
 
-    def resolve(self, procfs: ProcFS) -> dict[int, ProcessInfo]:
-        """Every live process the selectors match, by pid."""
-        matched: dict[int, ProcessInfo] = {}
+    def match_pid(self, procfs: ProcFS, pid: int) -> tuple[ProcessInfo, str] | None:
+        """(who the process is, why it is protected), or None: not matched, gone or unreadable."""
+        try:
+            may_match, v1_paths = self._first_look(procfs, pid)
+            if not may_match:
+                return None
+            info = procfs.process_info(pid)
+            if (self.cgroups or self.units) and not v1_paths:
+                v1_paths = tuple(procfs.cgroups(pid).v1_paths.values())
+        except RemediatorError:
+            return None  # gone, or unreadable (EACCES): cannot be judged, so not protected
+        reason = self.match_reason(info, v1_paths)
+        return (info, reason) if reason else None
+
+    def resolve(self, procfs: ProcFS) -> dict[int, tuple[ProcessInfo, str]]:
+        """Every live process the selectors match: pid -> (info, reason)."""
         only_pids = not (self.comms or self.cgroups or self.units)
         candidates = self.pids if only_pids else procfs.pids()
+        matched = {}
         for pid in candidates:
-            try:
-                may_match, v1_paths = self._first_look(procfs, pid)
-                if not may_match:
-                    continue
-                info = procfs.process_info(pid)
-                if (self.cgroups or self.units) and not v1_paths:
-                    v1_paths = tuple(procfs.cgroups(pid).v1_paths.values())
-            except ProcessGone:
-                continue
-            except RemediatorError:
-                continue  # unreadable (EACCES): cannot be judged, so not protected
-            if self.match_reason(info, v1_paths):
-                matched[pid] = info
+            found = self.match_pid(procfs, pid)
+            if found:
+                matched[pid] = found
         return matched
