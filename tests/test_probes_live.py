@@ -65,8 +65,13 @@ def pin(pid: int, cpus: set[int]) -> None:
 
 @pytest.fixture
 def two_cpus():
-    if len(os.sched_getaffinity(0)) < 2:
-        pytest.skip("needs two CPUs")
+    if os.sched_getaffinity(0) != {0, 1}:
+        pytest.skip("the scene needs exactly CPUs 0 and 1")
+    # The collector runs in this process: keep it off the victim's CPU, as the daemon keeps itself
+    # off the request CPUs (the workloads it starts still get both CPUs).
+    os.sched_setaffinity(0, {1})
+    yield
+    os.sched_setaffinity(0, {0, 1})
 
 
 def test_fluent_bit_hog_is_blamed_and_leaves_when_pinned_away(spawn, two_cpus):
@@ -75,8 +80,11 @@ def test_fluent_bit_hog_is_blamed_and_leaves_when_pinned_away(spawn, two_cpus):
     Uncontended and contended phases alternate (the hog stopped with SIGSTOP, then resumed) so the
     machine's own noise falls on both alike. On EEVDF kernels (6.6+) a sleeper this light preempts
     the hog on most wakeups; the waits that land inside the hog's protected slice last until the
-    next tick (4 ms at HZ=250). That is 0.3-2% of wakeups, so p99 sits on the edge of them and
-    p99.9 is where the damage shows reliably: the test asserts p99.9 and prints p99.
+    next tick (4 ms at HZ=250). They are 0.6-1.8 per thousand wakeups here, so even p99.9 sits on
+    their edge and flips between runs, while uncontended the longest waits are the idle CPU's
+    wake-up cost (under 1.2 ms, with no process to blame) with rarely a longer one. The test
+    therefore counts the waits of 2 ms or more, the hog's tick-long ones: at least five, and at
+    least twice as many as without the hog. It prints p99 and p99.9.
     """
     victim = spawn(victim_argv(0))
     hog = spawn(hog_argv("fluent-bit", 2))
@@ -87,7 +95,9 @@ def test_fluent_bit_hog_is_blamed_and_leaves_when_pinned_away(spawn, two_cpus):
         os.sched_setaffinity(worker, {cpu})
     phases = {"alone": [], "contended": []}
     with collecting(ProtectSelectors.build(pids=[victim.pid])) as collector:
-        for _ in range(3):
+        # Twelve alternations: tick-long waits are about one per thousand wakeups, and each
+        # condition needs enough of them (and of the drift between seconds) to compare.
+        for _ in range(12):
             for phase, sig in (("alone", signal.SIGSTOP), ("contended", signal.SIGCONT)):
                 os.kill(hog.pid, sig)
                 time.sleep(0.2)
@@ -101,27 +111,28 @@ def test_fluent_bit_hog_is_blamed_and_leaves_when_pinned_away(spawn, two_cpus):
         counts = Counter()
         for sample in samples:
             counts.update(sample.protected.counts())
-        return histogram.percentile(counts, 99) / 1e3, histogram.percentile(counts, 99.9) / 1e3
+        tick_long = sum(count for slot, count in counts.items() if slot >= histogram.slot_of(2_000_000))
+        return histogram.percentile(counts, 99) / 1e3, histogram.percentile(counts, 99.9) / 1e3, tick_long
 
     def blame_share(samples, pid):
         return sum(s.blame_of(pid) for s in samples) / sum(s.protected.wait_ns for s in samples)
 
     contended = phases["contended"]
-    (p99_alone, p999_alone), (p99_hog, p999_hog) = tail(phases["alone"]), tail(contended)
+    (p99_alone, p999_alone, long_alone), (p99_hog, p999_hog, long_hog) = tail(phases["alone"]), tail(contended)
     blamed = Counter()
     for sample in contended:
         blamed.update(dict(sample.blame))
     top_pid = blamed.most_common(1)[0][0]
     share = blame_share(contended, hog.pid)
     share_pinned = pinned.blame_share(hog.pid)
-    report = (f"alone p99 {p99_alone:.0f} us p99.9 {p999_alone:.0f} us; contended p99 {p99_hog:.0f} us "
-              f"p99.9 {p999_hog:.0f} us; hog blame share {share:.2f} -> {share_pinned:.2f} pinned; "
+    report = (f"alone p99 {p99_alone:.0f} us p99.9 {p999_alone:.0f} us, {long_alone} waits >= 2 ms; contended p99 "
+              f"{p99_hog:.0f} us p99.9 {p999_hog:.0f} us, {long_hog} waits >= 2 ms; hog blame share {share:.2f} -> {share_pinned:.2f} pinned; "
               f"top blame pid {top_pid} (hog {hog.pid})")
     print(report)
     assert contended[-1].processes[hog.pid].comm == "fluent-bit"
     assert top_pid == hog.pid, report
     assert share > 0.5, report  # "most of the share"; the rest really ran there (kworkers, kdamond)
-    assert p999_hog >= 1000 and p999_hog >= 2 * p999_alone, report
+    assert long_hog >= 5 and long_hog >= 2 * long_alone, report
     assert share_pinned <= share / 4, report
     # the hog's two threads show up as one process using about two CPUs
     cpus = sum(s.usage_of(hog.pid).cpu_ns for s in contended) / sum(s.duration_ns for s in contended)
