@@ -43,6 +43,7 @@ class TickDelta:
     psi_some_us: int | None = None
     lost: dict[str, int] = field(default_factory=dict)
     live_tgids: set[int] = field(default_factory=set)  # processes with entries in the source's maps
+    cumulative_usage: dict[int, int] = field(default_factory=dict)  # tgid -> on-CPU ns so far: the next read's baseline
 
 
 class Source(Protocol):
@@ -134,8 +135,12 @@ def bpf_delta(
     current: RawSnapshot,
     tid_to_tgid: Callable[[int], int | None],
     window_ns: int,
+    previous_usage: Mapping[int, int] | None = None,
 ) -> TickDelta:
-    """What happened between two cumulative snapshots (the first read compares against nothing)."""
+    """What happened between two cumulative snapshots (the first read compares against nothing).
+
+    `previous_usage` is the previous delta's `cumulative_usage`; without it, it is worked out again
+    from `previous`."""
     start_ns = previous.mono_ns if previous else current.mono_ns
     delta = TickDelta(start_ns=start_ns, end_ns=current.mono_ns)
 
@@ -152,9 +157,10 @@ def bpf_delta(
     delta.max_ns = current.max_ns
 
     totals_now, running_now = _cumulative_usage(current, tid_to_tgid)
-    totals_before: dict[int, int] = {}
+    delta.cumulative_usage = totals_now
+    totals_before: Mapping[int, int] = {}
     if previous:
-        totals_before, _ = _cumulative_usage(previous, tid_to_tgid)
+        totals_before = previous_usage if previous_usage is not None else _cumulative_usage(previous, tid_to_tgid)[0]
     changed = set()
     for tgid, total in totals_now.items():
         used = total - totals_before.get(tgid, 0)
@@ -209,6 +215,7 @@ class BpfSource:
         self.window_ns = self.probes.settings.window_ns
         self.psi_path = psi_path
         self._previous: RawSnapshot | None = None
+        self._previous_usage: dict[int, int] | None = None
         self._previous_psi = read_psi_some_total_us(psi_path)
         self._tgid_cache: dict[int, int] = {}
 
@@ -242,8 +249,8 @@ class BpfSource:
 
     def read(self, protected: Mapping[int, Collection[int]]) -> TickDelta:
         current = self.probes.snapshot()
-        delta = bpf_delta(self._previous, current, self._tid_to_tgid, self.window_ns)
-        self._previous = current
+        delta = bpf_delta(self._previous, current, self._tid_to_tgid, self.window_ns, self._previous_usage)
+        self._previous, self._previous_usage = current, delta.cumulative_usage
         psi = read_psi_some_total_us(self.psi_path)
         if psi is not None and self._previous_psi is not None:
             delta.psi_some_us = max(0, psi - self._previous_psi)

@@ -79,6 +79,14 @@ def test_only_windows_closed_since_the_last_read_count():
     assert delta(first, second).usage[200][1] == W // 2
 
 
+def test_the_previous_reads_totals_carry_over_instead_of_being_worked_out_again():
+    first = snap(15 * W, proc=[(100, 0, 50_000_000, [])], cpus=[CpuState(14 * W, 0, 1001), CpuState(0, 0, 0)])
+    second = snap(20 * W, proc=[(100, 0, 90_000_000, [])])
+    carried = delta(None, first).cumulative_usage
+    assert carried == {100: 50_000_000 + W}  # the run in progress included
+    assert bpf_delta(first, second, TGIDS.get, W, carried).usage == delta(first, second).usage
+
+
 def test_a_recreated_entry_counts_from_zero_not_negative():
     first = snap(10 * W, proc=[(200, 0, 500_000_000, [])], blame={200: 9_000})
     second = snap(20 * W, proc=[(200, 0, 20_000_000, [])], blame={200: 1_000})
