@@ -147,28 +147,32 @@ class Daemon:
                 len(self.policies.policies), config.protect.describe(), self._protected_summary(),
                 config.tick_s, source.name, config.audit_path,
             )
-            self._log_policy_matches()
+            discovered = self._survey()
             self.notifier.ready(f"{self.mode}: starting")
-            self._loop(first_scan=True)
+            self._loop(discovered)
         finally:
             self._shutdown(dry_run)
         return 0
 
-    def _log_policy_matches(self) -> None:
-        """Which running processes the policies govern, and which they may not touch."""
+    def _survey(self) -> list[ProcessInfo]:
+        """One pass over the running processes: say which the policies govern and which they may not
+        touch, and return those an always-policy places (at start and after a reload)."""
         governed: dict[str, list[str]] = {}
         excluded: list[str] = []
+        placed: list[ProcessInfo] = []
         protected = set(self.collector.protected)
         for info in self.procfs.iter_processes():
             selected = self.policies.select(info)
             if selected is None:
                 continue
             policy, _ = selected
+            if policy.trigger.always:
+                placed.append(info)  # the engine applies the safety rules (and audits an exclusion)
             reason = exclusion_reason(info, protected)
             if reason:
                 excluded.append(f"{info.comm} ({info.pid}, {policy.name}): {reason}")
-            else:
-                governed.setdefault(policy.name, []).append(f"{info.comm} ({info.pid})")
+                continue
+            governed.setdefault(policy.name, []).append(f"{info.comm} ({info.pid})")
         if not governed:
             log.info("no running process is named by a policy yet")
         for name, processes in sorted(governed.items()):
@@ -176,6 +180,7 @@ class Daemon:
             log.info("policy %s governs %s", name, shown)
         for line in excluded:
             log.info("off limits although a policy names it: %s", line)
+        return placed
 
     def _has_always_policies(self) -> bool:
         return any(policy.trigger.always for policy in self.policies.policies)
@@ -187,22 +192,10 @@ class Daemon:
         threads = sum(len(tids) for tids in self.collector.protected.values())
         return f"{plural(len(pids), 'process')}, {plural(threads, 'thread')}"
 
-    def _discover_always(self) -> list[ProcessInfo]:
-        """Processes already running that an always-policy places (at start and after a reload)."""
-        if not self._has_always_policies():
-            return []
-        found = []
-        for info in self.procfs.iter_processes():
-            selected = self.policies.select(info)
-            if selected and selected[0].trigger.always:
-                found.append(info)
-        return found
-
-    def _loop(self, first_scan: bool) -> None:
+    def _loop(self, discovered: list[ProcessInfo]) -> None:
         ticks = 0
         next_tick = time.monotonic()
         last_summary = time.monotonic() - SUMMARY_EVERY_S + FIRST_SUMMARY_S
-        discovered = self._discover_always() if first_scan else []
         while not self._stop:
             next_tick += self.config.tick_s
             delay = next_tick - time.monotonic()
@@ -219,7 +212,7 @@ class Daemon:
             if self._reload:
                 self._reload = False
                 if self.reload():
-                    discovered = self._discover_always()
+                    discovered = self._survey()
                     self.collector.track_execs = self._has_always_policies()
             self.tick(discovered)
             discovered = []
