@@ -10,8 +10,9 @@ SETUP_HINT = "run 'sudo ./bootstrap setup' from the remediator checkout"
 
 
 def tracefs_root() -> Path | None:
+    """Where tracefs is mounted (with its events), or None."""
     for candidate in TRACEFS_CANDIDATES:
-        if Path(candidate, "events/sched/sched_switch/format").exists():
+        if Path(candidate, "events").is_dir():
             return Path(candidate)
     return None
 
@@ -42,10 +43,9 @@ def bpf_problem() -> str | None:
         import bcc  # noqa: F401
     except ImportError:
         return f"the bcc Python module is not importable (Debian package python3-bpfcc): {SETUP_HINT}"
-    if tracefs_root() is None:
-        return "tracefs is not mounted (no /sys/kernel/tracing/events/sched): mount -t tracefs nodev /sys/kernel/tracing"
-    if not Path("/sys/kernel/tracing/events/sched/sched_switch/id").exists() and not Path(
-        "/sys/kernel/debug/tracing/events/sched/sched_switch/id"
-    ).exists():
-        return "the kernel exposes no sched tracepoints (CONFIG_BPF_EVENTS / tracepoints missing)"
+    root = tracefs_root()
+    if root is None:
+        return "tracefs is not mounted (no /sys/kernel/tracing/events): mount -t tracefs nodev /sys/kernel/tracing"
+    if not (root / "events/sched/sched_switch/format").exists():
+        return f"the kernel exposes no sched tracepoints under {root}/events (CONFIG_TRACEPOINTS missing)"
     return kernel_headers_problem()

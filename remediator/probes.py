@@ -318,13 +318,7 @@ class SchedProbes:
         from bcc.libbcc import lib
         from bcc.utils import get_possible_cpus
 
-        self.settings = settings or ProbeSettings()
-        pid_max = _read_pid_max()
-        if pid_max and pid_max != self.settings.pid_max:
-            self.settings = dataclasses.replace(self.settings, pid_max=pid_max)
-        fmt_path = tracefs_root() / "events/sched/sched_switch/format"
-        self.state_mask = task_state_mask(fmt_path.read_text())
-        self.cflags = self.settings.cflags(self.state_mask)
+        self.settings, self.cflags = settings_for_this_kernel(settings)
         self.source_path = probes_dir() / PROGRAM_FILE
         self.headers = kernel_headers_description()
         with _captured_stderr() as output:
@@ -491,15 +485,26 @@ class SchedProbes:
         self.bpf.cleanup()
 
 
+def settings_for_this_kernel(settings: ProbeSettings | None = None) -> tuple[ProbeSettings, list[str]]:
+    """The settings fitted to the running kernel (its pid_max, sched_switch's state mask), and the
+    cflags they give: what the loader passes and what `--ebpf` prints."""
+    settings = settings or ProbeSettings()
+    pid_max = _read_pid_max()
+    if pid_max and pid_max != settings.pid_max:
+        settings = dataclasses.replace(settings, pid_max=pid_max)
+    root = tracefs_root()
+    fmt = root / "events/sched/sched_switch/format" if root else None
+    mask = task_state_mask(fmt.read_text()) if fmt is not None and fmt.exists() else 0xFF
+    return settings, settings.cflags(mask)
+
+
 def describe_program(settings: ProbeSettings | None = None) -> str:
     """What would be loaded: the cflags and the program text (for `--ebpf`)."""
-    settings = settings or ProbeSettings()
-    root = tracefs_root()
-    mask = task_state_mask((root / "events/sched/sched_switch/format").read_text()) if root else 0xFF
+    _, cflags = settings_for_this_kernel(settings)
     source = probes_dir() / PROGRAM_FILE
     header = probes_dir() / "sched_monitor.h"
     return (
-        f"// cflags: {' '.join(settings.cflags(mask))}\n"
+        f"// cflags: {' '.join(cflags)}\n"
         f"// ---- {header} ----\n{header.read_text()}\n"
         f"// ---- {source} ----\n{source.read_text()}"
     )
