@@ -21,7 +21,7 @@ from typing import Callable
 
 from .audit import AuditLog, audit_record
 from .collector import Collector
-from .config import DaemonConfig, assert_trusted_file, load_config
+from .config import DaemonConfig, load_config
 from .cpulist import format_cpulist, online_cpus
 from .engine import Decision, EngineSettings, EngineState, decide, forget, record_outcome
 from .errors import RemediatorError
@@ -48,8 +48,6 @@ WARN_KINDS = frozenset({"exhausted", "capped", "infeasible"})
 
 def load_all(config_path: Path, trusted: bool) -> tuple[DaemonConfig, PolicySet]:
     """Config and policies, checked; raises PolicyErrors (located) or RemediatorError."""
-    if trusted:
-        assert_trusted_file(config_path)
     config = load_config(config_path, require_trusted=trusted)
     policies = load_policies(config.policy_paths, online_cpus=online_cpus(), require_trusted=trusted)
     return config, policies
