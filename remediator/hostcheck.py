@@ -17,22 +17,68 @@ def tracefs_root() -> Path | None:
     return None
 
 
-def kernel_headers_problem(release: str | None = None) -> str | None:
+MODULES_ROOT = "/lib/modules"
+
+
+class _Inaccessible(Exception):
+    """A path on the way to the header tree that this process may not look at."""
+
+
+def _exists(path: Path) -> bool:
+    # Path.exists() raises PermissionError (Python < 3.12) where a sandbox hides a directory:
+    # that is a different problem from a missing tree and gets its own message.
+    try:
+        os.stat(path)
+    except PermissionError:
+        raise _Inaccessible(path) from None
+    except OSError:
+        return False
+    return True
+
+
+def _hidden_by_sandbox(modules_root: Path) -> bool:
+    """systemd's ProtectKernelModules=yes (like InaccessiblePaths=) mounts an empty mode-0000
+    directory over /lib/modules: unreadable without CAP_DAC_READ_SEARCH, and empty with it."""
+    try:
+        info = os.stat(modules_root)
+        entries = os.listdir(modules_root)
+    except PermissionError:
+        return True
+    except OSError:
+        return False  # no /lib/modules at all: the "no kernel header tree" message says what to do
+    return info.st_mode & 0o7777 == 0 and not entries
+
+
+def kernel_headers_problem(release: str | None = None, modules_root: Path | str | None = None) -> str | None:
+    """Why bcc cannot find the running kernel's header tree, or None. `modules_root` is
+    /lib/modules unless a test points it elsewhere."""
     release = release or os.uname().release
-    moddir = Path("/lib/modules", release)
-    if not (moddir / "build/include/generated/autoconf.h").exists():
-        return f"no kernel header tree at {moddir}/build: {SETUP_HINT} (it installs the distribution's headers)"
-    if not ((moddir / "build/include/linux/kconfig.h").exists() or (moddir / "source/include/linux/kconfig.h").exists()):
-        return f"incomplete kernel header tree at {moddir} (no include/linux/kconfig.h): {SETUP_HINT}"
+    modules_root = Path(modules_root if modules_root is not None else MODULES_ROOT)
+    moddir = modules_root / release
+    if _hidden_by_sandbox(modules_root):
+        return (
+            f"{modules_root} is not accessible to this process (a service sandbox such as systemd's "
+            f"ProtectKernelModules=yes hides it): bcc needs the kernel header tree under {moddir}/build"
+        )
+    try:
+        if not _exists(moddir / "build/include/generated/autoconf.h"):
+            return f"no kernel header tree at {moddir}/build: {SETUP_HINT} (it installs the distribution's headers)"
+        if not (_exists(moddir / "build/include/linux/kconfig.h") or _exists(moddir / "source/include/linux/kconfig.h")):
+            return f"incomplete kernel header tree at {moddir} (no include/linux/kconfig.h): {SETUP_HINT}"
+    except _Inaccessible as exc:
+        return (
+            f"{exc.args[0]} is not accessible to this process (permission denied on the way to it): bcc needs "
+            f"to read the kernel header tree under {moddir}/build"
+        )
     return None
 
 
 def kernel_headers_description(release: str | None = None) -> str:
     release = release or os.uname().release
-    marker = Path("/lib/modules", release, ".remediator-headers")
+    marker = Path(MODULES_ROOT, release, ".remediator-headers")
     if marker.exists():
         return marker.read_text().strip()
-    return f"the running kernel's ({Path('/lib/modules', release, 'build').resolve()})"
+    return f"the running kernel's ({Path(MODULES_ROOT, release, 'build').resolve()})"
 
 
 def bpf_problem() -> str | None:

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
 from remediator import hostcheck
 
 
@@ -29,3 +37,77 @@ def test_tracefs_without_sched_events_is_named_as_such(tmp_path, monkeypatch):
     monkeypatch.setattr(hostcheck, "TRACEFS_CANDIDATES", (str(tmp_path),))
     problem = hostcheck.bpf_problem()
     assert problem.startswith("the kernel exposes no sched tracepoints") and str(tmp_path) in problem
+
+
+# -- /lib/modules hidden by a service sandbox (systemd's ProtectKernelModules=yes) -----------------
+
+SANDBOX_WORDS = ("is not accessible to this process", "ProtectKernelModules=yes", "bcc needs the kernel header tree under")
+
+
+def test_an_unreadable_modules_root_is_named_as_a_sandbox(tmp_path, monkeypatch):
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if str(path).startswith(str(modules)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(hostcheck.os, "stat", stat)
+    problem = hostcheck.kernel_headers_problem("9.9.9-test", modules_root=modules)
+    assert problem == (
+        f"{modules} is not accessible to this process (a service sandbox such as systemd's ProtectKernelModules=yes "
+        f"hides it): bcc needs the kernel header tree under {modules}/9.9.9-test/build"
+    )
+
+
+def test_an_empty_mode_0000_modules_root_is_named_as_a_sandbox(tmp_path):
+    # What systemd mounts over /lib/modules: an empty directory with mode 0000. A process with
+    # CAP_DAC_READ_SEARCH (root here, and the unit keeps it) can read it, and finds nothing; a
+    # process without it cannot: the same answer either way.
+    modules = tmp_path / "modules"
+    modules.mkdir(mode=0)
+    os.chmod(modules, 0)
+    try:
+        problem = hostcheck.kernel_headers_problem("9.9.9-test", modules_root=modules)
+    finally:
+        os.chmod(modules, 0o755)
+    assert all(word in problem for word in SANDBOX_WORDS), problem
+
+
+@pytest.mark.root
+def test_a_really_unreadable_modules_root_without_dac_capabilities(tmp_path):
+    """A real EACCES: root without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, as in a unit's sandbox."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to drop capabilities")
+    modules = tmp_path / "modules"
+    (modules / "9.9.9-test" / "build").mkdir(parents=True)
+    os.chmod(modules, 0o700)
+    os.chown(modules, 65534, 65534)  # owned by nobody: root reads it only through its DAC capabilities
+    code = f"from remediator import hostcheck; print(hostcheck.kernel_headers_problem('9.9.9-test', modules_root={str(modules)!r}))"
+    out = subprocess.run(
+        ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search",
+         sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert all(word in out.stdout for word in SANDBOX_WORDS), out.stdout
+    assert f"under {modules}/9.9.9-test/build" in out.stdout
+
+
+def test_permission_denied_deeper_in_the_tree_names_the_path(tmp_path, monkeypatch):
+    modules = tmp_path / "modules"
+    build = modules / "9.9.9-test" / "build"
+    build.mkdir(parents=True)
+    real_stat = os.stat
+
+    def stat(path, *args, **kwargs):
+        if str(path).startswith(str(build)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(hostcheck.os, "stat", stat)
+    problem = hostcheck.kernel_headers_problem("9.9.9-test", modules_root=modules)
+    assert problem.startswith(f"{build}/include/generated/autoconf.h is not accessible to this process")
+    assert "no kernel header tree" not in problem
