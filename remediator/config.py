@@ -30,6 +30,7 @@ class DaemonConfig:
     protect: ProtectSelectors
     request_cpus: frozenset[int] | None  # None = auto (from the protected threads' affinity)
     mode: str  # "live" | "dry-run"
+    source: str  # "bpf" | "auto" | "procfs": where samples come from (see sources.open_source)
     tick_s: float
     policy_paths: tuple[Path, ...]  # resolved relative to the config file
     journal_path: Path
@@ -44,6 +45,7 @@ class DaemonConfig:
             "protect": self.protect.describe(),
             "request_cpus": "auto" if self.request_cpus is None else format_cpulist(self.request_cpus),
             "mode": self.mode,
+            "source": self.source,
             "tick_s": self.tick_s,
             "policy_paths": [str(p) for p in self.policy_paths],
             "journal_path": str(self.journal_path),
@@ -136,6 +138,7 @@ def compile_config(document: Document, base: Path | None = None) -> tuple[Daemon
         protect=selectors,
         request_cpus=None if request == "auto" else frozenset(request),
         mode=daemon["mode"],
+        source=daemon["source"],
         tick_s=daemon["tick"],
         policy_paths=tuple(policy_paths),
         journal_path=_resolve(base, daemon["journal"]),

@@ -354,6 +354,10 @@ PROTECT_KEYS = (
 
 DAEMON_KEYS = (
     Key("mode", "enum", "`dry-run` describes every change and makes none; `live` acts.", default="dry-run", choices=("live", "dry-run")),
+    Key("source", "enum", "Where samples come from. `bpf`: the eBPF probes, and the daemon refuses to start when they cannot load; "
+        "`auto`: the probes, else procfs; `procfs`: procfs only. On procfs there is no run-queue tail and no blame, so only "
+        "`always` policies can act, and every status line, log summary and audit record says `degraded: no tail, no blame`.",
+        default="bpf", choices=("bpf", "auto", "procfs")),
     Key("tick", "duration", "Sampling period: one window per tick.", default="250ms", minimum=0.01, maximum=60),
     Key("policies", "strings", "Policy files or directories (every `*.toml` inside), relative to this file.", default=["policies"]),
     Key("journal", "string", "Durable record of original values (relative paths are relative to this file).", default="/var/lib/remediator/journal.jsonl"),

@@ -19,6 +19,7 @@ def test_example_config():
     assert config.protect == ProtectSelectors(pids=(), comms=("nginx", "envoy"), cgroups=(), units=("api.service",))
     assert config.request_cpus is None  # auto
     assert (config.mode, config.tick_s, config.on_start, config.revert_on_exit) == ("dry-run", 0.25, "restore", True)
+    assert config.source == "bpf"
     assert config.policy_paths == (ROOT / "policies",)
     assert config.journal_path == Path("/var/lib/remediator/journal.jsonl")
     assert config.audit_path == Path("/var/log/remediator/audit.jsonl")
@@ -35,6 +36,7 @@ def test_defaults_and_relative_paths(tmp_path):
     assert config.protect.cgroups == ("/system.slice/api.service",)
     assert config.request_cpus == frozenset({0, 1, 4})
     assert config.mode == "dry-run" and config.tick_s == 0.25
+    assert config.source == "bpf"  # no silent fallback unless the file asks for one
     assert config.policy_paths == (tmp_path / "policies",)
     assert config.journal_path == tmp_path / "state" / "journal.jsonl"
     assert config.max_changes_per_minute == 10
@@ -49,6 +51,27 @@ def test_errors_are_located(tmp_path):
     assert str(caught.value).splitlines() == [
         f"{path}:4:8: error: daemon.mode: \"on\" is not one of 'live', 'dry-run'",
         f'{path}:5:8: error: daemon.tick: a duration needs a unit: write "1s" (units: us, ms, s, m, h)',
+    ]
+
+
+@pytest.mark.parametrize("source", ["bpf", "auto", "procfs"])
+def test_each_source_compiles(tmp_path, source):
+    (tmp_path / "policies").mkdir()
+    path = tmp_path / "remediator.toml"
+    path.write_text(f'[protect]\ncomm = ["nginx"]\n[daemon]\nsource = "{source}"\n')
+    config = load_config(path)
+    assert config.source == source
+    assert config.to_json()["source"] == source
+
+
+def test_a_bad_source_is_located(tmp_path):
+    (tmp_path / "policies").mkdir()
+    path = tmp_path / "remediator.toml"
+    path.write_text('[protect]\ncomm = ["nginx"]\n[daemon]\nsource = "ebpf"\n')
+    with pytest.raises(PolicyErrors) as caught:
+        load_config(path)
+    assert str(caught.value).splitlines() == [
+        f"{path}:4:10: error: daemon.source: \"ebpf\" is not one of 'bpf', 'auto', 'procfs'; did you mean 'bpf'?",
     ]
 
 

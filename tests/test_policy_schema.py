@@ -62,6 +62,7 @@ FULL_CONFIG = {
     "protect": {"pids": [1234], "comm": ["nginx"], "cgroup": ["/system.slice/api.service"], "unit": ["api"], "request_cpus": "0"},
     "daemon": {
         "mode": "live",
+        "source": "auto",
         "tick": "250ms",
         "policies": ["."],
         "journal": "/var/lib/remediator/journal.jsonl",

@@ -170,6 +170,8 @@ def config_document(rng: random.Random) -> dict:
             daemon["on_start"] = rng.choice(("restore", "keep"))
         if rng.random() < 0.5:
             daemon["revert_on_exit"] = rng.random() < 0.5
+        if rng.random() < 0.5:
+            daemon["source"] = rng.choice(("bpf", "auto", "procfs"))
         document["daemon"] = daemon
     if rng.random() < 0.5:
         document["limits"] = {"max_changes_per_minute": rng.randint(1, 10000)}
