@@ -19,6 +19,10 @@ from helpers.privileges import bpf_unavailable_reason, root_unavailable_reason  
 
 REQUIRE_PRIVILEGED = os.environ.get("REMEDIATOR_REQUIRE_PRIVILEGED") == "1"
 
+# tests/guest runs inside the guest VMs (systemd, cgroup v2: `./bootstrap vm test`), and tests/vm
+# is the harness that boots them; neither belongs to a run on this host.
+collect_ignore = ["vm"] if os.environ.get("REMEDIATOR_GUEST") else ["vm", "guest"]
+
 
 def _skip_or_fail(reason: str) -> None:
     if REQUIRE_PRIVILEGED:
