@@ -4,6 +4,7 @@ Lines are appended and flushed as they happen; `remediator audit` prints them as
 carries: time, mode, decision kind, policy (with file:line), process (pid, start time, comm,
 cmdline), evidence (protected tail and threshold, offender CPU and blame share), the step, the
 exact change (or the reason nothing changed), the outcome, and for verifications the before/after.
+The daemon's lines also carry its sample source ("bpf" or "procfs", the latter with "degraded").
 """
 
 from __future__ import annotations
@@ -65,10 +66,12 @@ def audit_record(decision: Decision, outcome: Outcome | None, mode: str) -> dict
 
 
 class AuditLog:
-    """Appends audit lines to a file (created 0640 with its directory 0750)."""
+    """Appends audit lines to a file (created 0640 with its directory 0750). `stamp` holds fields
+    added to every line (the daemon's source, and "degraded" when it cannot see a tail or blame)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, stamp: dict | None = None):
         self.path = Path(path)
+        self.stamp = dict(stamp or {})
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -77,7 +80,7 @@ class AuditLog:
         self._stream: IO[str] = os.fdopen(fd, "a", buffering=1)
 
     def write(self, record: dict) -> None:
-        self._stream.write(json.dumps(record, separators=(",", ":"), default=str) + "\n")
+        self._stream.write(json.dumps({**record, **self.stamp}, separators=(",", ":"), default=str) + "\n")
         self._stream.flush()
 
     def close(self) -> None:

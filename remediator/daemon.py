@@ -24,7 +24,7 @@ from .collector import Collector
 from .config import DaemonConfig, load_config
 from .cpulist import format_cpulist, online_cpus
 from .engine import Decision, EngineSettings, EngineState, decide, forget, record_outcome
-from .errors import RemediatorError
+from .errors import RemediatorError, SetupError
 from .executor import Executor, Outcome
 from .journal import Journal
 from .placement import auto_request_cpus
@@ -32,8 +32,9 @@ from .policy import PolicyErrors, PolicySet, load_policies
 from .probes import ProbeSettings, window_shift_for
 from .procfs import ProcessInfo, ProcFS
 from .safety import exclusion_reason
+from .sample import SOURCE_PROCFS
 from .sdnotify import Notifier
-from .sources import open_source
+from .sources import PROCFS_DEGRADED, Source, open_source
 
 log = logging.getLogger("remediator")
 
@@ -59,7 +60,7 @@ class Daemon:
         config_path: str | Path,
         *,
         mode: str | None = None,
-        source: str = "auto",
+        source: str | None = None,  # overrides the config's [daemon] source
         procfs: ProcFS | None = None,
         notifier: Notifier | None = None,
         max_ticks: int | None = None,
@@ -67,7 +68,7 @@ class Daemon:
     ):
         self.config_path = Path(config_path)
         self.mode_override = mode
-        self.source_choice = source
+        self.source_override = source
         self.procfs = procfs or ProcFS()
         self.notifier = notifier or Notifier()
         self.max_ticks = max_ticks
@@ -78,6 +79,7 @@ class Daemon:
         self._reload = False
         self.config, self.policies = load_all(self.config_path, self.trusted)
         self.mode = self.mode_override or self.config.mode
+        self.source_choice = self.source_override or self.config.source
         if self.mode == "live" and os.geteuid() != 0:
             raise RemediatorError("live mode changes other users' processes: run as root (or use --dry-run)")
         for warning in self.policies.warnings:
@@ -107,7 +109,8 @@ class Daemon:
         except RemediatorError as exc:
             log.error("reload failed: %s: keeping the last good configuration", exc)
             return False
-        for name in ("journal_path", "audit_path", "tick_s"):
+        restart_only = ("journal_path", "audit_path", "tick_s") + (() if self.source_override else ("source",))
+        for name in restart_only:
             if getattr(config, name) != getattr(self.config, name):
                 log.warning("reload: %s changed; it takes effect at the next restart", name.replace("_", " "))
                 config = dataclasses.replace(config, **{name: getattr(self.config, name)})
@@ -124,33 +127,56 @@ class Daemon:
     def run(self) -> int:
         config = self.config
         dry_run = self.mode == "dry-run"
-        self.audit = AuditLog(config.audit_path)
-        journal = None if dry_run else Journal(config.journal_path)
-        self.executor = Executor(journal, self.procfs, dry_run=dry_run)
-        window_ms = max(1.0, config.tick_s * 1000 / 4)  # several windows per tick, so bursts show
-        source, fallback = open_source(self.procfs, want=self.source_choice, settings=ProbeSettings(window_shift=window_shift_for(window_ms)))
-        if fallback:
-            log.warning("eBPF probes not loaded (%s): using procfs, which has no run-queue tail and no blame, "
-                        "so only policies with always = true can act", fallback)
+        # The source before anything else: a daemon that cannot watch refuses to start, and then it
+        # must leave the host as it found it (no audit or journal file, no originals restored).
+        source = self._open_source()
         self.collector = Collector(source, config.protect, self.procfs, track_execs=self._has_always_policies())
         self.state = EngineState()
         try:
+            self.audit = AuditLog(config.audit_path, stamp=self._audit_stamp(source))
+            journal = None if dry_run else Journal(config.journal_path)
+            self.executor = Executor(journal, self.procfs, dry_run=dry_run)
             if not dry_run:
                 for outcome in self.executor.reconcile(config.on_start):
                     self._log_outcome("start-up", outcome)
             self.collector.start()
             log.info(
-                "%s: %d policies, protecting %s (%s), tick %g s, source %s, audit %s",
+                "%s: %d policies, protecting %s (%s), tick %g s, %s, audit %s",
                 "dry-run (nothing will be changed)" if dry_run else "live",
                 len(self.policies.policies), config.protect.describe(), self._protected_summary(),
-                config.tick_s, source.name, config.audit_path,
+                config.tick_s, self.source_note, config.audit_path,
             )
             discovered = self._survey()
-            self.notifier.ready(f"{self.mode}: starting")
+            self.notifier.ready(f"{self.mode} ({self.source_note}): starting")
             self._loop(discovered)
         finally:
             self._shutdown(dry_run)
         return 0
+
+    def _open_source(self) -> Source:
+        """The configured source; with "bpf", a SetupError (one line: why, and how to opt into procfs)
+        when the probes cannot load, rather than a daemon that looks protective and is not."""
+        window_ms = max(1.0, self.config.tick_s * 1000 / 4)  # several windows per tick, so bursts show
+        settings = ProbeSettings(window_shift=window_shift_for(window_ms))
+        try:
+            source, fallback = open_source(self.procfs, want=self.source_choice, settings=settings)
+        except RemediatorError as exc:  # only with "bpf": "auto" falls back, "procfs" loads no probes
+            opt_in = ("--source auto (or procfs)" if self.source_override
+                      else f'source = "auto" (or "procfs") in the [daemon] table of {self.config_path}')
+            raise SetupError(f"not starting: the eBPF probes cannot load: {exc}; to run without them on procfs "
+                             f"(degraded: {PROCFS_DEGRADED}), set {opt_in}") from None
+        self.degraded = PROCFS_DEGRADED if source.name == SOURCE_PROCFS else None
+        self.source_note = f"source {source.name}" + (f", degraded: {self.degraded}" if self.degraded else "")
+        if fallback:
+            log.warning('eBPF probes not loaded (%s): source "auto" falls back to procfs, degraded: %s, so only '
+                        "policies with always = true can act", fallback, self.degraded)
+        elif self.degraded:
+            log.warning('source "procfs": degraded: %s, so only policies with always = true can act', self.degraded)
+        return source
+
+    def _audit_stamp(self, source: Source) -> dict:
+        """Fields every audit record carries: which source judged, and what it could not see."""
+        return {"source": source.name, **({"degraded": self.degraded} if self.degraded else {})}
 
     def _survey(self) -> list[ProcessInfo]:
         """One pass over the running processes: say which the policies govern and which they may not
@@ -264,7 +290,7 @@ class Daemon:
     def _status_line(self, sample) -> str:
         p99 = sample.protected.percentile_ns(99)
         tail = "n/a" if p99 is None else f"{p99 / 1000:.0f} us"
-        return f"{self.mode}: protected p99 {tail}, {len(self.state.active())} active remediations"
+        return f"{self.mode} ({self.source_note}): protected p99 {tail}, {len(self.state.active())} active remediations"
 
     def _carry_out(self, decision: Decision, protected_pids) -> None:
         outcome = None
@@ -322,8 +348,8 @@ class Daemon:
         waits = sample.protected
         if not waits.pids:
             log.info("nothing protected is running (%s); watching for it. Name your service in the [protect] "
-                     "table of %s (see 'remediator watch --comm NAME' to try a selector)", self.config.protect.describe(),
-                     self.config_path)
+                     "table of %s (see 'remediator watch --comm NAME' to try a selector); %s", self.config.protect.describe(),
+                     self.config_path, self.source_note)
             return
         p99 = waits.percentile_ns(99)
         top = []
@@ -336,11 +362,13 @@ class Daemon:
             top.append(f"{name} ({pid}) {sample.blame_share(pid):.0%} [{note}]")
         active = self.state.active()
         log.info(
-            "protected %s, %s; p99 %s; most blamed: %s; %s; request CPUs %s",
+            "protected %s, %s; p99 %s; most blamed: %s; %s; request CPUs %s; %s",
             plural(len(waits.pids), "process"), plural(waits.threads, "thread"),
-            "n/a" if p99 is None else f"{p99 / 1000:.0f} us", ", ".join(top) or "nobody",
+            "n/a" if p99 is None else f"{p99 / 1000:.0f} us",
+            ", ".join(top) or ("unknown" if self.degraded else "nobody"),
             plural(len(active), "active remediation"),
             format_cpulist(self.config.request_cpus) if self.config.request_cpus is not None else "auto",
+            self.source_note,
         )
 
     def _shutdown(self, dry_run: bool) -> None:

@@ -17,6 +17,10 @@ from .probes import ExecEvent, ProbeSettings, RawSnapshot, SchedProbes
 from .procfs import ProcFS, clock_ticks_per_second
 from .sample import SOURCE_BPF, SOURCE_PROCFS
 
+# What a daemon on procfs cannot see, said on every status line, log summary and audit record:
+# without a tail or blame no tail-triggered policy can act, and a host must not look protected.
+PROCFS_DEGRADED = "no tail, no blame"
+
 PROCFS_LIMITATIONS = (
     "no run-queue latency tail: only the mean wait per timeslice from /proc/<tid>/schedstat (no histogram, p99 or max)",
     "no blame: which processes ran while the protected threads waited is unknown",

@@ -192,9 +192,9 @@ def test_sd_notify_ready_watchdog_status(spawn, daemon, tmp_path):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not (any("WATCHDOG=1" in m for m in messages) and any("protected p99" in m for m in messages)):
             messages.append(listener.recv(4096).decode())
-        assert messages[0].startswith("READY=1")
+        assert messages[0] == "READY=1\nSTATUS=dry-run (source bpf): starting"
         assert any(m == "WATCHDOG=1" for m in messages)
-        assert any(m.startswith("STATUS=dry-run: protected p99 ") and "active remediations" in m for m in messages)
+        assert any(m.startswith("STATUS=dry-run (source bpf): protected p99 ") and "active remediations" in m for m in messages)
         run.stop()
     finally:
         listener.close()

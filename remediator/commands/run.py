@@ -12,6 +12,7 @@ examples:
   sudo remediator run --config /etc/remediator/remediator.toml           mode from the config
   sudo remediator run --config examples/remediator.toml --dry-run        judge this host, change nothing
   sudo remediator run --config /etc/remediator/remediator.toml --live    make the changes
+  sudo remediator run --config examples/remediator.toml --source auto    run on procfs if the probes cannot load
   sudo systemctl reload remediator        (SIGHUP) reload config and policies; a bad set keeps the old one
 
 Every decision goes to the audit log (see 'remediator audit'); every change is journaled first
@@ -32,8 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument("--dry-run", dest="mode", action="store_const", const="dry-run",
                       help="change nothing; log and audit what would be done (overrides the config's mode)")
     mode.add_argument("--live", dest="mode", action="store_const", const="live", help="make the changes (overrides the config's mode)")
-    parser.add_argument("--source", choices=("auto", "bpf", "procfs"), default="auto",
-                        help="where samples come from (default: bpf, else procfs without tail or blame)")
+    parser.add_argument("--source", choices=("bpf", "auto", "procfs"), default=None,
+                        help="where samples come from, overriding the config's [daemon] source (default there: bpf, "
+                             "which refuses to start without the probes; procfs, and auto when it falls back, "
+                             "run degraded: no tail, no blame)")
     parser.add_argument("--ticks", type=int, default=None, help=argparse.SUPPRESS)  # stop after N ticks (tests)
     parser.set_defaults(handler=run_daemon)
 

@@ -49,11 +49,13 @@ def write_config(
     on_start: str = "restore",
     revert_on_exit: bool = True,
     policy_text: str | None = None,
+    source: str | None = None,  # None: leave [daemon] source out, so the default is what runs
 ) -> Path:
     policies = directory / "policies"
     policies.mkdir(exist_ok=True)
     (policies / "shipper.toml").write_text(policy_text or SHIPPER_POLICY.format(above=above, windows=windows))
     config = directory / "remediator.toml"
+    source_line = "" if source is None else f'source = "{source}"'
     config.write_text(
         f"""
 [protect]
@@ -61,6 +63,7 @@ pids = {protect_pids}
 request_cpus = "0"
 [daemon]
 mode = "{mode}"
+{source_line}
 tick = "250ms"
 policies = ["policies"]
 journal = "{directory}/journal.jsonl"
