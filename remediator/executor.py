@@ -137,6 +137,9 @@ class Executor:
         except OSError as exc:
             return outcome("failed", f"cannot read {exc.filename or 'the current state'}: {exc.strerror or exc}: nothing changed")
         original = existing.original if existing else plan.current
+        refusal = self._refuse_affected(plan, identity, protected_pids)
+        if refusal:
+            return outcome("refused", refusal)
 
         if plan.unchanged:
             return outcome("unchanged", plan.description, original=original, applied=existing.applied if existing else None)
@@ -179,6 +182,20 @@ class Executor:
         note = self._record(self.journal.record_applied, entry, result.applied)
         self._known_tids[entry.entry_id] = self._initial_known(entry, result.applied)
         return outcome("applied", result.message + note, original=entry.original, applied=result.applied, threads=result.threads)
+
+    def _refuse_affected(self, plan, identity: ProcessIdentity, protected_pids: Collection[int]) -> str | None:
+        """Why a change that reaches other processes too (a unit's property) may not be made."""
+        for pid in plan.affects:
+            if pid == identity.pid:
+                continue
+            try:
+                info = self.procfs.process_info(pid)
+            except RemediatorError:
+                continue  # gone meanwhile
+            reason = exclusion_reason(info, protected_pids, self.self_pid)
+            if reason:
+                return f"the change reaches pid {pid} ({info.comm}) too, which is off limits: {reason}; nothing changed"
+        return None
 
     def _record(self, write, entry: JournalEntry, *args, **kwargs) -> str:
         """Write an outcome record; a journal that fails now is reported, not raised (the change happened)."""

@@ -2,7 +2,8 @@
 
     nice      setpriority(PRIO_PROCESS, tid, n) on every thread
     affinity  sched_setaffinity(tid, cpus) on every thread, kept on new threads
-    cpuset    a remediator-owned cpuset cgroup (v1 or v2)
+    cpuset    a remediator-owned cpuset cgroup (v1, or v2 without systemd), or the unit's
+              AllowedCPUs through systemd (v2 with systemd)
 
 Side effects go through two thin objects, `Syscalls` and `cgroupfs.CgroupFS`, so tests can record
 calls and inject errno values. Only the executor calls these; see remediator/executor.py.
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from ..cgroupfs import DEFAULT_MOUNTINFO, CgroupFS, CgroupMount, discover_cpuset_mount
 from ..procfs import ProcFS
+from ..systemd import SystemdManager, systemd_is_init
 from .affinity import AffinityActuator
 from .base import (
     Actuator,
@@ -44,16 +46,21 @@ def default_actuators(
     mountinfo_path: str | Path = DEFAULT_MOUNTINFO,
     cpuset_parent: str = "/",
     sysfs_root: str | Path = "/sys",
+    systemd: SystemdManager | None | object = _UNSET,
 ) -> dict[str, Actuator]:
     """The three real actuators, the cpuset hierarchy discovered from mountinfo unless given."""
     syscalls = syscalls or Syscalls()
     cgroupfs = cgroupfs or CgroupFS()
     mount = discover_cpuset_mount(mountinfo_path, cgroupfs) if cpuset_mount is _UNSET else cpuset_mount
+    if systemd is _UNSET:
+        # On a systemd host with cgroup v2, a unit's processes are changed through systemd.
+        systemd = SystemdManager() if mount is not None and mount.version == 2 and systemd_is_init() else None
     return {
         "nice": NiceActuator(procfs, syscalls),
         "affinity": AffinityActuator(procfs, syscalls, cpuset_mount=mount, cgroupfs=cgroupfs, sysfs_root=sysfs_root),
         "cpuset": CpusetActuator(
-            procfs, mount=mount, cgroupfs=cgroupfs, syscalls=syscalls, parent=cpuset_parent, sysfs_root=sysfs_root
+            procfs, mount=mount, cgroupfs=cgroupfs, syscalls=syscalls, parent=cpuset_parent, sysfs_root=sysfs_root,
+            systemd=systemd,
         ),
     }
 

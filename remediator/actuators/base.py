@@ -103,6 +103,9 @@ class Plan:
     threads: int = 0
     details: dict = field(default_factory=dict)  # the actuator's own working data
     expected: dict = field(default_factory=dict)  # what apply will record as applied (journalled with the intent)
+    # Other processes the change reaches (a unit's property reaches all of its processes): the
+    # executor refuses the change when one of them is off limits.
+    affects: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

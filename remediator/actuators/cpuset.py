@@ -18,6 +18,15 @@ so the masks are put back after moving back. Restore moves the process back only
 our cgroup and the original cgroup still exists (else it says so and leaves it), then removes our
 cgroup once it is empty.
 
+systemd + cgroup v2 (systemd is PID 1): a process belongs to its unit, so the step is the unit's
+    runtime AllowedCPUs property, set through systemd (remediator/systemd.py): the process stays in
+    its unit, under its unit's limits and `systemctl stop`. The original is the unit's AllowedCPUs
+    (journaled like any original) and every thread's mask; restore sets the property back only if
+    it still holds the value we set, also after the process has gone (the unit outlives it). The
+    change reaches every process of the unit, so the plan names them (`affects`) and the executor
+    refuses it when one is off limits. A process in no system unit (a user manager's) is refused:
+    on such a host a cgroup of our own would take it out of its unit.
+
 Tested: the v1 path for real (as root, tests/test_cpuset_v1.py); the v2 path against a fake
 cgroupfs tree with kernel-like rules (tests/test_cpuset_v2.py), since this test host binds cpuset
 to v1. See docs/actuators.md.
@@ -35,9 +44,11 @@ from ..cpulist import CpuListError, format_cpulist, online_cpus, parse_cpulist
 from ..errors import ProcessGone
 from ..procfs import ProcessIdentity, ProcFS
 from ..placement import CGROUP_PREFIX, owned_cgroup_name
+from ..systemd import SystemdError, SystemdManager, describe_allowed, unit_for_cgroup
 from .base import (
     ActuatorError,
     ApplyResult,
+    ChangeDenied,
     ChangeFailed,
     ChangeInvalid,
     Plan,
@@ -141,7 +152,9 @@ class CpusetActuator:
         syscalls: Syscalls | None = None,
         parent: str = "/",
         sysfs_root: str | Path = "/sys",
+        systemd: SystemdManager | None = None,
     ):
+        self.systemd = systemd  # set on a systemd host: units are changed through it
         self.procfs = procfs
         self.mount = mount
         self.cgroupfs = cgroupfs or CgroupFS()
@@ -164,12 +177,29 @@ class CpusetActuator:
         if path is None:
             raise ChangeFailed(f"pid {pid} has no place in the cpuset hierarchy at {mount.mount_point}: nothing changed")
         masks, default = thread_values(self.procfs, pid, self.syscalls.sched_getaffinity)
-        return {
+        current = {
             "cgroup": path,
             **mount.to_json(),
             "threads": {str(tid): sorted(mask) for tid, mask in masks.items()},
             "default": sorted(default),
         }
+        if self.systemd is not None and mount.version == 2:
+            unit, why = unit_for_cgroup(path)
+            if unit is None:
+                raise ChangeInvalid(
+                    f"{why}: on a systemd host a cpuset step changes the process's unit, and a cgroup of our own "
+                    "would take the process out of its unit: nothing changed"
+                )
+            current["unit"] = unit
+            current["allowed_cpus"] = self._systemd_call(lambda: self.systemd.get_allowed_cpus(unit))
+        return current
+
+    @staticmethod
+    def _systemd_call(call):
+        try:
+            return call()
+        except SystemdError as exc:
+            raise (ChangeDenied if exc.denied else ChangeFailed)(f"{exc}: nothing changed") from None
 
     # -- plan ---------------------------------------------------------------------------------
     def _read_cpus(self, path: Path) -> frozenset[int]:
@@ -246,6 +276,8 @@ class CpusetActuator:
         requested = frozenset(int(cpu) for cpu in target.get("cpus") or ())
         if not requested:
             raise ChangeInvalid("cpuset needs a non-empty CPU set: nothing changed")
+        if "unit" in current:
+            return self._plan_unit(identity, target, current, mount, requested)
         parent_dir = mount.fs_path(self.parent)
         if parent_dir is None or not self.cgroupfs.exists(parent_dir):
             raise ChangeFailed(f"cpuset parent cgroup {self.parent} does not exist under {mount.mount_point}: nothing changed")
@@ -295,6 +327,41 @@ class CpusetActuator:
         expected = {"cgroup": target_path, "cpus": sorted(cpus), "mems": mems, "requested": sorted(requested)}
         return Plan(self.kind, identity, current, target, description, threads=threads, details=details, expected=expected)
 
+    def _plan_unit(self, identity: ProcessIdentity, target: dict, current: dict, mount: CgroupMount, requested: frozenset[int]) -> Plan:
+        unit = current["unit"]
+        online = online_cpus(self.sysfs_root)
+        cpus = requested & online
+        if not cpus:
+            raise ChangeInvalid(f"requested CPUs {format_cpulist(requested)} are not online ({format_cpulist(online)}): nothing changed")
+        wanted = format_cpulist(cpus)
+        unit_dir = mount.fs_path(current["cgroup"].split(unit, 1)[0] + unit)
+        members = tuple(self._unit_pids(unit_dir)) if unit_dir is not None else ()
+        call = f"systemd SetUnitProperties {unit} --runtime AllowedCPUs={wanted}"
+        threads = len(current.get("threads", {}))
+        if current["allowed_cpus"] == wanted:
+            return Plan(self.kind, identity, current, target, f"{unit} already has AllowedCPUs={wanted}", unchanged=True, affects=members)
+        others = len(members) - 1
+        description = f"{call} (was {describe_allowed(current['allowed_cpus'])})"
+        if others > 0:
+            description += f"; the unit's {others} other process{'es' if others != 1 else ''} too"
+        if cpus != requested:
+            description += f"; requested {format_cpulist(requested)}, online {format_cpulist(online)}"
+        details = {"unit": unit, "allowed_cpus": wanted, "cpus": sorted(cpus), "requested": sorted(requested)}
+        expected = {"unit": unit, "allowed_cpus": wanted, "requested": sorted(requested)}
+        return Plan(self.kind, identity, current, target, description, threads=threads, details=details, expected=expected, affects=members)
+
+    def _unit_pids(self, directory: Path) -> list[int]:
+        """Every process in the unit's cgroup and below it (a unit may delegate a subtree)."""
+        pids: list[int] = []
+        try:
+            pids += cgroup_pids(self.cgroupfs, directory)
+            children = [name for name in self.cgroupfs.listdir(directory) if self.cgroupfs.exists(directory / name / "cgroup.procs")]
+        except OSError:
+            return pids
+        for child in children:
+            pids += self._unit_pids(directory / child)
+        return pids
+
     def _cgroup_file_has_value(self, path: Path) -> bool:
         try:
             return bool(self.cgroupfs.read(path).strip())
@@ -304,6 +371,12 @@ class CpusetActuator:
     # -- apply --------------------------------------------------------------------------------
     def apply(self, plan: Plan) -> ApplyResult:
         details = plan.details
+        if "unit" in details:
+            unit = details["unit"]
+            self._systemd_call(lambda: self.systemd.set_allowed_cpus(unit, frozenset(details["cpus"])))
+            ensure_alive(self.procfs, plan.identity)
+            applied = {"unit": unit, "allowed_cpus": details["allowed_cpus"], "requested": details["requested"]}
+            return ApplyResult(applied=applied, message=plan.description, threads=plan.threads)
         steps = [Step.from_json(step) for step in details["steps"]]
         done: list[Step] = []
         for step in steps:
@@ -358,8 +431,35 @@ class CpusetActuator:
         # The hierarchy recorded with the change, not today's discovery: restore what was changed.
         return CgroupMount(int(original["version"]), Path(original["mount"]), original.get("root", "/"), frozenset({"cpuset"}))
 
+    def _restore_unit(self, original: dict, applied: dict | None) -> tuple[str, bool]:
+        """Give the unit its AllowedCPUs back, unless someone changed it since we set it:
+        (what was done, whether the property was restored)."""
+        unit = original["unit"]
+        ours = (applied or {}).get("allowed_cpus")
+        if self.systemd is None:
+            raise ChangeFailed(f"{unit}: systemd is not reachable from here, so its AllowedCPUs stays {ours}")
+        now = self._systemd_restore_call(lambda: self.systemd.get_allowed_cpus(unit))
+        if ours is None or now != ours:
+            return f"{unit} has {describe_allowed(now)}, not the {ours or 'value'} remediator set: left as it is", False
+        before = original["allowed_cpus"]
+        self._systemd_restore_call(lambda: self.systemd.set_allowed_cpus(unit, parse_cpulist(before) if before else frozenset()))
+        return f"systemd SetUnitProperties {unit} --runtime {describe_allowed(before)} (was AllowedCPUs={ours})", True
+
+    @staticmethod
+    def _systemd_restore_call(call):
+        try:
+            return call()
+        except SystemdError as exc:
+            raise (ChangeDenied if exc.denied else ChangeFailed)(f"{exc}: the unit keeps our AllowedCPUs") from None
+
     def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None) -> str:
         pid = identity.pid
+        if "unit" in original:
+            message, restored = self._restore_unit(original, applied)
+            if restored:  # kernels before 6.2 reset the masks when the unit's CPUs changed
+                message += self._restore_masks(identity, original)
+            ensure_alive(self.procfs, identity)
+            return message
         mount = self._mount_of(original)
         ours = (applied or {}).get("cgroup")
         now = process_cgroup_path(mount, self.procfs.cgroups(pid))
@@ -433,6 +533,12 @@ class CpusetActuator:
 
     def cleanup(self, original: dict, applied: dict | None) -> str:
         """After the process left: remove our cgroup if nothing else is in it."""
+        if original and "unit" in original:
+            # The unit outlives the process: its property is given back all the same.
+            try:
+                return self._restore_unit(original, applied)[0]
+            except ActuatorError as exc:
+                return exc.message
         if not original or "mount" not in original:
             return ""
         return self._cleanup_note(self._mount_of(original), (applied or {}).get("cgroup")).lstrip("; ")

@@ -1,0 +1,150 @@
+"""The system manager, for changes it must make itself: a process in a systemd unit is the unit's.
+
+On a cgroup v2 host run by systemd, moving a unit's process into a cgroup of our own takes it out
+of its unit (its MemoryMax and TasksMax stop applying, `systemctl stop` no longer reaches it) and
+systemd may move it back at the next daemon-reload. The change systemd offers instead is a runtime
+unit property, what `systemctl set-property --runtime UNIT AllowedCPUs=...` does: here through
+systemd's D-Bus API (org.freedesktop.systemd1.Manager.SetUnitProperties), with jeepney, a pure
+Python D-Bus implementation packaged by Debian (python3-jeepney) and on PyPI: no C extension and
+no GLib main loop in a daemon that only ever makes a few blocking calls.
+
+Kept small so the actuator can be tested against a fake: `unit_for_cgroup` (pure), and
+`SystemdManager.get_allowed_cpus` / `set_allowed_cpus`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .cpulist import format_cpulist
+from .errors import RemediatorError
+
+BUS_NAME = "org.freedesktop.systemd1"
+MANAGER_PATH = "/org/freedesktop/systemd1"
+MANAGER_INTERFACE = "org.freedesktop.systemd1.Manager"
+UNIT_INTERFACES = {".service": "org.freedesktop.systemd1.Service", ".scope": "org.freedesktop.systemd1.Scope"}
+SYSTEM_BUS_SOCKET = "/run/dbus/system_bus_socket"
+
+
+class SystemdError(RemediatorError):
+    """A D-Bus call that failed; `denied` when systemd refused it for lack of privilege."""
+
+    def __init__(self, message: str, *, denied: bool = False):
+        super().__init__(message)
+        self.denied = denied
+
+
+def systemd_is_init(run_root: str | Path = "/run") -> bool:
+    """sd_booted(): systemd is the system manager when /run/systemd/system exists."""
+    return Path(run_root, "systemd/system").is_dir()
+
+
+def unit_for_cgroup(cgroup_path: str) -> tuple[str | None, str]:
+    """The system unit a cgroup v2 path belongs to: (unit, why) or (None, why not).
+
+    Units live in slices: the first component that is not a slice is the unit, and anything below
+    it is the unit's own (delegated) subtree. A user manager's units (below user@UID.service) are
+    not the system manager's to change.
+    """
+    parts = [part for part in cgroup_path.split("/") if part]
+    for index, part in enumerate(parts):
+        if part.endswith(".slice"):
+            continue
+        if part.startswith("user@") and part.endswith(".service") and index + 1 < len(parts):
+            return None, f"{cgroup_path} is inside {part}, a user's own service manager, not the system's"
+        if part.endswith((".service", ".scope")):
+            return part, f"{cgroup_path} belongs to {part}"
+        return None, f"{cgroup_path} is not inside a systemd unit"
+    return None, f"{cgroup_path} is a slice or the root, not a unit"
+
+
+def cpus_to_mask(cpus: frozenset[int]) -> bytes:
+    """systemd's CPU set on D-Bus: a little-endian bitmask as a byte array (empty = no restriction)."""
+    if not cpus:
+        return b""
+    mask = bytearray(max(cpus) // 8 + 1)
+    for cpu in cpus:
+        mask[cpu // 8] |= 1 << (cpu % 8)
+    return bytes(mask)
+
+
+def mask_to_cpus(mask: bytes) -> frozenset[int]:
+    return frozenset(index * 8 + bit for index, byte in enumerate(mask) for bit in range(8) if byte & (1 << bit))
+
+
+def describe_allowed(cpus: str) -> str:
+    return f'AllowedCPUs="{cpus}"' + (" (no restriction)" if not cpus else "")
+
+
+class SystemdManager:
+    """Blocking calls to the system manager over the system bus (one connection, opened lazily)."""
+
+    def __init__(self, socket_path: str = SYSTEM_BUS_SOCKET):
+        self.socket_path = socket_path
+        self._connection = None
+
+    def _connect(self):
+        if self._connection is None:
+            try:
+                from jeepney.io.blocking import open_dbus_connection
+            except ImportError:
+                raise SystemdError("the jeepney D-Bus library is not importable (Debian: python3-jeepney; run ./bootstrap setup)") from None
+            try:
+                self._connection = open_dbus_connection(bus=f"unix:path={self.socket_path}")
+            except (OSError, ValueError) as exc:
+                raise SystemdError(f"cannot reach the system bus at {self.socket_path} ({exc})") from None
+        return self._connection
+
+    def _call(self, message, what: str):
+        from jeepney import DBusErrorResponse
+
+        try:
+            reply = self._connect().send_and_get_reply(message, timeout=10, unwrap=False)
+        except (OSError, TimeoutError) as exc:
+            self.close()
+            raise SystemdError(f"{what}: the system bus did not answer ({exc})") from None
+        try:
+            from jeepney import MessageType
+
+            if reply.header.message_type == MessageType.error:
+                raise DBusErrorResponse(reply)
+        except DBusErrorResponse as exc:
+            denied = exc.name in ("org.freedesktop.DBus.Error.AccessDenied", "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired")
+            detail = exc.data[0] if exc.data else exc.name
+            raise SystemdError(f"{what}: {exc.name}: {detail}", denied=denied) from None
+        return reply.body
+
+    def _unit_path(self, unit: str) -> str:
+        from jeepney import DBusAddress, new_method_call
+
+        manager = DBusAddress(MANAGER_PATH, bus_name=BUS_NAME, interface=MANAGER_INTERFACE)
+        return self._call(new_method_call(manager, "GetUnit", "s", (unit,)), f"GetUnit({unit})")[0]
+
+    def get_allowed_cpus(self, unit: str) -> str:
+        """The unit's AllowedCPUs as a CPU list ('' when unrestricted)."""
+        from jeepney import DBusAddress
+        from jeepney.wrappers import Properties
+
+        interface = UNIT_INTERFACES.get(os.path.splitext(unit)[1])
+        if interface is None:
+            raise SystemdError(f"{unit}: only services and scopes carry AllowedCPUs")
+        address = DBusAddress(self._unit_path(unit), bus_name=BUS_NAME, interface=interface)
+        signature, value = self._call(Properties(address).get("AllowedCPUs"), f"get {unit} AllowedCPUs")[0]
+        return format_cpulist(mask_to_cpus(bytes(value)))
+
+    def set_allowed_cpus(self, unit: str, cpus: frozenset[int]) -> None:
+        """`systemctl set-property --runtime UNIT AllowedCPUs=...` (empty = no restriction)."""
+        from jeepney import DBusAddress, new_method_call
+
+        manager = DBusAddress(MANAGER_PATH, bus_name=BUS_NAME, interface=MANAGER_INTERFACE)
+        message = new_method_call(manager, "SetUnitProperties", "sba(sv)", (unit, True, [("AllowedCPUs", ("ay", cpus_to_mask(cpus)))]))
+        self._call(message, f"SetUnitProperties({unit}, runtime, AllowedCPUs={format_cpulist(cpus)})")
+
+    def close(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.close()
+            except OSError:
+                pass
+            self._connection = None

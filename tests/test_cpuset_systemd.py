@@ -1,0 +1,186 @@
+"""The cpuset step on a systemd + cgroup v2 host: the unit's runtime AllowedCPUs, through systemd.
+
+Against a fake cgroup v2 tree and a fake system manager (the real D-Bus path runs in the guest
+VMs: tests/guest/test_service.py). What is proven here: the unit is found from the cgroup path,
+the original property is journaled and given back only while it still holds our value (also
+after the process is gone), a unit that also holds a protected process is refused, a process of
+no system unit is refused rather than moved out of it, and nothing is ever written to cgroupfs.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from remediator.actuators import CpusetActuator
+from remediator.executor import Executor
+from remediator.journal import Journal
+from remediator.procfs import ProcessIdentity
+from remediator.systemd import SystemdError, cpus_to_mask, mask_to_cpus, unit_for_cgroup
+from test_cpuset_v2 import PID, SERVICE, START, V2Host
+
+OTHER = 5_000_010  # a second process of the same unit
+
+
+class FakeSystemd:
+    def __init__(self, allowed: dict[str, str] | None = None, *, denied: bool = False):
+        self.allowed = dict(allowed or {})
+        self.calls: list[tuple] = []
+        self.denied = denied
+
+    def get_allowed_cpus(self, unit: str) -> str:
+        self.calls.append(("get", unit))
+        if unit not in self.allowed:
+            raise SystemdError(f"GetUnit({unit}): org.freedesktop.systemd1.NoSuchUnit: Unit {unit} not loaded.")
+        return self.allowed[unit]
+
+    def set_allowed_cpus(self, unit: str, cpus: frozenset[int]) -> None:
+        self.calls.append(("set", unit, sorted(cpus)))
+        if self.denied:
+            raise SystemdError("SetUnitProperties: org.freedesktop.DBus.Error.AccessDenied: Access denied", denied=True)
+        from remediator.cpulist import format_cpulist
+
+        self.allowed[unit] = format_cpulist(cpus)
+
+
+class SystemdHost(V2Host):
+    def __init__(self, tmp_path, systemd: FakeSystemd):
+        super().__init__(tmp_path)
+        self.systemd = systemd
+
+    def executor(self, *, dry_run: bool = False) -> Executor:
+        actuator = CpusetActuator(
+            self.procfs, mount=self.cgroupfs.mount, cgroupfs=self.cgroupfs, syscalls=self.threads, systemd=self.systemd,
+            sysfs_root=self._sysfs(),
+        )
+        journal = None if dry_run else Journal(self.journal_path)
+        if journal:
+            self.journals.append(journal)
+        return Executor(journal, self.procfs, dry_run=dry_run, actuators={"cpuset": actuator}, self_pid=0)
+
+    def _sysfs(self):
+        root = self.cgroupfs.root.parent / "sys"
+        (root / "devices/system/cpu").mkdir(parents=True, exist_ok=True)
+        (root / "devices/system/cpu/online").write_text("0-3\n")
+        return root
+
+
+@pytest.fixture
+def systemd_host(tmp_path):
+    made = []
+
+    def build(allowed=None, **options) -> SystemdHost:
+        made.append(SystemdHost(tmp_path, FakeSystemd({"fluent-bit.service": ""} if allowed is None else allowed, **options)))
+        return made[-1]
+
+    yield build
+    for host in made:
+        host.close()
+
+
+def cgroup_tree(host) -> list[str]:
+    return sorted(str(path.relative_to(host.root)) for path in host.root.rglob("*") if path.is_dir())
+
+
+@pytest.mark.parametrize(
+    "path, unit",
+    [
+        ("/system.slice/fluent-bit.service", "fluent-bit.service"),
+        ("/system.slice/fluent-bit.service/worker", "fluent-bit.service"),  # a delegated subtree is the unit's
+        ("/system.slice/app.slice/api.service", "api.service"),
+        ("/user.slice/user-1000.slice/session-3.scope", "session-3.scope"),
+        ("/system.slice/docker-4f2a.scope", "docker-4f2a.scope"),
+        ("/user.slice/user-1000.slice/user@1000.service/app.slice/fluent-bit.service", None),  # the user's manager
+        ("/system.slice", None),
+        ("/", None),
+        ("/remediator-log-shippers", None),
+    ],
+)
+def test_the_unit_of_a_cgroup(path, unit):
+    assert unit_for_cgroup(path)[0] == unit
+
+
+def test_cpu_masks_round_trip():
+    assert cpus_to_mask(frozenset({0, 9})) == bytes([0b1, 0b10])
+    assert mask_to_cpus(bytes([0b1, 0b10])) == {0, 9}
+    assert cpus_to_mask(frozenset()) == b""
+
+
+def test_sets_the_units_allowed_cpus_and_gives_the_original_back(systemd_host):
+    host = systemd_host()
+    before = cgroup_tree(host)
+    executor = host.executor()
+    outcome = executor.apply(host.request(cpus={2, 3}), ())
+    assert outcome.status == "applied", outcome.message
+    assert "SetUnitProperties fluent-bit.service --runtime AllowedCPUs=2-3" in outcome.message
+    assert 'was AllowedCPUs="" (no restriction)' in outcome.message
+    assert host.systemd.allowed["fluent-bit.service"] == "2-3"
+    assert cgroup_tree(host) == before, "the process stays in its unit: no cgroup of our own"
+    assert host.procfs.cgroups(PID)  # still readable
+    entry = executor.journal.active()[0]
+    assert entry.original["unit"] == "fluent-bit.service" and entry.original["allowed_cpus"] == ""
+
+    [restored] = executor.restore()
+    assert restored.status == "restored", restored.message
+    assert host.systemd.allowed["fluent-bit.service"] == ""
+    assert host.systemd.calls[-1] == ("set", "fluent-bit.service", [])
+
+
+def test_an_operators_later_change_is_left_alone(systemd_host):
+    host = systemd_host()
+    executor = host.executor()
+    assert executor.apply(host.request(cpus={2, 3}), ()).status == "applied"
+    host.systemd.allowed["fluent-bit.service"] = "3"  # systemctl set-property by hand since
+    [restored] = executor.restore()
+    assert "left as it is" in restored.message
+    assert host.systemd.allowed["fluent-bit.service"] == "3"
+
+
+def test_the_unit_gets_its_property_back_after_the_process_is_gone(systemd_host):
+    host = systemd_host({"fluent-bit.service": "0-3"})
+    executor = host.executor()
+    assert executor.apply(host.request(cpus={1}), ()).status == "applied"
+    shutil.rmtree(host.procs.root / str(PID))
+    outcomes = executor.restore()
+    assert host.systemd.allowed["fluent-bit.service"] == "0-3", [str(o) for o in outcomes]
+
+
+def test_a_unit_that_also_holds_a_protected_process_is_refused(systemd_host):
+    host = systemd_host()
+    host.procs.add_process(OTHER, START, comm="api", cgroup=SERVICE)
+    host.cgroupfs.place(SERVICE, OTHER)
+    outcome = host.executor().apply(host.request(), protected_pids={OTHER})
+    assert outcome.status == "refused"
+    assert f"reaches pid {OTHER} (api) too" in outcome.message and "protected service" in outcome.message
+    assert not [call for call in host.systemd.calls if call[0] == "set"]
+
+
+def test_a_process_in_no_system_unit_is_refused_not_moved(systemd_host, tmp_path):
+    host = systemd_host()
+    user_unit = "/user.slice/user-1000.slice/user@1000.service/app.slice/fluent-bit.service"
+    for cgroup in ("/user.slice", "/user.slice/user-1000.slice", "/user.slice/user-1000.slice/user@1000.service",
+                   "/user.slice/user-1000.slice/user@1000.service/app.slice"):
+        host.cgroupfs.make_cgroup(cgroup)
+    host.cgroupfs.make_cgroup(user_unit)
+    host.cgroupfs.place(user_unit, PID)
+    before = cgroup_tree(host)
+    outcome = host.executor().apply(host.request(), ())
+    assert outcome.status == "invalid", outcome.message
+    assert "user's own service manager" in outcome.message and "nothing changed" in outcome.message
+    assert cgroup_tree(host) == before
+
+
+def test_denied_by_systemd_is_a_denied_outcome(systemd_host):
+    host = systemd_host(denied=True)
+    outcome = host.executor().apply(host.request(), ())
+    assert outcome.status == "denied"
+    assert "AccessDenied" in outcome.message
+
+
+def test_dry_run_names_the_property_and_changes_nothing(systemd_host):
+    host = systemd_host()
+    outcome = host.executor(dry_run=True).apply(host.request(cpus={2}), ())
+    assert outcome.status == "would-apply"
+    assert "AllowedCPUs=2" in outcome.message
+    assert not [call for call in host.systemd.calls if call[0] == "set"]
