@@ -95,3 +95,27 @@ def bpf_problem() -> str | None:
     if not (root / "events/sched/sched_switch/format").exists():
         return f"the kernel exposes no sched tracepoints under {root}/events (CONFIG_TRACEPOINTS missing)"
     return kernel_headers_problem()
+
+
+CAP_SYS_ADMIN = 21
+PERF_PARANOID = "/proc/sys/kernel/perf_event_paranoid"
+
+
+def perf_permission_hint(error_text: str, paranoid_path: str = PERF_PARANOID, status_path: str = "/proc/self/status") -> str:
+    """Why attaching to a tracepoint was refused, when the reason is Debian's perf_event_paranoid
+    level 3: a distribution patch under which only CAP_SYS_ADMIN may call perf_event_open (upstream
+    CAP_PERFMON, which the unit keeps, is then not enough). '' when that is not the cause."""
+    if "perf_event_open" not in error_text or "denied" not in error_text.lower():
+        return ""
+    try:
+        paranoid = int(Path(paranoid_path).read_text().strip())
+        effective = next(line for line in Path(status_path).read_text().splitlines() if line.startswith("CapEff:"))
+    except (OSError, ValueError, StopIteration):
+        return ""
+    if paranoid <= 2 or int(effective.split()[1], 16) & (1 << CAP_SYS_ADMIN):
+        return ""
+    return (
+        f"kernel.perf_event_paranoid is {paranoid}: this kernel (Debian's patch) then lets only CAP_SYS_ADMIN attach to "
+        "tracepoints; set it to upstream's default 2 (echo kernel.perf_event_paranoid=2 > /etc/sysctl.d/60-remediator.conf "
+        "&& sysctl -p /etc/sysctl.d/60-remediator.conf), or give the daemon CAP_SYS_ADMIN"
+    )

@@ -23,7 +23,7 @@ from typing import Iterable
 
 from . import histogram
 from .errors import SetupError
-from .hostcheck import bpf_problem, kernel_headers_description, tracefs_root
+from .hostcheck import bpf_problem, kernel_headers_description, perf_permission_hint, tracefs_root
 
 PROBES_DIR_ENV = "REMEDIATOR_PROBES_DIR"
 PROGRAM_FILE = "sched_monitor.bpf.c"
@@ -329,9 +329,11 @@ class SchedProbes:
             else:
                 failed = False
         if failed:
+            first = _first_error_line("".join(output))
+            hint = perf_permission_hint(first)
             raise SetupError(
-                f"could not load the eBPF probes from {self.source_path}: {_first_error_line(''.join(output))} "
-                f"(kernel headers: {self.headers})"
+                f"could not load the eBPF probes from {self.source_path}: {first} (kernel headers: {self.headers})"
+                + (f": {hint}" if hint else "")
             )
         self._lib = lib
         self.possible_cpus = len(get_possible_cpus())

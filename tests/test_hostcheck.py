@@ -111,3 +111,33 @@ def test_permission_denied_deeper_in_the_tree_names_the_path(tmp_path, monkeypat
     problem = hostcheck.kernel_headers_problem("9.9.9-test", modules_root=modules)
     assert problem.startswith(f"{build}/include/generated/autoconf.h is not accessible to this process")
     assert "no kernel header tree" not in problem
+
+
+# -- Debian's perf_event_paranoid level 3 ---------------------------------------------------------
+
+DENIED = "perf_event_open(/sys/kernel/debug/tracing/events/sched/sched_switch/id): Permission denied"
+
+
+def _perf_files(tmp_path, paranoid: int, cap_eff: str):
+    paranoid_path = tmp_path / "perf_event_paranoid"
+    paranoid_path.write_text(f"{paranoid}\n")
+    status_path = tmp_path / "status"
+    status_path.write_text(f"Name:\tremediator\nCapEff:\t{cap_eff}\n")
+    return str(paranoid_path), str(status_path)
+
+
+def test_perf_hint_names_debians_paranoid_level_and_both_remedies(tmp_path):
+    from remediator.hostcheck import perf_permission_hint
+
+    # The unit's five capabilities: CAP_DAC_READ_SEARCH, SYS_PTRACE, SYS_NICE, PERFMON, BPF.
+    hint = perf_permission_hint(DENIED, *_perf_files(tmp_path, 3, "000000c000880004"))
+    assert "kernel.perf_event_paranoid is 3" in hint
+    assert "kernel.perf_event_paranoid=2" in hint and "CAP_SYS_ADMIN" in hint
+
+
+def test_no_perf_hint_where_it_is_not_the_cause(tmp_path):
+    from remediator.hostcheck import perf_permission_hint
+
+    assert perf_permission_hint(DENIED, *_perf_files(tmp_path, 2, "000000c000880004")) == ""
+    assert perf_permission_hint(DENIED, *_perf_files(tmp_path, 3, "000001ffffffffff")) == ""  # has CAP_SYS_ADMIN
+    assert perf_permission_hint("open(x): No such file or directory", *_perf_files(tmp_path, 3, "0")) == ""
