@@ -163,7 +163,11 @@ class Collector:
                 info, checked = cached
                 if now - checked < max(self.rescan_s, 1.0):
                     return info
-                if self.procfs.stat(pid).start_time == info.start_time:
+                stat = self.procfs.stat(pid)
+                # Same process and same name: a process that renames itself after exec (prctl,
+                # as a Python or Java program naming itself does) must be seen under its new
+                # name, or the policy that names it never matches.
+                if stat.start_time == info.start_time and stat.comm == info.comm:
                     self._info_cache[pid] = (info, now)
                     return info
             info = self.procfs.process_info(pid)

@@ -144,3 +144,21 @@ def test_an_exec_refreshes_what_the_sample_says_about_a_process(tmp_path):
     proc.write()
     source.pending_execs.append(ExecEvent(0, 20, 20, "/bin/gzip"))
     assert collector.sample().processes[20].comm == "gzip"
+
+
+def test_a_process_that_renames_itself_after_exec_is_seen_under_its_new_name(tmp_path):
+    """A Python program (or a JVM) names itself with prctl after exec: first seen as 'python3',
+    it must be matched as 'fluent-bit' once it is (regression: the cached name stayed forever, and
+    a shipper started after the daemon was never acted on; found in the guest VMs)."""
+    proc, source, clock, collector = setup(tmp_path)
+    proc.processes[20].comm = "python3"
+    proc.write()
+    busy = TickDelta(0, 1_000_000_000, usage={20: (900_000_000, 100_000_000)}, blame={20: 5_000}, wait_ns=6_000)
+    source.next_delta = busy
+    assert collector.sample().processes[20].comm == "python3"
+    proc.processes[20].comm = "fluent-bit"
+    proc.write()
+    clock.now += 6
+    source.next_delta = busy
+    sample = collector.sample()
+    assert sample.processes[20].comm == "fluent-bit" and sample.usage[0].comm == "fluent-bit"
