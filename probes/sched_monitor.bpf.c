@@ -98,10 +98,13 @@ static __always_inline void account_run(u32 tgid, u32 cpu, u64 start, u64 end, c
     u64 first = start >> WINDOW_SHIFT, last = end >> WINDOW_SHIFT;
     if (last - first >= WINDOW_SLOTS)
         first = last - WINDOW_SLOTS + 1; /* older windows are beyond the ring anyway */
+    /* Every iteration runs, with no early exit: the loop then leaves the verifier one state
+     * instead of one per exit iteration, which the 6.12 verifier (Debian 13) multiplied with the
+     * states of the code after it until it gave up ("Program too large", E2BIG). */
     for (u32 i = 0; i < WINDOW_SLOTS; i++) {
         u64 window = first + i;
         if (window > last)
-            break;
+            continue;
         u64 lo = window << WINDOW_SHIFT, hi = lo + WINDOW_NS;
         if (lo < start)
             lo = start;
