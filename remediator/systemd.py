@@ -100,7 +100,7 @@ class SystemdManager:
         from jeepney import DBusErrorResponse
 
         try:
-            reply = self._connect().send_and_get_reply(message, timeout=10, unwrap=False)
+            reply = self._connect().send_and_get_reply(message, timeout=10)
         except (OSError, TimeoutError) as exc:
             self.close()
             raise SystemdError(f"{what}: the system bus did not answer ({exc})") from None
@@ -118,8 +118,10 @@ class SystemdManager:
     def _unit_path(self, unit: str) -> str:
         from jeepney import DBusAddress, new_method_call
 
+        # LoadUnit, not GetUnit: a unit stopped since (the offender's service, after its process
+        # is gone) is unloaded, yet its runtime property is still ours to give back.
         manager = DBusAddress(MANAGER_PATH, bus_name=BUS_NAME, interface=MANAGER_INTERFACE)
-        return self._call(new_method_call(manager, "GetUnit", "s", (unit,)), f"GetUnit({unit})")[0]
+        return self._call(new_method_call(manager, "LoadUnit", "s", (unit,)), f"LoadUnit({unit})")[0]
 
     def get_allowed_cpus(self, unit: str) -> str:
         """The unit's AllowedCPUs as a CPU list ('' when unrestricted)."""
