@@ -31,3 +31,4 @@ def test_installed_as_the_readme_says():
     assert Path("/opt/remediator/.venv/bin/remediator").exists()
     assert Path("/etc/systemd/system/remediator.service").exists()
     assert Path("/etc/remediator/remediator.toml").exists()
+    assert int(Path("/proc/sys/kernel/perf_event_paranoid").read_text()) <= 2, "the README's sysctl line did not apply"

@@ -379,7 +379,7 @@ def boot(guest: Guest, job: str, *, interactive: bool = False, log_path: Path | 
 GUEST_SUITE_JOB = """\
 cd /opt/remediator
 export REMEDIATOR_REQUIRE_PRIVILEGED=1 REMEDIATOR_GUEST={name}
-.venv/bin/python -m pytest -p no:cacheprovider -v -rfEs --tb=short tests/guest {pytest_args}
+.venv/bin/python -m pytest -p no:cacheprovider -vv -rfEs --tb=short tests/guest {pytest_args}
 """
 
 

@@ -1,0 +1,138 @@
+"""systemd units and remediator's own unit in a guest: start, stop, read, and always clean up."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+CHECKOUT = Path("/opt/remediator")
+REMEDIATOR = str(CHECKOUT / ".venv/bin/remediator")
+WORKLOADS = CHECKOUT / "tests/workloads"
+CONFIG = Path("/etc/remediator/remediator.toml")
+POLICIES = Path("/etc/remediator/guest-policies")
+AUDIT = Path("/var/log/remediator/audit.jsonl")
+JOURNAL = Path("/var/lib/remediator/journal.jsonl")
+UNIT_DIR = Path("/etc/systemd/system")
+
+# The properties a remediation may touch, and those that show the unit is still whole.
+COMPARED_PROPERTIES = ("AllowedCPUs", "CPUWeight", "CPUQuotaPerSecUSec", "MemoryMax", "TasksMax", "ControlGroup", "Nice", "CPUAffinity")
+
+
+def systemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=300)
+    if check and out.returncode != 0:
+        raise AssertionError(f"systemctl {' '.join(args)} failed ({out.returncode}): {out.stderr.strip()} {out.stdout.strip()}")
+    return out
+
+
+def show(unit: str, *properties: str) -> dict[str, str]:
+    out = systemctl("show", unit, "-p", ",".join(properties)).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def journal_text(unit: str, since: float) -> str:
+    return subprocess.run(
+        ["journalctl", "-u", unit, "--since", f"@{since:.0f}", "-o", "cat", "--no-pager"], capture_output=True, text=True, timeout=60
+    ).stdout
+
+
+def install_unit(name: str, text: str) -> None:
+    (UNIT_DIR / name).write_text(text)
+    systemctl("daemon-reload")
+
+
+def remove_unit(name: str) -> None:
+    systemctl("stop", name, check=False)
+    systemctl("reset-failed", name, check=False)
+    # Runtime properties (ours, should a test fail before giving them back) must not reach the next test.
+    systemctl("revert", name, check=False)
+    (UNIT_DIR / name).unlink(missing_ok=True)
+    systemctl("daemon-reload")
+
+
+def main_pid(unit: str) -> int:
+    return int(show(unit, "MainPID")["MainPID"])
+
+
+def unit_pids(unit: str) -> list[int]:
+    group = show(unit, "ControlGroup")["ControlGroup"]
+    pids = []
+    for procs in Path("/sys/fs/cgroup", group.lstrip("/")).rglob("cgroup.procs") if group else ():
+        pids += [int(pid) for pid in procs.read_text().split()]
+    return pids
+
+
+def thread_states(pid: int) -> dict[int, tuple[int, tuple[int, ...]]]:
+    """Every thread's (nice, allowed CPUs)."""
+    states = {}
+    for name in os.listdir(f"/proc/{pid}/task"):
+        tid = int(name)
+        try:
+            states[tid] = (os.getpriority(os.PRIO_PROCESS, tid), tuple(sorted(os.sched_getaffinity(tid))))
+        except OSError:
+            continue
+    return states
+
+
+def cgroup_of(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return ""
+
+
+def processes_named(comm: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if Path(f"/proc/{entry}/comm").read_text().strip() == comm:
+                    pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def audit_records(since: float = 0.0) -> list[dict]:
+    if not AUDIT.exists():
+        return []
+    records = [json.loads(line) for line in AUDIT.read_text().splitlines() if line.strip()]
+    return [record for record in records if record.get("epoch", 0) >= since]
+
+
+def step_outcomes(records: list[dict], outcome: str) -> dict[int, float]:
+    """Ladder step index -> when it first had this outcome ("applied", "would-apply")."""
+    seen: dict[int, float] = {}
+    for record in records:
+        if record.get("outcome") == outcome and "step" in record:
+            seen.setdefault(record["step"]["index"], record["epoch"])
+    return seen
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+def write_root_file(path: Path, text: str) -> None:
+    """Root-owned and not group/world-writable: what the daemon trusts."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    path.write_text(text)
+    os.chmod(path, 0o644)
+
+
+def security_exposure(unit: str) -> tuple[float, str]:
+    out = subprocess.run(["systemd-analyze", "security", "--no-pager", unit], capture_output=True, text=True, timeout=120)
+    match = re.search(r"Overall exposure level for \S+: ([\d.]+) (\w+)", out.stdout)
+    assert match, out.stdout[-2000:] + out.stderr
+    return float(match.group(1)), match.group(2)
