@@ -24,10 +24,15 @@ OTHER = 5_000_010  # a second process of the same unit
 
 
 class FakeSystemd:
-    def __init__(self, allowed: dict[str, str] | None = None, *, denied: bool = False):
+    """The system manager: a property per unit, realized into the unit's cgroup as systemd does
+    (unless `realizes` is False: a manager that answers but never writes the cgroup)."""
+
+    def __init__(self, allowed: dict[str, str] | None = None, *, denied: bool = False, realizes: bool = True):
         self.allowed = dict(allowed or {})
         self.calls: list[tuple] = []
         self.denied = denied
+        self.realizes = realizes
+        self.cgroup_root = None
 
     def get_allowed_cpus(self, unit: str) -> str:
         self.calls.append(("get", unit))
@@ -42,12 +47,15 @@ class FakeSystemd:
         from remediator.cpulist import format_cpulist
 
         self.allowed[unit] = format_cpulist(cpus)
+        if self.realizes and self.cgroup_root is not None:
+            (self.cgroup_root / "system.slice" / unit / "cpuset.cpus").write_text(format_cpulist(cpus) + "\n")
 
 
 class SystemdHost(V2Host):
     def __init__(self, tmp_path, systemd: FakeSystemd):
         super().__init__(tmp_path)
         self.systemd = systemd
+        systemd.cgroup_root = self.root
 
     def executor(self, *, dry_run: bool = False) -> Executor:
         actuator = CpusetActuator(
@@ -184,3 +192,23 @@ def test_dry_run_names_the_property_and_changes_nothing(systemd_host):
     assert outcome.status == "would-apply"
     assert "AllowedCPUs=2" in outcome.message
     assert not [call for call in host.systemd.calls if call[0] == "set"]
+
+
+def test_a_manager_that_never_writes_the_cgroup_is_reported(systemd_host, monkeypatch):
+    import remediator.actuators.cpuset as cpuset
+
+    monkeypatch.setattr(cpuset, "UNIT_REALIZE_TIMEOUT_S", 0.05)
+    host = systemd_host(realizes=False)
+    outcome = host.executor().apply(host.request(cpus={2}), ())
+    assert outcome.status == "applied"
+    assert "cpuset.cpus still reads" in outcome.message
+
+
+def test_the_change_waits_for_systemd_to_write_the_cgroup(systemd_host):
+    host = systemd_host()
+    executor = host.executor()
+    assert executor.apply(host.request(cpus={2, 3}), ()).status == "applied"
+    assert (host.root / "system.slice/fluent-bit.service/cpuset.cpus").read_text().strip() == "2-3"
+    [restored] = executor.restore()
+    assert "still reads" not in restored.message
+    assert (host.root / "system.slice/fluent-bit.service/cpuset.cpus").read_text().strip() == ""

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,9 @@ from .base import (
     thread_values,
     typed_change_error,
 )
+
+# How long systemd may take to write a unit's cpuset.cpus after answering SetUnitProperties.
+UNIT_REALIZE_TIMEOUT_S = 2.0
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
@@ -191,8 +195,32 @@ class CpusetActuator:
                     "would take the process out of its unit: nothing changed"
                 )
             current["unit"] = unit
+            current["unit_cgroup"] = path.split(unit, 1)[0] + unit
             current["allowed_cpus"] = self._systemd_call(lambda: self.systemd.get_allowed_cpus(unit))
         return current
+
+    def _await_unit_cpus(self, original: dict, wanted: str) -> str:
+        """Wait until systemd has written the unit's cpuset.cpus: it answers the D-Bus call first
+        and realizes the cgroup later from its event loop, and a thread mask set before that
+        would be cut down to the old CPUs. '' when it is in place, else what is there."""
+        unit_dir = self._mount_of(original).fs_path(original.get("unit_cgroup", ""))
+        if unit_dir is None or not self.cgroupfs.exists(unit_dir / "cgroup.procs"):
+            return ""  # the unit is stopped: nothing to wait for
+        deadline = time.monotonic() + UNIT_REALIZE_TIMEOUT_S
+        while True:
+            # No cpuset.cpus (systemd has not enabled the controller there, or no longer needs
+            # it) means no restriction.
+            now = self._read_cpus_text(unit_dir / "cpuset.cpus") or ""
+            if now == wanted or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        return "" if now == wanted else f'; {unit_dir}/cpuset.cpus still reads "{now}" after {UNIT_REALIZE_TIMEOUT_S:g} s'
+
+    def _read_cpus_text(self, path: Path) -> str | None:
+        try:
+            return format_cpulist(parse_cpulist(self.cgroupfs.read(path)))
+        except (OSError, CpuListError):
+            return None
 
     @staticmethod
     def _systemd_call(call):
@@ -374,9 +402,10 @@ class CpusetActuator:
         if "unit" in details:
             unit = details["unit"]
             self._systemd_call(lambda: self.systemd.set_allowed_cpus(unit, frozenset(details["cpus"])))
+            note = self._await_unit_cpus(plan.current, details["allowed_cpus"])
             ensure_alive(self.procfs, plan.identity)
             applied = {"unit": unit, "allowed_cpus": details["allowed_cpus"], "requested": details["requested"]}
-            return ApplyResult(applied=applied, message=plan.description, threads=plan.threads)
+            return ApplyResult(applied=applied, message=plan.description + note, threads=plan.threads)
         steps = [Step.from_json(step) for step in details["steps"]]
         done: list[Step] = []
         for step in steps:
@@ -443,7 +472,8 @@ class CpusetActuator:
             return f"{unit} has {describe_allowed(now)}, not the {ours or 'value'} remediator set: left as it is", False
         before = original["allowed_cpus"]
         self._systemd_restore_call(lambda: self.systemd.set_allowed_cpus(unit, parse_cpulist(before) if before else frozenset()))
-        return f"systemd SetUnitProperties {unit} --runtime {describe_allowed(before)} (was AllowedCPUs={ours})", True
+        note = self._await_unit_cpus(original, before)
+        return f"systemd SetUnitProperties {unit} --runtime {describe_allowed(before)} (was AllowedCPUs={ours}){note}", True
 
     @staticmethod
     def _systemd_restore_call(call):
