@@ -379,7 +379,7 @@ def boot(guest: Guest, job: str, *, interactive: bool = False, log_path: Path | 
 GUEST_SUITE_JOB = """\
 cd /opt/remediator
 export REMEDIATOR_REQUIRE_PRIVILEGED=1 REMEDIATOR_GUEST={name}
-.venv/bin/python -m pytest -p no:cacheprovider -vv -rfEs --tb=short tests/guest {pytest_args}
+.venv/bin/python -m pytest -p no:cacheprovider -vv -rfEsP --tb=short tests/guest {pytest_args}
 """
 
 
@@ -413,7 +413,10 @@ def command_test(args) -> int:
     for name, passed, failed, elapsed, cold in results:
         image = json.loads((GUESTS[name].image_dir() / "image.json").read_text()) if (GUESTS[name].image_dir() / "image.json").exists() else {}
         print(f"{name} ({image.get('kernel', '?')}, {'cold' if cold else 'warm'}, {elapsed:.0f} s): {passed} passed, {failed} failed", flush=True)
-    return 1 if any(failed for _, _, failed, _, _ in results) else 0
+    total_passed = sum(passed for _, passed, _, _, _ in results)
+    total_failed = sum(failed for _, _, failed, _, _ in results)
+    print(f"guests: {total_passed} passed, {total_failed} failed", flush=True)
+    return 1 if total_failed else 0
 
 
 def command_shell(args) -> int:
