@@ -101,11 +101,11 @@ def parse_duration(text: str) -> float:
 
     Decimal arithmetic, so "30us" is the float nearest 30e-6 (30 * 1e-6 in floats is not).
     """
-    match = _DURATION.match(text)
+    # fullmatch: the pattern's "$" (kept for JSON Schema) also matches before a final newline.
+    match = _DURATION.fullmatch(text)
     if not match:
         raise ValueError(text)
-    unit = match.group(2)
-    return float(Decimal(text[: -len(unit)]) * _UNIT_SECONDS[unit])
+    return float(Decimal(text[: match.start(2)]) * _UNIT_SECONDS[match.group(2)])
 
 
 def format_duration(seconds: float) -> str:

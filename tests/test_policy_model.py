@@ -203,3 +203,16 @@ def test_tail_threshold_in_microseconds_is_exact(above, expected_us):
     text = FULL.replace('above = "2ms"', f'above = "{above}"')
     (policy,), _ = compile_text(text)
     assert policy.trigger.tail_above_us == expected_us
+
+
+def test_a_duration_with_a_trailing_newline_is_a_located_error_not_a_crash():
+    """Regression (found by the property test): "$" in the duration pattern also matches before a
+    final newline, so "3s\\n" passed the check and Decimal("3s") then raised InvalidOperation."""
+    from remediator.schema import parse_duration
+
+    with pytest.raises(ValueError):
+        parse_duration("3s\n")
+    policies, diagnostics = compile_text(FULL.replace('settle = "3s"', 'settle = "3s\\n"'))
+    assert policies == []
+    errors = [d for d in diagnostics if d.severity == "error"]
+    assert errors and errors[0].location.line == 12, [str(d) for d in diagnostics]
