@@ -46,13 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def configure_logging(verbose: bool) -> None:
+    from .printable import printable
+
     # journald adds its own timestamps; "<N>" prefixes give it the priority (sd-daemon(3)).
     class JournalFormatter(logging.Formatter):
         PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
         def format(self, record: logging.LogRecord) -> str:
             prefix = f"<{self.PRIORITIES.get(record.levelno, 6)}>" if _stderr_is_journal() else ""
-            return f"{prefix}{record.levelname.lower()}: {record.getMessage()}"
+            # One record, one line: process names in messages cannot forge entries (printable.py).
+            return f"{prefix}{record.levelname.lower()}: {printable(record.getMessage())}"
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JournalFormatter())
