@@ -63,6 +63,7 @@ from .base import (
 
 # How long systemd may take to write a unit's cpuset.cpus after answering SetUnitProperties.
 UNIT_REALIZE_TIMEOUT_S = 2.0
+KEPT = "the unit keeps the AllowedCPUs remediator set"
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
@@ -223,11 +224,11 @@ class CpusetActuator:
             return None
 
     @staticmethod
-    def _systemd_call(call):
+    def _systemd_call(call, consequence: str = "nothing changed"):
         try:
             return call()
         except SystemdError as exc:
-            raise (ChangeDenied if exc.denied else ChangeFailed)(f"{exc}: nothing changed") from None
+            raise (ChangeDenied if exc.denied else ChangeFailed)(f"{exc}: {consequence}") from None
 
     # -- plan ---------------------------------------------------------------------------------
     def _read_cpus(self, path: Path) -> frozenset[int]:
@@ -362,7 +363,7 @@ class CpusetActuator:
         if not cpus:
             raise ChangeInvalid(f"requested CPUs {format_cpulist(requested)} are not online ({format_cpulist(online)}): nothing changed")
         wanted = format_cpulist(cpus)
-        unit_dir = mount.fs_path(current["cgroup"].split(unit, 1)[0] + unit)
+        unit_dir = mount.fs_path(current["unit_cgroup"])
         members = tuple(self._unit_pids(unit_dir)) if unit_dir is not None else ()
         call = f"systemd SetUnitProperties {unit} --runtime AllowedCPUs={wanted}"
         threads = len(current.get("threads", {}))
@@ -467,20 +468,13 @@ class CpusetActuator:
         ours = (applied or {}).get("allowed_cpus")
         if self.systemd is None:
             raise ChangeFailed(f"{unit}: systemd is not reachable from here, so its AllowedCPUs stays {ours}")
-        now = self._systemd_restore_call(lambda: self.systemd.get_allowed_cpus(unit))
+        now = self._systemd_call(lambda: self.systemd.get_allowed_cpus(unit), KEPT)
         if ours is None or now != ours:
             return f"{unit} has {describe_allowed(now)}, not the {ours or 'value'} remediator set: left as it is", False
         before = original["allowed_cpus"]
-        self._systemd_restore_call(lambda: self.systemd.set_allowed_cpus(unit, parse_cpulist(before) if before else frozenset()))
+        self._systemd_call(lambda: self.systemd.set_allowed_cpus(unit, parse_cpulist(before) if before else frozenset()), KEPT)
         note = self._await_unit_cpus(original, before)
         return f"systemd SetUnitProperties {unit} --runtime {describe_allowed(before)} (was AllowedCPUs={ours}){note}", True
-
-    @staticmethod
-    def _systemd_restore_call(call):
-        try:
-            return call()
-        except SystemdError as exc:
-            raise (ChangeDenied if exc.denied else ChangeFailed)(f"{exc}: the unit keeps our AllowedCPUs") from None
 
     def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None) -> str:
         pid = identity.pid
