@@ -20,6 +20,7 @@ from .placement import auto_request_cpus, owned_cgroup_name, resolve_cpu_spec, u
 from .policy import Policy, PolicySet, Step
 from .procfs import ProcessInfo, ProcFS, boot_time, clock_ticks_per_second
 from .safety import exclusion_reason
+from .systemd import systemd_is_init, unit_for_cgroup
 from .selectors import ProtectSelectors
 
 
@@ -141,8 +142,10 @@ class ExplainReport:
 class _Reader:
     """Read-only views of one process through a procfs root."""
 
-    def __init__(self, procfs: ProcFS):
+    def __init__(self, procfs: ProcFS, systemd_host: bool | None = None):
         self.procfs = procfs
+        # On a systemd host, a cpuset step on cgroup v2 is the unit's AllowedCPUs (actuators/cpuset.py).
+        self.systemd_host = systemd_is_init() if systemd_host is None else systemd_host
 
     def _task_file(self, pid: int, tid: int, name: str) -> str:
         path = self.procfs.root / str(pid) / "task" / str(tid) / name
@@ -218,6 +221,17 @@ def first_step_effect(
             data["text"] = text
             return text, data
         assert step.cgroup is not None
+        membership = reader.procfs.cgroups(pid)
+        if reader.systemd_host and "cpuset" not in membership.v1_paths and membership.v2_path:
+            unit, why = unit_for_cgroup(membership.v2_path)
+            data.update(cgroup=membership.v2_path, unit=unit)
+            if unit:
+                text = (f"cpuset through systemd: SetUnitProperties {unit} --runtime AllowedCPUs={format_cpulist(target)} "
+                        "(the process stays in its unit; every process of the unit gets it)")
+            else:
+                text = f"refused on this systemd host: {why}"
+            data["text"] = text
+            return text, data
         current_path = reader.cpuset_path(pid)
         name = owned_cgroup_name(step.cgroup)
         data.update(cgroup=current_path, target_cgroup=name)

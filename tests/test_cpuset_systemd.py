@@ -212,3 +212,26 @@ def test_the_change_waits_for_systemd_to_write_the_cgroup(systemd_host):
     [restored] = executor.restore()
     assert "still reads" not in restored.message
     assert (host.root / "system.slice/fluent-bit.service/cpuset.cpus").read_text().strip() == ""
+
+
+def test_policy_explain_says_a_cpuset_step_goes_through_systemd(tmp_path):
+    """On a systemd host `policy explain` names the unit property, not a cgroup of our own."""
+    from helpers.fake_cgroupfs import FakeProcTree
+    from remediator.explain import _Reader, first_step_effect
+    from remediator.procfs import ProcFS
+    from test_policy_model import FULL, compile_text
+
+    [policy], _ = compile_text(FULL)
+    cpuset_step = policy.steps[2]
+    procs = FakeProcTree(tmp_path / "proc")
+    procs.add_process(PID, START, cgroup=SERVICE, tids=())
+    procs.add_process(OTHER, START, cgroup="/user.slice/user-1000.slice/user@1000.service/app.slice/x.service", tids=())
+    online = frozenset(range(4))
+    reader = _Reader(ProcFS(tmp_path / "proc"), systemd_host=True)
+    text, data = first_step_effect(cpuset_step, policy, PID, reader, frozenset({0, 1}), online)
+    assert text.startswith("cpuset through systemd: SetUnitProperties fluent-bit.service --runtime AllowedCPUs=2-3"), text
+    assert data["unit"] == "fluent-bit.service"
+    text, _ = first_step_effect(cpuset_step, policy, OTHER, reader, frozenset({0, 1}), online)
+    assert text.startswith("refused on this systemd host") and "user's own service manager" in text
+    text, _ = first_step_effect(cpuset_step, policy, PID, _Reader(ProcFS(tmp_path / "proc"), systemd_host=False), frozenset({0, 1}), online)
+    assert text.startswith("cpuset: move from")
