@@ -69,6 +69,17 @@ def hog_argv(comm: str = "fluent-bit", threads: int = 2, *extra: str) -> list[st
     return [sys.executable, str(WORKLOADS / "hog.py"), "--comm", comm, "--threads", str(threads), *extra]
 
 
+def pin_workers(workload: "Workload", cpus: tuple[int, ...]) -> dict[int, int]:
+    """Pin a hog's compressing threads, in thread-id order, to `cpus` (one CPU each);
+    returns {tid: cpu}. Left to the load balancer, they sometimes all sit on the other CPU for
+    seconds, and then the victim has no neighbour at all."""
+    workers = [tid for tid in workload.tids() if tid != workload.pid]  # the main thread only waits
+    placed = dict(zip(workers, cpus))
+    for tid, cpu in placed.items():
+        os.sched_setaffinity(tid, {cpu})
+    return placed
+
+
 def victim_argv(cpu: int | None = 0, *extra: str) -> list[str]:
     argv = [sys.executable, str(WORKLOADS / "victim.py")]
     if cpu is not None:
