@@ -113,23 +113,46 @@ def parse(source: str | bytes, path: str) -> Document:
     try:
         data = tomli.loads(text)
     except tomli.TOMLDecodeError as exc:
-        line = getattr(exc, "lineno", 0) or 0
-        column = getattr(exc, "colno", 0) or 0
-        message = getattr(exc, "msg", None) or str(exc)
+        line, column, message = _decode_error_position(exc, text)
         if message == "Illegal character '\\n'":
             # tomli says this only inside a one-line string that reaches the end of its line.
             message = "string not closed before the end of the line (\"...\" and '...' are one line; use \"\"\"...\"\"\" for several)"
+        if "nested more than the allowed" in message:
+            message = TOO_DEEP  # tomli 2.1+; older ones hit the recursion limit (below)
         raise TomlSyntaxError(Location(path, line, column), f"TOML syntax: {_sentence(message)}") from None
-    except RecursionError as exc:
-        # tomli refuses arrays and inline tables nested too deep this way, without a position.
+    except RecursionError:
+        # tomli before 2.1 (Debian 12's) refuses arrays and inline tables nested this deep by
+        # running out of stack, without a position.
         line, column = _deepest_nesting(text)
-        raise TomlSyntaxError(Location(path, line, column), f"TOML syntax: {_sentence(str(exc))}") from None
+        raise TomlSyntaxError(Location(path, line, column), f"TOML syntax: {TOO_DEEP}") from None
     document = Document(path, text, data)
     try:
         document.spans = _Scanner(text).scan()
     except (_ScanError, RecursionError):
         document.complete = False  # positions fall back to the nearest known parent
     return document
+
+
+# One message whatever the tomli version: 2.1+ says "nested more than the allowed 400 levels",
+# older ones run out of stack at a depth that depends on the interpreter.
+TOO_DEEP = "inline arrays/tables are nested too deeply (a few hundred levels at most)"
+_POSITION_SUFFIX = re.compile(r"^(.*) \(at line (\d+), column (\d+)\)$", re.S)
+_END_SUFFIX = " (at end of document)"
+
+
+def _decode_error_position(exc: Exception, text: str) -> tuple[int, int, str]:
+    """(line, column, message) of a TOMLDecodeError. tomli 2.1+ carries them as attributes; older
+    ones (Debian 12's 2.0.1, the stdlib's tomllib) only in the message: '... (at line 3, column 5)'."""
+    if getattr(exc, "lineno", None):
+        return exc.lineno, getattr(exc, "colno", 0) or 0, getattr(exc, "msg", None) or str(exc)
+    message = str(exc)
+    match = _POSITION_SUFFIX.match(message)
+    if match:
+        return int(match.group(2)), int(match.group(3)), match.group(1)
+    if message.endswith(_END_SUFFIX):
+        last_line = text.rsplit("\n", 1)[-1]
+        return text.count("\n") + 1, len(last_line) + 1, message[: -len(_END_SUFFIX)]
+    return 0, 0, message
 
 
 def _deepest_nesting(text: str) -> tuple[int, int]:

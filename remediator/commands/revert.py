@@ -12,14 +12,13 @@ import logging
 import os
 from pathlib import Path
 
-import tomli
-
 from ..config import UntrustedFile, assert_trusted_file, load_config
 from ..errors import Location, LocatedError, RemediatorError
 from ..executor import Executor
 from ..journal import DEFAULT_JOURNAL_PATH, Journal
 from ..procfs import ProcFS
 from ..schema import PolicyErrors
+from ..tomlpos import TomlSyntaxError, parse
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +83,12 @@ def journal_path_from_config(config_path: str) -> str:
 def _journal_key_only(config_path: str) -> str:
     try:
         with open(config_path, "rb") as handle:
-            data = tomli.load(handle)
+            data = parse(handle.read(), config_path).data
     except OSError as exc:
         raise RemediatorError(f"{config_path}: cannot read ({exc.strerror})") from None
-    except tomli.TOMLDecodeError as exc:
-        where = Location(config_path, getattr(exc, "lineno", 0), getattr(exc, "colno", 0))
-        raise LocatedError(where, getattr(exc, "msg", str(exc))) from None
+    except TomlSyntaxError as exc:
+        # The same located message as every other reader (whatever tomli version is installed).
+        raise LocatedError(exc.location, exc.message) from None
     daemon = data.get("daemon", {})
     if not isinstance(daemon, dict):
         raise LocatedError(Location(config_path), "[daemon] must be a table")
