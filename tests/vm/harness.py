@@ -379,7 +379,8 @@ def boot(guest: Guest, job: str, *, interactive: bool = False, log_path: Path | 
 GUEST_SUITE_JOB = """\
 cd /opt/remediator
 export REMEDIATOR_REQUIRE_PRIVILEGED=1 REMEDIATOR_GUEST={name}
-.venv/bin/python -m pytest -p no:cacheprovider -vv -rfEsP --tb=short tests/guest {pytest_args}
+# A test stuck past 4 minutes prints every thread's stack (it is not stopped): where it hangs, on the console.
+.venv/bin/python -m pytest -p no:cacheprovider -o faulthandler_timeout=240 -vv -rfEsP --tb=short tests/guest {pytest_args}
 """
 
 
