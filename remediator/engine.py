@@ -125,6 +125,8 @@ def _request_for(step: Step, policy: Policy, info: ProcessInfo, settings: Engine
     """The concrete request for a step, or None and why it cannot be done."""
     if step.kind == "nice":
         return ActionRequest(info.identity, "nice", policy.name, index, nice=step.nice, evidence=evidence), ""
+    if step.kind == "sched":
+        return ActionRequest(info.identity, "sched", policy.name, index, sched=step.sched, evidence=evidence), ""
     cpus = resolve_cpu_spec(step.cpus, settings.request_cpus, settings.online_cpus)
     if len(cpus) < max(1, policy.limits.min_cpus):
         return None, (

@@ -44,10 +44,11 @@ ON_START_CHOICES = ("restore", "keep")
 @dataclass(frozen=True)
 class ActionRequest:
     identity: ProcessIdentity
-    kind: str  # "nice" | "affinity" | "cpuset"
+    kind: str  # "nice" | "sched" | "affinity" | "cpuset"
     policy: str
     step_index: int
     nice: int | None = None
+    sched: str | None = None
     cpus: frozenset[int] | None = None  # already resolved to concrete CPUs
     cgroup: str | None = None  # cpuset: remediator-owned cgroup name
     evidence: dict = field(default_factory=dict)  # opaque; stored with the journal entry
@@ -56,6 +57,8 @@ class ActionRequest:
         """The request as the actuators take it (JSON-friendly)."""
         if self.kind == "nice":
             return {"nice": self.nice}
+        if self.kind == "sched":
+            return {"sched": self.sched}
         if self.kind == "affinity":
             return {"cpus": sorted(self.cpus or ())}
         if self.kind == "cpuset":
@@ -364,6 +367,8 @@ def _summary(applied: dict | None) -> str:
         return f"{applied['cgroup']} (CPUs {format_cpulist(applied.get('cpus', ()))})"
     if "nice" in applied:
         return str(applied["nice"])
+    if "sched" in applied:
+        return str(applied["sched"])
     if "cpus" in applied:
         return "{" + format_cpulist(applied["cpus"]) + "}"
     return "?"

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from .actuators.sched import NAMES as SCHED_NAMES, RANK as SCHED_RANK
 from .cpulist import CpuListError, format_cpulist, parse_cpulist
 from .errors import ProcessGone, RemediatorError, translate_os_error
 from .placement import auto_request_cpus, owned_cgroup_name, resolve_cpu_spec, unprotected_cpus
@@ -157,6 +158,18 @@ class _Reader:
     def thread_nice(self, pid: int) -> dict[int, int]:
         return {tid: self.procfs.stat(pid, tid).nice for tid in sorted(self.procfs.tids(pid))}
 
+    def thread_sched(self, pid: int) -> dict[int, str]:
+        """Each thread's scheduling policy by name, from field 41 of its stat (no syscall needed)."""
+        policies: dict[int, str] = {}
+        for tid in sorted(self.procfs.tids(pid)):
+            fields = self._task_file(pid, tid, "stat").rsplit(")", 1)[-1].split()
+            try:
+                number = int(fields[41 - 3])  # fields after the comm start at field 3 (state)
+            except (IndexError, ValueError):
+                raise RemediatorError(f"pid {pid}: no scheduling policy in /proc/{pid}/task/{tid}/stat") from None
+            policies[tid] = SCHED_NAMES.get(number, f"policy-{number}")
+        return policies
+
     def thread_affinity(self, pid: int) -> dict[int, frozenset[int]]:
         return {tid: self.affinity(pid, tid) for tid in sorted(self.procfs.tids(pid))}
 
@@ -201,6 +214,20 @@ def first_step_effect(
             assert step.nice is not None
             data.update(target=step.nice, threads={str(tid): value for tid, value in current.items()})
             text = _summarize_threads("nice", {tid: str(value) for tid, value in current.items()}, str(step.nice))
+            data["text"] = text
+            return text, data
+        if step.kind == "sched":
+            assert step.sched is not None
+            current_sched = reader.thread_sched(pid)
+            lowered = {tid: name for tid, name in current_sched.items() if SCHED_RANK.get(name, 3) > SCHED_RANK[step.sched] and name != "deadline"}
+            data.update(target=step.sched, threads={str(tid): name for tid, name in current_sched.items()})
+            if lowered:
+                text = _summarize_threads("sched", lowered, step.sched)
+                left = len(current_sched) - len(lowered)
+                if left:
+                    text += f", left as it is on {_plural(left, 'thread')} (already at or below, or deadline)"
+            else:
+                text = f"no change: every thread already at or below sched {step.sched} ({_plural(len(current_sched), 'thread')})"
             data["text"] = text
             return text, data
         assert step.cpus is not None

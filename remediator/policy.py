@@ -69,17 +69,20 @@ class CpuSpec:
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # "nice" | "affinity" | "cpuset"
+    kind: str  # "nice" | "sched" | "affinity" | "cpuset"
     settle_s: float
     location: Location  # where this step's table is
     nice: int | None = None
     cpus: CpuSpec | None = None
     cgroup: str | None = None  # cpuset only: remediator-owned cgroup name
+    sched: str | None = None  # sched only: "idle" | "batch"
 
     def describe(self) -> str:
-        """'nice 10', 'affinity unprotected', 'cpuset 2-3 in cgroup log-shippers'."""
+        """'nice 10', 'sched idle', 'affinity unprotected', 'cpuset 2-3 in cgroup log-shippers'."""
         if self.kind == "nice":
             return f"nice {self.nice}"
+        if self.kind == "sched":
+            return f"sched {self.sched}"
         assert self.cpus is not None
         if self.kind == "affinity":
             return f"affinity {self.cpus.describe()}"
@@ -87,12 +90,13 @@ class Step:
 
     def same_action(self, other: "Step") -> bool:
         """Equal apart from where it is written."""
-        return (self.kind, self.settle_s, self.nice, self.cpus, self.cgroup) == (
+        return (self.kind, self.settle_s, self.nice, self.cpus, self.cgroup, self.sched) == (
             other.kind,
             other.settle_s,
             other.nice,
             other.cpus,
             other.cgroup,
+            other.sched,
         )
 
     def to_json(self) -> dict:
@@ -103,6 +107,8 @@ class Step:
             data["cpus"] = self.cpus.describe()
         if self.cgroup is not None:
             data["cgroup"] = self.cgroup
+        if self.sched is not None:
+            data["sched"] = self.sched
         return data
 
 
@@ -372,6 +378,8 @@ class _PolicyCompiler:
                     severity="warning",
                 )
             return Step("nice", settle, location, nice=action["nice"])
+        if "sched" in action:
+            return Step("sched", settle, location, sched=action["sched"])
         if "affinity" in action:
             return Step("affinity", settle, location, cpus=self._cpu_spec(path + ("affinity",), action["affinity"], limits))
         cpuset = action["cpuset"]

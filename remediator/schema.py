@@ -309,6 +309,8 @@ CPUSET_KEYS = (
 
 ACTION_KEYS = (
     Key("nice", "integer", "Set the nice value of every thread (-20..19; higher is gentler to others).", minimum=-20, maximum=19),
+    Key("sched", "enum", "Set the scheduling policy of every thread: `idle` (SCHED_IDLE: runs only when no normal thread wants the CPU, across every group) or `batch` (SCHED_BATCH: no wakeup preemption). Never raises a thread: one already at or below is left.",
+        choices=("idle", "batch")),
     Key("affinity", "cpus", "Set the CPU affinity of every thread: a CPU list (`\"2-3,6\"`) or `unprotected` (online CPUs not owned by the request path).", keyword="unprotected"),
     Key("cpuset", "table", "Move the process into a remediator-owned cpuset cgroup.", keys=CPUSET_KEYS,
         example='cpuset = { cpus = "unprotected", cgroup = "log-shippers" }'),
@@ -330,8 +332,8 @@ POLICY_KEYS = (
     Key("priority", "integer", "When two policies match one process, the higher priority wins (see precedence).", default=0, minimum=-1000, maximum=1000),
     Key("match", "table", "Which processes are offenders: every key given must match; a list means any of its items.", required=True, keys=MATCH_KEYS),
     Key("trigger", "table", "When to act.", required=True, keys=TRIGGER_KEYS),
-    Key("actions", "table-array", "The ladder: ordered steps, each with exactly one of `nice`, `affinity`, `cpuset`.", required=True,
-        keys=ACTION_KEYS, exactly_one_of=("nice", "affinity", "cpuset"), item_name="step"),
+    Key("actions", "table-array", "The ladder: ordered steps, each with exactly one of `nice`, `sched`, `affinity`, `cpuset`.", required=True,
+        keys=ACTION_KEYS, exactly_one_of=("nice", "sched", "affinity", "cpuset"), item_name="step"),
     Key("limits", "table", "How often and how long.", keys=LIMITS_KEYS),
 )
 

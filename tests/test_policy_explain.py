@@ -311,3 +311,22 @@ def test_explain_real_processes(spawn, policy_dir):
     assert f"  pid {gzip_pid} gzip  started " in text
     assert f"  pid {protected.pid} victim  started " in text
     assert f"pid {unrelated.pid} " not in text
+
+
+@pytest.mark.root
+def test_explain_a_sched_step_reads_each_threads_policy_and_never_raises(spawn, tmp_path):
+    shipper = spawn(hog_argv("sched-shipper", 2))
+    main, first, second = sorted(int(tid) for tid in os.listdir(f"/proc/{shipper.pid}/task"))
+    os.sched_setscheduler(second, os.SCHED_IDLE, os.sched_param(0))
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "idle.toml").write_text(
+        '[[policy]]\nname = "idle-shipper"\ndescription = "t"\nmatch = { comm = "sched-shipper" }\n'
+        "trigger = { always = true }\nactions = [{ sched = \"batch\" }, { sched = \"idle\" }]\n"
+    )
+    data = json.loads(run_cli(["policy", "explain", str(policies), "--format", "json"]))
+    step = by_pid(data)["idle-shipper"][shipper.pid]["first_step"]
+    assert step["kind"] == "sched" and step["target"] == "batch"
+    assert step["threads"] == {str(main): "other", str(first): "other", str(second): "idle"}
+    assert step["text"] == "sched other -> batch on 2 threads, left as it is on 1 thread (already at or below, or deadline)"
+    assert os.sched_getscheduler(second) == os.SCHED_IDLE and os.sched_getscheduler(main) == os.SCHED_OTHER  # read only

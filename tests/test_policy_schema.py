@@ -50,6 +50,7 @@ FULL_POLICY = {
             },
             "actions": [
                 {"nice": 10, "settle": "3s"},
+                {"sched": "idle", "settle": "3s"},
                 {"affinity": "unprotected", "settle": "5s"},
                 {"cpuset": {"cpus": "1", "cgroup": "maintenance"}, "settle": "10s"},
             ],

@@ -1,6 +1,7 @@
 """Actuators: one kernel knob each (read, apply, restore), plus dry-run twins.
 
     nice      setpriority(PRIO_PROCESS, tid, n) on every thread
+    sched     sched_setscheduler(tid, SCHED_IDLE or SCHED_BATCH) on every thread, never a raise
     affinity  sched_setaffinity(tid, cpus) on every thread, kept on new threads
     cpuset    a remediator-owned cpuset cgroup (v1, or v2 without systemd), or the unit's
               AllowedCPUs through systemd (v2 with systemd)
@@ -31,8 +32,9 @@ from .base import (
 )
 from .cpuset import CpusetActuator
 from .nice import NiceActuator
+from .sched import SchedActuator
 
-KINDS = ("nice", "affinity", "cpuset")
+KINDS = ("nice", "sched", "affinity", "cpuset")
 
 _UNSET = object()
 
@@ -57,6 +59,7 @@ def default_actuators(
         systemd = SystemdManager() if mount is not None and mount.version == 2 and systemd_is_init() else None
     return {
         "nice": NiceActuator(procfs, syscalls),
+        "sched": SchedActuator(procfs, syscalls),
         "affinity": AffinityActuator(procfs, syscalls, cpuset_mount=mount, cgroupfs=cgroupfs, sysfs_root=sysfs_root),
         "cpuset": CpusetActuator(
             procfs, mount=mount, cgroupfs=cgroupfs, syscalls=syscalls, parent=cpuset_parent, sysfs_root=sysfs_root,
@@ -82,6 +85,7 @@ __all__ = [
     "DryRun",
     "MaintainResult",
     "NiceActuator",
+    "SchedActuator",
     "Plan",
     "Syscalls",
     "default_actuators",

@@ -40,6 +40,16 @@ class Syscalls:
     def sched_setaffinity(self, tid: int, cpus: Collection[int]) -> None:
         os.sched_setaffinity(tid, cpus)
 
+    def sched_getscheduler(self, tid: int) -> int:
+        """The policy number, SCHED_RESET_ON_FORK included when set."""
+        return os.sched_getscheduler(tid)
+
+    def sched_getpriority(self, tid: int) -> int:
+        return os.sched_getparam(tid).sched_priority
+
+    def sched_setscheduler(self, tid: int, policy: int, priority: int) -> None:
+        os.sched_setscheduler(tid, policy, os.sched_param(priority))
+
 
 class ActuatorError(RemediatorError):
     """A change (or its undo) that did not happen, with the reason in one line."""

@@ -64,6 +64,10 @@ class PerThreadActuator(Generic[V]):
         """Why the kernel might refuse this value (appended to EINVAL/EPERM messages)."""
         return ""
 
+    def keep(self, current: V, value: V) -> bool:
+        """True where a thread is to be left as it is (a kind that must never raise a thread)."""
+        return current == value
+
     # -- read, plan -------------------------------------------------------------------------
     def read(self, pid: int) -> dict:
         values, default = thread_values(self.procfs, pid, self.get)
@@ -83,15 +87,17 @@ class PerThreadActuator(Generic[V]):
     def plan(self, identity: ProcessIdentity, target: dict, current: dict) -> Plan:
         value, note, extra = self.resolve(identity, target)
         threads = self._threads(current)
-        if all(existing == value for existing in threads.values()):
+        if all(self.keep(existing, value) for existing in threads.values()):
             description = (
                 f"{self.kind} of {plural_threads(len(threads))} of pid {identity.pid} is already {self.value_text(value)}"
             )
             return Plan(self.kind, identity, current, target, description, unchanged=True, threads=0)
-        description = self.describe(value, len(threads), identity.pid, list(threads.values()), note)
+        # Threads a kind leaves as they are (already lower) are neither counted nor shown as "was".
+        reached = [existing for existing in threads.values() if existing == value or not self.keep(existing, value)]
+        description = self.describe(value, len(reached), identity.pid, reached, note)
         details = {"value": self.to_json(value), "note": note, "extra": extra}
         expected = {self.value_key: self.to_json(value), **extra}
-        return Plan(self.kind, identity, current, target, description, threads=len(threads), details=details, expected=expected)
+        return Plan(self.kind, identity, current, target, description, threads=len(reached), details=details, expected=expected)
 
     # -- apply ------------------------------------------------------------------------------
     def apply(self, plan: Plan) -> ApplyResult:
@@ -102,6 +108,8 @@ class PerThreadActuator(Generic[V]):
         for tid in sorted(self.procfs.tids(pid)):
             try:
                 previous = before[tid] if tid in before else self.get(tid)
+                if self.keep(previous, value) and previous != value:
+                    continue  # left as it is (already at or below the target)
                 self.set(tid, value)
             except ProcessLookupError:
                 continue  # the thread exited: nothing to change
@@ -113,7 +121,7 @@ class PerThreadActuator(Generic[V]):
         ensure_alive(self.procfs, plan.identity)
         if not changed:
             raise ProcessGone(pid, "no thread left to change")
-        was = list(before.values()) or list(changed.values())
+        was = list(changed.values())
         applied = {self.value_key: self.to_json(value), "tids": sorted(changed), **plan.details.get("extra", {})}
         message = self.describe(value, len(changed), pid, was, plan.details.get("note", ""))
         return ApplyResult(applied=applied, message=message, threads=len(changed))
@@ -187,8 +195,8 @@ class PerThreadActuator(Generic[V]):
             # Known from now on, even if the change below fails: one report, not one per tick.
             known_tids.add(tid)
             try:
-                if self.get(tid) == value:
-                    continue  # inherited the value from the thread that created it
+                if self.keep(self.get(tid), value):
+                    continue  # inherited the value from the thread that created it, or left as it is
                 self.set(tid, value)
             except ProcessLookupError:
                 continue

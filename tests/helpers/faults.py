@@ -54,7 +54,7 @@ class FaultySyscalls(Syscalls):
                 raise OSError(fault.errno_value, os.strerror(fault.errno_value))
 
     def changes(self) -> list[tuple[str, int, object]]:
-        return [call for call in self.calls if call[0].startswith(("setpriority", "sched_setaffinity"))]
+        return [call for call in self.calls if call[0].startswith(("setpriority", "sched_setaffinity", "sched_setscheduler"))]
 
     def getpriority(self, tid: int) -> int:
         self._enter("getpriority", tid)
@@ -71,6 +71,14 @@ class FaultySyscalls(Syscalls):
     def sched_setaffinity(self, tid, cpus) -> None:
         self._enter("sched_setaffinity", tid, frozenset(cpus))
         super().sched_setaffinity(tid, cpus)
+
+    def sched_getscheduler(self, tid: int) -> int:
+        self._enter("sched_getscheduler", tid)
+        return super().sched_getscheduler(tid)
+
+    def sched_setscheduler(self, tid: int, policy: int, priority: int) -> None:
+        self._enter("sched_setscheduler", tid, (policy, priority))
+        super().sched_setscheduler(tid, policy, priority)
 
 
 class FakeThreads(Syscalls):

@@ -1,0 +1,174 @@
+"""Scheduling policy (SCHED_IDLE, SCHED_BATCH), on every thread of a process.
+
+Like nice, the policy is per thread: sched_setscheduler(tid, ...) changes one thread, and a new
+thread inherits its creator's. Unlike nice it weighs a thread against every other thread on the
+CPU, not only those of its own group: SCHED_IDLE gets the weight of nice 19 divided by about five,
+and EEVDF/CFS let any normal task preempt it at wakeup.
+
+Never a raise: policies rank idle < batch < normal < realtime, and a step only moves a thread down
+to its target; a thread already at or below it is left as it is. Deadline threads are never
+touched (their parameters cannot be restored through sched_setscheduler).
+
+Children inherit the policy too (SCHED_RESET_ON_FORK resets only realtime policies), so a process
+forked by the offender while the step is in place would keep SCHED_IDLE after the revert
+(ananicy-rules#580). The applied record keeps the boot-time clock of the change, and restore also
+puts back the descendants born since that still hold exactly the policy we set (those whose
+parent is gone by then were re-parented and are out of reach).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+from ..errors import RemediatorError
+from ..procfs import ProcessIdentity, ProcFS
+from .base import ChangeInvalid, Syscalls, change_error, plural_threads
+from .threads import PerThreadActuator
+
+SCHED_DEADLINE = 6
+RESET_ON_FORK = getattr(os, "SCHED_RESET_ON_FORK", 0x40000000)
+
+# name -> policy number, for the policies a value can hold.
+POLICIES = {
+    "other": os.SCHED_OTHER,
+    "batch": os.SCHED_BATCH,
+    "idle": os.SCHED_IDLE,
+    "fifo": os.SCHED_FIFO,
+    "rr": os.SCHED_RR,
+    "deadline": SCHED_DEADLINE,
+}
+NAMES = {number: name for name, number in POLICIES.items()}
+TARGETS = ("idle", "batch")  # what a step may ask for
+# Lower rank, less CPU: a step never moves a thread up this order.
+RANK = {"idle": 0, "batch": 1, "other": 2, "rr": 3, "fifo": 3, "deadline": 3}
+
+SchedValue = tuple[str, int, bool]  # (policy name, realtime priority, reset-on-fork)
+
+
+def sched_text(value: SchedValue) -> str:
+    """'idle', 'other', 'fifo:10', 'batch+reset-on-fork'."""
+    name, priority, reset = value
+    text = f"{name}:{priority}" if name in ("fifo", "rr") else name
+    return text + ("+reset-on-fork" if reset else "")
+
+
+def parse_sched_text(text: str) -> SchedValue:
+    reset = text.endswith("+reset-on-fork")
+    text = text.removesuffix("+reset-on-fork")
+    name, _, priority = text.partition(":")
+    if name not in POLICIES:
+        raise ValueError(f"unknown scheduling policy {text!r}")
+    return name, int(priority or 0), reset
+
+
+def boottime_ticks() -> int:
+    """Now on the clock of /proc/PID/stat start times (clock ticks since boot, suspend included)."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
+class SchedActuator(PerThreadActuator[SchedValue]):
+    kind = "sched"
+    value_key = "sched"
+
+    def __init__(self, procfs: ProcFS, syscalls: Syscalls | None = None):
+        super().__init__(procfs, syscalls)
+
+    # -- the knob ---------------------------------------------------------------------------
+    def get(self, tid: int) -> SchedValue:
+        number = self.syscalls.sched_getscheduler(tid)
+        policy = number & ~RESET_ON_FORK
+        priority = self.syscalls.sched_getpriority(tid) if policy in (os.SCHED_FIFO, os.SCHED_RR) else 0
+        return NAMES.get(policy, f"policy-{policy}"), priority, bool(number & RESET_ON_FORK)
+
+    def set(self, tid: int, value: SchedValue) -> None:
+        name, priority, reset = value
+        if name not in POLICIES or name == "deadline":
+            raise ChangeInvalid(f"thread {tid}: cannot set scheduling policy {sched_text(value)} with sched_setscheduler")
+        self.syscalls.sched_setscheduler(tid, POLICIES[name] | (RESET_ON_FORK if reset else 0), priority)
+
+    def call_text(self, value: SchedValue, tid: str = "tid") -> str:
+        name, priority, reset = value
+        flags = " | SCHED_RESET_ON_FORK" if reset else ""
+        return f"sched_setscheduler({tid}, SCHED_{name.upper()}{flags}, {priority})"
+
+    def value_text(self, value: SchedValue) -> str:
+        return sched_text(value)
+
+    def to_json(self, value: SchedValue) -> object:
+        return sched_text(value)
+
+    def from_json(self, data: object) -> SchedValue:
+        return parse_sched_text(str(data))
+
+    def resolve(self, identity: ProcessIdentity, target: dict) -> tuple[SchedValue, str, dict]:
+        name = target.get("sched")
+        if name not in TARGETS:
+            raise ChangeInvalid(f"sched {name!r} is not one of {', '.join(TARGETS)}: nothing changed")
+        return (name, 0, False), "", {"born_after": boottime_ticks()}
+
+    def keep(self, current: SchedValue, value: SchedValue) -> bool:
+        """Leave a thread already at or below the target (never raise), and deadline threads."""
+        return current[0] == "deadline" or RANK.get(current[0], 3) <= RANK[value[0]]
+
+    def explain(self, errno_value: int | None, value: SchedValue) -> str:
+        if errno_value in (errno.EPERM, errno.EACCES):
+            return "leaving SCHED_IDLE or setting a realtime policy needs CAP_SYS_NICE"
+        return ""
+
+    # -- children born under the change -----------------------------------------------------
+    def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None) -> str:
+        message = super().restore(identity, original, applied)
+        children = self._restore_descendants(identity.pid, original, applied)
+        return f"{message}; {children}" if children else message
+
+    def _restore_descendants(self, pid: int, original: dict, applied: dict | None) -> str:
+        if not applied or "born_after" not in applied or self.value_key not in applied:
+            return ""
+        ours = self.from_json(applied[self.value_key])
+        default = self.from_json(original["default"])
+        born_after = int(applied["born_after"])
+        restored = threads = 0
+        for child in self._descendants_born_since(pid, born_after):
+            changed = 0
+            for tid in self.procfs.tids(child):
+                try:
+                    if self.get(tid) != ours:
+                        continue  # not ours any more (its own choice, or an operator's): leave it
+                    self.set(tid, default)
+                    changed += 1
+                except (ProcessLookupError, RemediatorError):
+                    continue
+                except OSError as exc:
+                    raise change_error(exc, f"{self.call_text(default, str(tid))} (thread of pid {child}, a child born under the change)") from None
+            if changed:
+                restored += 1
+                threads += changed
+        if not restored:
+            return ""
+        return (
+            f"and {self.call_text(default)} on {plural_threads(threads)} of {restored} "
+            f"descendant{'s' if restored != 1 else ''} born under the change"
+        )
+
+    def _descendants_born_since(self, pid: int, born_after: int) -> list[int]:
+        """Processes below pid started at or after born_after (clock ticks since boot).
+
+        A child whose parent exited was re-parented (to init or a subreaper) and is out of reach:
+        only the living tree is followed, so a process gone before the revert leaves its orphans."""
+        children: dict[int, list[tuple[int, int]]] = {}
+        for candidate in self.procfs.pids():
+            try:
+                stat = self.procfs.stat(candidate)
+            except RemediatorError:
+                continue
+            children.setdefault(stat.ppid, []).append((candidate, stat.start_time))
+        found: list[int] = []
+        queue = [pid]
+        while queue:
+            for child, started in children.get(queue.pop(), ()):
+                if started >= born_after:
+                    found.append(child)
+                queue.append(child)  # an older child's own children may be new
+        return found
