@@ -176,6 +176,22 @@ def find_cpuset_mount(mounts: list[CgroupMount]) -> CgroupMount | None:
     return None
 
 
+def find_cpu_mount(mounts: list[CgroupMount]) -> CgroupMount | None:
+    """The hierarchy that carries the cpu controller (v1 first, as for cpuset)."""
+    for version in (1, 2):
+        for mount in mounts:
+            if mount.version == version and "cpu" in mount.controllers:
+                return mount
+    return None
+
+
+def discover_cpu_mount(mountinfo_path: str | Path = DEFAULT_MOUNTINFO, cgroupfs: CgroupFS | None = None) -> CgroupMount | None:
+    try:
+        return find_cpu_mount(discover_mounts(mountinfo_path, cgroupfs))
+    except OSError:
+        return None
+
+
 def discover_cpuset_mount(mountinfo_path: str | Path = DEFAULT_MOUNTINFO, cgroupfs: CgroupFS | None = None) -> CgroupMount | None:
     try:
         return find_cpuset_mount(discover_mounts(mountinfo_path, cgroupfs))

@@ -127,6 +127,9 @@ def _request_for(step: Step, policy: Policy, info: ProcessInfo, settings: Engine
         return ActionRequest(info.identity, "nice", policy.name, index, nice=step.nice, evidence=evidence), ""
     if step.kind == "sched":
         return ActionRequest(info.identity, "sched", policy.name, index, sched=step.sched, evidence=evidence), ""
+    if step.kind == "cpu":
+        # On cgroup v1 the offenders of one policy share the group remediator-POLICY.
+        return ActionRequest(info.identity, "cpu", policy.name, index, cpu=step.cpu, cgroup=policy.name, evidence=evidence), ""
     cpus = resolve_cpu_spec(step.cpus, settings.request_cpus, settings.online_cpus)
     if len(cpus) < max(1, policy.limits.min_cpus):
         return None, (

@@ -49,6 +49,7 @@ class ActionRequest:
     step_index: int
     nice: int | None = None
     sched: str | None = None
+    cpu: tuple[tuple[str, int], ...] = ()  # cpu: the setting, e.g. (("weight", 10),)
     cpus: frozenset[int] | None = None  # already resolved to concrete CPUs
     cgroup: str | None = None  # cpuset: remediator-owned cgroup name
     evidence: dict = field(default_factory=dict)  # opaque; stored with the journal entry
@@ -59,6 +60,8 @@ class ActionRequest:
             return {"nice": self.nice}
         if self.kind == "sched":
             return {"sched": self.sched}
+        if self.kind == "cpu":
+            return {"cpu": dict(self.cpu), "group": self.cgroup}
         if self.kind == "affinity":
             return {"cpus": sorted(self.cpus or ())}
         if self.kind == "cpuset":
@@ -363,6 +366,10 @@ class Executor:
 def _summary(applied: dict | None) -> str:
     if not applied:
         return "?"
+    if "setting" in applied:
+        return f"{applied['cgroup']} ({applied['setting']})"
+    if "properties" in applied:
+        return f"{applied['unit']} {applied['properties']}"
     if "cgroup" in applied:
         return f"{applied['cgroup']} (CPUs {format_cpulist(applied.get('cpus', ()))})"
     if "nice" in applied:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .actuators.sched import NAMES as SCHED_NAMES, RANK as SCHED_RANK
+from .cgroupfs import discover_cpu_mount, process_cgroup_path
 from .cpulist import CpuListError, format_cpulist, parse_cpulist
 from .errors import ProcessGone, RemediatorError, translate_os_error
 from .placement import auto_request_cpus, owned_cgroup_name, resolve_cpu_spec, unprotected_cpus
@@ -230,6 +231,10 @@ def first_step_effect(
                 text = f"no change: every thread already at or below sched {step.sched} ({_plural(len(current_sched), 'thread')})"
             data["text"] = text
             return text, data
+        if step.kind == "cpu":
+            text = _cpu_step_effect(step, policy, pid, reader)
+            data["text"] = text
+            return text, data
         assert step.cpus is not None
         target = resolve_cpu_spec(step.cpus, request_cpus, online)
         data["target"] = format_cpulist(target)
@@ -274,6 +279,31 @@ def first_step_effect(
     except RemediatorError as exc:
         data["text"] = f"cannot read the current value: {exc}"
         return data["text"], data
+
+
+def _cpu_step_effect(step: Step, policy: Policy, pid: int, reader: _Reader) -> str:
+    """Which path a cpu step takes on this host, and what it would write (read only)."""
+    mount = discover_cpu_mount()
+    membership = reader.procfs.cgroups(pid)
+    if mount is None:
+        return "not available on this host: no cgroup cpu controller is mounted"
+    if mount.version == 2:
+        if not reader.systemd_host:
+            return "not available on this host: cgroup v2 without systemd (only through a systemd unit, or on the v1 cpu hierarchy)"
+        unit, why = unit_for_cgroup(membership.v2_path or "/")
+        if unit is None:
+            return f"refused on this systemd host: {why}"
+        setting = dict(step.cpu)
+        if setting.get("idle"):
+            change = "CPUWeight=idle"
+        elif "weight" in setting:
+            change = f"CPUWeight={setting['weight']}"
+        else:
+            change = f"CPUQuota={setting['quota_us'] * 100 / setting['period_us']:g}% CPUQuotaPeriodSec={setting['period_us']}us"
+        return (f"{step.describe()} through systemd: SetUnitProperties {unit} --runtime {change} "
+                "(never raised; every process of the unit gets it)")
+    current = process_cgroup_path(mount, membership) or "?"
+    return f"{step.describe()}: move from {current} into {mount.mount_point}/remediator-{policy.name} (cgroup v1 cpu controller)"
 
 
 def _precedence_reason(winner: Policy, loser: Policy) -> str:

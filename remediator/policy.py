@@ -33,7 +33,7 @@ from .cpulist import format_cpulist
 from .errors import Location
 from .matching import FIELDS, Match, MatchResult
 from .procfs import ProcessInfo
-from .schema import POLICY_FILE, Checker, Diagnostic, PolicyErrors, format_duration, has_errors
+from .schema import POLICY_FILE, Checker, Diagnostic, PolicyErrors, format_duration, has_errors, parse_duration
 from .tomlpos import Document, KeyPath, format_key_path
 
 __all__ = [
@@ -76,6 +76,7 @@ class Step:
     cpus: CpuSpec | None = None
     cgroup: str | None = None  # cpuset only: remediator-owned cgroup name
     sched: str | None = None  # sched only: "idle" | "batch"
+    cpu: tuple[tuple[str, int], ...] = ()  # cpu only: (("weight", 10),), (("idle", 1),), (("quota_us", q), ("period_us", p))
 
     def describe(self) -> str:
         """'nice 10', 'sched idle', 'affinity unprotected', 'cpuset 2-3 in cgroup log-shippers'."""
@@ -83,6 +84,13 @@ class Step:
             return f"nice {self.nice}"
         if self.kind == "sched":
             return f"sched {self.sched}"
+        if self.kind == "cpu":
+            setting = dict(self.cpu)
+            if setting.get("idle"):
+                return "cpu_idle"
+            if "weight" in setting:
+                return f"cpu_weight {setting['weight']}"
+            return f"cpu_max {setting['quota_us']}us/{setting['period_us']}us"
         assert self.cpus is not None
         if self.kind == "affinity":
             return f"affinity {self.cpus.describe()}"
@@ -90,13 +98,14 @@ class Step:
 
     def same_action(self, other: "Step") -> bool:
         """Equal apart from where it is written."""
-        return (self.kind, self.settle_s, self.nice, self.cpus, self.cgroup, self.sched) == (
+        return (self.kind, self.settle_s, self.nice, self.cpus, self.cgroup, self.sched, self.cpu) == (
             other.kind,
             other.settle_s,
             other.nice,
             other.cpus,
             other.cgroup,
             other.sched,
+            other.cpu,
         )
 
     def to_json(self) -> dict:
@@ -109,6 +118,8 @@ class Step:
             data["cgroup"] = self.cgroup
         if self.sched is not None:
             data["sched"] = self.sched
+        if self.cpu:
+            data["cpu"] = dict(self.cpu)
         return data
 
 
@@ -380,11 +391,34 @@ class _PolicyCompiler:
             return Step("nice", settle, location, nice=action["nice"])
         if "sched" in action:
             return Step("sched", settle, location, sched=action["sched"])
+        if "cpu_weight" in action:
+            return Step("cpu", settle, location, cpu=(("weight", action["cpu_weight"]),))
+        if "cpu_idle" in action:
+            if action["cpu_idle"] is not True:
+                self.problem(path + ("cpu_idle",), "false changes nothing: give `cpu_idle = true` or remove the step", "range")
+            return Step("cpu", settle, location, cpu=(("idle", 1),))
+        if "cpu_max" in action:
+            return Step("cpu", settle, location, cpu=self._cpu_max(path + ("cpu_max",), action["cpu_max"]))
         if "affinity" in action:
             return Step("affinity", settle, location, cpus=self._cpu_spec(path + ("affinity",), action["affinity"], limits))
         cpuset = action["cpuset"]
         spec = self._cpu_spec(path + ("cpuset", "cpus"), cpuset["cpus"], limits)
         return Step("cpuset", settle, location, cpus=spec, cgroup=cpuset["cgroup"])
+
+    def _cpu_max(self, path: KeyPath, text: str) -> tuple[tuple[str, int], ...]:
+        """"50%" -> 50 ms per 100 ms; "20ms/100ms" as written. The kernel takes periods of 1 ms to 1 s
+        and quotas of at least 1 ms."""
+        if text.endswith("%"):
+            period_us = 100_000
+            quota_us = round(float(text[:-1]) * period_us / 100)
+        else:
+            quota, period = text.split("/")
+            quota_us, period_us = round(parse_duration(quota) * 1e6), round(parse_duration(period) * 1e6)
+        if not 1_000 <= period_us <= 1_000_000:
+            self.problem(path, f"{text}: the period must be from 1ms to 1s", "range")
+        elif quota_us < 1_000:
+            self.problem(path, f"{text}: the quota must be at least 1ms per period", "range")
+        return (("quota_us", quota_us), ("period_us", period_us))
 
     def _cpu_spec(self, path: KeyPath, value: Any, limits: Limits) -> CpuSpec:
         if value == "unprotected":

@@ -312,6 +312,11 @@ ACTION_KEYS = (
     Key("sched", "enum", "Set the scheduling policy of every thread: `idle` (SCHED_IDLE: runs only when no normal thread wants the CPU, across every group) or `batch` (SCHED_BATCH: no wakeup preemption). Never raises a thread: one already at or below is left.",
         choices=("idle", "batch")),
     Key("affinity", "cpus", "Set the CPU affinity of every thread: a CPU list (`\"2-3,6\"`) or `unprotected` (online CPUs not owned by the request path).", keyword="unprotected"),
+    Key("cpu_weight", "integer", "Lower the weight of the process's cgroup against its siblings (1..10000; the default is 100): the unit's CPUWeight through systemd, or cpu.shares of a remediator-owned group on cgroup v1.",
+        minimum=1, maximum=10000),
+    Key("cpu_idle", "boolean", "`true`: make the process's cgroup idle (cpu.idle: SCHED_IDLE for the whole group against its siblings): CPUWeight=idle through systemd, or cpu.idle of a remediator-owned group on cgroup v1.",),
+    Key("cpu_max", "string", "Cap the process's cgroup: a share of one CPU (`\"50%\"`, `\"200%\"` is two CPUs) or quota/period (`\"20ms/100ms\"`): CPUQuota through systemd, or cpu.cfs_quota_us of a remediator-owned group on cgroup v1.",
+        pattern=r"^([0-9]+(\.[0-9]+)?%|[0-9]+(us|ms|s)/[0-9]+(us|ms|s))$", pattern_hint='a percentage ("50%") or quota/period ("20ms/100ms")'),
     Key("cpuset", "table", "Move the process into a remediator-owned cpuset cgroup.", keys=CPUSET_KEYS,
         example='cpuset = { cpus = "unprotected", cgroup = "log-shippers" }'),
     Key("settle", "duration", "How long to wait after this step before the next one is considered.", default="5s", minimum=0, maximum=86400),
@@ -332,8 +337,8 @@ POLICY_KEYS = (
     Key("priority", "integer", "When two policies match one process, the higher priority wins (see precedence).", default=0, minimum=-1000, maximum=1000),
     Key("match", "table", "Which processes are offenders: every key given must match; a list means any of its items.", required=True, keys=MATCH_KEYS),
     Key("trigger", "table", "When to act.", required=True, keys=TRIGGER_KEYS),
-    Key("actions", "table-array", "The ladder: ordered steps, each with exactly one of `nice`, `sched`, `affinity`, `cpuset`.", required=True,
-        keys=ACTION_KEYS, exactly_one_of=("nice", "sched", "affinity", "cpuset"), item_name="step"),
+    Key("actions", "table-array", "The ladder: ordered steps, each with exactly one of `nice`, `sched`, `affinity`, `cpu_weight`, `cpu_idle`, `cpu_max`, `cpuset`.", required=True,
+        keys=ACTION_KEYS, exactly_one_of=("nice", "sched", "affinity", "cpu_weight", "cpu_idle", "cpu_max", "cpuset"), item_name="step"),
     Key("limits", "table", "How often and how long.", keys=LIMITS_KEYS),
 )
 

@@ -143,6 +143,30 @@ class SystemdManager:
         message = new_method_call(manager, "SetUnitProperties", "sba(sv)", (unit, True, [("AllowedCPUs", ("ay", cpus_to_mask(cpus)))]))
         self._call(message, f"SetUnitProperties({unit}, runtime, AllowedCPUs={format_cpulist(cpus)})")
 
+    def get_unit_properties(self, unit: str, names) -> dict[str, int]:
+        """Integer (D-Bus 't') properties of a service or scope, e.g. CPUWeight."""
+        from jeepney import DBusAddress
+        from jeepney.wrappers import Properties
+
+        interface = UNIT_INTERFACES.get(os.path.splitext(unit)[1])
+        if interface is None:
+            raise SystemdError(f"{unit}: only services and scopes carry CPU properties")
+        address = DBusAddress(self._unit_path(unit), bus_name=BUS_NAME, interface=interface)
+        values: dict[str, int] = {}
+        for name in names:
+            signature, value = self._call(Properties(address).get(name), f"get {unit} {name}")[0]
+            values[name] = int(value)
+        return values
+
+    def set_unit_properties(self, unit: str, values: dict[str, int]) -> None:
+        """`systemctl set-property --runtime UNIT NAME=VALUE...` for integer (D-Bus 't') properties."""
+        from jeepney import DBusAddress, new_method_call
+
+        manager = DBusAddress(MANAGER_PATH, bus_name=BUS_NAME, interface=MANAGER_INTERFACE)
+        assignments = [(name, ("t", int(value))) for name, value in values.items()]
+        text = " ".join(f"{name}={value}" for name, value in values.items())
+        self._call(new_method_call(manager, "SetUnitProperties", "sba(sv)", (unit, True, assignments)), f"SetUnitProperties({unit}, runtime, {text})")
+
     def close(self) -> None:
         if self._connection is not None:
             try:

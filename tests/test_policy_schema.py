@@ -51,6 +51,9 @@ FULL_POLICY = {
             "actions": [
                 {"nice": 10, "settle": "3s"},
                 {"sched": "idle", "settle": "3s"},
+                {"cpu_weight": 10, "settle": "3s"},
+                {"cpu_idle": True, "settle": "3s"},
+                {"cpu_max": "20ms/100ms", "settle": "3s"},
                 {"affinity": "unprotected", "settle": "5s"},
                 {"cpuset": {"cpus": "1", "cgroup": "maintenance"}, "settle": "10s"},
             ],

@@ -3,6 +3,8 @@
     nice      setpriority(PRIO_PROCESS, tid, n) on every thread
     sched     sched_setscheduler(tid, SCHED_IDLE or SCHED_BATCH) on every thread, never a raise
     affinity  sched_setaffinity(tid, cpus) on every thread, kept on new threads
+    cpu       the cgroup's cpu controller (cpu_weight, cpu_idle, cpu_max): the unit's runtime
+              properties through systemd (v2), or a remediator-owned group in the v1 cpu hierarchy
     cpuset    a remediator-owned cpuset cgroup (v1, or v2 without systemd), or the unit's
               AllowedCPUs through systemd (v2 with systemd)
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cgroupfs import DEFAULT_MOUNTINFO, CgroupFS, CgroupMount, discover_cpuset_mount
+from ..cgroupfs import DEFAULT_MOUNTINFO, CgroupFS, CgroupMount, discover_cpu_mount, discover_cpuset_mount
 from ..procfs import ProcFS
 from ..systemd import SystemdManager, systemd_is_init
 from .affinity import AffinityActuator
@@ -30,11 +32,12 @@ from .base import (
     Plan,
     Syscalls,
 )
+from .cpu import CpuActuator
 from .cpuset import CpusetActuator
 from .nice import NiceActuator
 from .sched import SchedActuator
 
-KINDS = ("nice", "sched", "affinity", "cpuset")
+KINDS = ("nice", "sched", "affinity", "cpu", "cpuset")
 
 _UNSET = object()
 
@@ -49,11 +52,13 @@ def default_actuators(
     cpuset_parent: str = "/",
     sysfs_root: str | Path = "/sys",
     systemd: SystemdManager | None | object = _UNSET,
+    cpu_mount: CgroupMount | None | object = _UNSET,
 ) -> dict[str, Actuator]:
     """The three real actuators, the cpuset hierarchy discovered from mountinfo unless given."""
     syscalls = syscalls or Syscalls()
     cgroupfs = cgroupfs or CgroupFS()
     mount = discover_cpuset_mount(mountinfo_path, cgroupfs) if cpuset_mount is _UNSET else cpuset_mount
+    cpu_hierarchy = discover_cpu_mount(mountinfo_path, cgroupfs) if cpu_mount is _UNSET else cpu_mount
     if systemd is _UNSET:
         # On a systemd host with cgroup v2, a unit's processes are changed through systemd.
         systemd = SystemdManager() if mount is not None and mount.version == 2 and systemd_is_init() else None
@@ -61,6 +66,7 @@ def default_actuators(
         "nice": NiceActuator(procfs, syscalls),
         "sched": SchedActuator(procfs, syscalls),
         "affinity": AffinityActuator(procfs, syscalls, cpuset_mount=mount, cgroupfs=cgroupfs, sysfs_root=sysfs_root),
+        "cpu": CpuActuator(procfs, mount=cpu_hierarchy, cgroupfs=cgroupfs, systemd=systemd),
         "cpuset": CpusetActuator(
             procfs, mount=mount, cgroupfs=cgroupfs, syscalls=syscalls, parent=cpuset_parent, sysfs_root=sysfs_root,
             systemd=systemd,
@@ -81,6 +87,7 @@ __all__ = [
     "ChangeDenied",
     "ChangeFailed",
     "ChangeInvalid",
+    "CpuActuator",
     "CpusetActuator",
     "DryRun",
     "MaintainResult",

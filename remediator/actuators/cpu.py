@@ -1,0 +1,295 @@
+"""The cpu controller of the offender's cgroup: weight, idle, bandwidth (`cpu_weight`, `cpu_idle`, `cpu_max`).
+
+Nice and SCHED_* weigh threads inside one group; a cgroup's weight weighs the group against its
+siblings, which is where a systemd host puts a service and a sidecar (each its own unit). So:
+
+- cgroup v2 under systemd, the process in a system unit: the unit's runtime properties through
+  systemd's D-Bus API, as `systemctl set-property --runtime` does: CPUWeight (0 is systemd's "idle",
+  written as cpu.idle = 1), CPUQuotaPerSecUSec and CPUQuotaPeriodUSec. The process stays in its unit;
+  every process of the unit gets it, and the executor refuses when one of them is off limits.
+- cgroup v1 (no systemd managing it): the process moves into `remediator-POLICY` in the cpu
+  hierarchy with cpu.shares (weight x 1024 / 100), cpu.idle or cpu.cfs_quota_us/cpu.cfs_period_us;
+  restore moves it back and removes the group once empty.
+- cgroup v2 without systemd: not available yet (it would need `+cpu` in the root's subtree_control
+  and the no-internal-process rule); the step says so and changes nothing.
+
+One kind, "cpu": a later step adds its setting on top of the earlier ones (cpu_weight, then
+cpu_idle), and the journal keeps the original from before the first, so a revert gives back every
+property (or the cgroup) as it was. Never a raise: a weight is only ever lowered, a quota only
+tightened, and idle stays idle.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+from ..cgroupfs import CgroupFS, CgroupMount, cgroup_pids, process_cgroup_path
+from ..errors import ProcessGone
+from ..procfs import ProcessIdentity, ProcFS
+from ..systemd import SystemdError, SystemdManager, unit_for_cgroup
+from .base import ApplyResult, ChangeDenied, ChangeFailed, ChangeInvalid, Plan, ensure_alive
+
+CGROUP_PREFIX = "remediator-"
+UNSET = 2**64 - 1  # systemd's "not set" for CPUWeight, "no quota" for CPUQuotaPerSecUSec
+IDLE_WEIGHT = 0  # systemd's CGROUP_WEIGHT_IDLE: cpu.idle = 1
+PROPERTIES = ("CPUWeight", "CPUQuotaPerSecUSec", "CPUQuotaPeriodUSec")
+V1_SHARES_PER_WEIGHT = 1024 / 100  # cpu.weight 100 is cpu.shares 1024
+KEPT = "left as it is"
+
+
+def setting_text(setting: dict) -> str:
+    """'cpu_weight 10', 'cpu_idle', 'cpu_max 50000us/100000us'."""
+    if setting.get("idle"):
+        return "cpu_idle"
+    if "weight" in setting:
+        return f"cpu_weight {setting['weight']}"
+    return f"cpu_max {setting['quota_us']}us/{setting['period_us']}us"
+
+
+def property_text(name: str, value: int) -> str:
+    if value == UNSET:
+        return f"{name}=[not set]"
+    if name == "CPUWeight" and value == IDLE_WEIGHT:
+        return "CPUWeight=idle"
+    if name == "CPUQuotaPerSecUSec":
+        return f"CPUQuota={value / 10000:g}%"
+    if name == "CPUQuotaPeriodUSec":
+        return f"CPUQuotaPeriodSec={value}us"
+    return f"{name}={value}"
+
+
+def _weaker_properties(current: dict[str, int], setting: dict) -> dict[str, int]:
+    """The properties to set for `setting` that lower the unit's CPU; {} when it already has as little."""
+    wanted: dict[str, int] = {}
+    weight = current.get("CPUWeight", UNSET)
+    if setting.get("idle"):
+        if weight != IDLE_WEIGHT:
+            wanted["CPUWeight"] = IDLE_WEIGHT
+    elif "weight" in setting:
+        effective = 100 if weight == UNSET else weight
+        if weight != IDLE_WEIGHT and setting["weight"] < effective:
+            wanted["CPUWeight"] = setting["weight"]
+    else:
+        per_second = setting["quota_us"] * 1_000_000 // setting["period_us"]
+        if current.get("CPUQuotaPerSecUSec", UNSET) > per_second:
+            wanted["CPUQuotaPerSecUSec"] = per_second
+            wanted["CPUQuotaPeriodUSec"] = setting["period_us"]
+    return wanted
+
+
+def _v1_writes(setting: dict, directory: Path, read) -> list[tuple[Path, str]]:
+    """The cpu controller files to write in our v1 group for `setting`, never a raise."""
+    if setting.get("idle"):
+        return [] if read(directory / "cpu.idle") == "1" else [(directory / "cpu.idle", "1")]
+    if "weight" in setting:
+        shares = max(2, round(setting["weight"] * V1_SHARES_PER_WEIGHT))
+        now = read(directory / "cpu.shares")
+        return [] if now.isdigit() and int(now) <= shares else [(directory / "cpu.shares", str(shares))]
+    quota, period = setting["quota_us"], setting["period_us"]
+    now_quota, now_period = read(directory / "cpu.cfs_quota_us"), read(directory / "cpu.cfs_period_us")
+    if now_quota.lstrip("-").isdigit() and now_period.isdigit() and int(now_quota) > 0:
+        if int(now_quota) * period <= quota * int(now_period):
+            return []  # already as tight
+    # The period first: a quota is checked against the period in place.
+    return [(directory / "cpu.cfs_period_us", str(period)), (directory / "cpu.cfs_quota_us", str(quota))]
+
+
+class CpuActuator:
+    kind = "cpu"
+
+    def __init__(self, procfs: ProcFS, *, mount: CgroupMount | None, cgroupfs: CgroupFS | None = None,
+                 systemd: SystemdManager | None = None):
+        self.procfs = procfs
+        self.mount = mount
+        self.cgroupfs = cgroupfs or CgroupFS()
+        self.systemd = systemd
+
+    # -- read ---------------------------------------------------------------------------------
+    def read(self, pid: int) -> dict:
+        mount = self.mount
+        if mount is None:
+            raise ChangeFailed("no cpu controller here: no cgroup v1 cpu hierarchy and no cgroup v2 tree with cpu: nothing changed")
+        path = process_cgroup_path(mount, self.procfs.cgroups(pid))
+        if path is None:
+            raise ChangeFailed(f"pid {pid} has no place in the cpu hierarchy at {mount.mount_point}: nothing changed")
+        current = {"cgroup": path, **mount.to_json()}
+        if mount.version == 2:
+            if self.systemd is None:
+                raise ChangeFailed(
+                    "cpu_weight, cpu_idle and cpu_max on cgroup v2 without systemd are not available yet "
+                    "(only through a systemd unit, or on the v1 cpu hierarchy): nothing changed"
+                )
+            unit, why = unit_for_cgroup(path)
+            if unit is None:
+                raise ChangeInvalid(f"{why}: on a systemd host a cpu step changes the process's unit: nothing changed")
+            current["unit"] = unit
+            current["unit_cgroup"] = path.split(unit, 1)[0] + unit
+            current["properties"] = self._systemd_call(lambda: self.systemd.get_unit_properties(unit, PROPERTIES))
+        return current
+
+    @staticmethod
+    def _systemd_call(call, consequence: str = "nothing changed"):
+        try:
+            return call()
+        except SystemdError as exc:
+            raise (ChangeDenied if exc.denied else ChangeFailed)(f"{exc}: {consequence}") from None
+
+    def _read(self, path: Path) -> str:
+        try:
+            return self.cgroupfs.read(path).strip()
+        except OSError:
+            return ""
+
+    # -- plan ---------------------------------------------------------------------------------
+    def plan(self, identity: ProcessIdentity, target: dict, current: dict) -> Plan:
+        setting = target.get("cpu")
+        if not isinstance(setting, dict) or not setting:
+            raise ChangeInvalid(f"cpu step without a setting ({target!r}): nothing changed")
+        if "unit" in current:
+            return self._plan_unit(identity, target, current, setting)
+        group = str(target.get("group") or "")
+        if not group or "/" in group or group in (".", ".."):
+            raise ChangeInvalid(f"cpu step needs a group name, not {group!r}: nothing changed")
+        mount = self.mount
+        assert mount is not None
+        name = CGROUP_PREFIX + group
+        directory = mount.mount_point / name
+        exists = self.cgroupfs.exists(directory)
+        writes = _v1_writes(setting, directory, self._read) if exists else _v1_writes(setting, directory, lambda path: "")
+        moving = current["cgroup"] != "/" + name
+        if not writes and not moving:
+            return Plan(self.kind, identity, current, target, f"pid {identity.pid} is already in {directory} with {setting_text(setting)} or less", unchanged=True)
+        parts = ([f"mkdir {directory}"] if not exists else []) + [f"write {value} to {path}" for path, value in writes]
+        if moving:
+            parts.append(f"write {identity.pid} to {directory / 'cgroup.procs'}")
+        description = f"{', '.join(parts)} (was {current['cgroup']})"
+        details = {"directory": str(directory), "cgroup": "/" + name, "created": not exists,
+                   "writes": [[str(path), value] for path, value in writes], "move": moving}
+        expected = {"cgroup": "/" + name, "setting": setting}
+        return Plan(self.kind, identity, current, target, description, details=details, expected=expected)
+
+    def _plan_unit(self, identity: ProcessIdentity, target: dict, current: dict, setting: dict) -> Plan:
+        unit = current["unit"]
+        properties = {name: int(value) for name, value in current["properties"].items()}
+        unit_dir = self.mount.fs_path(current["unit_cgroup"]) if self.mount else None
+        members = tuple(self._unit_pids(unit_dir)) if unit_dir is not None else ()
+        wanted = _weaker_properties(properties, setting)
+        if not wanted:
+            text = ", ".join(property_text(name, properties.get(name, UNSET)) for name in PROPERTIES)
+            return Plan(self.kind, identity, current, target, f"{unit} already has as little CPU as {setting_text(setting)} ({text})",
+                        unchanged=True, affects=members)
+        assignments = " ".join(property_text(name, value) for name, value in wanted.items())
+        was = " ".join(property_text(name, properties.get(name, UNSET)) for name in wanted)
+        description = f"systemd SetUnitProperties {unit} --runtime {assignments} (was {was})"
+        others = len(members) - 1
+        if others > 0:
+            description += f"; the unit's {others} other process{'es' if others != 1 else ''} too"
+        details = {"unit": unit, "set": wanted}
+        expected = {"unit": unit, "properties": {**properties, **wanted}}
+        return Plan(self.kind, identity, current, target, description, details=details, expected=expected, affects=members)
+
+    def _unit_pids(self, directory: Path) -> list[int]:
+        pids: list[int] = []
+        try:
+            pids += cgroup_pids(self.cgroupfs, directory)
+            children = [name for name in self.cgroupfs.listdir(directory) if self.cgroupfs.exists(directory / name / "cgroup.procs")]
+        except OSError:
+            return pids
+        for child in children:
+            pids += self._unit_pids(directory / child)
+        return pids
+
+    # -- apply --------------------------------------------------------------------------------
+    def apply(self, plan: Plan) -> ApplyResult:
+        details = plan.details
+        if "unit" in details:
+            unit = details["unit"]
+            self._systemd_call(lambda: self.systemd.set_unit_properties(unit, details["set"]))
+            ensure_alive(self.procfs, plan.identity)
+            applied = {"unit": unit, "properties": {**plan.current["properties"], **details["set"]}}
+            return ApplyResult(applied=applied, message=plan.description)
+        directory = Path(details["directory"])
+        created = False
+        try:
+            if details["created"]:
+                self.cgroupfs.mkdir(directory)
+                created = True
+            for path, value in details["writes"]:
+                self.cgroupfs.write(Path(path), value)
+            if details["move"]:
+                self.cgroupfs.write(directory / "cgroup.procs", str(plan.identity.pid))
+        except OSError as exc:
+            undo = self._remove_if_empty(directory) if created else ""
+            if exc.errno == errno.ESRCH:
+                raise ProcessGone(plan.identity.pid) from None
+            raise ChangeFailed(f"{exc.filename or directory}: {errno.errorcode.get(exc.errno or 0, exc.errno)} ({exc.strerror}){undo or '; nothing was moved'}") from None
+        ensure_alive(self.procfs, plan.identity)
+        applied = {"cgroup": details["cgroup"], "created": details["created"], "setting": plan.target.get("cpu")}
+        return ApplyResult(applied=applied, message=plan.description)
+
+    def _remove_if_empty(self, directory: Path) -> str:
+        try:
+            if cgroup_pids(self.cgroupfs, directory):
+                return ""
+            self.cgroupfs.rmdir(directory)
+            return f"; removed {directory}"
+        except OSError as exc:
+            return f"; could not remove {directory} ({exc.strerror})"
+
+    # -- restore ------------------------------------------------------------------------------
+    def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None) -> str:
+        if "unit" in original:
+            return self._restore_unit(original, applied)
+        mount = self._mount_of(original)
+        back = mount.fs_path(original["cgroup"])
+        if back is None:
+            raise ChangeFailed(f"the original cgroup {original['cgroup']} is outside {mount.mount_point}: {KEPT}")
+        ours = (applied or {}).get("cgroup")
+        now = process_cgroup_path(mount, self.procfs.cgroups(identity.pid))
+        if ours is not None and now != ours:
+            return f"pid {identity.pid} is in {now}, not in {ours} where remediator put it: {KEPT}" + self.cleanup(original, applied)
+        try:
+            self.cgroupfs.write(back / "cgroup.procs", str(identity.pid))
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                raise ProcessGone(identity.pid) from None
+            raise ChangeFailed(f"write {identity.pid} to {back / 'cgroup.procs'}: {exc.strerror}") from None
+        return f"write {identity.pid} to {back / 'cgroup.procs'} (was {ours})" + self.cleanup(original, applied)
+
+    def _restore_unit(self, original: dict, applied: dict | None) -> str:
+        unit = original["unit"]
+        if self.systemd is None:
+            raise ChangeFailed(f"{unit}: systemd is not reachable from here, so its CPU properties stay as remediator set them")
+        ours = {name: int(value) for name, value in ((applied or {}).get("properties") or {}).items()}
+        before = {name: int(value) for name, value in original["properties"].items()}
+        now = self._systemd_call(lambda: self.systemd.get_unit_properties(unit, PROPERTIES), KEPT)
+        # Only the properties still holding our value go back: an operator's change since stays.
+        back = {name: before[name] for name in PROPERTIES if name in before and ours.get(name) != before[name] and now.get(name) == ours.get(name)}
+        changed_by_others = [name for name in PROPERTIES if name in ours and ours[name] != before.get(name) and now.get(name) != ours[name]]
+        text = ""
+        if back:
+            self._systemd_call(lambda: self.systemd.set_unit_properties(unit, back), KEPT)
+            assignments = " ".join(property_text(name, value) for name, value in back.items())
+            text = f"systemd SetUnitProperties {unit} --runtime {assignments} (was {' '.join(property_text(n, ours[n]) for n in back)})"
+        if changed_by_others:
+            note = ", ".join(property_text(name, now.get(name, UNSET)) for name in changed_by_others)
+            text += ("; " if text else "") + f"{unit} has {note}, not what remediator set: {KEPT}"
+        return text or f"{unit}: nothing of remediator's left to restore"
+
+    @staticmethod
+    def _mount_of(original: dict) -> CgroupMount:
+        return CgroupMount(int(original["version"]), Path(original["mount"]), original.get("root", "/"), frozenset({"cpu"}))
+
+    def cleanup(self, original: dict, applied: dict | None) -> str:
+        """Remove our v1 group once no process is left in it."""
+        ours = (applied or {}).get("cgroup")
+        if "unit" in original or not ours or not ours.lstrip("/").startswith(CGROUP_PREFIX):
+            return ""
+        directory = self._mount_of(original).fs_path(ours)
+        if directory is None or not self.cgroupfs.exists(directory):
+            return ""
+        return self._remove_if_empty(directory)
+
+    def maintain(self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int]) -> None:
+        return None  # a cgroup holds every thread, and threads born later, by itself
