@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -61,7 +62,10 @@ def test_the_exit_record_keeps_the_wait_schedstat_loses(spawn):
         workload.proc.stdin.write("\n")
         workload.proc.stdin.flush()
         assert workload.read_line() == "done"
-        alive = set(PROCFS.tids(workload.pid))
+        # join() returns before the kernel has reaped the thread: wait until it has left task/.
+        deadline = time.monotonic() + 10
+        while len(alive := set(PROCFS.tids(workload.pid))) == len(tids) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert len(alive) < len(tids), "the worker should have ended"
         counted = with_exits.read({workload.pid: alive}).wait_ns
         polled = polling.read({workload.pid: alive}).wait_ns
