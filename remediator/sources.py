@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 PROCFS_DEGRADED = "no tail, no blame"
 
 WAIT_READS = {
-    TASKSTATS: "per-thread taskstats over netlink",
+    TASKSTATS: "/proc/<tid>/schedstat and taskstats exit records (threads that end between ticks)",
     SCHEDSTAT: "/proc/<tid>/schedstat (a thread that exits between ticks loses its last wait)",
 }
 
