@@ -6,6 +6,7 @@ the pure function `bpf_delta()`, tested on hand-made snapshots; the sources arou
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,16 +17,29 @@ from .errors import ProcessGone, RemediatorError
 from .probes import ExecEvent, ProbeSettings, RawSnapshot, SchedProbes
 from .procfs import ProcFS, clock_ticks_per_second
 from .sample import SOURCE_BPF, SOURCE_PROCFS
+from .taskstats import SCHEDSTAT, TASKSTATS, SchedstatCounters, ThreadCounters, open_thread_counters
+
+log = logging.getLogger(__name__)
 
 # What a daemon on procfs cannot see, said on every status line, log summary and audit record:
 # without a tail or blame no tail-triggered policy can act, and a host must not look protected.
 PROCFS_DEGRADED = "no tail, no blame"
 
-PROCFS_LIMITATIONS = (
-    "no run-queue latency tail: only the mean wait per timeslice from /proc/<tid>/schedstat (no histogram, p99 or max)",
-    "no blame: which processes ran while the protected threads waited is unknown",
-    "no sub-second bursts: CPU use is the tick's mean from /proc/<pid>/stat (10 ms resolution)",
-)
+WAIT_READS = {
+    TASKSTATS: "/proc/<tid>/schedstat and taskstats exit records (threads that end between ticks)",
+    SCHEDSTAT: "/proc/<tid>/schedstat (a thread that exits between ticks loses its last wait)",
+}
+
+
+def procfs_limitations(counters: str = SCHEDSTAT) -> tuple[str, ...]:
+    return (
+        f"no run-queue latency tail: only the mean wait per timeslice from {WAIT_READS[counters]} (no histogram, p99 or max)",
+        "no blame: which processes ran while the protected threads waited is unknown",
+        "no sub-second bursts: CPU use is the tick's mean from /proc/<pid>/stat (10 ms resolution)",
+    )
+
+
+PROCFS_LIMITATIONS = procfs_limitations()
 
 
 @dataclass
@@ -274,14 +288,18 @@ class BpfSource:
 
 
 class ProcfsSource:
-    """The fallback: per-thread run_delay from schedstat, CPU time from /proc, PSI."""
+    """The fallback: per-thread run-queue wait from taskstats or schedstat (`counters`, schedstat by
+    default), CPU time from /proc, PSI."""
 
     name = SOURCE_PROCFS
-    limitations = PROCFS_LIMITATIONS
     has_exec_events = False
 
-    def __init__(self, procfs: ProcFS, psi_path: Path = Path("/proc/pressure/cpu"), clock: Callable[[], int] = time.monotonic_ns):
+    def __init__(self, procfs: ProcFS, psi_path: Path = Path("/proc/pressure/cpu"), clock: Callable[[], int] = time.monotonic_ns,
+                 counters: ThreadCounters | None = None):
         self.procfs = procfs
+        self.counters = counters or SchedstatCounters(procfs)
+        self.limitations = procfs_limitations(self.counters.name)
+        self._dropped = self.counters.dropped
         self.psi_path = psi_path
         self.clock = clock
         self.window_ns = 0
@@ -296,8 +314,7 @@ class ProcfsSource:
         pass  # nothing to tell the kernel: the tids are read each tick
 
     def unprotect(self, tids: Collection[int]) -> None:
-        for tid in tids:
-            self._thread_waits.pop(tid, None)
+        pass  # baselines live until the next read, which counts an exited thread's last wait from its exit record
 
     def kernel_protected_tids(self) -> set[int] | None:
         return None
@@ -320,21 +337,39 @@ class ProcfsSource:
         first = self._last_ns is None
         self._last_ns = now
 
+        exited = self.counters.exited()
         seen_threads: dict[int, tuple[int, int]] = {}
+        counted: set[int] = set()
+
+        def count(tid: int, wait_ns: int, slices: int) -> None:
+            counted.add(tid)
+            old = self._thread_waits.get(tid)
+            if old is None and first:
+                return
+            old_wait, old_slices = old or (0, 0)
+            delta.wait_ns += max(0, wait_ns - old_wait)
+            delta.waits += max(0, slices - old_slices)
+
         for pid, tids in protected.items():
             for tid in tids:
                 try:
-                    _run, wait_ns, slices = self.procfs.schedstat(pid, tid)
+                    _run, wait_ns, slices = self.counters.read(pid, tid)
                 except RemediatorError:
+                    if tid in exited:  # ended after the collector listed it
+                        _run, wait_ns, slices = exited[tid]
+                        count(tid, wait_ns, slices)
                     continue
                 seen_threads[tid] = (wait_ns, slices)
-                old = self._thread_waits.get(tid)
-                if old is None and first:
-                    continue
-                old_wait, old_slices = old or (0, 0)
-                delta.wait_ns += max(0, wait_ns - old_wait)
-                delta.waits += max(0, slices - old_slices)
+                count(tid, wait_ns, slices)
+        # Threads read last tick that ended since: their exit record holds the wait they had left.
+        for tid in self._thread_waits.keys() - counted:
+            if tid in exited:
+                _run, wait_ns, slices = exited[tid]
+                count(tid, wait_ns, slices)
         self._thread_waits = seen_threads
+        if self.counters.dropped > self._dropped:
+            delta.lost["taskstats_exits_dropped"] = self.counters.dropped - self._dropped
+            self._dropped = self.counters.dropped
 
         seen_processes: dict[int, tuple[int, int]] = {}
         for pid in self.procfs.pids():
@@ -371,17 +406,25 @@ class ProcfsSource:
         pass
 
     def close(self) -> None:
-        pass
+        self.counters.close()
+
+
+def open_procfs_source(procfs: ProcFS) -> ProcfsSource:
+    """The fallback with taskstats where the kernel offers it, else schedstat (the limitations say which)."""
+    counters, why_not = open_thread_counters(procfs)
+    if why_not:
+        log.info("procfs source: run-queue waits from schedstat, not taskstats: %s", why_not)
+    return ProcfsSource(procfs, counters=counters)
 
 
 def open_source(procfs: ProcFS, *, want: str = "auto", settings: ProbeSettings | None = None) -> tuple[Source, str | None]:
     """The best source available: (source, why BPF is not used or None). want: auto | bpf | procfs."""
     if want == SOURCE_PROCFS:
-        return ProcfsSource(procfs), None
+        return open_procfs_source(procfs), None
     try:
         return BpfSource(procfs, settings), None
     except RemediatorError as exc:
         if want == SOURCE_BPF:
             raise
-        return ProcfsSource(procfs), str(exc)
+        return open_procfs_source(procfs), str(exc)
 

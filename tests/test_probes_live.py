@@ -24,6 +24,7 @@ from remediator.procfs import ProcFS
 from remediator.sample import merge_samples
 from remediator.selectors import ProtectSelectors
 from remediator.sources import BpfSource
+from remediator.taskstats import TaskstatsCounters
 
 from helpers.workloads import WORKLOADS, hog_argv, victim_argv
 
@@ -162,6 +163,34 @@ def test_probe_wait_total_agrees_with_schedstat_for_queueing(spawn, two_cpus):
     print(f"probe {probe / 1e6:.1f} ms, schedstat {kernel / 1e6:.1f} ms, ratio {probe / kernel:.3f}, waits {sample.protected.waits}")
     assert kernel > 500e6, "the victim should have waited for about half of the time"
     assert abs(probe - kernel) <= 0.10 * kernel
+
+
+def test_taskstats_wait_total_agrees_with_the_probe_and_schedstat_for_queueing(spawn, two_cpus):
+    # The queueing scene again, with the fallback's netlink read taken in the same window.
+    victim = spawn(victim_argv(0, "--sleep-us", "0", "--work-us", "1000000"))
+    hog = spawn(hog_argv("fluent-bit", 1))
+    pin(hog.pid, {0})
+    taskstats = TaskstatsCounters(PROCFS)
+
+    def netlink_delay_ns() -> int:
+        return sum(taskstats.request(victim.pid, tid)[1] for tid in PROCFS.tids(victim.pid))
+
+    try:
+        with collecting(ProtectSelectors.build(pids=[victim.pid])) as collector:
+            collector.sample()
+            before = (netlink_delay_ns(), run_delay_ns(victim.pid))
+            time.sleep(3.0)
+            sample = collector.sample()
+            after = (netlink_delay_ns(), run_delay_ns(victim.pid))
+    finally:
+        taskstats.close()
+    netlink, kernel = after[0] - before[0], after[1] - before[1]
+    probe = sample.protected.wait_ns
+    print(f"probe {probe / 1e6:.1f} ms, taskstats {netlink / 1e6:.1f} ms, schedstat {kernel / 1e6:.1f} ms, "
+          f"probe/taskstats {probe / netlink:.3f}")
+    assert netlink > 500e6, "the victim should have waited for about half of the time"
+    assert abs(probe - netlink) <= 0.10 * netlink
+    assert abs(netlink - kernel) <= 0.02 * kernel  # the same counter (run_delay), read microseconds apart
 
 
 def test_probe_wait_total_tracks_schedstat_for_wakeups(spawn, two_cpus):

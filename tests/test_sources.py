@@ -8,6 +8,7 @@ from remediator import histogram
 from remediator.probes import CpuState, ProcCpuEntry, RawSnapshot, task_state_mask
 from remediator.procfs import ProcFS
 from remediator.sources import PROCFS_LIMITATIONS, ProcfsSource, bpf_delta
+from remediator.taskstats import SCHEDSTAT, TASKSTATS, SchedstatCounters, open_thread_counters
 
 from helpers.fakeproc import FakeProc, FakeProcess, FakeThread
 
@@ -163,3 +164,62 @@ def test_fallback_counts_a_thread_born_between_reads_from_zero(tmp_path):
 def test_fallback_says_what_it_cannot_show():
     text = " ".join(PROCFS_LIMITATIONS)
     assert "no run-queue latency tail" in text and "no blame" in text
+
+
+class ExitingCounters(SchedstatCounters):
+    """schedstat reads plus exit records handed in by the test, as taskstats delivers them."""
+
+    name = TASKSTATS
+
+    def __init__(self, procfs):
+        super().__init__(procfs)
+        self.records: dict[int, tuple[int, int, int]] = {}
+
+    def exited(self):
+        records, self.records = self.records, {}
+        return records
+
+
+def test_fallback_counts_the_last_wait_of_a_thread_that_exited_between_reads(tmp_path):
+    proc = fallback_tree(tmp_path)
+    counters = ExitingCounters(ProcFS(proc.root))
+    source = ProcfsSource(ProcFS(proc.root), psi_path=proc.root / "pressure/cpu", clock=iter(range(1, 10**9, 10**8)).__next__,
+                          counters=counters)
+    source.read({10: {10, 11}})
+    # Thread 11 waits 2 ms more and exits; the collector no longer lists it, its exit record tells.
+    proc.processes[10].threads.pop()
+    proc.write()
+    counters.records = {11: (0, 2_000_000, 5), 99: (0, 7_000_000, 9)}  # 99: some other task of the host
+    d = source.read({10: {10}})
+    assert d.wait_ns == 2_000_000 and d.waits == 5
+    assert "taskstats" in source.limitations[0]
+
+
+def test_schedstat_alone_loses_the_wait_of_a_thread_that_exited_between_reads(tmp_path):
+    proc = fallback_tree(tmp_path)
+    source = ProcfsSource(ProcFS(proc.root), psi_path=proc.root / "pressure/cpu", clock=iter(range(1, 10**9, 10**8)).__next__)
+    source.read({10: {10, 11}})
+    proc.processes[10].threads.pop()
+    proc.write()
+    d = source.read({10: {10}})
+    assert d.wait_ns == 0
+    assert "schedstat" in source.limitations[0] and "loses its last wait" in source.limitations[0]
+
+
+def test_a_thread_listed_but_gone_by_the_read_is_counted_from_its_exit_record(tmp_path):
+    proc = fallback_tree(tmp_path)
+    counters = ExitingCounters(ProcFS(proc.root))
+    source = ProcfsSource(ProcFS(proc.root), psi_path=proc.root / "pressure/cpu", clock=iter(range(1, 10**9, 10**8)).__next__,
+                          counters=counters)
+    source.read({10: {10, 11}})
+    proc.processes[10].threads.pop()
+    proc.write()
+    counters.records = {11: (0, 1_500_000, 3)}
+    d = source.read({10: {10, 11}})  # the collector listed 11 just before it exited
+    assert d.wait_ns == 1_500_000 and d.waits == 3
+
+
+def test_a_fake_tree_uses_schedstat_and_says_why(tmp_path):
+    proc = fallback_tree(tmp_path)
+    counters, why = open_thread_counters(ProcFS(proc.root))
+    assert counters.name == SCHEDSTAT and "other than /proc" in why

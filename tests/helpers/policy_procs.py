@@ -10,7 +10,7 @@ def _stat_line(pid: int, comm: str, ppid: int, flags: int, nice: int, threads: i
     # Fields 3.. of /proc/PID/stat: state ppid pgrp session tty tpgid flags minflt cminflt majflt
     # cmajflt utime stime cutime cstime priority nice num_threads itrealvalue starttime ... processor.
     fields = ["S", ppid, pid, pid, 0, -1, flags, 0, 0, 0, 0, 10, 5, 0, 0, 20, nice, threads, 0, start]
-    fields += [0] * 16 + [processor]
+    fields += [0] * 16 + [processor] + [0] * 13  # to field 52, as kernels since 3.5 write (psutil reads 42)
     return f"{pid} ({comm}) " + " ".join(str(f) for f in fields) + "\n"
 
 

@@ -1,0 +1,71 @@
+"""ProcFS on fake /proc trees: the reads psutil does (process list, exe, cmdline, uids, parents),
+its PROCFS_PATH pointed at the tree only for the call, and its errors mapped to ours."""
+
+from __future__ import annotations
+
+import psutil
+import pytest
+
+from remediator.errors import ProcessGone
+from remediator.procfs import ProcFS
+
+from helpers.policy_procs import add_process, make_proc_root
+
+
+@pytest.fixture
+def proc(tmp_path):
+    root = make_proc_root(tmp_path)
+    add_process(root, 1, "systemd", ppid=0, start=1)
+    add_process(root, 300, "bash", ppid=1, start=500)
+    add_process(root, 400, "fluent-bit", ppid=300, start=900, uid=104, exe="/usr/bin/fluent-bit (deleted)",
+                cmdline=("/usr/bin/fluent-bit", "-c", "/etc/fluent-bit.conf"))
+    return root
+
+
+def test_process_info_reads_exe_cmdline_uid_and_ancestors(proc):
+    info = ProcFS(proc).process_info(400)
+    assert (info.pid, info.start_time, info.comm) == (400, 900, "fluent-bit")
+    assert info.exe == "/usr/bin/fluent-bit"  # " (deleted)" dropped: the binary was replaced by an upgrade
+    assert info.cmdline == ("/usr/bin/fluent-bit", "-c", "/etc/fluent-bit.conf")
+    assert (info.uid, info.ppid) == (104, 300)
+    assert info.ancestors == ((300, "bash"),)  # PID 1 excluded
+
+
+def test_a_title_rewritten_with_spaces_is_split_into_arguments(proc):
+    (proc / "400" / "cmdline").write_text("fluent-bit: worker process")  # setproctitle: no NUL at the end
+    assert ProcFS(proc).cmdline(400) == ("fluent-bit:", "worker", "process")
+
+
+def test_no_exe_link_reads_as_empty(proc):
+    add_process(proc, 500, "kworker/0:1", ppid=1, start=950)
+    assert ProcFS(proc).exe(500) == ""
+
+
+def test_the_parent_chain_stops_at_a_parent_started_after_its_child(proc):
+    # 300's pid was reused by a process started after 400: it is not 400's parent.
+    add_process(proc, 600, "api", ppid=400, start=2000)
+    (proc / "300" / "stat").write_text((proc / "300" / "stat").read_text().replace(" 500 ", " 1500 ", 1))
+    assert (proc / "300" / "stat").read_text().split()[21] == "1500"
+    assert ProcFS(proc).ancestors(400) == ((400, "fluent-bit"),)
+
+
+def test_pids_lists_the_tree_and_psutil_is_pointed_back(proc):
+    before = psutil.PROCFS_PATH
+    assert ProcFS(proc).pids() == [1, 300, 400]
+    assert psutil.PROCFS_PATH == before
+
+
+def test_a_vanished_process_is_gone_and_psutil_is_pointed_back(proc):
+    before = psutil.PROCFS_PATH
+    for read in (ProcFS(proc).cmdline, ProcFS(proc).uid, ProcFS(proc).exe, ProcFS(proc).process_info):
+        with pytest.raises(ProcessGone):
+            read(777)
+    assert psutil.PROCFS_PATH == before
+
+
+def test_a_zombie_reads_as_no_exe_and_no_arguments(proc):
+    add_process(proc, 700, "defunct", ppid=1, start=990, cmdline=())
+    stat = proc / "700" / "stat"
+    stat.write_text(stat.read_text().replace(") S ", ") Z ", 1))
+    info = ProcFS(proc).process_info(700)
+    assert (info.exe, info.cmdline) == ("", ())
