@@ -3,13 +3,19 @@
 A process is identified by (pid, start time): the start time (field 22 of /proc/<pid>/stat, in clock
 ticks since boot) tells a reused pid apart. Every failure on a process goes through one translation:
 a process that vanished is `ProcessGone` (ordinary), a refusal is `AccessDenied` (an error).
+
+`hold(pid)` keeps a directory descriptor of /proc/<pid> while a change is made: the kernel ties it
+to that process, not to the number, so reads, thread lists and identity checks through it fail with
+ESRCH once the process has gone, even if a new process took the pid in between.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -136,11 +142,54 @@ class ProcFS:
     def __init__(self, root: str | Path = "/proc"):
         self.root = Path(root)
         self._root = str(self.root)  # plain strings: the daemon reads these files every tick
+        self._held: dict[int, int] = {}  # pid -> directory descriptor of the process held by hold()
+
+    # -- holding a process ------------------------------------------------------------------
+    @contextmanager
+    def hold(self, pid: int):
+        """Pin `pid` to the process it names now, until the block ends.
+
+        Inside the block every read of the pid (stat, status, cgroup, exe, the thread list) goes
+        through a directory descriptor of /proc/<pid>, which keeps naming that process: once it
+        has gone they raise ProcessGone, even when another process has taken the pid since.
+        Nested holds of the same pid share the outer descriptor.
+        """
+        if pid in self._held:
+            yield
+            return
+        try:
+            fd = os.open(f"{self._root}/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise translate_os_error(exc, pid, f"open {self._root}/{pid}") from None
+        self._held[pid] = fd
+        try:
+            yield
+        finally:
+            del self._held[pid]
+            os.close(fd)
+
+    def owns_thread(self, pid: int, tid: int) -> bool:
+        """Is `tid` a thread of the process `pid` names (the held one, inside hold())?"""
+        try:
+            held = self._held.get(pid)
+            if held is not None:
+                os.stat(f"task/{tid}", dir_fd=held)
+            else:
+                os.stat(f"{self._root}/{pid}/task/{tid}")
+        except OSError:
+            return False
+        return True
 
     # -- raw reads --------------------------------------------------------------------------
     def _read(self, pid: int, name: str, tid: int | None = None) -> str:
-        path = f"{self._root}/{pid}/{name}" if tid is None else f"{self._root}/{pid}/task/{tid}/{name}"
+        relative = name if tid is None else f"task/{tid}/{name}"
+        held = self._held.get(pid)
+        path = f"{self._root}/{pid}/{relative}"
         try:
+            if held is not None:
+                fd = os.open(relative, os.O_RDONLY | os.O_CLOEXEC, dir_fd=held)
+                with open(fd, "rb") as handle:
+                    return handle.read().decode(errors="replace")
             with open(path, "rb") as handle:
                 return handle.read().decode(errors="replace")
         except OSError as exc:
@@ -150,10 +199,19 @@ class ProcFS:
         return [int(name) for name in os.listdir(self.root) if name.isdigit()]
 
     def tids(self, pid: int) -> list[int]:
+        held = self._held.get(pid)
         try:
-            return [int(name) for name in os.listdir(f"{self._root}/{pid}/task") if name.isdigit()]
+            if held is None:
+                names = os.listdir(f"{self._root}/{pid}/task")
+            else:
+                task = os.open("task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=held)
+                try:
+                    names = os.listdir(task)
+                finally:
+                    os.close(task)
         except OSError as exc:
             raise translate_os_error(exc, pid, f"list {self.root}/{pid}/task") from None
+        return [int(name) for name in names if name.isdigit()]
 
     def stat(self, pid: int, tid: int | None = None) -> ProcStat:
         text = self._read(pid, "stat", tid)
@@ -197,10 +255,11 @@ class ProcFS:
 
     def exe(self, pid: int) -> str:
         """The executable path, or "" where the kernel will not say (kernel threads, EACCES)."""
+        held = self._held.get(pid)
         try:
-            target = os.readlink(self.root / str(pid) / "exe")
-        except OSError:
-            if not (self.root / str(pid)).exists():
+            target = os.readlink("exe", dir_fd=held) if held is not None else os.readlink(self.root / str(pid) / "exe")
+        except OSError as exc:
+            if exc.errno == errno.ESRCH or not (self.root / str(pid)).exists():
                 raise ProcessGone(pid) from None
             return ""
         return target.removesuffix(" (deleted)")
@@ -287,6 +346,27 @@ class ProcFS:
                 yield self.process_info(pid)
             except ProcessGone:
                 continue
+
+
+@dataclass(frozen=True)
+class Boot:
+    """This boot: its id, and when it began (wall-clock seconds; 0 when unknown)."""
+
+    boot_id: str
+    started_at: float
+
+
+def current_boot(proc_root: str | Path = "/proc") -> Boot:
+    """The kernel's random boot id (new at every boot) and the boot time from /proc/stat."""
+    try:
+        boot_id = Path(proc_root, "sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = ""
+    try:
+        started_at = boot_time(proc_root)
+    except OSError:
+        started_at = 0.0
+    return Boot(boot_id, started_at)
 
 
 def clock_ticks_per_second() -> int:
