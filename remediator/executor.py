@@ -1,7 +1,8 @@
 """The executor: the only code that changes processes.
 
-For each request it re-reads the process, re-checks its identity (pid, start time) and the safety
-rules just before the change, asks the actuator for a plan (reads only), writes the original to the
+For each request it holds the process (a directory descriptor of /proc/<pid>, see ProcFS.hold)
+from the identity check to the end of the change, re-reads it, re-checks its identity (pid, start
+time) and the safety rules just before the change, asks the actuator for a plan (reads only), writes the original to the
 journal (fsync), makes the change, and writes the outcome. Every result is an `Outcome`; a process
 that left (ESRCH) and a refusal by the kernel (EPERM, EINVAL) are outcomes too, never exceptions.
 
@@ -39,6 +40,8 @@ STATUSES = (
 )
 ERROR_STATUSES = frozenset({"denied", "invalid", "failed"})
 ON_START_CHOICES = ("restore", "keep")
+# An entry from another boot: its process cannot exist any more, whatever holds the pid now.
+PREVIOUS_BOOT = "from a previous boot: process gone"
 
 
 @dataclass(frozen=True)
@@ -111,13 +114,26 @@ class Executor:
     # -- apply --------------------------------------------------------------------------------
     def apply(self, request: ActionRequest, protected_pids: Collection[int]) -> Outcome:
         identity, kind = request.identity, request.kind
+        if kind not in self.actuators:
+            return Outcome("invalid", kind, identity, f"unknown action kind {kind!r} (known: {', '.join(KINDS)})")
+        # Held from the identity check to the end of the change: if the process leaves and another
+        # takes its pid meanwhile (the journal's fsync sits in this window), every read and thread
+        # list through the hold fails as gone instead of naming the newcomer.
+        try:
+            with self.procfs.hold(identity.pid):
+                return self._apply_held(request, protected_pids)
+        except ProcessGone as exc:
+            return Outcome("gone", kind, identity, str(exc))
+        except RemediatorError as exc:
+            return Outcome("failed", kind, identity, f"cannot read the process: {exc}")
+
+    def _apply_held(self, request: ActionRequest, protected_pids: Collection[int]) -> Outcome:
+        identity, kind = request.identity, request.kind
 
         def outcome(status: str, message: str, **extra) -> Outcome:
             return Outcome(status, kind, identity, message, **extra)
 
-        actuator = self.actuators.get(kind)
-        if actuator is None:
-            return outcome("invalid", f"unknown action kind {kind!r} (known: {', '.join(KINDS)})")
+        actuator = self.actuators[kind]
         try:
             info = self.procfs.process_info(identity.pid)
         except ProcessGone as exc:
@@ -165,7 +181,12 @@ class Executor:
                 evidence=request.evidence,
             )
         except OSError as exc:
-            return outcome("failed", f"cannot write the journal {self.journal.path} ({exc.strerror}): change not made")
+            # The original is not on disk, so the change could never be undone: refuse it.
+            return outcome(
+                "failed",
+                f"cannot make the original durable in the journal {self.journal.path} ({exc.strerror or exc}): "
+                "change refused, nothing changed",
+            )
 
         try:
             result = actuator.apply(plan)
@@ -228,16 +249,19 @@ class Executor:
             actuator = self.actuators.get(entry.kind)
             if actuator is None or entry.state != "applied":
                 continue  # pending entries are settled by reconcile()/restore()
-            try:
-                self.procfs.verify(entry.identity)
-            except ProcessGone as exc:
-                outcomes.append(self._drop(entry, actuator, str(exc)))
+            if self.journal.from_previous_boot(entry):
+                outcomes.append(self._drop(entry, actuator, PREVIOUS_BOOT))
                 continue
-            except RemediatorError:
-                continue  # unreadable this tick; try again on the next
             known = self._known_tids.setdefault(entry.entry_id, self._initial_known(entry, entry.applied))
             try:
-                result = actuator.maintain(entry.identity, entry.original, entry.applied or {}, known)
+                with self.procfs.hold(entry.identity.pid):
+                    try:
+                        self.procfs.verify(entry.identity)
+                    except ProcessGone:
+                        raise
+                    except RemediatorError:
+                        continue  # unreadable this tick; try again on the next
+                    result = actuator.maintain(entry.identity, entry.original, entry.applied or {}, known)
             except ProcessGone as exc:
                 outcomes.append(self._drop(entry, actuator, str(exc)))
                 continue
@@ -284,14 +308,18 @@ class Executor:
         actuator = self.actuators.get(kind)
         if actuator is None:
             return outcome("failed", f"no actuator for kind {kind!r}: entry {entry.entry_id} left in the journal")
+        if self.journal.from_previous_boot(entry):
+            return self._drop(entry, actuator, PREVIOUS_BOOT)
         try:
-            self.procfs.verify(identity)
-        except ProcessGone as exc:
-            return self._drop(entry, actuator, str(exc))
-        except RemediatorError as exc:
-            return outcome("failed", f"cannot read the process: {exc}")
-        try:
-            message = actuator.restore(identity, entry.original, entry.applied or entry.target)
+            # Held from the identity check to the end of the restore, as in apply().
+            with self.procfs.hold(identity.pid):
+                try:
+                    self.procfs.verify(identity)
+                except ProcessGone:
+                    raise
+                except RemediatorError as exc:
+                    return outcome("failed", f"cannot read the process: {exc}")
+                message = actuator.restore(identity, entry.original, entry.applied or entry.target)
         except ProcessGone as exc:
             return self._drop(entry, actuator, str(exc))
         except ActuatorError as exc:
@@ -336,6 +364,9 @@ class Executor:
                 continue
             actuator = self.actuators.get(entry.kind)
             if actuator is None:
+                continue
+            if self.journal.from_previous_boot(entry):
+                outcomes.append(self._drop(entry, actuator, PREVIOUS_BOOT))
                 continue
             try:
                 self.procfs.verify(entry.identity)

@@ -15,9 +15,19 @@ happened. A second step of the same kind on the same process (nice 10, then 15) 
 the very first original is kept, the applied value is updated.
 
 A torn last line (a crash mid-write) is dropped with a warning; its intent was never acted on,
-or its outcome is simply unknown, which the fold already treats as possibly applied. A file holding
-only closed entries is compacted on open (new file, fsync, rename). One process at a time may
-write: an flock on <path>.lock, so `remediator revert` cannot race the daemon.
+or its outcome is simply unknown, which the fold already treats as possibly applied. A write or
+fsync that fails (ENOSPC, EIO) is cut back to the last good offset before the error is raised, so
+the next record never lands glued onto a partial line; until that cut succeeds the journal refuses
+to write. A line that an older version left glued (partial bytes, then a whole record) is read
+back from the whole record. A file holding only closed entries is compacted on open (new file,
+fsync, rename), never while a line in it is unreadable: that line may be the intent of a change
+still in place. One process at a time may write: an flock on <path>.lock, so `remediator revert`
+cannot race the daemon.
+
+Every intent carries the boot id (/proc/sys/kernel/random/boot_id): after a reboot, (pid, start
+time) can name a new process, so an entry from another boot is never applied to anything
+(`from_previous_boot`). Entries written before boot ids were recorded are judged by their time:
+written before this boot began means a previous boot.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import RemediatorError
-from .procfs import ProcessIdentity
+from .procfs import Boot, ProcessIdentity, current_boot
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +77,7 @@ class JournalEntry:
     updated: float
     evidence: dict = field(default_factory=dict)
     order: int = 0  # position of the first intent in the file: restore goes newest first
+    boot_id: str = ""  # the boot the change was made in ("" in entries older than boot ids)
 
     @property
     def active(self) -> bool:
@@ -86,6 +97,7 @@ class JournalEntry:
             "state": self.state,
             "since": self.since,
             "updated": self.updated,
+            "boot_id": self.boot_id,
         }
 
 
@@ -124,6 +136,7 @@ def apply_record(entries: dict[str, JournalEntry], record: dict, order: int) -> 
                 updated=when,
                 evidence=record.get("evidence") or {},
                 order=order,
+                boot_id=str(record.get("boot_id") or ""),
             )
         else:
             # A further step: the first original stays, whatever this record repeats.
@@ -176,11 +189,36 @@ def _make_private_dirs(directory: Path) -> None:
         _fsync_directory(path.parent)
 
 
-def read_records(path: str | Path) -> tuple[list[dict], int, list[str]]:
-    """(records, byte length of the complete lines, warnings) from a journal file; no locking."""
+@dataclass
+class JournalScan:
+    """What a journal file holds: its records, where its complete lines end, what could not be read."""
+
+    records: list[dict]
+    complete: int  # byte length of the complete lines
+    warnings: list[str]
+    unreadable: list[int]  # line numbers that could not be read (nor salvaged)
+
+
+def _salvage(raw: bytes) -> dict | None:
+    """A whole record glued after partial bytes (an older version's short write), or None."""
+    start = raw.find(b'{"', 1)
+    while start > 0:
+        try:
+            record = json.loads(raw[start:])
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and "op" in record and "entry" in record:
+            return record
+        start = raw.find(b'{"', start + 1)
+    return None
+
+
+def scan(path: str | Path) -> JournalScan:
+    """Read a journal file; no locking."""
     data = Path(path).read_bytes()
     records: list[dict] = []
     warnings: list[str] = []
+    unreadable: list[int] = []
     complete = data.rfind(b"\n") + 1  # everything after the last newline is a torn write
     if complete < len(data):
         warnings.append(
@@ -194,10 +232,22 @@ def read_records(path: str | Path) -> tuple[list[dict], int, list[str]]:
             if not isinstance(record, dict):
                 raise ValueError("not an object")
         except ValueError as exc:
+            salvaged = _salvage(raw)
+            if salvaged is not None:
+                warnings.append(f"{path}:{number}: read a record glued onto a partial write (partial bytes dropped)")
+                records.append(salvaged)
+                continue
             warnings.append(f"{path}:{number}: ignoring an unreadable line ({exc})")
+            unreadable.append(number)
             continue
         records.append(record)
-    return records, complete, warnings
+    return JournalScan(records, complete, warnings, unreadable)
+
+
+def read_records(path: str | Path) -> tuple[list[dict], int, list[str]]:
+    """(records, byte length of the complete lines, warnings) from a journal file; no locking."""
+    found = scan(path)
+    return found.records, found.complete, found.warnings
 
 
 def load_entries(path: str | Path) -> list[JournalEntry]:
@@ -213,17 +263,23 @@ def load_entries(path: str | Path) -> list[JournalEntry]:
 class Journal:
     """The journal file of one remediator: append-only, fsync'd, locked against a second writer."""
 
-    def __init__(self, path: str | Path = DEFAULT_JOURNAL_PATH, *, clock=time.time, read_only: bool = False):
+    def __init__(
+        self, path: str | Path = DEFAULT_JOURNAL_PATH, *, clock=time.time, read_only: bool = False, boot: Boot | None = None
+    ):
         """Open (creating it and its 0700 parents if needed) and lock the journal.
 
         read_only: just fold what is there (a missing file is empty): no lock, no compaction, no
         repair of a torn tail, and every record_* call fails. For dry runs and status views.
+        boot: this boot (id and start); read from /proc when not given.
         """
         self.path = Path(path)
         self.clock = clock
         self.read_only = read_only
+        self.boot = boot if boot is not None else current_boot()
         self._fd: int | None = None
         self._lock_fd: int | None = None
+        self._unreadable: list[int] = []
+        self._cut_back_to: int | None = None  # a failed write left bytes past this offset
         if read_only:
             records, _, warnings = read_records(self.path) if self.path.exists() else ([], 0, [])
             for warning in warnings:
@@ -237,7 +293,14 @@ class Journal:
             self._records = self._load()
             self._entries = fold(self._records)
             if self._records and not any(entry.active for entry in self._entries.values()):
-                self._compact()
+                if self._unreadable:
+                    log.warning(
+                        "journal %s not compacted: line %s cannot be read and may be the intent of a change "
+                        "still in place; restore by hand and remove the line",
+                        self.path, ", ".join(map(str, self._unreadable)),
+                    )
+                else:
+                    self._compact()
             self._open_for_append()
         except BaseException:
             self.close()
@@ -261,8 +324,10 @@ class Journal:
     def _load(self) -> list[dict]:
         if not self.path.exists():
             return []
-        records, complete, warnings = read_records(self.path)
-        for warning in warnings:
+        found = scan(self.path)
+        records, complete = found.records, found.complete
+        self._unreadable = found.unreadable
+        for warning in found.warnings:
             log.warning("%s", warning)
         if complete < self.path.stat().st_size:
             # Cut the torn tail off, or the next record would be glued to it.
@@ -273,16 +338,25 @@ class Journal:
         return records
 
     def _compact(self) -> None:
-        """Only closed entries: replace the file with an empty one, atomically."""
+        """Only closed entries: replace the file with an empty one, atomically (or leave it as it is)."""
         temporary = self.path.with_name(self.path.name + ".compact")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.fchmod(fd, 0o600)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temporary, self.path)
-        _fsync_directory(self.path.parent)
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.fchmod(fd, 0o600)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temporary, self.path)
+            _fsync_directory(self.path.parent)
+        except OSError as exc:
+            # Only closed entries: the file is merely longer than it needs to be.
+            log.warning("journal %s not compacted: %s", self.path, exc.strerror or exc)
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            return
         log.debug("journal %s compacted (%d closed records dropped)", self.path, len(self._records))
         self._records = []
         self._entries = {}
@@ -316,13 +390,35 @@ class Journal:
             raise JournalError(f"journal {self.path} is closed")
         record = {"v": FORMAT_VERSION, "time": self.clock(), **record}
         line = (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        if self._cut_back_to is not None:
+            self._cut_back(self._cut_back_to)  # an earlier failed write: its bytes must go first
+        good = os.fstat(self._fd).st_size  # we hold the lock: nobody else appends
         view = memoryview(line)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        os.fsync(self._fd)
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+            os.fsync(self._fd)
+        except OSError as exc:
+            # A short write (ENOSPC) leaves a partial line; a failed fsync (EIO) leaves a line the
+            # disk may not hold. Either way the record does not count: cut back to the last good
+            # offset, or the next record would be glued onto the partial one and lost on reading.
+            try:
+                self._cut_back(good)
+            except OSError as cut_exc:
+                log.error(
+                    "journal %s: cannot cut a failed write back to offset %d (%s): no record is written until it can",
+                    self.path, good, cut_exc.strerror or cut_exc,
+                )
+            raise exc
         self._records.append(record)
         apply_record(self._entries, record, len(self._records) - 1)
+
+    def _cut_back(self, offset: int) -> None:
+        self._cut_back_to = offset
+        os.ftruncate(self._fd, offset)
+        os.fsync(self._fd)
+        self._cut_back_to = None
 
     def record_intent(
         self,
@@ -350,6 +446,7 @@ class Journal:
                 "original": existing.original if existing else original,
                 "target": target,
                 "evidence": evidence or {},
+                "boot_id": self.boot.boot_id,
             }
         )
         return self._entries[entry_id]
@@ -379,10 +476,23 @@ class Journal:
         return [entry for entry in self.entries() if entry.active]
 
     def find(self, identity: ProcessIdentity, kind: str) -> JournalEntry | None:
+        """The active entry of this process and kind; one from a previous boot is another process."""
         for entry in self.active():
-            if entry.identity == identity and entry.kind == kind:
+            if entry.identity == identity and entry.kind == kind and not self.from_previous_boot(entry):
                 return entry
         return None
+
+    def from_previous_boot(self, entry: JournalEntry) -> bool:
+        """Was the change made before this boot (so its process is gone, whatever holds the pid now)?
+
+        Entries without a boot id (written before intents recorded one) count as from a
+        previous boot when they were written before this boot began. Within one boot the start time
+        tells a reused pid apart; across a reboot it does not (an early service can get the same
+        pid and start time again), hence the boot id.
+        """
+        if entry.boot_id and self.boot.boot_id:
+            return entry.boot_id != self.boot.boot_id
+        return bool(self.boot.started_at) and entry.since < self.boot.started_at
 
     def get(self, entry_id: str) -> JournalEntry | None:
         return self._entries.get(entry_id)

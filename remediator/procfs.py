@@ -11,10 +11,15 @@ ticks since boot) tells a reused pid apart. It stays in ticks rather than psutil
 (float seconds since the epoch, derived from the same field and the boot time) because journals
 store ticks and because `stat()` is a hot-path read. Every failure on a process goes through one
 translation: a process that vanished is `ProcessGone` (ordinary), a refusal is `AccessDenied` (an error).
+
+`hold(pid)` keeps a directory descriptor of /proc/<pid> while a change is made: the kernel ties it
+to that process, not to the number, so reads, thread lists and identity checks through it fail with
+ESRCH once the process has gone, even if a new process took the pid in between.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import re
@@ -152,6 +157,43 @@ class ProcFS:
     def __init__(self, root: str | Path = "/proc"):
         self.root = Path(root)
         self._root = str(self.root)  # plain strings: the daemon reads these files every tick
+        self._held: dict[int, int] = {}  # pid -> directory descriptor of the process held by hold()
+
+    # -- holding a process ------------------------------------------------------------------
+    @contextmanager
+    def hold(self, pid: int):
+        """Pin `pid` to the process it names now, until the block ends.
+
+        Inside the block every read of the pid (stat, status, cgroup, exe, the thread list) goes
+        through a directory descriptor of /proc/<pid>, which keeps naming that process: once it
+        has gone they raise ProcessGone, even when another process has taken the pid since.
+        Nested holds of the same pid share the outer descriptor.
+        """
+        if pid in self._held:
+            yield
+            return
+        try:
+            fd = os.open(f"{self._root}/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise translate_os_error(exc, pid, f"open {self._root}/{pid}") from None
+        self._held[pid] = fd
+        try:
+            yield
+        finally:
+            del self._held[pid]
+            os.close(fd)
+
+    def owns_thread(self, pid: int, tid: int) -> bool:
+        """Is `tid` a thread of the process `pid` names (the held one, inside hold())?"""
+        try:
+            held = self._held.get(pid)
+            if held is not None:
+                os.stat(f"task/{tid}", dir_fd=held)
+            else:
+                os.stat(f"{self._root}/{pid}/task/{tid}")
+        except OSError:
+            return False
+        return True
 
     @contextmanager
     def _psutil(self, pid: int | None, what: str) -> Iterator[None]:
@@ -177,8 +219,14 @@ class ProcFS:
 
     # -- raw reads --------------------------------------------------------------------------
     def _read(self, pid: int, name: str, tid: int | None = None) -> str:
-        path = f"{self._root}/{pid}/{name}" if tid is None else f"{self._root}/{pid}/task/{tid}/{name}"
+        relative = name if tid is None else f"task/{tid}/{name}"
+        held = self._held.get(pid)
+        path = f"{self._root}/{pid}/{relative}"
         try:
+            if held is not None:
+                fd = os.open(relative, os.O_RDONLY | os.O_CLOEXEC, dir_fd=held)
+                with open(fd, "rb") as handle:
+                    return handle.read().decode(errors="replace")
             with open(path, "rb") as handle:
                 return handle.read().decode(errors="replace")
         except OSError as exc:
@@ -191,10 +239,19 @@ class ProcFS:
     def tids(self, pid: int) -> list[int]:
         # Hand-written, per tick for every protected process: psutil's threads() also reads each
         # thread's stat file, 134.8 us a process against 11.5 us (12x, bench/procfs_reads.py).
+        held = self._held.get(pid)
         try:
-            return [int(name) for name in os.listdir(f"{self._root}/{pid}/task") if name.isdigit()]
+            if held is None:
+                names = os.listdir(f"{self._root}/{pid}/task")
+            else:
+                task = os.open("task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=held)
+                try:
+                    names = os.listdir(task)
+                finally:
+                    os.close(task)
         except OSError as exc:
             raise translate_os_error(exc, pid, f"list {self.root}/{pid}/task") from None
+        return [int(name) for name in names if name.isdigit()]
 
     def stat(self, pid: int, tid: int | None = None) -> ProcStat:
         # Hand-written: read per tick for every process (CPU time, identity re-checks); psutil's
@@ -238,10 +295,23 @@ class ProcFS:
     def cmdline(self, pid: int) -> tuple[str, ...]:
         """The arguments; psutil also splits a title rewritten with spaces (setproctitle)."""
         with self._psutil(pid, f"read {self.root}/{pid}/cmdline"):
-            return tuple(part for part in self._process(pid).cmdline() if part)
+            try:
+                return tuple(part for part in self._process(pid).cmdline() if part)
+            except psutil.ZombieProcess:
+                return ()  # psutil 7; 5.9 returns an empty list
 
     def exe(self, pid: int) -> str:
         """The executable path, or "" where the kernel will not say (kernel threads, EACCES, zombies)."""
+        held = self._held.get(pid)
+        if held is not None:
+            # Held during a change: through the descriptor, so a reused pid cannot answer for it.
+            try:
+                target = os.readlink("exe", dir_fd=held)
+            except OSError as exc:
+                if exc.errno == errno.ESRCH:
+                    raise ProcessGone(pid) from None
+                return ""
+            return target.removesuffix(" (deleted)")
         with self._psutil(pid, f"read {self.root}/{pid}/exe"):
             process = self._process(pid)
             try:
@@ -318,11 +388,16 @@ class ProcFS:
                 uid = process.uids().real
                 if kernel_thread:
                     return "", (), uid
+                # psutil 7 raises ZombieProcess for a zombie's exe and cmdline, 5.9 returns empties.
                 try:
                     exe = process.exe().removesuffix(" (deleted)")
                 except (psutil.ZombieProcess, psutil.AccessDenied):
                     exe = ""
-                return exe, tuple(part for part in process.cmdline() if part), uid
+                try:
+                    cmdline = tuple(part for part in process.cmdline() if part)
+                except psutil.ZombieProcess:
+                    cmdline = ()
+                return exe, cmdline, uid
 
     def process_info(self, pid: int) -> ProcessInfo:
         stat = self.stat(pid)
@@ -360,6 +435,27 @@ class ProcFS:
                 yield self.process_info(pid)
             except ProcessGone:
                 continue
+
+
+@dataclass(frozen=True)
+class Boot:
+    """This boot: its id, and when it began (wall-clock seconds; 0 when unknown)."""
+
+    boot_id: str
+    started_at: float
+
+
+def current_boot(proc_root: str | Path = "/proc") -> Boot:
+    """The kernel's random boot id (new at every boot) and the boot time from /proc/stat."""
+    try:
+        boot_id = Path(proc_root, "sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = ""
+    try:
+        started_at = boot_time(proc_root)
+    except OSError:
+        started_at = 0.0
+    return Boot(boot_id, started_at)
 
 
 def clock_ticks_per_second() -> int:

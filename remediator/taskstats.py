@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import socket
 from typing import Protocol
 
 from .errors import ProcessGone, RemediatorError
@@ -25,6 +26,8 @@ SCHEDSTAT = "schedstat"
 
 Counters = tuple[int, int, int]  # (on-CPU ns, run-queue wait ns, timeslices), cumulative
 
+
+EXIT_BUFFER_BYTES = 4 * 1024 * 1024
 
 class ThreadCounters(Protocol):
     name: str  # TASKSTATS or SCHEDSTAT: said in the source's limitations
@@ -91,6 +94,11 @@ class TaskstatsCounters:
             self._exits = TaskStats()
             self._exits.bind()
             # Exit records of every task on these CPUs come to this socket; read() drains it each tick.
+            # A larger buffer (root may force it) drops fewer of them on a host with many exits.
+            try:
+                self._exits.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, EXIT_BUFFER_BYTES)
+            except (OSError, AttributeError):
+                pass
             self._exits.register_mask(self._mask)
         except (OSError, NetlinkError) as exc:
             self.close()

@@ -103,11 +103,11 @@ class PerThreadActuator(Generic[V]):
     def apply(self, plan: Plan) -> ApplyResult:
         pid = plan.identity.pid
         value = self.from_json(plan.details["value"])
-        before = self._threads(plan.current)
         changed: dict[int, V] = {}  # tid -> value before our change, for the rollback
         for tid in sorted(self.procfs.tids(pid)):
             try:
-                previous = before[tid] if tid in before else self.get(tid)
+                # Read right before the set: whoever holds the number now is what a rollback restores.
+                previous = self.get(tid)
                 if self.keep(previous, value) and previous != value:
                     continue  # left as it is (already at or below the target)
                 self.set(tid, value)
@@ -117,14 +117,43 @@ class PerThreadActuator(Generic[V]):
                 error = change_error(exc, f"{self.call_text(value, str(tid))} (thread of pid {pid})", self.explain(exc.errno, value))
                 raise self._rolled_back(error, changed) from None
             changed[tid] = previous
+        strays, note = self._undo_strays(pid, {tid: (previous, value) for tid, previous in changed.items()})
+        for tid in strays:
+            del changed[tid]
         # Every set may have failed with ESRCH because the process left (or the pid was reused).
-        ensure_alive(self.procfs, plan.identity)
+        try:
+            ensure_alive(self.procfs, plan.identity)
+        except ProcessGone as exc:
+            raise ProcessGone(pid, f"{str(exc).removeprefix(f'pid {pid}: ')}{note}") from None
         if not changed:
             raise ProcessGone(pid, "no thread left to change")
         was = list(changed.values())
         applied = {self.value_key: self.to_json(value), "tids": sorted(changed), **plan.details.get("extra", {})}
         message = self.describe(value, len(changed), pid, was, plan.details.get("note", ""))
         return ApplyResult(applied=applied, message=message, threads=len(changed))
+
+    def _undo_strays(self, pid: int, done: dict[int, tuple[V, V]]) -> tuple[set[int], str]:
+        """Put back changes that landed on another process (its pid or tid reused mid-change).
+
+        done: tid -> (value read right before the set, value set). A number that is no longer a
+        thread of the held process either was our thread and exited (nothing to do), or named a
+        stranger when we set it: a stranger that carries exactly our value gets back what was read
+        from that number just before the set. Returns (those numbers, a note for the message).
+        """
+        strays = {tid for tid in done if not self.procfs.owns_thread(pid, tid)}
+        undone = 0
+        for tid in sorted(strays):
+            before, ours = done[tid]
+            if before == ours:
+                continue
+            try:
+                if self.get(tid) == ours:
+                    self.set(tid, before)
+                    undone += 1
+            except OSError:
+                continue  # nobody holds the number now: nothing to undo
+        note = f"; {plural_threads(undone)} of another process that took the number put back as they were" if undone else ""
+        return strays, note
 
     def _rolled_back(self, error: ActuatorError, changed: dict[int, V]) -> ActuatorError:
         """Put back what this apply changed before failing; say whether that worked."""
@@ -152,6 +181,7 @@ class PerThreadActuator(Generic[V]):
         originals = self._threads(original)
         default = self.from_json(original["default"])
         restored: dict[int, V] = {}
+        before_restore: dict[int, V] = {}  # what each number carried right before our set
         was: list[V] = []
         errors: list[str] = []
         first_error: ActuatorError | None = None
@@ -159,7 +189,7 @@ class PerThreadActuator(Generic[V]):
             # Threads that existed at the change get their own value, later ones the default.
             value = originals.get(tid, default)
             try:
-                was.append(self.get(tid))
+                current = self.get(tid)
                 self.set(tid, value)
             except ProcessLookupError:
                 continue  # the thread vanished: nothing to restore
@@ -168,8 +198,16 @@ class PerThreadActuator(Generic[V]):
                 first_error = first_error or error
                 errors.append(error.message)
                 continue
+            was.append(current)
             restored[tid] = value
-        ensure_alive(self.procfs, identity)
+            before_restore[tid] = current
+        strays, note = self._undo_strays(pid, {tid: (before_restore[tid], value) for tid, value in restored.items()})
+        for tid in strays:
+            del restored[tid]
+        try:
+            ensure_alive(self.procfs, identity)
+        except ProcessGone as exc:
+            raise ProcessGone(pid, f"{str(exc).removeprefix(f'pid {pid}: ')}{note}") from None
         if first_error is not None:
             first_error.message = f"restored {plural_threads(len(restored))}, failed on {len(errors)}: {errors[0]}"
             first_error.args = (first_error.message,)

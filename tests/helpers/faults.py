@@ -34,21 +34,25 @@ class FaultySyscalls(Syscalls):
     def __init__(self) -> None:
         self.calls: list[tuple[str, int, object]] = []
         self.faults: list[Fault] = []
-        self.hooks: dict[str, Callable[[int], None]] = {}
+        self.hooks: dict[str, tuple[Callable[[int], None], int]] = {}
 
     def inject(self, call: str, errno_value: int, *, skip: int = 0, times: int | None = None) -> None:
         """Make `call` fail with `errno_value` after `skip` successful calls, `times` times (None: always)."""
         self.faults.append(Fault(call, errno_value, skip, times))
 
-    def before(self, call: str, hook: Callable[[int], None]) -> None:
-        """Run hook(tid) before the next `call` (once)."""
-        self.hooks[call] = hook
+    def before(self, call: str, hook: Callable[[int], None], *, skip: int = 0) -> None:
+        """Run hook(tid) before the next `call` once `skip` of them have gone through (once)."""
+        self.hooks[call] = (hook, skip)
 
     def _enter(self, call: str, tid: int, value: object = None) -> None:
         self.calls.append((call, tid, value))
-        hook = self.hooks.pop(call, None)
-        if hook is not None:
-            hook(tid)
+        if call in self.hooks:
+            hook, skip = self.hooks[call]
+            if skip:
+                self.hooks[call] = (hook, skip - 1)
+            else:
+                del self.hooks[call]
+                hook(tid)
         for fault in self.faults:
             if fault.call == call and fault.should_fail():
                 raise OSError(fault.errno_value, os.strerror(fault.errno_value))
