@@ -258,7 +258,9 @@ MATCH_KEYS = (
     Key(
         "unit",
         "strings",
-        "Globs on the systemd units in the process's cgroup path; a name without a dot means `.service`.",
+        "Globs on the system manager's units of the process (its slices and its service or scope: the first one in the "
+        "cgroup path, below slices only; names in a unit's delegated subtree such as user@UID.service's do not count); "
+        "a name without a dot means `.service`.",
         item_check=check_unit_glob,
         empty_message=MATCHES_NOTHING,
         example='unit = ["fluent-bit.service"]',
@@ -351,7 +353,8 @@ PROTECT_KEYS = (
     Key("comm", "strings", "Comm globs of processes to protect (15-character names).", allow_empty=True, item_check=check_comm_glob, default=[]),
     Key("cgroup", "strings", "Cgroup paths (inside the hierarchy); processes in them or below are protected.", allow_empty=True,
         item_check=check_protect_cgroup, default=[]),
-    Key("unit", "strings", "Systemd units; a name without a dot means `.service`.", allow_empty=True, item_check=check_protect_unit, default=[]),
+    Key("unit", "strings", "Systemd units of the system manager (not a user's, under user@UID.service); a name without a dot "
+        "means `.service`.", allow_empty=True, item_check=check_protect_unit, default=[]),
     Key("users", "users", "Users a protected process must run as (real and effective uid): names, resolved when the config "
         "is loaded, or numeric uids. A process the selectors match that runs as anyone else is not protected, and the daemon "
         "logs a warning for it. Any process can set its own comm: with `comm`, give `users`.", allow_empty=True, default=[],
