@@ -233,6 +233,18 @@ def effective_cpus(cgroupfs: CgroupFS, mount: CgroupMount, cgroup_path: str) -> 
         path = path.rsplit("/", 1)[0] or "/"
 
 
+def process_cpuset_cpus(cgroupfs: CgroupFS, mount: CgroupMount | None, membership: CgroupMembership) -> frozenset[int] | None:
+    """The CPUs the process's cpuset cgroup allows (v2 cpuset.cpus.effective, v1 cpuset.effective_cpus,
+    of its cgroup or the nearest ancestor that has the file), or None where no cpuset hierarchy says."""
+    if mount is None:
+        return None
+    cgroup_path = process_cgroup_path(mount, membership)
+    if cgroup_path is None:
+        return None
+    found = effective_cpus(cgroupfs, mount, cgroup_path)
+    return found[0] if found is not None else None
+
+
 def allowed_cpus(
     cgroupfs: CgroupFS,
     mount: CgroupMount | None,

@@ -4,6 +4,10 @@ The protected set is kept three ways, cheapest first: the kernel adds new thread
 protected processes on fork; exec events name new processes to check against the selectors within
 a tick; a full rescan every few seconds catches the rest (a comm changed by prctl, a process moved
 into a protected cgroup). Without exec events (the procfs source) every tick rescans.
+
+A process the selectors match but whose user `[protect] users` does not name is refused, with one
+warning per process; so is a child the kernel protected on fork once it runs as such a user (it
+stays protected in the kernel until the next rescan finds it: the fork tracepoint cannot see uids).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import time
 from typing import Callable
 
 from .errors import ProcessGone, RemediatorError
-from .procfs import ProcessInfo, ProcFS
+from .printable import printable
+from .procfs import ProcessIdentity, ProcessInfo, ProcFS
 from .sample import ProcessUsage, ProtectedWaits, Sample
 from .selectors import ProtectSelectors
 from .sources import Source, TickDelta
@@ -46,6 +51,7 @@ class Collector:
         self.mono_clock = mono_clock
         self.protected: dict[int, set[int]] = {}  # pid -> tids
         self.protected_reason: dict[int, str] = {}
+        self._warned_refused: set[ProcessIdentity] = set()  # refused processes already logged
         self._info_cache: dict[int, tuple[ProcessInfo, float]] = {}  # pid -> (info, when checked)
         self._last_rescan = float("-inf")
         self._cpu_count = os.cpu_count() or 1
@@ -75,8 +81,28 @@ class Collector:
         if tids:
             self.source.unprotect(tids)
 
+    def _warn_refused(self, refused: dict[int, tuple[ProcessInfo, str]]) -> None:
+        for pid, (info, why) in refused.items():
+            if info.identity not in self._warned_refused:
+                self._warned_refused.add(info.identity)
+                log.warning("not protecting pid %d (%s): %s", pid, printable(info.comm), why)
+        if len(self._warned_refused) > 4096:
+            self._warned_refused = {info.identity for info, _ in refused.values()}
+
+    def _child_refusal(self, tgid: int) -> tuple[ProcessInfo, str] | None:
+        """A child the kernel protected on fork, refused when it runs as a user `users` does not name."""
+        if not self.selectors.users:
+            return None
+        try:
+            info = self.procfs.process_info(tgid)
+        except RemediatorError:
+            return None
+        refusal = self.selectors.user_refusal(info)
+        return (info, f"child of a protected process, but it {refusal}") if refusal else None
+
     def _rescan(self) -> None:
-        wanted = {pid: reason for pid, (_info, reason) in self.selectors.resolve(self.procfs).items()}
+        refused: dict[int, tuple[ProcessInfo, str]] = {}
+        wanted = {pid: reason for pid, (_info, reason) in self.selectors.resolve(self.procfs, refused).items()}
         known_tids = {tid for tids in self.protected.values() for tid in tids}
         kernel_tids = self.source.kernel_protected_tids()
         if kernel_tids:
@@ -87,15 +113,27 @@ class Collector:
                 except RemediatorError:
                     stale.append(tid)
                     continue
+                if tgid in refused:
+                    stale.append(tid)
+                    continue
                 if tgid not in wanted:
                     # Added in the kernel on fork: a child (or thread) of a protected process.
+                    child_refused = self._child_refusal(tgid)
+                    if child_refused:
+                        refused[tgid] = child_refused
+                        stale.append(tid)
+                        continue
                     wanted[tgid] = self.protected_reason.get(tgid, "child of a protected process")
             if stale:
                 self.source.unprotect(stale)
         for pid in set(self.protected) - set(wanted):
             if self.protected_reason.get(pid) == "child of a protected process" and self._alive(pid):
-                continue
+                child_refused = self._child_refusal(pid)  # e.g. a worker that changed user since
+                if child_refused is None:
+                    continue
+                refused[pid] = child_refused
             self._drop_process(pid)
+        self._warn_refused(refused)
         for pid, reason in wanted.items():
             self._add_process(pid, reason)
         self._last_rescan = self.mono_clock()
@@ -112,7 +150,9 @@ class Collector:
             if pid in self.protected:
                 self._add_process(pid, self.protected_reason.get(pid, "selector"))  # exec may change its threads
                 continue
-            found = self.selectors.match_pid(self.procfs, pid)
+            refused: dict[int, tuple[ProcessInfo, str]] = {}
+            found = self.selectors.match_pid(self.procfs, pid, refused)
+            self._warn_refused(refused)
             if found:
                 _info, reason = found
                 log.debug("protecting pid %d (%s) after exec of %s", pid, reason, event.filename)

@@ -28,7 +28,7 @@ CONFIG_TABLES = frozenset({"protect", "daemon"})
 class DaemonConfig:
     path: Path
     protect: ProtectSelectors
-    request_cpus: frozenset[int] | None  # None = auto (from the protected threads' affinity)
+    request_cpus: frozenset[int] | None  # None = auto (from the protected processes' cgroups, see placement)
     mode: str  # "live" | "dry-run"
     source: str  # "bpf" | "auto" | "procfs": where samples come from (see sources.open_source)
     tick_s: float
@@ -38,6 +38,7 @@ class DaemonConfig:
     on_start: str  # "restore" | "keep"
     revert_on_exit: bool
     max_changes_per_minute: int
+    warnings: tuple[Diagnostic, ...] = ()  # logged at start and on reload (e.g. comm without users)
 
     def to_json(self) -> dict:
         return {
@@ -99,10 +100,23 @@ def compile_config(document: Document, base: Path | None = None) -> tuple[Daemon
     # Checks across keys run on the sections that are valid, so one pass reports as much as it can.
     protect_values: dict[str, Any] = clean.get("protect") or {}
     selectors = None
-    if all(name in protect_values for name in ("pids", "comm", "cgroup", "unit")):
+    if all(name in protect_values for name in ("pids", "comm", "cgroup", "unit", "users")):
         selectors = ProtectSelectors.build(
-            pids=protect_values["pids"], comms=protect_values["comm"], cgroups=protect_values["cgroup"], units=protect_values["unit"]
+            pids=protect_values["pids"], comms=protect_values["comm"], cgroups=protect_values["cgroup"],
+            units=protect_values["unit"], users=protect_values["users"],
         )
+        if selectors.comms and not selectors.users:
+            diagnostics.append(
+                Diagnostic(
+                    document.value_location(("protect", "comm")),
+                    "warning",
+                    "protect.comm: any process can set its own comm, so any local user can make a process of theirs "
+                    "protected (exempt from every policy) by naming it so; give protect.users, the users the service runs "
+                    'as (e.g. users = ["www-data"])',
+                    "comm-without-users",
+                    "protect.comm",
+                )
+            )
         if selectors.empty:
             diagnostics.append(
                 Diagnostic(
@@ -146,6 +160,7 @@ def compile_config(document: Document, base: Path | None = None) -> tuple[Daemon
         on_start=daemon["on_start"],
         revert_on_exit=daemon["revert_on_exit"],
         max_changes_per_minute=clean["limits"]["max_changes_per_minute"],
+        warnings=tuple(d for d in diagnostics if d.severity == "warning"),
     )
     return config, diagnostics
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from .audit import AuditLog, audit_record
+from .cgroupfs import CgroupFS, discover_cpuset_mount, process_cpuset_cpus
 from .collector import Collector
 from .config import DaemonConfig, load_config
 from .cpulist import format_cpulist, online_cpus
@@ -28,12 +29,15 @@ from .errors import RemediatorError, SetupError
 from .executor import Executor, Outcome
 from .journal import Journal
 from .placement import auto_request_cpus
+from .matching import Glob
 from .policy import PolicyErrors, PolicySet, load_policies
 from .probes import ProbeSettings, window_shift_for
+from .printable import printable
 from .procfs import ProcessInfo, ProcFS
 from .safety import exclusion_reason
 from .sample import SOURCE_PROCFS
 from .sdnotify import Notifier
+from .selectors import ProtectSelectors
 from .sources import PROCFS_DEGRADED, Source, open_source
 
 log = logging.getLogger("remediator")
@@ -45,6 +49,38 @@ def plural(count: int, word: str) -> str:
 SUMMARY_EVERY_S = 30.0
 FIRST_SUMMARY_S = 5.0  # a new user sees a judgement of the host within seconds
 WARN_KINDS = frozenset({"exhausted", "capped", "infeasible"})
+
+
+def shared_comm_warnings(infos: list[ProcessInfo], protect: ProtectSelectors, policies: PolicySet) -> list[str]:
+    """Comm globs that match processes of several users: any process can take any comm, so a comm
+    alone may name a local user's process as the protected service or as a policy's offender.
+
+    A protect glob is reported when its matches run as more than one uid (with `users`, when some run
+    as a uid it does not name: those are refused); a policy glob when its matches run as more than
+    one uid and the policy has no `user` to narrow them.
+    """
+    def uids_matching(glob: Glob) -> list[int]:
+        return sorted({info.uid for info in infos if not info.kernel_thread and glob.matches(info.comm)})
+
+    warnings = []
+    for text in protect.comms:
+        uids = uids_matching(Glob.compile(text))
+        strangers = [uid for uid in uids if uid not in protect.users] if protect.users else uids
+        if (protect.users and strangers) or (not protect.users and len(uids) > 1):
+            advice = (f"those running as uids {', '.join(map(str, strangers))} are not protected (protect.users)"
+                      if protect.users else "any of them is protected; give protect.users")
+            warnings.append(f"protect.comm '{printable(text)}' matches processes of several users "
+                            f"(uids {', '.join(map(str, uids))}): a process can take any comm, and {advice}")
+    for policy in policies.policies:
+        if policy.match.user:
+            continue
+        for glob in policy.match.comm:
+            uids = uids_matching(glob)
+            if len(uids) > 1:
+                warnings.append(f"policy {policy.name} ({policy.location}): match.comm '{printable(glob.text)}' matches "
+                                f"processes of several users (uids {', '.join(map(str, uids))}): a process can take any "
+                                "comm; add match.user to act only on the intended one")
+    return warnings
 
 
 def load_all(config_path: Path, trusted: bool) -> tuple[DaemonConfig, PolicySet]:
@@ -78,11 +114,13 @@ class Daemon:
         self._stop = False
         self._reload = False
         self.config, self.policies = load_all(self.config_path, self.trusted)
+        self.cgroupfs = CgroupFS()
+        self.cpuset_mount = discover_cpuset_mount(cgroupfs=self.cgroupfs)  # for request_cpus = "auto"
         self.mode = self.mode_override or self.config.mode
         self.source_choice = self.source_override or self.config.source
         if self.mode == "live" and os.geteuid() != 0:
             raise RemediatorError("live mode changes other users' processes: run as root (or use --dry-run)")
-        for warning in self.policies.warnings:
+        for warning in self.config.warnings + tuple(self.policies.warnings):
             log.warning("%s", warning)
 
     # -- signals --------------------------------------------------------------------------------
@@ -118,7 +156,7 @@ class Daemon:
             self.collector.selectors = config.protect
             self.collector.rescan_now()
         self.config, self.policies = config, policies
-        for warning in policies.warnings:
+        for warning in config.warnings + tuple(policies.warnings):
             log.warning("%s", warning)
         log.info("reloaded %s: %d policies", self.config_path, len(policies.policies))
         return True
@@ -185,7 +223,10 @@ class Daemon:
         excluded: list[str] = []
         placed: list[ProcessInfo] = []
         protected = set(self.collector.protected)
-        for info in self.procfs.iter_processes():
+        infos = list(self.procfs.iter_processes())
+        for warning in shared_comm_warnings(infos, self.config.protect, self.policies):
+            log.warning("%s", warning)
+        for info in infos:
             selected = self.policies.select(info)
             if selected is None:
                 continue
@@ -251,9 +292,11 @@ class Daemon:
     def tick(self, discovered: list[ProcessInfo] = ()) -> list[Decision]:
         sample = self.collector.sample()
         self.last_sample = sample
-        protected_tids = [tid for tids in self.collector.protected.values() for tid in tids]
         online = online_cpus()
-        request = self.config.request_cpus if self.config.request_cpus is not None else auto_request_cpus(protected_tids)
+        if self.config.request_cpus is not None:
+            request = self.config.request_cpus
+        else:
+            request = auto_request_cpus(self.collector.protected, online, self._cgroup_cpus)
         settings = EngineSettings(
             request_cpus=frozenset(request) & online,
             online_cpus=online,
@@ -272,6 +315,13 @@ class Daemon:
         self.notifier.watchdog()
         self.notifier.status(self._status_line(sample))
         return decisions
+
+    def _cgroup_cpus(self, pid: int) -> frozenset[int] | None:
+        """The CPUs a protected process's cpuset cgroup allows (None: gone, or no cpuset hierarchy)."""
+        try:
+            return process_cpuset_cpus(self.cgroupfs, self.cpuset_mount, self.procfs.cgroups(pid))
+        except RemediatorError:
+            return None
 
     def _keep_off(self, request: frozenset[int], online: frozenset[int]) -> None:
         """Keep the daemon itself off the CPUs it protects: it is a neighbour too."""

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .actuators.sched import NAMES as SCHED_NAMES, RANK as SCHED_RANK
-from .cgroupfs import discover_cpu_mount, process_cgroup_path
+from .cgroupfs import CgroupFS, CgroupMount, discover_cpu_mount, discover_cpuset_mount, process_cgroup_path, process_cpuset_cpus
 from .cpulist import CpuListError, format_cpulist, parse_cpulist
 from .errors import ProcessGone, RemediatorError, translate_os_error
 from .placement import auto_request_cpus, owned_cgroup_name, resolve_cpu_spec, unprotected_cpus
 from .policy import Policy, PolicySet, Step
+from .printable import printable
 from .procfs import ProcessInfo, ProcFS, boot_time, clock_ticks_per_second
 from .safety import exclusion_reason
 from .systemd import systemd_is_init, unit_for_cgroup
@@ -104,7 +105,7 @@ class ExplainReport:
             lines.append(f"  pid {info.pid} {info.comm}  started {self.started.get(info.pid, '?')}  by {reason}")
         if not self.protected:
             lines.append("  none running")
-        source = "from the config" if self.request_source == "config" else "auto: allowed CPUs of the protected threads"
+        source = "from the config" if self.request_source == "config" else "auto: allowed CPUs of the protected processes' cgroups, or threads"
         lines.append(
             f"request CPUs: {format_cpulist(self.request_cpus) or 'none'} ({source}); online CPUs: "
             f"{format_cpulist(self.online_cpus)}; unprotected: {format_cpulist(self.unprotected) or 'none'}"
@@ -332,6 +333,9 @@ def _start_times(procfs: ProcFS, infos: list[ProcessInfo]) -> dict[int, str]:
     return shown
 
 
+_DISCOVER = object()
+
+
 def explain(
     policies: PolicySet,
     protect: ProtectSelectors,
@@ -339,9 +343,15 @@ def explain(
     online: frozenset[int],
     request_cpus: frozenset[int] | None = None,
     self_pid: int | None = None,
+    cgroupfs: CgroupFS | None = None,
+    cpuset_mount: CgroupMount | None | object = _DISCOVER,
 ) -> ExplainReport:
-    """Match every live process against the policies and the protect selectors; change nothing."""
+    """Match every live process against the policies and the protect selectors; change nothing.
+
+    `cgroupfs` and `cpuset_mount` (default: the host's) answer `auto` request CPUs from cgroups."""
     self_pid = os.getpid() if self_pid is None else self_pid
+    cgroupfs = cgroupfs or CgroupFS()
+    mount = discover_cpuset_mount(cgroupfs=cgroupfs) if cpuset_mount is _DISCOVER else cpuset_mount
     reader = _Reader(procfs)
     infos: list[ProcessInfo] = []
     unreadable = 0
@@ -360,22 +370,24 @@ def explain(
             extra_paths = procfs.cgroups(info.pid).v1_paths.values() if needs_v1 else ()
         except RemediatorError:
             extra_paths = ()
-        reason = protect.match_reason(info, extra_paths)
+        reason, refusal = protect.examine(info, extra_paths)
         if reason:
             protected.append((info, reason))
+        elif refusal:
+            notes.append(f"not protected: pid {info.pid} ({printable(info.comm)}) {refusal}")
     protected_pids = {info.pid for info, _ in protected}
 
     if request_cpus is not None:
         request, source = frozenset(request_cpus), "config"
     else:
         source = "auto"
-        tids = []
+        threads: dict[int, list[int]] = {}
         for info, _ in protected:
             try:
-                tids += [(info.pid, tid) for tid in procfs.tids(info.pid)]
+                threads[info.pid] = procfs.tids(info.pid)
             except RemediatorError:
                 continue
-        by_tid = dict((tid, pid) for pid, tid in tids)
+        by_tid = {tid: pid for pid, tids in threads.items() for tid in tids}
 
         def affinity_of(tid: int) -> frozenset[int]:
             try:
@@ -383,7 +395,13 @@ def explain(
             except ProcessGone:
                 raise ProcessLookupError(tid) from None
 
-        request = auto_request_cpus(by_tid, get_affinity=affinity_of)
+        def cgroup_cpus(pid: int) -> frozenset[int] | None:
+            try:
+                return process_cpuset_cpus(cgroupfs, mount, procfs.cgroups(pid))  # type: ignore[arg-type]
+            except RemediatorError:
+                return None
+
+        request = auto_request_cpus(threads, online, cgroup_cpus, get_affinity=affinity_of)
         if protect.empty:
             notes.append("nothing is protected (give --config or --protect-*): request CPUs are empty, so 'unprotected' is every online CPU")
         elif not protected:

@@ -8,18 +8,18 @@ Globs are fnmatch patterns (`*`, `?`, `[...]`), compiled once; `*` also matches 
 from __future__ import annotations
 
 import fnmatch
+import pwd
 import re
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Pattern
 
-from .procfs import ProcessInfo
+from .procfs import ProcessInfo, system_units
 from .selectors import normalize_cgroup_path, normalize_unit
 
 COMM_LENGTH = 15  # TASK_COMM_LEN - 1: the kernel cuts longer names
 FIELDS = ("comm", "exe", "cmdline", "cgroup", "unit", "user", "ancestor")
 _WILDCARDS = "*?["
-_UNIT_SUFFIXES = (".service", ".scope", ".slice", ".socket", ".mount", ".swap", ".timer", ".target", ".path", ".device", ".automount")
 
 
 # -- checks (raise ValueError with the message; return the normalised item) ----------------------
@@ -107,6 +107,19 @@ def check_user(name: str) -> str:
     return name
 
 
+def resolve_protect_user(item: str | int) -> int:
+    """A `[protect] users` item, a user name or a uid, as a uid; a name must exist on this host."""
+    if isinstance(item, int):
+        if not 0 <= item < 2**32 - 1:
+            raise ValueError(f"uid {item} is out of range (0..{2**32 - 2})")
+        return item
+    try:
+        return pwd.getpwnam(item).pw_uid
+    except KeyError:
+        hint = f" (a uid is written without quotes: {item})" if item.isdigit() else ""
+        raise ValueError(f"user {_quote(item)} does not exist on this host{hint}") from None
+
+
 def compile_regex(pattern: str) -> Pattern[str]:
     # re warns (FutureWarning) about some valid patterns, e.g. "[[a]"; the pattern is the user's
     # and compiles, so the warning would only be noise in the daemon's log.
@@ -176,11 +189,12 @@ def _cgroup_and_parents(path: str) -> list[str]:
 
 
 def units_of(info: ProcessInfo) -> list[str]:
-    """Every systemd unit in the process's cgroup path, innermost first."""
-    units = [part for part in reversed(info.cgroup.split("/")) if part.endswith(_UNIT_SUFFIXES)]
-    if info.unit and info.unit not in units:
-        units.insert(0, info.unit)
-    return units
+    """The system manager's units the process is in, innermost first: its service or scope, then
+    its slices. Names inside a unit's delegated subtree (a user's user@UID.service) do not count
+    (see procfs.system_units): a user's process must not be matched as a system service."""
+    if not info.cgroup:
+        return [info.unit] if info.unit else []  # a recorded process without its path
+    return list(reversed(system_units(info.cgroup)))
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,14 @@
 """Where the request path runs and where offenders may go: request CPUs, `unprotected`, CPU specs.
 
 `unprotected` in a policy is resolved when a step runs, not when the policy is compiled: the
-request CPUs may be `auto` (the union of the protected threads' allowed CPUs) and CPUs go on- and
+request CPUs may be `auto` (the CPUs the protected processes' cgroups allow) and CPUs go on- and
 offline, so the same policy file means the right thing on every host.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from .policy import CpuSpec
 
@@ -17,19 +17,33 @@ CGROUP_PREFIX = "remediator-"
 
 
 def auto_request_cpus(
-    protected_tids: Iterable[int], get_affinity: Callable[[int], Iterable[int]] = os.sched_getaffinity
+    protected: Mapping[int, Iterable[int]],
+    online: Iterable[int],
+    cgroup_cpus: Callable[[int], frozenset[int] | None],
+    get_affinity: Callable[[int], Iterable[int]] = os.sched_getaffinity,
 ) -> frozenset[int]:
-    """The union of the allowed CPUs of the protected threads; threads that vanished are skipped.
+    """`request_cpus = "auto"`: the CPUs the protected processes (pid -> tids) may run on.
 
-    `get_affinity` is the read (os.sched_getaffinity by default); `policy explain` passes one that
-    reads /proc so it also works against a fake procfs tree.
+    From each process's cpuset cgroup first (`cgroup_cpus(pid)`: the unit's AllowedCPUs, the
+    cgroup's effective CPUs; None when unknown): that is what the service was given, and no thread
+    can widen it. Only for a process whose cgroup allows every online CPU (or cannot be read) do its
+    threads' own affinities count; the protected set holds only processes that passed the selectors
+    and the users check, so no stranger's affinity gets in. Processes and threads that vanished are
+    skipped. `get_affinity` is the read (os.sched_getaffinity by default); `policy explain` passes
+    one that reads /proc so it also works against a fake procfs tree.
     """
+    online = frozenset(online)
     cpus: set[int] = set()
-    for tid in protected_tids:
-        try:
-            cpus.update(get_affinity(tid))
-        except (ProcessLookupError, FileNotFoundError):
-            continue  # the thread exited: an ordinary event
+    for pid, tids in protected.items():
+        allowed = cgroup_cpus(pid)
+        if allowed is not None and not online <= allowed:
+            cpus.update(allowed & online)  # the cgroup restricts the process: its share is the answer
+            continue
+        for tid in tids:
+            try:
+                cpus.update(get_affinity(tid))
+            except (ProcessLookupError, FileNotFoundError):
+                continue  # the thread exited: an ordinary event
     return frozenset(cpus)
 
 

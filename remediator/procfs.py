@@ -35,7 +35,6 @@ from .errors import AccessDenied, ProcessGone, RemediatorError, translate_os_err
 
 PF_KTHREAD = 0x00200000  # include/linux/sched.h: "I am a kernel thread"
 KTHREADD_PID = 2
-UNIT_SUFFIXES = (".service", ".scope", ".slice", ".socket", ".mount", ".swap", ".timer")
 
 
 @dataclass(frozen=True, order=True)
@@ -77,8 +76,9 @@ class ProcessInfo:
     cmdline: tuple[str, ...] = ()
     cgroup: str = ""  # the v2 path, or on v1 hosts the name=systemd path
     unit: str = ""
-    uid: int = -1
+    uid: int = -1  # real uid
     user: str = ""
+    euid: int = -1  # effective uid (-1: not known, as in older recordings)
     ppid: int = 0
     ancestors: tuple[tuple[int, str], ...] = ()  # (pid, comm), parent first, PID 1 excluded
     kernel_thread: bool = False
@@ -98,6 +98,7 @@ class ProcessInfo:
             "unit": self.unit,
             "uid": self.uid,
             "user": self.user,
+            "euid": self.euid,
             "ppid": self.ppid,
             "ancestors": [list(a) for a in self.ancestors],
             "kernel_thread": self.kernel_thread,
@@ -115,6 +116,7 @@ class ProcessInfo:
             unit=str(data.get("unit", "")),
             uid=int(data.get("uid", -1)),
             user=str(data.get("user", "")),
+            euid=int(data.get("euid", -1)),
             ppid=int(data.get("ppid", 0)),
             ancestors=tuple((int(p), str(c)) for p, c in data.get("ancestors", ())),
             kernel_thread=bool(data.get("kernel_thread", False)),
@@ -132,12 +134,36 @@ class CgroupMembership:
         return self.v2_path or self.v1_paths.get("name=systemd", "")
 
 
+def system_units(path: str) -> tuple[str, ...]:
+    """The system manager's units a cgroup path lies in: its slices, then its service or scope.
+
+    '/system.slice/nginx.service/worker' -> ('system.slice', 'nginx.service'). Anchored: the unit is
+    the first component that is not a slice, and only slices may come before it. Below a unit is
+    that unit's own (delegated) subtree, where its processes name cgroups as they like: a user's
+    manager (user@1000.service) creates 'nginx.service' under itself, a container manager anything.
+    Such names are not the system's units, so a process cannot claim one by where it puts itself.
+    """
+    units: list[str] = []
+    for part in path.split("/"):
+        if not part:
+            continue
+        if part.endswith(".slice"):
+            units.append(part)
+            continue
+        if part.endswith((".service", ".scope")):
+            units.append(part)
+        break
+    return tuple(units)
+
+
 def unit_from_cgroup_path(path: str) -> str:
-    """The innermost systemd unit in a cgroup path ('/system.slice/nginx.service' -> 'nginx.service')."""
-    for part in reversed(path.split("/")):
-        if part.endswith(UNIT_SUFFIXES) and not part.endswith(".slice"):
-            return part
-    return ""
+    """The system unit (service or scope) of a cgroup path, '' when it is in none.
+
+    '/system.slice/nginx.service' -> 'nginx.service';
+    '/user.slice/user-1000.slice/user@1000.service/app.slice/nginx.service' -> 'user@1000.service'.
+    """
+    units = system_units(path)
+    return units[-1] if units and not units[-1].endswith(".slice") else ""
 
 
 def _user_name(uid: int) -> str:
@@ -335,8 +361,12 @@ class ProcFS:
 
     def uid(self, pid: int) -> int:
         """The real uid."""
-        with self._psutil(pid, f"read {self.root}/{pid}/status"):
-            return self._process(pid).uids().real
+        return self.uids(pid)[0]
+
+    def uids(self, pid: int) -> tuple[int, int]:
+        """(real, effective) uid, from the Uid: line of /proc/<pid>/status."""
+        fields = self.status(pid)["Uid"].split()
+        return int(fields[0]), int(fields[1])
 
     def cgroups(self, pid: int) -> CgroupMembership:
         v2_path = ""
@@ -380,14 +410,15 @@ class ProcFS:
                 break
         return tuple(chain)
 
-    def _identity_fields(self, pid: int, kernel_thread: bool) -> tuple[str, tuple[str, ...], int]:
-        """(exe, cmdline, real uid) through one psutil handle; a kernel thread has no exe or cmdline."""
+    def _identity_fields(self, pid: int, kernel_thread: bool) -> tuple[str, tuple[str, ...], int, int]:
+        """(exe, cmdline, real uid, effective uid) through one psutil handle; a kernel thread has no exe or cmdline."""
         with self._psutil(pid, f"read {self.root}/{pid}"):
             process = self._process(pid)
             with process.oneshot():
-                uid = process.uids().real
+                uids = process.uids()
+                uid, euid = uids.real, uids.effective
                 if kernel_thread:
-                    return "", (), uid
+                    return "", (), uid, euid
                 # psutil 7 raises ZombieProcess for a zombie's exe and cmdline, 5.9 returns empties.
                 try:
                     exe = process.exe().removesuffix(" (deleted)")
@@ -397,7 +428,7 @@ class ProcFS:
                     cmdline = tuple(part for part in process.cmdline() if part)
                 except psutil.ZombieProcess:
                     cmdline = ()
-                return exe, cmdline, uid
+                return exe, cmdline, uid, euid
 
     def process_info(self, pid: int) -> ProcessInfo:
         stat = self.stat(pid)
@@ -409,7 +440,7 @@ class ProcFS:
             raise
         except RemediatorError:
             pass
-        exe, cmdline, uid = self._identity_fields(pid, kernel_thread)
+        exe, cmdline, uid, euid = self._identity_fields(pid, kernel_thread)
         info = ProcessInfo(
             pid=pid,
             start_time=stat.start_time,
@@ -420,6 +451,7 @@ class ProcFS:
             unit=unit_from_cgroup_path(cgroup_path),
             uid=uid,
             user=_user_name(uid),
+            euid=euid,
             ppid=stat.ppid,
             ancestors=self.ancestors(stat.ppid),
             kernel_thread=kernel_thread,

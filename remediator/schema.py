@@ -37,6 +37,7 @@ from .matching import (
     check_regex,
     check_unit_glob,
     check_user,
+    resolve_protect_user,
 )
 from .tomlpos import Document, KeyPath, format_key_path
 
@@ -210,6 +211,7 @@ TYPES = {
     "cpus": "CPU list",
     "strings": "string or array of strings",
     "integers": "array of integers",
+    "users": "array of user names (strings) and uids (integers)",
     "regex": "string (regular expression)",
     "table": "table",
     "table-array": "array of tables",
@@ -256,7 +258,9 @@ MATCH_KEYS = (
     Key(
         "unit",
         "strings",
-        "Globs on the systemd units in the process's cgroup path; a name without a dot means `.service`.",
+        "Globs on the system manager's units of the process (its slices and its service or scope: the first one in the "
+        "cgroup path, below slices only; names in a unit's delegated subtree such as user@UID.service's do not count); "
+        "a name without a dot means `.service`.",
         item_check=check_unit_glob,
         empty_message=MATCHES_NOTHING,
         example='unit = ["fluent-bit.service"]',
@@ -354,9 +358,16 @@ PROTECT_KEYS = (
     Key("comm", "strings", "Comm globs of processes to protect (15-character names).", allow_empty=True, item_check=check_comm_glob, default=[]),
     Key("cgroup", "strings", "Cgroup paths (inside the hierarchy); processes in them or below are protected.", allow_empty=True,
         item_check=check_protect_cgroup, default=[]),
-    Key("unit", "strings", "Systemd units; a name without a dot means `.service`.", allow_empty=True, item_check=check_protect_unit, default=[]),
-    Key("request_cpus", "cpus", "CPUs the request path owns: a CPU list, or `auto` = the union of the protected threads' allowed CPUs "
-        "(sched_getaffinity), read at start and on every change of the protected set.", default="auto", keyword="auto"),
+    Key("unit", "strings", "Systemd units of the system manager (not a user's, under user@UID.service); a name without a dot "
+        "means `.service`.", allow_empty=True, item_check=check_protect_unit, default=[]),
+    Key("users", "users", "Users a protected process must run as (real and effective uid): names, resolved when the config "
+        "is loaded, or numeric uids. A process the selectors match that runs as anyone else is not protected, and the daemon "
+        "logs a warning for it. Any process can set its own comm: with `comm`, give `users`.", allow_empty=True, default=[],
+        example='users = ["www-data", 33]'),
+    Key("request_cpus", "cpus", "CPUs the request path owns: a CPU list, or `auto` = the CPUs the protected processes' cpuset "
+        "cgroups allow (cgroup v2 `cpuset.cpus.effective`, v1 `cpuset.effective_cpus`: the unit's AllowedCPUs), and for a "
+        "process whose cgroup allows every online CPU, its threads' own allowed CPUs (sched_getaffinity). Read every tick.",
+        default="auto", keyword="auto"),
 )
 
 DAEMON_KEYS = (
@@ -632,6 +643,24 @@ class Checker:
                 items.append(result)
         return tuple(items) if valid else _INVALID
 
+    def _check_users(self, key: Key, value: Any, path: KeyPath) -> Any:
+        items = value if isinstance(value, list) else [value]
+        uids = []
+        valid = True
+        for index, item in enumerate(items):
+            where = path + (index,) if isinstance(value, list) else path
+            if isinstance(item, bool) or not isinstance(item, (str, int)) or item == "":
+                shown = "an empty string" if item == "" else f"{toml_type(item)} ({show(item)})"
+                self.at_value(where, f"expected a user name (string) or a uid (integer), got {shown}", "type")
+                valid = False
+                continue
+            try:
+                uids.append(resolve_protect_user(item))
+            except ValueError as exc:
+                self.at_value(where, str(exc), "unknown-user" if isinstance(item, str) else "range")
+                valid = False
+        return tuple(uids) if valid else _INVALID
+
     def _check_integers(self, key: Key, value: Any, path: KeyPath) -> Any:
         if not isinstance(value, list):
             self.at_value(path, f"expected an array of integers, got {toml_type(value)} ({show(value)})", "type")
@@ -747,6 +776,9 @@ def _schema_of(key: Key) -> dict:
         if not key.allow_empty:
             array["minItems"] = 1
         schema["anyOf"] = [dict(item), array]
+    elif kind == "users":
+        item = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "integer", "minimum": 0}]}
+        schema["anyOf"] = [dict(item), {"type": "array", "items": item}]
     elif kind == "integers":
         item = {"type": "integer"}
         _schema_range(item, key)

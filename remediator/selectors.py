@@ -2,6 +2,10 @@
 
 The same selectors serve `watch` flags and the daemon config's `[protect]` table. A process matches
 when any selector matches it; every thread of a matched process is protected.
+
+Any process can set its own comm, so a comm alone proves nothing. `users` names the uids a
+protected process must run as (real and effective): a process the selectors match that runs as
+anyone else is refused, not protected, and the caller is told why (`examine`, `resolve(refused=)`).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from .errors import RemediatorError
-from .procfs import ProcessInfo, ProcFS
+from .procfs import ProcessInfo, ProcFS, system_units
 
 # Prefixes that name a cgroup by its mount path rather than its path inside the hierarchy.
 CGROUP_MOUNT_PREFIXES = (
@@ -50,6 +54,7 @@ class ProtectSelectors:
     comms: tuple[str, ...] = ()  # fnmatch globs against the 15-character comm
     cgroups: tuple[str, ...] = ()  # hierarchy paths; a process in the cgroup or below it matches
     units: tuple[str, ...] = ()
+    users: tuple[int, ...] = ()  # uids a protected process must run as; () = any user
 
     @classmethod
     def build(
@@ -58,12 +63,14 @@ class ProtectSelectors:
         comms: Iterable[str] = (),
         cgroups: Iterable[str] = (),
         units: Iterable[str] = (),
+        users: Iterable[int] = (),
     ) -> "ProtectSelectors":
         return cls(
             pids=tuple(int(p) for p in pids),
             comms=tuple(comms),
             cgroups=tuple(normalize_cgroup_path(c) for c in cgroups),
             units=tuple(normalize_unit(u) for u in units),
+            users=tuple(dict.fromkeys(int(u) for u in users)),
         )
 
     @property
@@ -75,7 +82,22 @@ class ProtectSelectors:
         parts += [f"comm {c}" for c in self.comms]
         parts += [f"cgroup {c}" for c in self.cgroups]
         parts += [f"unit {u}" for u in self.units]
-        return ", ".join(parts) or "nothing"
+        shown = ", ".join(parts) or "nothing"
+        if self.users and parts:
+            shown += " as " + ("uid " if len(self.users) == 1 else "uids ") + ", ".join(map(str, self.users))
+        return shown
+
+    def user_refusal(self, info: ProcessInfo) -> str | None:
+        """Why a process the selectors match may not be protected: it runs as a user `users` does not
+        name (real or effective uid), or None when it may."""
+        if not self.users:
+            return None
+        effective = info.euid if info.euid >= 0 else info.uid
+        outside = [uid for uid in dict.fromkeys((info.uid, effective)) if uid not in self.users]
+        if not outside:
+            return None
+        runs_as = f"uid {info.uid}" if effective == info.uid else f"uid {info.uid} (effective {effective})"
+        return f"runs as {runs_as}, not as a protect user ({', '.join(map(str, self.users))})"
 
     def _comm_reason(self, comm: str) -> str | None:
         for pattern in self.comms:
@@ -87,21 +109,39 @@ class ProtectSelectors:
         for wanted in self.cgroups:
             if any(_under(path, wanted) for path in paths):
                 return f"cgroup {wanted}"
-        for wanted_unit in self.units:
-            if unit == wanted_unit or any(f"/{wanted_unit}/" in path + "/" for path in paths):
-                return f"unit {wanted_unit}"
+        if self.units:
+            # Anchored to the system manager's units (procfs.system_units): 'nginx.service' made by a
+            # user's manager under user@1000.service, or nested in another unit, is not nginx's.
+            units = {unit} - {""}
+            for path in paths:
+                units.update(system_units(path))
+            for wanted_unit in self.units:
+                if wanted_unit in units:
+                    return f"unit {wanted_unit}"
         return None
 
-    def match_reason(self, info: ProcessInfo, cgroup_paths: Iterable[str] = ()) -> str | None:
-        """Why this process is protected ("comm nginx*"), or None.
-
-        `cgroup_paths` adds the v1 hierarchy paths of the process to the one in `info`.
-        """
+    def selector_reason(self, info: ProcessInfo, cgroup_paths: Iterable[str] = ()) -> str | None:
+        """Which selector matches this process ("comm nginx*"), or None; the users are not checked."""
         if info.kernel_thread:
             return None
         if info.pid in self.pids:
             return f"pid {info.pid}"
         return self._comm_reason(info.comm) or self._cgroup_reason({info.cgroup, *cgroup_paths} - {""}, info.unit)
+
+    def examine(self, info: ProcessInfo, cgroup_paths: Iterable[str] = ()) -> tuple[str | None, str | None]:
+        """(why protected, None), (None, why refused) when a selector matches but the user does not,
+        or (None, None). `cgroup_paths` adds the v1 hierarchy paths of the process to `info`'s."""
+        reason = self.selector_reason(info, cgroup_paths)
+        if reason is None:
+            return None, None
+        refusal = self.user_refusal(info)
+        if refusal is not None:
+            return None, f"matches {reason} but {refusal}"
+        return reason, None
+
+    def match_reason(self, info: ProcessInfo, cgroup_paths: Iterable[str] = ()) -> str | None:
+        """Why this process is protected ("comm nginx*"), or None (not matched, or refused)."""
+        return self.examine(info, cgroup_paths)[0]
 
     def _first_look(self, procfs: ProcFS, pid: int) -> tuple[bool, tuple[str, ...]]:
         """A cheap look (comm from stat, then the cgroup file) before reading everything: whether the
@@ -118,8 +158,11 @@ class ProtectSelectors:
             return bool(self._cgroup_reason({membership.v2_path, *v1_paths} - {""})), v1_paths
         return False, ()
 
-    def match_pid(self, procfs: ProcFS, pid: int) -> tuple[ProcessInfo, str] | None:
-        """(who the process is, why it is protected), or None: not matched, gone or unreadable."""
+    def match_pid(
+        self, procfs: ProcFS, pid: int, refused: dict[int, tuple[ProcessInfo, str]] | None = None
+    ) -> tuple[ProcessInfo, str] | None:
+        """(who the process is, why it is protected), or None: not matched, refused, gone or unreadable.
+        A refused process goes into `refused` (pid -> (info, why)) when given."""
         try:
             may_match, v1_paths = self._first_look(procfs, pid)
             if not may_match:
@@ -129,16 +172,21 @@ class ProtectSelectors:
                 v1_paths = tuple(procfs.cgroups(pid).v1_paths.values())
         except RemediatorError:
             return None  # gone, or unreadable (EACCES): cannot be judged, so not protected
-        reason = self.match_reason(info, v1_paths)
+        reason, refusal = self.examine(info, v1_paths)
+        if refusal is not None and refused is not None:
+            refused[pid] = (info, refusal)
         return (info, reason) if reason else None
 
-    def resolve(self, procfs: ProcFS) -> dict[int, tuple[ProcessInfo, str]]:
-        """Every live process the selectors match: pid -> (info, reason)."""
+    def resolve(
+        self, procfs: ProcFS, refused: dict[int, tuple[ProcessInfo, str]] | None = None
+    ) -> dict[int, tuple[ProcessInfo, str]]:
+        """Every live process the selectors match and the users allow: pid -> (info, reason).
+        Those matched but refused go into `refused` when given."""
         only_pids = not (self.comms or self.cgroups or self.units)
         candidates = self.pids if only_pids else procfs.pids()
         matched = {}
         for pid in candidates:
-            found = self.match_pid(procfs, pid)
+            found = self.match_pid(procfs, pid, refused)
             if found:
                 matched[pid] = found
         return matched

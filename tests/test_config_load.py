@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_example_config():
     config = load_config(ROOT / "examples" / "remediator.toml")
-    assert config.protect == ProtectSelectors(pids=(), comms=("nginx", "envoy"), cgroups=(), units=("api.service",))
+    assert config.protect == ProtectSelectors(pids=(), comms=("nginx", "envoy"), cgroups=(), units=("api.service",), users=(0, 33))
     assert config.request_cpus is None  # auto
     assert (config.mode, config.tick_s, config.on_start, config.revert_on_exit) == ("dry-run", 0.25, "restore", True)
     assert config.source == "bpf"

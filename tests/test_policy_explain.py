@@ -203,7 +203,7 @@ def test_fake_host_through_the_cli(fake_host, policy_dir, tmp_path, capsys):
     assert "    first step: nice 0 -> 10 on 2 threads, nice 5 -> 10 on 1 thread" in text
     assert "    excluded for safety: protected service" in text
     assert "    not acted on by this policy: policy compressors wins (more specific: 2 match fields > 1)" in text
-    assert "request CPUs: 0 (auto: allowed CPUs of the protected threads); online CPUs: 0-3; unprotected: 1-3" in text
+    assert "request CPUs: 0 (auto: allowed CPUs of the protected processes' cgroups, or threads); online CPUs: 0-3; unprotected: 1-3" in text
 
 
 def test_explain_with_config_uses_its_policies_and_request_cpus(fake_host, policy_dir, tmp_path, capsys):

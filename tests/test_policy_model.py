@@ -194,8 +194,27 @@ def test_auto_request_cpus_is_the_union_and_skips_vanished_threads():
             raise ProcessLookupError(tid)
         return masks[tid]
 
-    assert auto_request_cpus([10, 11, 12], get_affinity=affinity) == {0, 1}
-    assert auto_request_cpus([os.getpid()]) == frozenset(os.sched_getaffinity(0))
+    def no_cgroup(pid):
+        return None
+
+    online = frozenset(range(4))
+    assert auto_request_cpus({1: [10, 11, 12]}, online, no_cgroup, get_affinity=affinity) == {0, 1}
+    own = frozenset(os.sched_getaffinity(0))
+    assert auto_request_cpus({os.getpid(): [os.getpid()]}, own, no_cgroup) == own
+
+
+def test_auto_request_cpus_come_from_a_restricting_cgroup_not_from_the_threads():
+    masks = {10: {0, 1, 2, 3}, 20: {1}}
+
+    def affinity(tid):
+        return masks[tid]
+
+    online = frozenset(range(4))
+    cgroups = {1: frozenset({2}), 2: online}
+    # Process 1's cgroup allows CPU 2 only: its threads' masks do not widen that. Process 2's
+    # cgroup allows every CPU, so its threads' affinities count.
+    assert auto_request_cpus({1: [10], 2: [20]}, online, cgroups.get, get_affinity=affinity) == {1, 2}
+    assert auto_request_cpus({1: [10]}, online, cgroups.get, get_affinity=affinity) == {2}
 
 
 @pytest.mark.parametrize("above, expected_us", [("30us", 30.0), ("2ms", 2000.0), ("0.5ms", 500.0), ("1.5s", 1_500_000.0), ("0.1ms", 100.0)])

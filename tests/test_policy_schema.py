@@ -63,7 +63,7 @@ FULL_POLICY = {
 }
 
 FULL_CONFIG = {
-    "protect": {"pids": [1234], "comm": ["nginx"], "cgroup": ["/system.slice/api.service"], "unit": ["api"], "request_cpus": "0"},
+    "protect": {"pids": [1234], "comm": ["nginx"], "cgroup": ["/system.slice/api.service"], "unit": ["api"], "users": ["root", 33], "request_cpus": "0"},
     "daemon": {
         "mode": "live",
         "source": "auto",

@@ -154,6 +154,7 @@ def run_explain(args: argparse.Namespace) -> int:
         comms=list(config.protect.comms if config else ()) + args.protect_comm,
         cgroups=list(config.protect.cgroups if config else ()) + args.protect_cgroup,
         units=list(config.protect.units if config else ()) + args.protect_unit,
+        users=config.protect.users if config else (),
     )
     if args.request_cpus is not None:
         request = None if args.request_cpus == "auto" else _parse_request(args.request_cpus)

@@ -25,6 +25,7 @@ class FakeProcess:
     nice: int = 0
     flags: int = 0x400000
     uid: int = 0
+    euid: int | None = None  # None: the same as uid
     cmdline: tuple[str, ...] = ()
     cgroup_v2: str = "/"
     cgroup_v1: dict[str, str] = field(default_factory=dict)
@@ -79,7 +80,7 @@ class FakeProc:
             (base / "cmdline").write_text("\0".join(process.cmdline) + ("\0" if process.cmdline else ""))
             (base / "status").write_text(
                 f"Name:\t{process.comm}\nTgid:\t{process.pid}\nPid:\t{process.pid}\nPPid:\t{process.ppid}\n"
-                f"Uid:\t{process.uid}\t{process.uid}\t{process.uid}\t{process.uid}\n"
+                f"Uid:\t{process.uid}\t{process.uid if process.euid is None else process.euid}\t{process.uid}\t{process.uid}\n"
             )
             cgroup_lines = [f"{index + 1}:{controller}:{path}" for index, (controller, path) in enumerate(process.cgroup_v1.items())]
             cgroup_lines.append(f"0::{process.cgroup_v2}")
