@@ -62,6 +62,9 @@ def audit_record(decision: Decision, outcome: Outcome | None, mode: str) -> dict
             record["original"] = outcome.original
         if outcome.threads:
             record["threads"] = outcome.threads
+        if outcome.left:
+            # What remediator had set and someone else changed since: left as they set it.
+            record["left_changed_by_other"] = outcome.left
     return record
 
 

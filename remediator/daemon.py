@@ -26,7 +26,7 @@ from .config import DaemonConfig, load_config
 from .cpulist import format_cpulist, online_cpus
 from .engine import Decision, EngineSettings, EngineState, decide, forget, record_outcome
 from .errors import RemediatorError, SetupError
-from .executor import Executor, Outcome
+from .executor import LEFT_BY_OTHER, Executor, Outcome
 from .journal import Journal
 from .placement import auto_request_cpus
 from .matching import Glob
@@ -360,8 +360,16 @@ class Daemon:
             message = "would restore the originals" if self.mode == "dry-run" else "nothing left to restore"
             return Outcome(status, "all", decision.identity, message)
         errors = [o for o in outcomes if o.is_error]
-        status = errors[0].status if errors else ("gone" if all(o.status == "gone" for o in outcomes) else "restored")
-        return Outcome(status, "all", decision.identity, "; ".join(o.message for o in outcomes))
+        if errors:
+            status = errors[0].status
+        elif all(o.status == "gone" for o in outcomes):
+            status = "gone"
+        elif all(o.status == LEFT_BY_OTHER for o in outcomes):
+            status = LEFT_BY_OTHER  # nothing given back: someone else changed all that we had set
+        else:
+            status = "restored"
+        left = {o.kind: o.left for o in outcomes if o.left} or None
+        return Outcome(status, "all", decision.identity, "; ".join(o.message for o in outcomes), left=left)
 
     # -- logs ---------------------------------------------------------------------------------
     def _log_decision(self, decision: Decision, outcome: Outcome | None) -> None:

@@ -342,7 +342,8 @@ def record_outcome(state: EngineState, decision: Decision, status: str, policies
         return forget(state, decision.identity)
 
     if decision.kind == "revert":
-        if status in ("restored", "would-apply", "dropped", "unchanged"):
+        # left-changed-by-other: someone else's value stands; the change is over all the same.
+        if status in ("restored", "would-apply", "dropped", "unchanged", "left-changed-by-other"):
             remediations[key] = Remediation(decision.identity, decision.policy.name, reverted_at=now,
                                             action_times=remediation.action_times)
         else:

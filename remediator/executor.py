@@ -35,10 +35,13 @@ STATUSES = (
     "invalid",
     "refused",
     "restored",
+    "left-changed-by-other",
     "dropped",
     "failed",
 )
 ERROR_STATUSES = frozenset({"denied", "invalid", "failed"})
+# Not an error: what remediator set was changed by someone else since, and their value stands.
+LEFT_BY_OTHER = "left-changed-by-other"
 ON_START_CHOICES = ("restore", "keep")
 # An entry from another boot: its process cannot exist any more, whatever holds the pid now.
 PREVIOUS_BOOT = "from a previous boot: process gone"
@@ -81,6 +84,7 @@ class Outcome:
     original: dict | None = None
     applied: dict | None = None
     threads: int = 0
+    left: dict | None = None  # what was left because someone else changed it since (RestoreResult.left)
 
     @property
     def is_error(self) -> bool:
@@ -110,6 +114,7 @@ class Executor:
         self.actuators: dict[str, Actuator] = dry_run_twins(actuators) if dry_run else actuators
         self.self_pid = os.getpid() if self_pid is None else self_pid
         self._known_tids: dict[str, set[int]] = {}  # entry id -> threads already handled by maintain()
+        self._noticed_tids: dict[str, set[int]] = {}  # entry id -> threads reported as changed by someone else
 
     # -- apply --------------------------------------------------------------------------------
     def apply(self, request: ActionRequest, protected_pids: Collection[int]) -> Outcome:
@@ -149,7 +154,7 @@ class Executor:
         existing = self.journal.find(identity, kind) if self.journal else None
         try:
             current = actuator.read(identity.pid)
-            plan = actuator.plan(identity, request.target(), current)
+            plan = actuator.plan(identity, request.target(), current, **self._earlier(existing))
         except ProcessGone as exc:
             return outcome("gone", str(exc))
         except ActuatorError as exc:
@@ -210,6 +215,15 @@ class Executor:
         self._known_tids[entry.entry_id] = self._initial_known(entry, result.applied)
         return outcome("applied", result.message + note, original=entry.original, applied=result.applied, threads=result.threads)
 
+    @staticmethod
+    def _earlier(existing: JournalEntry | None) -> dict:
+        """What an earlier step of the same kind left, for the plan to compare with (a thread that
+        no longer holds it was changed by someone else). {} as applied when that step's outcome is
+        unknown (pending): then nothing is compared, and the entry is restored unconditionally."""
+        if existing is None:
+            return {}
+        return {"original": existing.original, "applied": existing.applied if existing.state == "applied" else {}}
+
     def _refuse_affected(self, plan, identity: ProcessIdentity, protected_pids: Collection[int]) -> str | None:
         """Why a change that reaches other processes too (a unit's property) may not be made."""
         for pid in plan.affects:
@@ -253,6 +267,7 @@ class Executor:
                 outcomes.append(self._drop(entry, actuator, PREVIOUS_BOOT))
                 continue
             known = self._known_tids.setdefault(entry.entry_id, self._initial_known(entry, entry.applied))
+            noticed = self._noticed_tids.setdefault(entry.entry_id, set())
             try:
                 with self.procfs.hold(entry.identity.pid):
                     try:
@@ -261,7 +276,7 @@ class Executor:
                         raise
                     except RemediatorError:
                         continue  # unreadable this tick; try again on the next
-                    result = actuator.maintain(entry.identity, entry.original, entry.applied or {}, known)
+                    result = actuator.maintain(entry.identity, entry.original, entry.applied or {}, known, noticed)
             except ProcessGone as exc:
                 outcomes.append(self._drop(entry, actuator, str(exc)))
                 continue
@@ -272,8 +287,11 @@ class Executor:
                 outcomes.append(Outcome("failed", entry.kind, entry.identity, str(exc)))
                 continue
             if result is not None:
+                message = result.message
+                if result.applied is not None:
+                    message += self._record(self.journal.record_applied, entry, result.applied)
                 outcomes.append(
-                    Outcome("applied", entry.kind, entry.identity, result.message, entry.original, entry.applied, result.threads)
+                    Outcome(result.status, entry.kind, entry.identity, message, entry.original, result.applied or entry.applied, result.threads)
                 )
         return outcomes
 
@@ -302,8 +320,8 @@ class Executor:
         assert self.journal is not None
         identity, kind = entry.identity, entry.kind
 
-        def outcome(status: str, message: str) -> Outcome:
-            return Outcome(status, kind, identity, message, entry.original, entry.applied)
+        def outcome(status: str, message: str, left: dict | None = None) -> Outcome:
+            return Outcome(status, kind, identity, message, entry.original, entry.applied, left=left)
 
         actuator = self.actuators.get(kind)
         if actuator is None:
@@ -319,7 +337,9 @@ class Executor:
                     raise
                 except RemediatorError as exc:
                     return outcome("failed", f"cannot read the process: {exc}")
-                message = actuator.restore(identity, entry.original, entry.applied or entry.target)
+                # An intent whose outcome is unknown: a value from either it or the step before is ours.
+                planned = entry.target if entry.state == "pending" else None
+                result = actuator.restore(identity, entry.original, entry.applied, planned)
         except ProcessGone as exc:
             return self._drop(entry, actuator, str(exc))
         except ActuatorError as exc:
@@ -328,9 +348,11 @@ class Executor:
             return outcome(exc.status, exc.message)
         except (OSError, RemediatorError) as exc:
             return outcome("failed", f"{exc}; the entry stays in the journal for another attempt")
-        message += self._record(self.journal.record_restored, entry, message)
+        # Closed either way: what someone else set since stays theirs, and the entry has nothing left to give back.
+        message = result.message + self._record(self.journal.record_restored, entry, result.message)
         self._known_tids.pop(entry.entry_id, None)
-        return outcome("restored", message)
+        self._noticed_tids.pop(entry.entry_id, None)
+        return outcome("restored" if result.restored else LEFT_BY_OTHER, message, result.left)
 
     def _drop(self, entry: JournalEntry, actuator: Actuator, reason: str) -> Outcome:
         """The process left (or its pid names another one now): close the entry, touch nothing of it."""
@@ -342,6 +364,7 @@ class Executor:
         if self.journal is not None:
             message += self._record(self.journal.record_dropped, entry, message)
         self._known_tids.pop(entry.entry_id, None)
+        self._noticed_tids.pop(entry.entry_id, None)
         return Outcome("dropped", entry.kind, entry.identity, message, entry.original, entry.applied)
 
     # -- start-up -----------------------------------------------------------------------------

@@ -106,7 +106,8 @@ def test_a_process_moved_elsewhere_since_is_left_where_it_is(spawn, new_executor
     try:
         (elsewhere / "cgroup.procs").write_text(str(hog.pid))  # an operator's move after ours
         [restored] = executor.restore()
-        assert restored.status == "restored", restored
+        assert restored.status == "left-changed-by-other", restored
+        assert restored.left == {"cgroup": f"/remediator-{policy_name}-operator", "set": f"/remediator-{policy_name}"}
         assert "left as it is" in restored.message
         assert cpu_cgroup(hog.pid) == f"/remediator-{policy_name}-operator"
         assert not (cpu_hierarchy.mount_point / f"remediator-{policy_name}").exists()

@@ -193,7 +193,8 @@ def test_a_later_step_into_another_cgroup_keeps_the_first_original_and_removes_t
     hog = spawn(hog_argv(threads=1))
     first, second = unique_name(), unique_name()
     executor = new_executor()
-    assert executor.apply(cpuset_request(hog.pid, {0, 1}, first), ()).status == "applied"
+    # Both on CPU 1: a first step of 0-1 would be no step at all (the root cpuset already allows no more).
+    assert executor.apply(cpuset_request(hog.pid, {1}, first), ()).status == "applied"
     moved = executor.apply(cpuset_request(hog.pid, {1}, second, step=1), ())
     assert moved.status == "applied", moved
     assert moved.message.endswith(f"(was /remediator-{first}); rmdir {no_leftover_cgroups}/remediator-{first}")
@@ -202,3 +203,18 @@ def test_a_later_step_into_another_cgroup_keeps_the_first_original_and_removes_t
     assert entry.original["cgroup"] == "/" and entry.applied["cgroup"] == f"/remediator-{second}"
     [restored] = executor.restore()
     assert restored.status == "restored" and cpuset_path_of(hog.pid) == "/"
+
+
+def test_a_process_whose_cpuset_is_already_within_the_step_is_not_moved(spawn, new_executor, scratch_cpuset, no_leftover_cgroups):
+    # Never wider: a backup already confined to CPU 1 by its own cpuset is not moved into one of 0-1.
+    hog = spawn(hog_argv(threads=1))
+    own = scratch_cpuset("1")
+    move_to(own, hog.pid)
+    executor = new_executor()
+    name = unique_name()
+    outcome = executor.apply(cpuset_request(hog.pid, {0, 1}, name), ())
+    assert outcome.status == "unchanged", outcome
+    assert outcome.message == f"pid {hog.pid} is in /{own.name}, whose cpuset (/{own.name}) allows 1, already within 0-1: not moved"
+    assert cpuset_path_of(hog.pid) == f"/{own.name}"
+    assert not (no_leftover_cgroups / f"remediator-{name}").exists()
+    assert executor.active() == []

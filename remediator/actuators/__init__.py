@@ -30,6 +30,7 @@ from .base import (
     DryRun,
     MaintainResult,
     Plan,
+    RestoreResult,
     Syscalls,
 )
 from .cpu import CpuActuator
@@ -94,6 +95,7 @@ __all__ = [
     "NiceActuator",
     "SchedActuator",
     "Plan",
+    "RestoreResult",
     "Syscalls",
     "default_actuators",
     "dry_run_twins",

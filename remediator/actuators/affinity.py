@@ -4,6 +4,12 @@ The target is narrowed to the CPUs the process's cpuset cgroup allows (cpuset.ef
 cpuset.cpus.effective in v2, online CPUs when there is no cpuset hierarchy): the kernel would refuse
 the rest anyway. When nothing is left, or the kernel answers EINVAL, the outcome says so: no silent
 fallback to some other mask.
+
+A step never widens a mask (`narrowed_mask`): a thread already within the step's CPUs (pinned to
+{1} under a step of {1}, or of {1,2}) is left as it is; one whose mask overlaps the step's CPUs
+gets the overlap (narrower, and no CPU it did not have); only a thread that runs on none of the
+step's CPUs (pinned to the request CPUs alone, which is the harm the step is for) gets the step's
+mask: it is moved, not widened onto any CPU the step keeps it off.
 """
 
 from __future__ import annotations
@@ -17,6 +23,13 @@ from ..errors import ProcessGone, RemediatorError
 from ..procfs import ProcessIdentity, ProcFS
 from .base import ChangeInvalid, Syscalls
 from .threads import PerThreadActuator
+
+
+def narrowed_mask(current: frozenset, step: frozenset) -> frozenset | None:
+    """The mask a thread on `current` gets from a step of `step`; None to leave it (already within)."""
+    if current <= step:
+        return None
+    return (current & step) or step
 
 
 class AffinityActuator(PerThreadActuator[frozenset]):
@@ -42,6 +55,12 @@ class AffinityActuator(PerThreadActuator[frozenset]):
 
     def set(self, tid: int, value: frozenset) -> None:
         self.syscalls.sched_setaffinity(tid, value)
+
+    def rule(self, current: frozenset, value: frozenset) -> frozenset | None:
+        return narrowed_mask(current, value)
+
+    def already_text(self, value: frozenset) -> str:
+        return f"within {{{format_cpulist(value)}}}"
 
     def call_text(self, value: frozenset, tid: str = "tid") -> str:
         return f"sched_setaffinity({tid}, {{{format_cpulist(value)}}})"

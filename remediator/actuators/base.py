@@ -3,10 +3,15 @@
 An actuator owns one kernel knob. The executor drives it in a fixed order:
 
     current = actuator.read(pid)                    # reads only
-    plan = actuator.plan(identity, target, current) # reads only; the exact change, as text
+    plan = actuator.plan(identity, target, current, original=..., applied=...)  # reads only; the exact change
     result = actuator.apply(plan)                   # the change (the dry-run twin changes nothing)
-    actuator.restore(identity, original, applied)   # back to the saved original
-    actuator.maintain(identity, original, applied, known_tids)  # threads created since
+    actuator.restore(identity, original, applied, planned)  # back to the original, where still ours
+    actuator.maintain(identity, original, applied, known_tids, noticed)  # threads created since
+
+Never worse: a step only ever lowers what the process gets (nice only up, a mask or a unit's
+AllowedCPUs never wider, see `nice.weaker_nice` and `affinity.narrowed_mask`), and a restore or a
+maintain only touches a value that is still the one remediator set; what someone else changed
+since is left as it is, and the outcome says so (`RestoreResult.left`).
 
 Failures are typed so the executor turns them into outcomes without guessing: `ProcessGone` (the
 process left: ordinary), `ChangeDenied` (EPERM/EACCES), `ChangeInvalid` (EINVAL or a target that
@@ -130,6 +135,19 @@ class ApplyResult:
 class MaintainResult:
     message: str
     threads: int
+    # What is in place now, when maintain() changed something the journal must know about (the
+    # values set on new threads, so a restart does not take them for new again); None: nothing to write.
+    applied: dict | None = None
+    status: str = "applied"  # "left-changed-by-other": it only noticed values someone else set
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    message: str
+    restored: bool = True  # False: nothing was put back (everything was changed by someone else since)
+    # What was left because someone else changed it after remediator (JSON-friendly, for the audit):
+    # {"threads": {tid: {"now": v, "set": v}}} or {"unit": ..., "now": ..., "set": ...}.
+    left: dict | None = None
 
 
 class Actuator(Protocol):
@@ -137,14 +155,18 @@ class Actuator(Protocol):
 
     def read(self, pid: int) -> dict: ...
 
-    def plan(self, identity: ProcessIdentity, target: dict, current: dict) -> Plan: ...
+    def plan(
+        self, identity: ProcessIdentity, target: dict, current: dict, *, original: dict | None = None, applied: dict | None = None
+    ) -> Plan: ...
 
     def apply(self, plan: Plan) -> ApplyResult: ...
 
-    def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None) -> str: ...
+    def restore(
+        self, identity: ProcessIdentity, original: dict, applied: dict | None, planned: dict | None = None
+    ) -> RestoreResult: ...
 
     def maintain(
-        self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int]
+        self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int], noticed: set[int] | None = None
     ) -> MaintainResult | None: ...
 
     def cleanup(self, original: dict, applied: dict | None) -> str: ...
@@ -163,16 +185,20 @@ class DryRun:
     def read(self, pid: int) -> dict:
         return self.actuator.read(pid)
 
-    def plan(self, identity: ProcessIdentity, target: dict, current: dict) -> Plan:
-        return self.actuator.plan(identity, target, current)
+    def plan(
+        self, identity: ProcessIdentity, target: dict, current: dict, *, original: dict | None = None, applied: dict | None = None
+    ) -> Plan:
+        return self.actuator.plan(identity, target, current, original=original, applied=applied)
 
     def apply(self, plan: Plan) -> ApplyResult:
         return ApplyResult(applied=dict(plan.target), message=plan.description, threads=plan.threads, performed=False)
 
-    def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None) -> str:
+    def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None, planned: dict | None = None) -> RestoreResult:
         raise RemediatorError("dry run: nothing was changed, so nothing is restored")
 
-    def maintain(self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int]) -> None:
+    def maintain(
+        self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int], noticed: set[int] | None = None
+    ) -> None:
         return None
 
     def cleanup(self, original: dict, applied: dict | None) -> str:

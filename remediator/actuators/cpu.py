@@ -28,7 +28,7 @@ from ..cgroupfs import CgroupFS, CgroupMount, cgroup_pids, process_cgroup_path
 from ..errors import ProcessGone
 from ..procfs import ProcessIdentity, ProcFS
 from ..systemd import SystemdError, SystemdManager, unit_for_cgroup
-from .base import ApplyResult, ChangeDenied, ChangeFailed, ChangeInvalid, Plan, ensure_alive
+from .base import ApplyResult, ChangeDenied, ChangeFailed, ChangeInvalid, Plan, RestoreResult, ensure_alive
 
 CGROUP_PREFIX = "remediator-"
 UNSET = 2**64 - 1  # systemd's "not set" for CPUWeight, "no quota" for CPUQuotaPerSecUSec
@@ -142,7 +142,9 @@ class CpuActuator:
             return ""
 
     # -- plan ---------------------------------------------------------------------------------
-    def plan(self, identity: ProcessIdentity, target: dict, current: dict) -> Plan:
+    def plan(
+        self, identity: ProcessIdentity, target: dict, current: dict, *, original: dict | None = None, applied: dict | None = None
+    ) -> Plan:
         setting = target.get("cpu")
         if not isinstance(setting, dict) or not setting:
             raise ChangeInvalid(f"cpu step without a setting ({target!r}): nothing changed")
@@ -238,9 +240,14 @@ class CpuActuator:
             return f"; could not remove {directory} ({exc.strerror})"
 
     # -- restore ------------------------------------------------------------------------------
-    def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None) -> str:
+    def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None, planned: dict | None = None) -> RestoreResult:
+        # planned (an intent whose outcome is unknown): its values are what apply would have left.
+        applied = applied if applied is not None else planned
         if "unit" in original:
-            return self._restore_unit(original, applied)
+            return self._restore_unit_result(original, applied)
+        return self._restore_group(identity, original, applied)
+
+    def _restore_group(self, identity: ProcessIdentity, original: dict, applied: dict | None) -> RestoreResult:
         mount = self._mount_of(original)
         back = mount.fs_path(original["cgroup"])
         if back is None:
@@ -248,16 +255,22 @@ class CpuActuator:
         ours = (applied or {}).get("cgroup")
         now = process_cgroup_path(mount, self.procfs.cgroups(identity.pid))
         if ours is not None and now != ours:
-            return f"pid {identity.pid} is in {now}, not in {ours} where remediator put it: {KEPT}" + self.cleanup(original, applied)
+            text = f"pid {identity.pid} is in {now}, not in {ours} where remediator put it: {KEPT}" + self.cleanup(original, applied)
+            return RestoreResult(text, restored=False, left={"cgroup": now, "set": ours})
         try:
             self.cgroupfs.write(back / "cgroup.procs", str(identity.pid))
         except OSError as exc:
             if exc.errno == errno.ESRCH:
                 raise ProcessGone(identity.pid) from None
             raise ChangeFailed(f"write {identity.pid} to {back / 'cgroup.procs'}: {exc.strerror}") from None
-        return f"write {identity.pid} to {back / 'cgroup.procs'} (was {ours})" + self.cleanup(original, applied)
+        return RestoreResult(f"write {identity.pid} to {back / 'cgroup.procs'} (was {ours})" + self.cleanup(original, applied))
 
-    def _restore_unit(self, original: dict, applied: dict | None) -> str:
+    def _restore_unit_result(self, original: dict, applied: dict | None) -> RestoreResult:
+        text, back, left = self._restore_unit_parts(original, applied)
+        return RestoreResult(text, restored=bool(back) or not left, left=left or None)
+
+    def _restore_unit_parts(self, original: dict, applied: dict | None) -> tuple[str, dict, dict]:
+        """(what was done, the properties given back, what someone else changed since)."""
         unit = original["unit"]
         if self.systemd is None:
             raise ChangeFailed(f"{unit}: systemd is not reachable from here, so its CPU properties stay as remediator set them")
@@ -275,7 +288,8 @@ class CpuActuator:
         if changed_by_others:
             note = ", ".join(property_text(name, now.get(name, UNSET)) for name in changed_by_others)
             text += ("; " if text else "") + f"{unit} has {note}, not what remediator set: {KEPT}"
-        return text or f"{unit}: nothing of remediator's left to restore"
+        left = {"unit": unit, "now": {n: now.get(n, UNSET) for n in changed_by_others}, "set": {n: ours[n] for n in changed_by_others}} if changed_by_others else {}
+        return text or f"{unit}: nothing of remediator's left to restore", back, left
 
     @staticmethod
     def _mount_of(original: dict) -> CgroupMount:
@@ -291,5 +305,7 @@ class CpuActuator:
             return ""
         return self._remove_if_empty(directory)
 
-    def maintain(self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int]) -> None:
+    def maintain(
+        self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int], noticed: set[int] | None = None
+    ) -> None:
         return None  # a cgroup holds every thread, and threads born later, by itself

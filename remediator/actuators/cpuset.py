@@ -27,6 +27,12 @@ systemd + cgroup v2 (systemd is PID 1): a process belongs to its unit, so the st
     refuses it when one is off limits. A process in no system unit (a user manager's) is refused:
     on such a host a cgroup of our own would take it out of its unit.
 
+Never wider: a process whose cpuset already allows only CPUs within the step's (a cgroup of its
+own with cpuset.cpus 1 under a step of {1}) is not moved; a unit whose AllowedCPUs is already within
+the step's is left, one that overlaps it gets the overlap (affinity.narrowed_mask). Restore puts
+back a unit's AllowedCPUs, a process's cgroup and the thread masks a move reset only where they
+still hold what remediator (or the move) left; what someone else set since stays.
+
 Tested: the v1 path for real (as root, tests/test_cpuset_v1.py); the v2 path against a fake
 cgroupfs tree with kernel-like rules (tests/test_cpuset_v2.py), since this test host binds cpuset
 to v1. See docs/actuators.md.
@@ -40,12 +46,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cgroupfs import CgroupFS, CgroupMount, cgroup_pids, effective_cpus, process_cgroup_path
+from ..cgroupfs import CgroupFS, CgroupMount, allowed_cpus, cgroup_pids, effective_cpus, process_cgroup_path
 from ..cpulist import CpuListError, format_cpulist, online_cpus, parse_cpulist
-from ..errors import ProcessGone
+from ..errors import ProcessGone, RemediatorError
 from ..procfs import ProcessIdentity, ProcFS
 from ..placement import CGROUP_PREFIX, owned_cgroup_name
 from ..systemd import SystemdError, SystemdManager, describe_allowed, unit_for_cgroup
+from .affinity import narrowed_mask
 from .base import (
     ActuatorError,
     ApplyResult,
@@ -53,6 +60,7 @@ from .base import (
     ChangeFailed,
     ChangeInvalid,
     Plan,
+    RestoreResult,
     Syscalls,
     ensure_alive,
     errno_name,
@@ -299,7 +307,9 @@ class CpusetActuator:
             steps.append(Step("write", directory / "cgroup.subtree_control", "+cpuset"))
         return steps
 
-    def plan(self, identity: ProcessIdentity, target: dict, current: dict) -> Plan:
+    def plan(
+        self, identity: ProcessIdentity, target: dict, current: dict, *, original: dict | None = None, applied: dict | None = None
+    ) -> Plan:
         mount = self._require_mount()
         name = cgroup_name(str(target.get("cgroup") or ""))
         requested = frozenset(int(cpu) for cpu in target.get("cpus") or ())
@@ -321,6 +331,16 @@ class CpusetActuator:
                 f"requested CPUs {format_cpulist(requested)} are all outside what cpuset parent {source} allows "
                 f"({format_cpulist(allowed)}): nothing changed"
             )
+        if current["cgroup"] != target_path and not current["cgroup"].rsplit("/", 1)[-1].startswith(CGROUP_PREFIX):
+            # Never wider: a cpuset that already allows only some of these CPUs stays (not one of ours:
+            # moving between our own cgroups is a later step's business).
+            now = effective_cpus(self.cgroupfs, mount, current["cgroup"])
+            if now is not None and now[0] <= cpus:
+                description = (
+                    f"pid {identity.pid} is in {current['cgroup']}, whose cpuset ({now[1]}) allows {format_cpulist(now[0])}, "
+                    f"already within {format_cpulist(cpus)}: not moved"
+                )
+                return Plan(self.kind, identity, current, target, description, unchanged=True)
         mems = self._parent_mems(mount, parent_dir)
         if not mems:
             raise ChangeFailed(f"cannot read the memory nodes of {parent_dir} (cpuset.mems): nothing changed")
@@ -362,18 +382,29 @@ class CpusetActuator:
         cpus = requested & online
         if not cpus:
             raise ChangeInvalid(f"requested CPUs {format_cpulist(requested)} are not online ({format_cpulist(online)}): nothing changed")
-        wanted = format_cpulist(cpus)
         unit_dir = mount.fs_path(current["unit_cgroup"])
         members = tuple(self._unit_pids(unit_dir)) if unit_dir is not None else ()
-        call = f"systemd SetUnitProperties {unit} --runtime AllowedCPUs={wanted}"
         threads = len(current.get("threads", {}))
-        if current["allowed_cpus"] == wanted:
-            return Plan(self.kind, identity, current, target, f"{unit} already has AllowedCPUs={wanted}", unchanged=True, affects=members)
+        # Never wider: "" (no restriction) is every online CPU; a unit already within the step's
+        # CPUs stays as it is, one that overlaps them gets the overlap.
+        try:
+            now = parse_cpulist(current["allowed_cpus"]) if current["allowed_cpus"] else online
+        except CpuListError:
+            now = online
+        narrowed = narrowed_mask(now, cpus)
+        if narrowed is None:
+            description = f"{unit} already has {describe_allowed(current['allowed_cpus'])}, within {format_cpulist(cpus)}: left as it is"
+            return Plan(self.kind, identity, current, target, description, unchanged=True, affects=members)
+        cpus = narrowed
+        wanted = format_cpulist(cpus)
+        call = f"systemd SetUnitProperties {unit} --runtime AllowedCPUs={wanted}"
         others = len(members) - 1
         description = f"{call} (was {describe_allowed(current['allowed_cpus'])})"
         if others > 0:
             description += f"; the unit's {others} other process{'es' if others != 1 else ''} too"
-        if cpus != requested:
+        if cpus != requested & online:
+            description += f"; requested {format_cpulist(requested)}, the overlap with the unit's AllowedCPUs"
+        elif cpus != requested:
             description += f"; requested {format_cpulist(requested)}, online {format_cpulist(online)}"
         details = {"unit": unit, "allowed_cpus": wanted, "cpus": sorted(cpus), "requested": sorted(requested)}
         expected = {"unit": unit, "allowed_cpus": wanted, "requested": sorted(requested)}
@@ -461,35 +492,50 @@ class CpusetActuator:
         # The hierarchy recorded with the change, not today's discovery: restore what was changed.
         return CgroupMount(int(original["version"]), Path(original["mount"]), original.get("root", "/"), frozenset({"cpuset"}))
 
-    def _restore_unit(self, original: dict, applied: dict | None) -> tuple[str, bool]:
+    @staticmethod
+    def _ours(key: str, applied: dict | None, planned: dict | None) -> list:
+        """The values of `key` remediator may have left: the applied one, and the planned one of a
+        step whose outcome is unknown."""
+        return [record[key] for record in (applied, planned) if record and record.get(key) is not None]
+
+    def _restore_unit(self, original: dict, applied: dict | None, planned: dict | None = None) -> tuple[str, bool, dict | None]:
         """Give the unit its AllowedCPUs back, unless someone changed it since we set it:
-        (what was done, whether the property was restored)."""
+        (what was done, whether the property was restored, what was left to someone else)."""
         unit = original["unit"]
-        ours = (applied or {}).get("allowed_cpus")
+        ours = self._ours("allowed_cpus", applied, planned)
         if self.systemd is None:
-            raise ChangeFailed(f"{unit}: systemd is not reachable from here, so its AllowedCPUs stays {ours}")
+            raise ChangeFailed(f"{unit}: systemd is not reachable from here, so its AllowedCPUs stays {' or '.join(ours) or 'as it is'}")
         now = self._systemd_call(lambda: self.systemd.get_allowed_cpus(unit), KEPT)
-        if ours is None or now != ours:
-            return f"{unit} has {describe_allowed(now)}, not the {ours or 'value'} remediator set: left as it is", False
         before = original["allowed_cpus"]
+        if now == before:
+            return f"{unit} already has its original {describe_allowed(now)}: nothing to restore", False, None
+        if now not in ours:
+            left = {"unit": unit, "now": now, "set": ours[-1] if ours else None}
+            return f"{unit} has {describe_allowed(now)}, not the {' or '.join(ours) or 'value'} remediator set: left as it is", False, left
         self._systemd_call(lambda: self.systemd.set_allowed_cpus(unit, parse_cpulist(before) if before else frozenset()), KEPT)
         note = self._await_unit_cpus(original, before)
-        return f"systemd SetUnitProperties {unit} --runtime {describe_allowed(before)} (was AllowedCPUs={ours}){note}", True
+        return f"systemd SetUnitProperties {unit} --runtime {describe_allowed(before)} (was AllowedCPUs={now}){note}", True, None
 
-    def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None) -> str:
+    def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None, planned: dict | None = None) -> RestoreResult:
         pid = identity.pid
         if "unit" in original:
-            message, restored = self._restore_unit(original, applied)
+            message, restored, left = self._restore_unit(original, applied, planned)
             if restored:  # kernels before 6.2 reset the masks when the unit's CPUs changed
                 message += self._restore_masks(identity, original)
             ensure_alive(self.procfs, identity)
-            return message
+            return RestoreResult(message, restored=left is None, left=left)
         mount = self._mount_of(original)
-        ours = (applied or {}).get("cgroup")
+        candidates = self._ours("cgroup", applied, planned)
         now = process_cgroup_path(mount, self.procfs.cgroups(pid))
-        if ours is None or now != ours:
-            # Never applied, or someone else moved it since: their decision stands.
-            return f"pid {pid} is in {now}, not in {ours or 'a remediator cgroup'}: left there" + self._cleanup_note(mount, ours)
+        if now not in candidates:
+            cleanup = "".join(self._cleanup_note(mount, ours) for ours in dict.fromkeys(candidates))
+            if now == original["cgroup"] or not candidates:
+                # The move never happened (an intent without outcome): nothing to put back.
+                return RestoreResult(f"pid {pid} is in its original cgroup {now}: nothing to restore" + cleanup)
+            # Someone else moved it since: their decision stands.
+            left = {"cgroup": now, "set": candidates[-1]}
+            return RestoreResult(f"pid {pid} is in {now}, not in {' or '.join(candidates)}: left there" + cleanup, restored=False, left=left)
+        ours = now
         original_dir = mount.fs_path(original["cgroup"])
         if original_dir is None or not self.cgroupfs.exists(original_dir):
             raise ChangeFailed(
@@ -507,23 +553,37 @@ class CpusetActuator:
         message = f'write "{pid}" to {procs} (was {ours})'
         message += self._restore_masks(identity, original)
         ensure_alive(self.procfs, identity)
-        return message + self._cleanup_note(mount, ours)
+        return RestoreResult(message + self._cleanup_note(mount, ours))
 
     def _restore_masks(self, identity: ProcessIdentity, original: dict) -> str:
-        """Put back thread masks a pre-6.2 kernel reset on the move (a no-op where it kept them)."""
+        """Put back thread masks a pre-6.2 kernel reset on the move (a no-op where it kept them).
+
+        A reset leaves a thread on every CPU its cpuset allows now; a thread on any other mask than
+        that or its original was set by someone else since (a taskset after ours): it is left."""
         if "threads" not in original:
             return ""
         masks = {int(tid): frozenset(mask) for tid, mask in original["threads"].items()}
         default = frozenset(original.get("default") or ())
-        fixed, failed = 0, 0
+        try:
+            reset_to: frozenset | None = allowed_cpus(
+                self.cgroupfs, self._mount_of(original), self.procfs.cgroups(identity.pid), self.sysfs_root
+            )[0]
+        except (OSError, CpuListError, RemediatorError):
+            reset_to = None  # cannot tell a reset from a taskset: put the originals back, as before
+        fixed, failed, others = 0, 0, 0
         for tid in sorted(self.procfs.tids(identity.pid)):
             wanted = masks.get(tid, default)
             if not wanted:
                 continue
             try:
-                if frozenset(self.syscalls.sched_getaffinity(tid)) != wanted:
-                    self.syscalls.sched_setaffinity(tid, wanted)
-                    fixed += 1
+                now = frozenset(self.syscalls.sched_getaffinity(tid))
+                if now == wanted:
+                    continue
+                if reset_to is not None and now != reset_to:
+                    others += 1
+                    continue
+                self.syscalls.sched_setaffinity(tid, wanted)
+                fixed += 1
             except ProcessLookupError:
                 continue
             except OSError:
@@ -533,6 +593,8 @@ class CpusetActuator:
             note += f"; sched_setaffinity back to the original mask on {plural_threads(fixed)}"
         if failed:
             note += f"; could not put back the original mask on {plural_threads(failed)}"
+        if others:
+            note += f"; {plural_threads(others)} on a mask someone else set since: left as {'they are' if others != 1 else 'it is'}"
         return note
 
     def _cleanup_note(self, mount: CgroupMount, ours: str | None) -> str:
@@ -567,5 +629,7 @@ class CpusetActuator:
             return ""
         return self._cleanup_note(self._mount_of(original), (applied or {}).get("cgroup")).lstrip("; ")
 
-    def maintain(self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int]) -> None:
+    def maintain(
+        self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int], noticed: set[int] | None = None
+    ) -> None:
         return None  # new threads start in their creator's cgroup: nothing to follow up

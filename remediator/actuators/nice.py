@@ -3,6 +3,9 @@
 Linux keeps nice per thread: setpriority(PRIO_PROCESS, pid, n) changes only the thread whose tid is
 `pid` (the main thread), so the value is set on each tid in /proc/<pid>/task. New threads inherit
 the nice of the thread that creates them; maintain() covers those created by a thread we missed.
+
+A step only ever lowers priority: a thread already at the step's nice or higher (a backup at 19
+under a step of 10) is left as it is (`weaker_nice`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,12 @@ from .threads import PerThreadActuator
 NICE_MIN, NICE_MAX = -20, 19
 
 
+def weaker_nice(current: int, step: int) -> int | None:
+    """The nice a thread at `current` gets from a step of `step`: the weaker priority (the higher
+    nice) of the two; None when that is what it has, so nothing is written."""
+    return step if step > current else None
+
+
 class NiceActuator(PerThreadActuator[int]):
     kind = "nice"
     value_key = "nice"
@@ -25,6 +34,12 @@ class NiceActuator(PerThreadActuator[int]):
 
     def set(self, tid: int, value: int) -> None:
         self.syscalls.setpriority(tid, value)
+
+    def rule(self, current: int, value: int) -> int | None:
+        return weaker_nice(current, value)
+
+    def already_text(self, value: int) -> str:
+        return f"at nice {value} or weaker"
 
     def call_text(self, value: int, tid: str = "tid") -> str:
         return f"setpriority(PRIO_PROCESS, {tid}, {value})"

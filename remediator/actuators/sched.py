@@ -18,13 +18,14 @@ parent is gone by then were re-parented and are out of reach).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import time
 
 from ..errors import RemediatorError
 from ..procfs import ProcessIdentity, ProcFS
-from .base import ChangeInvalid, Syscalls, change_error, plural_threads
+from .base import ChangeInvalid, RestoreResult, Syscalls, change_error, plural_threads
 from .threads import PerThreadActuator
 
 SCHED_DEADLINE = 6
@@ -112,16 +113,22 @@ class SchedActuator(PerThreadActuator[SchedValue]):
         """Leave a thread already at or below the target (never raise), and deadline threads."""
         return current[0] == "deadline" or RANK.get(current[0], 3) <= RANK[value[0]]
 
+    def rule(self, current: SchedValue, value: SchedValue) -> SchedValue | None:
+        return None if self.keep(current, value) else value
+
+    def already_text(self, value: SchedValue) -> str:
+        return f"at {sched_text(value)} or lower (or deadline)"
+
     def explain(self, errno_value: int | None, value: SchedValue) -> str:
         if errno_value in (errno.EPERM, errno.EACCES):
             return "leaving SCHED_IDLE or setting a realtime policy needs CAP_SYS_NICE"
         return ""
 
     # -- children born under the change -----------------------------------------------------
-    def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None) -> str:
-        message = super().restore(identity, original, applied)
+    def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None, planned: dict | None = None) -> RestoreResult:
+        result = super().restore(identity, original, applied, planned)
         children = self._restore_descendants(identity.pid, original, applied)
-        return f"{message}; {children}" if children else message
+        return dataclasses.replace(result, message=f"{result.message}; {children}", restored=True) if children else result
 
     def _restore_descendants(self, pid: int, original: dict, applied: dict | None) -> str:
         if not applied or "born_after" not in applied or self.value_key not in applied:

@@ -4,6 +4,12 @@ On Linux both are per thread: the syscalls take a tid, and a new thread inherits
 thread that created it. So a change is made on every tid in /proc/<pid>/task, the original is saved
 per thread plus a default (the main thread's) for threads that appear later, and a thread created
 after the change is caught by maintain().
+
+Never worse: each thread gets `rule(its value, the step's value)`, which only ever lowers what it
+gets (nice.weaker_nice, affinity.narrowed_mask); a thread the rule leaves is not written. What was
+set is journalled per thread (`"set": {tid: value}` in the applied record), so a restore, a later
+step and maintain() touch a thread only while it still holds what remediator set: a value someone
+else (an operator's renice/taskset, or the thread itself) put there since is left, and said so.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from .base import (
     ApplyResult,
     MaintainResult,
     Plan,
+    RestoreResult,
     Syscalls,
     change_error,
     ensure_alive,
@@ -56,6 +63,14 @@ class PerThreadActuator(Generic[V]):
     def from_json(self, data: object) -> V:
         raise NotImplementedError
 
+    def rule(self, current: V, value: V) -> V | None:
+        """What a thread at `current` gets from a step asking `value`; None: leave it (never worse)."""
+        raise NotImplementedError
+
+    def already_text(self, value: V) -> str:
+        """Why the rule left a thread: 'at nice 10 or weaker', 'within {1}'."""
+        raise NotImplementedError
+
     def resolve(self, identity: ProcessIdentity, target: dict) -> tuple[V, str, dict]:
         """(value to set, a note for the description, extra keys for the applied record)."""
         raise NotImplementedError
@@ -63,10 +78,6 @@ class PerThreadActuator(Generic[V]):
     def explain(self, errno_value: int | None, value: V) -> str:
         """Why the kernel might refuse this value (appended to EINVAL/EPERM messages)."""
         return ""
-
-    def keep(self, current: V, value: V) -> bool:
-        """True where a thread is to be left as it is (a kind that must never raise a thread)."""
-        return current == value
 
     # -- read, plan -------------------------------------------------------------------------
     def read(self, pid: int) -> dict:
@@ -79,58 +90,147 @@ class PerThreadActuator(Generic[V]):
     def _threads(self, state: dict) -> dict[int, V]:
         return {int(tid): self.from_json(value) for tid, value in state["threads"].items()}
 
-    def describe(self, value: V, count: int, pid: int, was: list[V], note: str = "") -> str:
+    def _set_map(self, record: dict | None) -> dict[int, V] | None:
+        """What remediator set on each thread, from an applied (or planned) record. None for a record
+        without it: one written before remediator kept it (such an entry is restored unconditionally,
+        as it was then), or one whose outcome is unknown."""
+        if record is None or "set" not in record:
+            return None
+        return {int(tid): self.from_json(value) for tid, value in record["set"].items()}
+
+    def _calls(self, values: dict[int, V], new: str = "") -> str:
+        """'setpriority(PRIO_PROCESS, tid, 10) on 3 threads' (one call per distinct value)."""
+        groups: dict[str, list[int]] = {}
+        for tid, value in sorted(values.items()):
+            groups.setdefault(self.value_text(value), []).append(tid)
+        return " and ".join(
+            f"{self.call_text(values[tids[0]])} on {len(tids)} {new}thread{'s' if len(tids) != 1 else ''}"
+            for tids in groups.values()
+        )
+
+    def _left_text(self, kept: dict[int, V], value: V, others: dict[int, tuple[V, V]]) -> str:
+        """The threads a change leaves as they are, and why."""
+        text = ""
+        if kept:
+            text += (
+                f"; {plural_threads(len(kept))} already {self.already_text(value)} "
+                f"({group_counts(self.value_text(v) for v in kept.values())}): left as {'they are' if len(kept) != 1 else 'it is'}"
+            )
+        if others:
+            text += "; " + self._others_text(others)
+        return text
+
+    def _others_text(self, others: dict[int, tuple[V, V]]) -> str:
+        shown = ", ".join(
+            f"tid {tid} is {self.value_text(now)} (remediator set {self.value_text(ours)})"
+            for tid, (now, ours) in sorted(others.items())[:5]
+        ) + (", ..." if len(others) > 5 else "")
+        return f"{plural_threads(len(others))} changed by someone else since remediator set {'them' if len(others) != 1 else 'it'}, left as {'they are' if len(others) != 1 else 'it is'}: {shown}"
+
+    def _describe_changes(self, pid: int, changes: dict[int, V], was: list[V], note: str) -> str:
         was_text = group_counts(self.value_text(v) for v in was) if was else "unknown"
-        text = f"{self.call_text(value)} on {plural_threads(count)} of pid {pid} (was {was_text})"
+        text = f"{self._calls(changes)} of pid {pid} (was {was_text})"
         return f"{text}; {note}" if note else text
 
-    def plan(self, identity: ProcessIdentity, target: dict, current: dict) -> Plan:
+    def plan(
+        self, identity: ProcessIdentity, target: dict, current: dict, *, original: dict | None = None, applied: dict | None = None
+    ) -> Plan:
+        """`original` and `applied`: the journal entry's, when an earlier step is in place. A thread
+        that no longer holds what that step left on it was changed by someone else: left alone."""
         value, note, extra = self.resolve(identity, target)
         threads = self._threads(current)
-        if all(self.keep(existing, value) for existing in threads.values()):
-            description = (
-                f"{self.kind} of {plural_threads(len(threads))} of pid {identity.pid} is already {self.value_text(value)}"
-            )
+        ours = self._set_map(applied)
+        # An earlier step whose record has no per-thread values (older journal, or its outcome
+        # unknown): what is ours cannot be told, so this step neither records nor compares them.
+        track = applied is None or ours is not None
+        first = self._threads(original) if ours is not None and original else {}
+        changes: dict[int, V] = {}
+        kept: dict[int, V] = {}
+        others: dict[int, tuple[V, V]] = {}
+        for tid, now in threads.items():
+            if ours is not None and (tid in ours or tid in first):
+                left_there = ours[tid] if tid in ours else first[tid]
+                if now != left_there:
+                    others[tid] = (now, left_there)
+                    continue
+            new = self.rule(now, value)
+            if new is None:
+                kept[tid] = now
+            else:
+                changes[tid] = new
+        left = self._left_text(kept, value, others)
+        if not changes:
+            description = f"{self.kind} of {plural_threads(len(threads))} of pid {identity.pid}: nothing to change" + left
             return Plan(self.kind, identity, current, target, description, unchanged=True, threads=0)
-        # Threads a kind leaves as they are (already lower) are neither counted nor shown as "was".
-        reached = [existing for existing in threads.values() if existing == value or not self.keep(existing, value)]
-        description = self.describe(value, len(reached), identity.pid, reached, note)
-        details = {"value": self.to_json(value), "note": note, "extra": extra}
+        description = self._describe_changes(identity.pid, changes, [threads[tid] for tid in changes], note) + left
+        details = {
+            "value": self.to_json(value),
+            "note": note,
+            "extra": extra,
+            "set": {str(tid): self.to_json(new) for tid, new in changes.items()},
+            "skip": sorted([*kept, *others]),
+            "left": left,
+            "earlier": None if not track else {str(tid): self.to_json(v) for tid, v in (ours or {}).items()},
+        }
         expected = {self.value_key: self.to_json(value), **extra}
-        return Plan(self.kind, identity, current, target, description, threads=len(reached), details=details, expected=expected)
+        if track:
+            expected["set"] = {**details["earlier"], **details["set"]}
+        return Plan(self.kind, identity, current, target, description, threads=len(changes), details=details, expected=expected)
 
     # -- apply ------------------------------------------------------------------------------
     def apply(self, plan: Plan) -> ApplyResult:
         pid = plan.identity.pid
-        value = self.from_json(plan.details["value"])
+        details = plan.details
+        value = self.from_json(details["value"])
+        planned = {int(tid): self.from_json(new) for tid, new in details["set"].items()}
+        skip = set(details.get("skip", ()))
         changed: dict[int, V] = {}  # tid -> value before our change, for the rollback
+        set_now: dict[int, V] = {}
+        seen: list[int] = []
         for tid in sorted(self.procfs.tids(pid)):
+            new: V | None = planned.get(tid)
             try:
+                if tid in skip:
+                    seen.append(tid)
+                    continue
                 # Read right before the set: whoever holds the number now is what a rollback restores.
                 previous = self.get(tid)
-                if self.keep(previous, value) and previous != value:
-                    continue  # left as it is (already at or below the target)
-                self.set(tid, value)
+                if tid not in planned:  # born since the plan: the same rule
+                    new = self.rule(previous, value)
+                    if new is None:
+                        seen.append(tid)
+                        continue
+                assert new is not None
+                self.set(tid, new)
             except ProcessLookupError:
                 continue  # the thread exited: nothing to change
             except OSError as exc:
-                error = change_error(exc, f"{self.call_text(value, str(tid))} (thread of pid {pid})", self.explain(exc.errno, value))
+                shown = value if new is None else new
+                error = change_error(exc, f"{self.call_text(shown, str(tid))} (thread of pid {pid})", self.explain(exc.errno, shown))
                 raise self._rolled_back(error, changed) from None
             changed[tid] = previous
-        strays, note = self._undo_strays(pid, {tid: (previous, value) for tid, previous in changed.items()})
+            set_now[tid] = new
+            seen.append(tid)
+        strays, stray_note = self._undo_strays(pid, {tid: (previous, set_now[tid]) for tid, previous in changed.items()})
         for tid in strays:
-            del changed[tid]
+            changed.pop(tid, None)
+            set_now.pop(tid, None)
+        seen = [tid for tid in seen if tid not in strays]
         # Every set may have failed with ESRCH because the process left (or the pid was reused).
         try:
             ensure_alive(self.procfs, plan.identity)
         except ProcessGone as exc:
-            raise ProcessGone(pid, f"{str(exc).removeprefix(f'pid {pid}: ')}{note}") from None
-        if not changed:
+            raise ProcessGone(pid, f"{str(exc).removeprefix(f'pid {pid}: ')}{stray_note}") from None
+        if not seen:
             raise ProcessGone(pid, "no thread left to change")
-        was = list(changed.values())
-        applied = {self.value_key: self.to_json(value), "tids": sorted(changed), **plan.details.get("extra", {})}
-        message = self.describe(value, len(changed), pid, was, plan.details.get("note", ""))
-        return ApplyResult(applied=applied, message=message, threads=len(changed))
+        applied = {self.value_key: self.to_json(value), "tids": sorted(seen), **details.get("extra", {})}
+        if details.get("earlier") is not None:
+            applied["set"] = {**details["earlier"], **{str(tid): self.to_json(v) for tid, v in set_now.items()}}
+        if set_now:
+            message = self._describe_changes(pid, set_now, list(changed.values()), details.get("note", ""))
+        else:
+            message = f"{self.kind} of pid {pid}: the threads to change exited meanwhile, nothing changed"
+        return ApplyResult(applied=applied, message=message + details.get("left", ""), threads=len(set_now))
 
     def _undo_strays(self, pid: int, done: dict[int, tuple[V, V]]) -> tuple[set[int], str]:
         """Put back changes that landed on another process (its pid or tid reused mid-change).
@@ -176,20 +276,47 @@ class PerThreadActuator(Generic[V]):
         return error
 
     # -- restore ----------------------------------------------------------------------------
-    def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None) -> str:
+    def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None, planned: dict | None = None) -> RestoreResult:
+        """Each thread its original, where it still holds what remediator set.
+
+        `planned`: the intent of a step whose outcome is unknown (a crash mid-change): a thread
+        holding either the applied or the planned value is ours. A record without per-thread values
+        (written before they were kept) is restored unconditionally, as it was then.
+        """
         pid = identity.pid
         originals = self._threads(original)
         default = self.from_json(original["default"])
+        records = [record for record in (applied, planned) if record is not None]
+        maps = [self._set_map(record) for record in records]
+        unconditional = not records or any(found is None for found in maps)
+        ours: dict[int, list[V]] = {}
+        for found in maps:
+            for tid, value in (found or {}).items():
+                ours.setdefault(tid, []).append(value)
+        # A thread born after the change holds one of our values when it inherited it from a thread we set.
+        our_values = [value for values in ours.values() for value in values]
+        our_values += [self.from_json(record[self.value_key]) for record in records if self.value_key in record]
         restored: dict[int, V] = {}
         before_restore: dict[int, V] = {}  # what each number carried right before our set
-        was: list[V] = []
+        others: dict[int, tuple[V, V]] = {}
+        untouched = 0
         errors: list[str] = []
         first_error: ActuatorError | None = None
         for tid in sorted(self.procfs.tids(pid)):
             # Threads that existed at the change get their own value, later ones the default.
             value = originals.get(tid, default)
             try:
-                current = self.get(tid)
+                now = self.get(tid)
+                if not unconditional:
+                    if tid in ours:
+                        if now == value:
+                            continue  # already its original (an intent never carried out, say)
+                        if now not in ours[tid]:
+                            others[tid] = (now, ours[tid][-1])
+                            continue
+                    elif tid in originals or now not in our_values:
+                        untouched += 1  # remediator never changed it, or it holds a value of its own
+                        continue
                 self.set(tid, value)
             except ProcessLookupError:
                 continue  # the thread vanished: nothing to restore
@@ -198,53 +325,90 @@ class PerThreadActuator(Generic[V]):
                 first_error = first_error or error
                 errors.append(error.message)
                 continue
-            was.append(current)
             restored[tid] = value
-            before_restore[tid] = current
-        strays, note = self._undo_strays(pid, {tid: (before_restore[tid], value) for tid, value in restored.items()})
+            before_restore[tid] = now
+        strays, stray_note = self._undo_strays(pid, {tid: (before_restore[tid], value) for tid, value in restored.items()})
         for tid in strays:
             del restored[tid]
+        was = [before_restore[tid] for tid in restored]
         try:
             ensure_alive(self.procfs, identity)
         except ProcessGone as exc:
-            raise ProcessGone(pid, f"{str(exc).removeprefix(f'pid {pid}: ')}{note}") from None
+            raise ProcessGone(pid, f"{str(exc).removeprefix(f'pid {pid}: ')}{stray_note}") from None
         if first_error is not None:
             first_error.message = f"restored {plural_threads(len(restored))}, failed on {len(errors)}: {errors[0]}"
             first_error.args = (first_error.message,)
             raise first_error
-        groups: dict[str, list[int]] = {}
-        for tid, value in restored.items():
-            groups.setdefault(self.value_text(value), []).append(tid)
-        calls = [
-            f"{self.call_text(value)} on {plural_threads(len(tids))}"
-            for value, tids in ((restored[tids[0]], tids) for tids in groups.values())
-        ]
         was_text = group_counts(self.value_text(v) for v in was) if was else "unknown"
-        return f"{' and '.join(calls) or 'no thread left'} of pid {pid} (was {was_text})"
+        message = f"{self._calls(restored) or 'no thread to restore'} of pid {pid} (was {was_text})"
+        if others:
+            message += "; " + self._others_text(others)
+        if untouched:
+            message += f"; {plural_threads(untouched)} not changed by remediator"
+        left = None
+        if others:
+            left = {
+                "threads": {
+                    str(tid): {"now": self.to_json(now), "set": self.to_json(ours_value)}
+                    for tid, (now, ours_value) in sorted(others.items())
+                }
+            }
+        return RestoreResult(message, restored=bool(restored) or not others, left=left)
 
     # -- threads created since --------------------------------------------------------------
-    def maintain(self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int]) -> MaintainResult | None:
+    def maintain(
+        self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int], noticed: set[int] | None = None
+    ) -> MaintainResult | None:
+        """The rule on threads born since (a thread that reset its own value gets the change again);
+        a thread that was there and no longer holds what remediator set is left, and said so once
+        (`noticed` holds the tids already reported)."""
         pid = identity.pid
         value = self.from_json(applied[self.value_key])
-        changed = 0
+        ours = self._set_map(applied)
+        set_now: dict[int, V] = {}
+        others: dict[int, tuple[V, V]] = {}
         for tid in sorted(self.procfs.tids(pid)):
             if tid in known_tids:
+                if ours is None or noticed is None or tid not in ours or tid in noticed:
+                    continue
+                try:
+                    now = self.get(tid)
+                except OSError:
+                    continue  # exited, or unreadable this tick
+                if now != ours[tid]:
+                    noticed.add(tid)  # one report, not one per tick
+                    others[tid] = (now, ours[tid])
                 continue
             # Known from now on, even if the change below fails: one report, not one per tick.
             known_tids.add(tid)
+            new: V | None = None
             try:
-                if self.keep(self.get(tid), value):
-                    continue  # inherited the value from the thread that created it, or left as it is
-                self.set(tid, value)
+                new = self.rule(self.get(tid), value)
+                if new is None:
+                    continue  # inherited the value (or a weaker one) from the thread that created it
+                self.set(tid, new)
             except ProcessLookupError:
                 continue
             except OSError as exc:
-                raise change_error(exc, f"{self.call_text(value, str(tid))} (new thread of pid {pid})", self.explain(exc.errno, value)) from None
-            changed += 1
-        if not changed:
+                shown = value if new is None else new
+                raise change_error(exc, f"{self.call_text(shown, str(tid))} (new thread of pid {pid})", self.explain(exc.errno, shown)) from None
+            set_now[tid] = new
+        if not set_now and not others:
             return None
-        return MaintainResult(f"{self.call_text(value)} on {changed} new thread{'s' if changed != 1 else ''} of pid {pid}", changed)
+        record = None
+        if set_now and ours is not None:
+            # Journalled, so that after a restart these are ours, not new threads to change again.
+            record = {
+                **applied,
+                "tids": sorted({*applied.get("tids", ()), *set_now}),
+                "set": {**applied["set"], **{str(tid): self.to_json(v) for tid, v in set_now.items()}},
+            }
+        if not set_now:
+            return MaintainResult(f"pid {pid}: " + self._others_text(others), 0, status="left-changed-by-other")
+        message = f"{self._calls(set_now, 'new ')} of pid {pid}"
+        if others:
+            message += "; " + self._others_text(others)
+        return MaintainResult(message, len(set_now), applied=record)
 
     def cleanup(self, original: dict, applied: dict | None) -> str:
         return ""  # per-thread values vanish with the process
-
