@@ -142,7 +142,27 @@ def test_an_operators_later_change_is_left_alone(systemd_host):
     host.systemd.allowed["fluent-bit.service"] = "3"  # systemctl set-property by hand since
     [restored] = executor.restore()
     assert "left as it is" in restored.message
+    assert restored.status == "left-changed-by-other" and not restored.is_error
+    assert restored.left == {"unit": "fluent-bit.service", "now": "3", "set": "2-3"}
     assert host.systemd.allowed["fluent-bit.service"] == "3"
+    assert executor.active() == []
+
+
+def test_a_unit_already_within_the_step_is_left_and_one_that_overlaps_gets_the_overlap(systemd_host):
+    host = systemd_host({"fluent-bit.service": "3"})
+    executor = host.executor()
+    unchanged = executor.apply(host.request(cpus={2, 3}), ())
+    assert unchanged.status == "unchanged", unchanged
+    assert unchanged.message == 'fluent-bit.service already has AllowedCPUs="3", within 2-3: left as it is'
+    assert [call for call in host.systemd.calls if call[0] == "set"] == []
+
+    host.systemd.allowed["fluent-bit.service"] = "0,3"
+    narrowed = executor.apply(host.request(cpus={2, 3}), ())
+    assert narrowed.status == "applied", narrowed
+    assert "AllowedCPUs=3 " in narrowed.message and "the overlap with the unit's AllowedCPUs" in narrowed.message
+    assert host.systemd.allowed["fluent-bit.service"] == "3"  # never 2, which it did not have
+    [restored] = executor.restore()
+    assert restored.status == "restored" and host.systemd.allowed["fluent-bit.service"] == "0,3"
 
 
 def test_the_unit_gets_its_property_back_after_the_process_is_gone(systemd_host):
