@@ -1,7 +1,8 @@
 """`remediator revert`: put back the original nice, affinity and cgroup of processes, from the journal.
 
 It restores exactly what the journal holds: each thread its own original value, threads created
-since the change the default, a process only if it is still the same one (pid and start time);
+since the change the default, a process only if it is still the same one (pid and start time),
+and a value only while it still is the one remediator set (what someone else changed since stays);
 entries of processes that are gone (or whose pid now names another process) are dropped untouched.
 """
 
@@ -26,8 +27,9 @@ DESCRIPTION = """\
 Restore what remediator changed, from its journal: nice and CPU affinity per thread, and
 the cpuset cgroup (the process moves back; the remediator cgroup is removed once empty).
 
-Prints one line per change: restored; dropped (the process is gone, or its pid now names
-another process: nothing is touched); or an error. Exit status 0 when everything
+Prints one line per change: restored; left-changed-by-other (someone changed what
+remediator had set since: their value stays); dropped (the process is gone, or its pid now
+names another process: nothing is touched); or an error. Exit status 0 when everything
 restorable was restored, 1 otherwise. Stop the daemon first: it holds a lock on the
 journal while it runs.
 """
