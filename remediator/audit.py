@@ -19,6 +19,7 @@ from .engine import Decision
 from .errors import RemediatorError
 from .executor import Outcome
 from .jsonlines import read_json_lines
+from .trustedfs import Trust, TrustedDirectory
 
 
 def _iso(ts: float) -> str:
@@ -69,15 +70,17 @@ def audit_record(decision: Decision, outcome: Outcome | None, mode: str) -> dict
 
 
 class AuditLog:
-    """Appends audit lines to a file (created 0640 with its directory 0750). `stamp` holds fields
+    """Appends audit lines to a file (created 0640, and its missing directories 0750). `stamp` holds fields
     added to every line (the daemon's source, and "degraded" when it cannot see a tail or blame)."""
 
-    def __init__(self, path: str | Path, stamp: dict | None = None):
+    def __init__(self, path: str | Path, stamp: dict | None = None, trust: Trust | None = None):
         self.path = Path(path)
         self.stamp = dict(stamp or {})
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            # Through trustedfs (checked when privileged): never through a symlink, nor in a directory
+            # someone else could swap.
+            with TrustedDirectory(self.path.parent, trust, create_mode=0o750, shown=str(self.path)) as directory:
+                fd = directory.open(self.path.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         except OSError as exc:
             raise RemediatorError(f"cannot open the audit log {self.path}: {exc.strerror or exc}") from None
         self._stream: IO[str] = os.fdopen(fd, "a", buffering=1)

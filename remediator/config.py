@@ -2,23 +2,23 @@
 
 The keys are described once in schema.CONFIG_FILE; this module adds what needs more than one key
 (protect must select something, policy paths must exist) and resolves paths relative to the file.
-Also here: reading any TOML input into a Document with diagnostics, and the ownership check a root
-daemon applies before trusting a file.
+Also here: reading any TOML input into a Document with diagnostics (through trustedfs, which
+refuses to a privileged caller a file others could change).
 """
 
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .cpulist import format_cpulist
-from .errors import Location, RemediatorError
+from .errors import Location
 from .schema import CONFIG_FILE, Checker, Diagnostic, PolicyErrors, has_errors
 from .selectors import ProtectSelectors
 from .tomlpos import Document, TomlSyntaxError, format_key_path, parse
+from .trustedfs import Trust, UntrustedPath, read_bytes
 
 CONFIG_FILE_NAME = "remediator.toml"
 CONFIG_TABLES = frozenset({"protect", "daemon"})
@@ -59,11 +59,18 @@ class DaemonConfig:
 
 # -- reading ----------------------------------------------------------------------------------
 
-def read_document(path: Path | str, display: str | None = None) -> tuple[Document | None, list[Diagnostic]]:
-    """Read and parse one TOML file; (None, [diagnostic]) when it cannot be read or parsed."""
+def read_document(
+    path: Path | str, display: str | None = None, *, trust: Trust | None = None, refuse_untrusted: bool = False
+) -> tuple[Document | None, list[Diagnostic]]:
+    """Read (through trustedfs) and parse one TOML file; (None, [diagnostic]) when it cannot be read
+    or parsed, or is not to be trusted (raised as UntrustedPath instead with `refuse_untrusted`)."""
     shown = display if display is not None else str(path)
     try:
-        raw = Path(path).read_bytes()
+        raw = read_bytes(path, trust, shown=shown)
+    except UntrustedPath as exc:
+        if refuse_untrusted:
+            raise
+        return None, [Diagnostic(Location(shown), "error", f"refusing to read it: {exc.reason}", "untrusted")]
     except OSError as exc:
         reason = exc.strerror or str(exc)
         code = "not-found" if isinstance(exc, FileNotFoundError) else "unreadable"
@@ -205,66 +212,14 @@ def config_diagnostics(document: Document, online_cpus: frozenset[int] | None = 
     return config, diagnostics
 
 
-def load_config(path: Path | str, require_trusted: bool = False) -> DaemonConfig:
-    """Load remediator.toml; raise PolicyErrors listing every located problem."""
-    if require_trusted:
-        assert_trusted_file(path)
-    document, diagnostics = read_document(path)
+def load_config(path: Path | str, trust: Trust | None = None) -> DaemonConfig:
+    """Load remediator.toml; raise PolicyErrors listing every located problem, or UntrustedPath
+    when a privileged caller must not act on it (see trustedfs; `trust` defaults to this process's).
+    Ownership and mode are checked on the descriptor the file is then read from."""
+    document, diagnostics = read_document(path, trust=trust, refuse_untrusted=True)
     if document is None:
         raise PolicyErrors(diagnostics)
     config, diagnostics = compile_config(document)
     if config is None:
         raise PolicyErrors(diagnostics)
     return config
-
-
-# -- trust --------------------------------------------------------------------------------------
-
-class UntrustedFile(RemediatorError):
-    """A file a root daemon would read, writable by someone other than root."""
-
-
-def assert_trusted_file(path: Path | str) -> None:
-    """Refuse a file (or a directory on its path) that is not root-owned or is group/world-writable.
-
-    A root daemon that acts on rules others can edit hands them root's power over every process.
-    The file and its directory must be owned by root and not writable by group or others; the
-    directories above must be root-owned and not writable by others unless sticky (like /tmp, where
-    others cannot rename what root owns).
-    """
-    target = Path(os.path.realpath(path))
-    try:
-        info = os.stat(target)
-    except OSError as exc:
-        raise RemediatorError(f"{path}: cannot check ownership: {exc.strerror or exc}") from None
-    _require_root_owned(target, info, str(path), strict=True)
-    directory = target.parent
-    strict = True
-    while True:
-        try:
-            info = os.stat(directory)
-        except OSError as exc:
-            raise RemediatorError(f"{path}: cannot check ownership of {directory}: {exc.strerror or exc}") from None
-        _require_root_owned(directory, info, str(path), strict=strict)
-        strict = False
-        if directory.parent == directory:
-            return
-        directory = directory.parent
-
-
-def _require_root_owned(target: Path, info: os.stat_result, shown: str, strict: bool) -> None:
-    what = "it" if str(target) == os.path.realpath(shown) else f"{target}"
-    fix = f"chown root:root {target} && chmod go-w {target}"
-    if info.st_uid != 0:
-        raise UntrustedFile(
-            f"refusing {shown}: {what} is owned by uid {info.st_uid}, not root; a root daemon acting on rules "
-            f"another user can change would give that user root's power over every process ({fix})"
-        )
-    writable = stat.S_IWOTH | (stat.S_IWGRP if strict else 0)
-    sticky_dir = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX and not strict
-    if info.st_mode & writable and not sticky_dir:
-        who = "group- or world-writable" if strict else "world-writable"
-        raise UntrustedFile(
-            f"refusing {shown}: {what} is {who} (mode {stat.S_IMODE(info.st_mode):04o}); a root daemon acting on "
-            f"rules others can change would give them root's power over every process ({fix})"
-        )

@@ -39,6 +39,7 @@ from .sample import SOURCE_PROCFS
 from .sdnotify import Notifier
 from .selectors import ProtectSelectors
 from .sources import PROCFS_DEGRADED, Source, open_source
+from .trustedfs import Trust
 
 log = logging.getLogger("remediator")
 
@@ -83,10 +84,10 @@ def shared_comm_warnings(infos: list[ProcessInfo], protect: ProtectSelectors, po
     return warnings
 
 
-def load_all(config_path: Path, trusted: bool) -> tuple[DaemonConfig, PolicySet]:
+def load_all(config_path: Path, trust: Trust) -> tuple[DaemonConfig, PolicySet]:
     """Config and policies, checked; raises PolicyErrors (located) or RemediatorError."""
-    config = load_config(config_path, require_trusted=trusted)
-    policies = load_policies(config.policy_paths, online_cpus=online_cpus(), require_trusted=trusted)
+    config = load_config(config_path, trust)
+    policies = load_policies(config.policy_paths, online_cpus=online_cpus(), trust=trust)
     return config, policies
 
 
@@ -108,12 +109,12 @@ class Daemon:
         self.procfs = procfs or ProcFS()
         self.notifier = notifier or Notifier()
         self.max_ticks = max_ticks
-        self.trusted = os.geteuid() == 0  # a root daemon must not read rules others can edit
+        self.trust = Trust.for_this_process()  # a root daemon must not act on files others can edit
         self._wake = threading.Event()
         self._sleep = sleep
         self._stop = False
         self._reload = False
-        self.config, self.policies = load_all(self.config_path, self.trusted)
+        self.config, self.policies = load_all(self.config_path, self.trust)
         self.cgroupfs = CgroupFS()
         self.cpuset_mount = discover_cpuset_mount(cgroupfs=self.cgroupfs)  # for request_cpus = "auto"
         self.mode = self.mode_override or self.config.mode
@@ -138,7 +139,7 @@ class Daemon:
     def reload(self) -> bool:
         """Load config and policies again; keep the running ones when the new set is bad."""
         try:
-            config, policies = load_all(self.config_path, self.trusted)
+            config, policies = load_all(self.config_path, self.trust)
         except PolicyErrors as exc:
             for diagnostic in exc.diagnostics:
                 log.error("reload: %s", diagnostic)
@@ -171,8 +172,8 @@ class Daemon:
         self.collector = Collector(source, config.protect, self.procfs, track_execs=self._has_always_policies())
         self.state = EngineState()
         try:
-            self.audit = AuditLog(config.audit_path, stamp=self._audit_stamp(source))
-            journal = None if dry_run else Journal(config.journal_path)
+            self.audit = AuditLog(config.audit_path, stamp=self._audit_stamp(source), trust=self.trust)
+            journal = None if dry_run else Journal(config.journal_path, trust=self.trust)
             self.executor = Executor(journal, self.procfs, dry_run=dry_run)
             if not dry_run:
                 for outcome in self.executor.reconcile(config.on_start):

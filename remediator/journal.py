@@ -46,6 +46,7 @@ from typing import Iterable
 
 from .errors import RemediatorError
 from .procfs import Boot, ProcessIdentity, current_boot
+from .trustedfs import Trust, TrustedDirectory, read_all, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -166,29 +167,6 @@ def apply_record(entries: dict[str, JournalEntry], record: dict, order: int) -> 
         entries[entry_id] = dataclasses.replace(entry, state=op, updated=when)
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _make_private_dirs(directory: Path) -> None:
-    """Create missing parents one level at a time with 0700 (os.makedirs ignores mode for parents)."""
-    missing = []
-    while not directory.exists():
-        missing.append(directory)
-        directory = directory.parent
-    for path in reversed(missing):
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            continue
-        os.chmod(path, 0o700)  # the umask must not widen or narrow it
-        _fsync_directory(path.parent)
-
-
 @dataclass
 class JournalScan:
     """What a journal file holds: its records, where its complete lines end, what could not be read."""
@@ -213,9 +191,13 @@ def _salvage(raw: bytes) -> dict | None:
     return None
 
 
-def scan(path: str | Path) -> JournalScan:
-    """Read a journal file; no locking."""
-    data = Path(path).read_bytes()
+def scan(path: str | Path, trust: Trust | None = None) -> JournalScan:
+    """Read a journal file; no locking. Through trustedfs: every line becomes a syscall on some
+    process, so a privileged reader refuses a journal (or a directory on its path) others could change."""
+    return scan_bytes(read_bytes(path, trust), path)
+
+
+def scan_bytes(data: bytes, path: str | Path) -> JournalScan:
     records: list[dict] = []
     warnings: list[str] = []
     unreadable: list[int] = []
@@ -244,9 +226,9 @@ def scan(path: str | Path) -> JournalScan:
     return JournalScan(records, complete, warnings, unreadable)
 
 
-def read_records(path: str | Path) -> tuple[list[dict], int, list[str]]:
+def read_records(path: str | Path, trust: Trust | None = None) -> tuple[list[dict], int, list[str]]:
     """(records, byte length of the complete lines, warnings) from a journal file; no locking."""
-    found = scan(path)
+    found = scan(path, trust)
     return found.records, found.complete, found.warnings
 
 
@@ -264,9 +246,16 @@ class Journal:
     """The journal file of one remediator: append-only, fsync'd, locked against a second writer."""
 
     def __init__(
-        self, path: str | Path = DEFAULT_JOURNAL_PATH, *, clock=time.time, read_only: bool = False, boot: Boot | None = None
+        self,
+        path: str | Path = DEFAULT_JOURNAL_PATH,
+        *,
+        clock=time.time,
+        read_only: bool = False,
+        boot: Boot | None = None,
+        trust: Trust | None = None,
     ):
-        """Open (creating it and its 0700 parents if needed) and lock the journal.
+        """Open (creating it and its 0700 parents if needed) and lock the journal. Every file is
+        opened through trustedfs (`trust` defaults to this process's: checked when privileged).
 
         read_only: just fold what is there (a missing file is empty): no lock, no compaction, no
         repair of a torn tail, and every record_* call fails. For dry runs and status views.
@@ -280,16 +269,19 @@ class Journal:
         self._lock_fd: int | None = None
         self._unreadable: list[int] = []
         self._cut_back_to: int | None = None  # a failed write left bytes past this offset
+        self._dir: TrustedDirectory | None = None
         if read_only:
-            records, _, warnings = read_records(self.path) if self.path.exists() else ([], 0, [])
+            records, _, warnings = read_records(self.path, trust) if self.path.exists() else ([], 0, [])
             for warning in warnings:
                 log.warning("%s", warning)
             self._records = records
             self._entries = fold(records)
             return
-        _make_private_dirs(self.path.parent)
-        self._lock()
+        # The directory is created 0700 where missing, checked, and held: every file in it is opened
+        # through this descriptor, never through a symlink.
+        self._dir = TrustedDirectory(self.path.parent, trust, create_mode=0o700, shown=str(self.path))
         try:
+            self._lock()
             self._records = self._load()
             self._entries = fold(self._records)
             if self._records and not any(entry.active for entry in self._entries.values()):
@@ -308,8 +300,9 @@ class Journal:
 
     # -- opening ------------------------------------------------------------------------------
     def _lock(self) -> None:
+        assert self._dir is not None
         lock_path = self.path.with_name(self.path.name + ".lock")
-        self._lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._lock_fd = self._dir.open(lock_path.name, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -322,38 +315,43 @@ class Journal:
             raise JournalError(f"cannot lock {lock_path}: {exc.strerror}") from None
 
     def _load(self) -> list[dict]:
-        if not self.path.exists():
+        assert self._dir is not None
+        if not self._dir.exists(self.path.name):
             return []
-        found = scan(self.path)
-        records, complete = found.records, found.complete
-        self._unreadable = found.unreadable
-        for warning in found.warnings:
-            log.warning("%s", warning)
-        if complete < self.path.stat().st_size:
-            # Cut the torn tail off, or the next record would be glued to it.
-            with open(self.path, "r+b") as handle:
-                handle.truncate(complete)
-                handle.flush()
-                os.fsync(handle.fileno())
+        fd = self._dir.open(self.path.name, os.O_RDWR)
+        try:
+            data = read_all(fd)
+            found = scan_bytes(data, self.path)
+            records, complete = found.records, found.complete
+            self._unreadable = found.unreadable
+            for warning in found.warnings:
+                log.warning("%s", warning)
+            if complete < len(data):
+                # Cut the torn tail off, or the next record would be glued to it.
+                os.ftruncate(fd, complete)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         return records
 
     def _compact(self) -> None:
         """Only closed entries: replace the file with an empty one, atomically (or leave it as it is)."""
-        temporary = self.path.with_name(self.path.name + ".compact")
+        assert self._dir is not None
+        temporary = self.path.name + ".compact"
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = self._dir.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 os.fchmod(fd, 0o600)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(temporary, self.path)
-            _fsync_directory(self.path.parent)
+            self._dir.rename(temporary, self.path.name)
+            self._dir.fsync()
         except OSError as exc:
             # Only closed entries: the file is merely longer than it needs to be.
             log.warning("journal %s not compacted: %s", self.path, exc.strerror or exc)
             try:
-                os.unlink(temporary)
+                os.unlink(temporary, dir_fd=self._dir.fd)
             except OSError:
                 pass
             return
@@ -362,11 +360,12 @@ class Journal:
         self._entries = {}
 
     def _open_for_append(self) -> None:
-        created = not self.path.exists()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        assert self._dir is not None
+        created = not self._dir.exists(self.path.name)
+        self._fd = self._dir.open(self.path.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         if created:
             os.fchmod(self._fd, 0o600)  # whatever the umask: readable and writable by root only
-            _fsync_directory(self.path.parent)  # the new name must survive a crash too
+            self._dir.fsync()  # the new name must survive a crash too
 
     def close(self) -> None:
         if self._fd is not None:
@@ -375,6 +374,9 @@ class Journal:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
+        if self._dir is not None:
+            self._dir.close()
+            self._dir = None
 
     def __enter__(self) -> "Journal":
         return self

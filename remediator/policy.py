@@ -23,7 +23,6 @@ from typing import Any, Iterable, Sequence
 
 from .config import (
     DaemonConfig,
-    assert_trusted_file,
     config_diagnostics,
     host_cpu_warnings,
     looks_like_config,
@@ -35,6 +34,7 @@ from .matching import FIELDS, Match, MatchResult
 from .procfs import ProcessInfo
 from .schema import POLICY_FILE, Checker, Diagnostic, PolicyErrors, format_duration, has_errors, parse_duration
 from .tomlpos import Document, KeyPath, format_key_path
+from .trustedfs import Trust, TrustedDirectory, UntrustedPath, open_file, read_all
 
 __all__ = [
     "CompiledPolicy",
@@ -52,7 +52,7 @@ __all__ = [
     "check_sources",
     "compile_policies",
     "load_policies",
-    "policy_files",
+    "read_policy_files",
 ]
 
 
@@ -508,25 +508,48 @@ def unprotected_warnings(compiled: list[CompiledPolicy], request_cpus: frozenset
 
 # -- files ----------------------------------------------------------------------------------------
 
-def policy_files(paths: Iterable[Path | str]) -> tuple[list[Path], list[Diagnostic]]:
-    """Files named, and every *.toml in directories named; sorted by path, duplicates removed."""
-    files: dict[str, Path] = {}
+def read_policy_files(
+    paths: Iterable[Path | str], trust: Trust | None = None
+) -> tuple[list[tuple[Path, bytes]], list[Diagnostic]]:
+    """(path, content) of the files named and of every *.toml in the directories named, sorted by
+    path, each file once. Every file is read from the descriptor whose owner and mode were checked
+    (trustedfs), and a directory is listed and its files opened through its own descriptor."""
+    found: dict[tuple[int, int], tuple[Path, bytes]] = {}
     diagnostics: list[Diagnostic] = []
+
+    def add(path: Path, opener) -> None:
+        try:
+            fd = opener()
+            try:
+                info = os.fstat(fd)
+                found.setdefault((info.st_dev, info.st_ino), (path, read_all(fd)))
+            finally:
+                os.close(fd)
+        except UntrustedPath as exc:
+            diagnostics.append(Diagnostic(Location(_display(path)), "error", f"refusing to read it: {exc.reason}", "untrusted"))
+        except FileNotFoundError:
+            diagnostics.append(Diagnostic(Location(_display(path)), "error", "no such file or directory", "not-found"))
+        except OSError as exc:
+            diagnostics.append(Diagnostic(Location(_display(path)), "error", f"cannot read: {exc.strerror or exc}", "unreadable"))
+
     for entry in paths:
         path = Path(entry)
-        if path.is_dir():
-            try:
-                found = [child for child in path.iterdir() if child.suffix == ".toml" and not child.is_dir()]
-            except OSError as exc:
-                diagnostics.append(Diagnostic(Location(str(path)), "error", f"cannot list: {exc.strerror or exc}", "unreadable"))
-                continue
-            for child in found:
-                files.setdefault(os.path.realpath(child), child)
-        elif path.exists():
-            files.setdefault(os.path.realpath(path), path)
-        else:
-            diagnostics.append(Diagnostic(Location(str(path)), "error", "no such file or directory", "not-found"))
-    return sorted(files.values(), key=lambda p: os.path.abspath(p)), diagnostics
+        if not path.is_dir():
+            add(path, lambda: open_file(path, trust))
+            continue
+        try:
+            with TrustedDirectory(path, trust) as directory:
+                for name in directory.names():
+                    if name.endswith(".toml") and directory.kind(name) != "directory":
+                        try:
+                            add(path / name, lambda: directory.open_file(name))
+                        except IsADirectoryError:
+                            continue  # a link to a directory named *.toml
+        except UntrustedPath as exc:
+            diagnostics.append(Diagnostic(Location(_display(path)), "error", f"refusing to read it: {exc.reason}", "untrusted"))
+        except OSError as exc:
+            diagnostics.append(Diagnostic(Location(_display(path)), "error", f"cannot list: {exc.strerror or exc}", "unreadable"))
+    return sorted(found.values(), key=lambda item: os.path.abspath(item[0])), diagnostics
 
 
 def _display(path: Path) -> str:
@@ -538,21 +561,15 @@ def _display(path: Path) -> str:
 
 
 def load_policies(
-    paths: Sequence[Path | str], online_cpus: frozenset[int] | None = None, require_trusted: bool = False
+    paths: Sequence[Path | str], online_cpus: frozenset[int] | None = None, trust: Trust | None = None
 ) -> PolicySet:
-    """Load and compile every policy file under `paths`; raise PolicyErrors on any error.
+    """Load and compile every policy file under `paths`; raise PolicyErrors on any error (a file
+    a privileged caller must not trust is one: see trustedfs; `trust` defaults to this process's).
 
     Warnings (e.g. CPUs this host lacks, when `online_cpus` is given) are kept in PolicySet.warnings.
     """
-    files, diagnostics = policy_files(paths)
-    sources = []
-    for path in files:
-        if require_trusted:
-            assert_trusted_file(path)
-        try:
-            sources.append((str(path), path.read_bytes()))
-        except OSError as exc:
-            diagnostics.append(Diagnostic(Location(str(path)), "error", f"cannot read: {exc.strerror or exc}", "unreadable"))
+    files, diagnostics = read_policy_files(paths, trust)
+    sources = [(str(path), raw) for path, raw in files]
     compiled, more = _check_policy_sources(sources, online_cpus)
     diagnostics += more
     if has_errors(diagnostics):
@@ -611,18 +628,13 @@ def check_paths(paths: Sequence[Path | str], online_cpus: frozenset[int] | None 
     """What `policy check` reports for files and directories. A config file found among them
     (by name, or by its [protect] / [daemon] tables) is checked too, and the policy paths it names
     are checked with the rest (each file once)."""
-    files, diagnostics = policy_files(paths)
-    seen = {os.path.realpath(path) for path in files}
+    files, diagnostics = read_policy_files(paths)
+    seen = {os.path.realpath(path) for path, _ in files}
     sources: list[tuple[str, bytes]] = []
     queue = list(files)
     while queue:
-        path = queue.pop(0)
+        path, raw = queue.pop(0)
         display = _display(path)
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            diagnostics.append(Diagnostic(Location(display), "error", f"cannot read: {exc.strerror or exc}", "unreadable"))
-            continue
         sources.append((display, raw))
         document, _ = parse_source(raw, display)
         if document is None or not looks_like_config(document, display):
@@ -630,12 +642,12 @@ def check_paths(paths: Sequence[Path | str], online_cpus: frozenset[int] | None 
         config, _ = config_diagnostics(document)
         if config is None:
             continue
-        more, problems = policy_files(config.policy_paths)
-        for extra in more:
-            real = os.path.realpath(extra)
-            if real not in seen:
-                seen.add(real)
-                queue.append(extra)
+        more, problems = read_policy_files(config.policy_paths)
+        diagnostics += [item for item in problems if item.code != "not-found"]  # missing: the config check says so
+        for extra, content in more:
+            if os.path.realpath(extra) not in seen:
+                seen.add(os.path.realpath(extra))
+                queue.append((extra, content))
     # Policy order (sorted absolute paths) is the last precedence tie-breaker, as in load_policies.
     sources.sort(key=lambda item: os.path.abspath(item[0]))
     diagnostics += check_sources(sources, online_cpus)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from remediator.config import UntrustedFile, assert_trusted_file, load_config
+from remediator.config import load_config
+from remediator.trustedfs import Trust, UntrustedPath, read_bytes
 from remediator.policy import PolicyErrors
 from remediator.selectors import ProtectSelectors
 
@@ -84,6 +85,9 @@ def test_unreadable_and_syntax_errors(tmp_path):
         load_config(path)
 
 
+STRICT = Trust(enforce=True)
+
+
 # -- trust ------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -100,22 +104,25 @@ def trusted_dir(tmp_path):
 @pytest.mark.root
 def test_trusted_file_owned_by_root_and_not_writable_by_others(trusted_dir):
     path = trusted_dir / "remediator.toml"
-    assert_trusted_file(path)  # tmp_path sits under /tmp: world-writable but sticky, which is allowed above
-    assert load_config(path, require_trusted=True).protect.comms == ("nginx",)
+    read_bytes(path, STRICT)  # tmp_path sits under /tmp: world-writable but sticky, crossed to a root-owned directory
+    assert load_config(path, STRICT).protect.comms == ("nginx",)
 
     os.chmod(path, 0o664)
-    with pytest.raises(UntrustedFile, match=r"it is group- or world-writable \(mode 0664\)"):
-        assert_trusted_file(path)
+    with pytest.raises(UntrustedPath, match=r"it is group- or world-writable \(mode 0664\)"):
+        read_bytes(path, STRICT)
     os.chmod(path, 0o644)
 
-    os.chmod(trusted_dir, 0o777)
-    with pytest.raises(UntrustedFile, match=rf"{trusted_dir} is group- or world-writable"):
-        assert_trusted_file(path)
+    os.chmod(trusted_dir, 0o777)  # (refused on the way, before it is known to hold the file)
+    with pytest.raises(UntrustedPath, match=rf"{trusted_dir} is world-writable \(mode 0777\)"):
+        read_bytes(path, STRICT)
+    os.chmod(trusted_dir, 0o775)
+    with pytest.raises(UntrustedPath, match=rf"{trusted_dir} is group- or world-writable \(mode 0775\)"):
+        read_bytes(path, STRICT)
     os.chmod(trusted_dir, 0o755)
 
     os.chown(path, 65534, 65534)
-    with pytest.raises(UntrustedFile, match="is owned by uid 65534, not root"):
-        load_config(path, require_trusted=True)
+    with pytest.raises(UntrustedPath, match="is owned by uid 65534, not root"):
+        load_config(path, STRICT)
 
 
 @pytest.mark.root
@@ -123,7 +130,7 @@ def test_a_symlink_is_judged_by_its_target(trusted_dir, tmp_path):
     target = trusted_dir / "remediator.toml"
     link = tmp_path / "link.toml"
     link.symlink_to(target)
-    assert_trusted_file(link)
+    read_bytes(link, STRICT)
     os.chown(target, 65534, 65534)
-    with pytest.raises(UntrustedFile, match="owned by uid 65534"):
-        assert_trusted_file(link)
+    with pytest.raises(UntrustedPath, match="owned by uid 65534"):
+        read_bytes(link, STRICT)

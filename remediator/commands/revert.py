@@ -13,13 +13,14 @@ import logging
 import os
 from pathlib import Path
 
-from ..config import UntrustedFile, assert_trusted_file, load_config
+from ..config import load_config
 from ..errors import Location, LocatedError, RemediatorError
 from ..executor import Executor
 from ..journal import DEFAULT_JOURNAL_PATH, Journal
 from ..procfs import ProcFS
 from ..schema import PolicyErrors
 from ..tomlpos import TomlSyntaxError, parse
+from ..trustedfs import UntrustedPath, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,8 @@ def journal_path_from_config(config_path: str) -> str:
     blocked by a mistake elsewhere. It says so on stderr.
     """
     try:
-        return str(load_config(config_path, require_trusted=os.geteuid() == 0).journal_path)
-    except UntrustedFile:
+        return str(load_config(config_path).journal_path)
+    except UntrustedPath:
         raise
     except PolicyErrors as exc:
         journal = _journal_key_only(config_path)
@@ -84,8 +85,7 @@ def journal_path_from_config(config_path: str) -> str:
 
 def _journal_key_only(config_path: str) -> str:
     try:
-        with open(config_path, "rb") as handle:
-            data = parse(handle.read(), config_path).data
+        data = parse(read_bytes(config_path), config_path).data
     except OSError as exc:
         raise RemediatorError(f"{config_path}: cannot read ({exc.strerror})") from None
     except TomlSyntaxError as exc:
@@ -107,11 +107,9 @@ def run_revert(args: argparse.Namespace) -> int:
     if not Path(path).exists():
         print(f"nothing to revert: no journal at {path}")
         return 0
-    if os.geteuid() == 0:
-        # Every line of the journal becomes a syscall on some process: root only trusts a root-owned one.
-        assert_trusted_file(path)
     procfs = ProcFS(args.proc_root)
     try:
+        # Through trustedfs: as root, a journal (or a directory on its path) others could change is refused.
         journal = Journal(path)
     except OSError as exc:
         raise RemediatorError(f"cannot open the journal {path}: {exc.strerror} (it is root's: run with sudo)") from None
