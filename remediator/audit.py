@@ -19,6 +19,7 @@ from .engine import Decision
 from .errors import RemediatorError
 from .executor import Outcome
 from .jsonlines import read_json_lines
+from .printable import printable
 from .trustedfs import Trust, TrustedDirectory
 
 
@@ -130,19 +131,20 @@ def format_table(records: list[dict], width: int = 0) -> str:
         policy = record.get("policy") or {}
         process = record.get("process") or {}
         step = record.get("step") or {}
-        rows.append(
-            (
-                record.get("ts", "")[11:23],
-                record.get("mode", ""),
-                record.get("decision", ""),
-                policy.get("name", ""),
-                str(process.get("pid", "")),
-                process.get("comm", ""),
-                step.get("action", ""),
-                record.get("outcome", ""),
-                _detail(record),
-            )
+        cells = (
+            str(record.get("ts", ""))[11:23],
+            record.get("mode", ""),
+            record.get("decision", ""),
+            policy.get("name", ""),
+            process.get("pid", ""),
+            process.get("comm", ""),
+            step.get("action", ""),
+            record.get("outcome", ""),
+            _detail(record),
         )
+        # The log keeps exact values (JSON); the table shows comm, cmdline and paths escaped: a
+        # process must not be able to add a row or drive the reader's terminal.
+        rows.append(tuple(printable(str(cell)) for cell in cells))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for row in rows:

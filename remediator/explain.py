@@ -139,7 +139,8 @@ class ExplainReport:
             f"{len(self.policies)} policies; {len(matched)} processes matched, {len(excluded)} excluded for safety; "
             f"{self.scanned} processes scanned" + (f" ({self.unreadable} unreadable)" if self.unreadable else "")
         )
-        return "\n".join(lines) + "\n"
+        # comm, cmdline, exe, cgroup and unit names are process-controlled: one line each, escaped.
+        return "\n".join(printable(line) for line in lines) + "\n"
 
 
 class _Reader:

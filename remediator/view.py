@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from . import histogram
+from .printable import printable
 from .sample import Sample
 
 
@@ -99,11 +100,13 @@ def _bar(count: int, largest: int, width: int = 40) -> str:
 
 
 def render_text(view: dict[str, Any], sample: Sample, header: str = "") -> str:
+    """The terminal view. comm and the rest are process-controlled: escaped (printable.py), so a
+    process cannot break the table or send escape sequences to the terminal."""
     waits = view["protected"]
     stamp = time.strftime("%H:%M:%S", time.localtime(view["ts"]))
     lines = [f"{stamp}  source {view['source']}  interval {view['interval_s']:.2f} s" + (f"  {header}" if header else "")]
     names = ", ".join(
-        f"{pid} {sample.processes[pid].comm}" if pid in sample.processes else str(pid) for pid in waits["pids"][:6]
+        f"{pid} {printable(sample.processes[pid].comm)}" if pid in sample.processes else str(pid) for pid in waits["pids"][:6]
     )
     more = f" (+{len(waits['pids']) - 6} more)" if len(waits["pids"]) > 6 else ""
     lines.append(f"protected: {len(waits['pids'])} processes, {waits['threads']} threads: {names or 'none found'}{more}")
@@ -135,13 +138,13 @@ def render_text(view: dict[str, Any], sample: Sample, header: str = "") -> str:
     for entry in view["top_cpu"]:
         peak = "-" if entry["peak_cpu"] is None else f"{entry['peak_cpu']:.2f}"
         mark = "  (protected)" if entry["protected"] else ""
-        lines.append(f"  {entry['pid']:>7}  {entry['comm'][:16]:<16} {entry['cpu']:>6.2f} {peak:>6}{mark}")
+        lines.append(f"  {entry['pid']:>7}  {printable(entry['comm'])[:16]:<16} {entry['cpu']:>6.2f} {peak:>6}{mark}")
     if waits["histogram"] is not None:
         lines.append("top blame (on the CPU while protected threads waited):")
         lines.append(f"  {'PID':>7}  {'COMM':<16} {'BLAME':>10} {'SHARE':>6}")
         for entry in view["top_blame"]:
             mark = "  (protected)" if entry["protected"] else ""
             lines.append(
-                f"  {entry['pid']:>7}  {entry['comm'][:16]:<16} {_fmt_us(entry['blame_us']):>10} {entry['share'] * 100:>5.0f}%{mark}"
+                f"  {entry['pid']:>7}  {printable(entry['comm'])[:16]:<16} {_fmt_us(entry['blame_us']):>10} {entry['share'] * 100:>5.0f}%{mark}"
             )
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)  # (whatever else a line carries)

@@ -17,6 +17,7 @@ from ..config import load_config
 from ..errors import Location, LocatedError, RemediatorError
 from ..executor import Executor
 from ..journal import DEFAULT_JOURNAL_PATH, Journal
+from ..printable import printable
 from ..procfs import ProcFS
 from ..schema import PolicyErrors
 from ..tomlpos import TomlSyntaxError, parse
@@ -121,5 +122,5 @@ def run_revert(args: argparse.Namespace) -> int:
         print(f"nothing to revert{scope}: no active change in {path}")
         return 0
     for outcome in outcomes:
-        print(outcome, flush=True)
+        print(printable(str(outcome)), flush=True)  # messages carry comm and cgroup paths
     return 1 if any(outcome.is_error for outcome in outcomes) else 0
