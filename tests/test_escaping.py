@@ -23,7 +23,7 @@ from remediator.view import interval_view, render_text
 
 FORGED_COMM = "ev\n<0>x\x1b[2J"  # 11 bytes: fits comm's 15
 ESCAPED_COMM = "ev\\n<0>x\\x1b[2J"
-ARGS = ["\x1b]0;owned\x07", "a\rb\x9b"]
+ARGS = ["\x1b]0;owned\x07", "a\x08b\x9b"]
 NAMER = (
     "import sys, time\n"
     "open('/proc/self/comm', 'w').write(sys.argv[1])\n"
@@ -42,7 +42,7 @@ def forged(spawn):
 
 
 def assert_harmless(text: str) -> None:
-    for control in ("\x1b", "\x07", "\r", "\x9b"):
+    for control in ("\x1b", "\x07", "\x08", "\x9b", "\r"):
         assert control not in text
     assert not any(line.startswith("<0>") for line in text.splitlines())
     assert ESCAPED_COMM in text
