@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Collection, Iterable, Mapping
 
 from .detector import Window, blame_share, combined_tail_us, evaluate_trigger
 from .executor import ActionRequest
@@ -50,7 +50,21 @@ class EngineSettings:
     online_cpus: frozenset[int]
     max_changes_per_minute: int
     self_pid: int
-    history_s: float = 120.0  # how much of the past the engine keeps (longest settle, N of M windows)
+    history_s: float = 120.0  # how much of the past the engine keeps, at least (see history_for)
+    history_windows: int = 0  # and at least this many windows, whatever their length (a trigger's M)
+
+
+BASE_HISTORY_S = 120.0
+
+
+def history_for(policies: PolicySet, tick_s: float) -> tuple[float, int]:
+    """(seconds, windows) of the past the engine must keep for these policies: a verification
+    compares the settle period before a step with the one after it, so the longest settle plus a
+    tick or two; a trigger looks at its last M (`of`) windows, whatever the tick. The schema bounds
+    both (settle, of), so this is bounded too."""
+    settle = max((step.settle_s for policy in policies.policies for step in policy.steps), default=0.0)
+    of = max((policy.trigger.of_windows or 1 for policy in policies.policies), default=1)
+    return max(BASE_HISTORY_S, settle + 2 * tick_s), of
 
 
 @dataclass(frozen=True)
@@ -185,7 +199,9 @@ def decide(
     now = sample.end_ns / 1e9
     ts = sample.ts
     window = Window.from_sample(sample)
-    windows = tuple(w for w in state.windows if w.end_s >= now - settings.history_s) + (window,)
+    recent = sum(1 for w in state.windows if w.end_s >= now - settings.history_s)  # windows are in time order
+    keep = max(recent, settings.history_windows - 1)
+    windows = state.windows[max(0, len(state.windows) - keep):] + (window,)
     state = dataclasses.replace(state, windows=windows)
     decisions: list[Decision] = []
 
@@ -396,12 +412,136 @@ def forget(state: EngineState, identity: ProcessIdentity) -> EngineState:
     )
 
 
+# -- across a restart ----------------------------------------------------------------------------
+# What must outlive the process so that a crash loop (Restart=on-failure) cannot churn: each
+# process's ladder position and cooldown, the per-policy hourly counts and the host's per-minute
+# count, and the action-id counter (ids stay unique in the audit). Times are engine times,
+# CLOCK_MONOTONIC seconds: that clock is the boot's, not the process's, so it is still valid after a
+# restart within the same boot (the daemon discards state saved under another boot id). Windows and
+# pending verifications are not kept: a verification needs the windows after its action, which a
+# dead daemon did not see.
+
+STATE_FORMAT = 1
+
+
+def export_state(state: EngineState) -> dict:
+    """The part of the state that must survive a restart, as JSON-friendly data."""
+    return {
+        "format": STATE_FORMAT,
+        "next_action": state.next_action,
+        "recent_changes": list(state.recent_changes),
+        "remediations": [
+            {
+                "pid": r.identity.pid,
+                "start_time": r.identity.start_time,
+                "policy": r.policy,
+                "step_index": r.step_index,
+                "last_action_at": r.last_action_at,
+                "action_times": list(r.action_times),
+                "applied": r.applied,
+                "exhausted_warned": r.exhausted_warned,
+                "capped_warned_at": r.capped_warned_at,
+                "reverted_at": r.reverted_at,
+                "infeasible_warned": sorted(r.infeasible_warned),
+            }
+            for r in sorted(state.remediations.values(), key=lambda r: (r.identity, r.policy))
+        ],
+    }
+
+
+def import_state(data: Mapping, state: EngineState | None = None) -> EngineState:
+    """`state` (default: empty) with what export_state saved; ValueError when `data` is not that."""
+    state = state or EngineState()
+
+    def number(value, what: str, optional: bool = False) -> float | None:
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{what}: expected a number, got {value!r}")
+        return float(value)
+
+    try:
+        if data.get("format") != STATE_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {STATE_FORMAT}")
+        next_action = data["next_action"]
+        if not isinstance(next_action, int) or isinstance(next_action, bool) or next_action < 1:
+            raise ValueError(f"next_action: expected a positive integer, got {next_action!r}")
+        recent = tuple(number(t, "recent_changes") for t in data["recent_changes"])
+        remediations: dict[tuple[ProcessIdentity, str], Remediation] = {}
+        for item in data["remediations"]:
+            identity = ProcessIdentity(int(item["pid"]), int(item["start_time"]))
+            policy = str(item["policy"])
+            remediations[(identity, policy)] = Remediation(
+                identity=identity,
+                policy=policy,
+                step_index=int(item["step_index"]),
+                last_action_at=number(item["last_action_at"], "last_action_at", optional=True),
+                action_times=tuple(number(t, "action_times") for t in item["action_times"]),
+                applied=bool(item["applied"]),
+                exhausted_warned=bool(item["exhausted_warned"]),
+                capped_warned_at=number(item["capped_warned_at"], "capped_warned_at", optional=True),
+                reverted_at=number(item["reverted_at"], "reverted_at", optional=True),
+                infeasible_warned=frozenset(int(i) for i in item["infeasible_warned"]),
+            )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"missing or malformed {exc}") from None
+    # max: ids stay unique when a dry run (which counts on) turns live again
+    return dataclasses.replace(state, remediations=remediations, recent_changes=recent,
+                               next_action=max(next_action, state.next_action))
+
+
+def resume(
+    state: EngineState,
+    now: float,
+    alive: Collection[ProcessIdentity],
+    still_applied: Collection[ProcessIdentity],
+    policies: Collection[str],
+) -> EngineState:
+    """Fit restored state to the host as the restarted daemon finds it.
+
+    Processes gone (or pids reused) and policies no longer loaded are dropped. A remediation whose
+    changes the journal no longer holds (on_start = "restore" gave them back) counts as given back
+    now, so its cooldown starts now and its hourly count stays. One still in place keeps its ladder
+    position, and its policy's quiet period starts again now: whether the tail was quiet while no
+    daemon watched is unknown, so it is not given back on the first tick.
+    """
+    alive, still_applied, policies = set(alive), set(still_applied), set(policies)
+    remediations = {}
+    last_over = dict(state.last_over)
+    for key, remediation in state.remediations.items():
+        if remediation.identity not in alive or remediation.policy not in policies:
+            continue
+        if remediation.applied and remediation.identity not in still_applied:
+            remediation = Remediation(remediation.identity, remediation.policy, reverted_at=now,
+                                      action_times=remediation.action_times)
+        elif remediation.applied:
+            last_over[remediation.policy] = now
+        remediations[key] = remediation
+    recent = tuple(t for t in state.recent_changes if t > now - 60.0)
+    return dataclasses.replace(state, remediations=remediations, recent_changes=recent, last_over=last_over)
+
+
+def given_back(state: EngineState, now: float) -> EngineState:
+    """Every remediation given back at once (the daemon restored all its changes): cooldowns start
+    now, hourly counts stay."""
+    remediations = {
+        key: Remediation(r.identity, r.policy, reverted_at=now, action_times=r.action_times) if r.applied else r
+        for key, r in state.remediations.items()
+    }
+    return dataclasses.replace(state, remediations=remediations, pending=())
+
+
 __all__ = [
     "Decision",
     "EngineSettings",
     "EngineState",
     "Remediation",
     "decide",
+    "export_state",
     "forget",
+    "given_back",
+    "history_for",
+    "import_state",
+    "resume",
     "record_outcome",
 ]

@@ -162,6 +162,10 @@ def toml_type(value: Any) -> str:
 # -- the format ---------------------------------------------------------------------------------
 
 _NO_DEFAULT = object()
+
+# The engine keeps the windows of the longest settle (a step is verified over its settle period
+# before and after) and of the largest `of`; these bounds bound its memory (engine.history_for).
+MAX_SETTLE_S = 600.0
 ItemCheck = Callable[[str], str]  # returns the normalised item, or raises ValueError(message)
 
 
@@ -287,7 +291,7 @@ TAIL_KEYS = (
     Key("percentile", "number", "Which percentile of the protected run-queue latency to watch.", default=99.0, minimum=0, exclusive_minimum=True, maximum=100),
     Key("above", "duration", "The threshold: a window counts as bad when that percentile is above it.", required=True, minimum=1e-6, maximum=10.0, example='above = "2ms"'),
     Key("windows", "integer", "N: how many of the last M windows must be bad.", default=3, minimum=1, maximum=600),
-    Key("of", "integer", "M: how many recent windows (ticks) are considered.", default=5, minimum=1, maximum=600),
+    Key("of", "integer", "M: how many recent windows (ticks) are considered (the daemon keeps at least the largest M).", default=5, minimum=1, maximum=600),
 )
 
 OFFENDER_KEYS = (
@@ -323,7 +327,9 @@ ACTION_KEYS = (
         pattern=r"^([0-9]+(\.[0-9]+)?%|[0-9]+(us|ms|s)/[0-9]+(us|ms|s))$", pattern_hint='a percentage ("50%") or quota/period ("20ms/100ms")'),
     Key("cpuset", "table", "Move the process into a remediator-owned cpuset cgroup.", keys=CPUSET_KEYS,
         example='cpuset = { cpus = "unprotected", cgroup = "log-shippers" }'),
-    Key("settle", "duration", "How long to wait after this step before the next one is considered.", default="5s", minimum=0, maximum=86400),
+    Key("settle", "duration", "How long to wait after this step before the next one is considered; also the period "
+        "compared before and after the step to verify it, so the daemon keeps that much history (at most 10 minutes).",
+        default="5s", minimum=0, maximum=MAX_SETTLE_S),
 )
 
 LIMITS_KEYS = (

@@ -13,6 +13,8 @@ import copy
 import random
 import string
 
+from remediator.schema import MAX_SETTLE_S
+
 # -- values ---------------------------------------------------------------------------------------
 # Plain functions of a random.Random rather than composite strategies: a document takes ~100
 # choices, and as hypothesis draws they cost ~6 ms per document, which would put 10,000
@@ -111,7 +113,7 @@ def action_table(rng: random.Random, min_cpus: int = 1) -> dict:
     else:
         action = {"cpuset": {"cpus": cpus, "cgroup": name(rng)}}
     if rng.random() < 0.5:
-        action["settle"] = duration(rng, 0, 86400)
+        action["settle"] = duration(rng, 0, int(MAX_SETTLE_S))  # the engine keeps that much history
     return action
 
 
