@@ -9,11 +9,12 @@ The daemon's lines also carry its sample source ("bpf" or "procfs", the latter w
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
 from pathlib import Path
-from typing import IO, Iterator
+from typing import Iterator
 
 from .engine import Decision
 from .errors import RemediatorError
@@ -72,26 +73,55 @@ def audit_record(decision: Decision, outcome: Outcome | None, mode: str) -> dict
 
 class AuditLog:
     """Appends audit lines to a file (created 0640, and its missing directories 0750). `stamp` holds fields
-    added to every line (the daemon's source, and "degraded" when it cannot see a tail or blame)."""
+    added to every line (the daemon's source, and "degraded" when it cannot see a tail or blame).
+
+    A write that fails (ENOSPC, EIO, EDQUOT) is counted in `failures` (by errno name) and never
+    raised: the daemon must keep guarding the service when its disk is full, and it says so in its
+    summary and status instead. A line cut short is cut off again, so the file stays one JSON
+    object per line for `remediator audit`.
+    """
 
     def __init__(self, path: str | Path, stamp: dict | None = None, trust: Trust | None = None):
         self.path = Path(path)
         self.stamp = dict(stamp or {})
+        self.failures: dict[str, int] = {}
+        self.last_failure = ""
         try:
             # Through trustedfs (checked when privileged): never through a symlink, nor in a directory
             # someone else could swap.
             with TrustedDirectory(self.path.parent, trust, create_mode=0o750, shown=str(self.path)) as directory:
-                fd = directory.open(self.path.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+                self._fd: int | None = directory.open(self.path.name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         except OSError as exc:
             raise RemediatorError(f"cannot open the audit log {self.path}: {exc.strerror or exc}") from None
-        self._stream: IO[str] = os.fdopen(fd, "a", buffering=1)
 
-    def write(self, record: dict) -> None:
-        self._stream.write(json.dumps({**record, **self.stamp}, separators=(",", ":"), default=str) + "\n")
-        self._stream.flush()
+    def write(self, record: dict) -> bool:
+        """Append one line; False (and counted) when the file system refused it."""
+        if self._fd is None:
+            return False
+        line = (json.dumps({**record, **self.stamp}, separators=(",", ":"), default=str) + "\n").encode()
+        size = None
+        try:
+            size = os.fstat(self._fd).st_size
+            written = os.write(self._fd, line)  # one write(2) per line: no buffer to replay a failure later
+            if written != len(line):
+                # the file system took part of the line: as full as a refusal (a torn line is cut off below)
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (short write: {written} of {len(line)} bytes)")
+            return True
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else "error"
+            self.failures[name] = self.failures.get(name, 0) + 1
+            self.last_failure = f"{self.path}: {exc.strerror or exc}"
+            if size is not None:
+                try:
+                    os.ftruncate(self._fd, size)  # drop a torn line (freeing space works on a full fs)
+                except OSError:
+                    pass
+            return False
 
     def close(self) -> None:
-        self._stream.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def read_audit(path: str | Path) -> Iterator[dict]:

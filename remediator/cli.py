@@ -57,7 +57,9 @@ def configure_logging(verbose: bool) -> None:
             # One record, one line: process names in messages cannot forge entries (printable.py).
             return f"{prefix}{record.levelname.lower()}: {printable(record.getMessage())}"
 
-    handler = logging.StreamHandler(sys.stderr)
+    from .health import CountingStreamHandler
+
+    handler = CountingStreamHandler(sys.stderr)  # a failed log write is counted, never fatal
     handler.setFormatter(JournalFormatter())
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import signal
 import threading
@@ -24,9 +25,11 @@ from .cgroupfs import CgroupFS, discover_cpuset_mount, process_cpuset_cpus
 from .collector import Collector
 from .config import DaemonConfig, load_config
 from .cpulist import format_cpulist, online_cpus
-from .engine import Decision, EngineSettings, EngineState, decide, forget, record_outcome
+from .engine import (Decision, EngineSettings, EngineState, decide, export_state, forget, given_back, history_for,
+                     import_state, record_outcome, resume)
 from .errors import RemediatorError, SetupError
 from .executor import LEFT_BY_OTHER, Executor, Outcome
+from .health import LOG_WRITE_FAILURES, describe_counts, error_name
 from .journal import Journal
 from .placement import auto_request_cpus
 from .matching import Glob
@@ -40,6 +43,7 @@ from .sdnotify import Notifier
 from .selectors import ProtectSelectors
 from .sources import PROCFS_DEGRADED, Source, open_source
 from .trustedfs import Trust
+from .statefile import current_boot_id, load_state, save_state, state_path_for
 
 log = logging.getLogger("remediator")
 
@@ -114,6 +118,10 @@ class Daemon:
         self._sleep = sleep
         self._stop = False
         self._reload = False
+        self.state_write_failures: dict[str, int] = {}
+        self.lost_totals: dict[str, int] = {}  # events the probes could not count, since start
+        self._saved_state: dict | None = None
+        self.boot_id = current_boot_id()
         self.config, self.policies = load_all(self.config_path, self.trust)
         self.cgroupfs = CgroupFS()
         self.cpuset_mount = discover_cpuset_mount(cgroupfs=self.cgroupfs)  # for request_cpus = "auto"
@@ -156,6 +164,12 @@ class Daemon:
         if config.protect != self.config.protect:
             self.collector.selectors = config.protect
             self.collector.rescan_now()
+        if config.mode != self.config.mode:
+            if self.mode_override:
+                log.warning("reload: mode changed to %s in %s, but the command line says %s: staying %s",
+                            config.mode, self.config_path, self.mode_override, self.mode)
+            elif not self._switch_mode(config.mode, policies):
+                config = dataclasses.replace(config, mode=self.config.mode)
         self.config, self.policies = config, policies
         for warning in config.warnings + tuple(policies.warnings):
             log.warning("%s", warning)
@@ -165,7 +179,6 @@ class Daemon:
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> int:
         config = self.config
-        dry_run = self.mode == "dry-run"
         # The source before anything else: a daemon that cannot watch refuses to start, and then it
         # must leave the host as it found it (no audit or journal file, no originals restored).
         source = self._open_source()
@@ -173,15 +186,14 @@ class Daemon:
         self.state = EngineState()
         try:
             self.audit = AuditLog(config.audit_path, stamp=self._audit_stamp(source), trust=self.trust)
-            journal = None if dry_run else Journal(config.journal_path, trust=self.trust)
-            self.executor = Executor(journal, self.procfs, dry_run=dry_run)
-            if not dry_run:
-                for outcome in self.executor.reconcile(config.on_start):
-                    self._log_outcome("start-up", outcome)
+            if self.mode == "live":
+                self._enter_live("start-up", self.policies)
+            else:
+                self.executor = Executor(None, self.procfs, dry_run=True)
             self.collector.start()
             log.info(
                 "%s: %d policies, protecting %s (%s), tick %g s, %s, audit %s",
-                "dry-run (nothing will be changed)" if dry_run else "live",
+                "dry-run (nothing will be changed)" if self.mode == "dry-run" else "live",
                 len(self.policies.policies), config.protect.describe(), self._protected_summary(),
                 config.tick_s, self.source_note, config.audit_path,
             )
@@ -189,8 +201,103 @@ class Daemon:
             self.notifier.ready(f"{self.mode} ({self.source_note}): starting")
             self._loop(discovered)
         finally:
-            self._shutdown(dry_run)
+            self._shutdown()
         return 0
+
+    # -- live mode, its journal and the engine state kept beside it -----------------------------------
+    def _enter_live(self, when: str, policies: PolicySet) -> None:
+        """Open the journal (raises when another process holds it), settle what an earlier run left
+        (on_start), and resume the engine state that run saved, fitted to what is left."""
+        journal = Journal(self.config.journal_path, trust=self.trust)
+        self.executor = Executor(journal, self.procfs, dry_run=False)
+        for outcome in self.executor.reconcile(self.config.on_start):
+            self._log_outcome(when, outcome)
+        self.state_path = state_path_for(self.config.journal_path)
+        self._saved_state = None
+        saved, why = load_state(self.state_path, self.boot_id)
+        if saved is None:
+            if why != "none saved":
+                log.warning("engine state: %s: ladders and caps start afresh", why)
+            return
+        try:
+            restored = import_state(saved, self.state)
+        except ValueError as exc:
+            log.warning("engine state: %s: %s: ignored; ladders and caps start afresh", self.state_path, exc)
+            return
+        identities = {r.identity for r in restored.remediations.values()}
+        alive = {identity for identity in identities if self._same_process(identity)}
+        still_applied = {entry.identity for entry in self.executor.active()}
+        now = time.monotonic()  # engine time: the samples' CLOCK_MONOTONIC
+        self.state = resume(restored, now, alive, still_applied, {p.name for p in policies.policies})
+        hourly = sum(1 for r in self.state.remediations.values() for t in r.action_times if t > now - 3600)
+        log.info("engine state resumed from %s: %s on a ladder (%d with changes in place), %d actions in the last hour",
+                 self.state_path, plural(len(self.state.remediations), "process"), len(self.state.active()), hourly)
+
+    def _same_process(self, identity) -> bool:
+        try:
+            self.procfs.verify(identity)
+        except RemediatorError:
+            return False
+        return True
+
+    def _save_state(self) -> None:
+        """Write the engine state when what must survive a restart changed (live mode only: a dry
+        run writes nothing next to the journal). A failed write is counted and retried next tick."""
+        if self.mode != "live":
+            return
+        exported = export_state(self.state)
+        if exported == self._saved_state:
+            return
+        try:
+            save_state(self.state_path, exported, self.boot_id)
+        except OSError as exc:
+            name = error_name(exc)
+            self.state_write_failures[name] = self.state_write_failures.get(name, 0) + 1
+            if sum(self.state_write_failures.values()) == 1:
+                log.warning("cannot save the engine state to %s: %s (counted in the summary; the daemon goes on)",
+                            self.state_path, exc.strerror or exc)
+            return
+        self._saved_state = exported
+
+    def _switch_mode(self, new_mode: str, policies: PolicySet) -> bool:
+        """A reload changed `mode`: switch now, or say why not and keep the old one (False).
+
+        live -> dry-run gives every change back first: a dry run changes nothing, and nothing in it
+        would ever give them back (nor maintain them on new threads). The engine counts them as given
+        back, so their cooldowns start. dry-run -> live opens the journal as a start does (on_start,
+        then the engine state saved by the last live run); what the dry run would have done was not
+        done, so its ladders and counts are dropped."""
+        if new_mode == "dry-run":
+            for outcome in self.executor.restore():
+                self._log_outcome("mode-change", outcome)
+            left = self.executor.active()
+            if left:
+                log.error("reload: mode live -> dry-run refused: %s could not be given back; staying live so "
+                          "they stay journaled and maintained", plural(len(left), "change"))
+                return False
+            self.state = given_back(self.state, time.monotonic())
+            self._save_state()
+            self.executor.journal.close()
+            self.executor = Executor(None, self.procfs, dry_run=True)
+            self.mode = "dry-run"
+            log.warning("reload: mode is now dry-run: every change was given back; nothing will be changed")
+            return True
+        if os.geteuid() != 0:
+            log.error("reload: mode dry-run -> live refused: live mode changes other users' processes and needs "
+                      "root; staying dry-run")
+            return False
+        dry_state = self.state
+        self.state = dataclasses.replace(self.state, remediations={}, recent_changes=(), pending=())
+        try:
+            self._enter_live("mode-change", policies)
+        except RemediatorError as exc:
+            self.state = dry_state
+            self.executor = Executor(None, self.procfs, dry_run=True)
+            log.error("reload: mode dry-run -> live refused: %s; staying dry-run", exc)
+            return False
+        self.mode = "live"
+        log.warning("reload: mode is now live: changes will be made")
+        return True
 
     def _open_source(self) -> Source:
         """The configured source; with "bpf", a SetupError (one line: why, and how to opt into procfs)
@@ -266,11 +373,7 @@ class Daemon:
             next_tick += self.config.tick_s
             delay = next_tick - time.monotonic()
             if delay > 0:
-                if self._sleep:
-                    self._sleep(delay)
-                else:
-                    self._wake.wait(delay)
-                    self._wake.clear()
+                self._wait(delay)
             else:
                 next_tick = time.monotonic()  # fell behind: do not try to catch up in a burst
             if self._stop:
@@ -290,19 +393,37 @@ class Daemon:
             if self.max_ticks is not None and ticks >= self.max_ticks:
                 break
 
+    def _wait(self, delay: float) -> None:
+        """Sleep until the next tick, pinging the watchdog on time however long the tick is: in
+        steps of half the ping interval, so two pings are never more than 3/4 of WatchdogSec apart."""
+        interval = self.notifier.watchdog_interval
+        steps = 1 if not interval else max(1, math.ceil(delay / (interval / 2)))
+        for _ in range(steps):
+            if self._sleep:
+                self._sleep(delay / steps)
+            elif self._wake.wait(delay / steps):
+                self._wake.clear()
+                return  # a signal: stop or reload now
+            self.notifier.watchdog()
+
     def tick(self, discovered: list[ProcessInfo] = ()) -> list[Decision]:
         sample = self.collector.sample()
         self.last_sample = sample
+        for name, count in sample.lost.items():
+            self.lost_totals[name] = self.lost_totals.get(name, 0) + count
         online = online_cpus()
         if self.config.request_cpus is not None:
             request = self.config.request_cpus
         else:
             request = auto_request_cpus(self.collector.protected, online, self._cgroup_cpus)
+        history_s, history_windows = history_for(self.policies, self.config.tick_s)
         settings = EngineSettings(
             request_cpus=frozenset(request) & online,
             online_cpus=online,
             max_changes_per_minute=self.config.max_changes_per_minute,
             self_pid=os.getpid(),
+            history_s=history_s,
+            history_windows=history_windows,
         )
         self._keep_off(settings.request_cpus, online)
         exec_infos = [sample.processes[pid] for pid in sample.execs if pid in sample.processes]
@@ -313,6 +434,7 @@ class Daemon:
             if outcome.status in ("gone", "dropped"):
                 self.state = forget(self.state, outcome.identity)
             self._log_outcome("maintain", outcome)
+        self._save_state()
         self.notifier.watchdog()
         self.notifier.status(self._status_line(sample))
         return decisions
@@ -341,7 +463,29 @@ class Daemon:
     def _status_line(self, sample) -> str:
         p99 = sample.protected.percentile_ns(99)
         tail = "n/a" if p99 is None else f"{p99 / 1000:.0f} us"
-        return f"{self.mode} ({self.source_note}): protected p99 {tail}, {len(self.state.active())} active remediations"
+        problems = self._problems()
+        return (f"{self.mode} ({self.source_note}): protected p99 {tail}, {len(self.state.active())} active remediations"
+                + (f"; {problems}" if problems else ""))
+
+    def _problems(self) -> str:
+        """What failed and was carried on from: failed writes by kind, threads the protected map
+        could not hold, /proc reads that would have blocked. "" when nothing did."""
+        parts = []
+        failed = {"audit": getattr(getattr(self, "audit", None), "failures", {}), "state": self.state_write_failures,
+                  "log": LOG_WRITE_FAILURES}
+        writes = [f"{kind} {describe_counts(counts)}" for kind, counts in failed.items() if counts]
+        if writes:
+            parts.append("failed writes: " + ", ".join(writes))
+        collector = getattr(self, "collector", None)
+        untracked = collector.untracked_threads() if collector is not None else 0
+        if untracked:
+            parts.append(f"protected map full: {plural(untracked, 'thread')} not tracked")
+        if self.lost_totals:
+            parts.append("probe events lost: " + ", ".join(f"{name} {count}" for name, count in sorted(self.lost_totals.items())))
+        blocked = self.procfs.blocked_reads
+        if blocked:
+            parts.append(f"/proc reads timed out: {blocked} (cmdline of a blocked process)")
+        return "; ".join(parts)
 
     def _carry_out(self, decision: Decision, protected_pids) -> None:
         outcome = None
@@ -351,6 +495,8 @@ class Daemon:
         elif decision.kind == "revert":
             outcome = self._revert(decision)
             self.state = record_outcome(self.state, decision, outcome.status, self.policies)
+        if outcome is not None:
+            self._save_state()  # the count before anything else: a crash now must not forget this change
         self.audit.write(audit_record(decision, outcome, self.mode))
         self._log_decision(decision, outcome)
 
@@ -406,9 +552,10 @@ class Daemon:
             return
         waits = sample.protected
         if not waits.pids:
+            problems = self._problems()
             log.info("nothing protected is running (%s); watching for it. Name your service in the [protect] "
-                     "table of %s (see 'remediator watch --comm NAME' to try a selector); %s", self.config.protect.describe(),
-                     self.config_path, self.source_note)
+                     "table of %s (see 'remediator watch --comm NAME' to try a selector); %s%s", self.config.protect.describe(),
+                     self.config_path, self.source_note, f"; {problems}" if problems else "")
             return
         p99 = waits.percentile_ns(99)
         top = []
@@ -420,22 +567,27 @@ class Daemon:
             note = excluded or (f"policy {policy[0].name}" if policy else "no policy")
             top.append(f"{name} ({pid}) {sample.blame_share(pid):.0%} [{note}]")
         active = self.state.active()
+        problems = self._problems()
         log.info(
-            "protected %s, %s; p99 %s; most blamed: %s; %s; request CPUs %s; %s",
+            "protected %s, %s; p99 %s; most blamed: %s; %s; request CPUs %s; %s%s",
             plural(len(waits.pids), "process"), plural(waits.threads, "thread"),
             "n/a" if p99 is None else f"{p99 / 1000:.0f} us",
             ", ".join(top) or ("unknown" if self.degraded else "nobody"),
             plural(len(active), "active remediation"),
             format_cpulist(self.config.request_cpus) if self.config.request_cpus is not None else "auto",
             self.source_note,
+            f"; {problems}" if problems else "",
         )
 
-    def _shutdown(self, dry_run: bool) -> None:
+    def _shutdown(self) -> None:
         self.notifier.stopping()
         try:
-            if not dry_run and self.config.revert_on_exit and hasattr(self, "executor"):
+            if self.mode == "live" and self.config.revert_on_exit and hasattr(self, "executor"):
                 for outcome in self.executor.restore():
                     self._log_outcome("exit", outcome)
+                if hasattr(self, "state_path"):
+                    self.state = given_back(self.state, time.monotonic())
+                    self._save_state()
         finally:
             if hasattr(self, "collector"):
                 self.collector.close()
