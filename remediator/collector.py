@@ -52,6 +52,7 @@ class Collector:
         self.protected: dict[int, set[int]] = {}  # pid -> tids
         self.protected_reason: dict[int, str] = {}
         self._warned_refused: set[ProcessIdentity] = set()  # refused processes already logged
+        self._untracked: dict[int, set[int]] = {}  # pid -> threads the protected map refused
         self._info_cache: dict[int, tuple[ProcessInfo, float]] = {}  # pid -> (info, when checked)
         self._last_rescan = float("-inf")
         self._cpu_count = os.cpu_count() or 1
@@ -65,9 +66,19 @@ class Collector:
             return False
         known = self.protected.setdefault(pid, set())
         new = tids - known
+        refused: set[int] = set()
         if new:
-            self.source.protect(new)
-        known |= new
+            # Threads a full protected map refused stay out of `known`, so they are tried again
+            # next tick; meanwhile they are counted (untracked_threads), never fatal.
+            refused = set(self.source.protect(new) or ())
+            if refused and not self._untracked:
+                log.warning("the protected-thread map is full: %d threads of pid %d are not tracked (retried each tick)",
+                            len(refused), pid)
+        if refused:
+            self._untracked[pid] = refused
+        else:
+            self._untracked.pop(pid, None)
+        known |= new - refused
         known &= tids
         return True
 
@@ -75,7 +86,12 @@ class Collector:
         if self._sync_threads(pid):
             self.protected_reason.setdefault(pid, reason)
 
+    def untracked_threads(self) -> int:
+        """Threads of protected processes the protected map could not hold (it is full)."""
+        return sum(len(tids) for tids in self._untracked.values())
+
     def _drop_process(self, pid: int) -> None:
+        self._untracked.pop(pid, None)
         tids = self.protected.pop(pid, set())
         self.protected_reason.pop(pid, None)
         if tids:

@@ -350,6 +350,8 @@ class SchedProbes:
             )
         }
         self._epoch = 0
+        self.protect_failures = 0  # threads the protected map could not take (user space adds)
+        self.last_protect_error = ""
         self._exec_events: list[ExecEvent] = []
         self.bpf[b"exec_events"].open_ring_buffer(self._on_exec_event)
         self._proc_value = struct.Struct(f"<Q{self.settings.window_slots}Q16s")
@@ -372,21 +374,27 @@ class SchedProbes:
                 value = value | (1 << bit) if present else value & ~(1 << bit)
             bitmap.update(key, struct.pack("<Q", value))
 
-    def protect(self, tids: Iterable[int]) -> None:
-        tids = list(tids)
+    def protect(self, tids: Iterable[int]) -> set[int]:
+        """Add threads to the protected map; the set of those it could not hold (full: E2BIG).
+
+        A full map is not fatal: those threads' waits go unmeasured, the caller retries them and
+        reports how many there are (and the kernel counts the forks it could not add)."""
         protected = self._maps["protected_threads"]
         not_waiting = struct.pack("<Q", 0)
+        added, refused = [], set()
         for tid in tids:
             try:
                 # BPF_NOEXIST: a thread the kernel already added keeps its wait start.
                 protected.update(struct.pack("<I", tid), not_waiting, flags=1)
             except OSError as exc:
-                if exc.errno == errno.EEXIST:
+                if exc.errno != errno.EEXIST:
+                    refused.add(tid)
+                    self.protect_failures += 1
+                    self.last_protect_error = f"{exc.strerror} (the protected map holds {self.settings.max_protected_threads})"
                     continue
-                raise SetupError(
-                    f"cannot protect thread {tid}: {exc.strerror} (the protected map holds {self.settings.max_protected_threads})"
-                ) from None
-        self._set_user_bits(tids, True)
+            added.append(tid)
+        self._set_user_bits(added, True)
+        return refused
 
     def unprotect(self, tids: Iterable[int]) -> None:
         tids = list(tids)

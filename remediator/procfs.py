@@ -20,18 +20,23 @@ ESRCH once the process has gone, even if a new process took the pid in between.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import pwd
+import queue
 import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import psutil
 
 from .errors import AccessDenied, ProcessGone, RemediatorError, translate_os_error
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PF_KTHREAD = 0x00200000  # include/linux/sched.h: "I am a kernel thread"
 KTHREADD_PID = 2
@@ -173,6 +178,111 @@ def _user_name(uid: int) -> str:
         return str(uid)
 
 
+IDLE_WORKER_S = 10.0  # a worker with nothing to read for this long ends (a ProcFS made for one look needs none)
+
+
+def _unless_zombie(read: Callable[[], T], empty: T) -> T:
+    """psutil 7 raises ZombieProcess for a zombie's exe and cmdline, 5.9 returns empties."""
+    try:
+        return read()
+    except psutil.ZombieProcess:
+        return empty
+
+
+class ReadBlocked(OSError):
+    """A read that did not finish in time (it goes on in a thread of its own)."""
+
+
+class _ReadRequest:
+    def __init__(self, path: str, read: Callable[[], object]):
+        self.path = path
+        self.read = read
+        self.done = threading.Event()
+        self.data: object = None
+        self.error: BaseException | None = None
+
+
+class _ReadWorker(threading.Thread):
+    def __init__(self, owner: "BoundedReads"):
+        super().__init__(name="remediator-procread", daemon=True)
+        self.owner = owner
+        self.requests: queue.SimpleQueue[_ReadRequest] = queue.SimpleQueue()
+        self.abandoned = False  # set (under the owner's lock) when a caller stopped waiting for it
+
+    def run(self) -> None:
+        while True:
+            try:
+                request = self.requests.get(timeout=IDLE_WORKER_S)
+            except queue.Empty:
+                with self.owner.lock:
+                    if self.requests.empty():  # nothing was put since: leave (a later read starts a worker)
+                        if self.owner._worker is self:
+                            self.owner._worker = None
+                        return
+                continue
+            try:
+                request.data = request.read()
+            except BaseException as exc:  # handed to the caller, whatever it is
+                request.error = exc
+            with self.owner.lock:
+                request.done.set()
+                if self.abandoned:
+                    self.owner.stuck.pop(request.path, None)  # unblocked at last: readable again
+                    return
+
+
+class BoundedReads:
+    """Reads that can block, done on a worker thread and waited for at most `timeout_s`.
+
+    Reading /proc/PID/cmdline takes the target's mmap lock (it reads the process's memory), so it
+    blocks for as long as another task holds that lock: a process in D state in a page fault on a
+    hung NFS mount, or one whose mm is being torn down. The loop must not stall past the systemd
+    watchdog for that, so such reads go to a worker; on timeout the worker is left to finish (a
+    thread in an uninterruptible read cannot be cancelled), the file counts as blocked until it
+    does, and a fresh worker takes the next read. At most `max_stuck` workers are left blocked;
+    past that, reads are refused at once. One worker in the common case: no thread per read.
+    """
+
+    def __init__(self, timeout_s: float = 1.0, max_stuck: int = 8):
+        self.timeout_s = timeout_s
+        self.max_stuck = max_stuck
+        self.lock = threading.Lock()
+        self.stuck: dict[str, _ReadWorker] = {}  # path -> the worker still blocked reading it
+        self.blocked = 0  # reads that timed out or were refused because the file still blocks
+        self._worker: _ReadWorker | None = None
+        self._pid = os.getpid()
+
+    def call(self, key: str, read: Callable[[], T]) -> T:
+        """read() on the worker; ReadBlocked when it takes longer than timeout_s or `key` (the
+        file) still blocks an earlier worker."""
+        path = key
+        with self.lock:
+            if self._pid != os.getpid():  # a forked child: the parent's threads are not here
+                self._pid, self._worker, self.stuck = os.getpid(), None, {}
+            if path in self.stuck or len(self.stuck) >= self.max_stuck:
+                self.blocked += 1
+                why = "an earlier read of it is still blocked" if path in self.stuck else f"{len(self.stuck)} reads are blocked"
+                raise ReadBlocked(f"{path}: not read: {why}")
+            worker = self._worker
+            if worker is None:
+                worker = self._worker = _ReadWorker(self)
+                worker.start()
+            request = _ReadRequest(path, read)
+            worker.requests.put(request)  # under the lock: an idle worker cannot leave with it unread
+        if not request.done.wait(self.timeout_s):
+            with self.lock:
+                if not request.done.is_set():
+                    worker.abandoned = True
+                    self.stuck[path] = worker
+                    if self._worker is worker:
+                        self._worker = None
+                    self.blocked += 1
+                    raise ReadBlocked(f"{path}: blocked for more than {self.timeout_s:g} s")
+        if request.error is not None:
+            raise request.error
+        return request.data  # type: ignore[return-value]
+
+
 # psutil.PROCFS_PATH is one global for every ProcFS in the process (tests use several trees).
 _PSUTIL_ROOT = threading.RLock()
 
@@ -180,9 +290,10 @@ _PSUTIL_ROOT = threading.RLock()
 class ProcFS:
     """Access to one procfs tree (the real /proc by default)."""
 
-    def __init__(self, root: str | Path = "/proc"):
+    def __init__(self, root: str | Path = "/proc", *, read_timeout_s: float = 1.0):
         self.root = Path(root)
         self._root = str(self.root)  # plain strings: the daemon reads these files every tick
+        self._bounded = BoundedReads(read_timeout_s)
         self._held: dict[int, int] = {}  # pid -> directory descriptor of the process held by hold()
 
     # -- holding a process ------------------------------------------------------------------
@@ -220,6 +331,11 @@ class ProcFS:
         except OSError:
             return False
         return True
+
+    @property
+    def blocked_reads(self) -> int:
+        """Reads of files that block (cmdline) given up on: timed out, or skipped while still blocked."""
+        return self._bounded.blocked
 
     @contextmanager
     def _psutil(self, pid: int | None, what: str) -> Iterator[None]:
@@ -321,10 +437,38 @@ class ProcFS:
     def cmdline(self, pid: int) -> tuple[str, ...]:
         """The arguments; psutil also splits a title rewritten with spaces (setproctitle)."""
         with self._psutil(pid, f"read {self.root}/{pid}/cmdline"):
-            try:
-                return tuple(part for part in self._process(pid).cmdline() if part)
-            except psutil.ZombieProcess:
-                return ()  # psutil 7; 5.9 returns an empty list
+            process = self._process(pid)
+        return self._bounded_cmdline(pid, process)
+
+    def _bounded_cmdline(self, pid: int, process: psutil.Process) -> tuple[str, ...]:
+        """The cmdline read on BoundedReads' worker; () when the read blocks: a policy matching on
+        cmdline then does not match, so a process that cannot be read is never acted on for it."""
+        try:
+            parts = self._bounded_read(pid, "cmdline", lambda: _unless_zombie(process.cmdline, []))
+        except ReadBlocked:
+            return ()
+        return tuple(part for part in parts if part)
+
+    def _bounded_read(self, pid: int, name: str, read: Callable[[], T]) -> T:
+        """read() (a psutil handle's, which keeps its tree, so the psutil lock is not held: a
+        blocked read must not block every other one) on the worker, its errors as ours."""
+        path = f"{self._root}/{pid}/{name}"
+        try:
+            return self._bounded.call(path, read)
+        except ReadBlocked as exc:
+            if "earlier read" not in str(exc):
+                log.warning("%s: its %s is taken as unknown", exc, name)
+            raise
+        except psutil.ZombieProcess:
+            raise AccessDenied(pid, f"read {path}: a zombie") from None
+        except psutil.NoSuchProcess:
+            raise ProcessGone(pid) from None
+        except psutil.AccessDenied:
+            raise AccessDenied(pid, f"read {path}") from None
+        except OSError as exc:
+            raise translate_os_error(exc, pid, f"read {path}") from None
+        except psutil.Error as exc:
+            raise RemediatorError(f"read {path}: {exc} (pid {pid})") from None
 
     def exe(self, pid: int) -> str:
         """The executable path, or "" where the kernel will not say (kernel threads, EACCES, zombies)."""
@@ -340,12 +484,14 @@ class ProcFS:
             return target.removesuffix(" (deleted)")
         with self._psutil(pid, f"read {self.root}/{pid}/exe"):
             process = self._process(pid)
-            try:
-                target = process.exe()
-            except psutil.ZombieProcess:
-                return ""
-            except psutil.AccessDenied:
-                return ""
+        return self._bounded_exe(pid, process)
+
+    def _bounded_exe(self, pid: int, process: psutil.Process) -> str:
+        # On the worker too: where the link says nothing, psutil guesses the exe from the cmdline.
+        try:
+            target = self._bounded_read(pid, "exe", lambda: _unless_zombie(process.exe, ""))
+        except (ReadBlocked, AccessDenied):
+            return ""
         return target.removesuffix(" (deleted)")
 
     def status(self, pid: int) -> dict[str, str]:
@@ -414,21 +560,11 @@ class ProcFS:
         """(exe, cmdline, real uid, effective uid) through one psutil handle; a kernel thread has no exe or cmdline."""
         with self._psutil(pid, f"read {self.root}/{pid}"):
             process = self._process(pid)
-            with process.oneshot():
-                uids = process.uids()
-                uid, euid = uids.real, uids.effective
-                if kernel_thread:
-                    return "", (), uid, euid
-                # psutil 7 raises ZombieProcess for a zombie's exe and cmdline, 5.9 returns empties.
-                try:
-                    exe = process.exe().removesuffix(" (deleted)")
-                except (psutil.ZombieProcess, psutil.AccessDenied):
-                    exe = ""
-                try:
-                    cmdline = tuple(part for part in process.cmdline() if part)
-                except psutil.ZombieProcess:
-                    cmdline = ()
-                return exe, cmdline, uid, euid
+            uids = process.uids()
+            uid, euid = uids.real, uids.effective
+            if kernel_thread:
+                return "", (), uid, euid
+        return self._bounded_exe(pid, process), self._bounded_cmdline(pid, process), uid, euid
 
     def process_info(self, pid: int) -> ProcessInfo:
         stat = self.stat(pid)

@@ -70,7 +70,7 @@ class Source(Protocol):
     limitations: tuple[str, ...]
     has_exec_events: bool
 
-    def protect(self, tids: Collection[int]) -> None: ...
+    def protect(self, tids: Collection[int]) -> Collection[int]: ...  # returns those it could not protect
     def unprotect(self, tids: Collection[int]) -> None: ...
     def kernel_protected_tids(self) -> set[int] | None: ...
     def exec_events(self) -> list[ExecEvent]: ...
@@ -93,7 +93,7 @@ def read_psi_some_total_us(path: Path) -> int | None:
 
 # -- BPF ----------------------------------------------------------------------------------------
 
-LOST_COUNTERS = ("start_map_full", "stale_starts", "proc_map_full", "blame_map_full", "exec_events_dropped")
+LOST_COUNTERS = ("protected_map_full", "stale_starts", "proc_map_full", "blame_map_full", "exec_events_dropped")
 
 
 def _cumulative_usage(
@@ -249,8 +249,8 @@ class BpfSource:
         self._tgid_cache[tid] = tgid
         return tgid
 
-    def protect(self, tids: Collection[int]) -> None:
-        self.probes.protect(tids)
+    def protect(self, tids: Collection[int]) -> set[int]:
+        return self.probes.protect(tids)
 
     def unprotect(self, tids: Collection[int]) -> None:
         self.probes.unprotect(tids)
@@ -310,8 +310,8 @@ class ProcfsSource:
         self._psi = read_psi_some_total_us(psi_path)
         self._last_ns: int | None = None
 
-    def protect(self, tids: Collection[int]) -> None:
-        pass  # nothing to tell the kernel: the tids are read each tick
+    def protect(self, tids: Collection[int]) -> set[int]:
+        return set()  # nothing to tell the kernel: the tids are read each tick
 
     def unprotect(self, tids: Collection[int]) -> None:
         pass  # baselines live until the next read, which counts an exited thread's last wait from its exit record

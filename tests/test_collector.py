@@ -162,3 +162,36 @@ def test_a_process_that_renames_itself_after_exec_is_seen_under_its_new_name(tmp
     source.next_delta = busy
     sample = collector.sample()
     assert sample.processes[20].comm == "fluent-bit" and sample.usage[0].comm == "fluent-bit"
+
+
+class FullMapSource(RecordingSource):
+    """The protected map holds `capacity` threads; protect() returns those it refused."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+
+    def protect(self, tids):
+        refused = set()
+        for tid in sorted(tids):
+            if tid in self.kernel_tids or len(self.kernel_tids) < self.capacity:
+                self.kernel_tids.add(tid)
+            else:
+                refused.add(tid)
+        return refused
+
+
+def test_a_full_protected_map_is_counted_and_retried_not_fatal(tmp_path):
+    proc = FakeProc(tmp_path / "proc")
+    proc.add(FakeProcess(10, "api", threads=[FakeThread(10), FakeThread(11), FakeThread(12)]))
+    proc.write()
+    source = FullMapSource(capacity=2)
+    clock = Clock()
+    collector = Collector(source, ProtectSelectors.build(comms=["api"]), ProcFS(proc.root), mono_clock=clock)
+    collector.start()
+    assert collector.untracked_threads() == 1 and source.kernel_tids == {10, 11}
+    sample = collector.sample()  # the loop goes on, and the refused thread is tried again
+    assert sample.protected.pids == (10,) and collector.untracked_threads() == 1
+    source.capacity = 3  # room again (another thread left the map)
+    collector.sample()
+    assert collector.untracked_threads() == 0 and source.kernel_tids == {10, 11, 12}

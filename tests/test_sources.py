@@ -223,3 +223,15 @@ def test_a_fake_tree_uses_schedstat_and_says_why(tmp_path):
     proc = fallback_tree(tmp_path)
     counters, why = open_thread_counters(ProcFS(proc.root))
     assert counters.name == SCHEDSTAT and "other than /proc" in why
+
+
+def test_every_lost_counter_is_a_probe_counter():
+    """The kernel counts forks the full protected map could not take (protected_map_full): a
+    renamed field once made that count vanish from every sample."""
+    from remediator.probes import WAIT_TOTAL_FIELDS
+    from remediator.sources import LOST_COUNTERS
+
+    assert set(LOST_COUNTERS) <= set(WAIT_TOTAL_FIELDS)
+    first = snap(10 * W, totals={"protected_map_full": 1})
+    second = snap(20 * W, totals={"protected_map_full": 4})
+    assert delta(first, second).lost == {"protected_map_full": 3}
