@@ -377,7 +377,7 @@ PROTECT_KEYS = (
 )
 
 DAEMON_KEYS = (
-    Key("mode", "enum", "`dry-run` describes every change and makes none; `live` acts.", default="dry-run", choices=("live", "dry-run")),
+    Key("mode", "enum", "`dry-run` describes every change and makes none; `live` acts. A reload (SIGHUP) that changes it switches at once: to `dry-run` after giving every change back, to `live` as a start does (or it is refused, saying why, and the old mode stays); `--live`/`--dry-run` on the command line win over the file.", default="dry-run", choices=("live", "dry-run")),
     Key("source", "enum", "Where samples come from. `bpf`: the eBPF probes, and the daemon refuses to start when they cannot load; "
         "`auto`: the probes, else procfs; `procfs`: procfs only. On procfs there is no run-queue tail and no blame, so only "
         "`always` policies can act, and every status line, log summary and audit record says `degraded: no tail, no blame`.",
