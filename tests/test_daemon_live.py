@@ -127,6 +127,11 @@ def test_revert_and_restart_restore_exactly_after_kill_9(spawn, daemon, tmp_path
     original = thread_settings(hog.pid)
     assert len(set(original.values())) >= 3
     config = write_config(tmp_path, [victim.pid])
+    # The engine state survives the kill: the revert below gives the changes back, and the next daemon
+    # counts them given back then, so the policy's cooldown holds before it acts again. No cooldown
+    # here, so the second run acts at once (the cooldown across a restart: test_daemon_keep_running).
+    policy = tmp_path / "policies" / "shipper.toml"
+    policy.write_text(policy.read_text().replace('cooldown = "30s"', 'cooldown = "0s"'))
 
     run = daemon(config)
     wait_until(lambda: all(cpus == OFF_REQUEST for _, cpus in thread_settings(hog.pid).values()), 12.0, what="the affinity step")
