@@ -70,3 +70,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             pass
     print(f"\nerror: tests left cgroups behind: {', '.join(left)}", file=sys.stderr)
     session.exitstatus = 1
+
+
+@pytest.fixture(autouse=True)
+def _test_process_keeps_its_cpus():
+    """A daemon run inside the test process moves itself off the request CPUs (as it should on a
+    host): give the test process its CPUs back, so a later test is not run on fewer."""
+    before = os.sched_getaffinity(0)
+    yield
+    if os.sched_getaffinity(0) != before:
+        os.sched_setaffinity(0, before)
