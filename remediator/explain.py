@@ -222,13 +222,13 @@ def first_step_effect(
         if step.kind == "sched":
             assert step.sched is not None
             current_sched = reader.thread_sched(pid)
-            lowered = {tid: name for tid, name in current_sched.items() if SCHED_RANK.get(name, 3) > SCHED_RANK[step.sched] and name != "deadline"}
+            lowered = {tid: name for tid, name in current_sched.items() if SCHED_RANK.get(name, 3) > SCHED_RANK[step.sched] and name not in ("fifo", "rr", "deadline")}
             data.update(target=step.sched, threads={str(tid): name for tid, name in current_sched.items()})
             if lowered:
                 text = _summarize_threads("sched", lowered, step.sched)
                 left = len(current_sched) - len(lowered)
                 if left:
-                    text += f", left as it is on {_plural(left, 'thread')} (already at or below, or deadline)"
+                    text += f", left as it is on {_plural(left, 'thread')} (already at or below, or realtime)"
             else:
                 text = f"no change: every thread already at or below sched {step.sched} ({_plural(len(current_sched), 'thread')})"
             data["text"] = text

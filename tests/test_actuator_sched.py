@@ -27,11 +27,13 @@ def thread_policies(pid: int) -> dict[int, tuple[int, int]]:
 
 
 def test_idle_reaches_every_thread_and_each_gets_its_own_policy_back(spawn, new_executor):
-    hog = spawn(hog_argv(threads=2))
-    main, first, second = hog.tids()
-    # The main thread only sleeps, so a realtime policy there is harmless; it must come back with its priority.
-    os.sched_setscheduler(main, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(3))
+    hog = spawn(hog_argv(threads=3))
+    main, first, second, third = hog.tids()
+    os.sched_setscheduler(main, os.SCHED_BATCH | os.SCHED_RESET_ON_FORK, os.sched_param(0))  # the flag comes back too
     os.sched_setscheduler(second, os.SCHED_BATCH, os.sched_param(0))
+    # A realtime thread is never touched (the unit's RestrictRealtime= could not give it back).
+    # Its priority is the lowest, and the workers stop at teardown.
+    os.sched_setscheduler(third, os.SCHED_FIFO, os.sched_param(1))
     before = thread_policies(hog.pid)
     executor = new_executor()
 
@@ -39,8 +41,9 @@ def test_idle_reaches_every_thread_and_each_gets_its_own_policy_back(spawn, new_
 
     assert outcome.status == "applied", outcome
     assert outcome.message.startswith(f"sched_setscheduler(tid, SCHED_IDLE, 0) on 3 threads of pid {hog.pid} (was ")
-    assert "fifo:3+reset-on-fork on 1 thread" in outcome.message and "batch on 1 thread" in outcome.message
-    assert {policy for policy, _ in thread_policies(hog.pid).values()} == {os.SCHED_IDLE}
+    assert "batch+reset-on-fork on 1 thread" in outcome.message and "batch on 1 thread" in outcome.message
+    assert {tid: policy for tid, (policy, _) in thread_policies(hog.pid).items()} == {
+        main: os.SCHED_IDLE, first: os.SCHED_IDLE, second: os.SCHED_IDLE, third: os.SCHED_FIFO}
     [restored] = executor.restore()
     assert restored.status == "restored", restored
     assert thread_policies(hog.pid) == before

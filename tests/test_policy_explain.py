@@ -328,5 +328,5 @@ def test_explain_a_sched_step_reads_each_threads_policy_and_never_raises(spawn, 
     step = by_pid(data)["idle-shipper"][shipper.pid]["first_step"]
     assert step["kind"] == "sched" and step["target"] == "batch"
     assert step["threads"] == {str(main): "other", str(first): "other", str(second): "idle"}
-    assert step["text"] == "sched other -> batch on 2 threads, left as it is on 1 thread (already at or below, or deadline)"
+    assert step["text"] == "sched other -> batch on 2 threads, left as it is on 1 thread (already at or below, or realtime)"
     assert os.sched_getscheduler(second) == os.SCHED_IDLE and os.sched_getscheduler(main) == os.SCHED_OTHER  # read only

@@ -6,8 +6,9 @@ CPU, not only those of its own group: SCHED_IDLE gets the weight of nice 19 divi
 and EEVDF/CFS let any normal task preempt it at wakeup.
 
 Never a raise: policies rank idle < batch < normal < realtime, and a step only moves a thread down
-to its target; a thread already at or below it is left as it is. Deadline threads are never
-touched (their parameters cannot be restored through sched_setscheduler).
+to its target; a thread already at or below it is left as it is. Realtime threads (FIFO, RR,
+deadline) are never touched: the shipped unit's RestrictRealtime= would refuse giving them their
+class back, and a deadline thread's parameters cannot be restored through sched_setscheduler.
 
 Children inherit the policy too (SCHED_RESET_ON_FORK resets only realtime policies), so a process
 forked by the offender while the step is in place would keep SCHED_IDLE after the revert
@@ -42,6 +43,9 @@ POLICIES = {
 }
 NAMES = {number: name for name, number in POLICIES.items()}
 TARGETS = ("idle", "batch")  # what a step may ask for
+# Realtime threads are never touched: their class could not be given back under the shipped unit
+# (RestrictRealtime= refuses SCHED_FIFO/RR), nor a deadline thread's parameters by sched_setscheduler.
+REALTIME = frozenset({"fifo", "rr", "deadline"})
 # Lower rank, less CPU: a step never moves a thread up this order.
 RANK = {"idle": 0, "batch": 1, "other": 2, "rr": 3, "fifo": 3, "deadline": 3}
 
@@ -110,14 +114,14 @@ class SchedActuator(PerThreadActuator[SchedValue]):
         return (name, 0, False), "", {"born_after": boottime_ticks()}
 
     def keep(self, current: SchedValue, value: SchedValue) -> bool:
-        """Leave a thread already at or below the target (never raise), and deadline threads."""
-        return current[0] == "deadline" or RANK.get(current[0], 3) <= RANK[value[0]]
+        """Leave a thread already at or below the target (never raise), and realtime threads."""
+        return current[0] in REALTIME or RANK.get(current[0], 3) <= RANK[value[0]]
 
     def rule(self, current: SchedValue, value: SchedValue) -> SchedValue | None:
         return None if self.keep(current, value) else value
 
     def already_text(self, value: SchedValue) -> str:
-        return f"at {sched_text(value)} or lower (or deadline)"
+        return f"at {sched_text(value)} or lower (or realtime)"
 
     def explain(self, errno_value: int | None, value: SchedValue) -> str:
         if errno_value in (errno.EPERM, errno.EACCES):
