@@ -25,6 +25,15 @@ MANAGER_PATH = "/org/freedesktop/systemd1"
 MANAGER_INTERFACE = "org.freedesktop.systemd1.Manager"
 UNIT_INTERFACES = {".service": "org.freedesktop.systemd1.Service", ".scope": "org.freedesktop.systemd1.Scope"}
 SYSTEM_BUS_SOCKET = "/run/dbus/system_bus_socket"
+# SetUnitProperties(runtime) writes each setting to CONTROL_DIR/UNIT.d/50-NAME.conf, NAME being the
+# unit-file setting the D-Bus property stands for.
+CONTROL_DIR = "/run/systemd/system.control"
+DROPIN_SETTING = {
+    "AllowedCPUs": "AllowedCPUs",
+    "CPUWeight": "CPUWeight",
+    "CPUQuotaPerSecUSec": "CPUQuota",
+    "CPUQuotaPeriodUSec": "CPUQuotaPeriodSec",
+}
 
 
 class SystemdError(RemediatorError):
@@ -80,8 +89,9 @@ def describe_allowed(cpus: str) -> str:
 class SystemdManager:
     """Blocking calls to the system manager over the system bus (one connection, opened lazily)."""
 
-    def __init__(self, socket_path: str = SYSTEM_BUS_SOCKET):
+    def __init__(self, socket_path: str = SYSTEM_BUS_SOCKET, control_dir: str | Path = CONTROL_DIR):
         self.socket_path = socket_path
+        self.control_dir = Path(control_dir)
         self._connection = None
 
     def _connect(self):
@@ -166,6 +176,33 @@ class SystemdManager:
         assignments = [(name, ("t", int(value))) for name, value in values.items()]
         text = " ".join(f"{name}={value}" for name, value in values.items())
         self._call(new_method_call(manager, "SetUnitProperties", "sba(sv)", (unit, True, assignments)), f"SetUnitProperties({unit}, runtime, {text})")
+
+    # -- runtime drop-ins ----------------------------------------------------------------------
+    def _dropin(self, unit: str, prop: str) -> Path:
+        return self.control_dir / f"{unit}.d" / f"50-{DROPIN_SETTING.get(prop, prop)}.conf"
+
+    def runtime_dropins(self, unit: str, properties) -> list[str]:
+        """The properties that already have a runtime drop-in (an operator's set-property --runtime)."""
+        return [prop for prop in properties if self._dropin(unit, prop).exists()]
+
+    def remove_runtime_dropins(self, unit: str, properties) -> str:
+        """Remove the drop-ins our runtime changes left once their value is the original again:
+        left in place, `CPUWeight=` would override the unit file's value at the next daemon-reload.
+        No reload is needed: systemd already holds the original. '' or what could not be removed."""
+        problems = []
+        for prop in properties:
+            path = self._dropin(unit, prop)
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                problems.append(f"{path} ({exc.strerror})")
+        try:
+            (self.control_dir / f"{unit}.d").rmdir()  # only when empty
+        except OSError:
+            pass
+        return f"; could not remove the runtime drop-in {', '.join(problems)}" if problems else ""
 
     def close(self) -> None:
         if self._connection is not None:

@@ -17,7 +17,7 @@ from remediator.actuators import CpusetActuator
 from remediator.executor import Executor
 from remediator.journal import Journal
 from remediator.procfs import ProcessIdentity
-from remediator.systemd import SystemdError, cpus_to_mask, mask_to_cpus, unit_for_cgroup
+from remediator.systemd import SystemdError, SystemdManager, cpus_to_mask, mask_to_cpus, unit_for_cgroup
 from test_cpuset_v2 import PID, SERVICE, START, V2Host
 
 OTHER = 5_000_010  # a second process of the same unit
@@ -33,6 +33,12 @@ class FakeSystemd:
         self.denied = denied
         self.realizes = realizes
         self.cgroup_root = None
+        self.control_dir = None  # set by SystemdHost: where runtime drop-ins are written, as systemd does
+
+    # The drop-in bookkeeping is the real manager's: it only touches files.
+    _dropin = SystemdManager._dropin
+    runtime_dropins = SystemdManager.runtime_dropins
+    remove_runtime_dropins = SystemdManager.remove_runtime_dropins
 
     def get_allowed_cpus(self, unit: str) -> str:
         self.calls.append(("get", unit))
@@ -47,6 +53,10 @@ class FakeSystemd:
         from remediator.cpulist import format_cpulist
 
         self.allowed[unit] = format_cpulist(cpus)
+        if self.control_dir is not None:
+            dropin = self._dropin(unit, "AllowedCPUs")
+            dropin.parent.mkdir(parents=True, exist_ok=True)
+            dropin.write_text(f"# This is a drop-in unit file extension, created via \"systemctl set-property\"\n[Service]\nAllowedCPUs={format_cpulist(cpus)}\n")
         if self.realizes and self.cgroup_root is not None:
             (self.cgroup_root / "system.slice" / unit / "cpuset.cpus").write_text(format_cpulist(cpus) + "\n")
 
@@ -56,6 +66,7 @@ class SystemdHost(V2Host):
         super().__init__(tmp_path)
         self.systemd = systemd
         systemd.cgroup_root = self.root
+        systemd.control_dir = tmp_path / "run-systemd-system.control"
 
     def executor(self, *, dry_run: bool = False) -> Executor:
         actuator = CpusetActuator(
@@ -255,3 +266,22 @@ def test_policy_explain_says_a_cpuset_step_goes_through_systemd(tmp_path):
     assert text.startswith("refused on this systemd host") and "user's own service manager" in text
     text, _ = first_step_effect(cpuset_step, policy, PID, _Reader(ProcFS(tmp_path / "proc"), systemd_host=False), frozenset({0, 1}), online)
     assert text.startswith("cpuset: move from")
+
+
+def test_revert_leaves_no_runtime_drop_in_of_ours_and_keeps_an_operators(tmp_path, systemd_host):
+    """A restore through SetUnitProperties rewrites 50-AllowedCPUs.conf with the original value; left
+    there, it would override the unit file's AllowedCPUs at the next daemon-reload."""
+    host = systemd_host()
+    executor = host.executor()
+    assert executor.apply(host.request(cpus={2, 3}), ()).status == "applied"
+    dropin = host.systemd._dropin("fluent-bit.service", "AllowedCPUs")
+    assert dropin.read_text().endswith("AllowedCPUs=2-3\n")
+    [restored] = executor.restore()
+    assert restored.status == "restored", restored
+    assert not dropin.exists() and not dropin.parent.exists()
+
+    # An operator's own runtime setting was there first: it is theirs, and it stays (with their value).
+    host.systemd.set_allowed_cpus("fluent-bit.service", frozenset({0, 1, 2, 3}))
+    assert executor.apply(host.request(cpus={2, 3}), ()).status == "applied"
+    executor.restore()
+    assert dropin.exists() and dropin.read_text().endswith("AllowedCPUs=0-3\n")

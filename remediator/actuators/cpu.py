@@ -126,6 +126,7 @@ class CpuActuator:
             current["unit"] = unit
             current["unit_cgroup"] = path.split(unit, 1)[0] + unit
             current["properties"] = self._systemd_call(lambda: self.systemd.get_unit_properties(unit, PROPERTIES))
+            current["runtime_dropins"] = self.systemd.runtime_dropins(unit, PROPERTIES)
         return current
 
     @staticmethod
@@ -285,6 +286,8 @@ class CpuActuator:
             self._systemd_call(lambda: self.systemd.set_unit_properties(unit, back), KEPT)
             assignments = " ".join(property_text(name, value) for name, value in back.items())
             text = f"systemd SetUnitProperties {unit} --runtime {assignments} (was {' '.join(property_text(n, ours[n]) for n in back)})"
+            # Drop-ins that were there before are an operator's: they now hold their value again.
+            text += self.systemd.remove_runtime_dropins(unit, [n for n in back if n not in original.get("runtime_dropins", PROPERTIES)])
         if changed_by_others:
             note = ", ".join(property_text(name, now.get(name, UNSET)) for name in changed_by_others)
             text += ("; " if text else "") + f"{unit} has {note}, not what remediator set: {KEPT}"

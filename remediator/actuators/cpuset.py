@@ -206,6 +206,7 @@ class CpusetActuator:
             current["unit"] = unit
             current["unit_cgroup"] = path.split(unit, 1)[0] + unit
             current["allowed_cpus"] = self._systemd_call(lambda: self.systemd.get_allowed_cpus(unit))
+            current["runtime_dropins"] = self.systemd.runtime_dropins(unit, ("AllowedCPUs",))
         return current
 
     def _await_unit_cpus(self, original: dict, wanted: str) -> str:
@@ -514,6 +515,8 @@ class CpusetActuator:
             return f"{unit} has {describe_allowed(now)}, not the {' or '.join(ours) or 'value'} remediator set: left as it is", False, left
         self._systemd_call(lambda: self.systemd.set_allowed_cpus(unit, parse_cpulist(before) if before else frozenset()), KEPT)
         note = self._await_unit_cpus(original, before)
+        if "AllowedCPUs" not in original.get("runtime_dropins", ("AllowedCPUs",)):
+            note += self.systemd.remove_runtime_dropins(unit, ("AllowedCPUs",))
         return f"systemd SetUnitProperties {unit} --runtime {describe_allowed(before)} (was AllowedCPUs={now}){note}", True, None
 
     def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None, planned: dict | None = None) -> RestoreResult:

@@ -24,6 +24,7 @@ Description=a sidecar compressing flat out
 ExecStart=/usr/bin/python3 {WORKLOADS}/hog.py --comm sidecar --threads 2
 """
 CGROUP = Path("/sys/fs/cgroup/system.slice") / UNIT
+DROPINS = Path("/run/systemd/system.control") / f"{UNIT}.d"
 PROPERTIES = ("CPUWeight", "CPUQuotaPerSecUSec", "CPUQuotaPeriodUSec")
 CONFIG_TEXT = f"""
 [protect]
@@ -103,6 +104,8 @@ def test_cpu_weight_idle_and_max_go_through_systemd_and_come_back_exactly(sideca
     assert restored.status == "restored", restored
     assert show(UNIT, *PROPERTIES) == before
     wait_for(lambda: {name: cgroup_file(name) for name in files_before} == files_before, 10, "the unit's cgroup files as before")
+    # Every 50-*.conf systemd wrote for our properties is gone again (it would override the unit file).
+    assert not DROPINS.exists(), sorted(os.listdir(DROPINS))
 
 
 def test_after_a_crash_revert_all_gives_the_unit_its_properties_back(sidecar):
@@ -127,6 +130,7 @@ os._exit(0)
     assert out.returncode == 0, out.stdout + out.stderr
     assert show(UNIT, *PROPERTIES) == before
     wait_for(lambda: cgroup_file("cpu.idle") == "0", 10, "cpu.idle 0 again")
+    assert not DROPINS.exists(), sorted(os.listdir(DROPINS))
 
 
 def test_a_unit_holding_a_protected_process_is_refused(sidecar, executor):

@@ -218,6 +218,8 @@ def test_the_unit_runs_acts_reloads_and_gives_everything_back_on_stop(scene):
     systemctl("stop", "api.service")  # both units as they were when first read: stopped
     after = {unit: show(unit, *COMPARED_PROPERTIES) for unit in ("api.service", "fluent-bit.service")}
     assert after == before
+    # No runtime drop-in of ours is left to override the unit file at the next daemon-reload.
+    assert not os.path.exists("/run/systemd/system.control/fluent-bit.service.d"), os.listdir("/run/systemd/system.control/fluent-bit.service.d")
 
 
 def test_after_a_crash_revert_all_restores_every_thread_exactly(scene):
