@@ -70,6 +70,45 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def server_argv(args: argparse.Namespace) -> list[str]:
+    return [PYTHON, str(WORKLOADS / "server.py"), "--cpu", str(REQUEST_CPU), "--work-us", str(args.work_us)]
+
+
+def workload_sidecar_argv(args: argparse.Namespace, directory: Path, start_at: float) -> list[str]:
+    return [PYTHON, str(WORKLOADS / "sidecar.py"), "--comm", "fluent-bit", "--threads", str(args.threads),
+            "--burst-ms", str(args.burst_ms), "--period-ms", str(args.period_ms), "--first-after-ms", "2000",
+            "--bursts-out", str(directory / "bursts.txt"), "--start-at", str(start_at),
+            # onsets at every phase of the daemon's tick, the same schedule in every run
+            "--jitter-ms", str(args.jitter_ms), "--seed", str(args.seed)]
+
+
+def loadgen_argv(args: argparse.Namespace, port: int, duration: float, directory: Path, start_at: float) -> list[str]:
+    return [PYTHON, str(WORKLOADS / "loadgen.py"), "--port", str(port), "--rate", str(args.rate),
+            "--duration", str(duration), "--seed", str(args.seed), "--out", str(directory / "latency.txt"),
+            "--cpu", str(REQUEST_CPU), "--start-at", str(start_at)]
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The load and the sidecar's bursts, the same defaults in every benchmark that uses them."""
+    parser.add_argument("--rate", type=float, default=1300.0)
+    parser.add_argument("--work-us", type=float, default=500.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--burst-ms", type=float, default=400.0)
+    parser.add_argument("--period-ms", type=float, default=3000.0)
+    parser.add_argument("--jitter-ms", type=float, default=500.0)
+    parser.add_argument("--seed", type=int, default=1)
+
+
+def latency_figures(latency_ms: list[float]) -> dict:
+    """Request latency p50, p99, p99.9 and max, in ms."""
+    return {
+        "p50_ms": round(percentile(latency_ms, 50), 2),
+        "p99_ms": round(percentile(latency_ms, 99), 2),
+        "p999_ms": round(percentile(latency_ms, 99.9), 2),
+        "max_ms": round(max(latency_ms), 2),
+    }
+
+
 def on_cpu(cpu: int):
     return lambda: os.sched_setaffinity(0, {cpu})
 
@@ -190,15 +229,10 @@ def run_scenario(name: str, args: argparse.Namespace, directory: Path) -> dict:
     daemon = None
     result: dict = {"run": name}
     try:
-        server = start([PYTHON, str(WORKLOADS / "server.py"), "--cpu", str(REQUEST_CPU), "--work-us", str(args.work_us)],
-                       stdout=subprocess.PIPE, text=True)
+        server = start(server_argv(args), stdout=subprocess.PIPE, text=True)
         port = int(server.stdout.readline().split("port=")[1])
         start_at = time.time() + args.warmup
-        sidecar_argv = [PYTHON, str(WORKLOADS / "sidecar.py"), "--comm", "fluent-bit", "--threads", str(args.threads),
-                        "--burst-ms", str(args.burst_ms), "--period-ms", str(args.period_ms), "--first-after-ms", "2000",
-                        "--bursts-out", str(directory / "bursts.txt"), "--start-at", str(start_at),
-                        # onsets at every phase of the daemon's tick, the same schedule in every run
-                        "--jitter-ms", str(args.jitter_ms), "--seed", str(args.seed)]
+        sidecar_argv = workload_sidecar_argv(args, directory, start_at)
         if name == "detection":
             sidecar_argv.append("--fork-per-burst")
         sidecar = start(sidecar_argv, stdout=subprocess.PIPE, text=True)
@@ -209,9 +243,7 @@ def run_scenario(name: str, args: argparse.Namespace, directory: Path) -> dict:
                 os.sched_setaffinity(int(tid), {OTHER_CPU})
                 os.setpriority(os.PRIO_PROCESS, int(tid), 10)
         duration = args.detection_duration if name == "detection" else args.duration
-        client = start([PYTHON, str(WORKLOADS / "loadgen.py"), "--port", str(port), "--rate", str(args.rate),
-                        "--duration", str(duration), "--seed", str(args.seed), "--out", str(directory / "latency.txt"),
-                        "--cpu", str(REQUEST_CPU), "--start-at", str(start_at)], stdout=subprocess.PIPE, text=True)
+        client = start(loadgen_argv(args, port, duration, directory, start_at), stdout=subprocess.PIPE, text=True)
         client.stdout.readline()
         start([REMEDIATOR, "record", "--pid", str(server.pid), "--pid", str(client.pid), "-i", "0.25",
                "-o", str(directory / "samples.jsonl")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -287,10 +319,7 @@ def analyse(name: str, rounds: list[dict], daemon: list[dict]) -> dict:
     result = {
         "rounds": len(rounds),
         "requests": len(latency_ms),
-        "p50_ms": round(percentile(latency_ms, 50), 2),
-        "p99_ms": round(percentile(latency_ms, 99), 2),
-        "p999_ms": round(percentile(latency_ms, 99.9), 2),
-        "max_ms": round(max(latency_ms), 2),
+        **latency_figures(latency_ms),
         "runq_p99_us": None if runq_p99 is None else round(runq_p99 / 1000, 1),
         "bursts": sum(len(run["bursts"]) for run in rounds),
         "changes": len(changes),
@@ -402,13 +431,7 @@ def main() -> int:
                         help="rounds of the compared configurations, interleaved and pooled (each live round starts "
                         "from a fresh sidecar, so it pays the daemon's learning again)")
     parser.add_argument("--detection-duration", type=float, default=40.0, help="seconds of the detection run")
-    parser.add_argument("--rate", type=float, default=1300.0)
-    parser.add_argument("--work-us", type=float, default=500.0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--burst-ms", type=float, default=400.0)
-    parser.add_argument("--period-ms", type=float, default=3000.0)
-    parser.add_argument("--jitter-ms", type=float, default=500.0)
-    parser.add_argument("--seed", type=int, default=1)
+    add_workload_arguments(parser)
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds for everything (and the daemon) to start")
     parser.add_argument("--out", default=str(HERE / "out" / "incident"))
     parser.add_argument("--runs", default="none,dry-run,live,hand-fix,detection")
