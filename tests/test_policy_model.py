@@ -140,10 +140,13 @@ def test_shipped_policies_are_conservative_ladders():
     names = {policy.name for policy in policies.policies}
     assert {"log-shippers", "fluentd", "logstash", "telegraf", "datadog-agent", "logrotate",
             "logrotate-compressors", "updatedb", "man-db", "restic", "borg"} <= names
-    order = {"nice": 0, "affinity": 1, "cpuset": 2}
+    # A priority step first (nice, or the cgroup's idle/weight, which also works between units):
+    # the gentlest, instantly reversible; never a CPU cap (cpu_max) first.
+    order = {"nice": 0, "cpu": 0, "affinity": 1, "cpuset": 2}
     for policy in policies.policies:
         kinds = [step.kind for step in policy.steps]
-        assert kinds[0] == "nice", policy.name  # the gentlest, instantly reversible step first
+        assert kinds[0] in ("nice", "cpu"), policy.name
+        assert kinds[0] != "cpu" or dict(policy.steps[0].cpu).keys() <= {"idle", "weight"}, policy.name
         assert kinds == sorted(kinds, key=order.get), policy.name
         assert all(step.nice is None or step.nice > 0 for step in policy.steps)
         assert policy.description
