@@ -300,7 +300,8 @@ def qemu_argv(image: Path, overlay: Path, job_disk: Path, interactive: bool) -> 
     return [
         "qemu-system-x86_64", *accel, "-smp", "2", "-m", "2048", "-nographic", "-no-reboot", "-nodefaults",
         "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
-        "-append", "root=/dev/vda rw console=ttyS0 quiet loglevel=3 systemd.show_status=false panic=-1",
+        "-append", "root=/dev/vda rw console=ttyS0 quiet loglevel=3 systemd.show_status=false panic=-1 "
+        + os.environ.get("REMEDIATOR_VM_KERNEL_ARGS", ""),  # e.g. loglevel=7 to see a kernel warning's stack
         "-drive", f"file={overlay},format=qcow2,if=virtio,cache=unsafe",
         "-drive", f"file={job_disk},format=raw,if=virtio,readonly=on",
         *console,
