@@ -46,6 +46,7 @@ CACHE = Path(os.environ.get("REMEDIATOR_VM_CACHE", "/var/cache/remediator-vm"))
 IMAGE_FORMAT = 1
 EXIT_MARK = "@@remediator-vm-exit="
 JOB_TIMEOUT_S = float(os.environ.get("REMEDIATOR_VM_TIMEOUT", "2400"))
+SOFT_LOCKUP_REPORTS = 4  # about 100 s of one CPU stuck in the guest kernel
 
 # What every guest holds: systemd as init, the distribution kernel and its matching headers, and
 # everything `./bootstrap setup` would install (so that the guest needs no network: it has none).
@@ -300,7 +301,7 @@ def qemu_argv(image: Path, overlay: Path, job_disk: Path, interactive: bool) -> 
     return [
         "qemu-system-x86_64", *accel, "-smp", "2", "-m", "2048", "-nographic", "-no-reboot", "-nodefaults",
         "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
-        "-append", "root=/dev/vda rw console=ttyS0 quiet loglevel=3 systemd.show_status=false panic=-1 "
+        "-append", "root=/dev/vda rw console=ttyS0 quiet loglevel=5 softlockup_all_cpu_backtrace=1 systemd.show_status=false panic=-1 "
         + os.environ.get("REMEDIATOR_VM_KERNEL_ARGS", ""),  # e.g. loglevel=7 to see a kernel warning's stack
         "-drive", f"file={overlay},format=qcow2,if=virtio,cache=unsafe",
         "-drive", f"file={job_disk},format=raw,if=virtio,readonly=on",
@@ -336,9 +337,15 @@ def boot(guest: Guest, job: str, *, interactive: bool = False, log_path: Path | 
             selector = selectors.DefaultSelector()
             selector.register(proc.stdout, selectors.EVENT_READ)
             pending = b""
+            lockups = 0
             while True:
                 if time.monotonic() > deadline:
                     say(f"{guest.name}: no result after {JOB_TIMEOUT_S:.0f} s: stopping the guest")
+                    break
+                if lockups >= SOFT_LOCKUP_REPORTS:
+                    # A CPU stuck in the kernel for minutes does not come back: fail now, with the
+                    # stacks the kernel printed above, rather than at the job timeout.
+                    say(f"{guest.name}: the guest kernel reported {lockups} soft lockups: stopping the guest")
                     break
                 if not selector.select(timeout=5):
                     if proc.poll() is not None:
@@ -354,6 +361,8 @@ def boot(guest: Guest, job: str, *, interactive: bool = False, log_path: Path | 
                     lines.append(line)
                     if log:
                         log.write(line + "\n")
+                    if "BUG: soft lockup" in line:
+                        lockups += 1
                     mark = re.search(re.escape(EXIT_MARK) + r"(\d+)@@", line)
                     if mark:
                         job_status = int(mark.group(1))
