@@ -209,6 +209,19 @@ def process_cgroup_path(mount: CgroupMount, membership: CgroupMembership) -> str
     return None
 
 
+def subtree_pids(cgroupfs: CgroupFS, directory: Path) -> list[int]:
+    """Every process in a cgroup and below it (a unit may delegate a subtree); [] where unreadable."""
+    pids: list[int] = []
+    try:
+        pids += cgroup_pids(cgroupfs, directory)
+        children = [name for name in cgroupfs.listdir(directory) if cgroupfs.exists(directory / name / "cgroup.procs")]
+    except OSError:
+        return pids
+    for child in children:
+        pids += subtree_pids(cgroupfs, directory / child)
+    return pids
+
+
 def cgroup_pids(cgroupfs: CgroupFS, directory: Path) -> list[int]:
     """Processes in one cgroup (its own, not its descendants')."""
     return [int(line) for line in cgroupfs.read(directory / "cgroup.procs").split() if line.strip().isdigit()]

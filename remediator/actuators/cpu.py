@@ -24,7 +24,7 @@ from __future__ import annotations
 import errno
 from pathlib import Path
 
-from ..cgroupfs import CgroupFS, CgroupMount, cgroup_pids, process_cgroup_path
+from ..cgroupfs import CgroupFS, CgroupMount, cgroup_pids, process_cgroup_path, subtree_pids
 from ..errors import ProcessGone
 from ..procfs import ProcessIdentity, ProcFS
 from ..systemd import SystemdError, SystemdManager, unit_for_cgroup
@@ -176,7 +176,7 @@ class CpuActuator:
         unit = current["unit"]
         properties = {name: int(value) for name, value in current["properties"].items()}
         unit_dir = self.mount.fs_path(current["unit_cgroup"]) if self.mount else None
-        members = tuple(self._unit_pids(unit_dir)) if unit_dir is not None else ()
+        members = tuple(subtree_pids(self.cgroupfs, unit_dir)) if unit_dir is not None else ()
         wanted = _weaker_properties(properties, setting)
         if not wanted:
             text = ", ".join(property_text(name, properties.get(name, UNSET)) for name in PROPERTIES)
@@ -191,17 +191,6 @@ class CpuActuator:
         details = {"unit": unit, "set": wanted}
         expected = {"unit": unit, "properties": {**properties, **wanted}}
         return Plan(self.kind, identity, current, target, description, details=details, expected=expected, affects=members)
-
-    def _unit_pids(self, directory: Path) -> list[int]:
-        pids: list[int] = []
-        try:
-            pids += cgroup_pids(self.cgroupfs, directory)
-            children = [name for name in self.cgroupfs.listdir(directory) if self.cgroupfs.exists(directory / name / "cgroup.procs")]
-        except OSError:
-            return pids
-        for child in children:
-            pids += self._unit_pids(directory / child)
-        return pids
 
     # -- apply --------------------------------------------------------------------------------
     def apply(self, plan: Plan) -> ApplyResult:

@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cgroupfs import CgroupFS, CgroupMount, allowed_cpus, cgroup_pids, effective_cpus, process_cgroup_path
+from ..cgroupfs import CgroupFS, CgroupMount, allowed_cpus, cgroup_pids, effective_cpus, process_cgroup_path, subtree_pids
 from ..cpulist import CpuListError, format_cpulist, online_cpus, parse_cpulist
 from ..errors import ProcessGone, RemediatorError
 from ..procfs import ProcessIdentity, ProcFS
@@ -384,7 +384,7 @@ class CpusetActuator:
         if not cpus:
             raise ChangeInvalid(f"requested CPUs {format_cpulist(requested)} are not online ({format_cpulist(online)}): nothing changed")
         unit_dir = mount.fs_path(current["unit_cgroup"])
-        members = tuple(self._unit_pids(unit_dir)) if unit_dir is not None else ()
+        members = tuple(subtree_pids(self.cgroupfs, unit_dir)) if unit_dir is not None else ()
         threads = len(current.get("threads", {}))
         # Never wider: "" (no restriction) is every online CPU; a unit already within the step's
         # CPUs stays as it is, one that overlaps them gets the overlap.
@@ -410,18 +410,6 @@ class CpusetActuator:
         details = {"unit": unit, "allowed_cpus": wanted, "cpus": sorted(cpus), "requested": sorted(requested)}
         expected = {"unit": unit, "allowed_cpus": wanted, "requested": sorted(requested)}
         return Plan(self.kind, identity, current, target, description, threads=threads, details=details, expected=expected, affects=members)
-
-    def _unit_pids(self, directory: Path) -> list[int]:
-        """Every process in the unit's cgroup and below it (a unit may delegate a subtree)."""
-        pids: list[int] = []
-        try:
-            pids += cgroup_pids(self.cgroupfs, directory)
-            children = [name for name in self.cgroupfs.listdir(directory) if self.cgroupfs.exists(directory / name / "cgroup.procs")]
-        except OSError:
-            return pids
-        for child in children:
-            pids += self._unit_pids(directory / child)
-        return pids
 
     def _cgroup_file_has_value(self, path: Path) -> bool:
         try:
