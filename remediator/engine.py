@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Collection, Iterable, Mapping
 
 from .detector import Window, blame_share, combined_tail_us, evaluate_trigger
-from .executor import ActionRequest
+from .model import ActionRequest
 from .placement import resolve_cpu_spec
 from .policy import Policy, PolicySet, Step
 from .procfs import ProcessIdentity, ProcessInfo

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterable, Mapping
 
-from .policy import CpuSpec
+from .model import CpuSpec
 
 # The cpuset actuator creates its cgroups with this prefix (actuators/cpuset.py, cgroup_name).
 CGROUP_PREFIX = "remediator-"

@@ -31,6 +31,7 @@ from .config import (
 from .cpulist import format_cpulist
 from .errors import Location
 from .matching import FIELDS, Match, MatchResult
+from .model import CpuSpec
 from .procfs import ProcessInfo
 from .schema import POLICY_FILE, Checker, Diagnostic, PolicyErrors, format_duration, has_errors, parse_duration
 from .tomlpos import Document, KeyPath, format_key_path
@@ -54,17 +55,6 @@ __all__ = [
     "load_policies",
     "read_policy_files",
 ]
-
-
-@dataclass(frozen=True)
-class CpuSpec:
-    """Target CPUs of an affinity or cpuset step."""
-
-    unprotected: bool  # resolve at run time: online CPUs minus request CPUs
-    cpus: frozenset[int] = frozenset()  # explicit set when not unprotected (empty otherwise)
-
-    def describe(self) -> str:
-        return "unprotected" if self.unprotected else format_cpulist(self.cpus)
 
 
 @dataclass(frozen=True)
