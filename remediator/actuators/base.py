@@ -28,6 +28,7 @@ from typing import Callable, Collection, Iterable, Protocol, TypeVar
 
 from ..errors import ProcessGone, RemediatorError
 from ..procfs import ProcessIdentity, ProcFS
+from ..systemd import SystemdError
 
 
 class Syscalls:
@@ -81,6 +82,14 @@ class ChangeFailed(ActuatorError):
 
 
 ERRNO_NAMES = {errno.EPERM: "EPERM", errno.EACCES: "EACCES", errno.EINVAL: "EINVAL", errno.EBUSY: "EBUSY", errno.ESRCH: "ESRCH"}
+
+
+def systemd_call(call, consequence: str = "nothing changed"):
+    """A call to systemd, its error as ours: denied (access) or failed, saying what it leaves."""
+    try:
+        return call()
+    except SystemdError as exc:
+        raise (ChangeDenied if exc.denied else ChangeFailed)(f"{exc}: {consequence}") from None
 
 
 def errno_name(exc: OSError) -> str:

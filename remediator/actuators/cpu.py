@@ -27,8 +27,8 @@ from pathlib import Path
 from ..cgroupfs import CgroupFS, CgroupMount, cgroup_pids, process_cgroup_path, subtree_pids
 from ..errors import ProcessGone
 from ..procfs import ProcessIdentity, ProcFS
-from ..systemd import SystemdError, SystemdManager, unit_for_cgroup
-from .base import ApplyResult, ChangeDenied, ChangeFailed, ChangeInvalid, Plan, RestoreResult, ensure_alive
+from ..systemd import SystemdManager, unit_for_cgroup
+from .base import ApplyResult, ChangeFailed, ChangeInvalid, Plan, RestoreResult, ensure_alive, systemd_call
 
 CGROUP_PREFIX = "remediator-"
 UNSET = 2**64 - 1  # systemd's "not set" for CPUWeight, "no quota" for CPUQuotaPerSecUSec
@@ -125,16 +125,9 @@ class CpuActuator:
                 raise ChangeInvalid(f"{why}: on a systemd host a cpu step changes the process's unit: nothing changed")
             current["unit"] = unit
             current["unit_cgroup"] = path.split(unit, 1)[0] + unit
-            current["properties"] = self._systemd_call(lambda: self.systemd.get_unit_properties(unit, PROPERTIES))
+            current["properties"] = systemd_call(lambda: self.systemd.get_unit_properties(unit, PROPERTIES))
             current["runtime_dropins"] = self.systemd.runtime_dropins(unit, PROPERTIES)
         return current
-
-    @staticmethod
-    def _systemd_call(call, consequence: str = "nothing changed"):
-        try:
-            return call()
-        except SystemdError as exc:
-            raise (ChangeDenied if exc.denied else ChangeFailed)(f"{exc}: {consequence}") from None
 
     def _read(self, path: Path) -> str:
         try:
@@ -197,7 +190,7 @@ class CpuActuator:
         details = plan.details
         if "unit" in details:
             unit = details["unit"]
-            self._systemd_call(lambda: self.systemd.set_unit_properties(unit, details["set"]))
+            systemd_call(lambda: self.systemd.set_unit_properties(unit, details["set"]))
             ensure_alive(self.procfs, plan.identity)
             applied = {"unit": unit, "properties": {**plan.current["properties"], **details["set"]}}
             return ApplyResult(applied=applied, message=plan.description)
@@ -266,13 +259,13 @@ class CpuActuator:
             raise ChangeFailed(f"{unit}: systemd is not reachable from here, so its CPU properties stay as remediator set them")
         ours = {name: int(value) for name, value in ((applied or {}).get("properties") or {}).items()}
         before = {name: int(value) for name, value in original["properties"].items()}
-        now = self._systemd_call(lambda: self.systemd.get_unit_properties(unit, PROPERTIES), KEPT)
+        now = systemd_call(lambda: self.systemd.get_unit_properties(unit, PROPERTIES), KEPT)
         # Only the properties still holding our value go back: an operator's change since stays.
         back = {name: before[name] for name in PROPERTIES if name in before and ours.get(name) != before[name] and now.get(name) == ours.get(name)}
         changed_by_others = [name for name in PROPERTIES if name in ours and ours[name] != before.get(name) and now.get(name) != ours[name]]
         text = ""
         if back:
-            self._systemd_call(lambda: self.systemd.set_unit_properties(unit, back), KEPT)
+            systemd_call(lambda: self.systemd.set_unit_properties(unit, back), KEPT)
             assignments = " ".join(property_text(name, value) for name, value in back.items())
             text = f"systemd SetUnitProperties {unit} --runtime {assignments} (was {' '.join(property_text(n, ours[n]) for n in back)})"
             # Drop-ins that were there before are an operator's: they now hold their value again.

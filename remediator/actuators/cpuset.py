@@ -51,12 +51,11 @@ from ..cpulist import CpuListError, format_cpulist, online_cpus, parse_cpulist
 from ..errors import ProcessGone, RemediatorError
 from ..procfs import ProcessIdentity, ProcFS
 from ..placement import CGROUP_PREFIX, owned_cgroup_name
-from ..systemd import SystemdError, SystemdManager, describe_allowed, unit_for_cgroup
+from ..systemd import SystemdManager, describe_allowed, unit_for_cgroup
 from .affinity import narrowed_mask
 from .base import (
     ActuatorError,
     ApplyResult,
-    ChangeDenied,
     ChangeFailed,
     ChangeInvalid,
     Plan,
@@ -65,6 +64,7 @@ from .base import (
     ensure_alive,
     errno_name,
     plural_threads,
+    systemd_call,
     thread_values,
     typed_change_error,
 )
@@ -205,7 +205,7 @@ class CpusetActuator:
                 )
             current["unit"] = unit
             current["unit_cgroup"] = path.split(unit, 1)[0] + unit
-            current["allowed_cpus"] = self._systemd_call(lambda: self.systemd.get_allowed_cpus(unit))
+            current["allowed_cpus"] = systemd_call(lambda: self.systemd.get_allowed_cpus(unit))
             current["runtime_dropins"] = self.systemd.runtime_dropins(unit, ("AllowedCPUs",))
         return current
 
@@ -231,13 +231,6 @@ class CpusetActuator:
             return format_cpulist(parse_cpulist(self.cgroupfs.read(path)))
         except (OSError, CpuListError):
             return None
-
-    @staticmethod
-    def _systemd_call(call, consequence: str = "nothing changed"):
-        try:
-            return call()
-        except SystemdError as exc:
-            raise (ChangeDenied if exc.denied else ChangeFailed)(f"{exc}: {consequence}") from None
 
     # -- plan ---------------------------------------------------------------------------------
     def _read_cpus(self, path: Path) -> frozenset[int]:
@@ -422,7 +415,7 @@ class CpusetActuator:
         details = plan.details
         if "unit" in details:
             unit = details["unit"]
-            self._systemd_call(lambda: self.systemd.set_allowed_cpus(unit, frozenset(details["cpus"])))
+            systemd_call(lambda: self.systemd.set_allowed_cpus(unit, frozenset(details["cpus"])))
             note = self._await_unit_cpus(plan.current, details["allowed_cpus"])
             ensure_alive(self.procfs, plan.identity)
             applied = {"unit": unit, "allowed_cpus": details["allowed_cpus"], "requested": details["requested"]}
@@ -494,14 +487,14 @@ class CpusetActuator:
         ours = self._ours("allowed_cpus", applied, planned)
         if self.systemd is None:
             raise ChangeFailed(f"{unit}: systemd is not reachable from here, so its AllowedCPUs stays {' or '.join(ours) or 'as it is'}")
-        now = self._systemd_call(lambda: self.systemd.get_allowed_cpus(unit), KEPT)
+        now = systemd_call(lambda: self.systemd.get_allowed_cpus(unit), KEPT)
         before = original["allowed_cpus"]
         if now == before:
             return f"{unit} already has its original {describe_allowed(now)}: nothing to restore", False, None
         if now not in ours:
             left = {"unit": unit, "now": now, "set": ours[-1] if ours else None}
             return f"{unit} has {describe_allowed(now)}, not the {' or '.join(ours) or 'value'} remediator set: left as it is", False, left
-        self._systemd_call(lambda: self.systemd.set_allowed_cpus(unit, parse_cpulist(before) if before else frozenset()), KEPT)
+        systemd_call(lambda: self.systemd.set_allowed_cpus(unit, parse_cpulist(before) if before else frozenset()), KEPT)
         note = self._await_unit_cpus(original, before)
         if "AllowedCPUs" not in original.get("runtime_dropins", ("AllowedCPUs",)):
             note += self.systemd.remove_runtime_dropins(unit, ("AllowedCPUs",))
