@@ -5,10 +5,10 @@ raised, and a revert moves it back and removes the group. (The systemd path runs
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 
+from helpers.cgroups import cgroup_path_of, evacuate_and_remove
 from helpers.remediation import identity_of, new_executor  # noqa: F401  (fixture)
 from helpers.workloads import hog_argv
 from remediator.cgroupfs import discover_cpu_mount
@@ -32,12 +32,7 @@ def policy_name(cpu_hierarchy):
     yield name
     directory = cpu_hierarchy.mount_point / f"remediator-{name}"
     if directory.exists():
-        for pid in (directory / "cgroup.procs").read_text().split():
-            try:
-                (cpu_hierarchy.mount_point / "cgroup.procs").write_text(pid)
-            except OSError:
-                pass
-        directory.rmdir()
+        evacuate_and_remove(directory, cpu_hierarchy.mount_point)
 
 
 def cpu_request(pid: int, policy: str, setting: tuple, step: int = 0) -> ActionRequest:
@@ -45,11 +40,7 @@ def cpu_request(pid: int, policy: str, setting: tuple, step: int = 0) -> ActionR
 
 
 def cpu_cgroup(pid: int) -> str:
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "cpu" in controllers.split(","):
-            return path
-    raise AssertionError(f"pid {pid} has no cpu cgroup")
+    return cgroup_path_of(pid, "cpu")
 
 
 def test_weight_then_idle_then_revert_moves_it_back_and_removes_the_group(spawn, new_executor, cpu_hierarchy, policy_name):

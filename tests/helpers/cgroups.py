@@ -97,9 +97,14 @@ def move_to(directory: Path, pid: int) -> None:
         os.close(fd)
 
 
-def cpuset_path_of(pid: int) -> str:
+def cgroup_path_of(pid: int, controller: str) -> str:
+    """The process's path in the v1 hierarchy of `controller`, from /proc/PID/cgroup."""
     for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
         hierarchy, controllers, path = line.split(":", 2)
-        if "cpuset" in controllers.split(","):
+        if controller in controllers.split(","):
             return path
-    raise LookupError(f"pid {pid} has no cpuset line")
+    raise LookupError(f"pid {pid} has no {controller} line")
+
+
+def cpuset_path_of(pid: int) -> str:
+    return cgroup_path_of(pid, "cpuset")
