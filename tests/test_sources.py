@@ -153,7 +153,7 @@ def test_fallback_reads_schedstat_stat_and_psi(tmp_path):
 
 def test_fallback_counts_a_thread_born_between_reads_from_zero(tmp_path):
     proc = fallback_tree(tmp_path)
-    source = ProcfsSource(ProcFS(proc.root), psi_path=proc.root / "pressure/cpu", clock=iter(range(1, 10**9, 10**8)).__next__)
+    source = fallback_source(proc)
     source.read({10: {10, 11}})
     proc.processes[10].threads.append(FakeThread(12, wait_ns=700_000, timeslices=7))
     proc.write()
@@ -180,11 +180,16 @@ class ExitingCounters(SchedstatCounters):
         return records
 
 
+def fallback_source(proc, counters=None) -> ProcfsSource:
+    """The fallback on a fake tree, its clock 0.1 s a read."""
+    return ProcfsSource(ProcFS(proc.root), psi_path=proc.root / "pressure/cpu", clock=iter(range(1, 10**9, 10**8)).__next__,
+                        counters=counters)
+
+
 def test_fallback_counts_the_last_wait_of_a_thread_that_exited_between_reads(tmp_path):
     proc = fallback_tree(tmp_path)
     counters = ExitingCounters(ProcFS(proc.root))
-    source = ProcfsSource(ProcFS(proc.root), psi_path=proc.root / "pressure/cpu", clock=iter(range(1, 10**9, 10**8)).__next__,
-                          counters=counters)
+    source = fallback_source(proc, counters)
     source.read({10: {10, 11}})
     # Thread 11 waits 2 ms more and exits; the collector no longer lists it, its exit record tells.
     proc.processes[10].threads.pop()
@@ -197,7 +202,7 @@ def test_fallback_counts_the_last_wait_of_a_thread_that_exited_between_reads(tmp
 
 def test_schedstat_alone_loses_the_wait_of_a_thread_that_exited_between_reads(tmp_path):
     proc = fallback_tree(tmp_path)
-    source = ProcfsSource(ProcFS(proc.root), psi_path=proc.root / "pressure/cpu", clock=iter(range(1, 10**9, 10**8)).__next__)
+    source = fallback_source(proc)
     source.read({10: {10, 11}})
     proc.processes[10].threads.pop()
     proc.write()
@@ -209,8 +214,7 @@ def test_schedstat_alone_loses_the_wait_of_a_thread_that_exited_between_reads(tm
 def test_a_thread_listed_but_gone_by_the_read_is_counted_from_its_exit_record(tmp_path):
     proc = fallback_tree(tmp_path)
     counters = ExitingCounters(ProcFS(proc.root))
-    source = ProcfsSource(ProcFS(proc.root), psi_path=proc.root / "pressure/cpu", clock=iter(range(1, 10**9, 10**8)).__next__,
-                          counters=counters)
+    source = fallback_source(proc, counters)
     source.read({10: {10, 11}})
     proc.processes[10].threads.pop()
     proc.write()
