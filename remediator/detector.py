@@ -25,6 +25,8 @@ class Window:
     usage: Mapping[int, tuple[int, int | None]]  # pid -> (cpu ns, peak ns)
     blame: Mapping[int, int]  # pid -> ns
     window_ns: int
+    own_ns: int = 0  # of wait_ns: behind the protected processes' own threads
+    others_ns: int = 0  # of wait_ns: behind other processes (the blame)
     _percentiles: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -37,6 +39,8 @@ class Window:
             usage={entry.pid: (entry.cpu_ns, entry.peak_ns) for entry in sample.usage},
             blame=dict(sample.blame),
             window_ns=sample.window_ns,
+            own_ns=sample.protected.own_ns,
+            others_ns=sample.protected.blamed_ns,
         )
 
     @property
@@ -76,6 +80,16 @@ def blame_share(windows: Sequence[Window], pid: int) -> float:
     return sum(window.blame.get(pid, 0) for window in windows) / waited if waited else 0.0
 
 
+def wait_split(windows: Sequence[Window]) -> dict[str, float]:
+    """Shares of the protected wait behind its own threads, behind others, and behind nobody known."""
+    waited = sum(window.wait_ns for window in windows)
+    if not waited:
+        return {"behind_own": 0.0, "behind_others": 0.0, "unattributed": 0.0}
+    own = sum(window.own_ns for window in windows) / waited
+    others = sum(window.others_ns for window in windows) / waited
+    return {"behind_own": round(own, 3), "behind_others": round(others, 3), "unattributed": round(max(0.0, 1.0 - own - others), 3)}
+
+
 @dataclass(frozen=True)
 class TriggerEvidence:
     """Why a trigger fired or not, in the numbers the audit shows."""
@@ -92,6 +106,7 @@ class TriggerEvidence:
     offender_peak_cpu: float | None
     blame_share: float
     reason: str
+    wait_split: Mapping[str, float] = field(default_factory=dict)  # wait_split() of the judged windows
 
     def to_json(self) -> dict:
         def rounded(value):
@@ -111,6 +126,7 @@ class TriggerEvidence:
                 "peak_cpu": rounded(self.offender_peak_cpu),
                 "blame_share": rounded(self.blame_share),
             },
+            "protected_wait": dict(self.wait_split),
             "reason": self.reason,
         }
 
@@ -172,4 +188,5 @@ def evaluate_trigger(trigger: Trigger, windows: Sequence[Window], pid: int) -> T
         offender_peak_cpu=peak,
         blame_share=share,
         reason=reason,
+        wait_split=wait_split(judged),
     )
