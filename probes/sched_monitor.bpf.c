@@ -61,6 +61,7 @@ static __always_inline void on_wakeup(u32 tid, u32 target_cpu)
     if (!thread)
         return;
     thread->wait_start = bpf_ktime_get_ns();
+    thread->queued_since = thread->wait_start;
     thread->wait_cpu = target_cpu;
     stats = stats_here();
     if (stats)
@@ -140,13 +141,14 @@ static __always_inline u64 charge(u32 tgid, u64 ns, struct wait_stats *stats)
 
 /* A protected thread waited during [t0, t1) on the run queue of the CPU whose state is `state`:
  * charge every process that ran there in that interval with the part of its run inside it. When
- * the wait ends on another CPU (`remote`), the run in progress there is still part of it: its share
- * is left in owed_ns, for that CPU to charge when the run ends (only it knows the run's process).
- * What the ring no longer holds is counted (overflow_ns), never guessed. */
-static __always_inline void attribute_wait(struct cpu_state *state, u64 t0, u64 t1, bool remote, struct wait_stats *stats)
+ * a run is still in progress there (`in_progress`: the wait ends on another CPU, or it is a
+ * migration that moves the thread), its share is left in owed_ns, for that CPU to charge when the
+ * run ends (only it knows the run's process). What the ring no longer holds is counted
+ * (overflow_ns), never guessed. */
+static __always_inline void attribute_wait(struct cpu_state *state, u64 t0, u64 t1, bool in_progress, struct wait_stats *stats)
 {
     u64 attributed = 0, uncovered = t1; /* [t0, uncovered) is not yet accounted for */
-    if (remote) {
+    if (in_progress) {
         u64 since = state->since;
         if (since && since < t1) {
             u64 lo = since > t0 ? since : t0;
@@ -185,6 +187,7 @@ static __always_inline void attribute_wait(struct cpu_state *state, u64 t0, u64 
 static __always_inline void end_wait(struct protected_thread *thread, u64 now, u32 cpu, struct cpu_state *here)
 {
     u64 t0 = thread->wait_start;
+    u64 queued_since = thread->queued_since;
     u32 wait_cpu = thread->wait_cpu;
     thread->wait_start = 0;
     struct wait_stats *stats = stats_here();
@@ -216,16 +219,18 @@ static __always_inline void end_wait(struct protected_thread *thread, u64 now, u
         if (delta > max->max_ns)
             max->max_ns = delta;
     }
+    /* The part before its last migration was charged when it moved. */
+    if (queued_since < t0 || queued_since > now)
+        queued_since = t0;
     struct cpu_state *waited_on = here;
-    if (wait_cpu != cpu) {
-        stats->totals.migrated_waits++;
+    if (wait_cpu != cpu) { /* a migration this probe did not see */
         waited_on = cpu_state.lookup(&wait_cpu);
         if (!waited_on) {
-            stats->totals.unattributed_ns += delta;
+            stats->totals.unattributed_ns += now - queued_since;
             return;
         }
     }
-    attribute_wait(waited_on, t0, now, wait_cpu != cpu, stats);
+    attribute_wait(waited_on, queued_since, now, wait_cpu != cpu, stats);
 }
 
 TRACEPOINT_PROBE(sched, sched_switch)
@@ -275,6 +280,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
         struct protected_thread *prev = protected_lookup(prev_tid);
         if (prev) {
             prev->wait_start = now;
+            prev->queued_since = now;
             prev->wait_cpu = cpu;
             struct wait_stats *stats = stats_here();
             if (stats)
@@ -291,6 +297,35 @@ TRACEPOINT_PROBE(sched, sched_switch)
 
     state->since = now;
     state->current_tid = next_tid;
+    return 0;
+}
+
+/* A waiting protected thread moved to another CPU's run queue (load balancing, an affinity change,
+ * the stopper moving it off a CPU it may no longer use): charge the part of the wait spent on the
+ * queue it leaves to what ran there, and go on from the new one. */
+TRACEPOINT_PROBE(sched, sched_migrate_task)
+{
+    u32 tid = args->pid;
+    struct protected_thread *thread = protected_lookup(tid);
+    if (!thread || !thread->wait_start)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    u32 orig_cpu = args->orig_cpu;
+    u64 t0 = thread->queued_since;
+    thread->queued_since = now;
+    thread->wait_cpu = args->dest_cpu;
+    struct wait_stats *stats = stats_here();
+    if (!stats)
+        return 0;
+    stats->totals.migrated_waits++;
+    if (t0 < thread->wait_start || t0 >= now || now - thread->wait_start > MAX_WAIT_NS)
+        return 0; /* stale: end_wait drops the whole wait */
+    struct cpu_state *state = cpu_state.lookup(&orig_cpu);
+    if (!state) {
+        stats->totals.unattributed_ns += now - t0;
+        return 0;
+    }
+    attribute_wait(state, t0, now, true, stats);
     return 0;
 }
 

@@ -93,8 +93,9 @@ typedef uint32_t u32;
 
 struct protected_thread {
     u64 wait_start;           /* when it began waiting for a CPU; 0 = not waiting */
-    u32 wait_cpu;             /* the CPU whose run queue it began waiting on: the wakeup's target, or
-                               * where it was preempted; the wait is charged to what ran there */
+    u64 queued_since;         /* when it joined the run queue it waits on now (a migration moves it) */
+    u32 wait_cpu;             /* the CPU of that run queue: the wakeup's target, where it was
+                               * preempted, or where a migration moved it; charged to what ran there */
     u32 pad;
 };
 
@@ -113,7 +114,7 @@ struct wait_totals {          /* cumulative */
     u64 protected_forks;      /* threads and children added to the protected set in-kernel */
     u64 own_ns;               /* wait time behind threads of protected processes (its own) */
     u64 overflow_ns;          /* the part of unattributed_ns older than the segment ring held */
-    u64 migrated_waits;       /* waits that ended on another CPU than the one they began on */
+    u64 migrated_waits;       /* migrations of waiting protected threads (each part charged to its CPU) */
 };
 
 /* The maximum wait per epoch: user space bumps the epoch, then reads the previous epoch's slot,

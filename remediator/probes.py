@@ -151,7 +151,7 @@ class ProbeSettings:
         """The byte layouts of the map values in probes/sched_monitor.h under these settings (a test
         compiles the header and checks every size and offset against these)."""
         return {
-            "protected_thread": struct.Struct("<QII"),  # wait_start, wait_cpu, pad
+            "protected_thread": struct.Struct("<QQII"),  # wait_start, queued_since, wait_cpu, pad
             # totals, then max[2] as (epoch, max_ns) pairs, then the histogram
             "wait_stats": struct.Struct(f"<{len(WAIT_TOTAL_FIELDS)}Q4Q{histogram.SLOTS}Q"),
             # since, busy_ns, current_tid, head, owed_ns, then the ring of (start, end, tgid, pad)
@@ -436,7 +436,7 @@ class SchedProbes:
         A full map is not fatal: those threads' waits go unmeasured, the caller retries them and
         reports how many there are (and the kernel counts the forks it could not add)."""
         protected = self._maps["protected_threads"]
-        not_waiting = self._protected_value.pack(0, 0, 0)
+        not_waiting = self._protected_value.pack(0, 0, 0, 0)
         added, refused = [], set()
         for tid in tids:
             try:

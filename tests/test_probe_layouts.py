@@ -23,6 +23,7 @@ def c_layout(tmp_path: Path, settings: ProbeSettings) -> dict[str, int]:
     queries = {
         "sizeof protected_thread": "sizeof(struct protected_thread)",
         "protected_thread.wait_start": "offsetof(struct protected_thread, wait_start)",
+        "protected_thread.queued_since": "offsetof(struct protected_thread, queued_since)",
         "protected_thread.wait_cpu": "offsetof(struct protected_thread, wait_cpu)",
         "sizeof wait_totals": "sizeof(struct wait_totals)",
         "sizeof wait_stats": "sizeof(struct wait_stats)",
@@ -69,7 +70,8 @@ def python_layout(settings: ProbeSettings) -> dict[str, int]:
     expected = {
         "sizeof protected_thread": layouts["protected_thread"].size,
         "protected_thread.wait_start": 0,
-        "protected_thread.wait_cpu": offset(layouts["protected_thread"], 1),
+        "protected_thread.queued_since": offset(layouts["protected_thread"], 1),
+        "protected_thread.wait_cpu": offset(layouts["protected_thread"], 2),
         "sizeof wait_totals": 8 * totals,
         "sizeof wait_stats": layouts["wait_stats"].size,
         "wait_stats.max": 8 * totals,
