@@ -39,7 +39,7 @@ min_cpus = 1
 """
 
 
-def policies(tmp_path, n=3, m=5, offender='{ cpu = 0.5, cpu_kind = "peak", blame_share = 0.2, require = "any" }',
+def policies(tmp_path, n=3, m=5, offender='{ cpu = 0.5, cpu_kind = "peak", blame_share = 0.2, require = "all" }',
              cooldown="10s", hourly=6, quiet="5s", text=None):
     path = tmp_path / "p.toml"
     path.write_text(text or LADDER.format(n=n, m=m, offender=offender, cooldown=cooldown, hourly=hourly, quiet=quiet))
