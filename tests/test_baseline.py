@@ -7,30 +7,16 @@ from remediator import baseline, histogram
 from remediator.baseline import Baselines
 from remediator.engine import EngineState, decide, export_state, import_state
 
-from test_engine import SETTINGS, TICK, kinds, policies, run, sample
+from test_engine import LADDER, SETTINGS, TICK, kinds, policies, run, sample
 
-RELATIVE = """
-[[policy]]
-name = "shippers"
-description = "test"
-[policy.match]
-comm = ["fluent-bit"]
-[policy.trigger]
-tail = {{ percentile = 99.0, above = "5x baseline", at_least = "{at_least}", at_most = "2ms", windows = 2, of = 4 }}
-offender = {{ cpu = 0.5, cpu_kind = "peak", blame_share = 0.2 }}
-[[policy.actions]]
-nice = 10
-settle = "1s"
-[[policy.actions]]
-affinity = "unprotected"
-settle = "1s"
-[policy.limits]
-revert_after_quiet = "{quiet}"
-"""
+# The engine tests' ladder, with its tail relative to the baseline.
+RELATIVE = LADDER.replace('above = "2ms"', 'above = "5x baseline", at_least = "{at_least}", at_most = "2ms"')
 
 
 def relative(tmp_path, at_least="200us", quiet="10m"):
-    return policies(tmp_path, text=RELATIVE.format(at_least=at_least, quiet=quiet))
+    text = RELATIVE.format(n=2, m=4, offender='{ cpu = 0.5, cpu_kind = "peak", blame_share = 0.2 }', cooldown="60s", hourly=6,
+                           quiet=quiet, at_least=at_least)
+    return policies(tmp_path, text=text)
 
 
 def quiet_windows(start, count, tail_us=100.0):
