@@ -113,11 +113,17 @@ class OffenderScopes:
             systemd_call(lambda: self.systemd.attach_processes(unit, [pid]))
         wanted = self.mount.fs_path(scope_cgroup_of(unit))
         deadline = time.monotonic() + SETTLE_S
-        while wanted is not None and pid not in cgroup_pids(self.cgroupfs, wanted):
+        while wanted is not None and pid not in self._pids_in(wanted):
             if time.monotonic() > deadline:
                 raise ChangeFailed(f"systemd did not move pid {pid} into {unit} within {SETTLE_S:g} s", left_changed=True)
             time.sleep(0.02)
         return started
+
+    def _pids_in(self, directory) -> list[int]:
+        try:
+            return cgroup_pids(self.cgroupfs, directory)
+        except FileNotFoundError:
+            return []  # systemd has not made the scope's cgroup yet: its start job runs after the answer
 
     def give_back(self, pid: int, cgroup_path: str) -> str:
         """Write pid into the cgroup it came from (in no unit: not systemd's to object to)."""
