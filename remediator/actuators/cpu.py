@@ -32,7 +32,7 @@ from ..errors import ProcessGone
 from ..procfs import ProcessIdentity, ProcFS
 from ..systemd import SystemdManager, unit_for_cgroup
 from .base import ApplyResult, ChangeFailed, ChangeInvalid, Plan, RestoreResult, ensure_alive, systemd_call
-from .scope import OffenderScopes, scope_cgroup_of, scope_name
+from .scope import OffenderScopes, scope_cgroup_of, scope_name, scope_of_applied
 
 CGROUP_PREFIX = "remediator-"
 UNSET = 2**64 - 1  # systemd's "not set" for CPUWeight, "no quota" for CPUQuotaPerSecUSec
@@ -97,12 +97,6 @@ def _v1_writes(setting: dict, directory: Path, read) -> list[tuple[Path, str]]:
             return []  # already as tight
     # The period first: a quota is checked against the period in place.
     return [(directory / "cpu.cfs_period_us", str(period)), (directory / "cpu.cfs_quota_us", str(quota))]
-
-
-def _scope_of(applied: dict | None) -> str:
-    """Our scope from what a step applied: the first step records it, a later one its unit."""
-    applied = applied or {}
-    return str(applied.get("scope") or applied.get("unit") or "")
 
 
 class CpuActuator:
@@ -275,14 +269,8 @@ class CpuActuator:
     def _restore_from_scope(self, identity: ProcessIdentity, original: dict, applied: dict | None) -> RestoreResult:
         if self.scopes is None:
             raise ChangeFailed(f"pid {identity.pid}: systemd is not reachable from here, so it stays in remediator's scope")
-        scope = _scope_of(applied)
-        ours = scope_cgroup_of(scope) if scope else None
         now = process_cgroup_path(self._mount_of(original), self.procfs.cgroups(identity.pid))
-        if ours is not None and now != ours:
-            text = f"pid {identity.pid} is in {now}, not in {ours} where remediator put it: {KEPT}" + self.cleanup(original, applied)
-            return RestoreResult(text, restored=False, left={"cgroup": now, "set": ours})
-        text = self.scopes.give_back(identity.pid, original["cgroup"])
-        return RestoreResult(f"{text} (was {ours})" + self.cleanup(original, applied))
+        return self.scopes.restore(identity.pid, original["cgroup"], applied, now)
 
     def _restore_group(self, identity: ProcessIdentity, original: dict, applied: dict | None) -> RestoreResult:
         mount = self._mount_of(original)
@@ -338,7 +326,7 @@ class CpuActuator:
         """Remove our v1 group, or stop our scope, once no process is left in it."""
         ours = (applied or {}).get("cgroup")
         if original.get("outside_units"):
-            scope = _scope_of(applied)
+            scope = scope_of_applied(applied)
             return self.scopes.stop_if_empty(scope) if self.scopes is not None and scope else ""
         if "unit" in original or not ours or not ours.lstrip("/").startswith(CGROUP_PREFIX):
             return ""

@@ -24,7 +24,9 @@ import time
 from ..cgroupfs import CgroupFS, CgroupMount, cgroup_pids
 from ..errors import ProcessGone
 from ..systemd import SystemdError, SystemdManager, unit_for_cgroup
-from .base import ChangeFailed, ChangeInvalid, systemd_call
+from typing import Callable
+
+from .base import ChangeFailed, ChangeInvalid, RestoreResult, systemd_call
 
 SCOPE_PREFIX = "remediator-"
 SCOPE_SLICE = "system.slice"  # where systemd puts a transient scope started by the system manager
@@ -48,6 +50,13 @@ def scope_name(group: str) -> str:
 
 def scope_cgroup_of(unit: str) -> str:
     return f"/{SCOPE_SLICE}/{unit}"
+
+
+def scope_of_applied(applied: dict | None) -> str:
+    """Our scope from what a step applied: the first step records it, a later step (a property on
+    the scope, through the unit path) its unit."""
+    applied = applied or {}
+    return str(applied.get("scope") or applied.get("unit") or "")
 
 
 def outside_units(cgroup_path: str) -> tuple[bool, str]:
@@ -137,6 +146,22 @@ class OffenderScopes:
                 raise ProcessGone(pid) from None
             raise ChangeFailed(f"write {pid} to {back / 'cgroup.procs'}: {exc.strerror}") from None
         return f"write {pid} to {back / 'cgroup.procs'}"
+
+    def restore(self, pid: int, original_cgroup: str, applied: dict | None, now: str | None,
+                after_move: Callable[[], str] = lambda: "") -> RestoreResult:
+        """Back from our scope into `original_cgroup`, where it is still in our scope; then stop the
+        scope once empty. `after_move` adds what the kind puts back besides (thread masks)."""
+        scope = scope_of_applied(applied)
+        ours = scope_cgroup_of(scope) if scope else None
+        if ours is None or now != ours:
+            stopped = self.stop_if_empty(scope) if scope else ""
+            if now == original_cgroup:  # the move never happened (an intent without outcome)
+                return RestoreResult(f"pid {pid} is in its original cgroup {now}: nothing to restore" + stopped)
+            # Someone else moved it since: their decision stands.
+            return RestoreResult(f"pid {pid} is in {now}, not in {ours or 'the scope'} where remediator put it: left there" + stopped,
+                                 restored=False, left={"cgroup": now, "set": ours})
+        text = self.give_back(pid, original_cgroup) + f" (was {now})" + after_move()
+        return RestoreResult(text + self.stop_if_empty(scope))
 
     def stop_if_empty(self, unit: str) -> str:
         """Stop our scope once no process is left in it, and wait until its cgroup is gone."""

@@ -127,3 +127,26 @@ def test_a_process_in_a_cgroup_with_limits_is_not_moved_out_of_them(foreign, exe
     assert "pids.max" in outcome.message
     assert cgroup_of(foreign) == "/guest-foreign"
     assert scope_gone()
+
+
+def masks(pid: int) -> set[frozenset[int]]:
+    return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_a_cpuset_step_gives_our_scope_allowed_cpus_and_the_revert_every_thread_its_mask(foreign, executor):
+    before = masks(foreign)
+    request = ActionRequest(identity_of(foreign), "cpuset", "guest-foreign", 0, cpus=frozenset({1}), cgroup="guest-foreign")
+    moved = executor.apply(request, ())
+    print(moved.message)
+    assert moved.status == "applied", moved
+    assert cgroup_of(foreign) == SCOPE_CGROUP
+    assert show(SCOPE, "AllowedCPUs")["AllowedCPUs"] == "1"
+    wait_for(lambda: masks(foreign) == {frozenset({1})}, 10, "every thread on CPU 1")
+
+    [restored] = executor.restore()
+    print(restored.message)
+    assert restored.status == "restored", restored
+    assert cgroup_of(foreign) == "/guest-foreign"
+    wait_for(lambda: masks(foreign) == before, 10, "every thread's mask as before")
+    wait_for(scope_gone, 10, f"{SCOPE} stopped and its cgroup gone")
+    assert not DROPINS.exists(), sorted(os.listdir(DROPINS))
