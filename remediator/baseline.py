@@ -12,8 +12,10 @@ Learning, and why it is hard to fool:
 - the baseline is the median of the latest MAX_BLOCKS blocks no older than MAX_AGE_S, known once
   there are MIN_BLOCKS: a few odd blocks (a burst that stayed under the threshold) cannot move a
   median. The trigger's `at_least` and `at_most` bound what a baseline can do to the threshold.
-Only closed blocks are kept across a restart (export), so the state file changes at most once per
-block, not every tick.
+Closed blocks are kept across a restart (export), but the copy exported is renewed only once the
+baseline is learned and then every EXPORT_EVERY blocks: the daemon rewrites (and fsyncs) its state
+file whenever the export changes, so once a minute of quiet at most, not every tick; a crash loses
+at most that minute of learning.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ BLOCK_S = 2.0  # quiet time summed into one block value
 MIN_BLOCKS = 3  # blocks before the baseline counts as learned: 6 s of quiet windows
 MAX_BLOCKS = 240  # the sliding period: the latest 240 blocks (8 minutes of quiet) ...
 MAX_AGE_S = 6 * 3600.0  # ... no older than 6 hours
+EXPORT_EVERY = 30  # blocks between two exports (a minute of quiet)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class PercentileBaseline:
     blocks: tuple[Block, ...] = ()
     open_counts: Mapping[int, int] = field(default_factory=dict)
     open_s: float = 0.0
+    exported: tuple[Block, ...] = ()  # the blocks as last exported (see EXPORT_EVERY)
+    since_export: int = 0  # blocks closed since
 
     def recent(self, now: float) -> tuple[Block, ...]:
         return tuple(block for block in self.blocks if block.end_s >= now - MAX_AGE_S)[-MAX_BLOCKS:]
@@ -61,12 +66,15 @@ class PercentileBaseline:
             merged[slot] = merged.get(slot, 0) + count
         open_s = self.open_s + duration_s
         if open_s < BLOCK_S - 1e-9:
-            return PercentileBaseline(self.blocks, merged, open_s)
+            return PercentileBaseline(self.blocks, merged, open_s, self.exported, self.since_export)
         value = histogram.percentile(merged, percentile)
         blocks = self.recent(end_s)
         if value is not None:
             blocks = (blocks + (Block(end_s, round(value / 1000.0, 1)),))[-MAX_BLOCKS:]
-        return PercentileBaseline(blocks, {}, 0.0)
+        since = self.since_export + 1
+        if len(self.exported) < MIN_BLOCKS or since >= EXPORT_EVERY:
+            return PercentileBaseline(blocks, {}, 0.0, blocks, 0)
+        return PercentileBaseline(blocks, {}, 0.0, self.exported, since)
 
 
 @dataclass(frozen=True)
@@ -101,11 +109,11 @@ class Baselines:
         return Baselines(changed)
 
     def to_json(self) -> dict:
-        """Closed blocks only: the block being filled is lost on a restart (at most BLOCK_S of quiet)."""
+        """The blocks as last exported (see EXPORT_EVERY); what came after is lost on a restart."""
         return {
-            f"{percentile:g}": [[block.end_s, block.value_us] for block in baseline.blocks]
+            f"{percentile:g}": [[block.end_s, block.value_us] for block in baseline.exported]
             for percentile, baseline in sorted(self.by_percentile.items())
-            if baseline.blocks
+            if baseline.exported
         }
 
     @classmethod
@@ -122,7 +130,7 @@ class Baselines:
                 raise ValueError(f"baselines: malformed entry {name!r}") from None
             if not 0 < percentile <= 100 or any(block.value_us < 0 for block in parsed):
                 raise ValueError(f"baselines: out of range entry {name!r}")
-            by_percentile[percentile] = PercentileBaseline(parsed[-MAX_BLOCKS:])
+            by_percentile[percentile] = PercentileBaseline(parsed[-MAX_BLOCKS:], exported=parsed[-MAX_BLOCKS:])
         return cls(by_percentile)
 
 

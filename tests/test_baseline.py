@@ -130,11 +130,16 @@ def test_a_state_file_without_baselines_still_loads(tmp_path):
     assert import_state(data).baselines.by_percentile == {}
 
 
-def test_the_exported_baseline_changes_once_per_block_not_every_tick(tmp_path):
+def test_the_exported_baseline_changes_once_learned_then_once_a_minute_not_every_tick(tmp_path):
+    """The daemon rewrites its state file whenever the export changes."""
     p = relative(tmp_path)
+    per_block = int(baseline.BLOCK_S / TICK)
     state, exports = EngineState(), []
-    for s in quiet_windows(1, 32):
+    for s in quiet_windows(1, per_block * (baseline.MIN_BLOCKS + 2 * baseline.EXPORT_EVERY)):
         state, _ = decide(state, s, p, SETTINGS)
         exports.append(export_state(state)["baselines"])
-    changes = sum(1 for a, b in zip(exports, exports[1:]) if a != b)
-    assert changes == len(exports) // int(baseline.BLOCK_S / TICK)  # one per closed block
+    changed_at = [i + 1 for i, (a, b) in enumerate(zip(exports, exports[1:])) if a != b]
+    first_blocks = [per_block * n - 1 for n in range(1, baseline.MIN_BLOCKS + 1)]
+    then = [per_block * (baseline.MIN_BLOCKS + baseline.EXPORT_EVERY * n) - 1 for n in (1, 2)]
+    assert changed_at == first_blocks + then
+    assert len(exports[-1]["99"]) == baseline.MIN_BLOCKS + 2 * baseline.EXPORT_EVERY
