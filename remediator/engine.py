@@ -456,8 +456,8 @@ def forget(state: EngineState, identity: ProcessIdentity) -> EngineState:
 # CLOCK_MONOTONIC seconds: that clock is the boot's, not the process's, so it is still valid after a
 # restart within the same boot (the daemon discards state saved under another boot id). Windows and
 # pending verifications are not kept: a verification needs the windows after its action, which a
-# dead daemon did not see. The learned baselines are kept (their closed blocks): a restart must not
-# fall back to at_most for the minutes it takes to learn again.
+# dead daemon did not see. The learned baselines are kept (as last exported, see baseline.py): a
+# restart must not fall back to at_most for the minutes it takes to learn again.
 
 STATE_FORMAT = 1
 
@@ -506,7 +506,7 @@ def import_state(data: Mapping, state: EngineState | None = None) -> EngineState
         if not isinstance(next_action, int) or isinstance(next_action, bool) or next_action < 1:
             raise ValueError(f"next_action: expected a positive integer, got {next_action!r}")
         recent = tuple(number(t, "recent_changes") for t in data["recent_changes"])
-        baselines = Baselines.from_json(data.get("baselines", {}))  # absent from files written before baselines
+        saved_baselines = Baselines.from_json(data.get("baselines", {}))  # absent from files written before baselines
         remediations: dict[tuple[ProcessIdentity, str], Remediation] = {}
         for item in data["remediations"]:
             identity = ProcessIdentity(int(item["pid"]), int(item["start_time"]))
@@ -525,6 +525,8 @@ def import_state(data: Mapping, state: EngineState | None = None) -> EngineState
             )
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"missing or malformed {exc}") from None
+    # Baselines this process has learned already (a dry run turning live) are newer than the saved ones.
+    baselines = state.baselines if state.baselines.by_percentile else saved_baselines
     # max: ids stay unique when a dry run (which counts on) turns live again
     return dataclasses.replace(state, remediations=remediations, recent_changes=recent, baselines=baselines,
                                next_action=max(next_action, state.next_action))

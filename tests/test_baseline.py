@@ -143,3 +143,13 @@ def test_the_exported_baseline_changes_once_learned_then_once_a_minute_not_every
     then = [per_block * (baseline.MIN_BLOCKS + baseline.EXPORT_EVERY * n) - 1 for n in (1, 2)]
     assert changed_at == first_blocks + then
     assert len(exports[-1]["99"]) == baseline.MIN_BLOCKS + 2 * baseline.EXPORT_EVERY
+
+
+def test_a_baseline_learned_in_this_process_wins_over_the_saved_one(tmp_path):
+    """A dry run that turns live has learned while the saved state aged."""
+    p = relative(tmp_path)
+    saved, _ = run(p, quiet_windows(1, 32, tail_us=300))
+    current, _ = run(p, quiet_windows(1, 32, tail_us=100))
+    now = 32 * TICK
+    assert import_state(export_state(saved)).baselines.value_us(99.0, now) > 250
+    assert import_state(export_state(saved), current).baselines.value_us(99.0, now) < 150
