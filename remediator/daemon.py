@@ -39,6 +39,7 @@ from .printable import printable
 from .procfs import ProcessInfo, ProcFS
 from .safety import exclusion_reason
 from .sample import SOURCE_PROCFS
+from .schedgroups import SchedGroups
 from .sdnotify import Notifier
 from .selectors import ProtectSelectors
 from .sources import PROCFS_DEGRADED, Source, open_source
@@ -53,7 +54,7 @@ def plural(count: int, word: str) -> str:
 
 SUMMARY_EVERY_S = 30.0
 FIRST_SUMMARY_S = 5.0  # a new user sees a judgement of the host within seconds
-WARN_KINDS = frozenset({"exhausted", "capped", "infeasible"})
+WARN_KINDS = frozenset({"exhausted", "capped", "infeasible", "skipped"})
 
 
 def shared_comm_warnings(infos: list[ProcessInfo], protect: ProtectSelectors, policies: PolicySet) -> list[str]:
@@ -182,7 +183,8 @@ class Daemon:
         # The source before anything else: a daemon that cannot watch refuses to start, and then it
         # must leave the host as it found it (no audit or journal file, no originals restored).
         source = self._open_source()
-        self.collector = Collector(source, config.protect, self.procfs, track_execs=self._has_always_policies())
+        self.collector = Collector(source, config.protect, self.procfs, track_execs=self._has_always_policies(),
+                                   sched_groups=SchedGroups.for_host(self.procfs, self.cgroupfs))
         self.state = EngineState()
         try:
             self.audit = AuditLog(config.audit_path, stamp=self._audit_stamp(source), trust=self.trust)

@@ -21,6 +21,9 @@ Rules, in the order they are checked:
   the ladder back: whether the tail is still bad decides escalation. An inconclusive verdict is
   judged again over a longer after-period (up to MAX_REVERIFY more settle periods) while the ladder
   stays where it is; a later step or a revert ends the after-period, since it would confound it.
+A nice or sched step that cannot reach any running protected process (offender and service in
+different scheduling groups: cpu cgroups or autogroups, schedgroups.py) is skipped at once, with a
+"skipped" decision, and the ladder goes on to its next step in the same tick.
 An `always` policy places a process with its whole ladder as soon as it is seen (at exec), with no
 tail condition, and never reverts it.
 
@@ -41,6 +44,7 @@ from .policy import Policy, PolicySet, Step
 from .procfs import ProcessIdentity, ProcessInfo
 from .safety import exclusion_reason
 from .sample import Sample
+from .schedgroups import unreachable_reason
 from .verification import INCONCLUSIVE, MAX_REVERIFY, PeriodCounts, judge, period_counts, threshold_boundary_ns
 
 APPLIED_STATUSES = frozenset({"applied", "would-apply", "unchanged"})
@@ -72,7 +76,7 @@ def history_for(policies: PolicySet, tick_s: float) -> tuple[float, int]:
 
 @dataclass(frozen=True)
 class Decision:
-    kind: str  # "act" | "revert" | "verify" | "exhausted" | "capped" | "excluded" | "infeasible"
+    kind: str  # "act" | "revert" | "verify" | "exhausted" | "capped" | "excluded" | "infeasible" | "skipped"
     at: float  # engine time (monotonic seconds)
     ts: float  # wall clock, for the audit
     info: ProcessInfo
@@ -103,6 +107,7 @@ class Remediation:
     capped_warned_at: float | None = None
     reverted_at: float | None = None
     infeasible_warned: frozenset[int] = frozenset()
+    skipped_warned: frozenset[int] = frozenset()  # steps said to be unable to work here (said once per ladder)
 
 
 @dataclass(frozen=True)
@@ -298,6 +303,8 @@ def decide(
             candidates.setdefault(pid, info)
     remediations = dict(state.remediations)
     excluded_seen = set(state.excluded_seen)
+    protected_groups = [(pid, info.comm, info.sched_group) for pid in sample.protected.pids
+                        if (info := sample.processes.get(pid)) is not None]
     planned_changes = 0
     for pid, info in candidates.items():
         selected = policies.select(info)
@@ -334,16 +341,35 @@ def decide(
                 if now - (remediation.last_action_at or now) < current.settle_s:
                     continue  # the current step is still settling
                 next_index = remediation.step_index + 1
-                if next_index >= len(policy.steps):
-                    if not remediation.exhausted_warned:
-                        remediation = dataclasses.replace(remediation, exhausted_warned=True)
-                        remediations[key] = remediation
-                        decisions.append(
-                            Decision("exhausted", now, ts, info, policy,
-                                     f"the last step ({current.describe()}) is in place and the trigger still holds: no further escalation",
-                                     step_index=remediation.step_index, evidence=evidence)
-                        )
-                    continue
+            # Steps that cannot work between these scheduling groups are skipped now, not tried for a settle period.
+            while next_index < len(policy.steps):
+                step = policy.steps[next_index]
+                why = unreachable_reason(step.kind, (info.pid, info.comm, info.sched_group), protected_groups)
+                if why is None:
+                    break
+                if next_index not in remediation.skipped_warned:
+                    remediation = dataclasses.replace(remediation, skipped_warned=remediation.skipped_warned | {next_index})
+                    remediations[key] = remediation
+                    decisions.append(
+                        Decision("skipped", now, ts, info, policy,
+                                 f"step {next_index + 1} of {len(policy.steps)}: {step.describe()} cannot work on this host: {why}",
+                                 step_index=next_index, step=step,
+                                 evidence={**evidence, "sched_groups": {"offender": info.sched_group,
+                                                                        "protected": {str(p): g for p, _, g in protected_groups}}})
+                    )
+                next_index += 1
+            if next_index >= len(policy.steps):
+                if not remediation.exhausted_warned:
+                    remediation = dataclasses.replace(remediation, exhausted_warned=True)
+                    remediations[key] = remediation
+                    last = policy.steps[remediation.step_index].describe() if remediation.step_index >= 0 else None
+                    decisions.append(
+                        Decision("exhausted", now, ts, info, policy,
+                                 f"the last step ({last}) is in place and the trigger still holds: no further escalation" if last
+                                 else "no step of the ladder can work on this host (see the skipped steps): nothing to do",
+                                 step_index=remediation.step_index if last else None, evidence=evidence)
+                    )
+                continue
             steps = [(next_index, policy.steps[next_index])]
 
         # Caps: per process and policy per hour, and across the host per minute.

@@ -327,3 +327,38 @@ def test_same_samples_same_decisions(tmp_path):
     first = [[(d.kind, d.step_index, d.message) for d in t] for t in run(p, ticks)[1]]
     second = [[(d.kind, d.step_index, d.message) for d in t] for t in run(p, ticks)[1]]
     assert first == second and any(first)
+
+
+def in_groups(service_group, shipper_group):
+    import dataclasses
+
+    return (dataclasses.replace(SERVICE, sched_group=service_group), dataclasses.replace(SHIPPER, sched_group=shipper_group))
+
+
+def test_a_nice_step_that_cannot_reach_the_service_is_skipped_at_once(tmp_path):
+    """Different sessions (autogroups): nice weighs nothing between them, so the ladder goes on to
+    affinity in the same tick instead of spending the settle period on nice."""
+    p = policies(tmp_path, n=1, m=1)
+    groups = in_groups("autogroup-4", "autogroup-9")
+    _, per_tick = run(p, [hot(TICK * i, processes=groups) for i in range(1, 8)])
+    assert [(i, k, s) for i, k, s in kinds(per_tick) if k != "verify"] == [(0, "skipped", 0), (0, "act", 1), (4, "exhausted", 1)]
+    skipped = per_tick[0][0]
+    assert "nice 10 cannot work on this host" in skipped.message and "fluent-bit (200) is in autogroup-9" in skipped.message
+    assert skipped.evidence["sched_groups"] == {"offender": "autogroup-9", "protected": {"100": "autogroup-4"}}
+    assert per_tick[0][1].request.kind == "affinity"
+
+
+@pytest.mark.parametrize("service, shipper", [("autogroup-4", "autogroup-4"), ("/system.slice/api.service", "/"), ("", "autogroup-9")])
+def test_a_nice_step_is_taken_where_it_can_work_or_where_that_is_unknown(tmp_path, service, shipper):
+    _, per_tick = run(policies(tmp_path, n=1, m=1), [hot(TICK, processes=in_groups(service, shipper))])
+    assert [(d.kind, d.request.kind) for d in per_tick[0]] == [("act", "nice")]
+
+
+def test_a_ladder_of_steps_that_cannot_work_says_so_once(tmp_path):
+    text = LADDER.format(n=1, m=1, offender='{ cpu = 0.5 }', cooldown="10s", hourly=6, quiet="5s")
+    text = text.replace('affinity = "unprotected"', 'sched = "idle"')
+    groups = in_groups("/system.slice/api.service", "/system.slice/ship.service")
+    state, per_tick = run(policies(tmp_path, text=text), [hot(TICK * i, processes=groups) for i in range(1, 10)])
+    assert kinds(per_tick) == [(0, "skipped", 0), (0, "skipped", 1), (0, "exhausted", None)]
+    assert "no step of the ladder can work" in per_tick[0][2].message
+    assert not state.active()
