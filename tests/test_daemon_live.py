@@ -33,7 +33,7 @@ def two_cpus():
     os.sched_setaffinity(0, ALL)
 
 
-def certain_harm(spawn, *hog_extra: str):
+def certain_harm(spawn, *hog_extra: str, own_session: bool = False):
     """(victim, hog) where the victim waits over 1 ms in every 250 ms window, before and after nice 10.
 
     The light victim (work 100 us) next to one hog thread does not: on EEVDF it preempts the hog
@@ -46,10 +46,13 @@ def certain_harm(spawn, *hog_extra: str):
     ticks), so the affinity step may never come. Against two hog threads on its CPU (at nice 0
     more than its third of the CPU) it waited over 1 ms in every one of 160 windows, niced or
     not: 60-120 ms/s of wait, 80 ms/s at nice 10. So: the 1 ms victim and three compressing
-    threads, two pinned to CPU 0 and one to CPU 1.
+    threads, two pinned to CPU 0 and one to CPU 1. Those figures were taken with victim and hog in
+    sessions of their own, where nice weighs nothing (different autogroups); in one session (the
+    default here, so the nice step is taken) nice 10 cut the victim's waits over 1 ms to a tenth and
+    the trigger still held: the affinity step came at its settle time in every run.
     """
-    victim = spawn(victim_argv(0, "--work-us", "1000"))
-    hog = spawn(hog_argv("fluent-bit", 3, *hog_extra))
+    victim = spawn(victim_argv(0, "--work-us", "1000"), own_session=own_session)
+    hog = spawn(hog_argv("fluent-bit", 3, *hog_extra), own_session=own_session)
     pin_workers(hog, (0, 0, 1))
     return victim, hog
 
@@ -98,8 +101,8 @@ def test_live_acts_on_every_thread_and_the_victim_waits_less(spawn, daemon, tmp_
 
 
 def test_dry_run_changes_nothing_and_says_what_it_would_do(spawn, daemon, tmp_path):
-    victim = spawn(victim_argv(0))
-    hog = spawn(hog_argv("fluent-bit", 2))
+    victim = spawn(victim_argv(0), own_session=False)  # one session: the nice step can work, so it is the first
+    hog = spawn(hog_argv("fluent-bit", 2), own_session=False)
     original = thread_settings(hog.pid)
     original_cgroup = open(f"/proc/{hog.pid}/cgroup").read()
     run = daemon(write_config(tmp_path, [victim.pid], mode="dry-run"))
@@ -115,6 +118,30 @@ def test_dry_run_changes_nothing_and_says_what_it_would_do(spawn, daemon, tmp_pa
     assert act["change"].startswith("setpriority(PRIO_PROCESS, tid, 10) on 3 threads of pid")
     assert not (tmp_path / "journal.jsonl").exists()
     assert "would change pid" in run.log()
+
+
+def test_nice_between_sessions_is_skipped_at_once_and_the_ladder_goes_on(spawn, daemon, tmp_path):
+    """Victim and hog in sessions of their own: different autogroups, where nice weighs nothing
+    between them. The daemon says so and moves the hog off the request CPU at once."""
+    if open("/proc/sys/kernel/sched_autogroup_enabled").read().strip() != "1":
+        pytest.skip("autogroups are off here: every session shares one group")
+    victim, hog = certain_harm(spawn, own_session=True)
+    original = thread_settings(hog.pid)
+    started = time.monotonic()
+    run = daemon(write_config(tmp_path, [victim.pid]))
+    wait_until(lambda: all(cpus == OFF_REQUEST for _, cpus in thread_settings(hog.pid).values()), 5.0, what="the affinity step")
+    print(f"affinity step {time.monotonic() - started:.2f} s after the daemon started")
+    assert {nice for nice, _ in thread_settings(hog.pid).values()} == {nice for nice, _ in original.values()}
+    assert run.stop() == 0
+    audit = run.audit()
+    skipped = [line for line in audit if line["decision"] == "skipped"]
+    acts = [line for line in audit if line["decision"] == "act"]
+    assert [line["step"]["action"] for line in skipped] == ["nice 10"]
+    assert [line["step"]["action"] for line in acts] == ["affinity unprotected"]
+    assert skipped[0]["epoch"] == acts[0]["epoch"]  # the same tick: no settle period spent on nice
+    groups = skipped[0]["evidence"]["sched_groups"]
+    assert groups["offender"].startswith("autogroup-") and groups["protected"][str(victim.pid)] != groups["offender"]
+    assert "cannot work on this host" in run.log()
 
 
 def test_revert_and_restart_restore_exactly_after_kill_9(spawn, daemon, tmp_path):
@@ -180,8 +207,8 @@ def test_a_thread_born_after_the_action_gets_the_change(spawn, daemon, tmp_path)
 
 
 def test_a_bad_reload_keeps_the_last_good_policies(spawn, daemon, tmp_path):
-    victim = spawn(victim_argv(0))
-    spawn(hog_argv("fluent-bit", 2))
+    victim = spawn(victim_argv(0), own_session=False)
+    spawn(hog_argv("fluent-bit", 2), own_session=False)
     config = write_config(tmp_path, [victim.pid], mode="dry-run")
     run = daemon(config)
     wait_until(lambda: "dry-run" in run.log(), 10.0, what="the daemon to start")

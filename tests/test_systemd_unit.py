@@ -70,8 +70,8 @@ def bounding_set() -> str:
 def test_the_daemon_works_with_only_the_units_capabilities(spawn, tmp_path):
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) is needed to drop capabilities")
-    victim = spawn(victim_argv(0))
-    hog = spawn(hog_argv("fluent-bit", 2))
+    victim = spawn(victim_argv(0), own_session=False)  # one session: the nice step can work, so it is taken
+    hog = spawn(hog_argv("fluent-bit", 2), own_session=False)
     config = write_config(tmp_path, [victim.pid])
     log = (tmp_path / "daemon.log").open("w")
     daemon = subprocess.Popen(
@@ -118,8 +118,8 @@ def allowed_syscalls() -> frozenset[str]:
 def test_every_syscall_the_daemon_makes_is_in_the_units_filter(spawn, tmp_path):
     if shutil.which("strace") is None:
         pytest.skip("strace is needed to trace the daemon's syscalls")
-    victim = spawn(victim_argv(0))
-    hog = spawn(hog_argv("fluent-bit", 2))
+    victim = spawn(victim_argv(0), own_session=False)  # one session: the nice step can work, so it is taken
+    hog = spawn(hog_argv("fluent-bit", 2), own_session=False)
     config = write_config(tmp_path, [victim.pid])
     summary = tmp_path / "strace.txt"
     daemon = subprocess.Popen(["strace", "-f", "-qq", "-c", "-o", str(summary), REMEDIATOR, "run", "--config", str(config)],

@@ -21,13 +21,17 @@ def _all_cpus() -> None:
 class Workload:
     """A started workload; `pid` is its process, `lines` what it printed after 'ready'."""
 
-    def __init__(self, argv: list[str], ready_timeout: float = 10.0, **popen_kwargs):
+    def __init__(self, argv: list[str], ready_timeout: float = 10.0, own_session: bool = True, **popen_kwargs):
+        # Its own process group either way, so kill() takes its children too. A session of its own
+        # also means an autogroup of its own (sched_autogroup_enabled = 1), and nice weighs nothing
+        # between autogroups: a test that needs a nice step to work keeps the test's session.
+        group = {"start_new_session": True} if own_session else {"process_group": 0}
         self.proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
             text=True,
-            start_new_session=True,  # its own process group, so kill() takes its children too
             preexec_fn=_all_cpus,  # not whatever CPUs the test process itself was kept to
+            **group,
             **popen_kwargs,
         )
         self.pid = self.proc.pid
@@ -89,7 +93,7 @@ def victim_argv(cpu: int | None = 0, *extra: str) -> list[str]:
 
 @pytest.fixture
 def spawn():
-    """spawn(argv, **popen_kwargs) -> Workload; every workload is killed at teardown."""
+    """spawn(argv, own_session=True, **popen_kwargs) -> Workload; every workload is killed at teardown."""
     started: list[Workload] = []
 
     def start(argv: list[str], **kwargs) -> Workload:
