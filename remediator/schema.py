@@ -163,8 +163,9 @@ def toml_type(value: Any) -> str:
 
 _NO_DEFAULT = object()
 
-# The engine keeps the windows of the longest settle (a step is verified over its settle period
-# before and after) and of the largest `of`; these bounds bound its memory (engine.history_for).
+# The engine keeps the windows of three times the longest settle (a step is verified over its
+# settle period before and up to three after) and of the largest `of`; these bounds bound its
+# memory (engine.history_for).
 MAX_SETTLE_S = 600.0
 ItemCheck = Callable[[str], str]  # returns the normalised item, or raises ValueError(message)
 
@@ -328,7 +329,8 @@ ACTION_KEYS = (
     Key("cpuset", "table", "Move the process into a remediator-owned cpuset cgroup.", keys=CPUSET_KEYS,
         example='cpuset = { cpus = "unprotected", cgroup = "log-shippers" }'),
     Key("settle", "duration", "How long to wait after this step before the next one is considered; also the period "
-        "compared before and after the step to verify it, so the daemon keeps that much history (at most 10 minutes).",
+        "compared before and after the step to verify it (an inconclusive verdict looks at up to two more periods after "
+        "it), so the daemon keeps three times that much history (at most 10 minutes).",
         default="5s", minimum=0, maximum=MAX_SETTLE_S),
 )
 
