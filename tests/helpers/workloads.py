@@ -91,6 +91,30 @@ def victim_argv(cpu: int | None = 0, *extra: str) -> list[str]:
     return argv + list(extra)
 
 
+def certain_harm(spawn, *hog_extra: str, own_session: bool = False):
+    """(victim, hog) where the victim waits over 1 ms in every 250 ms window, before and after nice 10.
+
+    The light victim (work 100 us) next to one hog thread does not: on EEVDF it preempts the hog
+    at once on most wakeups and waits a tick only when it wakes inside the hog's protected slice,
+    a few times per thousand wakeups, so p99.9 of a 250 ms window is over 1 ms in about half of
+    the windows, in none while the balancer keeps both hog threads on CPU 1, and the ladder can
+    stall for seconds. A victim working 1 ms per wakeup (half a CPU) still wins most wakeups
+    against one hog thread, has stretches of seconds with few long waits (2-6 ms/s of wait), and
+    once that thread is niced to 10 has none in most windows (the trigger held at 26 of 157
+    ticks), so the affinity step may never come. Against two hog threads on its CPU (at nice 0
+    more than its third of the CPU) it waited over 1 ms in every one of 160 windows, niced or
+    not: 60-120 ms/s of wait, 80 ms/s at nice 10. So: the 1 ms victim and three compressing
+    threads, two pinned to CPU 0 and one to CPU 1. Those figures were taken with victim and hog in
+    sessions of their own, where nice weighs nothing (different autogroups); in one session (the
+    default here, so the nice step is taken) nice 10 cut the victim's waits over 1 ms to a tenth and
+    the trigger still held: the affinity step came at its settle time in every run.
+    """
+    victim = spawn(victim_argv(0, "--work-us", "1000"), own_session=own_session)
+    hog = spawn(hog_argv("fluent-bit", 3, *hog_extra), own_session=own_session)
+    pin_workers(hog, (0, 0, 1))
+    return victim, hog
+
+
 @pytest.fixture
 def spawn():
     """spawn(argv, own_session=True, **popen_kwargs) -> Workload; every workload is killed at teardown."""
