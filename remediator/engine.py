@@ -67,8 +67,8 @@ BASE_HISTORY_S = 120.0
 def history_for(policies: PolicySet, tick_s: float) -> tuple[float, int]:
     """(seconds, windows) of the past the engine must keep for these policies: a verification
     compares the settle period before a step with the one after it, re-judged over up to
-    MAX_REVERIFY more settle periods, so that plus a tick or two; a trigger looks at its last M (`of`) windows, whatever the tick. The schema bounds
-    both (settle, of), so this is bounded too."""
+    MAX_REVERIFY more settle periods, so that plus a tick or two; a trigger looks at its last M
+    (`of`) windows, whatever the tick. The schema bounds both (settle, of), so this is bounded too."""
     settle = max((step.settle_s for policy in policies.policies for step in policy.steps), default=0.0)
     of = max((policy.trigger.of_windows or 1 for policy in policies.policies), default=1)
     return max(BASE_HISTORY_S, (1 + MAX_REVERIFY) * settle + 2 * tick_s), of
@@ -185,7 +185,6 @@ def _verify(pending: PendingVerification, state: EngineState, now: float, ts: fl
     before = pending.before_tail_us
     threshold = pending.threshold_us
     if threshold is None:
-        verdict = None
         result = {"verdict": INCONCLUSIVE}
         text = "no threshold to count waits over (the trigger has none and there were no waits before)"
     else:
