@@ -142,17 +142,18 @@ def run_check(args: argparse.Namespace) -> int:
     diagnostics = check_paths(paths, online_cpus=online)
     errors = sum(1 for d in diagnostics if d.severity == "error")
     notes: list[str] = []
-    if args.host and not errors:
+    host = getattr(args, "host", False)  # callers that build the namespace themselves leave it out
+    if host and not errors:
         if online is None:
             raise RemediatorError(f"--host: cannot read the online CPUs from {args.sysfs_root}/devices/system/cpu/online")
-        host, notes = host_diagnostics(paths, online, ProcFS(args.proc_root))
-        diagnostics += host
+        found, notes = host_diagnostics(paths, online, ProcFS(getattr(args, "proc_root", "/proc")))
+        diagnostics += found
     warnings = len(diagnostics) - errors
     if args.format == "json":
         print(
             json.dumps(
                 {"ok": errors == 0, "errors": errors, "warnings": warnings, "diagnostics": [d.to_json() for d in diagnostics],
-                 **({"host_notes": notes} if args.host else {})},
+                 **({"host_notes": notes} if host else {})},
                 indent=2,
             )
         )
