@@ -257,8 +257,8 @@ def run_cli(argv: list[str]) -> str:
 
 @pytest.mark.root
 def test_explain_real_processes(spawn, policy_dir):
-    protected = spawn(victim_argv(cpu=0))  # comm "victim", pinned to CPU 0: the request path
-    shipper = spawn(hog_argv("fluent-bit", 2))
+    protected = spawn(victim_argv(cpu=0), own_session=False)  # comm "victim", pinned to CPU 0: the request path
+    shipper = spawn(hog_argv("fluent-bit", 2), own_session=False)  # the victim's session: its nice step can work
     tree = spawn([hog_argv()[0], str(WORKLOADS / "logrotate_tree.py")])
     gzip_pid = children_of(tree.pid)[0]
     unrelated = spawn(hog_argv("unrelated-busy", 1))
