@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "remediator.commands.run",
     "remediator.commands.revert",
     "remediator.commands.audit",
+    "remediator.commands.report",
 )
 
 
