@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "remediator.commands.revert",
     "remediator.commands.audit",
     "remediator.commands.report",
+    "remediator.commands.demo",
 )
 
 

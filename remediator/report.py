@@ -23,6 +23,7 @@ from .printable import printable
 
 DEFAULT_THRESHOLD_US = 2000.0  # the shipped policies' tail threshold, when the audit names none
 MARKED = ("act", "revert")  # decisions drawn as vertical lines
+GIVE_BACKS = ("exit", "mode-change", "start-up")  # the daemon's own restores (daemon._log_outcome)
 ACTION_COLOURS = {"act": "tab:red", "revert": "tab:green"}
 VERDICT_COLOURS = {"helped": "tab:green", "did-not-help": "tab:red", "unknown": "tab:gray"}
 
@@ -61,10 +62,15 @@ def build(scene: Scene, top: int = 5) -> ReportData:
     marks = []
     for record in scene.records:
         kind = record.get("decision")
+        process = record.get("process") or {}
+        if kind in GIVE_BACKS and record.get("outcome") == "restored":
+            # The daemon gave a change back on its own (at exit, on a mode change): a revert too.
+            marks.append(Mark(float(record.get("epoch") or 0), "revert",
+                              printable(f"{kind}: given back (pid {process.get('pid', '?')})"), "restored"))
+            continue
         if kind not in MARKED and kind != "verify":
             continue
         policy = (record.get("policy") or {}).get("name", "?")
-        process = record.get("process") or {}
         who = f"{process.get('comm', '?')} {process.get('pid', '?')}"
         if kind == "verify":
             what = (record.get("evidence") or {}).get("verdict", "?")
@@ -126,7 +132,8 @@ def draw(data: ReportData):
 
     names = [printable(f"{b.comm} ({b.pid})") for b in data.blamed][::-1]
     shares = [b.share * 100 for b in data.blamed][::-1]
-    blame_axes.barh(names, shares, color="tab:orange", gid="blame")
+    bars = blame_axes.barh(names, shares, color="tab:orange", gid="blame")
+    blame_axes.bar_label(bars, fmt="%.0f%%", fontsize=8, padding=2)
     blame_axes.set_xlabel("share of the protected threads' wait spent behind it, in the hot windows (%)")
     blame_axes.set_title("Most blamed processes", fontsize=10)
     if not names:
