@@ -562,8 +562,9 @@ class Daemon:
         if not waits.pids:
             problems = self._problems()
             log.info("nothing protected is running (%s); watching for it. Name your service in the [protect] "
-                     "table of %s (see 'remediator watch --comm NAME' to try a selector); %s%s", self.config.protect.describe(),
-                     self.config_path, self.source_note, f"; {problems}" if problems else "")
+                     "table of %s (see 'remediator watch --comm NAME' to try a selector); to see remediator work on "
+                     "this host in a minute, run 'sudo ./bootstrap demo' (or 'remediator demo'); %s%s",
+                     self.config.protect.describe(), self.config_path, self.source_note, f"; {problems}" if problems else "")
             return
         p99 = waits.percentile_ns(99)
         top = []
