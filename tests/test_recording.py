@@ -91,3 +91,27 @@ def test_config_recording_errors_name_file_line_and_key(tmp_path, text, line, me
         load_config(path)
     shown = str(caught.value)
     assert f"{path}:{line}:" in shown and message in shown, shown
+
+
+def test_the_daemon_records_every_tick(tmp_path):
+    """`run --record FILE` (here on procfs, dry-run: no root or BPF needed) writes one sample per tick."""
+    import subprocess
+    import sys
+
+    (tmp_path / "policies").mkdir()
+    config = tmp_path / "remediator.toml"
+    config.write_text(f'[protect]\npids = [{os.getpid()}]\nrequest_cpus = "0"\n[daemon]\nmode = "dry-run"\n'
+                      f'source = "procfs"\ntick = "50ms"\njournal = "{tmp_path}/journal.jsonl"\n'
+                      f'audit_log = "{tmp_path}/audit.jsonl"\n[recording]\npath = "from-config.jsonl"\n')
+    remediator = str(Path(sys.executable).with_name("remediator"))
+    result = subprocess.run([remediator, "run", "--config", str(config), "--ticks", "6", "--record",
+                             str(tmp_path / "cli.jsonl")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    recorded = list(read_samples(tmp_path / "cli.jsonl"))
+    assert len(recorded) == 6 and all(s.source == "procfs" for s in recorded)
+    assert [s.start_ns for s in recorded[1:]] == [s.end_ns for s in recorded[:-1]]  # every tick, none missed
+    assert not (tmp_path / "from-config.jsonl").exists()  # --record overrides the config's path
+    result = subprocess.run([remediator, "run", "--config", str(config), "--ticks", "3"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert len(list(read_samples(tmp_path / "from-config.jsonl"))) == 3
