@@ -83,6 +83,25 @@ max_bytes = 67108864
 """
 
 
+SPARK = " ▁▂▃▄▅▆▇█"
+SPARK_FLOOR_US, SPARK_CEILING_US = 30.0, 8000.0  # log scale: the quiet tail to four times the threshold
+
+
+def sparkline(values: list[float | None]) -> str:
+    """One character per value on a log scale; 2 ms (the shipped threshold) is SPARK[-3]."""
+    import math
+
+    marks = []
+    span = math.log(SPARK_CEILING_US / SPARK_FLOOR_US)
+    for value in values:
+        if value is None:
+            marks.append("?")
+            continue
+        position = math.log(max(SPARK_FLOOR_US, min(SPARK_CEILING_US, value)) / SPARK_FLOOR_US) / span
+        marks.append(SPARK[1 + round(position * (len(SPARK) - 2))])
+    return "".join(marks)
+
+
 class Follower:
     """New complete lines of a file another process appends to."""
 
@@ -132,11 +151,18 @@ class Demo:
         self.children: list[tuple[str, subprocess.Popen]] = []
         self.daemon: subprocess.Popen | None = None
         self.told: list[str] = []
+        self.story: list[str] = []
+        self.history: list[float | None] = []
         self.cgroups_before = remediator_cgroups()
         self.workload_log = (directory / "workloads.log").open("w")  # their stderr: not mixed into the story
 
     def say(self, text: str) -> None:
         print(printable(text), file=self.out, flush=True)
+
+    def narrate(self, text: str) -> None:
+        """A step of the story: said now, and kept at the top of the redrawn view."""
+        self.story.append(printable(text))
+        self.say(text)
 
     def start(self, name: str, argv: list[str], sig: int = signal.SIGKILL, **kwargs) -> subprocess.Popen:
         kwargs.setdefault("stderr", self.workload_log)
@@ -164,7 +190,7 @@ class Demo:
                                            "--duration", str(self.duration_s + 60), "--out", os.devnull,
                                            "--cpu", str(REQUEST_CPU)], stdout=subprocess.PIPE, text=True)
         self.ready_line(client, "api-client")
-        self.say(f"started a small service: api-server (pid {server.pid}) on CPU {REQUEST_CPU}, and api-client "
+        self.narrate(f"started a small service: api-server (pid {server.pid}) on CPU {REQUEST_CPU}, and api-client "
                  f"(pid {client.pid}) sending it 1300 requests a second; both are protected")
         config = self.directory / "remediator.toml"
         config.write_text(demo_config(self.directory, [server.pid, client.pid]))
@@ -172,7 +198,7 @@ class Demo:
         self.daemon = self.start("remediator", [python, "-m", "remediator", "run", "--config", str(config), "--live"],
                                  sig=signal.SIGTERM, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        self.say(f"started remediator live (pid {self.daemon.pid}) on the shipped policies ({SHIPPED_POLICIES}); "
+        self.narrate(f"started remediator live (pid {self.daemon.pid}) on the shipped policies ({SHIPPED_POLICIES}); "
                  f"its config, journal, audit log and recording are in {self.directory}")
         samples = Follower(self.directory / "recording.jsonl")
         audit = Follower(self.directory / "audit.jsonl")
@@ -186,7 +212,7 @@ class Demo:
                                             "--first-after-ms", str(int(FIRST_BURST_S * 1000)),
                                             "--bursts-out", os.devnull], stdout=subprocess.PIPE, text=True)
         self.ready_line(sidecar, SIDECAR_COMM)
-        self.say(f"started a sidecar named {SIDECAR_COMM} (pid {sidecar.pid}): from {FIRST_BURST_S:g} s on, two threads "
+        self.narrate(f"started a sidecar named {SIDECAR_COMM} (pid {sidecar.pid}): from {FIRST_BURST_S:g} s on, two threads "
                  "compress flat out for 600 ms every 4 s, on any CPU")
         self.watch(samples, audit, time.monotonic() + self.duration_s)
         self.say("time is up: stopping remediator, which gives every change back")
@@ -221,13 +247,16 @@ class Demo:
 
     def frame(self, sample: Sample, elapsed: float) -> None:
         view = interval_view(sample, top=3)
+        waits = view["protected"]
+        self.history.append(waits["p99_us"])
         if self.tty:
-            # The live view redrawn in place, with the decisions so far under it.
+            # The live view redrawn in place: the story so far, the tail's history, the view, the decisions.
             text = render_text(view, sample, header=f"remediator demo, {elapsed:.0f} s")
-            self.out.write("\033[H\033[J" + text + "\n\ndecisions:\n" + "\n".join(self.told[-8:]) + "\n")
+            self.out.write("\033[H\033[J" + "\n".join(self.story) + "\n\n"
+                           + f"protected p99, a mark a second (threshold 2 ms = {SPARK[-3]}): {sparkline(self.history[-60:])}\n\n"
+                           + text + "\n\ndecisions:\n" + "\n".join(self.told[-8:] or ["none yet"]) + "\n")
             self.out.flush()
             return
-        waits = view["protected"]
         blamed = ", ".join(f"{printable(b['comm'])} {b['share']:.0%}" for b in view["top_blame"] if not b["protected"])
         self.say(f"[{elapsed:5.1f} s] protected p99 {waits['p99_us']} us, max {waits['max_us']} us; "
                  f"most blamed: {blamed or 'nobody'}")
@@ -315,8 +344,14 @@ def run_demo(duration_s: float, keep_dir: Path | None = None, out: TextIO = sys.
     from .incident import load_scene
     from .report import build, write_report
 
-    png, page = write_report(build(load_scene(directory / "audit.jsonl", directory / "recording.jsonl")),
-                             directory / "report")
+    try:
+        png, page = write_report(build(load_scene(directory / "audit.jsonl", directory / "recording.jsonl")),
+                                 directory / "report")
+    except KeyboardInterrupt:
+        shutil.rmtree(directory, ignore_errors=True)  # everything was already stopped and given back
+        print("demo interrupted while drawing the report: everything it started is stopped and every change "
+              "given back", file=out)
+        return 128 + signal.SIGINT
     print(f"everything the demo started is stopped and every change given back{'' if not problems else ' (see above)'}.",
           file=out)
     print(f"report: {page}\n        {png}", file=out)

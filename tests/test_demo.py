@@ -3,7 +3,7 @@
 Live (root, BPF): the demo starts a service, a bursting fluent-bit and the daemon. Interrupted at
 start, before the change and after it, it must leave no process it started, no remediator cgroup,
 no journal entry and no directory; run to the end, it must have acted, given everything back and
-written its report."""
+written its report. The live tests are marked root and bpf."""
 
 from __future__ import annotations
 
@@ -23,7 +23,19 @@ from remediator.demo import remediator_cgroups
 
 REMEDIATOR = str(Path(sys.executable).with_name("remediator"))
 
-pytestmark = [pytest.mark.root, pytest.mark.bpf]
+def live(test):
+    return pytest.mark.root(pytest.mark.bpf(test))
+
+
+def test_the_demo_config_is_valid_and_names_only_its_own_files(tmp_path):
+    from remediator.config import load_config
+    from remediator.demo import SHIPPED_POLICIES, demo_config, sparkline
+
+    (tmp_path / "remediator.toml").write_text(demo_config(tmp_path, [os.getpid()]))
+    config = load_config(tmp_path / "remediator.toml")
+    assert config.policy_paths == (SHIPPED_POLICIES,) and config.mode == "live" and config.revert_on_exit
+    assert {config.journal_path.parent, config.audit_path.parent, config.recording_path.parent} == {tmp_path}
+    assert sparkline([10, 30, 2000, 1e6, None]) == "▁▁▆█?"
 
 
 class DemoRun:
@@ -96,6 +108,7 @@ def assert_nothing_left(run: DemoRun, tmp_path: Path, pids: set[int]) -> None:
     assert not list(tmp_path.glob("remediator-demo-*")), "the demo directory is left behind"
 
 
+@live
 @pytest.mark.parametrize("moment", ["at start", "before the change", "after the change"])
 def test_ctrl_c_leaves_nothing_behind(demo, tmp_path, moment):
     cgroups_before = remediator_cgroups()
@@ -121,6 +134,7 @@ def test_ctrl_c_leaves_nothing_behind(demo, tmp_path, moment):
     assert (os.getpriority(os.PRIO_PROCESS, 0), os.sched_getaffinity(0)) == own
 
 
+@live
 def test_the_whole_story_ends_in_a_report(demo, tmp_path):
     cgroups_before = remediator_cgroups()
     run = demo(20.0)
