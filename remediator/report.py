@@ -148,6 +148,10 @@ def png_bytes(figure) -> bytes:
     return buffer.getvalue()
 
 
+def _count(number: int, word: str) -> str:
+    return f"{number} {word}{'' if number == 1 else 's'}"
+
+
 def html_page(data: ReportData, png: bytes) -> str:
     """One file: the picture inline and the decisions, every value escaped."""
     esc = html.escape
@@ -173,7 +177,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left;vertical-align:top}
 </head><body>
 <h1>remediator report</h1>
 <p>{len(data.times)} windows, {hot} with the protected p99 over {data.threshold_us / 1000:g} ms;
-{sum(1 for m in data.marks if m.kind == 'act')} actions, {sum(1 for m in data.marks if m.kind == 'revert')} reverts.
+{_count(sum(1 for m in data.marks if m.kind == 'act'), 'action')}, {_count(sum(1 for m in data.marks if m.kind == 'revert'), 'revert')}.
 Read from: {esc(', '.join(data.sources))}.</p>
 <img alt="the protected tail over time, with every action and revert" src="data:image/png;base64,{base64.b64encode(png).decode()}">
 <h2>Most blamed processes</h2>
