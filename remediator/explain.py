@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .actuators.sched import NAMES as SCHED_NAMES, RANK as SCHED_RANK
+from .actuators.scope import outside_units
 from .cgroupfs import CgroupFS, CgroupMount, discover_cpu_mount, discover_cpuset_mount, process_cgroup_path, process_cpuset_cpus
 from .cpulist import CpuListError, format_cpulist, parse_cpulist
 from .errors import ProcessGone, RemediatorError, translate_os_error
@@ -262,6 +263,9 @@ def first_step_effect(
             if unit:
                 text = (f"cpuset through systemd: SetUnitProperties {unit} --runtime AllowedCPUs={format_cpulist(target)} "
                         "(the process stays in its unit; every process of the unit gets it)")
+            elif outside_units(membership.v2_path)[0]:
+                scope = owned_cgroup_name(step.cgroup) + ".scope"
+                text = f"cpuset through systemd: {_scope_text(scope, pid, membership.v2_path)} AllowedCPUs={format_cpulist(target)}"
             else:
                 text = f"refused on this systemd host: {why}"
             data["text"] = text
@@ -283,6 +287,11 @@ def first_step_effect(
         return data["text"], data
 
 
+def _scope_text(scope: str, pid: int, cgroup: str) -> str:
+    return (f"pid {pid} is in {cgroup}, in no unit: StartTransientUnit {scope} PIDs={pid} (remediator's own scope; "
+            "refused if its cgroup holds limits; the revert moves it back and stops the scope) with")
+
+
 def _cpu_step_effect(step: Step, policy: Policy, pid: int, reader: _Reader) -> str:
     """Which path a cpu step takes on this host, and what it would write (read only)."""
     mount = discover_cpu_mount()
@@ -293,8 +302,6 @@ def _cpu_step_effect(step: Step, policy: Policy, pid: int, reader: _Reader) -> s
         if not reader.systemd_host:
             return "not available on this host: cgroup v2 without systemd (only through a systemd unit, or on the v1 cpu hierarchy)"
         unit, why = unit_for_cgroup(membership.v2_path or "/")
-        if unit is None:
-            return f"refused on this systemd host: {why}"
         setting = dict(step.cpu)
         if setting.get("idle"):
             change = "CPUWeight=idle"
@@ -302,6 +309,11 @@ def _cpu_step_effect(step: Step, policy: Policy, pid: int, reader: _Reader) -> s
             change = f"CPUWeight={setting['weight']}"
         else:
             change = f"CPUQuota={setting['quota_us'] * 100 / setting['period_us']:g}% CPUQuotaPeriodSec={setting['period_us']}us"
+        if unit is None and outside_units(membership.v2_path or "/")[0]:
+            scope = owned_cgroup_name(policy.name) + ".scope"
+            return f"{step.describe()} through systemd: {_scope_text(scope, pid, membership.v2_path or '/')} {change}"
+        if unit is None:
+            return f"refused on this systemd host: {why}"
         return (f"{step.describe()} through systemd: SetUnitProperties {unit} --runtime {change} "
                 "(never raised; every process of the unit gets it)")
     current = process_cgroup_path(mount, membership) or "?"
