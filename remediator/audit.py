@@ -131,7 +131,7 @@ def read_audit(path: str | Path) -> Iterator[dict]:
         yield record
 
 
-def _detail(record: dict) -> str:
+def decision_detail(record: dict) -> str:
     evidence = record.get("evidence") or {}
     kind = record.get("decision")
     if kind == "verify":
@@ -177,7 +177,7 @@ def format_table(records: list[dict], width: int = 0) -> str:
             process.get("comm", ""),
             step.get("action", ""),
             record.get("outcome", ""),
-            _detail(record),
+            decision_detail(record),
         )
         # The log keeps exact values (JSON); the table shows comm, cmdline and paths escaped: a
         # process must not be able to add a row or drive the reader's terminal.

@@ -35,6 +35,7 @@ from .placement import auto_request_cpus
 from .matching import Glob
 from .policy import PolicyErrors, PolicySet, load_policies
 from .probes import ProbeSettings, window_shift_for
+from .recording import open_recording
 from .printable import printable
 from .procfs import ProcessInfo, ProcFS
 from .safety import exclusion_reason
@@ -107,8 +108,11 @@ class Daemon:
         notifier: Notifier | None = None,
         max_ticks: int | None = None,
         sleep: Callable[[float], None] | None = None,
+        record: str | Path | None = None,  # overrides the config's [recording] path
     ):
         self.config_path = Path(config_path)
+        self.record_override = Path(record) if record else None
+        self.recorder = None
         self.mode_override = mode
         self.source_override = source
         self.procfs = procfs or ProcFS()
@@ -157,7 +161,7 @@ class Daemon:
         except RemediatorError as exc:
             log.error("reload failed: %s: keeping the last good configuration", exc)
             return False
-        restart_only = ("journal_path", "audit_path", "tick_s") + (() if self.source_override else ("source",))
+        restart_only = ("journal_path", "audit_path", "tick_s", "recording_path", "recording_max_bytes") + (() if self.source_override else ("source",))
         for name in restart_only:
             if getattr(config, name) != getattr(self.config, name):
                 log.warning("reload: %s changed; it takes effect at the next restart", name.replace("_", " "))
@@ -188,6 +192,8 @@ class Daemon:
         self.state = EngineState()
         try:
             self.audit = AuditLog(config.audit_path, stamp=self._audit_stamp(source), trust=self.trust)
+            self.recorder = open_recording(self.record_override or config.recording_path, config.recording_max_bytes,
+                                           self.trust)
             if self.mode == "live":
                 self._enter_live("start-up", self.policies)
             else:
@@ -411,6 +417,8 @@ class Daemon:
     def tick(self, discovered: list[ProcessInfo] = ()) -> list[Decision]:
         sample = self.collector.sample()
         self.last_sample = sample
+        if self.recorder is not None:
+            self.recorder.write(sample)  # the rolling recording: the input of report, replay, policy suggest
         for name, count in sample.lost.items():
             self.lost_totals[name] = self.lost_totals.get(name, 0) + count
         online = online_cpus()
@@ -474,7 +482,7 @@ class Daemon:
         could not hold, /proc reads that would have blocked. "" when nothing did."""
         parts = []
         failed = {"audit": getattr(getattr(self, "audit", None), "failures", {}), "state": self.state_write_failures,
-                  "log": LOG_WRITE_FAILURES}
+                  "log": LOG_WRITE_FAILURES, "recording": self.recorder.failures if self.recorder else {}}
         writes = [f"{kind} {describe_counts(counts)}" for kind, counts in failed.items() if counts]
         if writes:
             parts.append("failed writes: " + ", ".join(writes))
@@ -556,8 +564,9 @@ class Daemon:
         if not waits.pids:
             problems = self._problems()
             log.info("nothing protected is running (%s); watching for it. Name your service in the [protect] "
-                     "table of %s (see 'remediator watch --comm NAME' to try a selector); %s%s", self.config.protect.describe(),
-                     self.config_path, self.source_note, f"; {problems}" if problems else "")
+                     "table of %s (see 'remediator watch --comm NAME' to try a selector); to see remediator work on "
+                     "this host in a minute, run 'sudo ./bootstrap demo' (or 'remediator demo'); %s%s",
+                     self.config.protect.describe(), self.config_path, self.source_note, f"; {problems}" if problems else "")
             return
         p99 = waits.percentile_ns(99)
         top = []
@@ -597,4 +606,6 @@ class Daemon:
                 self.executor.journal.close()
             if hasattr(self, "audit"):
                 self.audit.close()
+            if self.recorder is not None:
+                self.recorder.close()
             self.notifier.close()

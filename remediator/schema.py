@@ -393,6 +393,14 @@ DAEMON_KEYS = (
     Key("revert_on_exit", "boolean", "Restore every change when the daemon stops (SIGTERM).", default=True),
 )
 
+RECORDING_KEYS = (
+    Key("path", "string", "Where the daemon writes every tick's sample (what `remediator record` writes), relative to this "
+        "file; the input of `remediator report`, `replay` and `policy suggest`. Cut over to `PATH.1` at half of `max_bytes`.",
+        required=True, example='path = "/var/lib/remediator/recording.jsonl"'),
+    Key("max_bytes", "integer", "Most bytes the recording and its older half (`PATH.1`) take together.",
+        default=268435456, minimum=65536, maximum=1 << 40),
+)
+
 CONFIG_LIMITS_KEYS = (
     Key("max_changes_per_minute", "integer", "Most changes the daemon makes per minute, over all policies.", default=10, minimum=1, maximum=10000),
 )
@@ -405,6 +413,8 @@ CONFIG_FILE = Key(
         Key("protect", "table", "What is protected (the same selectors as `watch`); at least one selector.", required=True, keys=PROTECT_KEYS),
         Key("daemon", "table", "How the daemon runs.", keys=DAEMON_KEYS),
         Key("limits", "table", "Global limits.", keys=CONFIG_LIMITS_KEYS),
+        Key("recording", "table", "A bounded rolling recording of the daemon's own samples (off when absent).",
+            keys=RECORDING_KEYS),
     ),
 )
 

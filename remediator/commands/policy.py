@@ -40,6 +40,17 @@ examples:
   sudo remediator policy explain --protect-unit api.service --request-cpus 0-3 --format json
 """
 
+SUGGEST_EXAMPLES = """\
+For each of the most blamed processes (in the windows where the protected tail was over the
+threshold) that no policy names, prints a draft [[policy]] with the evidence in comments: review
+it, then commit it to the policy repository. It passes 'policy check' as printed.
+
+examples:
+  remediator policy suggest --config /etc/remediator/remediator.toml --since 2h > drafts.toml
+  remediator policy suggest --recording incident.jsonl --audit audit.jsonl --policies policies/
+  remediator replay incident.jsonl --policies policies/ --against drafts.toml     what the draft would do
+"""
+
 SCHEMA_EXAMPLES = """\
 examples:
   remediator policy schema > policy.schema.json               for taplo / Even Better TOML
@@ -78,6 +89,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--sysfs-root", default="/sys", help=argparse.SUPPRESS)
     check.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
     check.set_defaults(handler=run_check)
+
+    suggest = commands.add_parser(
+        "suggest",
+        help="draft a policy for each much-blamed process no policy names, from an audit log and a recording",
+        description="Draft policies from what was seen: the most blamed processes no policy names.",
+        epilog=SUGGEST_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from .report import add_scene_arguments
+
+    add_scene_arguments(suggest)
+    suggest.add_argument("--policies", action="append", default=[], metavar="PATH",
+                         help="the policies in force (default: the config's, else ./policies if it exists)")
+    suggest.add_argument("--top", type=int, default=3, metavar="N", help="at most N drafts (default 3)")
+    suggest.add_argument("--min-share", type=float, default=0.1, metavar="F",
+                         help="only processes with at least this share of the protected wait (default 0.1)")
+    suggest.set_defaults(handler=run_suggest)
 
     explain_parser = commands.add_parser(
         "explain",
@@ -228,4 +256,35 @@ def run_schema(args: argparse.Namespace) -> int:
         sys.stdout.write(reference_markdown())
     else:
         print(json.dumps(json_schema(args.kind), indent=2))
+    return 0
+
+
+def run_suggest(args: argparse.Namespace) -> int:
+    from ..config import parse_source
+    from ..policy import compile_policies
+    from ..schema import has_errors
+    from ..suggest import suggest
+    from .report import scene_from_args
+
+    scene = scene_from_args(args)
+    if not scene.samples:
+        raise RemediatorError("policy suggest needs a recording with samples in that time range (--recording or the "
+                              "config's [recording])")
+    paths = args.policies or (list(load_config(args.config).policy_paths) if args.config else [])
+    if not paths and Path("policies").is_dir():
+        paths = [Path("policies")]
+    policies = load_policies(paths) if paths else load_policies([])
+    drafts, notes = suggest(scene, policies, args.top, args.min_share)
+    for note in notes:
+        print(f"policy suggest: {note}", file=sys.stderr)
+    if not drafts:
+        print("policy suggest: no much-blamed process is left unnamed by the policies: nothing to suggest", file=sys.stderr)
+        return 0
+    for index, item in enumerate(drafts):
+        document, problems = parse_source(item.text, f"<draft {item.name}>")
+        if document is not None:
+            problems += compile_policies(document)[1]
+        if has_errors(problems):  # a bug here, never the operator's: say so plainly
+            raise RemediatorError(f"draft {item.name} does not pass its own check: " + "; ".join(map(str, problems)))
+        print(("\n" if index else "") + item.text, end="")
     return 0
