@@ -123,7 +123,7 @@ class Follower:
 
 
 def describe_decision(record: dict) -> str | None:
-    """One line for a decision worth telling (an action, a revert, a verdict, a give-back)."""
+    """One line for a decision worth telling (an action, a revert, a skipped step, a verdict, a give-back)."""
     kind = record.get("decision")
     process = record.get("process") or {}
     who = f"{process.get('comm', '?')} (pid {process.get('pid')})"
@@ -133,6 +133,8 @@ def describe_decision(record: dict) -> str | None:
                f"[{record.get('outcome')}]"
     if kind == "revert":
         return f"<<< REVERT {policy} on {who}: {record.get('change', '')} [{record.get('outcome')}]"
+    if kind == "skipped":
+        return f"--- SKIP  {policy}: {(record.get('step') or {}).get('action')} on {who}: {record.get('message', '')}"
     if kind == "verify":
         evidence = record.get("evidence") or {}
         return (f"... VERIFY {policy} on {who}: {evidence.get('verdict')} (p{evidence.get('percentile', 99):g} "

@@ -25,7 +25,7 @@ DEFAULT_THRESHOLD_US = 2000.0  # the shipped policies' tail threshold, when the 
 MARKED = ("act", "revert")  # decisions drawn as vertical lines
 GIVE_BACKS = ("exit", "mode-change", "start-up")  # the daemon's own restores (daemon._log_outcome)
 ACTION_COLOURS = {"act": "tab:red", "revert": "tab:green"}
-VERDICT_COLOURS = {"helped": "tab:green", "did-not-help": "tab:red", "unknown": "tab:gray"}
+VERDICT_COLOURS = {"helped": "tab:green", "did-not-help": "tab:red", "inconclusive": "tab:gray", "unknown": "tab:gray"}
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Mark:
     kind: str  # "act" | "revert" | "verify"
     label: str  # "log-shippers: cpu_idle (fluent-bit 1234)"
     outcome: str
-    verdict: str = ""  # verify: helped / did-not-help / unknown
+    verdict: str = ""  # verify: helped / did-not-help / inconclusive (unknown in older audits)
 
 
 @dataclass(frozen=True)
