@@ -8,6 +8,7 @@ from procfs (the root is a parameter, so tests can use a fake tree): the nice of
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 from collections import Counter
@@ -25,6 +26,7 @@ from .policy import Policy, PolicySet, Step
 from .printable import printable
 from .procfs import ProcessInfo, ProcFS, boot_time, clock_ticks_per_second
 from .safety import exclusion_reason
+from .schedgroups import SchedGroups, unreachable_reason
 from .systemd import systemd_is_init, unit_for_cgroup
 from .selectors import ProtectSelectors
 
@@ -40,6 +42,7 @@ class ProcessEntry:
     reason: str = ""  # why excluded, or which policy wins and why
     effect: str = ""  # what the first step would do (when status == "acts")
     effect_data: dict = field(default_factory=dict)
+    cannot_work: list[tuple[int, Step, str]] = field(default_factory=list)  # (index, step, why): skipped here
 
 
 @dataclass
@@ -98,7 +101,7 @@ class ExplainReport:
             "request_cpus": format_cpulist(self.request_cpus),
             "request_cpus_source": self.request_source,
             "unprotected_cpus": format_cpulist(self.unprotected),
-            "protected": [{**process(info), "selector": reason} for info, reason in self.protected],
+            "protected": [{**process(info), "selector": reason, "sched_group": info.sched_group} for info, reason in self.protected],
             "policies": [
                 {
                     "name": entry.policy.name,
@@ -116,6 +119,11 @@ class ExplainReport:
                             "status": item.status,
                             "reason": item.reason,
                             "first_step": item.effect_data if item.status == "acts" else None,
+                            "sched_group": item.info.sched_group,
+                            "steps_that_cannot_work": [
+                                {"index": index, "step": step.describe(), "location": str(step.location), "reason": why}
+                                for index, step, why in item.cannot_work
+                            ],
                         }
                         for item in entry.processes
                     ],
@@ -131,7 +139,8 @@ class ExplainReport:
         lines: list[str] = []
         lines.append(f"protected processes ({len(self.protected)}):")
         for info, reason in self.protected:
-            lines.append(f"  pid {info.pid} {info.comm}  started {self.started.get(info.pid, '?')}  by {reason}")
+            group = f"  scheduling group {info.sched_group}" if info.sched_group else ""
+            lines.append(f"  pid {info.pid} {info.comm}  started {self.started.get(info.pid, '?')}  by {reason}{group}")
         if not self.protected:
             lines.append("  none running")
         source = "from the config" if self.request_source == "config" else "auto: allowed CPUs of the protected processes' cgroups, or threads"
@@ -157,6 +166,8 @@ class ExplainReport:
                 lines.append(f"    matched by {', '.join(item.fields)}: {item.detail}")
                 if item.status == "acts":
                     lines.append(f"    first step: {item.effect}")
+                    for index, step, why in item.cannot_work:
+                        lines.append(f"    cannot work on this host: step {index + 1} ({step.describe()}), skipped at once: {why}")
                 elif item.status == "excluded":
                     lines.append(f"    excluded for safety: {item.reason}")
                 else:
@@ -379,6 +390,13 @@ def _start_times(procfs: ProcFS, infos: list[ProcessInfo]) -> dict[int, str]:
 _DISCOVER = object()
 
 
+def _with_group(groups: SchedGroups, info: ProcessInfo) -> ProcessInfo:
+    try:
+        return dataclasses.replace(info, sched_group=groups.group_of(info.pid))
+    except ProcessGone:
+        return info
+
+
 def explain(
     policies: PolicySet,
     protect: ProtectSelectors,
@@ -388,11 +406,13 @@ def explain(
     self_pid: int | None = None,
     cgroupfs: CgroupFS | None = None,
     cpuset_mount: CgroupMount | None | object = _DISCOVER,
+    sched_groups: SchedGroups | None | object = _DISCOVER,
     learned: LearnedBaselines | None = None,
 ) -> ExplainReport:
     """Match every live process against the policies and the protect selectors; change nothing.
 
-    `cgroupfs` and `cpuset_mount` (default: the host's) answer `auto` request CPUs from cgroups.
+    `cgroupfs` and `cpuset_mount` (default: the host's) answer `auto` request CPUs from cgroups;
+    `sched_groups` (default: the host's; None: not read) which nice and sched steps cannot work;
     `learned`: the daemon's learned baselines, for the thresholds of relative triggers."""
     self_pid = os.getpid() if self_pid is None else self_pid
     cgroupfs = cgroupfs or CgroupFS()
@@ -421,6 +441,10 @@ def explain(
         elif refusal:
             notes.append(f"not protected: pid {info.pid} ({printable(info.comm)}) {refusal}")
     protected_pids = {info.pid for info, _ in protected}
+    groups = SchedGroups.for_host(procfs, cgroupfs) if sched_groups is _DISCOVER else sched_groups
+    if groups is not None:
+        protected = [(_with_group(groups, info), reason) for info, reason in protected]
+    protected_groups = [(info.pid, info.comm, info.sched_group) for info, _ in protected]
 
     if request_cpus is not None:
         request, source = frozenset(request_cpus), "config"
@@ -472,7 +496,22 @@ def explain(
             elif policy is not winner:
                 item.status, item.reason = "overridden", _precedence_reason(winner, policy)
             else:
-                item.effect, item.effect_data = first_step_effect(policy.steps[0], policy, info.pid, reader, request, online)
+                if groups is not None:
+                    info = item.info = _with_group(groups, info)
+                    for index, step in enumerate(policy.steps):
+                        why = unreachable_reason(step.kind, (info.pid, info.comm, info.sched_group), protected_groups)
+                        if why:
+                            item.cannot_work.append((index, step, why))
+                skipped = {index for index, _, _ in item.cannot_work}
+                first = next((index for index in range(len(policy.steps)) if index not in skipped), None)
+                if first is None:
+                    item.effect = "none: no step of the ladder can work on this host"
+                    item.effect_data = {"text": item.effect}
+                else:
+                    item.effect, item.effect_data = first_step_effect(policy.steps[first], policy, info.pid, reader, request, online)
+                    if first:
+                        item.effect = f"step {first + 1} ({policy.steps[first].describe()}): {item.effect}"
+                        item.effect_data["index"] = first
             by_name[policy.name].processes.append(item)
     shown = [info for info, _ in protected] + [item.info for entry in entries for item in entry.processes]
     return ExplainReport(

@@ -22,7 +22,7 @@ CASES = sorted(path.name.removesuffix(".jsonl") for path in RECORDINGS.glob("*.j
 
 
 def test_there_are_recordings():
-    assert {"fluent-bit-bursts", "quiet", "unnamed-batch-job", "busy-elsewhere", "over-baseline-under-2ms",
+    assert {"fluent-bit-bursts", "quiet", "unnamed-batch-job", "xz-own-session", "busy-elsewhere", "over-baseline-under-2ms",
             "lone-spikes"} <= set(CASES)
 
 
