@@ -38,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from helpers.workloads import WORKLOADS, Workload, hog_argv, victim_argv  # noqa: E402
+from helpers.workloads import Workload, hog_argv, victim_argv  # noqa: E402
 
 PYTHON = sys.executable
 BENCH_WORKLOADS = HERE / "workloads"

@@ -6,7 +6,6 @@ Runs as root with BPF, under the CPU lock (tests/README: flock /tmp/remediator-c
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -22,11 +21,14 @@ from remediator.selectors import ProtectSelectors
 from remediator.sources import BpfSource
 
 from helpers.workloads import hog_argv, victim_argv
+import test_probes_live
 
-pytestmark = pytest.mark.bpf
+pytestmark = [pytest.mark.bpf, pytest.mark.usefixtures("two_cpus")]
 
 PROCFS = ProcFS()
 BENCH_WORKLOADS = Path(__file__).resolve().parent.parent / "bench" / "workloads"
+pin = test_probes_live.pin
+two_cpus = test_probes_live.two_cpus  # the fixture: the collector keeps off CPU 0
 
 
 @contextmanager
@@ -50,21 +52,7 @@ def observe(collector: Collector, seconds: float):
     return merge_samples(parts), {name: after[name] - before[name] for name in after}
 
 
-def pin(pid: int, cpus: set[int]) -> None:
-    for tid in PROCFS.tids(pid):
-        os.sched_setaffinity(tid, cpus)
-
-
-@pytest.fixture
-def two_cpus():
-    if os.sched_getaffinity(0) != {0, 1}:
-        pytest.skip("the scene needs exactly CPUs 0 and 1")
-    os.sched_setaffinity(0, {1})  # the collector keeps off the victim's CPU
-    yield
-    os.sched_setaffinity(0, {0, 1})
-
-
-def test_a_wait_moved_to_another_cpu_is_charged_to_the_hog_it_waited_behind(spawn, two_cpus):
+def test_a_wait_moved_to_another_cpu_is_charged_to_the_hog_it_waited_behind(spawn):
     """The victim waits behind a hog on CPU 0. An innocent on CPU 1 is busy 10 ms, then sleeps 10 ms
     during which it pins the victim to CPU 1 for 0.3 ms every 2 ms (as the load balancer pulls a
     waiting thread to an idle CPU): waits that began behind the hog end on CPU 1, after the innocent
@@ -89,7 +77,7 @@ def test_a_wait_moved_to_another_cpu_is_charged_to_the_hog_it_waited_behind(spaw
     assert innocent_share <= 0.05, report
 
 
-def test_wait_the_run_ring_no_longer_holds_is_counted_as_overflow(spawn, two_cpus):
+def test_wait_the_run_ring_no_longer_holds_is_counted_as_overflow(spawn):
     """A victim behind a hog on CPU 0, with a process and its child bouncing a byte there in bursts
     (two processes: their runs cannot merge). With a ring of 2 runs most long waits outgrow it: the
     part it lost is counted in overflow_ns and unattributed_ns, and every nanosecond of the wait is
