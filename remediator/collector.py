@@ -248,6 +248,15 @@ class Collector:
             info = self._info(pid)
             if info is not None:
                 processes[pid] = info
+        # Their ancestors too (cached like the rest): a tree policy (match.descendants) rolls a
+        # child's CPU up to a matched parent that may itself be idle, and checks each link by start time.
+        for info in list(processes.values()):
+            for ancestor_pid, _ in info.ancestors:
+                if ancestor_pid not in processes:
+                    ancestor = self._info(ancestor_pid)
+                    if ancestor is None:
+                        break
+                    processes[ancestor_pid] = ancestor
         if len(self._info_cache) > 4 * self.top_n + len(self.protected):
             for pid in list(self._info_cache):
                 if pid not in processes:

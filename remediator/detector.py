@@ -11,7 +11,9 @@ from typing import Iterable, Mapping, Sequence
 
 from . import histogram
 from .policy import Trigger
+from .procfs import ProcessIdentity
 from .sample import Sample
+from .trees import lineages_of, tree_pids
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,9 @@ class Window:
     usage: Mapping[int, tuple[int, int | None]]  # pid -> (cpu ns, peak ns)
     blame: Mapping[int, int]  # pid -> ns
     window_ns: int
+    # pid -> its identity and its known ancestors' (trees.lineage), for the processes that ran or
+    # were blamed: a tree policy rolls their CPU and blame up to the matched ancestor.
+    lineages: Mapping[int, tuple[ProcessIdentity, ...]] = field(default_factory=dict)
     _percentiles: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -37,6 +42,7 @@ class Window:
             usage={entry.pid: (entry.cpu_ns, entry.peak_ns) for entry in sample.usage},
             blame=dict(sample.blame),
             window_ns=sample.window_ns,
+            lineages=lineages_of(set(usage_pids(sample)) | {pid for pid, _ in sample.blame}, sample.processes),
         )
 
     @property
@@ -60,6 +66,22 @@ class Window:
         _, peak_ns = self.usage.get(pid, (0, 0))
         return None if peak_ns is None else peak_ns / self.window_ns
 
+    def members(self, root: ProcessIdentity | None, pid: int) -> list[int]:
+        """The pids judged together: `pid` alone, or every process of the tree under `root`."""
+        return [pid] if root is None else tree_pids(self.lineages, root) or [pid]
+
+    def group_cpus(self, pids: list[int]) -> float:
+        return sum(self.cpus(pid) for pid in pids)
+
+    def group_peak_cpus(self, pids: list[int]) -> float | None:
+        """A lower bound of the group's busiest sub-window: the members' peaks may fall in different
+        sub-windows, so their sum could overstate it; the busiest member, or the group's mean, cannot."""
+        peaks = [value for pid in pids if (value := self.peak_cpus(pid)) is not None]
+        return max(peaks + [self.group_cpus(pids)]) if peaks else None
+
+    def group_blame(self, pids: list[int]) -> int:
+        return sum(self.blame.get(pid, 0) for pid in pids)
+
 
 def combined_tail_us(windows: Iterable[Window], percentile: float) -> float | None:
     """The percentile over several windows together (their histograms added)."""
@@ -69,6 +91,10 @@ def combined_tail_us(windows: Iterable[Window], percentile: float) -> float | No
             counts[slot] = counts.get(slot, 0) + count
     value = histogram.percentile(counts, percentile) if counts else None
     return None if value is None else value / 1000.0
+
+
+def usage_pids(sample: Sample) -> list[int]:
+    return [entry.pid for entry in sample.usage]
 
 
 def blame_share(windows: Sequence[Window], pid: int) -> float:
@@ -126,12 +152,13 @@ def tail_over(trigger: Trigger, windows: Sequence[Window]) -> tuple[list[Window]
     return recent, over
 
 
-def evaluate_trigger(trigger: Trigger, windows: Sequence[Window], pid: int) -> TriggerEvidence:
+def evaluate_trigger(trigger: Trigger, windows: Sequence[Window], pid: int, root: ProcessIdentity | None = None) -> TriggerEvidence:
     """Does `pid` meet the trigger over the recent windows?
 
     The tail must be above the threshold in at least N of the last M windows; the offender is
     judged over those same windows: its highest mean and peak CPU, and its share of the protected
-    wait time summed over them.
+    wait time summed over them. With `root` (a tree policy), the offender is the whole tree under
+    that ancestor: its members' CPU and blame added up, window by window.
     """
     percentile = trigger.tail_percentile or 99.0
     recent, over = tail_over(trigger, windows)
@@ -139,10 +166,13 @@ def evaluate_trigger(trigger: Trigger, windows: Sequence[Window], pid: int) -> T
     judged = over or recent[-1:]
     latest = judged[-1].tail_us(percentile) if judged else None
     tails = [value for window in over if (value := window.tail_us(percentile)) is not None]
-    cpu = max((window.cpus(pid) for window in judged), default=0.0)
-    peaks = [value for window in judged if (value := window.peak_cpus(pid)) is not None]
+    groups = [(window, window.members(root, pid)) for window in judged]
+    cpu = max((window.group_cpus(pids) for window, pids in groups), default=0.0)
+    peaks = [value for window, pids in groups if (value := window.group_peak_cpus(pids)) is not None]
     peak = max(peaks) if peaks else None
-    share = blame_share(judged, pid)
+    waited = sum(window.wait_ns for window in judged)
+    share = sum(window.group_blame(pids) for window, pids in groups) / waited if waited else 0.0
+    members = max((len(pids) for _, pids in groups), default=1)
 
     checks = []
     if trigger.offender_cpu is not None:
@@ -159,6 +189,8 @@ def evaluate_trigger(trigger: Trigger, windows: Sequence[Window], pid: int) -> T
         f"(need {trigger.windows} of {trigger.of_windows})"
     )
     reason = tail_text + "; " + ", ".join(text for _, text in checks)
+    if root is not None:
+        reason += f" (tree of {members} processes under pid {root.pid})"
     return TriggerEvidence(
         fired=tail_ok and offender_ok,
         tail_ok=tail_ok,

@@ -37,6 +37,7 @@ from .policy import Policy, PolicySet, Step
 from .procfs import ProcessIdentity, ProcessInfo
 from .safety import exclusion_reason
 from .sample import Sample
+from .trees import governing
 
 # An action "helped" when the tail after it is at least this much lower than before, or under the threshold.
 HELPED_RATIO = 0.9
@@ -188,6 +189,17 @@ def _verify(pending: PendingVerification, windows: tuple[Window, ...], now: floa
     )
 
 
+def tree_evidence(root: ProcessInfo, pid: int, own_cpu: float, windows: tuple[Window, ...]) -> dict:
+    """What the audit shows of a tree policy's judgement: the root it rolled up to, the member acted on."""
+    waited = sum(w.wait_ns for w in windows)
+    return {
+        "root": {"pid": root.pid, "start_time": root.start_time, "comm": root.comm},
+        "members": max((len(w.members(root.identity, pid)) for w in windows), default=1),
+        "member_cpu": round(own_cpu, 3),
+        "member_blame_share": round(sum(w.blame.get(pid, 0) for w in windows) / waited, 3) if waited else 0.0,
+    }
+
+
 def decide(
     state: EngineState,
     sample: Sample,
@@ -263,10 +275,12 @@ def decide(
     excluded_seen = set(state.excluded_seen)
     planned_changes = 0
     for pid, info in candidates.items():
-        selected = policies.select(info)
-        if selected is None:
-            continue  # never act on what no policy names
-        policy, match = selected
+        governed = governing(info, sample.processes, policies)
+        if governed is None:
+            continue  # never act on what no policy names (itself, or through an ancestor's tree policy)
+        policy, match = governed.policy, governed.match
+        # A tree policy judges the tree under its matched ancestor and acts on the members that run.
+        root = governed.root.identity if policy.match.descendants else None
         reason = exclusion_reason(info, sample.protected.pids, settings.self_pid)
         if reason:
             if info.identity not in excluded_seen:
@@ -284,10 +298,15 @@ def decide(
             steps = list(enumerate(policy.steps))
             evidence = {"trigger": "always", "match": match.detail}
         else:
-            trigger_evidence = evaluate_trigger(policy.trigger, windows, pid)
+            trigger_evidence = evaluate_trigger(policy.trigger, windows, pid, root)
             if not trigger_evidence.fired:
                 continue
             evidence = {"match": match.detail, **trigger_evidence.to_json()}
+            if root is not None:
+                own_cpu = max((w.cpus(pid) for w in windows[-(policy.trigger.of_windows or 1):]), default=0.0)
+                if own_cpu <= 0.0:
+                    continue  # the tree burns CPU but this member does not: act on those that run
+                evidence["tree"] = tree_evidence(governed.root, pid, own_cpu, windows[-(policy.trigger.of_windows or 1):])
             if remediation.step_index < 0:
                 if remediation.reverted_at is not None and now - remediation.reverted_at < policy.limits.cooldown_s:
                     continue  # given back recently: leave it alone for the cooldown
