@@ -24,6 +24,7 @@ from .printable import printable
 from .procfs import ProcessInfo, ProcFS, boot_time, clock_ticks_per_second
 from .safety import exclusion_reason
 from .systemd import systemd_is_init, unit_for_cgroup
+from .trees import descendants, format_tree, governing
 from .selectors import ProtectSelectors
 
 
@@ -41,9 +42,19 @@ class ProcessEntry:
 
 
 @dataclass
+class TreeEntry:
+    """A tree policy's matched root and what becomes of each of its descendants."""
+
+    root: ProcessInfo
+    members: list[tuple[ProcessInfo, str]]  # (descendant, "covered" / "excluded: ..." / "governed by X")
+    lines: list[str]  # the tree drawn, each descendant marked
+
+
+@dataclass
 class PolicyEntry:
     policy: Policy
     processes: list[ProcessEntry] = field(default_factory=list)
+    trees: list[TreeEntry] = field(default_factory=list)
 
 
 @dataclass
@@ -90,6 +101,11 @@ class ExplainReport:
                         }
                         for item in entry.processes
                     ],
+                    **({"descendants": True, "trees": [
+                        {"root": process(tree.root),
+                         "members": [{**process(info), "status": status} for info, status in tree.members]}
+                        for tree in entry.trees
+                    ]} if entry.policy.match.descendants else {}),
                 }
                 for entry in self.policies
             ],
@@ -130,6 +146,10 @@ class ExplainReport:
                     lines.append(f"    excluded for safety: {item.reason}")
                 else:
                     lines.append(f"    not acted on by this policy: {item.reason}")
+            for tree in entry.trees:
+                lines.append(f"  tree under pid {tree.root.pid} {tree.root.comm} (descendants = true: CPU and blame "
+                             f"rolled up to it, steps on the members that run):")
+                lines.extend("    " + line for line in tree.lines)
         matched = {item.info.pid for entry in self.policies for item in entry.processes}
         excluded = {item.info.pid for entry in self.policies for item in entry.processes if item.status == "excluded"}
         lines.append("")
@@ -337,6 +357,31 @@ def _start_times(procfs: ProcFS, infos: list[ProcessInfo]) -> dict[int, str]:
 _DISCOVER = object()
 
 
+def _add_trees(entries: list[PolicyEntry], infos: list[ProcessInfo], policies: PolicySet, protected_pids, self_pid) -> None:
+    """For each tree policy, the trees under the processes it matches and acts on."""
+    processes = {info.pid: info for info in infos}
+    for entry in entries:
+        if not entry.policy.match.descendants:
+            continue
+        for item in entry.processes:
+            governed = governing(item.info, processes, policies)
+            if item.status != "acts" or governed is None or governed.root.identity != item.info.identity:
+                continue  # excluded, overridden, or inside a higher root's tree (shown there)
+            members = []
+            for info in descendants(item.info, processes):
+                owner = governing(info, processes, policies)
+                excluded = exclusion_reason(info, protected_pids, self_pid)
+                if excluded:
+                    status = f"excluded: {excluded}"
+                elif owner is None or owner.policy.name != entry.policy.name:
+                    status = f"governed by {owner.policy.name}" if owner else "not covered"
+                else:
+                    status = "covered"
+                members.append((info, status))
+            marks = {info.pid: f"[{status}]" for info, status in members}
+            entry.trees.append(TreeEntry(item.info, members, format_tree(item.info, processes, marks)))
+
+
 def explain(
     policies: PolicySet,
     protect: ProtectSelectors,
@@ -430,6 +475,7 @@ def explain(
             else:
                 item.effect, item.effect_data = first_step_effect(policy.steps[0], policy, info.pid, reader, request, online)
             by_name[policy.name].processes.append(item)
+    _add_trees(entries, infos, policies, protected_pids, self_pid)
     shown = [info for info, _ in protected] + [item.info for entry in entries for item in entry.processes]
     return ExplainReport(
         online_cpus=online,

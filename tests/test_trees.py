@@ -143,3 +143,29 @@ def test_the_protected_service_under_a_tree_is_never_acted_on(tmp_path):
     s = [Sample(**{**x.__dict__, "processes": PROCESSES_WITH}) for x in s]
     acted = run(policies(tmp_path), s)
     assert 100 not in [d.info.pid for d in acted] and len(acted) == 4
+
+
+def test_policy_explain_shows_the_tree(tmp_path):
+    from helpers.policy_procs import add_process, make_proc_root
+    from remediator.explain import explain
+    from remediator.procfs import ProcFS
+    from remediator.selectors import ProtectSelectors
+
+    proc = make_proc_root(tmp_path)
+    add_process(proc, 1, "systemd", ppid=0, exe="/usr/lib/systemd/systemd")
+    add_process(proc, 100, "api", exe="/usr/bin/api", start=900)
+    add_process(proc, 200, "vector", exe="/usr/bin/vector", start=1000)
+    add_process(proc, 210, "sh", ppid=200, exe="/bin/sh", start=1001)
+    add_process(proc, 220, "xz", ppid=210, exe="/usr/bin/xz", start=1002)
+    add_process(proc, 230, "api", ppid=200, exe="/usr/bin/api", start=1003)  # protected, though under vector
+    add_process(proc, 240, "gzip", ppid=200, exe="/usr/bin/gzip", start=10)  # older than pid 200: a reused parent pid
+    report = explain(policies(tmp_path), ProtectSelectors.build(comms=["api"]), ProcFS(proc), frozenset({0, 1}), self_pid=999)
+    text = report.to_text()
+    assert "tree under pid 200 vector" in text
+    assert "      sh (pid 210) [covered]" in text
+    assert "        xz (pid 220) [covered]" in text
+    assert "      api (pid 230) [excluded: protected service]" in text
+    assert "gzip (pid 240)" not in text
+    tree = next(e for e in report.to_json()["policies"] if e["name"] == "shippers")["trees"][0]
+    assert tree["root"]["pid"] == 200
+    assert [(m["pid"], m["status"]) for m in tree["members"]] == [(210, "covered"), (220, "covered"), (230, "excluded: protected service")]
