@@ -190,7 +190,7 @@ def evaluate_trigger(trigger: Trigger, windows: Sequence[Window], pid: int, root
     )
     reason = tail_text + "; " + ", ".join(text for _, text in checks)
     if root is not None:
-        reason += f" (tree of {members} processes under pid {root.pid})"
+        reason += f" (the tree under pid {root.pid}: {members} of its processes ran)"
     return TriggerEvidence(
         fired=tail_ok and offender_ok,
         tail_ok=tail_ok,
