@@ -20,6 +20,7 @@ from typing import Callable
 from .errors import ProcessGone, RemediatorError
 from .printable import printable
 from .procfs import ProcessIdentity, ProcessInfo, ProcFS
+from .throttling import ThrottleReader
 from .sample import ProcessUsage, ProtectedWaits, Sample
 from .selectors import ProtectSelectors
 from .sources import Source, TickDelta
@@ -39,6 +40,7 @@ class Collector:
         track_execs: bool = False,
         wall_clock: Callable[[], float] = time.time,
         mono_clock: Callable[[], float] = time.monotonic,
+        throttling: ThrottleReader | None = None,
     ):
         self.source = source
         self.selectors = selectors
@@ -49,6 +51,7 @@ class Collector:
         self._execs: list[int] = []
         self.wall_clock = wall_clock
         self.mono_clock = mono_clock
+        self.throttling = throttling  # reads the protected cgroups' own-quota throttling each tick
         self.protected: dict[int, set[int]] = {}  # pid -> tids
         self.protected_reason: dict[int, str] = {}
         self._warned_refused: set[ProcessIdentity] = set()  # refused processes already logged
@@ -299,6 +302,7 @@ class Collector:
             lost=delta.lost,
             limitations=self.source.limitations,
             execs=tuple(pid for pid in execs if pid in processes),
+            throttling=self.throttling.read(self.protected) if self.throttling is not None else None,
         )
 
     def close(self) -> None:

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Callable
 
 from .audit import AuditLog, audit_record
-from .cgroupfs import CgroupFS, discover_cpuset_mount, process_cpuset_cpus
+from .cgroupfs import CgroupFS, discover_cpu_mount, discover_cpuset_mount, process_cpuset_cpus
 from .collector import Collector
+from .throttling import ThrottleReader
 from .config import DaemonConfig, load_config
 from .cpulist import format_cpulist, online_cpus
 from .engine import (Decision, EngineSettings, EngineState, decide, export_state, forget, given_back, history_for,
@@ -125,6 +126,7 @@ class Daemon:
         self.config, self.policies = load_all(self.config_path, self.trust)
         self.cgroupfs = CgroupFS()
         self.cpuset_mount = discover_cpuset_mount(cgroupfs=self.cgroupfs)  # for request_cpus = "auto"
+        self.cpu_mount = discover_cpu_mount(cgroupfs=self.cgroupfs)  # for the service's own-quota throttling
         self.mode = self.mode_override or self.config.mode
         self.source_choice = self.source_override or self.config.source
         if self.mode == "live" and os.geteuid() != 0:
@@ -182,7 +184,8 @@ class Daemon:
         # The source before anything else: a daemon that cannot watch refuses to start, and then it
         # must leave the host as it found it (no audit or journal file, no originals restored).
         source = self._open_source()
-        self.collector = Collector(source, config.protect, self.procfs, track_execs=self._has_always_policies())
+        self.collector = Collector(source, config.protect, self.procfs, track_execs=self._has_always_policies(),
+                                   throttling=ThrottleReader(self.procfs, self.cgroupfs, self.cpu_mount) if self.cpu_mount else None)
         self.state = EngineState()
         try:
             self.audit = AuditLog(config.audit_path, stamp=self._audit_stamp(source), trust=self.trust)

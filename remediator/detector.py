@@ -30,6 +30,9 @@ class Window:
     # pid -> its identity and its known ancestors' (trees.lineage), for the processes that ran or
     # were blamed: a tree policy rolls their CPU and blame up to the matched ancestor.
     lineages: Mapping[int, tuple[ProcessIdentity, ...]] = field(default_factory=dict)
+    throttled_ns: int | None = None  # the protected cgroups throttled by their own quota; None: not measured
+    throttled_periods: int = 0
+    foreign_ns: int = 0  # blame on processes other than the protected ones
     _percentiles: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -43,6 +46,9 @@ class Window:
             blame=dict(sample.blame),
             window_ns=sample.window_ns,
             lineages=lineages_of(set(usage_pids(sample)) | {pid for pid, _ in sample.blame}, sample.processes),
+            throttled_ns=None if sample.throttling is None else sample.throttling.throttled_ns,
+            throttled_periods=0 if sample.throttling is None else sample.throttling.throttled_periods,
+            foreign_ns=sum(ns for pid, ns in sample.blame if pid not in sample.protected.pids),
         )
 
     @property
@@ -100,6 +106,34 @@ def usage_pids(sample: Sample) -> list[int]:
 def blame_share(windows: Sequence[Window], pid: int) -> float:
     waited = sum(window.wait_ns for window in windows)
     return sum(window.blame.get(pid, 0) for window in windows) / waited if waited else 0.0
+
+
+def own_throttling(windows: Sequence[Window]) -> dict | None:
+    """The protected service's own-quota throttling over `windows`, or None when not measured."""
+    measured = [window for window in windows if window.throttled_ns is not None]
+    if not measured:
+        return None
+    return {
+        "throttled_ns": sum(window.throttled_ns or 0 for window in measured),
+        "throttled_periods": sum(window.throttled_periods for window in measured),
+        "foreign_blamed_ns": sum(window.foreign_ns for window in measured),
+        "wait_ns": sum(window.wait_ns for window in measured),
+    }
+
+
+def self_inflicted(windows: Sequence[Window]) -> dict | None:
+    """Evidence that the tail over `windows` is the service's own doing, or None.
+
+    Self-inflicted: its cgroup was throttled by its own quota, and for at least as long as all
+    other processes together ran on its CPUs while it waited. Then no neighbour's step can bring
+    the tail down (the quota would still stop the service), so none is taken.
+    """
+    throttling = own_throttling(windows)
+    if throttling is None or throttling["throttled_ns"] <= 0:
+        return None
+    if throttling["throttled_ns"] < throttling["foreign_blamed_ns"]:
+        return None
+    return throttling
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Collection, Iterable, Mapping
 
-from .detector import Window, blame_share, combined_tail_us, evaluate_trigger
+from .detector import Window, blame_share, combined_tail_us, evaluate_trigger, own_throttling, self_inflicted, tail_over
 from .model import ActionRequest
 from .placement import resolve_cpu_spec
 from .policy import Policy, PolicySet, Step
@@ -39,6 +39,8 @@ from .safety import exclusion_reason
 from .sample import Sample
 from .trees import governing
 
+# How often a policy's "skipped: self-inflicted" is audited while the service keeps throttling itself.
+SELF_INFLICTED_AUDIT_S = 60.0
 # An action "helped" when the tail after it is at least this much lower than before, or under the threshold.
 HELPED_RATIO = 0.9
 APPLIED_STATUSES = frozenset({"applied", "would-apply", "unchanged"})
@@ -70,7 +72,7 @@ def history_for(policies: PolicySet, tick_s: float) -> tuple[float, int]:
 
 @dataclass(frozen=True)
 class Decision:
-    kind: str  # "act" | "revert" | "verify" | "exhausted" | "capped" | "excluded" | "infeasible"
+    kind: str  # "act" | "revert" | "verify" | "exhausted" | "capped" | "excluded" | "infeasible" | "skipped"
     at: float  # engine time (monotonic seconds)
     ts: float  # wall clock, for the audit
     info: ProcessInfo
@@ -127,6 +129,7 @@ class EngineState:
     last_over: Mapping[str, float] = field(default_factory=dict)  # policy -> last time its tail was over
     excluded_seen: frozenset[ProcessIdentity] = frozenset()
     next_action: int = 1
+    self_inflicted_at: Mapping[str, float] = field(default_factory=dict)  # policy -> last "skipped" audit
 
     def active(self) -> list[Remediation]:
         return [r for r in self.remediations.values() if r.applied]
@@ -302,6 +305,23 @@ def decide(
             if not trigger_evidence.fired:
                 continue
             evidence = {"match": match.detail, **trigger_evidence.to_json()}
+            over = tail_over(policy.trigger, windows)[1]
+            throttling = own_throttling(over)
+            if throttling is not None:
+                evidence["protected_throttling"] = throttling
+            if self_inflicted(over) is not None:
+                # Never act on a neighbour when the service's own quota explains its tail.
+                last = state.self_inflicted_at.get(policy.name)
+                if last is None or now - last >= SELF_INFLICTED_AUDIT_S:
+                    state = dataclasses.replace(state, self_inflicted_at={**state.self_inflicted_at, policy.name: now})
+                    decisions.append(Decision(
+                        "skipped", now, ts, info, policy,
+                        f"self-inflicted: the protected service was throttled by its own CPU quota for "
+                        f"{throttling['throttled_ns'] / 1e6:.1f} ms ({throttling['throttled_periods']} periods), at least "
+                        f"as long as others ran while it waited ({throttling['foreign_blamed_ns'] / 1e6:.1f} ms): "
+                        f"no step on a neighbour can help",
+                        evidence={**evidence, "skipped": "self-inflicted"}))
+                continue
             if root is not None:
                 own_cpu = max((w.cpus(pid) for w in windows[-(policy.trigger.of_windows or 1):]), default=0.0)
                 if own_cpu <= 0.0:

@@ -8,6 +8,7 @@ import time
 from typing import Callable, Iterator
 
 from ..collector import Collector
+from ..throttling import ThrottleReader
 from ..errors import RemediatorError
 from ..hostcheck import kernel_headers_description
 from ..probes import ProbeSettings, window_shift_for
@@ -77,7 +78,7 @@ def open_collector(args: argparse.Namespace) -> tuple[Collector, str]:
         note = "source procfs (as requested: no tail, no blame)"
     else:
         note = f"source bpf (kernel headers: {kernel_headers_description()})"
-    collector = Collector(source, selectors_from_args(args), procfs)
+    collector = Collector(source, selectors_from_args(args), procfs, throttling=ThrottleReader.discover(procfs))
     try:
         collector.start()
     except BaseException:
