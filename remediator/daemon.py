@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .audit import AuditLog, audit_record
+from .audit import AuditLog, audit_record, event_record
 from .cgroupfs import CgroupFS, discover_cpu_mount, discover_cpuset_mount, process_cpuset_cpus
 from .collector import Collector
+from .culprits import CulpritState, unnamed_culprits
 from .throttling import ThrottleReader
 from .config import DaemonConfig, load_config
 from .cpulist import format_cpulist, online_cpus
@@ -121,6 +122,7 @@ class Daemon:
         self._reload = False
         self.state_write_failures: dict[str, int] = {}
         self.lost_totals: dict[str, int] = {}  # events the probes could not count, since start
+        self.culprits = CulpritState()  # which unnamed culprits are on record (rate limit)
         self._saved_state: dict | None = None
         self.boot_id = current_boot_id()
         self.config, self.policies = load_all(self.config_path, self.trust)
@@ -433,6 +435,7 @@ class Daemon:
         self.state, decisions = decide(self.state, sample, self.policies, settings, list(discovered) + exec_infos)
         for decision in decisions:
             self._carry_out(decision, sample.protected.pids)
+        self._record_unnamed_culprits(sample)
         for outcome in self.executor.maintain():
             if outcome.status in ("gone", "dropped"):
                 self.state = forget(self.state, outcome.identity)
@@ -441,6 +444,14 @@ class Daemon:
         self.notifier.watchdog()
         self.notifier.status(self._status_line(sample))
         return decisions
+
+    def _record_unnamed_culprits(self, sample) -> None:
+        """The top-blamed process no policy names goes on record (bounded: see culprits.py)."""
+        records, self.culprits = unnamed_culprits(sample, self.policies, self.culprits, sample.end_ns / 1e9,
+                                                  self_pid=os.getpid())
+        for record in records:
+            self.audit.write(event_record(sample.ts, self.mode, record))
+            log.info("unnamed culprit: %s", printable(record["message"]))
 
     def _cgroup_cpus(self, pid: int) -> frozenset[int] | None:
         """The CPUs a protected process's cpuset cgroup allows (None: gone, or no cpuset hierarchy)."""
