@@ -196,6 +196,8 @@ class Collector:
         """Resolve the protected set and take the baseline reading (its delta is discarded)."""
         self._rescan()
         self.source.read(self.protected)
+        if self.throttling is not None:
+            self.throttling.read(self.protected)  # its baseline too, so the first tick's throttling is real
 
     def sample(self) -> Sample:
         self._handle_exec_events()

@@ -122,7 +122,7 @@ def own_throttling(windows: Sequence[Window]) -> dict | None:
 
 
 def self_inflicted(windows: Sequence[Window]) -> dict | None:
-    """Evidence that the tail over `windows` is the service's own doing, or None.
+    """Evidence that the tail over `windows` (the trigger's last M) is the service's own doing, or None.
 
     Self-inflicted: its cgroup was throttled by its own quota, and for at least as long as all
     other processes together ran on its CPUs while it waited. Then no neighbour's step can bring

@@ -305,11 +305,13 @@ def decide(
             if not trigger_evidence.fired:
                 continue
             evidence = {"match": match.detail, **trigger_evidence.to_json()}
-            over = tail_over(policy.trigger, windows)[1]
-            throttling = own_throttling(over)
+            # Over the trigger's whole M windows, not only those over the threshold: the kernel
+            # counts a throttled period when it ends, which may be the next window.
+            recent = tail_over(policy.trigger, windows)[0]
+            throttling = own_throttling(recent)
             if throttling is not None:
                 evidence["protected_throttling"] = throttling
-            if self_inflicted(over) is not None:
+            if self_inflicted(recent) is not None:
                 # Never act on a neighbour when the service's own quota explains its tail.
                 last = state.self_inflicted_at.get(policy.name)
                 if last is None or now - last >= SELF_INFLICTED_AUDIT_S:

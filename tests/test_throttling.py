@@ -134,7 +134,7 @@ def test_a_self_throttled_tail_is_not_acted_on_and_is_audited_once(tmp_path):
     skipped = decisions[0]
     assert skipped.message.startswith("self-inflicted: ")
     assert skipped.evidence["skipped"] == "self-inflicted"
-    assert skipped.evidence["protected_throttling"]["throttled_ns"] == 80_000_000  # the 2 windows over the threshold
+    assert skipped.evidence["protected_throttling"]["throttled_ns"] == 80_000_000  # the trigger's windows so far (2 of its M = 3)
     assert skipped.evidence["protected_throttling"]["foreign_blamed_ns"] == 4_000_000
 
 
