@@ -46,7 +46,7 @@ FULL_POLICY = {
             },
             "trigger": {
                 "always": False,
-                "tail": {"percentile": 99.0, "above": "2ms", "windows": 3, "of": 5},
+                "tail": {"percentile": 99.0, "above": "5x baseline", "at_least": "1ms", "at_most": "2ms", "windows": 3, "of": 5},
                 "offender": {"cpu": 0.5, "cpu_kind": "peak", "blame_share": 0.2, "require": "all"},
             },
             "actions": [
@@ -76,6 +76,7 @@ FULL_CONFIG = {
         "revert_on_exit": False,
     },
     "limits": {"max_changes_per_minute": 10},
+    "recording": {"path": "/var/lib/remediator/recording.jsonl", "max_bytes": 268435456},
 }
 
 
