@@ -25,15 +25,15 @@ descendants = true
 tail = { percentile = 99.9, above = "1ms", windows = 2, of = 4 }
 offender = { cpu = 0.5, blame_share = 0.3, require = "any" }
 [[policy.actions]]
-nice = 10
+affinity = "unprotected"     # works across sessions and cgroups, where nice cannot
 settle = "30s"
 [policy.limits]
 revert_after_quiet = "never"
 """
 
 
-def nices(pid: int) -> set[int]:
-    return {nice for nice, _ in thread_settings(pid).values()}
+def cpus(pid: int) -> set[frozenset[int]]:
+    return {allowed for _, allowed in thread_settings(pid).values()}
 
 
 def test_the_children_of_a_matched_shipper_are_acted_on(spawn, daemon, tmp_path):
@@ -46,7 +46,7 @@ def test_the_children_of_a_matched_shipper_are_acted_on(spawn, daemon, tmp_path)
     assert len(children) == 2
     run = daemon(write_config(tmp_path, [victim.pid], policy_text=TREE_POLICY))
 
-    wait_until(lambda: all(nices(pid) == {10} for pid in children), 10.0, what="nice 10 on both compressors")
+    wait_until(lambda: all(cpus(pid) == {frozenset({1})} for pid in children), 10.0, what="both compressors off CPU 0")
     acts = [r for r in run.audit() if r["decision"] == "act"]
     assert {r["process"]["pid"] for r in acts} == set(children)
     assert {r["process"]["comm"] for r in acts} == {"xz", "gzip"}
@@ -56,6 +56,6 @@ def test_the_children_of_a_matched_shipper_are_acted_on(spawn, daemon, tmp_path)
         assert record["evidence"]["tree"]["root"]["comm"] == "vector"
         assert "descendant of vector" in record["evidence"]["match"]
         assert record["outcome"] == "applied"
-    assert nices(tree.pid) == {0} and nices(victim.pid) == {0}  # the idle parent and the victim are untouched
+    assert cpus(tree.pid) == {frozenset({0, 1})}  # the idle parent is untouched (and the victim: no act on it above)
     assert run.stop() == 0
-    assert all(nices(pid) == {0} for pid in children)  # given back on exit
+    assert all(cpus(pid) == {frozenset({0})} for pid in children)  # given back on exit (they pinned themselves to CPU 0)
