@@ -28,6 +28,11 @@ def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
 
 
+def event_record(ts: float, mode: str, fields: dict) -> dict:
+    """An audit line that is no engine decision (e.g. an unnamed culprit), stamped like the others."""
+    return {"ts": _iso(ts), "epoch": round(ts, 3), "mode": mode, **fields}
+
+
 def audit_record(decision: Decision, outcome: Outcome | None, mode: str) -> dict:
     info = decision.info
     record = {

@@ -21,6 +21,7 @@ from typing import Callable
 from .errors import ProcessGone, RemediatorError
 from .printable import printable
 from .procfs import ProcessIdentity, ProcessInfo, ProcFS
+from .throttling import ThrottleReader
 from .sample import ProcessUsage, ProtectedWaits, Sample
 from .schedgroups import SchedGroups
 from .selectors import ProtectSelectors
@@ -41,6 +42,7 @@ class Collector:
         track_execs: bool = False,
         wall_clock: Callable[[], float] = time.time,
         mono_clock: Callable[[], float] = time.monotonic,
+        throttling: ThrottleReader | None = None,
         sched_groups: SchedGroups | None = None,  # None: processes' scheduling groups are not read
     ):
         self.source = source
@@ -53,6 +55,7 @@ class Collector:
         self._execs: list[int] = []
         self.wall_clock = wall_clock
         self.mono_clock = mono_clock
+        self.throttling = throttling  # reads the protected cgroups' own-quota throttling each tick
         self.protected: dict[int, set[int]] = {}  # pid -> tids
         self.protected_reason: dict[int, str] = {}
         self._warned_refused: set[ProcessIdentity] = set()  # refused processes already logged
@@ -197,6 +200,8 @@ class Collector:
         """Resolve the protected set and take the baseline reading (its delta is discarded)."""
         self._rescan()
         self.source.read(self.protected)
+        if self.throttling is not None:
+            self.throttling.read(self.protected)  # its baseline too, so the first tick's throttling is real
 
     def sample(self) -> Sample:
         self._handle_exec_events()
@@ -259,6 +264,15 @@ class Collector:
             info = self._info(pid)
             if info is not None:
                 processes[pid] = info
+        # Their ancestors too (cached like the rest): a tree policy (match.descendants) rolls a
+        # child's CPU up to a matched parent that may itself be idle, and checks each link by start time.
+        for info in list(processes.values()):
+            for ancestor_pid, _ in info.ancestors:
+                if ancestor_pid not in processes:
+                    ancestor = self._info(ancestor_pid)
+                    if ancestor is None:
+                        break
+                    processes[ancestor_pid] = ancestor
         if len(self._info_cache) > 4 * self.top_n + len(self.protected):
             for pid in list(self._info_cache):
                 if pid not in processes:
@@ -303,6 +317,7 @@ class Collector:
             lost=delta.lost,
             limitations=self.source.limitations,
             execs=tuple(pid for pid in execs if pid in processes),
+            throttling=self.throttling.read(self.protected) if self.throttling is not None else None,
         )
 
     def close(self) -> None:

@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .audit import AuditLog, audit_record
-from .cgroupfs import CgroupFS, discover_cpuset_mount, process_cpuset_cpus
+from .audit import AuditLog, audit_record, event_record
+from .cgroupfs import CgroupFS, discover_cpu_mount, discover_cpuset_mount, process_cpuset_cpus
 from .collector import Collector
+from .culprits import CulpritState, unnamed_culprits
+from .throttling import ThrottleReader
 from .config import DaemonConfig, load_config
 from .cpulist import format_cpulist, online_cpus
 from .engine import (Decision, EngineSettings, EngineState, decide, export_state, forget, given_back, history_for,
@@ -125,11 +127,13 @@ class Daemon:
         self._reload = False
         self.state_write_failures: dict[str, int] = {}
         self.lost_totals: dict[str, int] = {}  # events the probes could not count, since start
+        self.culprits = CulpritState()  # which unnamed culprits are on record (rate limit)
         self._saved_state: dict | None = None
         self.boot_id = current_boot_id()
         self.config, self.policies = load_all(self.config_path, self.trust)
         self.cgroupfs = CgroupFS()
         self.cpuset_mount = discover_cpuset_mount(cgroupfs=self.cgroupfs)  # for request_cpus = "auto"
+        self.cpu_mount = discover_cpu_mount(cgroupfs=self.cgroupfs)  # for the service's own-quota throttling
         self.mode = self.mode_override or self.config.mode
         self.source_choice = self.source_override or self.config.source
         if self.mode == "live" and os.geteuid() != 0:
@@ -188,7 +192,8 @@ class Daemon:
         # must leave the host as it found it (no audit or journal file, no originals restored).
         source = self._open_source()
         self.collector = Collector(source, config.protect, self.procfs, track_execs=self._has_always_policies(),
-                                   sched_groups=SchedGroups.for_host(self.procfs, self.cgroupfs))
+                                   sched_groups=SchedGroups.for_host(self.procfs, self.cgroupfs),
+                                   throttling=ThrottleReader(self.procfs, self.cgroupfs, self.cpu_mount) if self.cpu_mount else None)
         self.state = EngineState()
         try:
             self.audit = AuditLog(config.audit_path, stamp=self._audit_stamp(source), trust=self.trust)
@@ -440,6 +445,7 @@ class Daemon:
         self.state, decisions = decide(self.state, sample, self.policies, settings, list(discovered) + exec_infos)
         for decision in decisions:
             self._carry_out(decision, sample.protected.pids)
+        self._record_unnamed_culprits(sample)
         for outcome in self.executor.maintain():
             if outcome.status in ("gone", "dropped"):
                 self.state = forget(self.state, outcome.identity)
@@ -448,6 +454,14 @@ class Daemon:
         self.notifier.watchdog()
         self.notifier.status(self._status_line(sample))
         return decisions
+
+    def _record_unnamed_culprits(self, sample) -> None:
+        """The top-blamed process no policy names goes on record (bounded: see culprits.py)."""
+        records, self.culprits = unnamed_culprits(sample, self.policies, self.culprits, sample.end_ns / 1e9,
+                                                  self_pid=os.getpid())
+        for record in records:
+            self.audit.write(event_record(sample.ts, self.mode, record))
+            log.info("unnamed culprit: %s", printable(record["message"]))
 
     def _cgroup_cpus(self, pid: int) -> frozenset[int] | None:
         """The CPUs a protected process's cpuset cgroup allows (None: gone, or no cpuset hierarchy)."""

@@ -11,7 +11,9 @@ from typing import Iterable, Mapping, Sequence
 
 from . import histogram
 from .policy import Trigger
+from .procfs import ProcessIdentity
 from .sample import Sample
+from .trees import lineages_of, tree_pids
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,12 @@ class Window:
     window_ns: int
     own_ns: int = 0  # of wait_ns: behind the protected processes' own threads
     others_ns: int = 0  # of wait_ns: behind other processes (the blame)
+    # pid -> its identity and its known ancestors' (trees.lineage), for the processes that ran or
+    # were blamed: a tree policy rolls their CPU and blame up to the matched ancestor.
+    lineages: Mapping[int, tuple[ProcessIdentity, ...]] = field(default_factory=dict)
+    throttled_ns: int | None = None  # the protected cgroups throttled by their own quota; None: not measured
+    throttled_periods: int = 0
+    foreign_ns: int = 0  # blame on processes other than the protected ones
     _percentiles: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -41,6 +49,10 @@ class Window:
             window_ns=sample.window_ns,
             own_ns=sample.protected.own_ns,
             others_ns=sample.protected.blamed_ns,
+            lineages=lineages_of(set(usage_pids(sample)) | {pid for pid, _ in sample.blame}, sample.processes),
+            throttled_ns=None if sample.throttling is None else sample.throttling.throttled_ns,
+            throttled_periods=0 if sample.throttling is None else sample.throttling.throttled_periods,
+            foreign_ns=sum(ns for pid, ns in sample.blame if pid not in sample.protected.pids),
         )
 
     @property
@@ -64,6 +76,22 @@ class Window:
         _, peak_ns = self.usage.get(pid, (0, 0))
         return None if peak_ns is None else peak_ns / self.window_ns
 
+    def members(self, root: ProcessIdentity | None, pid: int) -> list[int]:
+        """The pids judged together: `pid` alone, or every process of the tree under `root`."""
+        return [pid] if root is None else tree_pids(self.lineages, root) or [pid]
+
+    def group_cpus(self, pids: list[int]) -> float:
+        return sum(self.cpus(pid) for pid in pids)
+
+    def group_peak_cpus(self, pids: list[int]) -> float | None:
+        """A lower bound of the group's busiest sub-window: the members' peaks may fall in different
+        sub-windows, so their sum could overstate it; the busiest member, or the group's mean, cannot."""
+        peaks = [value for pid in pids if (value := self.peak_cpus(pid)) is not None]
+        return max(peaks + [self.group_cpus(pids)]) if peaks else None
+
+    def group_blame(self, pids: list[int]) -> int:
+        return sum(self.blame.get(pid, 0) for pid in pids)
+
 
 def combined_tail_us(windows: Iterable[Window], percentile: float) -> float | None:
     """The percentile over several windows together (their histograms added)."""
@@ -73,6 +101,10 @@ def combined_tail_us(windows: Iterable[Window], percentile: float) -> float | No
             counts[slot] = counts.get(slot, 0) + count
     value = histogram.percentile(counts, percentile) if counts else None
     return None if value is None else value / 1000.0
+
+
+def usage_pids(sample: Sample) -> list[int]:
+    return [entry.pid for entry in sample.usage]
 
 
 def blame_share(windows: Sequence[Window], pid: int) -> float:
@@ -88,6 +120,32 @@ def wait_split(windows: Sequence[Window]) -> dict[str, float]:
     own = sum(window.own_ns for window in windows) / waited
     others = sum(window.others_ns for window in windows) / waited
     return {"behind_own": round(own, 3), "behind_others": round(others, 3), "unattributed": round(max(0.0, 1.0 - own - others), 3)}
+def own_throttling(windows: Sequence[Window]) -> dict | None:
+    """The protected service's own-quota throttling over `windows`, or None when not measured."""
+    measured = [window for window in windows if window.throttled_ns is not None]
+    if not measured:
+        return None
+    return {
+        "throttled_ns": sum(window.throttled_ns or 0 for window in measured),
+        "throttled_periods": sum(window.throttled_periods for window in measured),
+        "foreign_blamed_ns": sum(window.foreign_ns for window in measured),
+        "wait_ns": sum(window.wait_ns for window in measured),
+    }
+
+
+def self_inflicted(windows: Sequence[Window]) -> dict | None:
+    """Evidence that the tail over `windows` (the trigger's last M) is the service's own doing, or None.
+
+    Self-inflicted: its cgroup was throttled by its own quota, and for at least as long as all
+    other processes together ran on its CPUs while it waited. Then no neighbour's step can bring
+    the tail down (the quota would still stop the service), so none is taken.
+    """
+    throttling = own_throttling(windows)
+    if throttling is None or throttling["throttled_ns"] <= 0:
+        return None
+    if throttling["throttled_ns"] < throttling["foreign_blamed_ns"]:
+        return None
+    return throttling
 
 
 @dataclass(frozen=True)
@@ -146,13 +204,15 @@ def tail_over(trigger: Trigger, windows: Sequence[Window], baseline_us: float | 
     return recent, over
 
 
-def evaluate_trigger(trigger: Trigger, windows: Sequence[Window], pid: int, baseline_us: float | None = None) -> TriggerEvidence:
+def evaluate_trigger(trigger: Trigger, windows: Sequence[Window], pid: int, baseline_us: float | None = None,
+                     root: ProcessIdentity | None = None) -> TriggerEvidence:
     """Does `pid` meet the trigger over the recent windows?
 
     The tail must be above the threshold (for a relative trigger: from the service's learned
     `baseline_us`, or at_most without one) in at least N of the last M windows; the offender is
     judged over those same windows: its highest mean and peak CPU, and its share of the protected
-    wait time summed over them.
+    wait time summed over them. With `root` (a tree policy), the offender is the whole tree under
+    that ancestor: its members' CPU and blame added up, window by window.
     """
     percentile = trigger.tail_percentile or 99.0
     threshold = trigger.threshold_us(baseline_us)
@@ -161,10 +221,13 @@ def evaluate_trigger(trigger: Trigger, windows: Sequence[Window], pid: int, base
     judged = over or recent[-1:]
     latest = judged[-1].tail_us(percentile) if judged else None
     tails = [value for window in over if (value := window.tail_us(percentile)) is not None]
-    cpu = max((window.cpus(pid) for window in judged), default=0.0)
-    peaks = [value for window in judged if (value := window.peak_cpus(pid)) is not None]
+    groups = [(window, window.members(root, pid)) for window in judged]
+    cpu = max((window.group_cpus(pids) for window, pids in groups), default=0.0)
+    peaks = [value for window, pids in groups if (value := window.group_peak_cpus(pids)) is not None]
     peak = max(peaks) if peaks else None
-    share = blame_share(judged, pid)
+    waited = sum(window.wait_ns for window in judged)
+    share = sum(window.group_blame(pids) for window, pids in groups) / waited if waited else 0.0
+    members = max((len(pids) for _, pids in groups), default=1)
 
     checks = []
     if trigger.offender_cpu is not None:
@@ -181,6 +244,8 @@ def evaluate_trigger(trigger: Trigger, windows: Sequence[Window], pid: int, base
         f"(need {trigger.windows} of {trigger.of_windows})"
     )
     reason = tail_text + "; " + ", ".join(text for _, text in checks)
+    if root is not None:
+        reason += f" (the tree under pid {root.pid}: {members} of its processes ran)"
     return TriggerEvidence(
         fired=tail_ok and offender_ok,
         tail_ok=tail_ok,

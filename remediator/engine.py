@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Collection, Iterable, Mapping
 
 from .baseline import Baselines
-from .detector import Window, blame_share, combined_tail_us, evaluate_trigger
+from .detector import Window, blame_share, combined_tail_us, evaluate_trigger, own_throttling, self_inflicted, tail_over
 from .model import ActionRequest
 from .placement import resolve_cpu_spec
 from .policy import Policy, PolicySet, Step
@@ -49,7 +49,11 @@ from .procfs import ProcessIdentity, ProcessInfo
 from .safety import exclusion_reason
 from .sample import Sample
 from .schedgroups import unreachable_reason
+from .trees import governing
 from .verification import INCONCLUSIVE, MAX_REVERIFY, PeriodCounts, judge, period_counts, threshold_boundary_ns
+
+# How often a policy's "skipped: self-inflicted" is audited while the service keeps throttling itself.
+SELF_INFLICTED_AUDIT_S = 60.0
 
 APPLIED_STATUSES = frozenset({"applied", "would-apply", "unchanged"})
 GONE_STATUSES = frozenset({"gone"})
@@ -141,6 +145,7 @@ class EngineState:
     last_over: Mapping[str, float] = field(default_factory=dict)  # policy -> last time its tail was over
     excluded_seen: frozenset[ProcessIdentity] = frozenset()
     next_action: int = 1
+    self_inflicted_at: Mapping[str, float] = field(default_factory=dict)  # policy -> last "skipped" audit
     baselines: Baselines = field(default_factory=Baselines)  # the service's quiet tail, per percentile
 
     def active(self) -> list[Remediation]:
@@ -261,6 +266,17 @@ def _us(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}"
 
 
+def tree_evidence(root: ProcessInfo, pid: int, own_cpu: float, windows: tuple[Window, ...]) -> dict:
+    """What the audit shows of a tree policy's judgement: the root it rolled up to, the member acted on."""
+    waited = sum(w.wait_ns for w in windows)
+    return {
+        "root": {"pid": root.pid, "start_time": root.start_time, "comm": root.comm},
+        "members": max((len(w.members(root.identity, pid)) for w in windows), default=1),
+        "member_cpu": round(own_cpu, 3),
+        "member_blame_share": round(sum(w.blame.get(pid, 0) for w in windows) / waited, 3) if waited else 0.0,
+    }
+
+
 def decide(
     state: EngineState,
     sample: Sample,
@@ -343,10 +359,12 @@ def decide(
                         if (info := sample.processes.get(pid)) is not None]
     planned_changes = 0
     for pid, info in candidates.items():
-        selected = policies.select(info)
-        if selected is None:
-            continue  # never act on what no policy names
-        policy, match = selected
+        governed = governing(info, sample.processes, policies)
+        if governed is None:
+            continue  # never act on what no policy names (itself, or through an ancestor's tree policy)
+        policy, match = governed.policy, governed.match
+        # A tree policy judges the tree under its matched ancestor and acts on the members that run.
+        root = governed.root.identity if policy.match.descendants else None
         reason = exclusion_reason(info, sample.protected.pids, settings.self_pid)
         if reason:
             if info.identity not in excluded_seen:
@@ -364,10 +382,34 @@ def decide(
             steps = list(enumerate(policy.steps))
             evidence = {"trigger": "always", "match": match.detail}
         else:
-            trigger_evidence = evaluate_trigger(policy.trigger, windows, pid, state.baseline_us(policy, now))
+            trigger_evidence = evaluate_trigger(policy.trigger, windows, pid, state.baseline_us(policy, now), root)
             if not trigger_evidence.fired:
                 continue
             evidence = {"match": match.detail, **trigger_evidence.to_json()}
+            # Over the trigger's whole M windows, not only those over the threshold: the kernel
+            # counts a throttled period when it ends, which may be the next window.
+            recent = tail_over(policy.trigger, windows)[0]
+            throttling = own_throttling(recent)
+            if throttling is not None:
+                evidence["protected_throttling"] = throttling
+            if self_inflicted(recent) is not None:
+                # Never act on a neighbour when the service's own quota explains its tail.
+                last = state.self_inflicted_at.get(policy.name)
+                if last is None or now - last >= SELF_INFLICTED_AUDIT_S:
+                    state = dataclasses.replace(state, self_inflicted_at={**state.self_inflicted_at, policy.name: now})
+                    decisions.append(Decision(
+                        "skipped", now, ts, info, policy,
+                        f"self-inflicted: the protected service was throttled by its own CPU quota for "
+                        f"{throttling['throttled_ns'] / 1e6:.1f} ms ({throttling['throttled_periods']} periods), at least "
+                        f"as long as others ran while it waited ({throttling['foreign_blamed_ns'] / 1e6:.1f} ms): "
+                        f"no step on a neighbour can help",
+                        evidence={**evidence, "skipped": "self-inflicted"}))
+                continue
+            if root is not None:
+                own_cpu = max((w.cpus(pid) for w in windows[-(policy.trigger.of_windows or 1):]), default=0.0)
+                if own_cpu <= 0.0:
+                    continue  # the tree burns CPU but this member does not: act on those that run
+                evidence["tree"] = tree_evidence(governed.root, pid, own_cpu, windows[-(policy.trigger.of_windows or 1):])
             if remediation.step_index < 0:
                 if remediation.reverted_at is not None and now - remediation.reverted_at < policy.limits.cooldown_s:
                     continue  # given back recently: leave it alone for the cooldown

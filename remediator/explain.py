@@ -28,6 +28,7 @@ from .procfs import ProcessInfo, ProcFS, boot_time, clock_ticks_per_second
 from .safety import exclusion_reason
 from .schedgroups import SchedGroups, unreachable_reason
 from .systemd import systemd_is_init, unit_for_cgroup
+from .trees import descendants, format_tree, governing
 from .selectors import ProtectSelectors
 
 
@@ -46,11 +47,21 @@ class ProcessEntry:
 
 
 @dataclass
+class TreeEntry:
+    """A tree policy's matched root and what becomes of each of its descendants."""
+
+    root: ProcessInfo
+    members: list[tuple[ProcessInfo, str]]  # (descendant, "covered" / "excluded: ..." / "governed by X")
+    lines: list[str]  # the tree drawn, each descendant marked
+
+
+@dataclass
 class PolicyEntry:
     policy: Policy
     processes: list[ProcessEntry] = field(default_factory=list)
     threshold: str = ""  # a relative trigger's threshold now, from the daemon's learned baseline
     baseline_us: float | None = None
+    trees: list[TreeEntry] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,11 @@ class ExplainReport:
                         }
                         for item in entry.processes
                     ],
+                    **({"descendants": True, "trees": [
+                        {"root": process(tree.root),
+                         "members": [{**process(info), "status": status} for info, status in tree.members]}
+                        for tree in entry.trees
+                    ]} if entry.policy.match.descendants else {}),
                 }
                 for entry in self.policies
             ],
@@ -172,6 +188,10 @@ class ExplainReport:
                     lines.append(f"    excluded for safety: {item.reason}")
                 else:
                     lines.append(f"    not acted on by this policy: {item.reason}")
+            for tree in entry.trees:
+                lines.append(f"  tree under pid {tree.root.pid} {tree.root.comm} (descendants = true: CPU and blame "
+                             f"rolled up to it, steps on the members that run):")
+                lines.extend("    " + line for line in tree.lines)
         matched = {item.info.pid for entry in self.policies for item in entry.processes}
         excluded = {item.info.pid for entry in self.policies for item in entry.processes if item.status == "excluded"}
         lines.append("")
@@ -390,6 +410,29 @@ def _start_times(procfs: ProcFS, infos: list[ProcessInfo]) -> dict[int, str]:
 _DISCOVER = object()
 
 
+def _add_trees(entries: list[PolicyEntry], infos: list[ProcessInfo], policies: PolicySet, protected_pids, self_pid) -> None:
+    """For each tree policy, the trees under the processes it matches and acts on."""
+    processes = {info.pid: info for info in infos}
+    for entry in entries:
+        if not entry.policy.match.descendants:
+            continue
+        for item in entry.processes:
+            governed = governing(item.info, processes, policies)
+            if item.status != "acts" or governed is None or governed.root.identity != item.info.identity:
+                continue  # excluded, overridden, or inside a higher root's tree (shown there)
+            members = []
+            for info in descendants(item.info, processes):
+                owner = governing(info, processes, policies)
+                excluded = exclusion_reason(info, protected_pids, self_pid)
+                if excluded:
+                    status = f"excluded: {excluded}"
+                elif owner is None or owner.policy.name != entry.policy.name:
+                    status = f"governed by {owner.policy.name}" if owner else "not covered"
+                else:
+                    status = "covered"
+                members.append((info, status))
+            marks = {info.pid: f"[{status}]" for info, status in members}
+            entry.trees.append(TreeEntry(item.info, members, format_tree(item.info, processes, marks)))
 def _with_group(groups: SchedGroups, info: ProcessInfo) -> ProcessInfo:
     try:
         return dataclasses.replace(info, sched_group=groups.group_of(info.pid))
@@ -513,6 +556,7 @@ def explain(
                         item.effect = f"step {first + 1} ({policy.steps[first].describe()}): {item.effect}"
                         item.effect_data["index"] = first
             by_name[policy.name].processes.append(item)
+    _add_trees(entries, infos, policies, protected_pids, self_pid)
     shown = [info for info, _ in protected] + [item.info for entry in entries for item in entry.processes]
     return ExplainReport(
         online_cpus=online,

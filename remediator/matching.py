@@ -208,6 +208,7 @@ class Match:
     unit: tuple[Glob, ...] = ()
     user: tuple[str, ...] = ()
     ancestor: tuple[Glob, ...] = ()
+    descendants: bool = False  # the match covers the matched process's descendants (see trees.py)
 
     @classmethod
     def build(
@@ -219,6 +220,7 @@ class Match:
         unit: tuple[str, ...] = (),
         user: tuple[str, ...] = (),
         ancestor: tuple[str, ...] = (),
+        descendants: bool = False,
     ) -> "Match":
         """From checked items (see the check_* functions)."""
         return cls(
@@ -229,6 +231,7 @@ class Match:
             unit=_globs(unit),
             user=tuple(user),
             ancestor=_globs(ancestor),
+            descendants=descendants,
         )
 
     @property
@@ -261,6 +264,8 @@ class Match:
                 result[name] = value
             else:
                 result.setdefault(name, []).append(value)  # type: ignore[union-attr]
+        if self.descendants:
+            result["descendants"] = True
         return result
 
     def matches(self, info: ProcessInfo) -> MatchResult | None:

@@ -364,7 +364,7 @@ class _PolicyCompiler:
                 self.path + ("match",), f"is empty, which would match every process; give at least one of {', '.join(FIELDS)}", "empty-match"
             )
             return None
-        return Match.build(**{name: values[name] for name in FIELDS if name in values})
+        return Match.build(**{name: values[name] for name in FIELDS if name in values}, descendants=values["descendants"])
 
     def _trigger(self) -> Trigger | None:
         values = self.values["trigger"]

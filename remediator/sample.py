@@ -50,6 +50,27 @@ class ProtectedWaits:
 
 
 @dataclass(frozen=True)
+class Throttling:
+    """How long the protected processes' cpu cgroups were throttled by their own quota during the
+    tick (cpu.stat; see throttling.py). A throttled thread waits in the run queue with no neighbour
+    to blame: that part of the tail is self-inflicted."""
+
+    cgroups: tuple[str, ...]  # the protected processes' cpu cgroups
+    periods: int  # CFS periods that elapsed with the group runnable
+    throttled_periods: int
+    throttled_ns: int
+
+    def to_json(self) -> dict:
+        return {"cgroups": list(self.cgroups), "periods": self.periods, "throttled_periods": self.throttled_periods,
+                "throttled_ns": self.throttled_ns}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Throttling":
+        return cls(tuple(str(c) for c in data.get("cgroups", ())), int(data.get("periods", 0)),
+                   int(data.get("throttled_periods", 0)), int(data.get("throttled_ns", 0)))
+
+
+@dataclass(frozen=True)
 class ProcessUsage:
     """One process's on-CPU time during the tick (all threads, all CPUs)."""
 
@@ -77,6 +98,7 @@ class Sample:
     lost: Mapping[str, int] = field(default_factory=dict)  # events the probes could not count
     limitations: tuple[str, ...] = ()  # what this source cannot show
     execs: tuple[int, ...] = ()  # processes that exec'd during the tick (when the collector tracks them)
+    throttling: Throttling | None = None  # None: not measured (no cpu hierarchy, or an older recording)
 
     @property
     def duration_ns(self) -> int:
@@ -143,6 +165,7 @@ class Sample:
             "lost": dict(self.lost),
             "limitations": list(self.limitations),
             "execs": list(self.execs),
+            "throttling": None if self.throttling is None else self.throttling.to_json(),
         }
 
     @classmethod
@@ -183,6 +206,7 @@ class Sample:
             lost={str(k): int(v) for k, v in data.get("lost", {}).items()},
             limitations=tuple(str(item) for item in data.get("limitations", ())),
             execs=tuple(int(pid) for pid in data.get("execs", ())),
+            throttling=None if data.get("throttling") is None else Throttling.from_json(data["throttling"]),
         )
 
 
@@ -268,4 +292,17 @@ def merge_samples(samples: list[Sample]) -> Sample:
         lost=lost,
         limitations=last.limitations,
         execs=tuple(pid for sample in samples for pid in sample.execs),
+        throttling=_merge_throttling([s.throttling for s in samples]),
+    )
+
+
+def _merge_throttling(items: list[Throttling | None]) -> Throttling | None:
+    known = [item for item in items if item is not None]
+    if not known:
+        return None
+    return Throttling(
+        cgroups=tuple(sorted({c for item in known for c in item.cgroups})),
+        periods=sum(item.periods for item in known),
+        throttled_periods=sum(item.throttled_periods for item in known),
+        throttled_ns=sum(item.throttled_ns for item in known),
     )

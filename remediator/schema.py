@@ -296,6 +296,17 @@ MATCH_KEYS = (
         empty_message=MATCHES_NOTHING,
         example='ancestor = ["logrotate"]',
     ),
+    Key(
+        "descendants",
+        "boolean",
+        "`true`: the policy also covers the matched process's descendants (forked and exec'd children, found through "
+        "parent pid and start time, so a reused parent pid never counts). The trigger judges the tree's CPU and blame "
+        "together, rolled up to the matched ancestor, and each step is applied to the tree's processes that ran "
+        "(the ones burning the CPU); a descendant that another policy names is governed by that one. Not a selector: "
+        "give at least one of the keys above.",
+        default=False,
+        example="descendants = true",
+    ),
 )
 
 TAIL_KEYS = (

@@ -81,6 +81,13 @@ def interval_view(sample: Sample, top: int = 5) -> dict[str, Any]:
             ]
             if has_tail
             else None,
+            # its own cpu.max / CFS quota (None: not measured): waits no neighbour is to blame for
+            "throttled": None if sample.throttling is None else {
+                "cgroups": list(sample.throttling.cgroups),
+                "periods": sample.throttling.periods,
+                "throttled_periods": sample.throttling.throttled_periods,
+                "throttled_us": round(sample.throttling.throttled_ns / 1000.0, 1),
+            },
         },
         "top_cpu": top_cpu,
         "top_blame": top_blame,
@@ -131,6 +138,12 @@ def render_text(view: dict[str, Any], sample: Sample, header: str = "") -> str:
         lines.append(
             f"  waited behind: own threads {waits['behind_own_us'] / total:.0%}, others {waits['behind_others_us'] / total:.0%}, "
             f"unattributed {waits['unattributed_us'] / total:.0%}"
+        )
+    throttled = waits["throttled"]
+    if throttled is not None:
+        lines.append(
+            f"  throttled by its own CPU quota: {_fmt_us(throttled['throttled_us'])} in {throttled['throttled_periods']} of "
+            f"{throttled['periods']} periods ({', '.join(throttled['cgroups'])})"
         )
     rows = histogram.log2_rows(sample.protected.counts()) if waits["histogram"] is not None else []
     if rows:

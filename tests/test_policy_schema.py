@@ -42,6 +42,7 @@ FULL_POLICY = {
                 "unit": ["logrotate.service"],
                 "user": ["root"],
                 "ancestor": ["logrotate"],
+                "descendants": True,
             },
             "trigger": {
                 "always": False,

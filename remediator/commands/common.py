@@ -8,6 +8,7 @@ import time
 from typing import Callable, Iterator
 
 from ..collector import Collector
+from ..throttling import ThrottleReader
 from ..errors import RemediatorError
 from ..hostcheck import kernel_headers_description
 from ..schedgroups import SchedGroups
@@ -79,7 +80,8 @@ def open_collector(args: argparse.Namespace) -> tuple[Collector, str]:
     else:
         note = f"source bpf (kernel headers: {kernel_headers_description()})"
     # Scheduling groups in the samples, so a replay judges nice and sched steps as live would.
-    collector = Collector(source, selectors_from_args(args), procfs, sched_groups=SchedGroups.for_host(procfs))
+    collector = Collector(source, selectors_from_args(args), procfs, sched_groups=SchedGroups.for_host(procfs),
+                          throttling=ThrottleReader.discover(procfs))
     try:
         collector.start()
     except BaseException:

@@ -1,4 +1,4 @@
-"""Real cgroup v1 cpuset helpers for root tests: scratch cgroups, and a guard that none is left behind."""
+"""Real cgroup v1 cpuset and cpu helpers for root tests: scratch cgroups, and a guard that none is left behind."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from remediator.cgroupfs import discover_cpuset_mount
+from remediator.cgroupfs import discover_cpu_mount, discover_cpuset_mount
 
 CPUSET_V1 = Path("/sys/fs/cgroup/cpuset")
 
@@ -108,3 +108,27 @@ def cgroup_path_of(pid: int, controller: str) -> str:
 
 def cpuset_path_of(pid: int) -> str:
     return cgroup_path_of(pid, "cpuset")
+
+
+@pytest.fixture
+def scratch_cpu_cgroup():
+    """make(quota_us, period_us) -> a fresh v1 cpu cgroup with a CFS quota (a service's own
+    cpu.cfs_quota_us), removed at teardown with its processes moved back to the root."""
+    mount = discover_cpu_mount()
+    if mount is None or mount.version != 1:
+        pytest.skip("no cgroup v1 cpu hierarchy mounted here")
+    root = mount.mount_point
+    made: list[Path] = []
+
+    def make(quota_us: int, period_us: int = 100_000) -> Path:
+        directory = root / f"test-scratch-{uuid.uuid4().hex[:8]}"
+        os.mkdir(directory)
+        made.append(directory)
+        (directory / "cpu.cfs_period_us").write_text(str(period_us))
+        (directory / "cpu.cfs_quota_us").write_text(str(quota_us))
+        return directory
+
+    yield make
+    for directory in made:
+        if directory.exists():
+            evacuate_and_remove(directory, root)

@@ -1,0 +1,125 @@
+"""Unnamed culprits on record: when the process most to blame for the protected service's wait is
+one no policy names, it is rightly left alone, but operators (and `policy suggest`) must be able to
+see it. This module says which tick's top-blamed process to put in the audit, at a bounded rate.
+
+Pure: (sample, policies, state, now) -> (audit records, state). The daemon stamps and writes them.
+
+    {"decision": "unnamed-culprit", "event": "unnamed-culprit", "process": {...}, "evidence": {...}}
+
+Bounded: one record per process identity (pid, start time) per `per_process_s`, and at most
+`max_records` across the host per `window_s`; what the host-wide cap held back is counted in the
+next record written (`evidence.held_back`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from .policy import PolicySet
+from .procfs import ProcessIdentity, ProcessInfo
+from .safety import exclusion_reason
+from .sample import Sample
+from .trees import governing
+
+EVENT = "unnamed-culprit"
+
+
+@dataclass(frozen=True)
+class CulpritSettings:
+    min_blame_share: float = 0.2  # of the protected wait: less is not "the" culprit
+    per_process_s: float = 600.0
+    max_records: int = 6
+    window_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class CulpritState:
+    last_recorded: Mapping[ProcessIdentity, float] = field(default_factory=dict)
+    recent: tuple[float, ...] = ()  # engine times of the records written, for the host-wide cap
+    held_back: int = 0  # culprits the host-wide cap kept out of the audit since the last record
+
+
+def harm(sample: Sample, policies: PolicySet) -> dict | None:
+    """The protected tail by the first policy whose absolute threshold it is over (each at its own
+    percentile); None when no policy would call it harm. With no tail policy at all, any wait counts."""
+    tail_policies = [p for p in policies.policies if not p.trigger.always and p.trigger.tail_above_us]
+    if not tail_policies:
+        return {"percentile": None, "value_us": None, "threshold_us": None}
+    for policy in tail_policies:
+        percentile = policy.trigger.tail_percentile or 99.0
+        value = sample.protected.percentile_ns(percentile)
+        if value is not None and value / 1000.0 > policy.trigger.tail_above_us:
+            return {"percentile": percentile, "value_us": round(value / 1000.0, 3), "threshold_us": policy.trigger.tail_above_us,
+                    "policy": policy.name}
+    return None
+
+
+def _process(info: ProcessInfo) -> dict:
+    return {
+        "pid": info.pid,
+        "start_time": info.start_time,
+        "comm": info.comm,
+        "exe": info.exe,
+        "cmdline": " ".join(info.cmdline),
+        "cgroup": info.cgroup,
+        "unit": info.unit,
+        "user": info.user or info.uid,
+        "ancestors": [comm for _, comm in info.ancestors],
+    }
+
+
+def unnamed_culprits(
+    sample: Sample,
+    policies: PolicySet,
+    state: CulpritState,
+    now: float,
+    settings: CulpritSettings = CulpritSettings(),
+    self_pid: int | None = None,
+) -> tuple[list[dict], CulpritState]:
+    """The audit record for this tick's top-blamed process when no policy names it (or none)."""
+    waits = sample.protected
+    if waits.wait_ns <= 0 or not sample.blame:
+        return [], state
+    tail = harm(sample, policies)
+    if tail is None:
+        return [], state  # the tail is fine by every policy's measure: blame alone is no harm
+    foreign = [(pid, ns) for pid, ns in sample.blame if pid not in waits.pids]
+    if not foreign:
+        return [], state
+    pid, blamed_ns = max(foreign, key=lambda item: item[1])
+    share = blamed_ns / waits.wait_ns
+    if share < settings.min_blame_share:
+        return [], state
+    info = sample.processes.get(pid)
+    if info is None or governing(info, sample.processes, policies) is not None:
+        return [], state  # unknown (gone), or named: the engine judges it
+    last = state.last_recorded.get(info.identity)
+    if last is not None and now - last < settings.per_process_s:
+        return [], state
+    recent = tuple(t for t in state.recent if t > now - settings.window_s)
+    if len(recent) >= settings.max_records:
+        return [], dataclasses.replace(state, recent=recent, held_back=state.held_back + 1)
+
+    usage = sample.usage_of(pid)
+    evidence = {
+        "blame_share": round(share, 3),
+        "blamed_ns": blamed_ns,
+        "cpu": None if usage is None else round(sample.cpus_used(usage), 3),
+        "protected_wait_ns": waits.wait_ns,
+        "protected_tail": tail,
+        "off_limits": exclusion_reason(info, waits.pids, self_pid),
+        "held_back": state.held_back,
+    }
+    record = {  # the daemon stamps time and mode (audit.event_record)
+        "decision": EVENT,
+        "event": EVENT,
+        "policy": None,
+        "process": _process(info),
+        "message": f"{info.comm} (pid {pid}) had {share:.0%} of the protected wait and no policy names it: left alone",
+        "evidence": evidence,
+    }
+    known = {identity: at for identity, at in state.last_recorded.items() if now - at < settings.per_process_s}
+    known[info.identity] = now
+    return [record], CulpritState(last_recorded=known, recent=recent + (now,), held_back=0)

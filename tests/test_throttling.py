@@ -1,0 +1,166 @@
+"""Own-quota throttling of the protected service: cpu.stat read from a fake cgroupfs (v1 and v2),
+carried in the Sample, and the engine refusing to act on a neighbour when it explains the tail."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from remediator import histogram
+from remediator.cgroupfs import CgroupFS, CgroupMount
+from remediator.engine import EngineSettings, EngineState, decide, record_outcome
+from remediator.policy import load_policies
+from remediator.procfs import ProcessInfo, ProcFS
+from remediator.sample import ProcessUsage, ProtectedWaits, Sample, Throttling, merge_samples
+from remediator.throttling import ThrottleReader, parse_cpu_stat
+
+V1_STAT = "nr_periods {p}\nnr_throttled {t}\nthrottled_time {ns}\nnr_bursts 0\nburst_time 0\n"
+V2_STAT = "usage_usec 1000\nuser_usec 600\nsystem_usec 400\nnr_periods {p}\nnr_throttled {t}\nthrottled_usec {us}\n"
+
+
+def test_parse_cpu_stat_v1_and_v2():
+    v1 = parse_cpu_stat(V1_STAT.format(p=10, t=4, ns=7_000_000))
+    v2 = parse_cpu_stat(V2_STAT.format(p=10, t=4, us=7_000))
+    assert v1 == v2 and v1.throttled_ns == 7_000_000 and v1.throttled_periods == 4
+    assert parse_cpu_stat("usage_usec 5\n") is None  # the root of v2 has no throttling counters
+
+
+def fake_host(tmp_path: Path, version: int, cgroup: str = "/api.slice/api.service"):
+    proc = tmp_path / "proc"
+    (proc / "100").mkdir(parents=True)
+    line = f"0::{cgroup}" if version == 2 else f"4:cpu,cpuacct:{cgroup}\n1:name=systemd:/x"
+    (proc / "100" / "cgroup").write_text(line + "\n")
+    mount_point = tmp_path / "cgroup"
+    for path in ("api.slice", "api.slice/api.service"):
+        (mount_point / path).mkdir(parents=True, exist_ok=True)
+    mount = CgroupMount(version, mount_point, "/", frozenset({"cpu"} if version == 1 else {"cpu", "cpuset"}))
+    return ThrottleReader(ProcFS(proc), CgroupFS(), mount), mount_point
+
+
+def write_stat(directory: Path, version: int, periods: int, throttled: int, ns: int) -> None:
+    text = V1_STAT.format(p=periods, t=throttled, ns=ns) if version == 1 else V2_STAT.format(p=periods, t=throttled, us=ns // 1000)
+    (directory / "cpu.stat").write_text(text)
+
+
+def test_reader_reports_differences_per_tick_v1(tmp_path):
+    reader, root = fake_host(tmp_path, 1)
+    service, slice_ = root / "api.slice/api.service", root / "api.slice"
+    write_stat(service, 1, 100, 10, 50_000_000)
+    write_stat(slice_, 1, 100, 0, 0)
+    first = reader.read([100])
+    assert first == Throttling(("/api.slice/api.service",), 0, 0, 0)  # a first read has nothing to compare with
+    write_stat(service, 1, 110, 16, 80_000_000)
+    assert reader.read([100]) == Throttling(("/api.slice/api.service",), 10, 6, 30_000_000)
+
+
+def test_a_quota_on_the_parent_slice_counts_once_v2(tmp_path):
+    reader, root = fake_host(tmp_path, 2)
+    service, slice_ = root / "api.slice/api.service", root / "api.slice"
+    write_stat(service, 2, 0, 0, 0)
+    write_stat(slice_, 2, 100, 0, 0)
+    reader.read([100])
+    write_stat(slice_, 2, 120, 9, 40_000_000)  # the slice's cpu.max throttles everything below it
+    assert reader.read([100]) == Throttling(("/api.slice/api.service",), 20, 9, 40_000_000)
+
+
+def test_no_cgroup_and_gone_processes_give_none(tmp_path):
+    reader, _ = fake_host(tmp_path, 2, cgroup="/")
+    assert reader.read([100]) is None
+    assert reader.read([4242]) is None  # no such process
+
+
+def test_old_recordings_without_throttling_still_read_and_merge():
+    s = sample(1.0, throttled_ns=None)
+    data = s.to_json()
+    del data["throttling"]
+    assert Sample.from_json(data).throttling is None
+    t = sample(1.0, throttled_ns=5_000_000)
+    assert Sample.from_json(t.to_json()) == t
+    merged = merge_samples([sample(1.0, throttled_ns=5_000_000), sample(1.25, throttled_ns=None), sample(1.5, throttled_ns=1_000_000)])
+    assert merged.throttling is not None and merged.throttling.throttled_ns == 6_000_000
+
+
+# -- the engine ------------------------------------------------------------------------------------
+
+TICK = 0.25
+SERVICE = ProcessInfo(pid=100, start_time=10, comm="api")
+SHIPPER = ProcessInfo(pid=200, start_time=20, comm="fluent-bit")
+SETTINGS = EngineSettings(request_cpus=frozenset({0}), online_cpus=frozenset({0, 1}), max_changes_per_minute=30, self_pid=999)
+POLICY = """
+[[policy]]
+name = "shippers"
+description = "test"
+[policy.match]
+comm = ["fluent-bit"]
+[policy.trigger]
+tail = { above = "2ms", windows = 2, of = 3 }
+offender = { cpu = 0.5 }
+[[policy.actions]]
+nice = 10
+"""
+
+
+def sample(t, tail_us=5000.0, shipper_cpu=0.8, blame_ns=2_000_000, throttled_ns=None):
+    waits = [50_000] * 200 + [int(tail_us * 1000)] * 4
+    duration_ns = int(TICK * 1e9)
+    return Sample(
+        ts=1_700_000_000 + t, start_ns=int((t - TICK) * 1e9), end_ns=int(t * 1e9), source="bpf", window_ns=50_000_000, ncpus=2,
+        protected=ProtectedWaits(threads=1, pids=(100,), waits=len(waits), wakeups=len(waits), preemptions=0, wait_ns=sum(waits),
+                                 max_ns=max(waits), histogram=tuple(sorted(histogram.from_values(waits).items()))),
+        usage=(ProcessUsage(200, "fluent-bit", int(shipper_cpu * duration_ns), None),),
+        blame=((200, blame_ns),) if blame_ns else (),
+        cpu_busy_ns=(duration_ns, duration_ns), processes={100: SERVICE, 200: SHIPPER},
+        throttling=None if throttled_ns is None else Throttling(("/api",), 25, 10 if throttled_ns else 0, throttled_ns),
+    )
+
+
+def run(tmp_path, samples):
+    path = tmp_path / "p.toml"
+    path.write_text(POLICY)
+    policies = load_policies([path])
+    state, out = EngineState(), []
+    for s in samples:
+        state, decisions = decide(state, s, policies, SETTINGS)
+        for decision in decisions:
+            if decision.kind == "act":
+                state = record_outcome(state, decision, "applied", policies)
+        out += decisions
+    return out
+
+
+def test_a_self_throttled_tail_is_not_acted_on_and_is_audited_once(tmp_path):
+    decisions = run(tmp_path, [sample(1.0 + i * TICK, throttled_ns=40_000_000) for i in range(8)])
+    assert [d.kind for d in decisions] == ["skipped"]
+    skipped = decisions[0]
+    assert skipped.message.startswith("self-inflicted: ")
+    assert skipped.evidence["skipped"] == "self-inflicted"
+    assert skipped.evidence["protected_throttling"]["throttled_ns"] == 80_000_000  # the trigger's windows so far (2 of its M = 3)
+    assert skipped.evidence["protected_throttling"]["foreign_blamed_ns"] == 4_000_000
+
+
+def test_throttling_smaller_than_the_neighbours_share_does_not_stop_the_action(tmp_path):
+    decisions = run(tmp_path, [sample(1.0 + i * TICK, blame_ns=30_000_000, throttled_ns=1_000_000) for i in range(3)])
+    acts = [d for d in decisions if d.kind == "act"]
+    assert len(acts) == 1 and acts[0].evidence["protected_throttling"]["throttled_ns"] == 2_000_000
+
+
+def test_no_throttling_measured_acts_as_before(tmp_path):
+    for throttled in (None, 0):
+        decisions = run(tmp_path, [sample(1.0 + i * TICK, throttled_ns=throttled) for i in range(3)])
+        assert [d.kind for d in decisions] == ["act"]
+
+
+def test_the_skip_is_audited_again_after_a_minute(tmp_path):
+    samples = [sample(1.0 + i * TICK, throttled_ns=40_000_000) for i in range(8)]
+    later = [dataclasses.replace(s, start_ns=s.start_ns + 61_000_000_000, end_ns=s.end_ns + 61_000_000_000) for s in samples]
+    assert [d.kind for d in run(tmp_path, samples + later)] == ["skipped", "skipped"]
+
+
+def test_watch_shows_the_throttling():
+    from remediator.view import interval_view, render_text
+
+    s = sample(1.0, throttled_ns=40_000_000)
+    view = interval_view(s)
+    assert view["protected"]["throttled"] == {"cgroups": ["/api"], "periods": 25, "throttled_periods": 10, "throttled_us": 40000.0}
+    assert "throttled by its own CPU quota: 40.0 ms in 10 of 25 periods (/api)" in render_text(view, s)
+    assert interval_view(sample(1.0))["protected"]["throttled"] is None
