@@ -21,7 +21,18 @@ from .tomlpos import Document, TomlSyntaxError, format_key_path, parse
 from .trustedfs import Trust, UntrustedPath, read_bytes
 
 CONFIG_FILE_NAME = "remediator.toml"
-CONFIG_TABLES = frozenset({"protect", "daemon"})
+CONFIG_TABLES = frozenset({"protect", "daemon", "metrics"})
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: tuple[str, int] | None  # (loopback host, port); None: no HTTP server
+    textfile: Path | None  # for node_exporter's textfile collector
+    offender_labels: int
+
+    def to_json(self) -> dict:
+        return {"listen": None if self.listen is None else list(self.listen),
+                "textfile": None if self.textfile is None else str(self.textfile), "offender_labels": self.offender_labels}
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,7 @@ class DaemonConfig:
     on_start: str  # "restore" | "keep"
     revert_on_exit: bool
     max_changes_per_minute: int
+    metrics: MetricsConfig | None = None  # None: no [metrics] table, no metrics
     warnings: tuple[Diagnostic, ...] = ()  # logged at start and on reload (e.g. comm without users)
 
     def to_json(self) -> dict:
@@ -54,6 +66,7 @@ class DaemonConfig:
             "on_start": self.on_start,
             "revert_on_exit": self.revert_on_exit,
             "max_changes_per_minute": self.max_changes_per_minute,
+            "metrics": None if self.metrics is None else self.metrics.to_json(),
         }
 
 
@@ -154,6 +167,7 @@ def compile_config(document: Document, base: Path | None = None) -> tuple[Daemon
     if has_errors(diagnostics) or selectors is None:
         return None, diagnostics
     request = protect_values["request_cpus"]
+    metrics = clean.get("metrics")
     config = DaemonConfig(
         path=config_path,
         protect=selectors,
@@ -167,6 +181,11 @@ def compile_config(document: Document, base: Path | None = None) -> tuple[Daemon
         on_start=daemon["on_start"],
         revert_on_exit=daemon["revert_on_exit"],
         max_changes_per_minute=clean["limits"]["max_changes_per_minute"],
+        metrics=None if metrics is None else MetricsConfig(
+            listen=metrics.get("listen"),
+            textfile=_resolve(base, metrics["textfile"]) if "textfile" in metrics else None,
+            offender_labels=metrics["offender_labels"],
+        ),
         warnings=tuple(d for d in diagnostics if d.severity == "warning"),
     )
     return config, diagnostics

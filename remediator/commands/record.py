@@ -12,14 +12,14 @@ import json
 import os
 import sys
 
-from ..audit import audit_record, format_table
+from ..audit import AuditWriter, format_table
 from ..config import load_config
 from ..cpulist import CpuListError, format_cpulist, parse_cpulist
-from ..engine import EngineSettings, EngineState, decide, record_outcome
 from ..errors import RemediatorError
-from ..executor import Outcome
+from ..metrics import DEFAULT_OFFENDER_LABELS, Metrics, write_text
 from ..policy import load_policies
 from ..sample import read_samples, write_samples
+from ..tick import Observers, engine_settings, replay_samples
 from .common import add_selector_arguments, add_source_arguments, interval_samples, open_collector, positive_float
 
 RECORD_EXAMPLES = """\
@@ -64,6 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     replay.add_argument("--request-cpus", metavar="LIST", help="CPUs the request path owned (default: the config's, else CPU 0)")
     replay.add_argument("--cpus", metavar="LIST", help="online CPUs of the recorded host (default: 0..ncpus-1 from the recording)")
     replay.add_argument("--json", action="store_true", help="one audit-style JSON line per decision")
+    replay.add_argument("--metrics", metavar="FILE", help="write the Prometheus metrics the daemon would have exported "
+                        "after the recording (text format; '-' = stdout)")
     replay.set_defaults(handler=run_replay)
 
 
@@ -93,6 +95,11 @@ def _cpus(text: str, what: str) -> frozenset[int]:
         raise RemediatorError(f"{what}: {exc}") from None
 
 
+def recorded_tick_s(samples: list) -> float:
+    durations = sorted(sample.duration_s for sample in samples)
+    return durations[len(durations) // 2]
+
+
 def run_replay(args: argparse.Namespace) -> int:
     samples = list(read_samples(args.recording))
     if not samples:
@@ -110,24 +117,19 @@ def run_replay(args: argparse.Namespace) -> int:
     else:
         request = frozenset({0})
         print("replay: request CPUs not given (--request-cpus or the config's): assuming CPU 0", file=sys.stderr)
-    settings = EngineSettings(
-        request_cpus=request,
-        online_cpus=online,
-        max_changes_per_minute=config.max_changes_per_minute if config else 10,
-        self_pid=-1,  # nothing in a recording is this replay
-    )
-    state = EngineState()
-    records = []
-    for sample in samples:
-        execs = [sample.processes[pid] for pid in sample.execs if pid in sample.processes]
-        state, decisions = decide(state, sample, policies, settings, execs)
-        for decision in decisions:
-            outcome = None
-            if decision.kind in ("act", "revert"):
-                outcome = Outcome("would-apply", decision.request.kind if decision.request else "all", decision.identity,
-                                  decision.message)
-                state = record_outcome(state, decision, outcome.status, policies)
-            records.append(audit_record(decision, outcome, "replay"))
+    # The tick the daemon ran: its config's, else the recording's (the engine keeps history by it).
+    tick_s = config.tick_s if config else recorded_tick_s(samples)
+    settings = engine_settings(policies, tick_s, request, online, config.max_changes_per_minute if config else 10,
+                               self_pid=-1)  # nothing in a recording is this replay
+    records: list[dict] = []
+    observers = Observers([AuditWriter(records.append)])
+    metrics = None
+    if args.metrics:
+        metrics = Metrics(offender_labels=config.metrics.offender_labels if config and config.metrics else DEFAULT_OFFENDER_LABELS)
+        observers.members.append(metrics)
+    replay_samples(samples, policies, settings, observers)
+    if metrics is not None:
+        write_text(metrics, args.metrics)
     if args.json:
         for record in records:
             print(json.dumps(record))
