@@ -16,7 +16,6 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, make_wsgi_app
@@ -286,12 +285,15 @@ class Metrics:
 # -- serving ----------------------------------------------------------------------------------
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 5.0  # a client that sends nothing holds the server this long at most
+
     def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
         pass  # a scrape every 15 s is not news for the journal
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
+class _Server(WSGIServer):
+    """One request at a time, on one thread: a local user opening connections by the thousand gets
+    them queued or refused, not a thread each (the unit's TasksMax is the daemon's too)."""
 
 
 class _Server6(_Server):
@@ -299,7 +301,7 @@ class _Server6(_Server):
 
 
 class MetricsServer:
-    """GET /metrics on a loopback address, served by a thread (prometheus_client's WSGI app)."""
+    """GET /metrics on a loopback address, served by one thread (prometheus_client's WSGI app)."""
 
     def __init__(self, metrics: Metrics, host: str, port: int):
         server_class = _Server6 if ":" in host else _Server
