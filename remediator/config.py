@@ -21,7 +21,7 @@ from .tomlpos import Document, TomlSyntaxError, format_key_path, parse
 from .trustedfs import Trust, UntrustedPath, read_bytes
 
 CONFIG_FILE_NAME = "remediator.toml"
-CONFIG_TABLES = frozenset({"protect", "daemon", "metrics"})
+CONFIG_TABLES = frozenset({"protect", "daemon", "recording", "metrics"})
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,8 @@ class DaemonConfig:
     max_changes_per_minute: int
     metrics: MetricsConfig | None = None  # None: no [metrics] table, no metrics
     warnings: tuple[Diagnostic, ...] = ()  # logged at start and on reload (e.g. comm without users)
+    recording_path: Path | None = None  # [recording]: the daemon's rolling recording (see recording.py)
+    recording_max_bytes: int = 268435456
 
     def to_json(self) -> dict:
         return {
@@ -66,6 +68,8 @@ class DaemonConfig:
             "on_start": self.on_start,
             "revert_on_exit": self.revert_on_exit,
             "max_changes_per_minute": self.max_changes_per_minute,
+            "recording_path": None if self.recording_path is None else str(self.recording_path),
+            "recording_max_bytes": self.recording_max_bytes,
             "metrics": None if self.metrics is None else self.metrics.to_json(),
         }
 
@@ -167,6 +171,7 @@ def compile_config(document: Document, base: Path | None = None) -> tuple[Daemon
     if has_errors(diagnostics) or selectors is None:
         return None, diagnostics
     request = protect_values["request_cpus"]
+    recording: dict[str, Any] = clean.get("recording") or {}
     metrics = clean.get("metrics")
     config = DaemonConfig(
         path=config_path,
@@ -187,6 +192,8 @@ def compile_config(document: Document, base: Path | None = None) -> tuple[Daemon
             offender_labels=metrics["offender_labels"],
         ),
         warnings=tuple(d for d in diagnostics if d.severity == "warning"),
+        recording_path=_resolve(base, recording["path"]) if recording.get("path") else None,
+        recording_max_bytes=recording.get("max_bytes", 268435456),
     )
     return config, diagnostics
 

@@ -35,10 +35,12 @@ from .matching import Glob
 from .metrics import Metrics, MetricsServer, TextfileWriter
 from .policy import PolicyErrors, PolicySet, load_policies
 from .probes import ProbeSettings, window_shift_for
+from .recording import open_recording
 from .printable import printable
 from .procfs import ProcessInfo, ProcFS
 from .safety import exclusion_reason
 from .sample import SOURCE_PROCFS
+from .schedgroups import SchedGroups
 from .sdnotify import Notifier
 from .selectors import ProtectSelectors
 from .sources import PROCFS_DEGRADED, Source, open_source
@@ -54,7 +56,7 @@ def plural(count: int, word: str) -> str:
 
 SUMMARY_EVERY_S = 30.0
 FIRST_SUMMARY_S = 5.0  # a new user sees a judgement of the host within seconds
-WARN_KINDS = frozenset({"exhausted", "capped", "infeasible"})
+WARN_KINDS = frozenset({"exhausted", "capped", "infeasible", "skipped"})
 
 
 def shared_comm_warnings(infos: list[ProcessInfo], protect: ProtectSelectors, policies: PolicySet) -> list[str]:
@@ -107,8 +109,11 @@ class Daemon:
         notifier: Notifier | None = None,
         max_ticks: int | None = None,
         sleep: Callable[[float], None] | None = None,
+        record: str | Path | None = None,  # overrides the config's [recording] path
     ):
         self.config_path = Path(config_path)
+        self.record_override = Path(record) if record else None
+        self.recorder = None
         self.mode_override = mode
         self.source_override = source
         self.procfs = procfs or ProcFS()
@@ -159,7 +164,7 @@ class Daemon:
         except RemediatorError as exc:
             log.error("reload failed: %s: keeping the last good configuration", exc)
             return False
-        restart_only = ("journal_path", "audit_path", "tick_s", "metrics") + (() if self.source_override else ("source",))
+        restart_only = ("journal_path", "audit_path", "tick_s", "recording_path", "recording_max_bytes", "metrics") + (() if self.source_override else ("source",))
         for name in restart_only:
             if getattr(config, name) != getattr(self.config, name):
                 log.warning("reload: %s changed; it takes effect at the next restart", name.replace("_", " "))
@@ -185,13 +190,16 @@ class Daemon:
         # The source before anything else: a daemon that cannot watch refuses to start, and then it
         # must leave the host as it found it (no audit or journal file, no originals restored).
         source = self._open_source()
-        self.collector = Collector(source, config.protect, self.procfs, track_execs=self._has_always_policies())
+        self.collector = Collector(source, config.protect, self.procfs, track_execs=self._has_always_policies(),
+                                   sched_groups=SchedGroups.for_host(self.procfs, self.cgroupfs))
         self.state = EngineState()
         self.observers = Observers([], on_error=self._observer_failed)
         try:
             self._start_metrics()  # a port it cannot bind stops it before it writes anything
             self.audit = AuditLog(config.audit_path, stamp=self._audit_stamp(source), trust=self.trust)
             self.observers.members[:0] = [AuditWriter(self.audit.write), DecisionLog()]
+            self.recorder = open_recording(self.record_override or config.recording_path, config.recording_max_bytes,
+                                           self.trust)
             if self.mode == "live":
                 self._enter_live("start-up", self.policies)
             else:
@@ -433,6 +441,8 @@ class Daemon:
     def tick(self, discovered: list[ProcessInfo] = ()) -> list[Decision]:
         sample = self.collector.sample()
         self.last_sample = sample
+        if self.recorder is not None:
+            self.recorder.write(sample)  # the rolling recording: the input of report, replay, policy suggest
         for name, count in sample.lost.items():
             self.lost_totals[name] = self.lost_totals.get(name, 0) + count
         online = online_cpus()
@@ -495,7 +505,8 @@ class Daemon:
         could not hold, /proc reads that would have blocked. "" when nothing did."""
         parts = []
         failed = {"audit": getattr(getattr(self, "audit", None), "failures", {}), "state": self.state_write_failures,
-                  "log": LOG_WRITE_FAILURES, "metrics textfile": getattr(getattr(self, "textfile", None), "failures", {})}
+                  "log": LOG_WRITE_FAILURES, "recording": self.recorder.failures if self.recorder else {},
+                  "metrics textfile": self.textfile.failures if self.textfile else {}}
         writes = [f"{kind} {describe_counts(counts)}" for kind, counts in failed.items() if counts]
         if writes:
             parts.append("failed writes: " + ", ".join(writes))
@@ -519,8 +530,9 @@ class Daemon:
         if not waits.pids:
             problems = self._problems()
             log.info("nothing protected is running (%s); watching for it. Name your service in the [protect] "
-                     "table of %s (see 'remediator watch --comm NAME' to try a selector); %s%s", self.config.protect.describe(),
-                     self.config_path, self.source_note, f"; {problems}" if problems else "")
+                     "table of %s (see 'remediator watch --comm NAME' to try a selector); to see remediator work on "
+                     "this host in a minute, run 'sudo ./bootstrap demo' (or 'remediator demo'); %s%s",
+                     self.config.protect.describe(), self.config_path, self.source_note, f"; {problems}" if problems else "")
             return
         p99 = waits.percentile_ns(99)
         top = []
@@ -564,6 +576,8 @@ class Daemon:
                 self.executor.journal.close()
             if hasattr(self, "audit"):
                 self.audit.close()
+            if self.recorder is not None:
+                self.recorder.close()
             self.notifier.close()
 
 

@@ -1,8 +1,8 @@
 """One tick, two callers: a replay of what a live daemon saw takes the same decisions, with the same
 evidence, and exports the same metrics.
 
-The daemon runs live, in this process, on a real hog (the scene of test_daemon_live's
-certain_harm), and every sample its tick takes is also written to a recording. `remediator replay`
+The daemon runs live, in this process, on a real hog (certain_harm: the whole
+ladder comes on time), and every sample its tick takes is also written to a recording. `remediator replay`
 then runs that recording through the same policies and config. What may differ is only what the
 carrier said (applied live, would-apply in a replay) and the mode.
 """
@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers.daemon import write_config
-from helpers.workloads import hog_argv, pin_workers, victim_argv
+from helpers.workloads import certain_harm
 from remediator.cli import main
 from remediator.daemon import Daemon
 from remediator.metrics import Metrics
@@ -114,9 +114,7 @@ def decisions_of(records: list[dict]) -> list[tuple]:
 def test_a_replay_of_a_live_run_takes_the_same_decisions_and_exports_the_same_metrics(spawn, tmp_path, capsys):
     if os.sched_getaffinity(0) != frozenset({0, 1}):
         pytest.skip("the scene needs exactly CPUs 0 and 1")
-    victim = spawn(victim_argv(0, "--work-us", "1000"))
-    hog = spawn(hog_argv("fluent-bit", 3))
-    pin_workers(hog, (0, 0, 1))
+    victim, hog = certain_harm(spawn)
     config = write_config(tmp_path, [victim.pid], metrics='listen = "127.0.0.1:0"\noffender_labels = 3')
     recording = tmp_path / "live.jsonl"
     live_metrics = tmp_path / "live.prom"
