@@ -38,6 +38,7 @@ WAIT_BUCKETS_NS = tuple(1 << k for k in range(10, 32))
 TICK_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 TAIL_PERCENTILES = (99.0,)  # exported besides every percentile a loaded policy's trigger uses
 MODES = ("live", "dry-run", "replay")
+REFUSAL_KINDS = ("excluded", "capped", "infeasible", "skipped")  # the engine's decisions not to act
 SOURCES = ("bpf", "procfs")
 
 
@@ -139,9 +140,10 @@ class Metrics:
         self.reverts = counter("remediator_reverts_total", "Remediations given back after a quiet period, by "
                                "the last step that was in place and the result.", ("policy", "step", "result", "mode"))
         self.verifications = counter("remediator_verifications_total", "Steps judged after their settle time: "
-                                     "helped, did-not-help or unknown.", ("policy", "step", "verdict", "mode"))
+                                     "helped, did-not-help or inconclusive.", ("policy", "step", "verdict", "mode"))
         self.refusals = counter("remediator_refusals_total", "Actions not taken, by reason: excluded (safety "
-                                "rules), capped (rate limits), infeasible, refused (by the executor).", ("reason", "policy"))
+                                "rules), capped (rate limits), infeasible, skipped (a step that cannot work on this host), refused (by "
+                                "the executor).", ("reason", "policy"))
         self.exhausted = counter("remediator_ladders_exhausted_total", "Ladders whose last step was in place "
                                  "while the trigger still held.", ("policy",))
         self.active = gauge("remediator_active_remediations", "Processes with a policy's changes in place.", ("policy",))
@@ -176,9 +178,9 @@ class Metrics:
             step = _step_text(policy, before.step_index if before is not None else None)
             self.reverts.labels(name, step, outcome.status, mode).inc()
         elif decision.kind == "verify":
-            verdict = str(decision.evidence.get("verdict", "unknown"))
+            verdict = str(decision.evidence.get("verdict", "inconclusive"))
             self.verifications.labels(name, _step_text(policy, decision.step_index), verdict, mode).inc()
-        elif decision.kind in ("excluded", "capped", "infeasible"):
+        elif decision.kind in REFUSAL_KINDS:
             self.refusals.labels(decision.kind, name).inc()
         elif decision.kind == "exhausted":
             self.exhausted.labels(name).inc()

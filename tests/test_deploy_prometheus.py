@@ -73,7 +73,7 @@ def test_promtool_accepts_the_daemons_metrics():
     text = replayed_metrics().text().decode()
     # the recording acted and judged: the labelled series are there, not just the HELP lines
     assert 'remediator_actions_total{mode="replay",policy="log-shippers",result="would-apply",step="cpu_idle"} 1.0' in text
-    assert 'remediator_verifications_total{mode="replay",policy="log-shippers",step="cpu_idle",verdict="helped"} 1.0' in text
+    assert 'remediator_verifications_total{mode="replay",policy="log-shippers",step="cpu_idle",verdict="inconclusive"} 1.0' in text
     out = promtool("check", "metrics", stdin=text)
     assert out.returncode == 0 and out.stdout.strip() == "" and out.stderr.strip() == "", out.stdout + out.stderr
 

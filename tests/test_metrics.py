@@ -167,8 +167,9 @@ def test_metrics_config(tmp_path):
 def test_the_daemons_metrics_over_http_in_a_dry_run(spawn, daemon, tmp_path):
     """A real daemon, scraped as Prometheus would: dry-run marked, the would-be action counted, and
     the whole output accepted by promtool check metrics."""
-    victim = spawn(victim_argv(0))
-    spawn(hog_argv("fluent-bit", 2))
+    # one session: nice weighs between the two (another autogroup would make the engine skip the step)
+    victim = spawn(victim_argv(0), own_session=False)
+    spawn(hog_argv("fluent-bit", 2), own_session=False)
     textfile = tmp_path / "remediator.prom"
     run = daemon(write_config(tmp_path, [victim.pid], mode="dry-run",
                               metrics=f'listen = "127.0.0.1:0"\ntextfile = "{textfile}"'))
