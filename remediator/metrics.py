@@ -24,6 +24,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from . import histogram
 from .model import Outcome
+from .statefile import write_durably
 from .trustedfs import Trust, TrustedDirectory
 
 DEFAULT_OFFENDER_LABELS = 20
@@ -376,10 +377,7 @@ def write_atomically(path: Path, data: bytes, trust: Trust | None = None) -> Non
         try:
             try:
                 os.fchmod(fd, 0o644)  # whatever the umask (the unit's is 0027)
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
+                write_durably(fd, data)
             finally:
                 os.close(fd)
             directory.rename(temp, path.name)
