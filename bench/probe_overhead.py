@@ -13,7 +13,11 @@ Timing rounds run with kernel.bpf_stats_enabled=0 (stats add two clock reads to 
 one more pass per tracer with it set to 1 (restored afterwards) reads each program's
 run_time_ns / run_cnt from the tracer's BPF program file descriptors.
 
-    sudo ./bootstrap bench probe_overhead [--rounds 5] [--round-trips 200000]
+With `--old-ref REF` (e.g. main) the remediator configurations also run with that git ref's
+remediator/ and probes/ (extracted into a temporary directory), interleaved with this tree's in the
+same rounds: `remediator-unrelated@old`, `remediator-protected@old`, and the ratio of the two.
+
+    sudo ./bootstrap bench probe_overhead [--rounds 5] [--round-trips 200000] [--old-ref main]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 VENV_BIN = Path(sys.executable).parent
+OLD_TREE: Path | None = None  # set by --old-ref
 
 
 def build_pingpong() -> Path:
@@ -89,11 +94,16 @@ class Tracer:
             self.proc = subprocess.Popen([sys.executable, "-c", EMPTY_PROGRAMS], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             self._wait_for(lambda line: line.startswith("ready"))
         elif kind.startswith("remediator"):
-            protect = list(pingpong_pids) if kind == "remediator-protected" else [os.getpid()]
+            protect = list(pingpong_pids) if kind.startswith("remediator-protected") else [os.getpid()]
             argv = [str(VENV_BIN / "remediator"), "watch", "--json", "-i", "1"]
+            env = None
+            if kind.endswith("@old"):
+                argv = [sys.executable, "-m", "remediator", "watch", "--json", "-i", "1"]
+                env = {**os.environ, "PYTHONPATH": str(OLD_TREE), "REMEDIATOR_PROBES_DIR": str(OLD_TREE / "probes")}
             for pid in protect:
                 argv += ["--pid", str(pid)]
-            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                                         cwd=str(OLD_TREE) if env else None)
             self._wait_for(lambda line: line.startswith("{"))
 
     def _wait_for(self, ready) -> None:
@@ -142,6 +152,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--round-trips", type=int, default=200_000)
     parser.add_argument("--cpu", type=int, default=0)
+    parser.add_argument("--old-ref", default=None, help="also run the remediator configurations with this git ref's probes")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("probe_overhead: run as root (sudo ./bootstrap bench probe_overhead)", file=sys.stderr)
@@ -151,6 +162,18 @@ def main() -> int:
         return 1
     binary = build_pingpong()
     kinds = ["none", "empty-programs", "runqlat", "remediator-unrelated", "remediator-protected"]
+    if args.old_ref:
+        import tarfile
+        import tempfile
+
+        global OLD_TREE
+        OLD_TREE = Path(tempfile.mkdtemp(prefix="probe-overhead-old-"))
+        archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", args.old_ref, "remediator", "probes"],
+                                 capture_output=True, check=True).stdout
+        import io
+
+        tarfile.open(fileobj=io.BytesIO(archive)).extractall(OLD_TREE)
+        kinds += ["remediator-unrelated@old", "remediator-protected@old"]
     stats_path = Path("/proc/sys/kernel/bpf_stats_enabled")
     saved = stats_path.read_text().strip()
     results: dict[str, list[dict]] = {kind: [] for kind in kinds}
@@ -199,6 +222,12 @@ def main() -> int:
               f"{row['added_ns_per_switch']:.0f} | {programs} |")
     ours = next(r for r in rows if r["config"] == "remediator-protected")["added_ns_per_switch"]
     theirs = next(r for r in rows if r["config"] == "runqlat")["added_ns_per_switch"]
+    if args.old_ref:
+        old = next(r for r in rows if r["config"] == "remediator-protected@old")["added_ns_per_switch"]
+        old_unrelated = next(r for r in rows if r["config"] == "remediator-unrelated@old")["added_ns_per_switch"]
+        new_unrelated = next(r for r in rows if r["config"] == "remediator-unrelated")["added_ns_per_switch"]
+        print(f"\nthis tree / {args.old_ref}, added ns per switch: protected {ours:.0f} / {old:.0f} = {ours / old:.2f}x, "
+              f"unrelated {new_unrelated:.0f} / {old_unrelated:.0f} = {new_unrelated / old_unrelated:.2f}x")
     print(f"\nours (worst case, every switch protected) / runqlat: {ours / theirs:.2f}x added per switch; "
           f"target: <= 1.0x and <= 300 ns -> {'met' if ours <= theirs and ours <= 300 else 'NOT met'}")
     OUT.mkdir(exist_ok=True)

@@ -3,7 +3,9 @@
  *  - run-queue wait of protected threads (wakeup or preemption -> switch-in) into a log-linear
  *    histogram, with totals and the maximum;
  *  - on-CPU time per (process, cpu), cumulative and per sub-second window (bursts);
- *  - blame: while a protected thread waited, which processes ran on the CPU it was waiting for;
+ *  - blame: while a protected thread waited, which processes ran on the CPU it was waiting for: the
+ *    CPU it was woken onto or preempted on, even when the load balancer then pulls it elsewhere,
+ *    split into its own processes (protected) and others;
  *  - the protected set, grown in the kernel on fork so a new thread counts from its first wakeup;
  *  - exec events to user space through a bounded ring buffer.
  *
@@ -24,8 +26,8 @@ BPF_ARRAY(user_protected_bits, u64, PROTECTED_BITMAP_WORDS);
 BPF_ARRAY(fork_protected_bits, u64, PROTECTED_BITMAP_WORDS);
 BPF_PERCPU_ARRAY(wait_stats, struct wait_stats, 1);
 BPF_ARRAY(max_epoch, u64, 1);
-BPF_PERCPU_ARRAY(cpu_state, struct cpu_state, 1);
-BPF_HASH(proc_cpu, struct proc_cpu_key, struct proc_cpu, MAX_PROC_CPU_ENTRIES);
+BPF_ARRAY(cpu_state, struct cpu_state, MAX_CPUS); /* by CPU: a migrated wait reads another CPU's ring */
+BPF_TABLE("lru_hash", struct proc_cpu_key, struct proc_cpu, proc_cpu, MAX_PROC_CPU_ENTRIES);
 BPF_HASH(blame, u32, u64, MAX_BLAMED_PROCESSES);
 BPF_RINGBUF_OUTPUT(exec_events, EXEC_RING_PAGES);
 
@@ -33,6 +35,19 @@ static __always_inline struct wait_stats *stats_here(void)
 {
     u32 zero = 0;
     return wait_stats.lookup(&zero);
+}
+
+/* The bitmap alone: enough to tell a protected process's runs from others' when charging a wait
+ * (a bit left by a thread id reused since costs a misfiled share of one wait, not a lookup per run). */
+static __always_inline bool protected_bit(u32 tid)
+{
+    u32 word = tid >> 6;
+    if (word >= PROTECTED_BITMAP_WORDS)
+        return protected_threads.lookup(&tid) != NULL;
+    u64 bit = 1ull << (tid & 63);
+    u64 *by_user = user_protected_bits.lookup(&word);
+    u64 *by_fork = fork_protected_bits.lookup(&word);
+    return ((by_user ? *by_user : 0) | (by_fork ? *by_fork : 0)) & bit;
 }
 
 static __always_inline struct protected_thread *protected_lookup(u32 tid)
@@ -49,7 +64,7 @@ static __always_inline struct protected_thread *protected_lookup(u32 tid)
     return protected_threads.lookup(&tid);
 }
 
-static __always_inline void on_wakeup(u32 tid)
+static __always_inline void on_wakeup(u32 tid, u32 target_cpu)
 {
     struct protected_thread *thread;
     struct wait_stats *stats;
@@ -59,6 +74,8 @@ static __always_inline void on_wakeup(u32 tid)
     if (!thread)
         return;
     thread->wait_start = bpf_ktime_get_ns();
+    thread->queued_since = thread->wait_start;
+    thread->wait_cpu = target_cpu;
     stats = stats_here();
     if (stats)
         stats->totals.wakeups++;
@@ -66,13 +83,13 @@ static __always_inline void on_wakeup(u32 tid)
 
 TRACEPOINT_PROBE(sched, sched_wakeup)
 {
-    on_wakeup(args->pid);
+    on_wakeup(args->pid, args->target_cpu);
     return 0;
 }
 
 TRACEPOINT_PROBE(sched, sched_wakeup_new)
 {
-    on_wakeup(args->pid);
+    on_wakeup(args->pid, args->target_cpu);
     return 0;
 }
 
@@ -118,37 +135,73 @@ static __always_inline void account_run(u32 tgid, u32 cpu, u64 start, u64 end, c
     }
 }
 
-/* A protected thread waited on this CPU during [t0, t1): charge every process that ran here in
- * that interval with the part of its run inside it. */
-static __always_inline void attribute_wait(struct cpu_state *state, u64 t0, u64 t1, struct wait_stats *stats)
+/* Charge `ns` of a protected thread's wait to the process `tgid` that ran meanwhile; split into
+ * its own processes (protected: the main thread's id is the tgid) and others. */
+static __always_inline u64 charge(u32 tgid, u64 ns, struct wait_stats *stats)
 {
-    u64 blamed = 0;
-    u32 head = state->head;
-    for (u32 i = 1; i <= SEGMENT_RING; i++) {
-        struct run_segment *segment = &state->segments[(head - i) & (SEGMENT_RING - 1)];
-        if (segment->end <= t0)
-            break;
-        u64 lo = segment->start > t0 ? segment->start : t0;
-        u64 hi = segment->end < t1 ? segment->end : t1;
-        if (hi > lo && segment->tgid) {
-            u64 zero = 0, *charged = blame.lookup_or_try_init(&segment->tgid, &zero);
-            if (charged) {
-                __sync_fetch_and_add(charged, hi - lo);
-                blamed += hi - lo;
-            } else {
-                stats->totals.blame_map_full++;
-            }
-        }
-        if (segment->start <= t0)
-            break;
+    u64 zero = 0, *charged = blame.lookup_or_try_init(&tgid, &zero);
+    if (!charged) {
+        stats->totals.blame_map_full++;
+        return 0;
     }
-    stats->totals.blamed_ns += blamed;
-    stats->totals.unattributed_ns += (t1 - t0) - blamed;
+    __sync_fetch_and_add(charged, ns);
+    if (protected_bit(tgid))
+        stats->totals.own_ns += ns;
+    else
+        stats->totals.blamed_ns += ns;
+    return ns;
 }
 
-static __always_inline void end_wait(struct protected_thread *thread, u64 now, struct cpu_state *state)
+/* A protected thread waited during [t0, t1) on the run queue of the CPU whose state is `state`:
+ * charge every process that ran there in that interval with the part of its run inside it. When
+ * a run is still in progress there (`in_progress`: the wait ends on another CPU, or it is a
+ * migration that moves the thread), its share is left in owed_ns, for that CPU to charge when the
+ * run ends (only it knows the run's process). What the ring no longer holds is counted
+ * (overflow_ns), never guessed. */
+static __always_inline void attribute_wait(struct cpu_state *state, u64 t0, u64 t1, bool in_progress, struct wait_stats *stats)
+{
+    u64 attributed = 0, uncovered = t1; /* [t0, uncovered) is not yet accounted for */
+    if (in_progress) {
+        u64 since = state->since;
+        if (since && since < t1) {
+            u64 lo = since > t0 ? since : t0;
+            if (state->current_tid) {
+                __sync_fetch_and_add(&state->owed_ns, t1 - lo);
+                attributed += t1 - lo;
+            }
+            uncovered = lo;
+        }
+    }
+    u32 head = state->head;
+    bool covered = uncovered <= t0;
+    for (u32 i = 1; i <= SEGMENT_RING; i++) {
+        struct run_segment *segment = &state->segments[(head - i) & (SEGMENT_RING - 1)];
+        if (segment->end <= t0) { /* also an empty slot: nothing ran before it */
+            covered = true;
+            break;
+        }
+        u64 lo = segment->start > t0 ? segment->start : t0;
+        u64 hi = segment->end < t1 ? segment->end : t1;
+        if (hi > lo && segment->tgid)
+            attributed += charge(segment->tgid, hi - lo, stats);
+        if (segment->start <= t0) {
+            covered = true;
+            break;
+        }
+        if (segment->start < uncovered)
+            uncovered = segment->start;
+    }
+    if (!covered && uncovered > t0)
+        stats->totals.overflow_ns += uncovered - t0;
+    if (attributed < t1 - t0)
+        stats->totals.unattributed_ns += (t1 - t0) - attributed;
+}
+
+static __always_inline void end_wait(struct protected_thread *thread, u64 now, u32 cpu, struct cpu_state *here)
 {
     u64 t0 = thread->wait_start;
+    u64 queued_since = thread->queued_since;
+    u32 wait_cpu = thread->wait_cpu;
     thread->wait_start = 0;
     struct wait_stats *stats = stats_here();
     if (!stats)
@@ -179,28 +232,60 @@ static __always_inline void end_wait(struct protected_thread *thread, u64 now, s
         if (delta > max->max_ns)
             max->max_ns = delta;
     }
-    attribute_wait(state, t0, now, stats);
+    /* The part before its last migration was charged when it moved. */
+    if (queued_since < t0 || queued_since > now)
+        queued_since = t0;
+    struct cpu_state *waited_on = here;
+    if (wait_cpu != cpu) { /* a migration this probe did not see */
+        waited_on = cpu_state.lookup(&wait_cpu);
+        if (!waited_on) {
+            stats->totals.unattributed_ns += now - queued_since;
+            return;
+        }
+    }
+    attribute_wait(waited_on, queued_since, now, wait_cpu != cpu, stats);
 }
 
 TRACEPOINT_PROBE(sched, sched_switch)
 {
     u64 now = bpf_ktime_get_ns();
     u32 prev_tid = args->prev_pid, next_tid = args->next_pid;
-    u32 zero = 0;
-    struct cpu_state *state = cpu_state.lookup(&zero);
+    u32 cpu = bpf_get_smp_processor_id();
+    struct cpu_state *state = cpu_state.lookup(&cpu);
     if (!state)
         return 0;
 
-    /* 1. The run that just ended (current is still prev here). The idle task never counts. */
+    /* 1. The run that just ended (current is still prev here). The idle task never counts. A run
+     * that follows one of the same process with no idle time between extends its segment, so a
+     * process switching among its own threads takes one slot of the ring, not one per switch. */
     if (state->since && prev_tid != 0 && now > state->since) {
         u32 prev_tgid = bpf_get_current_pid_tgid() >> 32;
         state->busy_ns += now - state->since;
-        account_run(prev_tgid, bpf_get_smp_processor_id(), state->since, now, args->prev_comm, stats_here());
-        struct run_segment *segment = &state->segments[state->head & (SEGMENT_RING - 1)];
-        segment->start = state->since;
-        segment->end = now;
-        segment->tgid = prev_tgid;
-        state->head++;
+        account_run(prev_tgid, cpu, state->since, now, args->prev_comm, stats_here());
+        struct run_segment *last = &state->segments[(state->head - 1) & (SEGMENT_RING - 1)];
+        if (state->head && last->tgid == prev_tgid && last->end == state->since) {
+            last->end = now;
+        } else {
+            struct run_segment *segment = &state->segments[state->head & (SEGMENT_RING - 1)];
+            segment->start = state->since;
+            segment->end = now;
+            segment->tgid = prev_tgid;
+            state->head++;
+        }
+        /* Waits that ended on other CPUs during this run. */
+        u64 owed = state->owed_ns;
+        if (owed) {
+            struct wait_stats *stats = stats_here();
+            __sync_fetch_and_add(&state->owed_ns, -owed);
+            if (stats && !charge(prev_tgid, owed, stats))
+                stats->totals.unattributed_ns += owed;
+        }
+    } else if (state->owed_ns) { /* it was idle after all (a race with the remote reader) */
+        u64 owed = state->owed_ns;
+        struct wait_stats *stats = stats_here();
+        __sync_fetch_and_add(&state->owed_ns, -owed);
+        if (stats)
+            stats->totals.unattributed_ns += owed;
     }
 
     /* 2. A protected thread preempted while runnable starts waiting now. */
@@ -208,6 +293,8 @@ TRACEPOINT_PROBE(sched, sched_switch)
         struct protected_thread *prev = protected_lookup(prev_tid);
         if (prev) {
             prev->wait_start = now;
+            prev->queued_since = now;
+            prev->wait_cpu = cpu;
             struct wait_stats *stats = stats_here();
             if (stats)
                 stats->totals.preemptions++;
@@ -218,11 +305,40 @@ TRACEPOINT_PROBE(sched, sched_switch)
     if (next_tid != 0) {
         struct protected_thread *next = protected_lookup(next_tid);
         if (next && next->wait_start)
-            end_wait(next, now, state);
+            end_wait(next, now, cpu, state);
     }
 
     state->since = now;
     state->current_tid = next_tid;
+    return 0;
+}
+
+/* A waiting protected thread moved to another CPU's run queue (load balancing, an affinity change,
+ * the stopper moving it off a CPU it may no longer use): charge the part of the wait spent on the
+ * queue it leaves to what ran there, and go on from the new one. */
+TRACEPOINT_PROBE(sched, sched_migrate_task)
+{
+    u32 tid = args->pid;
+    struct protected_thread *thread = protected_lookup(tid);
+    if (!thread || !thread->wait_start)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    u32 orig_cpu = args->orig_cpu;
+    u64 t0 = thread->queued_since;
+    thread->queued_since = now;
+    thread->wait_cpu = args->dest_cpu;
+    struct wait_stats *stats = stats_here();
+    if (!stats)
+        return 0;
+    stats->totals.migrated_waits++;
+    if (t0 < thread->wait_start || t0 >= now || now - thread->wait_start > MAX_WAIT_NS)
+        return 0; /* stale: end_wait drops the whole wait */
+    struct cpu_state *state = cpu_state.lookup(&orig_cpu);
+    if (!state) {
+        stats->totals.unattributed_ns += now - t0;
+        return 0;
+    }
+    attribute_wait(state, t0, now, true, stats);
     return 0;
 }
 

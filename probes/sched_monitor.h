@@ -41,8 +41,17 @@ typedef uint32_t u32;
 #define PROTECTED_BITMAP_WORDS 65536 /* pid_max 4194304 */
 #endif
 
-#ifndef MAX_PROC_CPU_ENTRIES /* (process, cpu) pairs with on-CPU time */
+/* (process, cpu) pairs with on-CPU time: an LRU map, so a host with more pairs than this loses the
+ * least recently used ones (counted again from zero) instead of refusing new processes. The loader
+ * sizes it from the host: possible CPUs x expected processes. */
+#ifndef MAX_PROC_CPU_ENTRIES
 #define MAX_PROC_CPU_ENTRIES 32768
+#endif
+/* The per-CPU state is a plain array indexed by CPU (not a per-CPU map): a wait that ends on another
+ * CPU than the one it began on reads the run ring of the CPU it waited on. The loader passes the
+ * host's possible CPUs. */
+#ifndef MAX_CPUS
+#define MAX_CPUS 1024
 #endif
 #ifndef MAX_BLAMED_PROCESSES
 #define MAX_BLAMED_PROCESSES 16384
@@ -60,7 +69,8 @@ typedef uint32_t u32;
 #define WINDOW_SLOTS 16 /* power of two */
 #endif
 
-/* Recent run segments per CPU, walked back to find who ran while a protected thread waited. */
+/* Recent run segments per CPU, walked back to find who ran while a protected thread waited.
+ * Consecutive runs of one process with no idle time between them share one segment. */
 #ifndef SEGMENT_RING
 #define SEGMENT_RING 16 /* power of two */
 #endif
@@ -83,6 +93,10 @@ typedef uint32_t u32;
 
 struct protected_thread {
     u64 wait_start;           /* when it began waiting for a CPU; 0 = not waiting */
+    u64 queued_since;         /* when it joined the run queue it waits on now (a migration moves it) */
+    u32 wait_cpu;             /* the CPU of that run queue: the wakeup's target, where it was
+                               * preempted, or where a migration moved it; charged to what ran there */
+    u32 pad;
 };
 
 struct wait_totals {          /* cumulative */
@@ -90,7 +104,7 @@ struct wait_totals {          /* cumulative */
     u64 wait_ns;
     u64 wakeups;              /* waits that began with a wakeup */
     u64 preemptions;          /* waits that began with a preemption */
-    u64 blamed_ns;            /* wait time attributed to some process */
+    u64 blamed_ns;            /* wait time behind processes that are not protected ("others") */
     u64 unattributed_ns;      /* wait time on an idle CPU or older than the segment ring */
     u64 protected_map_full;   /* new threads not protected on fork: the protected map was full */
     u64 stale_starts;         /* starts dropped as older than MAX_WAIT_NS */
@@ -98,6 +112,9 @@ struct wait_totals {          /* cumulative */
     u64 blame_map_full;
     u64 exec_events_dropped;  /* the exec ring buffer was full */
     u64 protected_forks;      /* threads and children added to the protected set in-kernel */
+    u64 own_ns;               /* wait time behind threads of protected processes (its own) */
+    u64 overflow_ns;          /* the part of unattributed_ns older than the segment ring held */
+    u64 migrated_waits;       /* migrations of waiting protected threads (each part charged to its CPU) */
 };
 
 /* The maximum wait per epoch: user space bumps the epoch, then reads the previous epoch's slot,
@@ -120,11 +137,13 @@ struct run_segment {
     u32 pad;
 };
 
-struct cpu_state {            /* per CPU */
+struct cpu_state {            /* one per CPU, written only by that CPU except owed_ns */
     u64 since;                /* when the current task was switched in (0: not seen yet) */
     u64 busy_ns;              /* cumulative non-idle time */
     u32 current_tid;          /* the task on the CPU now (0 = idle) */
     u32 head;                 /* next slot of the segment ring to write */
+    u64 owed_ns;              /* wait time that ended on another CPU during the run in progress here:
+                               * charged to that run's process when it ends (added atomically) */
     struct run_segment segments[SEGMENT_RING]; /* the latest runs on this CPU */
 };
 

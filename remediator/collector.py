@@ -292,6 +292,8 @@ class Collector:
                 histogram=None if delta.histogram is None else tuple(sorted(delta.histogram.items())),
                 blamed_ns=delta.blamed_ns,
                 unattributed_ns=delta.unattributed_ns,
+                own_ns=delta.own_ns,
+                overflow_ns=delta.overflow_ns,
             ),
             usage=usage,
             blame=tuple(blamed),

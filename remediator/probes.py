@@ -41,7 +41,15 @@ WAIT_TOTAL_FIELDS = (
     "blame_map_full",
     "exec_events_dropped",
     "protected_forks",
+    "own_ns",
+    "overflow_ns",
+    "migrated_waits",
 )
+
+# (process, CPU) entries per possible CPU when the loader sizes proc_cpu from the host, and the bounds.
+PROC_CPU_ENTRIES_PER_CPU = 256
+PROC_CPU_ENTRIES_MIN = 32768
+PROC_CPU_ENTRIES_MAX = 1 << 20
 
 
 def _read_pid_max() -> int | None:
@@ -49,6 +57,29 @@ def _read_pid_max() -> int | None:
         return int(Path("/proc/sys/kernel/pid_max").read_text())
     except (OSError, ValueError):
         return None
+
+
+def _read_possible_cpus() -> int | None:
+    from .cpulist import parse_cpulist
+
+    try:
+        cpus = parse_cpulist(Path("/sys/devices/system/cpu/possible").read_text())
+    except (OSError, ValueError):
+        return None
+    return max(cpus) + 1 if cpus else None
+
+
+def proc_cpu_entries_for(possible_cpus: int) -> int:
+    """The proc_cpu map's size for a host: room for PROC_CPU_ENTRIES_PER_CPU processes on every CPU
+    (a process that ran on many CPUs has an entry on each), within the bounds. The map is an LRU, so
+    a host beyond that loses the least recently used entries, not new processes."""
+    return max(PROC_CPU_ENTRIES_MIN, min(PROC_CPU_ENTRIES_MAX, possible_cpus * PROC_CPU_ENTRIES_PER_CPU))
+
+
+def unwrap_window(low32: int, reference: int) -> int:
+    """The full window index whose low 32 bits the kernel kept, given a full index at or after it
+    (the current window): the nearest one not after `reference`."""
+    return reference - ((reference - low32) & 0xFFFFFFFF)
 
 
 def probes_dir() -> Path:
@@ -91,9 +122,10 @@ class ProbeSettings:
     max_wait_ns: int = 10_000_000_000
     max_protected_threads: int = 65536
     pid_max: int = 4194304  # sizes the protected bitmap; the loader passes kernel.pid_max
-    max_proc_cpu_entries: int = 32768
+    max_proc_cpu_entries: int | None = None  # None: sized from the host (proc_cpu_entries_for)
     max_blamed_processes: int = 16384
     exec_ring_pages: int = 16
+    max_cpus: int | None = None  # None: the host's possible CPUs (the loader fills it in)
 
     def __post_init__(self) -> None:
         for name in ("window_slots", "segment_ring", "exec_ring_pages"):
@@ -107,6 +139,27 @@ class ProbeSettings:
     def window_ns(self) -> int:
         return 1 << self.window_shift
 
+    @property
+    def cpus(self) -> int:
+        return self.max_cpus or os.cpu_count() or 1
+
+    @property
+    def proc_cpu_entries(self) -> int:
+        return self.max_proc_cpu_entries or proc_cpu_entries_for(self.cpus)
+
+    def layouts(self) -> dict[str, struct.Struct]:
+        """The byte layouts of the map values in probes/sched_monitor.h under these settings (a test
+        compiles the header and checks every size and offset against these)."""
+        return {
+            "protected_thread": struct.Struct("<QQII"),  # wait_start, queued_since, wait_cpu, pad
+            # totals, then max[2] as (epoch, max_ns) pairs, then the histogram
+            "wait_stats": struct.Struct(f"<{len(WAIT_TOTAL_FIELDS)}Q4Q{histogram.SLOTS}Q"),
+            # since, busy_ns, current_tid, head, owed_ns, then the ring of (start, end, tgid, pad)
+            "cpu_state": struct.Struct("<QQIIQ" + "QQII" * self.segment_ring),
+            "proc_cpu_key": struct.Struct("<II"),
+            "proc_cpu": struct.Struct(f"<Q{self.window_slots}Q16s"),  # total_ns, windows, comm
+        }
+
     def cflags(self, state_mask: int) -> list[str]:
         return [
             f"-I{probes_dir()}",
@@ -118,7 +171,8 @@ class ProbeSettings:
             f"-DMAX_WAIT_NS={self.max_wait_ns}ull",
             f"-DMAX_PROTECTED_THREADS={self.max_protected_threads}",
             f"-DPROTECTED_BITMAP_WORDS={(self.pid_max + 63) // 64}",
-            f"-DMAX_PROC_CPU_ENTRIES={self.max_proc_cpu_entries}",
+            f"-DMAX_PROC_CPU_ENTRIES={self.proc_cpu_entries}",
+            f"-DMAX_CPUS={self.cpus}",
             f"-DMAX_BLAMED_PROCESSES={self.max_blamed_processes}",
             f"-DEXEC_RING_PAGES={self.exec_ring_pages}",
             f"-DTASK_STATE_MASK={state_mask:#x}",
@@ -344,7 +398,7 @@ class SchedProbes:
                 ("user_protected_bits", False),
                 ("wait_stats", True),
                 ("max_epoch", False),
-                ("cpu_state", True),
+                ("cpu_state", False),
                 ("proc_cpu", False),
                 ("blame", False),
             )
@@ -354,9 +408,11 @@ class SchedProbes:
         self.last_protect_error = ""
         self._exec_events: list[ExecEvent] = []
         self.bpf[b"exec_events"].open_ring_buffer(self._on_exec_event)
-        self._proc_value = struct.Struct(f"<Q{self.settings.window_slots}Q16s")
-        # struct wait_stats: totals, then max[2] as (epoch, max_ns) pairs, then the histogram
-        self._wait_stats = struct.Struct(f"<{len(WAIT_TOTAL_FIELDS)}Q4Q{histogram.SLOTS}Q")
+        layouts = self.settings.layouts()
+        self._protected_value = layouts["protected_thread"]
+        self._proc_value = layouts["proc_cpu"]
+        self._wait_stats = layouts["wait_stats"]
+        self._cpu_state = struct.Struct("<QQIIQ")  # the head of cpu_state: since, busy_ns, current_tid, head, owed_ns
 
     # -- the protected set --------------------------------------------------------------------
     def _set_user_bits(self, tids: Iterable[int], present: bool) -> None:
@@ -380,7 +436,7 @@ class SchedProbes:
         A full map is not fatal: those threads' waits go unmeasured, the caller retries them and
         reports how many there are (and the kernel counts the forks it could not add)."""
         protected = self._maps["protected_threads"]
-        not_waiting = struct.pack("<Q", 0)
+        not_waiting = self._protected_value.pack(0, 0, 0, 0)
         added, refused = [], set()
         for tid in tids:
             try:
@@ -429,24 +485,37 @@ class SchedProbes:
             if epoch == closed:
                 max_ns = max(max_ns, value)
         hist = [sum(column) for column in zip(*(cpu[count + 4 :] for cpu in per_cpu))] if per_cpu else [0] * histogram.SLOTS
-        cpus = [CpuState(since, busy, tid) for since, busy, tid, _head in self._percpu("cpu_state", 0, struct.Struct("<QQII"))]
+        cpus = self._read_cpus()
         return RawSnapshot(
             mono_ns=mono_ns,
             totals=totals,
             histogram=hist,
             max_ns=max_ns,
             cpus=cpus,
-            proc_cpu=self._read_proc_cpu(),
+            proc_cpu=self._read_proc_cpu(mono_ns >> self.settings.window_shift),
             blame=self._read_blame(),
         )
 
-    def _read_proc_cpu(self) -> dict[tuple[int, int], ProcCpuEntry]:
+    def _read_cpus(self) -> list[CpuState]:
+        cpu_map = self._maps["cpu_state"]
+        cpus = []
+        for cpu in range(min(self.possible_cpus, cpu_map.max_entries)):
+            raw = cpu_map.lookup(struct.pack("<I", cpu))
+            since, busy, tid, _head, _owed = self._cpu_state.unpack_from(raw) if raw else (0, 0, 0, 0, 0)
+            cpus.append(CpuState(since, busy, tid))
+        return cpus
+
+    def _read_proc_cpu(self, current_window: int) -> dict[tuple[int, int], ProcCpuEntry]:
+        """The kernel keeps each window's index in 32 bits; they are unwrapped against the current
+        window here, so user space compares full indices (after 2^32 windows too)."""
         keys, values, count = self._maps["proc_cpu"].items()
         entries: dict[tuple[int, int], ProcCpuEntry] = {}
         layout = self._proc_value
         for index, (tgid, cpu) in enumerate(struct.iter_unpack("<II", keys)):
             fields = layout.unpack_from(values, index * layout.size)
-            windows = tuple((packed >> 32, packed & 0xFFFFFFFF) for packed in fields[1:-1] if packed)
+            windows = tuple(
+                (unwrap_window(packed >> 32, current_window), packed & 0xFFFFFFFF) for packed in fields[1:-1] if packed
+            )
             comm = fields[-1].split(b"\0", 1)[0].decode(errors="replace")
             entries[(tgid, cpu)] = ProcCpuEntry(tgid, cpu, fields[0], windows, comm)
         return entries
@@ -502,6 +571,8 @@ def settings_for_this_kernel(settings: ProbeSettings | None = None) -> tuple[Pro
     pid_max = _read_pid_max()
     if pid_max and pid_max != settings.pid_max:
         settings = dataclasses.replace(settings, pid_max=pid_max)
+    if settings.max_cpus is None:
+        settings = dataclasses.replace(settings, max_cpus=_read_possible_cpus() or os.cpu_count() or 1)
     root = tracefs_root()
     fmt = root / "events/sched/sched_switch/format" if root else None
     mask = task_state_mask(fmt.read_text()) if fmt is not None and fmt.exists() else 0xFF

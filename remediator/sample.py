@@ -35,8 +35,10 @@ class ProtectedWaits:
     wait_ns: int
     max_ns: int | None  # None: the source cannot tell
     histogram: tuple[tuple[int, int], ...] | None  # sparse (slot, count); None: no histogram
-    blamed_ns: int = 0
-    unattributed_ns: int = 0
+    blamed_ns: int = 0  # wait behind other processes (not protected): what blame can act on
+    unattributed_ns: int = 0  # wait behind nobody known: an idle CPU, or runs older than the probe's ring
+    own_ns: int = 0  # wait behind the protected processes' own threads: no neighbour to act on
+    overflow_ns: int = 0  # the part of unattributed_ns the probe's run ring no longer held
 
     def counts(self) -> dict[int, int]:
         return dict(self.histogram or ())
@@ -130,6 +132,8 @@ class Sample:
                 "histogram": None if waits.histogram is None else [list(pair) for pair in waits.histogram],
                 "blamed_ns": waits.blamed_ns,
                 "unattributed_ns": waits.unattributed_ns,
+                "own_ns": waits.own_ns,
+                "overflow_ns": waits.overflow_ns,
             },
             "usage": [[u.pid, u.comm, u.cpu_ns, u.peak_ns, u.protected] for u in self.usage],
             "blame": [list(pair) for pair in self.blame],
@@ -165,6 +169,8 @@ class Sample:
                 histogram=None if hist is None else tuple((int(s), int(c)) for s, c in hist),
                 blamed_ns=int(waits.get("blamed_ns", 0)),
                 unattributed_ns=int(waits.get("unattributed_ns", 0)),
+                own_ns=int(waits.get("own_ns", 0)),  # recordings before the split: all of it in blamed_ns
+                overflow_ns=int(waits.get("overflow_ns", 0)),
             ),
             usage=tuple(
                 ProcessUsage(int(pid), str(comm), int(cpu_ns), None if peak is None else int(peak), bool(protected))
@@ -248,6 +254,8 @@ def merge_samples(samples: list[Sample]) -> Sample:
             histogram=tuple(sorted(counts.items())) if has_histogram else None,
             blamed_ns=sum(w.blamed_ns for w in waits),
             unattributed_ns=sum(w.unattributed_ns for w in waits),
+            own_ns=sum(w.own_ns for w in waits),
+            overflow_ns=sum(w.overflow_ns for w in waits),
         ),
         usage=tuple(
             ProcessUsage(pid, comm, cpu_ns, peak, protected)

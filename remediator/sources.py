@@ -54,6 +54,8 @@ class TickDelta:
     histogram: dict[int, int] | None = None
     blamed_ns: int = 0
     unattributed_ns: int = 0
+    own_ns: int = 0
+    overflow_ns: int = 0
     usage: dict[int, tuple[int, int | None]] = field(default_factory=dict)  # tgid -> (cpu ns, peak ns)
     comms: dict[int, str] = field(default_factory=dict)
     blame: dict[int, int] = field(default_factory=dict)
@@ -170,6 +172,8 @@ def bpf_delta(
     delta.wait_ns = change.get("wait_ns", 0)
     delta.blamed_ns = change.get("blamed_ns", 0)
     delta.unattributed_ns = change.get("unattributed_ns", 0)
+    delta.own_ns = change.get("own_ns", 0)
+    delta.overflow_ns = change.get("overflow_ns", 0)
     delta.lost = {name: change[name] for name in LOST_COUNTERS if change.get(name, 0) > 0}
     delta.histogram = histogram.subtract(current.histogram, previous.histogram if previous else None)
     delta.max_ns = current.max_ns

@@ -69,6 +69,11 @@ def interval_view(sample: Sample, top: int = 5) -> dict[str, Any]:
             "p99_us": _us(histogram.percentile(counts, 99)) if has_tail else None,
             "p999_us": _us(histogram.percentile(counts, 99.9)) if has_tail else None,
             "max_us": _us(waits.max_ns),
+            # Where the wait went (eBPF only): behind the protected processes' own threads, behind
+            # others (the blame), or behind nobody known (an idle CPU, runs the probe no longer held).
+            "behind_own_us": _us(waits.own_ns) if has_tail else None,
+            "behind_others_us": _us(waits.blamed_ns) if has_tail else None,
+            "unattributed_us": _us(waits.unattributed_ns) if has_tail else None,
             "histogram": [
                 [round(low / 1000.0, 3), round(high / 1000.0, 3), count]
                 for slot, count in sorted(counts.items())
@@ -121,6 +126,12 @@ def render_text(view: dict[str, Any], sample: Sample, header: str = "") -> str:
         f"  p50 {_fmt_us(waits['p50_us'])}   p99 {_fmt_us(waits['p99_us'])}   "
         f"p99.9 {_fmt_us(waits['p999_us'])}   max {_fmt_us(waits['max_us'])}"
     )
+    if waits["behind_own_us"] is not None and waits["wait_us_total"]:
+        total = waits["wait_us_total"]
+        lines.append(
+            f"  waited behind: own threads {waits['behind_own_us'] / total:.0%}, others {waits['behind_others_us'] / total:.0%}, "
+            f"unattributed {waits['unattributed_us'] / total:.0%}"
+        )
     rows = histogram.log2_rows(sample.protected.counts()) if waits["histogram"] is not None else []
     if rows:
         largest = max(count for _, _, count in rows)

@@ -23,7 +23,7 @@ def make_sample(start_ns=1_000_000_000, seconds=1.0, histogram=((100, 5), (180, 
         ncpus=2,
         protected=ProtectedWaits(
             threads=3, pids=(42,), waits=6, wakeups=5, preemptions=1, wait_ns=70_000, max_ns=max_ns,
-            histogram=histogram, blamed_ns=60_000, unattributed_ns=10_000,
+            histogram=histogram, blamed_ns=55_000, unattributed_ns=10_000, own_ns=5_000, overflow_ns=4_000,
         ),
         usage=(ProcessUsage(77, "fluent-bit", 1_900_000_000, peak, False), ProcessUsage(42, "api", 90_000_000, 9_000_000, True)),
         blame=((77, 55_000), (9, 5_000)),
@@ -85,3 +85,37 @@ def test_merge_adds_counts_and_keeps_peaks_and_maxima():
 def test_merge_refuses_samples_with_a_gap():
     with pytest.raises(ValueError, match="follow each other"):
         merge_samples([make_sample(), make_sample(start_ns=5_000_000_000)])
+
+
+def test_a_recording_from_before_the_wait_split_reads_with_the_new_fields_at_zero():
+    old = make_sample().to_json()
+    for key in ("own_ns", "overflow_ns"):
+        del old["protected"][key]
+    waits = Sample.from_json(old).protected
+    assert (waits.own_ns, waits.overflow_ns, waits.blamed_ns, waits.unattributed_ns) == (0, 0, 55_000, 10_000)
+
+
+def test_the_shipped_recordings_still_read():
+    from pathlib import Path
+
+    recordings = sorted((Path(__file__).parent / "fixtures" / "recordings").glob("*.jsonl"))
+    assert recordings
+    for path in recordings:
+        samples = list(read_samples(path))
+        assert samples and all(sample.protected.own_ns >= 0 for sample in samples)
+
+
+def test_merge_adds_the_wait_split():
+    merged = merge_samples([make_sample(), make_sample(start_ns=2_000_000_000)])
+    assert (merged.protected.own_ns, merged.protected.blamed_ns, merged.protected.overflow_ns) == (10_000, 110_000, 8_000)
+
+
+def test_watch_shows_where_the_wait_went():
+    from remediator.view import interval_view, render_text
+
+    sample = make_sample()
+    view = interval_view(sample)
+    assert (view["protected"]["behind_own_us"], view["protected"]["behind_others_us"], view["protected"]["unattributed_us"]) == (5.0, 55.0, 10.0)
+    assert "waited behind: own threads 7%, others 79%, unattributed 14%" in render_text(view, sample)
+    procfs = Sample.from_json({**sample.to_json(), "protected": {**sample.to_json()["protected"], "histogram": None}})
+    assert interval_view(procfs)["protected"]["behind_own_us"] is None

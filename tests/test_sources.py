@@ -239,3 +239,38 @@ def test_every_lost_counter_is_a_probe_counter():
     first = snap(10 * W, totals={"protected_map_full": 1})
     second = snap(20 * W, totals={"protected_map_full": 4})
     assert delta(first, second).lost == {"protected_map_full": 3}
+
+
+def test_window_indices_kept_in_32_bits_unwrap_against_the_current_window():
+    from remediator.probes import unwrap_window
+
+    current = (1 << 32) + 5  # the kernel's (u32) index has wrapped: it holds 5
+    assert unwrap_window(5, current) == current
+    assert unwrap_window(0xFFFFFFFF, current) == (1 << 32) - 1  # written before the wrap
+    assert unwrap_window(3, current) == current - 2
+    assert unwrap_window(7, 7) == 7 and unwrap_window(3, 7) == 3
+
+
+def test_a_burst_just_after_the_32_bit_window_index_wraps_is_seen():
+    # ~2^32 windows after boot (104 days of 2 ms windows, 18 years of 134 ms ones): the probe's
+    # window indices wrapped, user space's did not. Unwrapped, the peak is the burst's.
+    from remediator.probes import unwrap_window
+
+    base = (1 << 32) - 2
+    now_window = base + 4
+    kept = [(base + 1) & 0xFFFFFFFF, (base + 2) & 0xFFFFFFFF, (base + 3) & 0xFFFFFFFF]  # as the kernel keeps them
+    windows = [(unwrap_window(low, now_window), ns) for low, ns in zip(kept, (W // 10, W, W // 2))]
+    first = snap(base * W, proc=[(100, 0, 0, [])])
+    second = snap(now_window * W, proc=[(100, 0, W // 10 + W + W // 2, windows)])
+    cpu_ns, peak_ns = delta(first, second).usage[100]
+    assert peak_ns == W
+
+
+def test_proc_cpu_map_is_sized_from_the_host():
+    from remediator.probes import PROC_CPU_ENTRIES_MAX, PROC_CPU_ENTRIES_MIN, ProbeSettings, proc_cpu_entries_for
+
+    assert proc_cpu_entries_for(2) == PROC_CPU_ENTRIES_MIN
+    assert proc_cpu_entries_for(192) >= 192 * 200  # ~200 long-lived processes on every CPU of a big host
+    assert proc_cpu_entries_for(100_000) == PROC_CPU_ENTRIES_MAX
+    assert "-DMAX_PROC_CPU_ENTRIES=49152" in ProbeSettings(max_cpus=192).cflags(0xFF)
+    assert "-DMAX_PROC_CPU_ENTRIES=1000" in ProbeSettings(max_cpus=192, max_proc_cpu_entries=1000).cflags(0xFF)
