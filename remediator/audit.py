@@ -14,7 +14,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .engine import Decision
 from .errors import RemediatorError
@@ -74,6 +74,32 @@ def audit_record(decision: Decision, outcome: Outcome | None, mode: str) -> dict
             # What remediator had set and someone else changed since: left as they set it.
             record["left_changed_by_other"] = outcome.left
     return record
+
+
+def outcome_record(when: str, outcome: Outcome, mode: str) -> dict:
+    """A change the executor made or gave back outside a decision: re-applied to a new thread
+    ("maintain"), or restored at start-up, exit or a mode change."""
+    return {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "epoch": round(time.time(), 3), "mode": mode,
+            "decision": when, "process": {"pid": outcome.identity.pid, "start_time": outcome.identity.start_time},
+            "outcome": outcome.status, "change": outcome.message}
+
+
+class AuditWriter:
+    """The tick's audit observer: one line per decision, and one per outcome that changed something.
+    `sink` takes a record (AuditLog.write, or a list's append for replay)."""
+
+    def __init__(self, sink: Callable[[dict], object]):
+        self.sink = sink
+
+    def on_decision(self, carried) -> None:
+        self.sink(audit_record(carried.decision, carried.outcome, carried.mode))
+
+    def on_outcome(self, when: str, outcome: Outcome, mode: str) -> None:
+        if outcome.status != "unchanged":
+            self.sink(outcome_record(when, outcome, mode))
+
+    def on_tick(self, report) -> None:
+        pass
 
 
 class AuditLog:

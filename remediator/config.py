@@ -21,7 +21,18 @@ from .tomlpos import Document, TomlSyntaxError, format_key_path, parse
 from .trustedfs import Trust, UntrustedPath, read_bytes
 
 CONFIG_FILE_NAME = "remediator.toml"
-CONFIG_TABLES = frozenset({"protect", "daemon", "recording"})
+CONFIG_TABLES = frozenset({"protect", "daemon", "recording", "metrics"})
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: tuple[str, int] | None  # (loopback host, port); None: no HTTP server
+    textfile: Path | None  # for node_exporter's textfile collector
+    offender_labels: int
+
+    def to_json(self) -> dict:
+        return {"listen": None if self.listen is None else list(self.listen),
+                "textfile": None if self.textfile is None else str(self.textfile), "offender_labels": self.offender_labels}
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,7 @@ class DaemonConfig:
     on_start: str  # "restore" | "keep"
     revert_on_exit: bool
     max_changes_per_minute: int
+    metrics: MetricsConfig | None = None  # None: no [metrics] table, no metrics
     warnings: tuple[Diagnostic, ...] = ()  # logged at start and on reload (e.g. comm without users)
     recording_path: Path | None = None  # [recording]: the daemon's rolling recording (see recording.py)
     recording_max_bytes: int = 268435456
@@ -58,6 +70,7 @@ class DaemonConfig:
             "max_changes_per_minute": self.max_changes_per_minute,
             "recording_path": None if self.recording_path is None else str(self.recording_path),
             "recording_max_bytes": self.recording_max_bytes,
+            "metrics": None if self.metrics is None else self.metrics.to_json(),
         }
 
 
@@ -159,6 +172,7 @@ def compile_config(document: Document, base: Path | None = None) -> tuple[Daemon
         return None, diagnostics
     request = protect_values["request_cpus"]
     recording: dict[str, Any] = clean.get("recording") or {}
+    metrics = clean.get("metrics")
     config = DaemonConfig(
         path=config_path,
         protect=selectors,
@@ -172,6 +186,11 @@ def compile_config(document: Document, base: Path | None = None) -> tuple[Daemon
         on_start=daemon["on_start"],
         revert_on_exit=daemon["revert_on_exit"],
         max_changes_per_minute=clean["limits"]["max_changes_per_minute"],
+        metrics=None if metrics is None else MetricsConfig(
+            listen=metrics.get("listen"),
+            textfile=_resolve(base, metrics["textfile"]) if "textfile" in metrics else None,
+            offender_labels=metrics["offender_labels"],
+        ),
         warnings=tuple(d for d in diagnostics if d.severity == "warning"),
         recording_path=_resolve(base, recording["path"]) if recording.get("path") else None,
         recording_max_bytes=recording.get("max_bytes", 268435456),

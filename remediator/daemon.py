@@ -20,21 +20,21 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .audit import AuditLog, audit_record, event_record
+from .audit import AuditLog, AuditWriter, event_record
 from .cgroupfs import CgroupFS, discover_cpu_mount, discover_cpuset_mount, process_cpuset_cpus
 from .collector import Collector
 from .culprits import CulpritState, unnamed_culprits
 from .throttling import ThrottleReader
 from .config import DaemonConfig, load_config
 from .cpulist import format_cpulist, online_cpus
-from .engine import (Decision, EngineSettings, EngineState, decide, export_state, forget, given_back, history_for,
-                     import_state, record_outcome, resume)
+from .engine import Decision, EngineState, export_state, given_back, import_state, resume
 from .errors import RemediatorError, SetupError
-from .executor import LEFT_BY_OTHER, Executor, Outcome
+from .executor import Executor, Outcome
 from .health import LOG_WRITE_FAILURES, describe_counts, error_name
 from .journal import Journal
 from .placement import auto_request_cpus
 from .matching import Glob
+from .metrics import Metrics, MetricsServer, TextfileWriter
 from .policy import PolicyErrors, PolicySet, load_policies
 from .probes import ProbeSettings, window_shift_for
 from .recording import open_recording
@@ -48,6 +48,7 @@ from .selectors import ProtectSelectors
 from .sources import PROCFS_DEGRADED, Source, open_source
 from .trustedfs import Trust
 from .statefile import current_boot_id, load_state, save_state, state_path_for
+from .tick import Carried, ExecutorCarrier, Observers, TickReport, engine_settings, run_tick
 
 log = logging.getLogger("remediator")
 
@@ -129,6 +130,8 @@ class Daemon:
         self.lost_totals: dict[str, int] = {}  # events the probes could not count, since start
         self.culprits = CulpritState()  # which unnamed culprits are on record (rate limit)
         self._saved_state: dict | None = None
+        self.metrics_server: MetricsServer | None = None  # [metrics] listen, from run()
+        self.textfile: TextfileWriter | None = None  # [metrics] textfile, from run()
         self.boot_id = current_boot_id()
         self.config, self.policies = load_all(self.config_path, self.trust)
         self.cgroupfs = CgroupFS()
@@ -165,7 +168,7 @@ class Daemon:
         except RemediatorError as exc:
             log.error("reload failed: %s: keeping the last good configuration", exc)
             return False
-        restart_only = ("journal_path", "audit_path", "tick_s", "recording_path", "recording_max_bytes") + (() if self.source_override else ("source",))
+        restart_only = ("journal_path", "audit_path", "tick_s", "recording_path", "recording_max_bytes", "metrics") + (() if self.source_override else ("source",))
         for name in restart_only:
             if getattr(config, name) != getattr(self.config, name):
                 log.warning("reload: %s changed; it takes effect at the next restart", name.replace("_", " "))
@@ -195,8 +198,11 @@ class Daemon:
                                    sched_groups=SchedGroups.for_host(self.procfs, self.cgroupfs),
                                    throttling=ThrottleReader(self.procfs, self.cgroupfs, self.cpu_mount) if self.cpu_mount else None)
         self.state = EngineState()
+        self.observers = Observers([], on_error=self._observer_failed)
         try:
+            self._start_metrics()  # a port it cannot bind stops it before it writes anything
             self.audit = AuditLog(config.audit_path, stamp=self._audit_stamp(source), trust=self.trust)
+            self.observers.members[:0] = [AuditWriter(self.audit.write), DecisionLog()]
             self.recorder = open_recording(self.record_override or config.recording_path, config.recording_max_bytes,
                                            self.trust)
             if self.mode == "live":
@@ -224,7 +230,7 @@ class Daemon:
         journal = Journal(self.config.journal_path, trust=self.trust)
         self.executor = Executor(journal, self.procfs, dry_run=False)
         for outcome in self.executor.reconcile(self.config.on_start):
-            self._log_outcome(when, outcome)
+            self.observers.outcome(when, outcome, self.mode)
         self.state_path = state_path_for(self.config.journal_path)
         self._saved_state = None
         saved, why = load_state(self.state_path, self.boot_id)
@@ -282,7 +288,7 @@ class Daemon:
         done, so its ladders and counts are dropped."""
         if new_mode == "dry-run":
             for outcome in self.executor.restore():
-                self._log_outcome("mode-change", outcome)
+                self.observers.outcome("mode-change", outcome, self.mode)
             left = self.executor.active()
             if left:
                 log.error("reload: mode live -> dry-run refused: %s could not be given back; staying live so "
@@ -332,6 +338,24 @@ class Daemon:
         elif self.degraded:
             log.warning('source "procfs": degraded: %s, so only policies with always = true can act', self.degraded)
         return source
+
+    def _start_metrics(self) -> None:
+        """The [metrics] table: a metrics observer of the tick, served on loopback and/or written to a
+        textfile. A port that cannot be bound stops the start (a fleet would see no daemon at all)."""
+        settings = self.config.metrics
+        if settings is None or (settings.listen is None and settings.textfile is None):
+            return
+        metrics = Metrics(settings.offender_labels, own_process=True)
+        metrics.set_mode(self.mode)
+        self.observers.members.append(metrics)
+        if settings.textfile is not None:
+            self.textfile = TextfileWriter(metrics, settings.textfile, self.trust)
+        if settings.listen is not None:
+            try:
+                self.metrics_server = MetricsServer(metrics, *settings.listen)
+            except OSError as exc:
+                raise SetupError(f"not starting: [metrics] listen in {self.config_path}: {exc.strerror or exc}") from None
+            log.info("metrics on %s", self.metrics_server.url)
 
     def _audit_stamp(self, source: Source) -> dict:
         """Fields every audit record carries: which source judged, and what it could not see."""
@@ -431,29 +455,28 @@ class Daemon:
             request = self.config.request_cpus
         else:
             request = auto_request_cpus(self.collector.protected, online, self._cgroup_cpus)
-        history_s, history_windows = history_for(self.policies, self.config.tick_s)
-        settings = EngineSettings(
-            request_cpus=frozenset(request) & online,
-            online_cpus=online,
-            max_changes_per_minute=self.config.max_changes_per_minute,
-            self_pid=os.getpid(),
-            history_s=history_s,
-            history_windows=history_windows,
-        )
+        settings = engine_settings(self.policies, self.config.tick_s, request, online,
+                                   self.config.max_changes_per_minute, os.getpid())
         self._keep_off(settings.request_cpus, online)
-        exec_infos = [sample.processes[pid] for pid in sample.execs if pid in sample.processes]
-        self.state, decisions = decide(self.state, sample, self.policies, settings, list(discovered) + exec_infos)
-        for decision in decisions:
-            self._carry_out(decision, sample.protected.pids)
+        self.state, report = run_tick(self.state, sample, self.policies, settings, ExecutorCarrier(self.executor, self.mode),
+                                      self.observers, discovered=discovered, checkpoint=self._checkpoint,
+                                      clock=time.monotonic)
         self._record_unnamed_culprits(sample)
-        for outcome in self.executor.maintain():
-            if outcome.status in ("gone", "dropped"):
-                self.state = forget(self.state, outcome.identity)
-            self._log_outcome("maintain", outcome)
         self._save_state()
+        if self.textfile is not None and self.textfile.maybe_write(time.monotonic()) is False \
+                and sum(self.textfile.failures.values()) == 1:
+            log.warning("cannot write the metrics textfile: %s (counted in the summary; the daemon goes on)",
+                        self.textfile.last_failure)
         self.notifier.watchdog()
         self.notifier.status(self._status_line(sample))
-        return decisions
+        return [carried.decision for carried in report.carried]
+
+    def _checkpoint(self, state: EngineState) -> None:
+        self.state = state
+        self._save_state()
+
+    def _observer_failed(self, observer, exc: Exception) -> None:
+        log.exception("%s failed (the daemon goes on): %s", type(observer).__name__, exc)
 
     def _record_unnamed_culprits(self, sample) -> None:
         """The top-blamed process no policy names goes on record (bounded: see culprits.py)."""
@@ -496,7 +519,8 @@ class Daemon:
         could not hold, /proc reads that would have blocked. "" when nothing did."""
         parts = []
         failed = {"audit": getattr(getattr(self, "audit", None), "failures", {}), "state": self.state_write_failures,
-                  "log": LOG_WRITE_FAILURES, "recording": self.recorder.failures if self.recorder else {}}
+                  "log": LOG_WRITE_FAILURES, "recording": self.recorder.failures if self.recorder else {},
+                  "metrics textfile": self.textfile.failures if self.textfile else {}}
         writes = [f"{kind} {describe_counts(counts)}" for kind, counts in failed.items() if counts]
         if writes:
             parts.append("failed writes: " + ", ".join(writes))
@@ -511,65 +535,7 @@ class Daemon:
             parts.append(f"/proc reads timed out: {blocked} (cmdline of a blocked process)")
         return "; ".join(parts)
 
-    def _carry_out(self, decision: Decision, protected_pids) -> None:
-        outcome = None
-        if decision.kind == "act":
-            outcome = self.executor.apply(decision.request, protected_pids)
-            self.state = record_outcome(self.state, decision, outcome.status, self.policies)
-        elif decision.kind == "revert":
-            outcome = self._revert(decision)
-            self.state = record_outcome(self.state, decision, outcome.status, self.policies)
-        if outcome is not None:
-            self._save_state()  # the count before anything else: a crash now must not forget this change
-        self.audit.write(audit_record(decision, outcome, self.mode))
-        self._log_decision(decision, outcome)
-
-    def _revert(self, decision: Decision) -> Outcome:
-        outcomes = self.executor.restore(decision.identity)
-        if not outcomes:
-            status = "would-apply" if self.mode == "dry-run" else "unchanged"
-            message = "would restore the originals" if self.mode == "dry-run" else "nothing left to restore"
-            return Outcome(status, "all", decision.identity, message)
-        errors = [o for o in outcomes if o.is_error]
-        if errors:
-            status = errors[0].status
-        elif all(o.status == "gone" for o in outcomes):
-            status = "gone"
-        elif all(o.status == LEFT_BY_OTHER for o in outcomes):
-            status = LEFT_BY_OTHER  # nothing given back: someone else changed all that we had set
-        else:
-            status = "restored"
-        left = {o.kind: o.left for o in outcomes if o.left} or None
-        return Outcome(status, "all", decision.identity, "; ".join(o.message for o in outcomes), left=left)
-
     # -- logs ---------------------------------------------------------------------------------
-    def _log_decision(self, decision: Decision, outcome: Outcome | None) -> None:
-        who = f"pid {decision.info.pid} ({decision.info.comm})"
-        policy = f"policy {decision.policy.name} ({decision.policy.location})" if decision.policy else "no policy"
-        if decision.kind == "act":
-            verb = "would change" if outcome and outcome.status == "would-apply" else outcome.status if outcome else "?"
-            level = logging.WARNING if outcome and outcome.is_error else logging.INFO
-            log.log(level, "%s %s by %s, %s: %s [%s]", verb, who, policy, decision.message,
-                    outcome.message if outcome else "", decision.evidence.get("reason", decision.evidence.get("trigger", "")))
-        elif decision.kind == "revert":
-            log.info("revert %s by %s: %s: %s", who, policy, decision.message, outcome.message if outcome else "")
-        elif decision.kind in WARN_KINDS:
-            log.warning("%s %s by %s: %s", decision.kind, who, policy, decision.message)
-        elif decision.kind == "verify" and self.mode != "live":
-            log.info("verify %s by %s: %s (%s: nothing was changed, so this only compares the periods before and "
-                     "after)", who, policy, decision.message, self.mode)
-        else:
-            log.info("%s %s by %s: %s", decision.kind, who, policy, decision.message)
-
-    def _log_outcome(self, when: str, outcome: Outcome) -> None:
-        if outcome.status == "unchanged":
-            return
-        level = logging.WARNING if outcome.is_error else logging.INFO
-        log.log(level, "%s: %s", when, outcome)
-        self.audit.write({"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "epoch": round(time.time(), 3),
-                          "mode": self.mode, "decision": when, "process": {"pid": outcome.identity.pid,
-                          "start_time": outcome.identity.start_time}, "outcome": outcome.status, "change": outcome.message})
-
     def _log_summary(self) -> None:
         sample = getattr(self, "last_sample", None)
         if sample is None:
@@ -609,11 +575,15 @@ class Daemon:
         try:
             if self.mode == "live" and self.config.revert_on_exit and hasattr(self, "executor"):
                 for outcome in self.executor.restore():
-                    self._log_outcome("exit", outcome)
+                    self.observers.outcome("exit", outcome, self.mode)
                 if hasattr(self, "state_path"):
                     self.state = given_back(self.state, time.monotonic())
                     self._save_state()
         finally:
+            if getattr(self, "textfile", None) is not None:
+                self.textfile.write()  # the exit's restores too
+            if getattr(self, "metrics_server", None) is not None:
+                self.metrics_server.close()
             if hasattr(self, "collector"):
                 self.collector.close()
             if hasattr(self, "executor") and self.executor.journal is not None:
@@ -623,3 +593,35 @@ class Daemon:
             if self.recorder is not None:
                 self.recorder.close()
             self.notifier.close()
+
+
+class DecisionLog:
+    """The tick's observer for the daemon's log (journald): one line per decision and per change."""
+
+    def on_decision(self, carried: Carried) -> None:
+        decision, outcome = carried.decision, carried.outcome
+        who = f"pid {decision.info.pid} ({decision.info.comm})"
+        policy = f"policy {decision.policy.name} ({decision.policy.location})" if decision.policy else "no policy"
+        if decision.kind == "act":
+            verb = "would change" if outcome and outcome.status == "would-apply" else outcome.status if outcome else "?"
+            level = logging.WARNING if outcome and outcome.is_error else logging.INFO
+            log.log(level, "%s %s by %s, %s: %s [%s]", verb, who, policy, decision.message,
+                    outcome.message if outcome else "", decision.evidence.get("reason", decision.evidence.get("trigger", "")))
+        elif decision.kind == "revert":
+            log.info("revert %s by %s: %s: %s", who, policy, decision.message, outcome.message if outcome else "")
+        elif decision.kind in WARN_KINDS:
+            log.warning("%s %s by %s: %s", decision.kind, who, policy, decision.message)
+        elif decision.kind == "verify" and carried.mode != "live":
+            log.info("verify %s by %s: %s (%s: nothing was changed, so this only compares the periods before and "
+                     "after)", who, policy, decision.message, carried.mode)
+        else:
+            log.info("%s %s by %s: %s", decision.kind, who, policy, decision.message)
+
+    def on_outcome(self, when: str, outcome: Outcome, mode: str) -> None:
+        if outcome.status == "unchanged":
+            return
+        level = logging.WARNING if outcome.is_error else logging.INFO
+        log.log(level, "%s: %s", when, outcome)
+
+    def on_tick(self, report: TickReport) -> None:
+        pass

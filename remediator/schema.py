@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import ipaddress
 from decimal import Decimal
 import json
 import math
@@ -436,6 +437,42 @@ CONFIG_LIMITS_KEYS = (
     Key("max_changes_per_minute", "integer", "Most changes the daemon makes per minute, over all policies.", default=10, minimum=1, maximum=10000),
 )
 
+def check_listen(text: str) -> tuple[str, int]:
+    """`[metrics] listen`: "HOST:PORT" on a loopback address (127.0.0.0/8, [::1], localhost), as (host, port)."""
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not host or not port_text.isdigit():
+        raise ValueError(f'"{text}" is not HOST:PORT (e.g. "127.0.0.1:9447", "[::1]:9447")')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f'"{text}": write an IPv6 address in brackets, e.g. "[::1]:9447"')
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f'"{text}": {host} is not an IP address (or localhost)') from None
+    if not address.is_loopback:
+        raise ValueError(f'"{text}": {host} is not a loopback address: the metrics are served to this host only '
+                         "(127.0.0.1 or [::1]); let Prometheus or a proxy on the host reach it")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f'"{text}": port {port} is out of range (0..65535; 0 = any free port, logged at start)')
+    return str(address), port
+
+
+METRICS_KEYS = (
+    Key("listen", "string", "Serve Prometheus metrics at http://HOST:PORT/metrics, on a loopback address only "
+        "(`127.0.0.1:9447`, `[::1]:9447`; port 0 picks a free one, logged at start). Left out: no HTTP server.",
+        item_check=check_listen, example='listen = "127.0.0.1:9447"'),
+    Key("textfile", "string", "Also write the metrics to this file (replaced atomically every 5 s) for node_exporter's "
+        "textfile collector, which reads `*.prom` files. Relative to this file; under the shipped unit its directory "
+        "must be writable (ReadWritePaths=).", pattern=r".*\.prom$", pattern_hint="a file name ending in .prom"),
+    Key("offender_labels", "integer", "Offender comms that get a series of their own in "
+        "`remediator_offender_blame_seconds_total` (the first to earn one); the rest count as \"other\".",
+        default=20, minimum=1, maximum=1000),
+)
+
 CONFIG_FILE = Key(
     "",
     "table",
@@ -446,6 +483,8 @@ CONFIG_FILE = Key(
         Key("limits", "table", "Global limits.", keys=CONFIG_LIMITS_KEYS),
         Key("recording", "table", "A bounded rolling recording of the daemon's own samples (off when absent).",
             keys=RECORDING_KEYS),
+        Key("metrics", "table", "Prometheus metrics (see the README, \"Metrics, alerts and a dashboard\"). Left out: none.",
+            keys=METRICS_KEYS),
     ),
 )
 

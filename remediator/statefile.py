@@ -28,6 +28,14 @@ def current_boot_id(proc_root: str | Path = "/proc") -> str:
         return ""
 
 
+def write_durably(fd: int, data: bytes) -> None:
+    """All of `data` to `fd`, then fsync (the caller closes it and renames it into place)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+
 def save_state(path: Path, engine_state: dict, boot_id: str) -> None:
     """Replace the state file; raises OSError (the caller counts it and carries on)."""
     data = json.dumps({"boot_id": boot_id, "engine": engine_state}, separators=(",", ":")).encode()
@@ -35,10 +43,7 @@ def save_state(path: Path, engine_state: dict, boot_id: str) -> None:
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            write_durably(fd, data)
         finally:
             os.close(fd)
         os.rename(temp, path)

@@ -77,6 +77,7 @@ FULL_CONFIG = {
     },
     "limits": {"max_changes_per_minute": 10},
     "recording": {"path": "/var/lib/remediator/recording.jsonl", "max_bytes": 268435456},
+    "metrics": {"listen": "127.0.0.1:9447", "textfile": "/var/lib/prometheus/node-exporter/remediator.prom", "offender_labels": 20},
 }
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.daemon import REMEDIATOR, thread_settings, wait_until, write_config
+from helpers.daemon import REMEDIATOR, metrics_url, scrape, thread_settings, wait_until, write_config
 from helpers.workloads import certain_harm
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "remediator.service"
@@ -123,10 +123,13 @@ def test_every_syscall_the_daemon_makes_is_in_the_units_filter(spawn, tmp_path):
     # The whole ladder on time: a light victim beside two hog threads let the trigger lapse after the
     # nice step and the affinity step missed 15 s in CI (certain_harm says why).
     victim, hog = certain_harm(spawn)
-    config = write_config(tmp_path, [victim.pid])
+    # With the metrics server, scraped once: its thread's syscalls (socket, bind, accept4...) count too.
+    config = write_config(tmp_path, [victim.pid], metrics='listen = "127.0.0.1:0"')
     summary = tmp_path / "strace.txt"
+    log_path = tmp_path / "daemon.log"
+    log = log_path.open("w")
     daemon = subprocess.Popen(["strace", "-f", "-qq", "-c", "-o", str(summary), REMEDIATOR, "run", "--config", str(config)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=log, stderr=subprocess.STDOUT)
     def traced() -> int | None:
         """The daemon under strace (signalling strace itself would only detach it)."""
         try:
@@ -139,6 +142,7 @@ def test_every_syscall_the_daemon_makes_is_in_the_units_filter(spawn, tmp_path):
         # Start-up, BPF loading, both ladder steps and (at exit) the restore all run under strace.
         wait_until(lambda: all(cpus == frozenset({1}) for _, cpus in thread_settings(hog.pid).values()), 30.0,
                    what="the ladder applied under strace")
+        assert 'result="applied"' in scrape(wait_until(lambda: metrics_url(log_path.read_text()), 5.0, what="the metrics URL"))
         os.kill(wait_until(traced, 5.0, what="the traced daemon"), signal.SIGTERM)
         assert daemon.wait(timeout=60) == 0
     finally:
@@ -148,11 +152,12 @@ def test_every_syscall_the_daemon_makes_is_in_the_units_filter(spawn, tmp_path):
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
+        log.close()
     used = set()
     for line in summary.read_text().splitlines():
         fields = line.split()
         if fields and re.fullmatch(r"[a-z_0-9]+", fields[-1]) and fields[-1] not in ("syscall", "total"):
             used.add(fields[-1])
-    assert {"bpf", "perf_event_open", "sched_setaffinity", "setpriority"} <= used, sorted(used)
+    assert {"bpf", "perf_event_open", "sched_setaffinity", "setpriority", "bind", "accept4"} <= used, sorted(used)
     missing = sorted(used - allowed_syscalls())
     assert missing == [], f"syscalls outside SystemCallFilter: {missing}"

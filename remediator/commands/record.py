@@ -12,15 +12,16 @@ import json
 import os
 import sys
 
-from ..audit import audit_record, format_table
+from ..audit import AuditWriter, format_table
 from ..config import load_config
 from ..cpulist import CpuListError, format_cpulist, parse_cpulist
-from ..engine import EngineSettings, EngineState, decide, record_outcome
+from ..engine import EngineSettings
 from ..errors import RemediatorError
-from ..executor import Outcome
+from ..metrics import DEFAULT_OFFENDER_LABELS, Metrics, write_text
 from ..policy import PolicySet, load_policies
 from ..printable import printable
 from ..sample import Sample, read_samples, write_samples
+from ..tick import Observers, engine_settings, replay_samples
 from .common import add_selector_arguments, add_source_arguments, interval_samples, open_collector, positive_float
 
 RECORD_EXAMPLES = """\
@@ -70,6 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     replay.add_argument("--format", choices=("text", "json"), default="text",
                         help="json: one audit-style JSON line per decision, or with --against one JSON document for a CI bot")
     replay.add_argument("--json", action="store_true", help="the same as --format json")
+    replay.add_argument("--metrics", metavar="FILE", help="write the Prometheus metrics the daemon would have exported "
+                        "after the recording (text format; '-' = stdout)")
     replay.set_defaults(handler=run_replay)
 
 
@@ -99,25 +102,21 @@ def _cpus(text: str, what: str) -> frozenset[int]:
         raise RemediatorError(f"{what}: {exc}") from None
 
 
-def replay_records(samples: list[Sample], policies: PolicySet, settings: EngineSettings) -> list[dict]:
+def replay_records(samples: list[Sample], policies: PolicySet, settings: EngineSettings, observers: tuple = ()) -> list[dict]:
     """What `policies` would have done on `samples`: audit-style records, every change assumed to succeed.
-    The one replay loop: run_replay, --against and policy suggest's check all go through it."""
-    state = EngineState()
-    records = []
-    for sample in samples:
-        execs = [sample.processes[pid] for pid in sample.execs if pid in sample.processes]
-        state, decisions = decide(state, sample, policies, settings, execs)
-        for decision in decisions:
-            outcome = None
-            if decision.kind in ("act", "revert"):
-                outcome = Outcome("would-apply", decision.request.kind if decision.request else "all", decision.identity,
-                                  decision.message)
-                state = record_outcome(state, decision, outcome.status, policies)
-            records.append(audit_record(decision, outcome, "replay"))
+    The daemon's tick (tick.run_tick) with the PretendCarrier: run_replay, --against and policy
+    suggest's check all go through it; `observers` hear the same ticks (replay --metrics)."""
+    records: list[dict] = []
+    replay_samples(samples, policies, settings, Observers([AuditWriter(records.append), *observers]))
     return records
 
 
-def replay_settings(args: argparse.Namespace, samples: list[Sample], config) -> EngineSettings:
+def recorded_tick_s(samples: list[Sample]) -> float:
+    durations = sorted(sample.duration_s for sample in samples)
+    return durations[len(durations) // 2]
+
+
+def replay_settings(args: argparse.Namespace, samples: list[Sample], config, policies: PolicySet) -> EngineSettings:
     online = _cpus(args.cpus, "--cpus") if args.cpus else frozenset(range(samples[0].ncpus))
     if args.request_cpus:
         request = _cpus(args.request_cpus, "--request-cpus")
@@ -126,12 +125,10 @@ def replay_settings(args: argparse.Namespace, samples: list[Sample], config) -> 
     else:
         request = frozenset({0})
         print("replay: request CPUs not given (--request-cpus or the config's): assuming CPU 0", file=sys.stderr)
-    return EngineSettings(
-        request_cpus=request,
-        online_cpus=online,
-        max_changes_per_minute=config.max_changes_per_minute if config else 10,
-        self_pid=-1,  # nothing in a recording is this replay
-    )
+    # The tick the daemon ran: its config's, else the recording's (the engine keeps history by it).
+    tick_s = config.tick_s if config else recorded_tick_s(samples)
+    return engine_settings(policies, tick_s, request, online, config.max_changes_per_minute if config else 10,
+                           self_pid=-1)  # nothing in a recording is this replay
 
 
 def run_replay(args: argparse.Namespace) -> int:
@@ -143,8 +140,13 @@ def run_replay(args: argparse.Namespace) -> int:
     if not paths:
         raise RemediatorError("say which policies to replay: --policies PATH or --config FILE")
     policies = load_policies(paths)
-    settings = replay_settings(args, samples, config)
-    records = replay_records(samples, policies, settings)
+    settings = replay_settings(args, samples, config, policies)
+    metrics = None
+    if args.metrics:
+        metrics = Metrics(offender_labels=config.metrics.offender_labels if config and config.metrics else DEFAULT_OFFENDER_LABELS)
+    records = replay_records(samples, policies, settings, (metrics,) if metrics else ())
+    if metrics is not None:
+        write_text(metrics, args.metrics)
     output_format = "json" if args.json else args.format
     if args.against:
         other = replay_records(samples, load_policies(args.against), settings)

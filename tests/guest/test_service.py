@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.request
 
 import pytest
 
@@ -91,6 +92,9 @@ min_cpus = 1
 """
 
 
+METRICS_PORT = 9447
+
+
 def config_text(mode: str = "live", source: str = "bpf") -> str:
     return f"""
 [protect]
@@ -107,6 +111,8 @@ on_start = "restore"
 revert_on_exit = true
 [limits]
 max_changes_per_minute = 30
+[metrics]
+listen = "127.0.0.1:{METRICS_PORT}"
 """
 
 
@@ -218,6 +224,12 @@ def test_the_unit_runs_acts_reloads_and_gives_everything_back_on_stop(scene):
     assert shipper_pids and all(pid in processes_named("fluent-bit") for pid in shipper_pids)
     wait_for(lambda: shipper_fully_remediated(shipper_pids, nice), 30,
              f"every fluent-bit thread at nice {nice} on CPU 1, the unit on AllowedCPUs=1")
+
+    # A scraper on the host reaches the sandboxed unit's metrics on loopback (IPAddressAllow=localhost).
+    with urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=60) as response:
+        metrics = response.read().decode()
+    assert 'remediator_mode{mode="live"} 1.0' in metrics, metrics[:2000]
+    assert any(line.startswith("remediator_actions_total{") and 'result="applied"' in line for line in metrics.splitlines())
 
     # Still its unit's: in its unit's cgroup, under its unit's limits.
     group = show("fluent-bit.service", "ControlGroup")["ControlGroup"]

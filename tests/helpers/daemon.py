@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,7 @@ def write_config(
     revert_on_exit: bool = True,
     policy_text: str | None = None,
     source: str | None = None,  # None: leave [daemon] source out, so the default is what runs
+    metrics: str | None = None,  # a [metrics] table's body, e.g. 'listen = "127.0.0.1:0"'
 ) -> Path:
     policies = directory / "policies"
     policies.mkdir(exist_ok=True)
@@ -73,8 +76,24 @@ revert_on_exit = {str(revert_on_exit).lower()}
 [limits]
 max_changes_per_minute = 10
 """
+        + (f"[metrics]\n{metrics}\n" if metrics else "")
     )
     return config
+
+
+METRICS_URL = re.compile(r"metrics on (http://\S+/metrics)")
+
+
+def metrics_url(log_text: str) -> str | None:
+    """Where the daemon serves its metrics, from its start-up log line (listen port 0: any free one)."""
+    match = METRICS_URL.search(log_text)
+    return match.group(1) if match else None
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        assert response.status == 200
+        return response.read().decode()
 
 
 class DaemonProcess:

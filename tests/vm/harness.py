@@ -55,7 +55,8 @@ COMMON_PACKAGES = (
     "systemd", "systemd-sysv", "udev", "dbus", "procps", "kmod", "util-linux", "iproute2",
     "linux-image-amd64", "linux-headers-amd64", "initramfs-tools",
     "bpfcc-tools", "python3-bpfcc", "python3-venv", "python3-pip", "python3-setuptools", "python3-wheel",
-    "python3-psutil", "python3-pyroute2", "python3-tomli", "python3-jeepney", "python3-pytest",
+    "python3-psutil", "python3-pyroute2", "python3-tomli", "python3-jeepney", "python3-prometheus-client",
+    "python3-pytest",
 )
 
 

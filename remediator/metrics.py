@@ -1,0 +1,399 @@
+"""Prometheus metrics: the numbers a fleet watches, fed by the tick like the audit log.
+
+`Metrics` is a tick observer (see tick.py) holding its own CollectorRegistry; the daemon serves it
+on a loopback address (`MetricsServer`) and/or writes it for node_exporter's textfile collector
+(`TextfileWriter`); `remediator replay --metrics FILE` writes what the daemon would have exported
+after a recording. Every label is bounded: policies, steps, results, reasons and probes come from
+the config and the code; offender comms (any process can choose its own) get a series of their own
+for the first `offender_labels` comms that earn one, and all others count under "other".
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+import threading
+from pathlib import Path
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, make_wsgi_app
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+
+from . import histogram
+from .model import Outcome
+from .statefile import write_durably
+from .trustedfs import Trust, TrustedDirectory
+
+DEFAULT_OFFENDER_LABELS = 20
+OTHER = "other"
+NO_POLICY = "none"
+# An offender comm earns its own series once it has been blamed for this much (while counted under
+# "other"): a comm that was on the protected CPUs for a moment must not take one of the N places.
+OFFENDER_LABEL_MIN_S = 0.01
+# The probe's histogram is log-linear: 8 buckets per power of two, so every power of two is one of
+# its bucket bounds and folding into these loses nothing but resolution. 2**10 ns (1 us) .. 2**31 ns (2.1 s).
+WAIT_BUCKETS_NS = tuple(1 << k for k in range(10, 32))
+TICK_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+TAIL_PERCENTILES = (99.0,)  # exported besides every percentile a loaded policy's trigger uses
+MODES = ("live", "dry-run", "replay")
+REFUSAL_KINDS = ("excluded", "capped", "infeasible", "skipped")  # the engine's decisions not to act
+SOURCES = ("bpf", "procfs")
+
+
+def _percentile_label(percentile: float) -> str:
+    return f"{percentile:g}"
+
+
+def _step_text(policy, index: int | None) -> str:
+    if policy is None or index is None or not 0 <= index < len(policy.steps):
+        return "none"
+    return policy.steps[index].describe()
+
+
+class _WaitHistogram:
+    """The protected threads' run-queue waits as a cumulative Prometheus histogram, fed a tick's
+    probe buckets at a time (observing each wait one by one would cost a call per wakeup)."""
+
+    def __init__(self, lock: threading.Lock):
+        self._lock = lock
+        self.buckets = [0] * len(WAIT_BUCKETS_NS)  # waits of at most WAIT_BUCKETS_NS[i] (not cumulative)
+        self.count = 0
+        self.sum_ns = 0
+
+    def add(self, counts: dict[int, int], wait_ns: int) -> None:
+        for slot, count in counts.items():
+            if count <= 0:
+                continue
+            low, high = histogram.slot_bounds(slot)
+            for index, bound in enumerate(WAIT_BUCKETS_NS):
+                if high <= bound:
+                    self.buckets[index] += count
+                    break
+            self.count += count
+        self.sum_ns += wait_ns
+
+    def collect(self):
+        with self._lock:
+            cumulative, rows = 0, []
+            for bound, count in zip(WAIT_BUCKETS_NS, self.buckets):
+                cumulative += count
+                rows.append((repr(bound / 1e9), cumulative))
+            rows.append(("+Inf", self.count))
+            total_s = self.sum_ns / 1e9
+        family = HistogramMetricFamily(
+            "remediator_protected_run_queue_wait_seconds",
+            "Run-queue waits of the protected threads (from wakeup or preemption to running), from the probe's histogram.",
+            buckets=rows, sum_value=total_s)
+        yield family
+
+    def describe(self):
+        return self.collect()
+
+
+class Metrics:
+    """The tick observer that keeps the metrics. Thread-safe: the HTTP server's threads collect
+    while the loop updates (prometheus_client locks each value; the histogram holds `_lock`)."""
+
+    def __init__(self, offender_labels: int = DEFAULT_OFFENDER_LABELS, *, own_process: bool = False):
+        self.registry = CollectorRegistry()
+        self.offender_labels = offender_labels
+        self._lock = threading.Lock()
+        self._offenders: set[str] = set()  # comms with a series of their own
+        self._unlabelled_blame_s: dict[str, float] = {}  # blame of the others, until one earns a series
+        self._seen_policies: set[str] = set()
+        self._tail_series: set[tuple[str, ...]] = set()
+        registry = self.registry
+
+        def counter(name, doc, labels=()):
+            return Counter(name, doc, labels, registry=registry)
+
+        def gauge(name, doc, labels=()):
+            return Gauge(name, doc, labels, registry=registry)
+
+        self.mode = gauge("remediator_mode", "1 for the mode the daemon runs in (dry-run changes nothing; replay "
+                          "is `remediator replay`), 0 for the others.", ("mode",))
+        self.source = gauge("remediator_source", "1 for the sample source in use (bpf: the eBPF probes; procfs: the "
+                            "fallback), 0 for the other.", ("source",))
+        self.degraded = gauge("remediator_degraded", "1 when the source cannot see the run-queue tail or blame "
+                              "(procfs): only always-policies can act.")
+        self.waits = _WaitHistogram(self._lock)
+        registry.register(self.waits)
+        self.protected_waits = counter("remediator_protected_waits_total", "Completed run-queue waits of the "
+                                       "protected threads (wakeups and preemptions).")
+        self.protected_wakeups = counter("remediator_protected_wakeups_total", "Wakeups of the protected threads.")
+        self.protected_processes = gauge("remediator_protected_processes", "Protected processes running.")
+        self.protected_threads = gauge("remediator_protected_threads", "Threads of the protected processes.")
+        self.tail = gauge("remediator_protected_tail_seconds", "The protected threads' run-queue wait at a "
+                          "percentile, over the last tick (from the probe's fine histogram; NaN: no waits).",
+                          ("percentile",))
+        self.threshold = gauge("remediator_policy_tail_threshold_seconds", "A policy's trigger: the protected "
+                               "tail above which it acts.", ("policy", "percentile"))
+        self.blame_by_offender = counter("remediator_offender_blame_seconds_total", "Time others ran on a CPU "
+                                         "while a protected thread waited for it, by the offender's comm (the "
+                                         f"first N comms to earn a series; the rest under \"{OTHER}\").", ("comm",))
+        self.blame_by_policy = counter("remediator_policy_blame_seconds_total", "The same blame, by the policy "
+                                       f"that governs the offender (\"{NO_POLICY}\": no policy names it).", ("policy",))
+        self.actions = counter("remediator_actions_total", "Ladder steps carried out, by result (applied, "
+                               "would-apply in a dry run, denied, refused, gone, ...).", ("policy", "step", "result", "mode"))
+        self.reverts = counter("remediator_reverts_total", "Remediations given back after a quiet period, by "
+                               "the last step that was in place and the result.", ("policy", "step", "result", "mode"))
+        self.verifications = counter("remediator_verifications_total", "Steps judged after their settle time: "
+                                     "helped, did-not-help or inconclusive.", ("policy", "step", "verdict", "mode"))
+        self.refusals = counter("remediator_refusals_total", "Actions not taken, by reason: excluded (safety "
+                                "rules), capped (rate limits), infeasible, skipped (a step that cannot work on this host), refused (by "
+                                "the executor).", ("reason", "policy"))
+        self.exhausted = counter("remediator_ladders_exhausted_total", "Ladders whose last step was in place "
+                                 "while the trigger still held.", ("policy",))
+        self.active = gauge("remediator_active_remediations", "Processes with a policy's changes in place.", ("policy",))
+        self.nothing_left = gauge("remediator_ladder_exhausted_while_over", "Processes whose policy's last step is "
+                                  "in place while that policy's tail is over its threshold now: nothing left to do.",
+                                  ("policy",))
+        self.lost = counter("remediator_probe_lost_events_total", "Events the probes could not count (a full "
+                            "map or ring).", ("probe",))
+        self.executor_outcomes = counter("remediator_executor_outcomes_total", "Changes made or given back outside "
+                                         "a decision: re-applied to new threads (maintain), restored at start-up, "
+                                         "exit or a mode change.", ("when", "result"))
+        self.ticks = counter("remediator_ticks_total", "Ticks run.")
+        self.last_tick = gauge("remediator_last_tick_timestamp_seconds", "Wall-clock end of the last sample taken.")
+        self.tick_duration = Histogram("remediator_tick_duration_seconds", "The daemon's own work per tick "
+                                       "(deciding, changing, auditing), sampling excluded.",
+                                       buckets=TICK_BUCKETS_S, registry=registry)
+        if own_process:
+            # remediator_process_cpu_seconds_total, remediator_process_resident_memory_bytes, ...
+            ProcessCollector(namespace="remediator", registry=registry)
+
+    # -- the tick's observer ------------------------------------------------------------------
+    def on_decision(self, carried) -> None:
+        decision, outcome, mode = carried.decision, carried.outcome, carried.mode
+        policy = decision.policy
+        name = policy.name if policy is not None else NO_POLICY
+        if decision.kind == "act" and outcome is not None:
+            self.actions.labels(name, _step_text(policy, decision.step_index), outcome.status, mode).inc()
+            if outcome.status == "refused":
+                self.refusals.labels("refused", name).inc()
+        elif decision.kind == "revert" and outcome is not None:
+            before = carried.before.remediations.get((decision.identity, name))
+            step = _step_text(policy, before.step_index if before is not None else None)
+            self.reverts.labels(name, step, outcome.status, mode).inc()
+        elif decision.kind == "verify":
+            verdict = str(decision.evidence.get("verdict", "inconclusive"))
+            self.verifications.labels(name, _step_text(policy, decision.step_index), verdict, mode).inc()
+        elif decision.kind in REFUSAL_KINDS:
+            self.refusals.labels(decision.kind, name).inc()
+        elif decision.kind == "exhausted":
+            self.exhausted.labels(name).inc()
+
+    def on_outcome(self, when: str, outcome: Outcome, mode: str) -> None:
+        self.executor_outcomes.labels(when, outcome.status).inc()
+
+    def on_tick(self, report) -> None:
+        sample, policies, state = report.sample, report.policies, report.state
+        self.set_mode(report.mode)
+        for source in SOURCES:
+            self.source.labels(source).set(1 if sample.source == source else 0)
+        self.degraded.set(1 if sample.source == "procfs" else 0)
+        waits = sample.protected
+        with self._lock:
+            if waits.histogram is not None:
+                self.waits.add(waits.counts(), waits.wait_ns)
+        self.protected_waits.inc(waits.waits)
+        self.protected_wakeups.inc(waits.wakeups)
+        self.protected_processes.set(len(waits.pids))
+        self.protected_threads.set(waits.threads)
+        self._blame(sample, policies)
+        for probe, count in sample.lost.items():
+            if count > 0:
+                self.lost.labels(probe).inc(count)
+        self._per_policy(sample, policies, state)
+        self.ticks.inc()
+        self.last_tick.set(sample.ts)
+        if report.duration_s > 0:
+            self.tick_duration.observe(report.duration_s)
+
+    # -- parts --------------------------------------------------------------------------------
+    def set_mode(self, mode: str) -> None:
+        for each in MODES:
+            self.mode.labels(each).set(1 if each == mode else 0)
+
+    def _offender(self, comm: str, seconds: float) -> str:
+        if comm in self._offenders:
+            return comm
+        if len(self._offenders) < self.offender_labels:
+            so_far = self._unlabelled_blame_s.get(comm, 0.0) + seconds
+            if so_far >= OFFENDER_LABEL_MIN_S:
+                self._offenders.add(comm)
+                self._unlabelled_blame_s.pop(comm, None)
+                return comm  # from now on; what it had before stays in "other" (counters never go down)
+            if len(self._unlabelled_blame_s) >= 4096:
+                self._unlabelled_blame_s.clear()  # bounded: a host of short-lived comms must not grow this
+            self._unlabelled_blame_s[comm] = so_far
+        return OTHER
+
+    def _blame(self, sample, policies) -> None:
+        for pid, ns in sample.blame:
+            if ns <= 0:
+                continue
+            seconds = ns / 1e9
+            info = sample.processes.get(pid)
+            usage = None if info is not None else sample.usage_of(pid)
+            comm = info.comm if info is not None else usage.comm if usage is not None else "?"
+            self.blame_by_offender.labels(self._offender(comm, seconds)).inc(seconds)
+            selected = policies.select(info) if info is not None else None
+            self.blame_by_policy.labels(selected[0].name if selected else NO_POLICY).inc(seconds)
+
+    def _per_policy(self, sample, policies, state) -> None:
+        now = sample.end_ns / 1e9
+        names = {policy.name for policy in policies.policies}
+        active: dict[str, int] = dict.fromkeys(names, 0)
+        stuck: dict[str, int] = dict.fromkeys(names, 0)
+        for remediation in state.remediations.values():
+            if not remediation.applied or remediation.policy not in names:
+                continue
+            active[remediation.policy] += 1
+            policy = policies.by_name(remediation.policy)
+            if remediation.step_index >= len(policy.steps) - 1 and state.last_over.get(policy.name) == now:
+                stuck[policy.name] += 1
+        for name in names:
+            self.active.labels(name).set(active[name])
+            self.nothing_left.labels(name).set(stuck[name])
+        for gone in self._seen_policies - names:  # a reload dropped the policy: its gauges go too
+            for metric in (self.active, self.nothing_left):
+                metric.remove(gone)
+        percentiles = set(TAIL_PERCENTILES)
+        thresholds = set()
+        for policy in policies.policies:
+            trigger = policy.trigger
+            if trigger.always or trigger.tail_above_us is None:
+                continue
+            percentile = trigger.tail_percentile or 99.0
+            percentiles.add(percentile)
+            thresholds.add((policy.name, _percentile_label(percentile)))
+            self.threshold.labels(policy.name, _percentile_label(percentile)).set(trigger.tail_above_us / 1e6)
+        for stale in self._tail_series - thresholds:
+            self.threshold.remove(*stale)
+        self._tail_series = thresholds
+        self._seen_policies = names
+        for percentile in percentiles:
+            value = sample.protected.percentile_ns(percentile)
+            self.tail.labels(_percentile_label(percentile)).set(float("nan") if value is None else value / 1e9)
+
+    def text(self) -> bytes:
+        """The Prometheus text format, as /metrics serves it."""
+        return generate_latest(self.registry)
+
+
+# -- serving ----------------------------------------------------------------------------------
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = 5.0  # a client that sends nothing holds the server this long at most
+
+    def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
+        pass  # a scrape every 15 s is not news for the journal
+
+
+class _Server(WSGIServer):
+    """One request at a time, on one thread: a local user opening connections by the thousand gets
+    them queued or refused, not a thread each (the unit's TasksMax is the daemon's too)."""
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class MetricsServer:
+    """GET /metrics on a loopback address, served by one thread (prometheus_client's WSGI app)."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int):
+        server_class = _Server6 if ":" in host else _Server
+        try:
+            self.server = make_server(host, port, make_wsgi_app(metrics.registry), server_class, handler_class=_QuietHandler)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {format_address(host, port)}: {exc.strerror or exc}") from None
+        self.host = host
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://{format_address(self.host, self.port)}/metrics"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# -- the textfile -----------------------------------------------------------------------------
+
+TEXTFILE_EVERY_S = 5.0
+
+
+class TextfileWriter:
+    """Writes the metrics for node_exporter's textfile collector: temp file, fsync, rename, so the
+    collector never reads half a file. At most every TEXTFILE_EVERY_S seconds (and at exit); a failed
+    write is counted by errno name and never raised (the daemon goes on guarding)."""
+
+    def __init__(self, metrics: Metrics, path: Path, trust: Trust | None = None, every_s: float = TEXTFILE_EVERY_S):
+        self.metrics = metrics
+        self.path = Path(path)
+        self.trust = trust
+        self.every_s = every_s
+        self.failures: dict[str, int] = {}
+        self.last_failure = ""
+        self._written_at: float | None = None
+
+    def maybe_write(self, now: float) -> bool | None:
+        """None when it is not time yet; else whether the write worked."""
+        if self._written_at is not None and now - self._written_at < self.every_s:
+            return None
+        self._written_at = now
+        return self.write()
+
+    def write(self) -> bool:
+        try:
+            write_atomically(self.path, self.metrics.text(), self.trust)
+            return True
+        except OSError as exc:
+            name = errno.errorcode.get(exc.errno, "error") if exc.errno else "error"
+            self.failures[name] = self.failures.get(name, 0) + 1
+            self.last_failure = f"{self.path}: {exc.strerror or exc}"
+            return False
+
+
+def write_atomically(path: Path, data: bytes, trust: Trust | None = None) -> None:
+    """Replace `path` through its checked directory (trustedfs): never through a symlink, nor in a
+    directory someone else could swap. 0644: node_exporter runs as its own user."""
+    temp = f".{path.name}.{os.getpid()}.tmp"
+    with TrustedDirectory(path.parent, trust, shown=str(path)) as directory:
+        fd = directory.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            try:
+                os.fchmod(fd, 0o644)  # whatever the umask (the unit's is 0027)
+                write_durably(fd, data)
+            finally:
+                os.close(fd)
+            directory.rename(temp, path.name)
+        except OSError:
+            try:
+                os.unlink(temp, dir_fd=directory.fd)
+            except OSError:
+                pass
+            raise
+        directory.fsync()
+
+
+def write_text(metrics: Metrics, destination: str) -> None:
+    """`replay --metrics`: to a file the user names (or stdout)."""
+    if destination == "-":
+        sys.stdout.buffer.write(metrics.text())
+        sys.stdout.flush()
+        return
+    Path(destination).write_bytes(metrics.text())

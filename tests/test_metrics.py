@@ -1,0 +1,190 @@
+"""The metrics module and its config: bounded labels, the textfile, the loopback server, located
+errors; and the real daemon's /metrics, scraped over HTTP and checked by promtool."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import time
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from helpers.daemon import metrics_url, scrape, wait_until, write_config
+from helpers.promtool import promtool
+from helpers.workloads import hog_argv, victim_argv
+from remediator.audit import AuditWriter
+from remediator.config import load_config
+from remediator.daemon import DecisionLog
+from remediator.metrics import OTHER, Metrics, MetricsServer, TextfileWriter
+from remediator.policy import PolicySet
+from remediator.procfs import ProcessInfo
+from remediator.sample import ProtectedWaits, Sample
+from remediator.schema import PolicyErrors
+from remediator.tick import Observers, TickObserver, engine_settings, replay_samples
+
+
+def values(metrics: Metrics, name: str) -> dict[tuple, float]:
+    found = {}
+    for family in text_string_to_metric_families(metrics.text().decode()):
+        for sample in family.samples:
+            if sample.name == name:
+                found[tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+def blamed_sample(index: int, blame: list[tuple[int, str, int]]) -> Sample:
+    """A tick in which each (pid, comm, ns) ran while the protected thread waited."""
+    return Sample(
+        ts=1000.0 + index, start_ns=index * 10**9, end_ns=(index + 1) * 10**9, source="bpf", window_ns=10**8, ncpus=2,
+        protected=ProtectedWaits(threads=1, pids=(1,), waits=10, wakeups=8, preemptions=2, wait_ns=sum(ns for _, _, ns in blame),
+                                 max_ns=None, histogram=((70, 10),)),
+        usage=(), blame=tuple((pid, ns) for pid, _, ns in blame), cpu_busy_ns=(0, 0),
+        processes={pid: ProcessInfo(pid=pid, start_time=pid, comm=comm) for pid, comm, _ in blame},
+    )
+
+
+def test_offender_comms_are_bounded_and_no_blame_is_lost():
+    metrics = Metrics(offender_labels=3)
+    # 50 comms, each blamed 20 ms, then one tiny one: only 3 get a series of their own.
+    samples = [blamed_sample(i, [(100 + i, f"worker-{i}", 20_000_000), (999, "blip", 1000)]) for i in range(50)]
+    settings = engine_settings(PolicySet(()), 1.0, frozenset({0}), frozenset({0, 1}), 10, self_pid=-1)
+    replay_samples(samples, PolicySet(()), settings, Observers([metrics]))
+    blame = {dict(labels)["comm"]: value for labels, value in values(metrics, "remediator_offender_blame_seconds_total").items()}
+    assert set(blame) == {"worker-0", "worker-1", "worker-2", OTHER}
+    assert blame["worker-0"] == pytest.approx(0.02)
+    assert sum(blame.values()) == pytest.approx(50 * 0.02 + 50 * 1e-6)
+    by_policy = values(metrics, "remediator_policy_blame_seconds_total")
+    assert by_policy == {(("policy", "none"),): pytest.approx(50 * 0.02 + 50 * 1e-6)}
+    # the probe's slot 70 (1792..1920 ns) lands in le=2**11 ns, and every bucket above counts it too
+    buckets = values(metrics, "remediator_protected_run_queue_wait_seconds_bucket")
+    assert buckets[(("le", "1.024e-06"),)] == 0 and buckets[(("le", "2.048e-06"),)] == 500
+    assert buckets[(("le", "4.096e-06"),)] == 500 and buckets[(("le", "+Inf"),)] == 500
+
+
+def test_a_comm_that_only_flickers_gets_no_series_of_its_own():
+    metrics = Metrics(offender_labels=5)
+    samples = [blamed_sample(i, [(7, "flicker", 100_000)]) for i in range(10)]  # 1 ms in all: under the 10 ms bar
+    replay_samples(samples, PolicySet(()), engine_settings(PolicySet(()), 1.0, frozenset({0}), frozenset({0, 1}), 10, -1),
+                   Observers([metrics]))
+    assert set(values(metrics, "remediator_offender_blame_seconds_total")) == {(("comm", OTHER),)}
+
+
+@pytest.mark.parametrize("observer", [Metrics(), AuditWriter(lambda record: None), DecisionLog()])
+def test_no_attribute_of_an_observer_shadows_one_of_its_methods(observer):
+    # A bug seen before: an attribute named like a method (maintained) made calling it fail.
+    for name in ("on_decision", "on_outcome", "on_tick"):
+        assert callable(getattr(type(observer), name, None)) and name in TickObserver.__dict__
+        assert name not in vars(observer)
+    methods = {name for name in dir(type(observer)) if callable(getattr(type(observer), name))}
+    assert not methods & set(vars(observer)), methods & set(vars(observer))
+
+
+def test_the_textfile_is_replaced_whole_and_readable_by_node_exporter(tmp_path):
+    metrics = Metrics()
+    metrics.set_mode("dry-run")
+    path = tmp_path / "remediator.prom"
+    writer = TextfileWriter(metrics, path, every_s=5.0)
+    assert writer.maybe_write(100.0) is True
+    assert writer.maybe_write(102.0) is None  # not yet
+    assert 'remediator_mode{mode="dry-run"} 1.0' in path.read_text()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["remediator.prom"]  # no temp file left
+    assert writer.maybe_write(105.0) is True
+
+
+def test_a_textfile_that_cannot_be_written_is_counted_not_raised(tmp_path):
+    writer = TextfileWriter(Metrics(), tmp_path / "missing-directory" / "remediator.prom")
+    assert writer.write() is False and writer.write() is False
+    assert writer.failures == {"ENOENT": 2} and "missing-directory" in writer.last_failure
+
+
+def test_the_server_serves_metrics_on_loopback():
+    metrics = Metrics()
+    metrics.set_mode("live")
+    server = MetricsServer(metrics, "127.0.0.1", 0)
+    try:
+        assert server.url == f"http://127.0.0.1:{server.port}/metrics"
+        assert 'remediator_mode{mode="live"} 1.0' in scrape(server.url)
+    finally:
+        server.close()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(server.url, timeout=2)
+
+
+def test_the_server_serves_ipv6_loopback_when_the_host_has_it():
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this host")
+    server = MetricsServer(Metrics(), "::1", 0)
+    try:
+        assert server.url.startswith("http://[::1]:")
+        assert "remediator_ticks_total" in scrape(server.url)
+    finally:
+        server.close()
+
+
+def config_with(tmp_path, metrics_table: str):
+    path = write_config(tmp_path, [1], mode="dry-run", metrics=metrics_table)
+    return path, path.read_text().splitlines().index("[metrics]") + 2  # the line of the table's first key
+
+
+@pytest.mark.parametrize("listen, message", [
+    ('"0.0.0.0:9447"', "0.0.0.0 is not a loopback address"),
+    ('"192.168.1.5:9447"', "192.168.1.5 is not a loopback address"),
+    ('"[::]:9447"', ":: is not a loopback address"),
+    ('"example.com:9447"', "example.com is not an IP address"),
+    ('"127.0.0.1"', "is not HOST:PORT"),
+    ('"::1:9447"', "write an IPv6 address in brackets"),
+    ('"127.0.0.1:70000"', "port 70000 is out of range"),
+    ("9447", "expected a string"),
+])
+def test_listen_must_be_a_loopback_address_and_the_error_says_where(tmp_path, listen, message):
+    path, line = config_with(tmp_path, f"listen = {listen}")
+    with pytest.raises(PolicyErrors) as error:
+        load_config(path)
+    assert f"{path}:{line}:" in str(error.value) and "metrics.listen" in str(error.value) and message in str(error.value)
+
+
+def test_metrics_config(tmp_path):
+    path, _ = config_with(tmp_path, 'listen = "localhost:9447"\ntextfile = "node/remediator.prom"\noffender_labels = 5')
+    metrics = load_config(path).metrics
+    assert metrics.listen == ("127.0.0.1", 9447) and metrics.offender_labels == 5
+    assert metrics.textfile == tmp_path / "node" / "remediator.prom"
+    path, _ = config_with(tmp_path, 'listen = "[::1]:0"')
+    assert load_config(path).metrics.listen == ("::1", 0) and load_config(path).metrics.offender_labels == 20
+    assert load_config(write_config(tmp_path, [1], mode="dry-run")).metrics is None  # no table: no metrics
+    path, line = config_with(tmp_path, 'textfile = "/tmp/remediator.txt"')
+    with pytest.raises(PolicyErrors, match=rf"{path}:{line}:\d+: error: metrics.textfile: .* ending in .prom"):
+        load_config(path)
+
+
+@pytest.mark.bpf
+def test_the_daemons_metrics_over_http_in_a_dry_run(spawn, daemon, tmp_path):
+    """A real daemon, scraped as Prometheus would: dry-run marked, the would-be action counted, and
+    the whole output accepted by promtool check metrics."""
+    # one session: nice weighs between the two (another autogroup would make the engine skip the step)
+    victim = spawn(victim_argv(0), own_session=False)
+    spawn(hog_argv("fluent-bit", 2), own_session=False)
+    textfile = tmp_path / "remediator.prom"
+    run = daemon(write_config(tmp_path, [victim.pid], mode="dry-run",
+                              metrics=f'listen = "127.0.0.1:0"\ntextfile = "{textfile}"'))
+    url = wait_until(lambda: metrics_url(run.log()), 30.0, what="the metrics URL in the log")
+    wait_until(lambda: any(line["decision"] == "act" for line in run.audit()), 10.0, what="a would-be change")
+    time.sleep(0.5)  # the tick's observers run after the audit line
+    text = scrape(url)
+    assert 'remediator_mode{mode="dry-run"} 1.0' in text
+    assert 'remediator_actions_total{mode="dry-run",policy="test-shipper",result="would-apply",step="nice 10"} 1.0' in text
+    assert 'remediator_source{source="bpf"} 1.0' in text and "remediator_degraded 0.0" in text
+    assert "remediator_process_resident_memory_bytes" in text and "remediator_tick_duration_seconds_count" in text
+    waits = [line for line in text.splitlines() if line.startswith("remediator_protected_waits_total ")]
+    assert waits and float(waits[0].split()[1]) > 0
+    out = promtool("check", "metrics", stdin=text)
+    assert out.returncode == 0 and out.stdout.strip() == "" and out.stderr.strip() == "", out.stdout + out.stderr
+    assert run.stop() == 0
+    assert "remediator_actions_total" in textfile.read_text()  # written at exit too
+    assert os.stat(textfile).st_mode & 0o777 == 0o644
