@@ -29,6 +29,35 @@ BPF_HASH(proc_cpu, struct proc_cpu_key, struct proc_cpu, MAX_PROC_CPU_ENTRIES);
 BPF_HASH(blame, u32, u64, MAX_BLAMED_PROCESSES);
 BPF_RINGBUF_OUTPUT(exec_events, EXEC_RING_PAGES);
 
+/* ---- burst detection (issue 14; see sched_monitor.h) ---- */
+BPF_HASH(burst_candidates, u32, struct burst_candidate, MAX_BURST_CANDIDATES);
+/* The lowest threshold of any candidate (0: none): shorter waits skip the candidate lookup. */
+BPF_ARRAY(burst_floor, u64, 1);
+BPF_RINGBUF_OUTPUT(burst_events, BURST_RING_PAGES);
+
+/* A protected wait of `wait_ns` ending at `now` is blamed on `tgid` (it ran during the wait). */
+static __always_inline void burst_blamed(u32 tgid, u64 wait_ns, u64 now)
+{
+    u32 zero = 0;
+    u64 *floor = burst_floor.lookup(&zero);
+    if (!floor || !*floor || wait_ns <= *floor)
+        return;
+    struct burst_candidate *candidate = burst_candidates.lookup(&tgid);
+    u64 first_ts = 0;
+    if (!candidate || !burst_note(candidate, wait_ns, now, &first_ts))
+        return;
+    struct burst_event *event = burst_events.ringbuf_reserve(sizeof(struct burst_event));
+    if (!event)
+        return; /* user space is behind; the tick still sees the harm */
+    event->ts = now;
+    event->first_ts = first_ts;
+    event->wait_ns = wait_ns;
+    event->tgid = tgid;
+    event->count = candidate->count;
+    burst_events.ringbuf_submit(event, 0);
+}
+/* ---- end of burst detection ---- */
+
 static __always_inline struct wait_stats *stats_here(void)
 {
     u32 zero = 0;
@@ -138,6 +167,7 @@ static __always_inline void attribute_wait(struct cpu_state *state, u64 t0, u64 
             } else {
                 stats->totals.blame_map_full++;
             }
+            burst_blamed(segment->tgid, t1 - t0, t1);
         }
         if (segment->start <= t0)
             break;

@@ -251,7 +251,6 @@ def decide(
             )
 
     # 3. Offenders: every process the sample names that a policy governs.
-    recent_changes = tuple(t for t in state.recent_changes if t > now - 60.0)
     candidates: dict[int, ProcessInfo] = {}
     for info in discovered:
         candidates[info.pid] = info
@@ -259,43 +258,123 @@ def decide(
         info = sample.processes.get(pid)
         if info is not None:
             candidates.setdefault(pid, info)
-    remediations = dict(state.remediations)
-    excluded_seen = set(state.excluded_seen)
-    planned_changes = 0
+    offenders = _Offenders(state, now, ts, settings, sample.protected.pids, decisions)
     for pid, info in candidates.items():
         selected = policies.select(info)
         if selected is None:
             continue  # never act on what no policy names
         policy, match = selected
-        reason = exclusion_reason(info, sample.protected.pids, settings.self_pid)
-        if reason:
-            if info.identity not in excluded_seen:
-                excluded_seen.add(info.identity)
-                decisions.append(
-                    Decision("excluded", now, ts, info, policy, f"matched by {policy.name} ({match.detail}) but off limits: {reason}")
-                )
+        if offenders.excluded(info, policy, match):
             continue
+        if policy.trigger.always:
+            offenders.climb(info, policy, {"trigger": "always", "match": match.detail}, place=True)
+            continue
+        trigger_evidence = evaluate_trigger(policy.trigger, windows, pid)
+        if trigger_evidence.fired:
+            offenders.climb(info, policy, {"match": match.detail, **trigger_evidence.to_json()})
+    return offenders.finish(), decisions
+
+
+@dataclass(frozen=True)
+class BurstEvidence:
+    """What the probe counted for one candidate (see sched_monitor.h, burst detection)."""
+
+    waits: int  # protected waits over the threshold the candidate ran during
+    first_s: float  # engine time the first of them ended
+    last_s: float  # and the last
+    last_wait_us: float  # the length of the last
+
+    def to_json(self, trigger) -> dict:
+        span_ms = (self.last_s - self.first_s) * 1000
+        return {
+            "trigger": "burst",
+            "protected_tail": {
+                "waits_over": self.waits,
+                "threshold_us": trigger.tail_above_us,
+                "within_ms": round((trigger.burst_within_s or 0) * 1000, 3),
+                "span_ms": round(span_ms, 3),
+                "last_wait_us": round(self.last_wait_us, 3),
+            },
+            "reason": f"{self.waits} protected waits above {trigger.tail_above_us:g} us within {span_ms:.1f} ms "
+                      f"(need {trigger.burst_waits} within {(trigger.burst_within_s or 0) * 1000:g} ms), this process "
+                      "running on the waiting thread's CPU during each",
+        }
+
+
+def decide_burst(
+    state: EngineState,
+    info: ProcessInfo,
+    burst: BurstEvidence,
+    policies: PolicySet,
+    settings: EngineSettings,
+    protected_pids: Collection[int],
+    now: float,
+    ts: float,
+) -> tuple[EngineState, list[Decision]]:
+    """The probe says `info` was blamed for a burst of long protected waits: act at once, off the
+    tick, if the policy that governs it asks for that (tail.within) and as many waits as it needs
+    were counted. The same rules as a tick's (exclusions, ladder and settle, cooldown, caps), the
+    same decisions, the same audit."""
+    decisions: list[Decision] = []
+    selected = policies.select(info)
+    if selected is None:
+        return state, decisions  # never act on what no policy names
+    policy, match = selected
+    trigger = policy.trigger
+    if trigger.always or trigger.burst_within_s is None:
+        return state, decisions
+    if burst.waits < max(2, trigger.burst_waits) or burst.last_s - burst.first_s > trigger.burst_within_s + 1e-9:
+        return state, decisions  # not what this policy counts (a lone spike never acts)
+    offenders = _Offenders(state, now, ts, settings, protected_pids, decisions)
+    if not offenders.excluded(info, policy, match):
+        offenders.climb(info, policy, {"match": match.detail, **burst.to_json(trigger)})
+    return offenders.finish(), decisions
+
+
+class _Offenders:
+    """One round of decisions on offenders: the ladder, cooldown and caps, shared by the tick and
+    the burst path so that both follow the same rules."""
+
+    def __init__(self, state: EngineState, now: float, ts: float, settings: EngineSettings,
+                 protected_pids: Collection[int], decisions: list[Decision]):
+        self.state, self.now, self.ts, self.settings = state, now, ts, settings
+        self.protected_pids = protected_pids
+        self.decisions = decisions
+        self.recent_changes = tuple(t for t in state.recent_changes if t > now - 60.0)
+        self.remediations = dict(state.remediations)
+        self.excluded_seen = set(state.excluded_seen)
+        self.planned_changes = 0
+
+    def excluded(self, info: ProcessInfo, policy: Policy, match) -> bool:
+        reason = exclusion_reason(info, self.protected_pids, self.settings.self_pid)
+        if not reason:
+            return False
+        if info.identity not in self.excluded_seen:
+            self.excluded_seen.add(info.identity)
+            self.decisions.append(
+                Decision("excluded", self.now, self.ts, info, policy, f"matched by {policy.name} ({match.detail}) but off limits: {reason}")
+            )
+        return True
+
+    def climb(self, info: ProcessInfo, policy: Policy, evidence: dict, place: bool = False) -> None:
+        """The trigger holds for `info` (or `place`: an always-policy places it): the next step, if
+        the ladder, settle time, cooldown and caps allow."""
+        now, ts, decisions, remediations = self.now, self.ts, self.decisions, self.remediations
         key = (info.identity, policy.name)
         remediation = remediations.get(key) or Remediation(info.identity, policy.name)
-
-        if policy.trigger.always:
+        if place:
             if remediation.step_index >= 0:
-                continue  # placed already
+                return  # placed already
             steps = list(enumerate(policy.steps))
-            evidence = {"trigger": "always", "match": match.detail}
         else:
-            trigger_evidence = evaluate_trigger(policy.trigger, windows, pid)
-            if not trigger_evidence.fired:
-                continue
-            evidence = {"match": match.detail, **trigger_evidence.to_json()}
             if remediation.step_index < 0:
                 if remediation.reverted_at is not None and now - remediation.reverted_at < policy.limits.cooldown_s:
-                    continue  # given back recently: leave it alone for the cooldown
+                    return  # given back recently: leave it alone for the cooldown
                 next_index = 0
             else:
                 current = policy.steps[min(remediation.step_index, len(policy.steps) - 1)]
                 if now - (remediation.last_action_at or now) < current.settle_s:
-                    continue  # the current step is still settling
+                    return  # the current step is still settling
                 next_index = remediation.step_index + 1
                 if next_index >= len(policy.steps):
                     if not remediation.exhausted_warned:
@@ -306,7 +385,7 @@ def decide(
                                      f"the last step ({current.describe()}) is in place and the trigger still holds: no further escalation",
                                      step_index=remediation.step_index, evidence=evidence)
                         )
-                    continue
+                    return
             steps = [(next_index, policy.steps[next_index])]
 
         # Caps: per process and policy per hour, and across the host per minute.
@@ -319,31 +398,33 @@ def decide(
                              f"{len(hourly)} actions in the last hour: max_actions_per_hour = {policy.limits.max_actions_per_hour}",
                              evidence=evidence)
                 )
-            continue
-        if len(recent_changes) + planned_changes + len(steps) > settings.max_changes_per_minute:
+            return
+        if len(self.recent_changes) + self.planned_changes + len(steps) > self.settings.max_changes_per_minute:
             decisions.append(
                 Decision("capped", now, ts, info, policy,
-                         f"{len(recent_changes) + planned_changes} changes in the last minute: "
-                         f"max_changes_per_minute = {settings.max_changes_per_minute}", evidence=evidence)
+                         f"{len(self.recent_changes) + self.planned_changes} changes in the last minute: "
+                         f"max_changes_per_minute = {self.settings.max_changes_per_minute}", evidence=evidence)
             )
-            continue
+            return
 
         for index, step in steps:
-            request, why_not = _request_for(step, policy, info, settings, index, dict(evidence))
+            request, why_not = _request_for(step, policy, info, self.settings, index, dict(evidence))
             if request is None:
                 if index not in remediation.infeasible_warned:
                     remediation = dataclasses.replace(remediation, infeasible_warned=remediation.infeasible_warned | {index})
                     remediations[key] = remediation
                     decisions.append(Decision("infeasible", now, ts, info, policy, why_not, step_index=index, step=step, evidence=evidence))
                 continue
-            action_id, state = _action_id(state, info)
-            planned_changes += 1
+            action_id, self.state = _action_id(self.state, info)
+            self.planned_changes += 1
             decisions.append(
                 Decision("act", now, ts, info, policy, f"step {index + 1} of {len(policy.steps)}: {step.describe()}",
                          step_index=index, step=step, request=request, evidence=evidence, action_id=action_id)
             )
-    state = dataclasses.replace(state, remediations=remediations, excluded_seen=frozenset(excluded_seen), recent_changes=recent_changes)
-    return state, decisions
+
+    def finish(self) -> EngineState:
+        return dataclasses.replace(self.state, remediations=self.remediations, excluded_seen=frozenset(self.excluded_seen),
+                                   recent_changes=self.recent_changes)
 
 
 def record_outcome(state: EngineState, decision: Decision, status: str, policies: PolicySet) -> EngineState:
@@ -536,7 +617,9 @@ __all__ = [
     "EngineSettings",
     "EngineState",
     "Remediation",
+    "BurstEvidence",
     "decide",
+    "decide_burst",
     "export_state",
     "forget",
     "given_back",

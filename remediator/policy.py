@@ -124,6 +124,8 @@ class Trigger:
     offender_cpu_kind: str  # "mean" | "peak"
     offender_blame_share: float | None  # 0..1
     offender_require: str  # "any" | "all"
+    burst_within_s: float | None = None  # tail.within: also fire off the tick, on the probe's event
+    burst_waits: int = 2  # tail.waits: blamed waits over tail.above within burst_within_s
 
     def describe(self) -> str:
         if self.always:
@@ -134,9 +136,11 @@ class Trigger:
         if self.offender_blame_share is not None:
             conditions.append(f"blame share >= {self.offender_blame_share:g}")
         joiner = " and " if self.offender_require == "all" else " or "
+        burst = (f"; or at once, {self.burst_waits} waits above {format_duration((self.tail_above_us or 0) / 1e6)} blamed on "
+                 f"the offender within {format_duration(self.burst_within_s)}" if self.burst_within_s else "")
         return (
             f"p{self.tail_percentile:g} above {format_duration((self.tail_above_us or 0) / 1e6)} in {self.windows} of the last "
-            f"{self.of_windows} windows, and offender {joiner.join(conditions)}"
+            f"{self.of_windows} windows, and offender {joiner.join(conditions)}{burst}"
         )
 
     def to_json(self) -> dict:
@@ -349,6 +353,8 @@ class _PolicyCompiler:
             return None
         if tail["windows"] > tail["of"]:
             self.problem(path + ("tail", "windows"), f"{tail['windows']} is more than of = {tail['of']} (N of the last M windows)", "range")
+        if "waits" in tail and "within" not in tail:
+            self.problem(path + ("tail", "waits"), "counts waits within a span: give within too (e.g. within = \"50ms\")", "missing-key")
         if "cpu" not in offender and "blame_share" not in offender:
             self.problem(
                 path + ("offender",), "give cpu, blame_share or both: the use that makes a matched process an offender", "missing-key"
@@ -365,6 +371,8 @@ class _PolicyCompiler:
             offender_cpu_kind=offender["cpu_kind"],
             offender_blame_share=offender.get("blame_share"),
             offender_require=offender["require"],
+            burst_within_s=tail.get("within"),
+            burst_waits=tail.get("waits", 2),
         )
 
     def _step(self, path: KeyPath, action: dict, limits: Limits) -> Step:

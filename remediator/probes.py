@@ -94,9 +94,11 @@ class ProbeSettings:
     max_proc_cpu_entries: int = 32768
     max_blamed_processes: int = 16384
     exec_ring_pages: int = 16
+    max_burst_candidates: int = 4096
+    burst_ring_pages: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("window_slots", "segment_ring", "exec_ring_pages"):
+        for name in ("window_slots", "segment_ring", "exec_ring_pages", "burst_ring_pages"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, not {value}")
@@ -121,6 +123,8 @@ class ProbeSettings:
             f"-DMAX_PROC_CPU_ENTRIES={self.max_proc_cpu_entries}",
             f"-DMAX_BLAMED_PROCESSES={self.max_blamed_processes}",
             f"-DEXEC_RING_PAGES={self.exec_ring_pages}",
+            f"-DMAX_BURST_CANDIDATES={self.max_burst_candidates}",
+            f"-DBURST_RING_PAGES={self.burst_ring_pages}",
             f"-DTASK_STATE_MASK={state_mask:#x}",
         ]
 
@@ -152,6 +156,31 @@ class RawSnapshot:
     cpus: list[CpuState]
     proc_cpu: dict[tuple[int, int], ProcCpuEntry]
     blame: dict[int, int]
+
+
+@dataclass(frozen=True)
+class BurstCandidate:
+    """What the probe counts for one candidate: waits longer than `threshold_ns` it is blamed
+    for; `count` of them within `span_ns` wake user space (count >= 2: never a lone spike)."""
+
+    threshold_ns: int
+    count: int
+    span_ns: int
+
+
+# The most counted waits a candidate may need (BURST_RECENT in sched_monitor.h).
+BURST_MAX_COUNT = 8
+
+
+@dataclass(frozen=True)
+class BurstEvent:
+    """A candidate crossed its count: `count` blamed waits over its threshold from first_ns to mono_ns."""
+
+    mono_ns: int
+    first_ns: int
+    wait_ns: int  # the wait that completed the count
+    tgid: int
+    count: int
 
 
 @dataclass(frozen=True)
@@ -347,8 +376,13 @@ class SchedProbes:
                 ("cpu_state", True),
                 ("proc_cpu", False),
                 ("blame", False),
+                ("burst_candidates", False),
+                ("burst_floor", False),
             )
         }
+        self._burst_candidates: dict[int, BurstCandidate] = {}
+        self._burst_events: list[BurstEvent] = []
+        self.bpf[b"burst_events"].open_ring_buffer(self._on_burst_event)
         self._epoch = 0
         self.protect_failures = 0  # threads the protected map could not take (user space adds)
         self.last_protect_error = ""
@@ -474,6 +508,44 @@ class SchedProbes:
         """Exec events since the last call (non-blocking)."""
         self.bpf.ring_buffer_consume()
         events, self._exec_events = self._exec_events, []
+        return events
+
+    # -- burst detection ------------------------------------------------------------------------
+    _CANDIDATE = struct.Struct(f"<QQII QQ {BURST_MAX_COUNT}Q".replace(" ", ""))
+    _BURST_EVENT = struct.Struct("<QQQII")
+
+    def set_burst_candidates(self, wanted: dict[int, BurstCandidate]) -> None:
+        """Make the candidate map hold exactly `wanted` (tgid -> what to count). A candidate whose
+        settings did not change keeps its counted waits; only differences touch the map."""
+        candidates = self._maps["burst_candidates"]
+        for tgid in [tgid for tgid in self._burst_candidates if tgid not in wanted]:
+            candidates.delete(struct.pack("<I", tgid))
+            del self._burst_candidates[tgid]
+        for tgid, candidate in wanted.items():
+            if self._burst_candidates.get(tgid) == candidate:
+                continue
+            count = max(2, min(BURST_MAX_COUNT, candidate.count))
+            value = self._CANDIDATE.pack(candidate.threshold_ns, candidate.span_ns, count, 0, 0, 0, *([0] * BURST_MAX_COUNT))
+            try:
+                candidates.update(struct.pack("<I", tgid), value)
+            except OSError:
+                continue  # the map is full: that process is left to the tick
+            self._burst_candidates[tgid] = candidate
+        floor = min((c.threshold_ns for c in self._burst_candidates.values()), default=0)
+        self._maps["burst_floor"].update(struct.pack("<I", 0), struct.pack("<Q", floor))
+
+    def burst_candidates(self) -> dict[int, BurstCandidate]:
+        return dict(self._burst_candidates)
+
+    def _on_burst_event(self, _ctx, data, size) -> None:
+        ts, first_ts, wait_ns, tgid, count = self._BURST_EVENT.unpack(ct.string_at(data, self._BURST_EVENT.size))
+        self._burst_events.append(BurstEvent(ts, first_ts, wait_ns, tgid, count))
+
+    def poll(self, timeout_s: float) -> list[BurstEvent]:
+        """Wait up to `timeout_s` for an event (a burst, or an exec: those are kept for
+        exec_events()); the burst events since the last call. A signal ends the wait early."""
+        self.bpf.ring_buffer_poll(max(0, int(timeout_s * 1000)))
+        events, self._burst_events = self._burst_events, []
         return events
 
     def program_stats(self) -> dict[str, tuple[int, int]]:
