@@ -25,8 +25,9 @@ from .cgroupfs import CgroupFS, discover_cpuset_mount, process_cpuset_cpus
 from .collector import Collector
 from .config import DaemonConfig, load_config
 from .cpulist import format_cpulist, online_cpus
-from .engine import (Decision, EngineSettings, EngineState, decide, export_state, forget, given_back, history_for,
-                     import_state, record_outcome, resume)
+from .burstwatch import BurstWatch
+from .engine import (Decision, EngineSettings, EngineState, decide, decide_burst, export_state, forget, given_back,
+                     history_for, import_state, record_outcome, resume)
 from .errors import RemediatorError, SetupError
 from .executor import LEFT_BY_OTHER, Executor, Outcome
 from .health import LOG_WRITE_FAILURES, describe_counts, error_name
@@ -34,7 +35,7 @@ from .journal import Journal
 from .placement import auto_request_cpus
 from .matching import Glob
 from .policy import PolicyErrors, PolicySet, load_policies
-from .probes import ProbeSettings, window_shift_for
+from .probes import BurstEvent, ProbeSettings, window_shift_for
 from .printable import printable
 from .procfs import ProcessInfo, ProcFS
 from .safety import exclusion_reason
@@ -53,6 +54,7 @@ def plural(count: int, word: str) -> str:
 
 SUMMARY_EVERY_S = 30.0
 FIRST_SUMMARY_S = 5.0  # a new user sees a judgement of the host within seconds
+AUTO_CPUS_REFRESH_S = 5.0
 WARN_KINDS = frozenset({"exhausted", "capped", "infeasible"})
 
 
@@ -183,6 +185,9 @@ class Daemon:
         # must leave the host as it found it (no audit or journal file, no originals restored).
         source = self._open_source()
         self.collector = Collector(source, config.protect, self.procfs, track_execs=self._has_always_policies())
+        self.bursts = BurstWatch(source, self.procfs, os.getpid()) if BurstWatch.supported(source) else None
+        if self.bursts is not None:
+            self.bursts.set_policies(self.policies)
         self.state = EngineState()
         try:
             self.audit = AuditLog(config.audit_path, stamp=self._audit_stamp(source), trust=self.trust)
@@ -367,6 +372,9 @@ class Daemon:
 
     def _loop(self, discovered: list[ProcessInfo]) -> None:
         ticks = 0
+        if self.bursts is not None:  # bursts are decided from the start, before the first tick
+            self._settings = self._engine_settings()
+            self.bursts.refresh(discovered, self.collector.protected)
         next_tick = time.monotonic()
         last_summary = time.monotonic() - SUMMARY_EVERY_S + FIRST_SUMMARY_S
         while not self._stop:
@@ -382,6 +390,8 @@ class Daemon:
                 self._reload = False
                 if self.reload():
                     discovered = self._survey()
+                    if self.bursts is not None:
+                        self.bursts.set_policies(self.policies)
                     self.collector.track_execs = self._has_always_policies()
             self.tick(discovered)
             discovered = []
@@ -401,35 +411,55 @@ class Daemon:
         for _ in range(steps):
             if self._sleep:
                 self._sleep(delay / steps)
+            elif self.bursts is not None and self.bursts.active:
+                if self._wait_for_bursts(delay / steps):
+                    return  # a signal: stop or reload now
             elif self._wake.wait(delay / steps):
                 self._wake.clear()
                 return  # a signal: stop or reload now
             self.notifier.watchdog()
+
+    def _wait_for_bursts(self, duration: float) -> bool:
+        """Wait on the probe's ring buffer instead of sleeping: a burst event is decided at once
+        (decide_burst), off the tick. True when a signal asks to stop or reload."""
+        deadline = time.monotonic() + duration
+        while not (self._stop or self._reload):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            events = self.bursts.wait(min(remaining, 1.0))
+            self.bursts.refresh((), self.collector.protected)  # exec'd processes become candidates now
+            for event in events:
+                self._on_burst(event)
+        self._wake.clear()
+        return True
+
+    def _on_burst(self, event: BurstEvent) -> None:
+        found = self.bursts.evidence(event)
+        if found is None:
+            return
+        info, burst = found
+        protected = tuple(sorted(self.collector.protected))
+        self.state, decisions = decide_burst(self.state, info, burst, self.policies, self._settings, protected,
+                                             time.monotonic(), time.time())
+        for decision in decisions:
+            self._carry_out(decision, protected)
+        if decisions:
+            self._save_state()
 
     def tick(self, discovered: list[ProcessInfo] = ()) -> list[Decision]:
         sample = self.collector.sample()
         self.last_sample = sample
         for name, count in sample.lost.items():
             self.lost_totals[name] = self.lost_totals.get(name, 0) + count
-        online = online_cpus()
-        if self.config.request_cpus is not None:
-            request = self.config.request_cpus
-        else:
-            request = auto_request_cpus(self.collector.protected, online, self._cgroup_cpus)
-        history_s, history_windows = history_for(self.policies, self.config.tick_s)
-        settings = EngineSettings(
-            request_cpus=frozenset(request) & online,
-            online_cpus=online,
-            max_changes_per_minute=self.config.max_changes_per_minute,
-            self_pid=os.getpid(),
-            history_s=history_s,
-            history_windows=history_windows,
-        )
-        self._keep_off(settings.request_cpus, online)
+        settings = self._settings = self._engine_settings()  # kept for burst decisions until the next tick
+        self._keep_off(settings.request_cpus, settings.online_cpus)
         exec_infos = [sample.processes[pid] for pid in sample.execs if pid in sample.processes]
         self.state, decisions = decide(self.state, sample, self.policies, settings, list(discovered) + exec_infos)
         for decision in decisions:
             self._carry_out(decision, sample.protected.pids)
+        if self.bursts is not None:
+            self.bursts.refresh(list(discovered) + list(sample.processes.values()), sample.protected.pids)
         for outcome in self.executor.maintain():
             if outcome.status in ("gone", "dropped"):
                 self.state = forget(self.state, outcome.identity)
@@ -438,6 +468,33 @@ class Daemon:
         self.notifier.watchdog()
         self.notifier.status(self._status_line(sample))
         return decisions
+
+    def _engine_settings(self) -> EngineSettings:
+        online = online_cpus()
+        if self.config.request_cpus is not None:
+            request = self.config.request_cpus
+        else:
+            request = self._auto_request_cpus(online)
+        history_s, history_windows = history_for(self.policies, self.config.tick_s)
+        return EngineSettings(
+            request_cpus=frozenset(request) & online,
+            online_cpus=online,
+            max_changes_per_minute=self.config.max_changes_per_minute,
+            self_pid=os.getpid(),
+            history_s=history_s,
+            history_windows=history_windows,
+        )
+
+    def _auto_request_cpus(self, online: frozenset[int]) -> frozenset[int]:
+        """request_cpus = "auto", read again when the protected set or the online CPUs changed, and
+        at least every AUTO_CPUS_REFRESH_S (a thread may change its own affinity): not one
+        sched_getaffinity per protected thread per tick, which grows with the service's threads."""
+        key = (online, frozenset((pid, len(tids)) for pid, tids in self.collector.protected.items()))
+        cached = getattr(self, "_auto_cpus", None)
+        now = time.monotonic()
+        if cached is None or cached[0] != key or now - cached[1] >= AUTO_CPUS_REFRESH_S:
+            cached = self._auto_cpus = (key, now, auto_request_cpus(self.collector.protected, online, self._cgroup_cpus))
+        return cached[2]
 
     def _cgroup_cpus(self, pid: int) -> frozenset[int] | None:
         """The CPUs a protected process's cpuset cgroup allows (None: gone, or no cpuset hierarchy)."""

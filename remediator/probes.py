@@ -387,6 +387,7 @@ class SchedProbes:
         self.protect_failures = 0  # threads the protected map could not take (user space adds)
         self.last_protect_error = ""
         self._exec_events: list[ExecEvent] = []
+        self._fresh_exec_pids: list[int] = []  # for burst detection's candidates (take_exec_pids)
         self.bpf[b"exec_events"].open_ring_buffer(self._on_exec_event)
         self._proc_value = struct.Struct(f"<Q{self.settings.window_slots}Q16s")
         # struct wait_stats: totals, then max[2] as (epoch, max_ns) pairs, then the histogram
@@ -503,6 +504,8 @@ class SchedProbes:
         self._exec_events.append(
             ExecEvent(event.ts, event.pid, event.old_pid, bytes(event.filename).split(b"\0", 1)[0].decode(errors="replace"))
         )
+        if len(self._fresh_exec_pids) < 65536:
+            self._fresh_exec_pids.append(event.pid)
 
     def exec_events(self) -> list[ExecEvent]:
         """Exec events since the last call (non-blocking)."""
@@ -547,6 +550,11 @@ class SchedProbes:
         self.bpf.ring_buffer_poll(max(0, int(timeout_s * 1000)))
         events, self._burst_events = self._burst_events, []
         return events
+
+    def take_exec_pids(self) -> list[int]:
+        """Pids that exec'd since the last call (the events also stay for exec_events())."""
+        pids, self._fresh_exec_pids = self._fresh_exec_pids, []
+        return pids
 
     def program_stats(self) -> dict[str, tuple[int, int]]:
         """run_time_ns and run_cnt per program (needs kernel.bpf_stats_enabled=1)."""
