@@ -56,6 +56,27 @@ static __always_inline void burst_blamed(u32 tgid, u64 wait_ns, u64 now)
     event->count = candidate->count;
     burst_events.ringbuf_submit(event, 0);
 }
+/* On fork: the child of a candidate is a candidate with the same settings from its first run;
+ * user space judges it at its next look (keeps it, or deletes it: the tracepoint does not say
+ * whether the child is a process or a thread, whose entry never matches a blamed tgid). */
+static __always_inline void burst_inherit(u32 child)
+{
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    struct burst_candidate *candidate = burst_candidates.lookup(&parent);
+    if (!candidate)
+        return;
+    struct burst_candidate fresh = {};
+    fresh.threshold_ns = candidate->threshold_ns;
+    fresh.span_ns = candidate->span_ns;
+    fresh.count = candidate->count;
+    fresh.inherited = 1;
+    burst_candidates.insert(&child, &fresh);
+}
+
+static __always_inline void burst_exit(u32 tid)
+{
+    burst_candidates.delete(&tid);
+}
 /* ---- end of burst detection ---- */
 
 static __always_inline struct wait_stats *stats_here(void)
@@ -259,6 +280,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
 TRACEPOINT_PROBE(sched, sched_process_fork)
 {
     u32 parent = args->parent_pid, child = args->child_pid;
+    burst_inherit(child);
     if (!protected_lookup(parent))
         return 0;
     struct protected_thread fresh = {};
@@ -279,6 +301,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u32 tid = args->pid;
+    burst_exit(tid);
     if (!protected_lookup(tid))
         return 0;
     protected_threads.delete(&tid);

@@ -152,7 +152,8 @@ struct exec_event {
  * the candidate ran during it, the wait's end time goes into the candidate's small ring; once
  * `count` such waits fall within `span_ns`, one event goes to user space through a ring buffer.
  * `count` is at least 2, so a lone spike never fires. After firing, a candidate stays quiet for
- * one span (a sustained burst wakes user space at most once per span). */
+ * one span (a sustained burst wakes user space at most once per span). A candidate's child is a
+ * candidate from its fork (a burst may come from a process user space has not seen yet). */
 #ifndef MAX_BURST_CANDIDATES
 #define MAX_BURST_CANDIDATES 4096
 #endif
@@ -166,6 +167,8 @@ struct burst_candidate {
     u64 span_ns;              /* user space: `count` counted waits within this span fire */
     u32 count;                /* user space: 2..BURST_RECENT */
     u32 head;                 /* kernel: next slot of `recent` */
+    u32 inherited;            /* kernel: added on fork as a candidate's child (user space judges it) */
+    u32 pad;
     u64 last_wait_end;        /* kernel: the wait last counted (one wait counts once per candidate) */
     u64 fired_at;             /* kernel: the last event */
     u64 recent[BURST_RECENT]; /* kernel: end times of the latest counted waits */

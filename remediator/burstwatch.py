@@ -106,6 +106,11 @@ class BurstWatch:
                     self._candidates.pop(pid, None)
             for pid in pids - self._judged.keys():
                 self._judge_pid(pid, protected)
+            # Children the kernel made candidates on fork: the processes among them were just
+            # judged with the rest (kept when a policy with within governs them); threads and
+            # the others go.
+            inherited = self.source.inherited_burst_candidates()
+            self.source.drop_burst_candidates([pid for pid in inherited if pid not in self._candidates])
         for pid in protected & self._candidates.keys():
             self._judged[pid] = None
             del self._candidates[pid]
@@ -127,6 +132,8 @@ class BurstWatch:
     def evidence(self, event: BurstEvent) -> tuple[ProcessInfo, BurstEvidence] | None:
         """Who the event names, checked to be the process judged a candidate, and what was counted."""
         self.events_seen += 1
+        if event.tgid not in self._candidates and event.tgid not in self._judged:
+            self._judge_pid(event.tgid, set())  # a child the kernel made a candidate on fork
         judged = self._candidates.get(event.tgid)
         try:
             info = self.procfs.process_info(event.tgid)

@@ -514,7 +514,7 @@ class SchedProbes:
         return events
 
     # -- burst detection ------------------------------------------------------------------------
-    _CANDIDATE = struct.Struct(f"<QQII QQ {BURST_MAX_COUNT}Q".replace(" ", ""))
+    _CANDIDATE = struct.Struct(f"<QQIIII QQ {BURST_MAX_COUNT}Q".replace(" ", ""))
     _BURST_EVENT = struct.Struct("<QQQII")
 
     def set_burst_candidates(self, wanted: dict[int, BurstCandidate]) -> None:
@@ -528,7 +528,7 @@ class SchedProbes:
             if self._burst_candidates.get(tgid) == candidate:
                 continue
             count = max(2, min(BURST_MAX_COUNT, candidate.count))
-            value = self._CANDIDATE.pack(candidate.threshold_ns, candidate.span_ns, count, 0, 0, 0, *([0] * BURST_MAX_COUNT))
+            value = self._CANDIDATE.pack(candidate.threshold_ns, candidate.span_ns, count, 0, 0, 0, 0, 0, *([0] * BURST_MAX_COUNT))
             try:
                 candidates.update(struct.pack("<I", tgid), value)
             except OSError:
@@ -539,6 +539,16 @@ class SchedProbes:
 
     def burst_candidates(self) -> dict[int, BurstCandidate]:
         return dict(self._burst_candidates)
+
+    def inherited_burst_candidates(self) -> set[int]:
+        """Entries the kernel added on fork that user space has not judged (processes or threads)."""
+        keys = {struct.unpack("<I", key)[0] for key in self._maps["burst_candidates"].keys()}
+        return keys - self._burst_candidates.keys()
+
+    def drop_burst_candidates(self, tgids: Iterable[int]) -> None:
+        for tgid in tgids:
+            self._maps["burst_candidates"].delete(struct.pack("<I", tgid))
+            self._burst_candidates.pop(tgid, None)
 
     def _on_burst_event(self, _ctx, data, size) -> None:
         ts, first_ts, wait_ns, tgid, count = self._BURST_EVENT.unpack(ct.string_at(data, self._BURST_EVENT.size))

@@ -275,6 +275,12 @@ class BpfSource:
     def take_exec_pids(self) -> list[int]:
         return self.probes.take_exec_pids()
 
+    def inherited_burst_candidates(self) -> set[int]:
+        return self.probes.inherited_burst_candidates()
+
+    def drop_burst_candidates(self, tgids: Collection[int]) -> None:
+        self.probes.drop_burst_candidates(tgids)
+
     def read(self, protected: Mapping[int, Collection[int]]) -> TickDelta:
         current = self.probes.snapshot()
         delta = bpf_delta(self._previous, current, self._tid_to_tgid, self.window_ns, self._previous_usage)
