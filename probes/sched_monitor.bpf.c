@@ -325,6 +325,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     event->pid = args->pid;
     event->old_pid = args->old_pid;
     TP_DATA_LOC_READ_STR(event->filename, filename, sizeof(event->filename));
-    exec_events.ringbuf_submit(event, 0);
+    /* No wakeup: user space reads exec events each tick; only burst events wake it at once. */
+    exec_events.ringbuf_submit(event, BPF_RB_NO_WAKEUP);
     return 0;
 }

@@ -5,7 +5,10 @@ protected waits over the policy's threshold during which that process ran, and w
 when enough fall within the span (probes/sched_monitor.h, burst detection). This module keeps the
 candidate map current without a full /proc pass every tick: a process is judged once, when first
 seen (a periodic listing of /proc finds new pids; exec events and each tick's sample name
-processes sooner), and again after an exec, which may change what it is.
+processes sooner), and again after an exec, which may change what it is. All of that happens at
+the tick: between ticks only burst events wake the daemon (exec events do not, so a host that
+execs a lot does not keep it awake), and a child the kernel made a candidate on fork is judged at
+its first event.
 """
 
 from __future__ import annotations

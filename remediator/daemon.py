@@ -427,9 +427,7 @@ class Daemon:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            events = self.bursts.wait(min(remaining, 1.0))
-            self.bursts.refresh((), self.collector.protected)  # exec'd processes become candidates now
-            for event in events:
+            for event in self.bursts.wait(min(remaining, 1.0)):
                 self._on_burst(event)
         self._wake.clear()
         return True

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import ctypes as ct
 import errno
+import math
 import os
 import re
 import struct
@@ -78,7 +79,6 @@ def task_state_mask(format_text: str) -> int:
 
 def window_shift_for(window_ms: float) -> int:
     """The power-of-two window nearest to `window_ms` (the probes shift, they do not divide)."""
-    import math
 
     return max(20, min(31, round(math.log2(max(window_ms, 1.0) * 1e6))))
 
@@ -557,7 +557,7 @@ class SchedProbes:
     def poll(self, timeout_s: float) -> list[BurstEvent]:
         """Wait up to `timeout_s` for an event (a burst, or an exec: those are kept for
         exec_events()); the burst events since the last call. A signal ends the wait early."""
-        self.bpf.ring_buffer_poll(max(0, int(timeout_s * 1000)))
+        self.bpf.ring_buffer_poll(max(1, math.ceil(timeout_s * 1000)))  # 0 would return at once: a spin
         events, self._burst_events = self._burst_events, []
         return events
 
