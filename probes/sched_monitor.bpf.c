@@ -27,6 +27,7 @@ BPF_ARRAY(max_epoch, u64, 1);
 BPF_PERCPU_ARRAY(cpu_state, struct cpu_state, 1);
 BPF_HASH(proc_cpu, struct proc_cpu_key, struct proc_cpu, MAX_PROC_CPU_ENTRIES);
 BPF_HASH(blame, u32, u64, MAX_BLAMED_PROCESSES);
+BPF_HASH(proc_changed, struct proc_changed_key, u8, 2 * MAX_PROC_CPU_ENTRIES); /* both parities */
 BPF_RINGBUF_OUTPUT(exec_events, EXEC_RING_PAGES);
 
 /* ---- burst detection (issue 14; see sched_monitor.h) ---- */
@@ -126,6 +127,19 @@ TRACEPOINT_PROBE(sched, sched_wakeup_new)
     return 0;
 }
 
+/* Put a proc_cpu entry in this epoch's changed set, once per epoch. */
+static __always_inline void mark_changed(struct proc_cpu_key *key, struct proc_cpu *usage)
+{
+    u32 zero = 0;
+    u64 *epoch = max_epoch.lookup(&zero);
+    if (!epoch || usage->marked_epoch == *epoch + 1)
+        return;
+    usage->marked_epoch = *epoch + 1;
+    struct proc_changed_key changed = {.tgid = key->tgid, .cpu = key->cpu, .parity = (u32)(*epoch & 1)};
+    u8 one = 1;
+    proc_changed.update(&changed, &one);
+}
+
 /* Add [start, end) of a process's run on this CPU to its totals and its windows. */
 static __always_inline void account_run(u32 tgid, u32 cpu, u64 start, u64 end, char *comm,
                                         struct wait_stats *stats)
@@ -144,6 +158,7 @@ static __always_inline void account_run(u32 tgid, u32 cpu, u64 start, u64 end, c
         }
     }
     usage->total_ns += end - start;
+    mark_changed(&key, usage);
 
     u64 first = start >> WINDOW_SHIFT, last = end >> WINDOW_SHIFT;
     if (last - first >= WINDOW_SLOTS)

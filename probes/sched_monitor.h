@@ -137,6 +137,17 @@ struct proc_cpu {
     u64 total_ns;
     u64 windows[WINDOW_SLOTS]; /* (window index << 32) | ns on this CPU in that window */
     char comm[16];             /* comm of the thread that created the entry */
+    u64 marked_epoch;          /* max_epoch + 1 when last put in proc_changed (0: never) */
+};
+
+/* The changed set: (process, cpu) entries of proc_cpu that changed in an epoch (the epoch user space
+ * bumps at every read, its parity in the key). User space reads and deletes the closed epoch's
+ * keys and looks up only those entries: a read costs what ran, not every process on every CPU.
+ * Each entry is marked at most once per epoch, so the hot path pays an array lookup per switch. */
+struct proc_changed_key {
+    u32 tgid;
+    u32 cpu;
+    u32 parity;                /* epoch & 1 */
 };
 
 struct exec_event {

@@ -375,6 +375,7 @@ class SchedProbes:
                 ("max_epoch", False),
                 ("cpu_state", True),
                 ("proc_cpu", False),
+                ("proc_changed", False),
                 ("blame", False),
                 ("burst_candidates", False),
                 ("burst_floor", False),
@@ -389,7 +390,10 @@ class SchedProbes:
         self._exec_events: list[ExecEvent] = []
         self._fresh_exec_pids: list[int] = []  # for burst detection's candidates (take_exec_pids)
         self.bpf[b"exec_events"].open_ring_buffer(self._on_exec_event)
-        self._proc_value = struct.Struct(f"<Q{self.settings.window_slots}Q16s")
+        self._proc_value = struct.Struct(f"<Q{self.settings.window_slots}Q16sQ")
+        # proc_cpu as last read: the changed set says which entries to read again
+        self._proc_cache: dict[tuple[int, int], ProcCpuEntry] = {}
+        self._full_read_at = float("-inf")
         # struct wait_stats: totals, then max[2] as (epoch, max_ns) pairs, then the histogram
         self._wait_stats = struct.Struct(f"<{len(WAIT_TOTAL_FIELDS)}Q4Q{histogram.SLOTS}Q")
 
@@ -471,20 +475,52 @@ class SchedProbes:
             histogram=hist,
             max_ns=max_ns,
             cpus=cpus,
-            proc_cpu=self._read_proc_cpu(),
+            proc_cpu=self._read_proc_cpu_changed(closed),
             blame=self._read_blame(),
         )
 
+    def _proc_entry(self, tgid: int, cpu: int, raw, offset: int = 0) -> ProcCpuEntry:
+        fields = self._proc_value.unpack_from(raw, offset)
+        windows = tuple((packed >> 32, packed & 0xFFFFFFFF) for packed in fields[1:-2] if packed)
+        comm = fields[-2].split(b"\0", 1)[0].decode(errors="replace")
+        return ProcCpuEntry(tgid, cpu, fields[0], windows, comm)
+
     def _read_proc_cpu(self) -> dict[tuple[int, int], ProcCpuEntry]:
+        """Every entry (one batch syscall per few hundred)."""
         keys, values, count = self._maps["proc_cpu"].items()
-        entries: dict[tuple[int, int], ProcCpuEntry] = {}
-        layout = self._proc_value
-        for index, (tgid, cpu) in enumerate(struct.iter_unpack("<II", keys)):
-            fields = layout.unpack_from(values, index * layout.size)
-            windows = tuple((packed >> 32, packed & 0xFFFFFFFF) for packed in fields[1:-1] if packed)
-            comm = fields[-1].split(b"\0", 1)[0].decode(errors="replace")
-            entries[(tgid, cpu)] = ProcCpuEntry(tgid, cpu, fields[0], windows, comm)
-        return entries
+        size = self._proc_value.size
+        return {(tgid, cpu): self._proc_entry(tgid, cpu, values, index * size)
+                for index, (tgid, cpu) in enumerate(struct.iter_unpack("<II", keys))}
+
+    FULL_READ_EVERY_S = 60.0
+
+    def _read_proc_cpu_changed(self, closed_epoch: int) -> dict[tuple[int, int], ProcCpuEntry]:
+        """proc_cpu as it is now, reading only the entries in the changed set of the epoch just
+        closed (and deleting those keys). The first read, and one a minute as a safety net, reads
+        everything. The result equals a full read: see tests/test_probes_changed_set.py."""
+        changed = self._maps["proc_changed"]
+        keys, _values, _count = changed.items()
+        parity = closed_epoch & 1
+        proc_cpu = self._maps["proc_cpu"]
+        now = time.monotonic()
+        if now - self._full_read_at >= self.FULL_READ_EVERY_S:
+            for key in (keys[i:i + 12] for i in range(0, len(keys), 12)):
+                if struct.unpack_from("<I", key, 8)[0] == parity:
+                    changed.delete(key)
+            self._proc_cache = self._read_proc_cpu()
+            self._full_read_at = now
+            return dict(self._proc_cache)
+        cache = self._proc_cache
+        for tgid, cpu, key_parity in struct.iter_unpack("<III", keys):
+            if key_parity != parity:
+                continue  # marked in the epoch now open: read next time
+            changed.delete(struct.pack("<III", tgid, cpu, key_parity))
+            raw = proc_cpu.lookup(struct.pack("<II", tgid, cpu))
+            if raw is None:
+                cache.pop((tgid, cpu), None)
+            else:
+                cache[(tgid, cpu)] = self._proc_entry(tgid, cpu, raw)
+        return dict(cache)
 
     def _read_blame(self) -> dict[int, int]:
         keys, values, count = self._maps["blame"].items()
@@ -496,6 +532,7 @@ class SchedProbes:
         for tgid in tgids:
             for cpu in cpu_list:
                 self._maps["proc_cpu"].delete(struct.pack("<II", tgid, cpu))
+                self._proc_cache.pop((tgid, cpu), None)
             self._maps["blame"].delete(struct.pack("<I", tgid))
 
     # -- exec events --------------------------------------------------------------------------
