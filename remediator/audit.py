@@ -131,13 +131,20 @@ def read_audit(path: str | Path) -> Iterator[dict]:
         yield record
 
 
-def _detail(record: dict) -> str:
+def decision_detail(record: dict) -> str:
     evidence = record.get("evidence") or {}
     kind = record.get("decision")
     if kind == "verify":
+        before, after = evidence.get("before") or {}, evidence.get("after") or {}
+        rates = ""
+        if before and after:
+            low, high = evidence.get("rate_ratio_interval") or (None, None)
+            rates = (f", over {evidence.get('threshold_us')} us {before.get('over')}/{before.get('waits')} -> "
+                     f"{after.get('over')}/{after.get('waits')} (x{evidence.get('rate_ratio')}, {low}-{high})")
         text = (
             f"{evidence.get('verdict')}: p{evidence.get('percentile'):g} {evidence.get('before_tail_us')} -> "
-            f"{evidence.get('after_tail_us')} us, blame {evidence.get('before_blame_share')} -> {evidence.get('after_blame_share')}"
+            f"{evidence.get('after_tail_us')} us{rates}, blame {evidence.get('before_blame_share')} -> "
+            f"{evidence.get('after_blame_share')}"
         )
         return text + (" (nothing was changed)" if evidence.get("note") else "")
     tail = evidence.get("protected_tail")
@@ -170,7 +177,7 @@ def format_table(records: list[dict], width: int = 0) -> str:
             process.get("comm", ""),
             step.get("action", ""),
             record.get("outcome", ""),
-            _detail(record),
+            decision_detail(record),
         )
         # The log keeps exact values (JSON); the table shows comm, cmdline and paths escaped: a
         # process must not be able to add a row or drive the reader's terminal.

@@ -22,6 +22,8 @@ COMMAND_MODULES = (
     "remediator.commands.run",
     "remediator.commands.revert",
     "remediator.commands.audit",
+    "remediator.commands.report",
+    "remediator.commands.demo",
 )
 
 

@@ -12,6 +12,7 @@ stays protected in the kernel until the next rescan finds it: the fork tracepoin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from .errors import ProcessGone, RemediatorError
 from .printable import printable
 from .procfs import ProcessIdentity, ProcessInfo, ProcFS
 from .sample import ProcessUsage, ProtectedWaits, Sample
+from .schedgroups import SchedGroups
 from .selectors import ProtectSelectors
 from .sources import Source, TickDelta
 
@@ -39,8 +41,10 @@ class Collector:
         track_execs: bool = False,
         wall_clock: Callable[[], float] = time.time,
         mono_clock: Callable[[], float] = time.monotonic,
+        sched_groups: SchedGroups | None = None,  # None: processes' scheduling groups are not read
     ):
         self.source = source
+        self.sched_groups = sched_groups
         self.selectors = selectors
         self.procfs = procfs or ProcFS()
         self.rescan_s = rescan_s if source.has_exec_events else 0.0
@@ -224,14 +228,21 @@ class Collector:
                 # as a Python or Java program naming itself does) must be seen under its new
                 # name, or the policy that names it never matches.
                 if stat.start_time == info.start_time and stat.comm == info.comm:
+                    info = self._with_group(info)  # setsid or a cgroup move changes it
                     self._info_cache[pid] = (info, now)
                     return info
-            info = self.procfs.process_info(pid)
+            info = self._with_group(self.procfs.process_info(pid))
         except (ProcessGone, RemediatorError):
             self._info_cache.pop(pid, None)
             return None
         self._info_cache[pid] = (info, now)
         return info
+
+    def _with_group(self, info: ProcessInfo) -> ProcessInfo:
+        if self.sched_groups is None:
+            return info
+        group = self.sched_groups.group_of(info.pid)
+        return info if group == info.sched_group else dataclasses.replace(info, sched_group=group)
 
     def _build_sample(self, delta: TickDelta, threads: int) -> Sample:
         duration = max(1, delta.end_ns - delta.start_ns)

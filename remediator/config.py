@@ -21,7 +21,7 @@ from .tomlpos import Document, TomlSyntaxError, format_key_path, parse
 from .trustedfs import Trust, UntrustedPath, read_bytes
 
 CONFIG_FILE_NAME = "remediator.toml"
-CONFIG_TABLES = frozenset({"protect", "daemon"})
+CONFIG_TABLES = frozenset({"protect", "daemon", "recording"})
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class DaemonConfig:
     revert_on_exit: bool
     max_changes_per_minute: int
     warnings: tuple[Diagnostic, ...] = ()  # logged at start and on reload (e.g. comm without users)
+    recording_path: Path | None = None  # [recording]: the daemon's rolling recording (see recording.py)
+    recording_max_bytes: int = 268435456
 
     def to_json(self) -> dict:
         return {
@@ -54,6 +56,8 @@ class DaemonConfig:
             "on_start": self.on_start,
             "revert_on_exit": self.revert_on_exit,
             "max_changes_per_minute": self.max_changes_per_minute,
+            "recording_path": None if self.recording_path is None else str(self.recording_path),
+            "recording_max_bytes": self.recording_max_bytes,
         }
 
 
@@ -154,6 +158,7 @@ def compile_config(document: Document, base: Path | None = None) -> tuple[Daemon
     if has_errors(diagnostics) or selectors is None:
         return None, diagnostics
     request = protect_values["request_cpus"]
+    recording: dict[str, Any] = clean.get("recording") or {}
     config = DaemonConfig(
         path=config_path,
         protect=selectors,
@@ -168,6 +173,8 @@ def compile_config(document: Document, base: Path | None = None) -> tuple[Daemon
         revert_on_exit=daemon["revert_on_exit"],
         max_changes_per_minute=clean["limits"]["max_changes_per_minute"],
         warnings=tuple(d for d in diagnostics if d.severity == "warning"),
+        recording_path=_resolve(base, recording["path"]) if recording.get("path") else None,
+        recording_max_bytes=recording.get("max_bytes", 268435456),
     )
     return config, diagnostics
 

@@ -27,7 +27,7 @@ from .config import DaemonConfig, load_config
 from .cpulist import format_cpulist, online_cpus
 from .burstwatch import BurstWatch
 from .engine import (Decision, EngineSettings, EngineState, decide, decide_burst, export_state, forget, given_back,
-                     history_for, import_state, record_outcome, resume)
+                     history_for, import_state, protected_groups_of, record_outcome, resume)
 from .errors import RemediatorError, SetupError
 from .executor import LEFT_BY_OTHER, Executor, Outcome
 from .health import LOG_WRITE_FAILURES, describe_counts, error_name
@@ -36,10 +36,12 @@ from .placement import auto_request_cpus
 from .matching import Glob
 from .policy import PolicyErrors, PolicySet, load_policies
 from .probes import BurstEvent, ProbeSettings, window_shift_for
+from .recording import open_recording
 from .printable import printable
 from .procfs import ProcessInfo, ProcFS
 from .safety import exclusion_reason
 from .sample import SOURCE_PROCFS
+from .schedgroups import SchedGroups
 from .sdnotify import Notifier
 from .selectors import ProtectSelectors
 from .sources import PROCFS_DEGRADED, Source, open_source
@@ -55,7 +57,7 @@ def plural(count: int, word: str) -> str:
 SUMMARY_EVERY_S = 30.0
 FIRST_SUMMARY_S = 5.0  # a new user sees a judgement of the host within seconds
 AUTO_CPUS_REFRESH_S = 5.0
-WARN_KINDS = frozenset({"exhausted", "capped", "infeasible"})
+WARN_KINDS = frozenset({"exhausted", "capped", "infeasible", "skipped"})
 
 
 def shared_comm_warnings(infos: list[ProcessInfo], protect: ProtectSelectors, policies: PolicySet) -> list[str]:
@@ -108,8 +110,11 @@ class Daemon:
         notifier: Notifier | None = None,
         max_ticks: int | None = None,
         sleep: Callable[[float], None] | None = None,
+        record: str | Path | None = None,  # overrides the config's [recording] path
     ):
         self.config_path = Path(config_path)
+        self.record_override = Path(record) if record else None
+        self.recorder = None
         self.mode_override = mode
         self.source_override = source
         self.procfs = procfs or ProcFS()
@@ -158,7 +163,7 @@ class Daemon:
         except RemediatorError as exc:
             log.error("reload failed: %s: keeping the last good configuration", exc)
             return False
-        restart_only = ("journal_path", "audit_path", "tick_s") + (() if self.source_override else ("source",))
+        restart_only = ("journal_path", "audit_path", "tick_s", "recording_path", "recording_max_bytes") + (() if self.source_override else ("source",))
         for name in restart_only:
             if getattr(config, name) != getattr(self.config, name):
                 log.warning("reload: %s changed; it takes effect at the next restart", name.replace("_", " "))
@@ -184,13 +189,16 @@ class Daemon:
         # The source before anything else: a daemon that cannot watch refuses to start, and then it
         # must leave the host as it found it (no audit or journal file, no originals restored).
         source = self._open_source()
-        self.collector = Collector(source, config.protect, self.procfs, track_execs=self._has_always_policies())
+        self.collector = Collector(source, config.protect, self.procfs, track_execs=self._has_always_policies(),
+                                   sched_groups=SchedGroups.for_host(self.procfs, self.cgroupfs))
         self.bursts = BurstWatch(source, self.procfs, os.getpid()) if BurstWatch.supported(source) else None
         if self.bursts is not None:
             self.bursts.set_policies(self.policies)
         self.state = EngineState()
         try:
             self.audit = AuditLog(config.audit_path, stamp=self._audit_stamp(source), trust=self.trust)
+            self.recorder = open_recording(self.record_override or config.recording_path, config.recording_max_bytes,
+                                           self.trust)
             if self.mode == "live":
                 self._enter_live("start-up", self.policies)
             else:
@@ -438,7 +446,9 @@ class Daemon:
             return
         info, burst = found
         protected = tuple(sorted(self.collector.protected))
-        self.state, decisions = decide_burst(self.state, info, burst, self.policies, self._settings, protected,
+        sample = getattr(self, "last_sample", None)
+        groups = protected_groups_of(sample) if sample is not None else []
+        self.state, decisions = decide_burst(self.state, info, burst, self.policies, self._settings, protected, groups,
                                              time.monotonic(), time.time())
         for decision in decisions:
             self._carry_out(decision, protected)
@@ -448,6 +458,8 @@ class Daemon:
     def tick(self, discovered: list[ProcessInfo] = ()) -> list[Decision]:
         sample = self.collector.sample()
         self.last_sample = sample
+        if self.recorder is not None:
+            self.recorder.write(sample)  # the rolling recording: the input of report, replay, policy suggest
         for name, count in sample.lost.items():
             self.lost_totals[name] = self.lost_totals.get(name, 0) + count
         settings = self._settings = self._engine_settings()  # kept for burst decisions until the next tick
@@ -527,7 +539,7 @@ class Daemon:
         could not hold, /proc reads that would have blocked. "" when nothing did."""
         parts = []
         failed = {"audit": getattr(getattr(self, "audit", None), "failures", {}), "state": self.state_write_failures,
-                  "log": LOG_WRITE_FAILURES}
+                  "log": LOG_WRITE_FAILURES, "recording": self.recorder.failures if self.recorder else {}}
         writes = [f"{kind} {describe_counts(counts)}" for kind, counts in failed.items() if counts]
         if writes:
             parts.append("failed writes: " + ", ".join(writes))
@@ -609,8 +621,9 @@ class Daemon:
         if not waits.pids:
             problems = self._problems()
             log.info("nothing protected is running (%s); watching for it. Name your service in the [protect] "
-                     "table of %s (see 'remediator watch --comm NAME' to try a selector); %s%s", self.config.protect.describe(),
-                     self.config_path, self.source_note, f"; {problems}" if problems else "")
+                     "table of %s (see 'remediator watch --comm NAME' to try a selector); to see remediator work on "
+                     "this host in a minute, run 'sudo ./bootstrap demo' (or 'remediator demo'); %s%s",
+                     self.config.protect.describe(), self.config_path, self.source_note, f"; {problems}" if problems else "")
             return
         p99 = waits.percentile_ns(99)
         top = []
@@ -650,4 +663,6 @@ class Daemon:
                 self.executor.journal.close()
             if hasattr(self, "audit"):
                 self.audit.close()
+            if self.recorder is not None:
+                self.recorder.close()
             self.notifier.close()

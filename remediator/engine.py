@@ -15,8 +15,15 @@ Rules, in the order they are checked:
 - once the protected tail has stayed under the policy's threshold for `revert_after_quiet`, the
   process gets its originals back; after that, `cooldown` must pass before the policy acts on it
   again (so a process is not changed and given back in a loop);
-- every action is verified: the protected tail (and the offender's blame share) over the settle
-  period before it against the same period after it.
+- every action is verified: the rate of protected waits over the threshold (and the offender's
+  blame share) over the settle period before it against the same period after it, with a verdict
+  only when the change is beyond the windows' noise (verification.py). The verdict never holds
+  the ladder back: whether the tail is still bad decides escalation. An inconclusive verdict is
+  judged again over a longer after-period (up to MAX_REVERIFY more settle periods) while the ladder
+  stays where it is; a later step or a revert ends the after-period, since it would confound it.
+A nice or sched step that cannot reach any running protected process (offender and service in
+different scheduling groups: cpu cgroups or autogroups, schedgroups.py) is skipped at once, with a
+"skipped" decision, and the ladder goes on to its next step in the same tick.
 An `always` policy places a process with its whole ladder as soon as it is seen (at exec), with no
 tail condition, and never reverts it.
 
@@ -28,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Collection, Iterable, Mapping
+from typing import Collection, Iterable, Mapping, Sequence
 
 from .detector import Window, blame_share, combined_tail_us, evaluate_trigger
 from .model import ActionRequest
@@ -37,9 +44,9 @@ from .policy import Policy, PolicySet, Step
 from .procfs import ProcessIdentity, ProcessInfo
 from .safety import exclusion_reason
 from .sample import Sample
+from .schedgroups import unreachable_reason
+from .verification import INCONCLUSIVE, MAX_REVERIFY, PeriodCounts, judge, period_counts, threshold_boundary_ns
 
-# An action "helped" when the tail after it is at least this much lower than before, or under the threshold.
-HELPED_RATIO = 0.9
 APPLIED_STATUSES = frozenset({"applied", "would-apply", "unchanged"})
 GONE_STATUSES = frozenset({"gone"})
 
@@ -59,17 +66,17 @@ BASE_HISTORY_S = 120.0
 
 def history_for(policies: PolicySet, tick_s: float) -> tuple[float, int]:
     """(seconds, windows) of the past the engine must keep for these policies: a verification
-    compares the settle period before a step with the one after it, so the longest settle plus a
-    tick or two; a trigger looks at its last M (`of`) windows, whatever the tick. The schema bounds
-    both (settle, of), so this is bounded too."""
+    compares the settle period before a step with the one after it, re-judged over up to
+    MAX_REVERIFY more settle periods, so that plus a tick or two; a trigger looks at its last M
+    (`of`) windows, whatever the tick. The schema bounds both (settle, of), so this is bounded too."""
     settle = max((step.settle_s for policy in policies.policies for step in policy.steps), default=0.0)
     of = max((policy.trigger.of_windows or 1 for policy in policies.policies), default=1)
-    return max(BASE_HISTORY_S, settle + 2 * tick_s), of
+    return max(BASE_HISTORY_S, (1 + MAX_REVERIFY) * settle + 2 * tick_s), of
 
 
 @dataclass(frozen=True)
 class Decision:
-    kind: str  # "act" | "revert" | "verify" | "exhausted" | "capped" | "excluded" | "infeasible"
+    kind: str  # "act" | "revert" | "verify" | "exhausted" | "capped" | "excluded" | "infeasible" | "skipped"
     at: float  # engine time (monotonic seconds)
     ts: float  # wall clock, for the audit
     info: ProcessInfo
@@ -100,6 +107,7 @@ class Remediation:
     capped_warned_at: float | None = None
     reverted_at: float | None = None
     infeasible_warned: frozenset[int] = frozenset()
+    skipped_warned: frozenset[int] = frozenset()  # steps said to be unable to work here (said once per ladder)
 
 
 @dataclass(frozen=True)
@@ -112,9 +120,12 @@ class PendingVerification:
     at: float
     verify_at: float
     percentile: float
-    threshold_us: float | None
+    threshold_us: float | None  # the over-threshold rate is counted above this (the trigger's, else the before tail)
     before_tail_us: float | None
     before_blame_share: float
+    before_counts: PeriodCounts = PeriodCounts(())
+    settle_s: float = 0.0
+    reverified: int = 0  # times an inconclusive verdict was extended over another settle period
 
 
 @dataclass(frozen=True)
@@ -153,39 +164,65 @@ def _request_for(step: Step, policy: Policy, info: ProcessInfo, settings: Engine
     return ActionRequest(info.identity, step.kind, policy.name, index, cpus=frozenset(cpus), cgroup=step.cgroup, evidence=evidence), ""
 
 
-def _verify(pending: PendingVerification, windows: tuple[Window, ...], now: float, ts: float, policies: PolicySet) -> Decision:
-    after_windows = [w for w in windows if w.start_s >= pending.at - 1e-9 and w.end_s <= pending.verify_at + 1e-9]
+def _ladder_moved_at(pending: PendingVerification, state: EngineState) -> float | None:
+    """When the process's ladder changed after the verified step (a later step, or a revert), if it did."""
+    remediation = state.remediations.get((pending.info.identity, pending.policy))
+    if remediation is None:
+        return pending.at
+    moves = [t for t in (remediation.last_action_at, remediation.reverted_at) if t is not None and t > pending.at + 1e-9]
+    return min(moves) if moves else None
+
+
+def _verify(pending: PendingVerification, state: EngineState, now: float, ts: float,
+            policies: PolicySet) -> tuple[Decision | None, PendingVerification | None]:
+    """The verdict on one step (a Decision), or the pending verification extended over another
+    settle period (an inconclusive verdict while the ladder has not moved)."""
+    moved_at = _ladder_moved_at(pending, state)
+    end = pending.verify_at if moved_at is None else min(pending.verify_at, moved_at)
+    after_windows = [w for w in state.windows if w.start_s >= pending.at - 1e-9 and w.end_s <= end + 1e-9]
     after_tail = combined_tail_us(after_windows, pending.percentile)
     after_share = blame_share(after_windows, pending.info.pid)
     before = pending.before_tail_us
-    if after_tail is None:
-        verdict, text = "unknown", "no protected waits after the action"
-    elif before is None:
-        verdict, text = "unknown", "no protected waits before the action"
-    elif after_tail <= before * HELPED_RATIO or (pending.threshold_us is not None and after_tail <= pending.threshold_us):
-        verdict, text = "helped", f"p{pending.percentile:g} {before:.0f} -> {after_tail:.0f} us"
+    threshold = pending.threshold_us
+    if threshold is None:
+        result = {"verdict": INCONCLUSIVE}
+        text = "no threshold to count waits over (the trigger has none and there were no waits before)"
     else:
-        verdict, text = "did-not-help", f"p{pending.percentile:g} {before:.0f} -> {after_tail:.0f} us: the step did not help"
-    return Decision(
+        boundary = threshold_boundary_ns(threshold)
+        verdict = judge(pending.before_counts, period_counts((w.counts for w in after_windows), boundary), boundary / 1000.0)
+        if verdict.verdict == INCONCLUSIVE and pending.reverified < MAX_REVERIFY and moved_at is None:
+            return None, dataclasses.replace(pending, verify_at=pending.verify_at + pending.settle_s,
+                                             reverified=pending.reverified + 1)
+        result = verdict.to_json()
+        text = verdict.reason
+    tails = f"p{pending.percentile:g} {_us(before)} -> {_us(after_tail)} us"
+    label = {"helped": "helped", "did-not-help": "did not help"}.get(result["verdict"], "inconclusive")
+    decision = Decision(
         kind="verify",
         at=now,
         ts=ts,
         info=pending.info,
         policy=policies.by_name(pending.policy),
-        message=f"{pending.step_text}: {text}",
+        message=f"{pending.step_text}: {label}: {text}; {tails}",
         step_index=pending.step_index,
         action_id=pending.action_id,
         evidence={
-            "verdict": verdict,
+            **result,
             "percentile": pending.percentile,
-            "threshold_us": pending.threshold_us,
             "before_tail_us": None if before is None else round(before, 3),
             "after_tail_us": None if after_tail is None else round(after_tail, 3),
             "before_blame_share": round(pending.before_blame_share, 3),
             "after_blame_share": round(after_share, 3),
-            "window_s": round(pending.verify_at - pending.at, 3),
+            "window_s": round(end - pending.at, 3),
+            "reverified": pending.reverified,
+            **({"after_cut_by": "a later step or a revert"} if moved_at is not None and moved_at < pending.verify_at else {}),
         },
     )
+    return decision, None
+
+
+def _us(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
 
 
 def decide(
@@ -219,8 +256,12 @@ def decide(
     # 1. Verifications whose settle period has ended.
     still_pending = []
     for pending in state.pending:
-        if now >= pending.verify_at:
-            decisions.append(_verify(pending, windows, now, ts, policies))
+        if now >= pending.verify_at or (pending.reverified and _ladder_moved_at(pending, state) is not None):
+            decision, extended = _verify(pending, state, now, ts, policies)
+            if decision is not None:
+                decisions.append(decision)
+            if extended is not None:
+                still_pending.append(extended)
         else:
             still_pending.append(pending)
     state = dataclasses.replace(state, pending=tuple(still_pending))
@@ -258,7 +299,7 @@ def decide(
         info = sample.processes.get(pid)
         if info is not None:
             candidates.setdefault(pid, info)
-    offenders = _Offenders(state, now, ts, settings, sample.protected.pids, decisions)
+    offenders = _Offenders(state, now, ts, settings, sample.protected.pids, protected_groups_of(sample), decisions)
     for pid, info in candidates.items():
         selected = policies.select(info)
         if selected is None:
@@ -308,13 +349,14 @@ def decide_burst(
     policies: PolicySet,
     settings: EngineSettings,
     protected_pids: Collection[int],
+    protected_groups: Sequence[tuple[int, str, str | None]],
     now: float,
     ts: float,
 ) -> tuple[EngineState, list[Decision]]:
     """The probe says `info` was blamed for a burst of long protected waits: act at once, off the
     tick, if the policy that governs it asks for that (tail.within) and as many waits as it needs
     were counted. The same rules as a tick's (exclusions, ladder and settle, cooldown, caps), the
-    same decisions, the same audit."""
+    same decisions, the same audit. `protected_groups`: protected_groups_of(the latest sample)."""
     decisions: list[Decision] = []
     selected = policies.select(info)
     if selected is None:
@@ -325,10 +367,16 @@ def decide_burst(
         return state, decisions
     if burst.waits < max(2, trigger.burst_waits) or burst.last_s - burst.first_s > trigger.burst_within_s + 1e-9:
         return state, decisions  # not what this policy counts (a lone spike never acts)
-    offenders = _Offenders(state, now, ts, settings, protected_pids, decisions)
+    offenders = _Offenders(state, now, ts, settings, protected_pids, protected_groups, decisions)
     if not offenders.excluded(info, policy, match):
         offenders.climb(info, policy, {"match": match.detail, **burst.to_json(trigger)})
     return offenders.finish(), decisions
+
+
+def protected_groups_of(sample: Sample) -> list[tuple[int, str, str | None]]:
+    """(pid, comm, scheduling group) of the protected processes the sample knows."""
+    return [(pid, info.comm, info.sched_group) for pid in sample.protected.pids
+            if (info := sample.processes.get(pid)) is not None]
 
 
 class _Offenders:
@@ -336,9 +384,11 @@ class _Offenders:
     the burst path so that both follow the same rules."""
 
     def __init__(self, state: EngineState, now: float, ts: float, settings: EngineSettings,
-                 protected_pids: Collection[int], decisions: list[Decision]):
+                 protected_pids: Collection[int], protected_groups: Sequence[tuple[int, str, str | None]],
+                 decisions: list[Decision]):
         self.state, self.now, self.ts, self.settings = state, now, ts, settings
         self.protected_pids = protected_pids
+        self.protected_groups = list(protected_groups)
         self.decisions = decisions
         self.recent_changes = tuple(t for t in state.recent_changes if t > now - 60.0)
         self.remediations = dict(state.remediations)
@@ -376,16 +426,36 @@ class _Offenders:
                 if now - (remediation.last_action_at or now) < current.settle_s:
                     return  # the current step is still settling
                 next_index = remediation.step_index + 1
-                if next_index >= len(policy.steps):
-                    if not remediation.exhausted_warned:
-                        remediation = dataclasses.replace(remediation, exhausted_warned=True)
-                        remediations[key] = remediation
-                        decisions.append(
-                            Decision("exhausted", now, ts, info, policy,
-                                     f"the last step ({current.describe()}) is in place and the trigger still holds: no further escalation",
-                                     step_index=remediation.step_index, evidence=evidence)
-                        )
-                    return
+            # Steps that cannot work between these scheduling groups are skipped now, not tried for a settle period.
+            protected_groups = self.protected_groups
+            while next_index < len(policy.steps):
+                step = policy.steps[next_index]
+                why = unreachable_reason(step.kind, (info.pid, info.comm, info.sched_group), protected_groups)
+                if why is None:
+                    break
+                if next_index not in remediation.skipped_warned:
+                    remediation = dataclasses.replace(remediation, skipped_warned=remediation.skipped_warned | {next_index})
+                    remediations[key] = remediation
+                    decisions.append(
+                        Decision("skipped", now, ts, info, policy,
+                                 f"step {next_index + 1} of {len(policy.steps)}: {step.describe()} cannot work on this host: {why}",
+                                 step_index=next_index, step=step,
+                                 evidence={**evidence, "sched_groups": {"offender": info.sched_group,
+                                                                        "protected": {str(p): g for p, _, g in protected_groups}}})
+                    )
+                next_index += 1
+            if next_index >= len(policy.steps):
+                if not remediation.exhausted_warned:
+                    remediation = dataclasses.replace(remediation, exhausted_warned=True)
+                    remediations[key] = remediation
+                    last = policy.steps[remediation.step_index].describe() if remediation.step_index >= 0 else None
+                    decisions.append(
+                        Decision("exhausted", now, ts, info, policy,
+                                 f"the last step ({last}) is in place and the trigger still holds: no further escalation" if last
+                                 else "no step of the ladder can work on this host (see the skipped steps): nothing to do",
+                                 step_index=remediation.step_index if last else None, evidence=evidence)
+                    )
+                return
             steps = [(next_index, policy.steps[next_index])]
 
         # Caps: per process and policy per hour, and across the host per minute.
@@ -465,7 +535,12 @@ def record_outcome(state: EngineState, decision: Decision, status: str, policies
         trigger = decision.policy.trigger
         percentile = trigger.tail_percentile or 99.0
         settle = decision.step.settle_s
-        before = [w for w in state.windows if w.end_s > now - settle - 1e-9]
+        before = [w for w in state.windows if w.start_s >= now - settle - 1e-9]  # the settle period before the step
+        before_tail = combined_tail_us(before, percentile)
+        threshold = trigger.tail_above_us if trigger.tail_above_us is not None else before_tail
+        counts = PeriodCounts(())
+        if threshold is not None:
+            counts = period_counts((w.counts for w in before), threshold_boundary_ns(threshold))
         pending = PendingVerification(
             action_id=decision.action_id or "",
             info=decision.info,
@@ -475,9 +550,11 @@ def record_outcome(state: EngineState, decision: Decision, status: str, policies
             at=now,
             verify_at=now + settle,
             percentile=percentile,
-            threshold_us=trigger.tail_above_us,
-            before_tail_us=combined_tail_us(before, percentile),
+            threshold_us=threshold,
+            before_tail_us=before_tail,
             before_blame_share=blame_share(before, decision.info.pid),
+            before_counts=counts,
+            settle_s=settle,
         )
         state = dataclasses.replace(state, pending=state.pending + (pending,))
     return state
@@ -620,6 +697,7 @@ __all__ = [
     "BurstEvidence",
     "decide",
     "decide_burst",
+    "protected_groups_of",
     "export_state",
     "forget",
     "given_back",

@@ -87,6 +87,7 @@ class ProcessInfo:
     ppid: int = 0
     ancestors: tuple[tuple[int, str], ...] = ()  # (pid, comm), parent first, PID 1 excluded
     kernel_thread: bool = False
+    sched_group: str = ""  # its CPU scheduling group (schedgroups.py); "" when not read
 
     @property
     def identity(self) -> ProcessIdentity:
@@ -107,6 +108,7 @@ class ProcessInfo:
             "ppid": self.ppid,
             "ancestors": [list(a) for a in self.ancestors],
             "kernel_thread": self.kernel_thread,
+            "sched_group": self.sched_group,
         }
 
     @classmethod
@@ -125,6 +127,7 @@ class ProcessInfo:
             ppid=int(data.get("ppid", 0)),
             ancestors=tuple((int(p), str(c)) for p, c in data.get("ancestors", ())),
             kernel_thread=bool(data.get("kernel_thread", False)),
+            sched_group=str(data.get("sched_group", "")),
         )
 
 
@@ -527,6 +530,16 @@ class ProcFS:
                     if controller:
                         v1_paths[controller] = path
         return CgroupMembership(v2_path, v1_paths)
+
+    def autogroup(self, pid: int) -> str:
+        """/proc/<pid>/autogroup: '/autogroup-N nice M', or '' in the root's own autogroup or on a
+        kernel without autogroups."""
+        try:
+            return self._read(pid, "autogroup")
+        except ProcessGone:  # ENOENT: the process, or only the file (no CONFIG_SCHED_AUTOGROUP)
+            if pid in self._held or not (self.root / str(pid)).exists():
+                raise
+            return ""
 
     def schedstat(self, pid: int, tid: int | None = None) -> tuple[int, int, int]:
         """(on-CPU ns, run-queue wait ns, timeslices) for one task, cumulative."""

@@ -163,8 +163,9 @@ def toml_type(value: Any) -> str:
 
 _NO_DEFAULT = object()
 
-# The engine keeps the windows of the longest settle (a step is verified over its settle period
-# before and after) and of the largest `of`; these bounds bound its memory (engine.history_for).
+# The engine keeps the windows of three times the longest settle (a step is verified over its
+# settle period before and up to three after) and of the largest `of`; these bounds bound its
+# memory (engine.history_for).
 MAX_SETTLE_S = 600.0
 ItemCheck = Callable[[str], str]  # returns the normalised item, or raises ValueError(message)
 
@@ -334,7 +335,8 @@ ACTION_KEYS = (
     Key("cpuset", "table", "Move the process into a remediator-owned cpuset cgroup.", keys=CPUSET_KEYS,
         example='cpuset = { cpus = "unprotected", cgroup = "log-shippers" }'),
     Key("settle", "duration", "How long to wait after this step before the next one is considered; also the period "
-        "compared before and after the step to verify it, so the daemon keeps that much history (at most 10 minutes).",
+        "compared before and after the step to verify it (an inconclusive verdict looks at up to two more periods after "
+        "it), so the daemon keeps three times that much history (at most 10 minutes).",
         default="5s", minimum=0, maximum=MAX_SETTLE_S),
 )
 
@@ -397,6 +399,14 @@ DAEMON_KEYS = (
     Key("revert_on_exit", "boolean", "Restore every change when the daemon stops (SIGTERM).", default=True),
 )
 
+RECORDING_KEYS = (
+    Key("path", "string", "Where the daemon writes every tick's sample (what `remediator record` writes), relative to this "
+        "file; the input of `remediator report`, `replay` and `policy suggest`. Cut over to `PATH.1` at half of `max_bytes`.",
+        required=True, example='path = "/var/lib/remediator/recording.jsonl"'),
+    Key("max_bytes", "integer", "Most bytes the recording and its older half (`PATH.1`) take together.",
+        default=268435456, minimum=65536, maximum=1 << 40),
+)
+
 CONFIG_LIMITS_KEYS = (
     Key("max_changes_per_minute", "integer", "Most changes the daemon makes per minute, over all policies.", default=10, minimum=1, maximum=10000),
 )
@@ -409,6 +419,8 @@ CONFIG_FILE = Key(
         Key("protect", "table", "What is protected (the same selectors as `watch`); at least one selector.", required=True, keys=PROTECT_KEYS),
         Key("daemon", "table", "How the daemon runs.", keys=DAEMON_KEYS),
         Key("limits", "table", "Global limits.", keys=CONFIG_LIMITS_KEYS),
+        Key("recording", "table", "A bounded rolling recording of the daemon's own samples (off when absent).",
+            keys=RECORDING_KEYS),
     ),
 )
 

@@ -177,6 +177,55 @@ class SystemdManager:
         text = " ".join(f"{name}={value}" for name, value in values.items())
         self._call(new_method_call(manager, "SetUnitProperties", "sba(sv)", (unit, True, assignments)), f"SetUnitProperties({unit}, runtime, {text})")
 
+    # -- transient scopes (offenders in no unit) -------------------------------------------------
+    def unit_state(self, unit: str) -> str:
+        """ActiveState of a unit ('inactive' for one systemd does not know)."""
+        from jeepney import DBusAddress, new_method_call
+        from jeepney.wrappers import Properties
+
+        # GetUnit, not LoadUnit: loading a scope that does not exist would leave a stub behind.
+        manager = DBusAddress(MANAGER_PATH, bus_name=BUS_NAME, interface=MANAGER_INTERFACE)
+        try:
+            path = self._call(new_method_call(manager, "GetUnit", "s", (unit,)), f"GetUnit({unit})")[0]
+        except SystemdError as exc:
+            if "NoSuchUnit" in str(exc):
+                return "inactive"
+            raise
+        address = DBusAddress(path, bus_name=BUS_NAME, interface="org.freedesktop.systemd1.Unit")
+        return str(self._call(Properties(address).get("ActiveState"), f"get {unit} ActiveState")[0][1])
+
+    def start_transient_scope(self, unit: str, pids, values: dict[str, int], description: str,
+                              allowed_cpus: frozenset[int] | None = None) -> None:
+        """`systemd-run --scope`'s call: a scope holding `pids`, with integer properties set from the start.
+        CollectMode inactive-or-failed: the scope is forgotten as soon as its last process leaves."""
+        from jeepney import DBusAddress, new_method_call
+
+        manager = DBusAddress(MANAGER_PATH, bus_name=BUS_NAME, interface=MANAGER_INTERFACE)
+        properties = [
+            ("Description", ("s", description)),
+            ("Slice", ("s", "system.slice")),
+            ("PIDs", ("au", [int(pid) for pid in pids])),
+            ("CollectMode", ("s", "inactive-or-failed")),
+        ] + [(name, ("t", int(value))) for name, value in values.items()]
+        if allowed_cpus is not None:
+            properties.append(("AllowedCPUs", ("ay", cpus_to_mask(allowed_cpus))))
+        self._call(new_method_call(manager, "StartTransientUnit", "ssa(sv)a(sa(sv))", (unit, "fail", properties, [])),
+                   f"StartTransientUnit({unit}, PIDs={list(pids)})")
+
+    def attach_processes(self, unit: str, pids) -> None:
+        """Move processes into a running unit (AttachProcessesToUnit, systemd 238+)."""
+        from jeepney import DBusAddress, new_method_call
+
+        manager = DBusAddress(MANAGER_PATH, bus_name=BUS_NAME, interface=MANAGER_INTERFACE)
+        self._call(new_method_call(manager, "AttachProcessesToUnit", "ssau", (unit, "", [int(pid) for pid in pids])),
+                   f"AttachProcessesToUnit({unit}, {list(pids)})")
+
+    def stop_unit(self, unit: str) -> None:
+        from jeepney import DBusAddress, new_method_call
+
+        manager = DBusAddress(MANAGER_PATH, bus_name=BUS_NAME, interface=MANAGER_INTERFACE)
+        self._call(new_method_call(manager, "StopUnit", "ss", (unit, "fail")), f"StopUnit({unit})")
+
     # -- runtime drop-ins ----------------------------------------------------------------------
     def _dropin(self, unit: str, prop: str) -> Path:
         return self.control_dir / f"{unit}.d" / f"50-{DROPIN_SETTING.get(prop, prop)}.conf"

@@ -126,7 +126,7 @@ def burst_policies(tmp_path, **kwargs):
 
 
 def decide_at(policy_set, now, state=None, burst=BURST, info=SHIPPER, protected=(SERVICE.pid,)):
-    return decide_burst(state or EngineState(), info, burst, policy_set, SETTINGS, protected, now, 1_700_000_000 + now)
+    return decide_burst(state or EngineState(), info, burst, policy_set, SETTINGS, protected, [], now, 1_700_000_000 + now)
 
 
 def test_a_counted_burst_takes_the_first_step_with_its_evidence(tmp_path):

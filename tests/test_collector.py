@@ -195,3 +195,26 @@ def test_a_full_protected_map_is_counted_and_retried_not_fatal(tmp_path):
     source.capacity = 3  # room again (another thread left the map)
     collector.sample()
     assert collector.untracked_threads() == 0 and source.kernel_tids == {10, 11, 12}
+
+
+def test_the_sample_names_each_processs_scheduling_group_and_sees_it_change(tmp_path):
+    from remediator.schedgroups import SchedGroups
+
+    proc = FakeProc(tmp_path / "proc")
+    proc.autogroup_enabled = 1
+    proc.add(FakeProcess(10, "api", autogroup="/autogroup-4 nice 0"))
+    proc.add(FakeProcess(20, "fluent-bit", utime=5, autogroup="/autogroup-9 nice 0"))
+    proc.write()
+    source = RecordingSource()
+    source.next_delta = TickDelta(0, 1_000_000_000, usage={20: (900_000_000, None)})
+    clock = Clock()
+    procfs = ProcFS(proc.root)
+    collector = Collector(source, ProtectSelectors.build(comms=["api"]), procfs, mono_clock=clock,
+                          sched_groups=SchedGroups(procfs, None))
+    collector.start()
+    sample = collector.sample()
+    assert sample.processes[10].sched_group == "autogroup-4" and sample.processes[20].sched_group == "autogroup-9"
+    proc.processes[20].autogroup = "/autogroup-4 nice 0"  # it joined the service's session (setsid elsewhere is alike)
+    proc.write()
+    clock.now += 6.0  # past the re-check interval of a known process
+    assert collector.sample().processes[20].sched_group == "autogroup-4"

@@ -4,7 +4,8 @@ Against a fake cgroup v2 tree and a fake system manager (the real D-Bus path run
 VMs: tests/guest/test_service.py). What is proven here: the unit is found from the cgroup path,
 the original property is journaled and given back only while it still holds our value (also
 after the process is gone), a unit that also holds a protected process is refused, a process of
-no system unit is refused rather than moved out of it, and nothing is ever written to cgroupfs.
+a user's own manager is refused rather than moved out of it (one in no unit at all moves into
+remediator's own scope: tests/guest/test_scope.py), and nothing is ever written to cgroupfs.
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def test_a_unit_that_also_holds_a_protected_process_is_refused(systemd_host):
     assert not [call for call in host.systemd.calls if call[0] == "set"]
 
 
-def test_a_process_in_no_system_unit_is_refused_not_moved(systemd_host, tmp_path):
+def test_a_process_under_a_users_manager_is_refused_not_moved(systemd_host, tmp_path):
     host = systemd_host()
     user_unit = "/user.slice/user-1000.slice/user@1000.service/app.slice/fluent-bit.service"
     for cgroup in ("/user.slice", "/user.slice/user-1000.slice", "/user.slice/user-1000.slice/user@1000.service",

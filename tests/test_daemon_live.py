@@ -15,7 +15,7 @@ import time
 import pytest
 
 from helpers.daemon import REMEDIATOR, thread_settings, wait_rate, wait_until, write_config
-from helpers.workloads import hog_argv, pin_workers, victim_argv
+from helpers.workloads import certain_harm, hog_argv, victim_argv
 
 pytestmark = pytest.mark.bpf
 
@@ -31,27 +31,6 @@ def two_cpus():
     os.sched_setaffinity(0, OFF_REQUEST)
     yield
     os.sched_setaffinity(0, ALL)
-
-
-def certain_harm(spawn, *hog_extra: str):
-    """(victim, hog) where the victim waits over 1 ms in every 250 ms window, before and after nice 10.
-
-    The light victim (work 100 us) next to one hog thread does not: on EEVDF it preempts the hog
-    at once on most wakeups and waits a tick only when it wakes inside the hog's protected slice,
-    a few times per thousand wakeups, so p99.9 of a 250 ms window is over 1 ms in about half of
-    the windows, in none while the balancer keeps both hog threads on CPU 1, and the ladder can
-    stall for seconds. A victim working 1 ms per wakeup (half a CPU) still wins most wakeups
-    against one hog thread, has stretches of seconds with few long waits (2-6 ms/s of wait), and
-    once that thread is niced to 10 has none in most windows (the trigger held at 26 of 157
-    ticks), so the affinity step may never come. Against two hog threads on its CPU (at nice 0
-    more than its third of the CPU) it waited over 1 ms in every one of 160 windows, niced or
-    not: 60-120 ms/s of wait, 80 ms/s at nice 10. So: the 1 ms victim and three compressing
-    threads, two pinned to CPU 0 and one to CPU 1.
-    """
-    victim = spawn(victim_argv(0, "--work-us", "1000"))
-    hog = spawn(hog_argv("fluent-bit", 3, *hog_extra))
-    pin_workers(hog, (0, 0, 1))
-    return victim, hog
 
 
 def test_live_acts_on_every_thread_and_the_victim_waits_less(spawn, daemon, tmp_path):
@@ -98,8 +77,8 @@ def test_live_acts_on_every_thread_and_the_victim_waits_less(spawn, daemon, tmp_
 
 
 def test_dry_run_changes_nothing_and_says_what_it_would_do(spawn, daemon, tmp_path):
-    victim = spawn(victim_argv(0))
-    hog = spawn(hog_argv("fluent-bit", 2))
+    victim = spawn(victim_argv(0), own_session=False)  # one session: the nice step can work, so it is the first
+    hog = spawn(hog_argv("fluent-bit", 2), own_session=False)
     original = thread_settings(hog.pid)
     original_cgroup = open(f"/proc/{hog.pid}/cgroup").read()
     run = daemon(write_config(tmp_path, [victim.pid], mode="dry-run"))
@@ -115,6 +94,30 @@ def test_dry_run_changes_nothing_and_says_what_it_would_do(spawn, daemon, tmp_pa
     assert act["change"].startswith("setpriority(PRIO_PROCESS, tid, 10) on 3 threads of pid")
     assert not (tmp_path / "journal.jsonl").exists()
     assert "would change pid" in run.log()
+
+
+def test_nice_between_sessions_is_skipped_at_once_and_the_ladder_goes_on(spawn, daemon, tmp_path):
+    """Victim and hog in sessions of their own: different autogroups, where nice weighs nothing
+    between them. The daemon says so and moves the hog off the request CPU at once."""
+    if open("/proc/sys/kernel/sched_autogroup_enabled").read().strip() != "1":
+        pytest.skip("autogroups are off here: every session shares one group")
+    victim, hog = certain_harm(spawn, own_session=True)
+    original = thread_settings(hog.pid)
+    started = time.monotonic()
+    run = daemon(write_config(tmp_path, [victim.pid]))
+    wait_until(lambda: all(cpus == OFF_REQUEST for _, cpus in thread_settings(hog.pid).values()), 5.0, what="the affinity step")
+    print(f"affinity step {time.monotonic() - started:.2f} s after the daemon started")
+    assert {nice for nice, _ in thread_settings(hog.pid).values()} == {nice for nice, _ in original.values()}
+    assert run.stop() == 0
+    audit = run.audit()
+    skipped = [line for line in audit if line["decision"] == "skipped"]
+    acts = [line for line in audit if line["decision"] == "act"]
+    assert [line["step"]["action"] for line in skipped] == ["nice 10"]
+    assert [line["step"]["action"] for line in acts] == ["affinity unprotected"]
+    assert skipped[0]["epoch"] == acts[0]["epoch"]  # the same tick: no settle period spent on nice
+    groups = skipped[0]["evidence"]["sched_groups"]
+    assert groups["offender"].startswith("autogroup-") and groups["protected"][str(victim.pid)] != groups["offender"]
+    assert "cannot work on this host" in run.log()
 
 
 def test_revert_and_restart_restore_exactly_after_kill_9(spawn, daemon, tmp_path):
@@ -180,8 +183,8 @@ def test_a_thread_born_after_the_action_gets_the_change(spawn, daemon, tmp_path)
 
 
 def test_a_bad_reload_keeps_the_last_good_policies(spawn, daemon, tmp_path):
-    victim = spawn(victim_argv(0))
-    spawn(hog_argv("fluent-bit", 2))
+    victim = spawn(victim_argv(0), own_session=False)
+    spawn(hog_argv("fluent-bit", 2), own_session=False)
     config = write_config(tmp_path, [victim.pid], mode="dry-run")
     run = daemon(config)
     wait_until(lambda: "dry-run" in run.log(), 10.0, what="the daemon to start")

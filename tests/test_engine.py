@@ -46,9 +46,10 @@ def policies(tmp_path, n=3, m=5, offender='{ cpu = 0.5, cpu_kind = "peak", blame
     return load_policies([path])
 
 
-def sample(t, tail_us=100.0, shipper_cpu=0.0, shipper_peak=None, blame_ns=0, processes=(SERVICE, SHIPPER), protected=(100,)):
-    """One tick ending at t (seconds): 200 waits at 50 us plus 4 at `tail_us` (so p99 ~ tail_us)."""
-    waits = [50_000] * 200 + [int(tail_us * 1000)] * 4
+def sample(t, tail_us=100.0, shipper_cpu=0.0, shipper_peak=None, blame_ns=0, processes=(SERVICE, SHIPPER), protected=(100,),
+           over=4, base=200):
+    """One tick ending at t (seconds): `base` waits at 50 us plus `over` at `tail_us` (so p99 ~ tail_us)."""
+    waits = [50_000] * base + [int(tail_us * 1000)] * over
     counts = histogram.from_values(waits)
     duration_ns = int(TICK * 1e9)
     usage = []
@@ -213,16 +214,76 @@ def test_a_failed_revert_is_retried_after_another_quiet_period_not_every_tick(tm
     assert reverts == [9, 17, 25]
 
 
-def test_verification_says_whether_the_step_helped(tmp_path):
+def bad_tail(t, over):
+    """A tick with `over` of 200 + over waits at 5 ms (over the 2 ms threshold) and the shipper idle: no trigger."""
+    return sample(t, tail_us=5000, over=over)
+
+
+def verifications(per_tick):
+    return [(i, d) for i, decisions in enumerate(per_tick) for d in decisions if d.kind == "verify"]
+
+
+def test_verification_says_helped_when_the_rate_over_the_threshold_falls_beyond_the_noise(tmp_path):
     p = policies(tmp_path, n=1, m=1)
-    helped = [hot(TICK)] + [sample(TICK * i) for i in range(2, 12)]
-    _, per_tick = run(p, helped)
-    verify = [d for decisions in per_tick for d in decisions if d.kind == "verify"][0]
-    assert verify.evidence["verdict"] == "helped" and verify.evidence["before_tail_us"] > verify.evidence["after_tail_us"]
-    assert verify.action_id == [d for d in per_tick[0] if d.kind == "act"][0].action_id
-    _, per_tick = run(p, [hot(TICK * i) for i in range(1, 12)])
-    verify = [d for decisions in per_tick for d in decisions if d.kind == "verify"][0]
+    before = [bad_tail(TICK * i, 40) for i in range(1, 5)]  # the settle (1 s) before the step: 4 windows, its own the last
+    after = [sample(TICK * i, tail_us=5000, over=2) for i in range(6, 12)]
+    _, per_tick = run(p, before + [hot(TICK * 5, over=40)] + after)
+    (_, verify), = verifications(per_tick)
+    assert verify.evidence["verdict"] == "helped" and "helped" in verify.message
+    assert verify.action_id == [d for d in per_tick[4] if d.kind == "act"][0].action_id
+    assert verify.evidence["before"] == {"windows": 4, "waits": 960, "over": 160, "rate": 0.166667}
+    assert verify.evidence["after"]["windows"] == 4 and verify.evidence["after"]["over"] == 8
+    low, high = verify.evidence["rate_ratio_interval"]
+    assert high < 0.8 and verify.evidence["p_reduced"] < 0.05
+
+
+def test_verification_says_did_not_help_when_the_rate_stays_within_a_fifth_for_sure(tmp_path):
+    p = policies(tmp_path, n=1, m=1)
+    before = [bad_tail(TICK * i, 60) for i in range(1, 5)]
+    _, per_tick = run(p, before + [hot(TICK * 5, over=60)] + [bad_tail(TICK * i, 60) for i in range(6, 12)])
+    (_, verify), = verifications(per_tick)
     assert verify.evidence["verdict"] == "did-not-help" and "did not help" in verify.message
+    assert verify.evidence["rate_ratio_interval"][0] > 0.8
+
+
+def test_a_verification_within_the_noise_is_judged_again_then_stays_inconclusive(tmp_path):
+    """A 10% fall of a noisy rate: the old fixed 0.9 ratio of two p99s called this 'helped'."""
+    p = policies(tmp_path, n=1, m=1)
+    noisy = [30, 50, 20, 60]
+    before = [bad_tail(TICK * i, over) for i, over in enumerate(noisy, 1)]
+    after = [bad_tail(TICK * i, round(noisy[i % 4] * 0.9)) for i in range(6, 20)]
+    _, per_tick = run(p, before + [hot(TICK * 5)] + after)
+    (index, verify), = verifications(per_tick)
+    assert verify.evidence["verdict"] == "inconclusive" and "within the noise" in verify.message
+    assert verify.evidence["reverified"] == 2 and verify.evidence["window_s"] == 3.0  # 3 settle periods after
+    assert index == 4 + 12  # the step at tick 4, its verdict 3 s (12 ticks) later
+    assert verify.evidence["dispersion"] > 1.0
+
+
+def test_few_waits_are_inconclusive(tmp_path):
+    p = policies(tmp_path, n=1, m=1)
+    few = [sample(TICK * i, tail_us=5000, over=1, base=8) for i in range(1, 5)]
+    after = [sample(TICK * i, tail_us=5000, over=i % 2, base=8) for i in range(6, 20)]
+    _, per_tick = run(p, few + [hot(TICK * 5)] + after)
+    (_, verify), = verifications(per_tick)
+    assert verify.evidence["verdict"] == "inconclusive"
+
+
+def test_a_verification_needs_windows_before_the_step(tmp_path):
+    _, per_tick = run(policies(tmp_path, n=1, m=1), [hot(TICK)] + [sample(TICK * i) for i in range(2, 16)])
+    (_, verify), = verifications(per_tick)
+    assert verify.evidence["verdict"] == "inconclusive" and "1 window(s) with protected waits before" in verify.message
+
+
+def test_an_inconclusive_verification_never_holds_the_ladder_back(tmp_path):
+    """The next step comes when its settle ends and the trigger holds, as without verification; it
+    ends the after-period of the step before, whose verdict follows a tick later."""
+    p = policies(tmp_path, n=1, m=1)
+    _, per_tick = run(p, [hot(TICK * i) for i in range(1, 12)])
+    found = kinds(per_tick)
+    assert [(i, k) for i, k, _ in found if k == "act"] == [(0, "act"), (4, "act")]
+    (index, verify), = [(i, d) for i, d in verifications(per_tick) if d.step_index == 0]
+    assert index == 5 and verify.evidence["window_s"] == 1.0 and verify.evidence["after_cut_by"]
 
 
 def test_always_places_with_the_whole_ladder_once(tmp_path):
@@ -266,3 +327,38 @@ def test_same_samples_same_decisions(tmp_path):
     first = [[(d.kind, d.step_index, d.message) for d in t] for t in run(p, ticks)[1]]
     second = [[(d.kind, d.step_index, d.message) for d in t] for t in run(p, ticks)[1]]
     assert first == second and any(first)
+
+
+def in_groups(service_group, shipper_group):
+    import dataclasses
+
+    return (dataclasses.replace(SERVICE, sched_group=service_group), dataclasses.replace(SHIPPER, sched_group=shipper_group))
+
+
+def test_a_nice_step_that_cannot_reach_the_service_is_skipped_at_once(tmp_path):
+    """Different sessions (autogroups): nice weighs nothing between them, so the ladder goes on to
+    affinity in the same tick instead of spending the settle period on nice."""
+    p = policies(tmp_path, n=1, m=1)
+    groups = in_groups("autogroup-4", "autogroup-9")
+    _, per_tick = run(p, [hot(TICK * i, processes=groups) for i in range(1, 8)])
+    assert [(i, k, s) for i, k, s in kinds(per_tick) if k != "verify"] == [(0, "skipped", 0), (0, "act", 1), (4, "exhausted", 1)]
+    skipped = per_tick[0][0]
+    assert "nice 10 cannot work on this host" in skipped.message and "fluent-bit (200) is in autogroup-9" in skipped.message
+    assert skipped.evidence["sched_groups"] == {"offender": "autogroup-9", "protected": {"100": "autogroup-4"}}
+    assert per_tick[0][1].request.kind == "affinity"
+
+
+@pytest.mark.parametrize("service, shipper", [("autogroup-4", "autogroup-4"), ("/system.slice/api.service", "/"), ("", "autogroup-9")])
+def test_a_nice_step_is_taken_where_it_can_work_or_where_that_is_unknown(tmp_path, service, shipper):
+    _, per_tick = run(policies(tmp_path, n=1, m=1), [hot(TICK, processes=in_groups(service, shipper))])
+    assert [(d.kind, d.request.kind) for d in per_tick[0]] == [("act", "nice")]
+
+
+def test_a_ladder_of_steps_that_cannot_work_says_so_once(tmp_path):
+    text = LADDER.format(n=1, m=1, offender='{ cpu = 0.5 }', cooldown="10s", hourly=6, quiet="5s")
+    text = text.replace('affinity = "unprotected"', 'sched = "idle"')
+    groups = in_groups("/system.slice/api.service", "/system.slice/ship.service")
+    state, per_tick = run(policies(tmp_path, text=text), [hot(TICK * i, processes=groups) for i in range(1, 10)])
+    assert kinds(per_tick) == [(0, "skipped", 0), (0, "skipped", 1), (0, "exhausted", None)]
+    assert "no step of the ladder can work" in per_tick[0][2].message
+    assert not state.active()

@@ -20,6 +20,7 @@ from remediator.errors import RemediatorError
 from remediator.explain import explain
 from remediator.policy import load_policies
 from remediator.procfs import ProcFS
+from remediator.schedgroups import SchedGroups
 from remediator.selectors import ProtectSelectors
 
 POLICIES = """\
@@ -256,8 +257,8 @@ def run_cli(argv: list[str]) -> str:
 
 @pytest.mark.root
 def test_explain_real_processes(spawn, policy_dir):
-    protected = spawn(victim_argv(cpu=0))  # comm "victim", pinned to CPU 0: the request path
-    shipper = spawn(hog_argv("fluent-bit", 2))
+    protected = spawn(victim_argv(cpu=0), own_session=False)  # comm "victim", pinned to CPU 0: the request path
+    shipper = spawn(hog_argv("fluent-bit", 2), own_session=False)  # the victim's session: its nice step can work
     tree = spawn([hog_argv()[0], str(WORKLOADS / "logrotate_tree.py")])
     gzip_pid = children_of(tree.pid)[0]
     unrelated = spawn(hog_argv("unrelated-busy", 1))
@@ -330,3 +331,44 @@ def test_explain_a_sched_step_reads_each_threads_policy_and_never_raises(spawn, 
     assert step["threads"] == {str(main): "other", str(first): "other", str(second): "idle"}
     assert step["text"] == "sched other -> batch on 2 threads, left as it is on 1 thread (already at or below, or realtime)"
     assert os.sched_getscheduler(second) == os.SCHED_IDLE and os.sched_getscheduler(main) == os.SCHED_OTHER  # read only
+
+
+def test_explain_says_which_steps_cannot_work_between_scheduling_groups(fake_host, policy_dir):
+    """fluent-bit in a session (autogroup) of its own: its nice step cannot reach the victim, so
+    explain names it and shows the step the daemon would take first instead."""
+    (fake_host / "sys/kernel").mkdir(parents=True, exist_ok=True)
+    (fake_host / "sys/kernel/sched_autogroup_enabled").write_text("1\n")
+    for pid, group in ((100, 4), (200, 9), (600, 4)):
+        (fake_host / str(pid) / "autogroup").write_text(f"/autogroup-{group} nice 0\n")
+    report = explain(load_policies([policy_dir]), ProtectSelectors.build(comms=["victim"]), ProcFS(fake_host),
+                     frozenset(range(4)), self_pid=700, sched_groups=SchedGroups(ProcFS(fake_host), None))
+    data = report.to_json()
+    assert data["protected"][0]["sched_group"] == "autogroup-4"
+    shipper = by_pid(data)["shippers"][200]
+    assert shipper["sched_group"] == "autogroup-9"
+    assert [(s["index"], s["step"]) for s in shipper["steps_that_cannot_work"]] == [(0, "nice 10")]
+    assert "fluent-bit (200) is in autogroup-9" in shipper["steps_that_cannot_work"][0]["reason"]
+    assert shipper["first_step"]["step"] == "affinity unprotected" and shipper["first_step"]["index"] == 1
+    text = report.to_text()
+    assert "cannot work on this host: step 1 (nice 10), skipped at once" in text
+    assert "first step: step 2 (affinity unprotected): affinity" in text
+
+
+def test_check_host_warns_at_each_step_that_cannot_work_here(fake_host, policy_dir, tmp_path, capsys, monkeypatch):
+    (fake_host / "sys/kernel").mkdir(parents=True, exist_ok=True)
+    (fake_host / "sys/kernel/sched_autogroup_enabled").write_text("1\n")
+    for pid, group in ((100, 4), (200, 9)):
+        (fake_host / str(pid) / "autogroup").write_text(f"/autogroup-{group} nice 0\n")
+    # the fake tree's groups alone: no cpu controller of this host's mounts
+    monkeypatch.setattr(SchedGroups, "for_host", classmethod(lambda cls, procfs, cgroupfs=None, mountinfo=None: cls(procfs, None)))
+    config = tmp_path / "remediator.toml"
+    config.write_text(f'[protect]\ncomm = ["victim"]\n[daemon]\npolicies = ["{policy_dir}"]\n')
+    sys_root = make_sys_root(tmp_path, "0-3")
+    code = main(["policy", "check", "--host", "--proc-root", str(fake_host), "--sysfs-root", str(sys_root), str(config)])
+    out = capsys.readouterr().out
+    assert code == 0
+    warnings = [line for line in out.splitlines() if "cannot work on this host now" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{policy_dir / 'test.toml'}:7:1: warning:")  # the nice step's table
+    assert "policy shippers: nice 10 cannot work on this host now for pid 200 (fluent-bit)" in warnings[0]
+    code = main(["policy", "check", "--host", "--proc-root", str(fake_host), "--sysfs-root", str(sys_root), str(policy_dir)])
+    assert code == 1 and "no config" in capsys.readouterr().err

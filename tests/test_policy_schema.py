@@ -75,6 +75,7 @@ FULL_CONFIG = {
         "revert_on_exit": False,
     },
     "limits": {"max_changes_per_minute": 10},
+    "recording": {"path": "/var/lib/remediator/recording.jsonl", "max_bytes": 268435456},
 }
 
 

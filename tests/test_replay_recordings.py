@@ -21,7 +21,7 @@ CASES = sorted(path.name.removesuffix(".jsonl") for path in RECORDINGS.glob("*.j
 
 
 def test_there_are_recordings():
-    assert {"fluent-bit-bursts", "quiet", "unnamed-batch-job"} <= set(CASES)
+    assert {"fluent-bit-bursts", "quiet", "unnamed-batch-job", "xz-own-session"} <= set(CASES)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from helpers.daemon import REMEDIATOR, thread_settings, wait_until, write_config
-from helpers.workloads import hog_argv, victim_argv
+from helpers.workloads import certain_harm
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "remediator.service"
 ANALYZE = shutil.which("systemd-analyze")
@@ -70,8 +70,10 @@ def bounding_set() -> str:
 def test_the_daemon_works_with_only_the_units_capabilities(spawn, tmp_path):
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) is needed to drop capabilities")
-    victim = spawn(victim_argv(0))
-    hog = spawn(hog_argv("fluent-bit", 2))
+    # The whole ladder on time: a light victim beside two hog threads let the trigger lapse after the
+    # nice step and the affinity step missed 15 s in CI (certain_harm says why).
+    victim, hog = certain_harm(spawn)
+    original = thread_settings(hog.pid)
     config = write_config(tmp_path, [victim.pid])
     log = (tmp_path / "daemon.log").open("w")
     daemon = subprocess.Popen(
@@ -91,7 +93,7 @@ def test_the_daemon_works_with_only_the_units_capabilities(spawn, tmp_path):
         log.close()
     text = (tmp_path / "daemon.log").read_text()
     assert "source bpf" in text, text
-    assert set(thread_settings(hog.pid).values()) == {(0, frozenset({0, 1}))}, "restore needs CAP_SYS_NICE too"
+    assert thread_settings(hog.pid) == original, "restore needs CAP_SYS_NICE too"
 
 
 @lru_cache(maxsize=None)
@@ -118,8 +120,9 @@ def allowed_syscalls() -> frozenset[str]:
 def test_every_syscall_the_daemon_makes_is_in_the_units_filter(spawn, tmp_path):
     if shutil.which("strace") is None:
         pytest.skip("strace is needed to trace the daemon's syscalls")
-    victim = spawn(victim_argv(0))
-    hog = spawn(hog_argv("fluent-bit", 2))
+    # The whole ladder on time: a light victim beside two hog threads let the trigger lapse after the
+    # nice step and the affinity step missed 15 s in CI (certain_harm says why).
+    victim, hog = certain_harm(spawn)
     config = write_config(tmp_path, [victim.pid])
     summary = tmp_path / "strace.txt"
     daemon = subprocess.Popen(["strace", "-f", "-qq", "-c", "-o", str(summary), REMEDIATOR, "run", "--config", str(config)],

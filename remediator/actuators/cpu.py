@@ -10,6 +10,9 @@ siblings, which is where a systemd host puts a service and a sidecar (each its o
 - cgroup v1 (no systemd managing it): the process moves into `remediator-POLICY` in the cpu
   hierarchy with cpu.shares (weight x 1024 / 100), cpu.idle or cpu.cfs_quota_us/cpu.cfs_period_us;
   restore moves it back and removes the group once empty.
+- cgroup v2 under systemd, the process in no unit (a group another tool made): it moves into a
+  transient scope of remediator's, `remediator-POLICY.scope`, started with the properties
+  (actuators/scope.py); restore writes it back where it was and stops the scope once empty.
 - cgroup v2 without systemd: not available yet (it would need `+cpu` in the root's subtree_control
   and the no-internal-process rule); the step says so and changes nothing.
 
@@ -29,6 +32,7 @@ from ..errors import ProcessGone
 from ..procfs import ProcessIdentity, ProcFS
 from ..systemd import SystemdManager, unit_for_cgroup
 from .base import ApplyResult, ChangeFailed, ChangeInvalid, Plan, RestoreResult, ensure_alive, systemd_call
+from .scope import OffenderScopes, scope_cgroup_of, scope_name, scope_of_applied
 
 CGROUP_PREFIX = "remediator-"
 UNSET = 2**64 - 1  # systemd's "not set" for CPUWeight, "no quota" for CPUQuotaPerSecUSec
@@ -104,6 +108,7 @@ class CpuActuator:
         self.mount = mount
         self.cgroupfs = cgroupfs or CgroupFS()
         self.systemd = systemd
+        self.scopes = OffenderScopes(systemd, mount, self.cgroupfs) if systemd is not None and mount is not None and mount.version == 2 else None
 
     # -- read ---------------------------------------------------------------------------------
     def read(self, pid: int) -> dict:
@@ -122,7 +127,10 @@ class CpuActuator:
                 )
             unit, why = unit_for_cgroup(path)
             if unit is None:
-                raise ChangeInvalid(f"{why}: on a systemd host a cpu step changes the process's unit: nothing changed")
+                assert self.scopes is not None
+                self.scopes.check_movable(pid, path)
+                current["outside_units"] = True
+                return current
             current["unit"] = unit
             current["unit_cgroup"] = path.split(unit, 1)[0] + unit
             current["properties"] = systemd_call(lambda: self.systemd.get_unit_properties(unit, PROPERTIES))
@@ -147,6 +155,8 @@ class CpuActuator:
         group = str(target.get("group") or "")
         if not group or "/" in group or group in (".", ".."):
             raise ChangeInvalid(f"cpu step needs a group name, not {group!r}: nothing changed")
+        if current.get("outside_units"):
+            return self._plan_scope(identity, target, current, setting, scope_name(group))
         mount = self.mount
         assert mount is not None
         name = CGROUP_PREFIX + group
@@ -185,9 +195,33 @@ class CpuActuator:
         expected = {"unit": unit, "properties": {**properties, **wanted}}
         return Plan(self.kind, identity, current, target, description, details=details, expected=expected, affects=members)
 
+    def _plan_scope(self, identity: ProcessIdentity, target: dict, current: dict, setting: dict, scope: str) -> Plan:
+        wanted = _weaker_properties({}, setting)
+        if not wanted:
+            return Plan(self.kind, identity, current, target, f"{setting_text(setting)} is no less than a new scope's default: nothing to do",
+                        unchanged=True)
+        assignments = " ".join(property_text(name, value) for name, value in wanted.items())
+        description = (f"systemd StartTransientUnit {scope} (or AttachProcessesToUnit when it runs) PIDs={identity.pid} "
+                       f"{assignments} (was in {current['cgroup']}, in no unit)")
+        details = {"scope": scope, "set": wanted}
+        expected = {"cgroup": scope_cgroup_of(scope), "scope": scope, "properties": wanted}
+        return Plan(self.kind, identity, current, target, description, details=details, expected=expected)
+
     # -- apply --------------------------------------------------------------------------------
     def apply(self, plan: Plan) -> ApplyResult:
         details = plan.details
+        if "scope" in details:
+            assert self.scopes is not None
+            scope = details["scope"]
+            started = self.scopes.move_in(plan.identity.pid, scope, details["set"])
+            if not started:  # a running scope of the same policy: lower it where it has more, never raise
+                now = systemd_call(lambda: self.systemd.get_unit_properties(scope, PROPERTIES))
+                lower = _weaker_properties(now, plan.target["cpu"])
+                if lower:
+                    systemd_call(lambda: self.systemd.set_unit_properties(scope, lower))
+            ensure_alive(self.procfs, plan.identity)
+            applied = {"cgroup": scope_cgroup_of(scope), "scope": scope, "properties": details["set"]}
+            return ApplyResult(applied=applied, message=plan.description)
         if "unit" in details:
             unit = details["unit"]
             systemd_call(lambda: self.systemd.set_unit_properties(unit, details["set"]))
@@ -228,7 +262,15 @@ class CpuActuator:
         applied = applied if applied is not None else planned
         if "unit" in original:
             return self._restore_unit_result(original, applied)
+        if original.get("outside_units"):
+            return self._restore_from_scope(identity, original, applied)
         return self._restore_group(identity, original, applied)
+
+    def _restore_from_scope(self, identity: ProcessIdentity, original: dict, applied: dict | None) -> RestoreResult:
+        if self.scopes is None:
+            raise ChangeFailed(f"pid {identity.pid}: systemd is not reachable from here, so it stays in remediator's scope")
+        now = process_cgroup_path(self._mount_of(original), self.procfs.cgroups(identity.pid))
+        return self.scopes.restore(identity.pid, original["cgroup"], applied, now)
 
     def _restore_group(self, identity: ProcessIdentity, original: dict, applied: dict | None) -> RestoreResult:
         mount = self._mount_of(original)
@@ -281,8 +323,11 @@ class CpuActuator:
         return CgroupMount(int(original["version"]), Path(original["mount"]), original.get("root", "/"), frozenset({"cpu"}))
 
     def cleanup(self, original: dict, applied: dict | None) -> str:
-        """Remove our v1 group once no process is left in it."""
+        """Remove our v1 group, or stop our scope, once no process is left in it."""
         ours = (applied or {}).get("cgroup")
+        if original.get("outside_units"):
+            scope = scope_of_applied(applied)
+            return self.scopes.stop_if_empty(scope) if self.scopes is not None and scope else ""
         if "unit" in original or not ours or not ours.lstrip("/").startswith(CGROUP_PREFIX):
             return ""
         directory = self._mount_of(original).fs_path(ours)

@@ -52,6 +52,7 @@ from ..errors import ProcessGone, RemediatorError
 from ..procfs import ProcessIdentity, ProcFS
 from ..placement import CGROUP_PREFIX, owned_cgroup_name
 from ..systemd import SystemdManager, describe_allowed, unit_for_cgroup
+from .scope import OffenderScopes, scope_cgroup_of, scope_name, scope_of_applied
 from .affinity import narrowed_mask
 from .base import (
     ActuatorError,
@@ -199,10 +200,10 @@ class CpusetActuator:
         if self.systemd is not None and mount.version == 2:
             unit, why = unit_for_cgroup(path)
             if unit is None:
-                raise ChangeInvalid(
-                    f"{why}: on a systemd host a cpuset step changes the process's unit, and a cgroup of our own "
-                    "would take the process out of its unit: nothing changed"
-                )
+                # In no unit: it moves into a transient scope of ours (actuators/scope.py).
+                self._scopes().check_movable(pid, path)
+                current["outside_units"] = True
+                return current
             current["unit"] = unit
             current["unit_cgroup"] = path.split(unit, 1)[0] + unit
             current["allowed_cpus"] = systemd_call(lambda: self.systemd.get_allowed_cpus(unit))
@@ -311,6 +312,8 @@ class CpusetActuator:
             raise ChangeInvalid("cpuset needs a non-empty CPU set: nothing changed")
         if "unit" in current:
             return self._plan_unit(identity, target, current, mount, requested)
+        if current.get("outside_units"):
+            return self._plan_scope(identity, target, current, mount, requested, scope_name(name.removeprefix(CGROUP_PREFIX)))
         parent_dir = mount.fs_path(self.parent)
         if parent_dir is None or not self.cgroupfs.exists(parent_dir):
             raise ChangeFailed(f"cpuset parent cgroup {self.parent} does not exist under {mount.mount_point}: nothing changed")
@@ -404,6 +407,30 @@ class CpusetActuator:
         expected = {"unit": unit, "allowed_cpus": wanted, "requested": sorted(requested)}
         return Plan(self.kind, identity, current, target, description, threads=threads, details=details, expected=expected, affects=members)
 
+    def _scopes(self) -> OffenderScopes:
+        assert self.systemd is not None
+        return OffenderScopes(self.systemd, self._require_mount(), self.cgroupfs)
+
+    def _plan_scope(self, identity: ProcessIdentity, target: dict, current: dict, mount: CgroupMount,
+                    requested: frozenset[int], scope: str) -> Plan:
+        online = online_cpus(self.sysfs_root)
+        cpus = requested & online
+        if not cpus:
+            raise ChangeInvalid(f"requested CPUs {format_cpulist(requested)} are not online ({format_cpulist(online)}): nothing changed")
+        # Never wider: a group that already allows only some of these CPUs keeps the process.
+        now = effective_cpus(self.cgroupfs, mount, current["cgroup"])
+        if now is not None and now[0] <= cpus:
+            description = (f"pid {identity.pid} is in {current['cgroup']}, whose cpuset ({now[1]}) allows {format_cpulist(now[0])}, "
+                           f"already within {format_cpulist(cpus)}: not moved")
+            return Plan(self.kind, identity, current, target, description, unchanged=True)
+        wanted = format_cpulist(cpus)
+        description = (f"systemd StartTransientUnit {scope} (or AttachProcessesToUnit when it runs) PIDs={identity.pid} "
+                       f"AllowedCPUs={wanted} (was in {current['cgroup']}, in no unit)")
+        details = {"scope": scope, "allowed_cpus": wanted, "cpus": sorted(cpus), "requested": sorted(requested)}
+        expected = {"cgroup": scope_cgroup_of(scope), "scope": scope, "allowed_cpus": wanted, "requested": sorted(requested)}
+        threads = len(current.get("threads", {}))
+        return Plan(self.kind, identity, current, target, description, threads=threads, details=details, expected=expected)
+
     def _cgroup_file_has_value(self, path: Path) -> bool:
         try:
             return bool(self.cgroupfs.read(path).strip())
@@ -413,6 +440,18 @@ class CpusetActuator:
     # -- apply --------------------------------------------------------------------------------
     def apply(self, plan: Plan) -> ApplyResult:
         details = plan.details
+        if "scope" in details:
+            scope, cpus = details["scope"], frozenset(details["cpus"])
+            if not self._scopes().move_in(plan.identity.pid, scope, {}, allowed_cpus=cpus):
+                # A running scope of the same policy: narrow it where it allows more, never widen.
+                text = systemd_call(lambda: self.systemd.get_allowed_cpus(scope))
+                narrowed = narrowed_mask(parse_cpulist(text) if text else online_cpus(self.sysfs_root), cpus)
+                if narrowed is not None:
+                    systemd_call(lambda: self.systemd.set_allowed_cpus(scope, narrowed))
+            ensure_alive(self.procfs, plan.identity)
+            applied = {"cgroup": scope_cgroup_of(scope), "scope": scope, "allowed_cpus": details["allowed_cpus"],
+                       "requested": details["requested"]}
+            return ApplyResult(applied=applied, message=plan.description, threads=plan.threads)
         if "unit" in details:
             unit = details["unit"]
             systemd_call(lambda: self.systemd.set_allowed_cpus(unit, frozenset(details["cpus"])))
@@ -508,6 +547,8 @@ class CpusetActuator:
                 message += self._restore_masks(identity, original)
             ensure_alive(self.procfs, identity)
             return RestoreResult(message, restored=left is None, left=left)
+        if original.get("outside_units"):
+            return self._restore_from_scope(identity, original, applied if applied is not None else planned)
         mount = self._mount_of(original)
         candidates = self._ours("cgroup", applied, planned)
         now = process_cgroup_path(mount, self.procfs.cgroups(pid))
@@ -538,6 +579,13 @@ class CpusetActuator:
         message += self._restore_masks(identity, original)
         ensure_alive(self.procfs, identity)
         return RestoreResult(message + self._cleanup_note(mount, ours))
+
+    def _restore_from_scope(self, identity: ProcessIdentity, original: dict, applied: dict | None) -> RestoreResult:
+        now = process_cgroup_path(self._mount_of(original), self.procfs.cgroups(identity.pid))
+        result = self._scopes().restore(identity.pid, original["cgroup"], applied, now,
+                                        after_move=lambda: self._restore_masks(identity, original))
+        ensure_alive(self.procfs, identity)
+        return result
 
     def _restore_masks(self, identity: ProcessIdentity, original: dict) -> str:
         """Put back thread masks a pre-6.2 kernel reset on the move (a no-op where it kept them).
@@ -611,6 +659,9 @@ class CpusetActuator:
                 return exc.message
         if not original or "mount" not in original:
             return ""
+        if original.get("outside_units"):
+            scope = scope_of_applied(applied)
+            return self._scopes().stop_if_empty(scope).lstrip("; ") if scope and self.systemd is not None else ""
         return self._cleanup_note(self._mount_of(original), (applied or {}).get("cgroup")).lstrip("; ")
 
     def maintain(

@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 from ..collector import Collector
 from ..errors import RemediatorError
 from ..hostcheck import kernel_headers_description
+from ..schedgroups import SchedGroups
 from ..probes import ProbeSettings, window_shift_for
 from ..procfs import ProcFS
 from ..sample import Sample, merge_samples
@@ -77,7 +78,8 @@ def open_collector(args: argparse.Namespace) -> tuple[Collector, str]:
         note = "source procfs (as requested: no tail, no blame)"
     else:
         note = f"source bpf (kernel headers: {kernel_headers_description()})"
-    collector = Collector(source, selectors_from_args(args), procfs)
+    # Scheduling groups in the samples, so a replay judges nice and sched steps as live would.
+    collector = Collector(source, selectors_from_args(args), procfs, sched_groups=SchedGroups.for_host(procfs))
     try:
         collector.start()
     except BaseException:

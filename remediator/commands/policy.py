@@ -7,13 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import CONFIG_FILE_NAME, load_config
+from ..config import CONFIG_FILE_NAME, load_config, looks_like_config, parse_source
 from ..cpulist import CpuListError, online_cpus, parse_cpulist
 from ..errors import RemediatorError
 from ..explain import explain
-from ..policy import check_paths, load_policies
+from ..policy import check_paths, load_policies, read_policy_files
+from ..printable import printable
 from ..procfs import ProcFS
-from ..schema import json_schema, reference_markdown
+from ..schema import Diagnostic, json_schema, reference_markdown
 from ..selectors import ProtectSelectors
 
 CHECK_EXAMPLES = """\
@@ -25,6 +26,7 @@ examples:
   remediator policy check policies/ examples/remediator.toml
   remediator policy check --format json policies/ > report.json      for CI bots
   remediator policy check --online-cpus 0-15 policies/               against a 16-CPU host
+  sudo remediator policy check --host /etc/remediator/remediator.toml  and which steps cannot work here now
 """
 
 EXPLAIN_EXAMPLES = """\
@@ -36,6 +38,17 @@ examples:
   sudo remediator policy explain --config /etc/remediator/remediator.toml
   sudo remediator policy explain --protect-comm nginx policies/
   sudo remediator policy explain --protect-unit api.service --request-cpus 0-3 --format json
+"""
+
+SUGGEST_EXAMPLES = """\
+For each of the most blamed processes (in the windows where the protected tail was over the
+threshold) that no policy names, prints a draft [[policy]] with the evidence in comments: review
+it, then commit it to the policy repository. It passes 'policy check' as printed.
+
+examples:
+  remediator policy suggest --config /etc/remediator/remediator.toml --since 2h > drafts.toml
+  remediator policy suggest --recording incident.jsonl --audit audit.jsonl --policies policies/
+  remediator replay incident.jsonl --policies policies/ --against drafts.toml     what the draft would do
 """
 
 SCHEMA_EXAMPLES = """\
@@ -67,8 +80,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument(
         "--online-cpus", type=_cpulist, metavar="LIST", help="check CPU lists against these CPUs instead of this host's online CPUs"
     )
+    check.add_argument(
+        "--host", action="store_true",
+        help="also warn, per step, where a nice or sched step cannot work on this host now: the offenders each policy "
+        "matches are in another scheduling group (cpu cgroup or autogroup) than the protected processes, which the "
+        "config among PATHS names (read only)",
+    )
     check.add_argument("--sysfs-root", default="/sys", help=argparse.SUPPRESS)
+    check.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
     check.set_defaults(handler=run_check)
+
+    suggest = commands.add_parser(
+        "suggest",
+        help="draft a policy for each much-blamed process no policy names, from an audit log and a recording",
+        description="Draft policies from what was seen: the most blamed processes no policy names.",
+        epilog=SUGGEST_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from .report import add_scene_arguments
+
+    add_scene_arguments(suggest)
+    suggest.add_argument("--policies", action="append", default=[], metavar="PATH",
+                         help="the policies in force (default: the config's, else ./policies if it exists)")
+    suggest.add_argument("--top", type=int, default=3, metavar="N", help="at most N drafts (default 3)")
+    suggest.add_argument("--min-share", type=float, default=0.1, metavar="F",
+                         help="only processes with at least this share of the protected wait (default 0.1)")
+    suggest.set_defaults(handler=run_suggest)
 
     explain_parser = commands.add_parser(
         "explain",
@@ -132,19 +169,53 @@ def run_check(args: argparse.Namespace) -> int:
     online = args.online_cpus if args.online_cpus is not None else _host_online(args.sysfs_root)
     diagnostics = check_paths(paths, online_cpus=online)
     errors = sum(1 for d in diagnostics if d.severity == "error")
+    notes: list[str] = []
+    host = getattr(args, "host", False)  # callers that build the namespace themselves leave it out
+    if host and not errors:
+        if online is None:
+            raise RemediatorError(f"--host: cannot read the online CPUs from {args.sysfs_root}/devices/system/cpu/online")
+        found, notes = host_diagnostics(paths, online, ProcFS(getattr(args, "proc_root", "/proc")))
+        diagnostics += found
     warnings = len(diagnostics) - errors
     if args.format == "json":
         print(
             json.dumps(
-                {"ok": errors == 0, "errors": errors, "warnings": warnings, "diagnostics": [d.to_json() for d in diagnostics]},
+                {"ok": errors == 0, "errors": errors, "warnings": warnings, "diagnostics": [d.to_json() for d in diagnostics],
+                 **({"host_notes": notes} if host else {})},
                 indent=2,
             )
         )
     else:
         for diagnostic in diagnostics:
             print(diagnostic)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
         print(f"{errors} error{'s' if errors != 1 else ''}, {warnings} warning{'s' if warnings != 1 else ''}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def host_diagnostics(paths: list, online: frozenset[int], procfs: ProcFS) -> tuple[list[Diagnostic], list[str]]:
+    """A warning at each nice or sched step that cannot reach the running protected processes from
+    a process its policy matches now (what the daemon would skip), and notes on what could not be told."""
+    files, _ = read_policy_files(paths)
+    configs = [path for path, raw in files if looks_like_config(parse_source(raw, str(path))[0], str(path))]
+    if not configs:
+        raise RemediatorError(f"--host: no config ({CONFIG_FILE_NAME}) among the paths: it names the protected processes")
+    config = load_config(configs[0])
+    policies = load_policies(config.policy_paths, online_cpus=online)
+    report = explain(policies, config.protect, procfs, online, request_cpus=config.request_cpus)
+    notes = [note for note in report.notes if "protected" in note]
+    if not report.protected:
+        notes.append("no protected process is running: which steps can work cannot be told")
+    diagnostics = []
+    for entry in report.policies:
+        for item in entry.processes:
+            for _, step, why in item.cannot_work:
+                diagnostics.append(Diagnostic(
+                    step.location, "warning",
+                    f"policy {entry.policy.name}: {step.describe()} cannot work on this host now for pid {item.info.pid} "
+                    f"({printable(item.info.comm)}): {why}; the daemon skips it at once", "step-cannot-work"))
+    return diagnostics, notes
 
 
 def run_explain(args: argparse.Namespace) -> int:
@@ -185,4 +256,35 @@ def run_schema(args: argparse.Namespace) -> int:
         sys.stdout.write(reference_markdown())
     else:
         print(json.dumps(json_schema(args.kind), indent=2))
+    return 0
+
+
+def run_suggest(args: argparse.Namespace) -> int:
+    from ..config import parse_source
+    from ..policy import compile_policies
+    from ..schema import has_errors
+    from ..suggest import suggest
+    from .report import scene_from_args
+
+    scene = scene_from_args(args)
+    if not scene.samples:
+        raise RemediatorError("policy suggest needs a recording with samples in that time range (--recording or the "
+                              "config's [recording])")
+    paths = args.policies or (list(load_config(args.config).policy_paths) if args.config else [])
+    if not paths and Path("policies").is_dir():
+        paths = [Path("policies")]
+    policies = load_policies(paths) if paths else load_policies([])
+    drafts, notes = suggest(scene, policies, args.top, args.min_share)
+    for note in notes:
+        print(f"policy suggest: {note}", file=sys.stderr)
+    if not drafts:
+        print("policy suggest: no much-blamed process is left unnamed by the policies: nothing to suggest", file=sys.stderr)
+        return 0
+    for index, item in enumerate(drafts):
+        document, problems = parse_source(item.text, f"<draft {item.name}>")
+        if document is not None:
+            problems += compile_policies(document)[1]
+        if has_errors(problems):  # a bug here, never the operator's: say so plainly
+            raise RemediatorError(f"draft {item.name} does not pass its own check: " + "; ".join(map(str, problems)))
+        print(("\n" if index else "") + item.text, end="")
     return 0

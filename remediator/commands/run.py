@@ -37,12 +37,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="where samples come from, overriding the config's [daemon] source (default there: bpf, "
                              "which refuses to start without the probes; procfs, and auto when it falls back, "
                              "run degraded: no tail, no blame)")
+    parser.add_argument("--record", metavar="FILE",
+                        help="keep a rolling recording of every tick's sample here (overrides the config's [recording] "
+                             "path; FILE.1 holds the older half), for 'remediator report', 'replay', 'policy suggest'")
     parser.add_argument("--ticks", type=int, default=None, help=argparse.SUPPRESS)  # stop after N ticks (tests)
     parser.set_defaults(handler=run_daemon)
 
 
 def run_daemon(args: argparse.Namespace) -> int:
-    daemon = Daemon(args.config, mode=args.mode, source=args.source, max_ticks=args.ticks)
+    daemon = Daemon(args.config, mode=args.mode, source=args.source, max_ticks=args.ticks,
+                    record=args.record)
     daemon.install_signal_handlers()
     logging.getLogger("remediator").debug("config %s loaded", args.config)
     return daemon.run()

@@ -30,6 +30,7 @@ class FakeProcess:
     cgroup_v2: str = "/"
     cgroup_v1: dict[str, str] = field(default_factory=dict)
     threads: list[FakeThread] = field(default_factory=list)
+    autogroup: str | None = None  # /proc/<pid>/autogroup, e.g. "/autogroup-7 nice 0"; None: no such file
 
     def stat_line(self, tid: int | None = None) -> str:
         # Fields 3.. of /proc/<pid>/stat; the ones remediator reads carry the values, the rest 0.
@@ -47,6 +48,7 @@ class FakeProc:
         self.processes: dict[int, FakeProcess] = {}
         self.cpu_ticks: list[list[int]] = [[0] * 10, [0] * 10]
         self.psi_some_total_us = 0
+        self.autogroup_enabled: int | None = None  # /proc/sys/kernel/sched_autogroup_enabled; None: absent
 
     def add(self, process: FakeProcess) -> FakeProcess:
         if not process.threads:
@@ -72,6 +74,9 @@ class FakeProc:
             f"some avg10=0.00 avg60=0.00 avg300=0.00 total={self.psi_some_total_us}\n"
             "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"
         )
+        if self.autogroup_enabled is not None:
+            (self.root / "sys/kernel").mkdir(parents=True, exist_ok=True)
+            (self.root / "sys/kernel/sched_autogroup_enabled").write_text(f"{self.autogroup_enabled}\n")
         for process in self.processes.values():
             base = self.root / str(process.pid)
             (base / "task").mkdir(parents=True, exist_ok=True)
@@ -85,6 +90,8 @@ class FakeProc:
             cgroup_lines = [f"{index + 1}:{controller}:{path}" for index, (controller, path) in enumerate(process.cgroup_v1.items())]
             cgroup_lines.append(f"0::{process.cgroup_v2}")
             (base / "cgroup").write_text("\n".join(cgroup_lines) + "\n")
+            if process.autogroup is not None:
+                (base / "autogroup").write_text(process.autogroup + ("\n" if process.autogroup else ""))
             existing = {int(name) for name in (p.name for p in (base / "task").iterdir())}
             for thread in process.threads:
                 task = base / "task" / str(thread.tid)

@@ -177,6 +177,10 @@ def config_document(rng: random.Random) -> dict:
         document["daemon"] = daemon
     if rng.random() < 0.5:
         document["limits"] = {"max_changes_per_minute": rng.randint(1, 10000)}
+    if rng.random() < 0.3:
+        document["recording"] = {"path": "/var/lib/remediator/recording.jsonl"}
+        if rng.random() < 0.5:
+            document["recording"]["max_bytes"] = rng.randint(65536, 1 << 40)
     return document
 
 

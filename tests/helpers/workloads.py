@@ -21,13 +21,17 @@ def _all_cpus() -> None:
 class Workload:
     """A started workload; `pid` is its process, `lines` what it printed after 'ready'."""
 
-    def __init__(self, argv: list[str], ready_timeout: float = 10.0, **popen_kwargs):
+    def __init__(self, argv: list[str], ready_timeout: float = 10.0, own_session: bool = True, **popen_kwargs):
+        # Its own process group either way, so kill() takes its children too. A session of its own
+        # also means an autogroup of its own (sched_autogroup_enabled = 1), and nice weighs nothing
+        # between autogroups: a test that needs a nice step to work keeps the test's session.
+        group = {"start_new_session": True} if own_session else {"process_group": 0}
         self.proc = subprocess.Popen(
             argv,
             stdout=subprocess.PIPE,
             text=True,
-            start_new_session=True,  # its own process group, so kill() takes its children too
             preexec_fn=_all_cpus,  # not whatever CPUs the test process itself was kept to
+            **group,
             **popen_kwargs,
         )
         self.pid = self.proc.pid
@@ -87,9 +91,33 @@ def victim_argv(cpu: int | None = 0, *extra: str) -> list[str]:
     return argv + list(extra)
 
 
+def certain_harm(spawn, *hog_extra: str, own_session: bool = False):
+    """(victim, hog) where the victim waits over 1 ms in every 250 ms window, before and after nice 10.
+
+    The light victim (work 100 us) next to one hog thread does not: on EEVDF it preempts the hog
+    at once on most wakeups and waits a tick only when it wakes inside the hog's protected slice,
+    a few times per thousand wakeups, so p99.9 of a 250 ms window is over 1 ms in about half of
+    the windows, in none while the balancer keeps both hog threads on CPU 1, and the ladder can
+    stall for seconds. A victim working 1 ms per wakeup (half a CPU) still wins most wakeups
+    against one hog thread, has stretches of seconds with few long waits (2-6 ms/s of wait), and
+    once that thread is niced to 10 has none in most windows (the trigger held at 26 of 157
+    ticks), so the affinity step may never come. Against two hog threads on its CPU (at nice 0
+    more than its third of the CPU) it waited over 1 ms in every one of 160 windows, niced or
+    not: 60-120 ms/s of wait, 80 ms/s at nice 10. So: the 1 ms victim and three compressing
+    threads, two pinned to CPU 0 and one to CPU 1. Those figures were taken with victim and hog in
+    sessions of their own, where nice weighs nothing (different autogroups); in one session (the
+    default here, so the nice step is taken) nice 10 cut the victim's waits over 1 ms to a tenth and
+    the trigger still held: the affinity step came at its settle time in every run.
+    """
+    victim = spawn(victim_argv(0, "--work-us", "1000"), own_session=own_session)
+    hog = spawn(hog_argv("fluent-bit", 3, *hog_extra), own_session=own_session)
+    pin_workers(hog, (0, 0, 1))
+    return victim, hog
+
+
 @pytest.fixture
 def spawn():
-    """spawn(argv, **popen_kwargs) -> Workload; every workload is killed at teardown."""
+    """spawn(argv, own_session=True, **popen_kwargs) -> Workload; every workload is killed at teardown."""
     started: list[Workload] = []
 
     def start(argv: list[str], **kwargs) -> Workload:
