@@ -51,7 +51,7 @@ class BurstWatch:
         self.self_pid = self_pid
         self.clock = clock
         self.policies: PolicySet | None = None
-        self._judged: dict[int, ProcessIdentity | None] = {}  # pid -> the identity judged a candidate, or None: not one
+        self._judged: dict[int, ProcessIdentity] = {}  # pid -> the identity last judged (candidate or not)
         self._candidates: dict[int, tuple[ProcessIdentity, BurstCandidate]] = {}
         self._last_scan = float("-inf")
         self.events_seen = 0
@@ -76,12 +76,11 @@ class BurstWatch:
         assert self.policies is not None
         selected = self.policies.select(info)
         policy = selected[0] if selected else None
+        self._judged[info.pid] = info.identity
         if (policy is None or policy.trigger.always or policy.trigger.burst_within_s is None
                 or exclusion_reason(info, protected, self.self_pid)):
-            self._judged[info.pid] = None
             self._candidates.pop(info.pid, None)
             return
-        self._judged[info.pid] = info.identity
         self._candidates[info.pid] = (info.identity, candidate_for(policy))
 
     def refresh(self, infos: Iterable[ProcessInfo], protected: Iterable[int]) -> None:
@@ -94,7 +93,7 @@ class BurstWatch:
             return
         protected = set(protected)
         for info in infos:
-            if self._judged.get(info.pid, False) != info.identity:
+            if self._judged.get(info.pid) != info.identity:
                 self._judge(info, protected)
         for pid in self.source.take_exec_pids():
             self._judged.pop(pid, None)  # exec changes comm, exe and cmdline: judge it again
@@ -115,7 +114,6 @@ class BurstWatch:
             inherited = self.source.inherited_burst_candidates()
             self.source.drop_burst_candidates([pid for pid in inherited if pid not in self._candidates])
         for pid in protected & self._candidates.keys():
-            self._judged[pid] = None
             del self._candidates[pid]
         self.source.set_burst_candidates({pid: candidate for pid, (_identity, candidate) in self._candidates.items()})
 
@@ -125,7 +123,7 @@ class BurstWatch:
         except RemediatorError:
             return
         if info.kernel_thread:
-            self._judged[pid] = None
+            self._judged[pid] = info.identity
             return
         self._judge(info, protected)
 

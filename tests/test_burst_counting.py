@@ -178,3 +178,69 @@ def test_the_hourly_cap_holds_for_bursts(tmp_path):
     state = record_outcome(state, decisions[0], "applied", policy_set)
     _state, decisions = decide_at(policy_set, 101.5, state)
     assert [d.kind for d in decisions] == ["capped"]
+
+
+# -- BurstWatch: the candidate map kept current --------------------------------------------------
+
+class FakeBurstSource:
+    def __init__(self):
+        self.candidates: dict = {}
+        self.exec_pids: list[int] = []
+        self.inherited: set[int] = set()
+        self.dropped: list[int] = []
+
+    def poll_bursts(self, timeout_s):
+        return []
+
+    def set_burst_candidates(self, candidates):
+        self.candidates = dict(candidates)
+
+    def take_exec_pids(self):
+        pids, self.exec_pids = self.exec_pids, []
+        return pids
+
+    def inherited_burst_candidates(self):
+        return set(self.inherited)
+
+    def drop_burst_candidates(self, tgids):
+        self.dropped += list(tgids)
+
+
+class FakeProcs:
+    def __init__(self, *infos):
+        self.infos = {info.pid: info for info in infos}
+        self.reads = 0
+
+    def pids(self):
+        return list(self.infos)
+
+    def process_info(self, pid):
+        from remediator.errors import ProcessGone
+        self.reads += 1
+        if pid not in self.infos:
+            raise ProcessGone(pid)
+        return self.infos[pid]
+
+
+def test_burstwatch_names_governed_processes_with_their_policys_count(tmp_path):
+    from remediator.burstwatch import BurstWatch
+    from remediator.probes import BurstCandidate, BurstEvent
+
+    source, procs = FakeBurstSource(), FakeProcs(SERVICE, SHIPPER, ProcessInfo(pid=300, start_time=30, comm="postgres"))
+    watch = BurstWatch(source, procs, self_pid=999, clock=lambda: 0.0)
+    watch.set_policies(burst_policies(tmp_path))
+    watch.refresh([], [SERVICE.pid])
+    assert source.candidates == {SHIPPER.pid: BurstCandidate(threshold_ns=2_000_000, count=2, span_ns=50_000_000)}
+    reads = procs.reads
+    watch.refresh([SERVICE, SHIPPER], [SERVICE.pid])  # known processes are not judged again
+    assert procs.reads == reads
+    # a fork child the kernel made a candidate is judged at its first event; a thread's entry is dropped
+    child = ProcessInfo(pid=201, start_time=21, comm="fluent-bit")
+    procs.infos[child.pid] = child
+    info, burst = watch.evidence(BurstEvent(mono_ns=int(100.03e9), first_ns=int(100.0e9), wait_ns=3_000_000, tgid=201, count=2))
+    assert info == child and burst.waits == 2 and abs(burst.last_s - burst.first_s - 0.03) < 1e-9
+    assert watch.evidence(BurstEvent(int(1e9), int(1e9), 3_000_000, tgid=300, count=2)) is None  # no within-policy
+    source.inherited = {201, 4242}
+    watch.clock = lambda: 10.0
+    watch.refresh([], [SERVICE.pid])
+    assert source.dropped == [4242] and set(source.candidates) == {SHIPPER.pid, 201}
