@@ -310,7 +310,7 @@ def check_host() -> None:
         if not needed.exists():
             raise RemediatorError(f"the demo runs from a checkout of remediator: {needed} is missing")
     if importlib.util.find_spec("matplotlib") is None:  # the report at the end draws with it: fail now, not in a minute
-        raise RemediatorError("the demo's report needs matplotlib: sudo ./bootstrap setup (python3-matplotlib)")
+        raise RemediatorError("the demo's report needs matplotlib: sudo ./bootstrap demo installs it (Debian: python3-matplotlib)")
 
 
 def run_demo(duration_s: float, keep_dir: Path | None = None, out: TextIO = sys.stdout) -> int:

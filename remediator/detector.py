@@ -92,6 +92,7 @@ class TriggerEvidence:
     offender_peak_cpu: float | None
     blame_share: float
     reason: str
+    baseline_us: float | None = None  # the learned quiet baseline a relative threshold came from
 
     def to_json(self) -> dict:
         def rounded(value):
@@ -103,6 +104,7 @@ class TriggerEvidence:
                 "value_us": rounded(self.tail_us),
                 "worst_us": rounded(self.worst_tail_us),
                 "threshold_us": self.threshold_us,
+                "baseline_us": rounded(self.baseline_us),
                 "windows_over": self.windows_over,
                 "of_windows": self.of_windows,
             },
@@ -115,26 +117,30 @@ class TriggerEvidence:
         }
 
 
-def tail_over(trigger: Trigger, windows: Sequence[Window]) -> tuple[list[Window], list[Window]]:
-    """(the last M windows, those of them whose tail is above the threshold)."""
+def tail_over(trigger: Trigger, windows: Sequence[Window], baseline_us: float | None = None) -> tuple[list[Window], list[Window]]:
+    """(the last M windows, those of them whose tail is above the threshold, which for a relative
+    trigger comes from `baseline_us`)."""
+    threshold = trigger.threshold_us(baseline_us) or 0.0
     recent = list(windows[-(trigger.of_windows or 1):])
     over = [
         window
         for window in recent
-        if (value := window.tail_us(trigger.tail_percentile or 99.0)) is not None and value > (trigger.tail_above_us or 0.0)
+        if (value := window.tail_us(trigger.tail_percentile or 99.0)) is not None and value > threshold
     ]
     return recent, over
 
 
-def evaluate_trigger(trigger: Trigger, windows: Sequence[Window], pid: int) -> TriggerEvidence:
+def evaluate_trigger(trigger: Trigger, windows: Sequence[Window], pid: int, baseline_us: float | None = None) -> TriggerEvidence:
     """Does `pid` meet the trigger over the recent windows?
 
-    The tail must be above the threshold in at least N of the last M windows; the offender is
+    The tail must be above the threshold (for a relative trigger: from the service's learned
+    `baseline_us`, or at_most without one) in at least N of the last M windows; the offender is
     judged over those same windows: its highest mean and peak CPU, and its share of the protected
     wait time summed over them.
     """
     percentile = trigger.tail_percentile or 99.0
-    recent, over = tail_over(trigger, windows)
+    threshold = trigger.threshold_us(baseline_us)
+    recent, over = tail_over(trigger, windows, baseline_us)
     tail_ok = len(over) >= (trigger.windows or 1)
     judged = over or recent[-1:]
     latest = judged[-1].tail_us(percentile) if judged else None
@@ -155,7 +161,7 @@ def evaluate_trigger(trigger: Trigger, windows: Sequence[Window], pid: int) -> T
     else:
         offender_ok = any(ok for ok, _ in checks)
     tail_text = (
-        f"p{percentile:g} above {trigger.tail_above_us:g} us in {len(over)} of the last {len(recent)} windows "
+        f"p{percentile:g} above {trigger.describe_threshold(baseline_us)} in {len(over)} of the last {len(recent)} windows "
         f"(need {trigger.windows} of {trigger.of_windows})"
     )
     reason = tail_text + "; " + ", ".join(text for _, text in checks)
@@ -163,7 +169,7 @@ def evaluate_trigger(trigger: Trigger, windows: Sequence[Window], pid: int) -> T
         fired=tail_ok and offender_ok,
         tail_ok=tail_ok,
         percentile=percentile,
-        threshold_us=trigger.tail_above_us,
+        threshold_us=threshold,
         windows_over=len(over),
         of_windows=trigger.of_windows or 1,
         tail_us=latest,
@@ -172,4 +178,5 @@ def evaluate_trigger(trigger: Trigger, windows: Sequence[Window], pid: int) -> T
         offender_peak_cpu=peak,
         blame_share=share,
         reason=reason,
+        baseline_us=baseline_us if trigger.relative else None,
     )

@@ -20,7 +20,10 @@ Rules, in the order they are checked:
   only when the change is beyond the windows' noise (verification.py). The verdict never holds
   the ladder back: whether the tail is still bad decides escalation. An inconclusive verdict is
   judged again over a longer after-period (up to MAX_REVERIFY more settle periods) while the ladder
-  stays where it is; a later step or a revert ends the after-period, since it would confound it.
+  stays where it is; a later step or a revert ends the after-period, since it would confound it;
+- a trigger relative to the service's own baseline ("5x baseline") is judged against the baseline
+  learned so far (baseline.py) from quiet windows: no ladder in place, the tail under every
+  trigger's threshold; the window of this tick is judged before it is learned from.
 A nice or sched step that cannot reach any running protected process (offender and service in
 different scheduling groups: cpu cgroups or autogroups, schedgroups.py) is skipped at once, with a
 "skipped" decision, and the ladder goes on to its next step in the same tick.
@@ -37,6 +40,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Collection, Iterable, Mapping, Sequence
 
+from .baseline import Baselines
 from .detector import Window, blame_share, combined_tail_us, evaluate_trigger
 from .model import ActionRequest
 from .placement import resolve_cpu_spec
@@ -137,9 +141,41 @@ class EngineState:
     last_over: Mapping[str, float] = field(default_factory=dict)  # policy -> last time its tail was over
     excluded_seen: frozenset[ProcessIdentity] = frozenset()
     next_action: int = 1
+    baselines: Baselines = field(default_factory=Baselines)  # the service's quiet tail, per percentile
 
     def active(self) -> list[Remediation]:
         return [r for r in self.remediations.values() if r.applied]
+
+    def baseline_us(self, policy: Policy, now: float) -> float | None:
+        """The learned baseline a relative trigger of `policy` is judged against (None: not learned, or absolute)."""
+        trigger = policy.trigger
+        if not trigger.relative:
+            return None
+        return self.baselines.value_us(trigger.tail_percentile or 99.0, now)
+
+    def threshold_us(self, policy: Policy, now: float) -> float | None:
+        return policy.trigger.threshold_us(self.baseline_us(policy, now))
+
+
+def _learn_baseline(state: EngineState, window: Window, policies: PolicySet, now: float) -> EngineState:
+    """Learn from this window if it is quiet for the percentiles relative triggers watch: no ladder
+    in place (a static `always` placement is the normal state, not a remediation) and nothing pending,
+    and its tail not over any trigger's threshold on that percentile (baseline.py checks the waits)."""
+    relative = {policy.trigger.tail_percentile or 99.0 for policy in policies.policies if policy.trigger.relative}
+    if not relative or state.pending:
+        return state
+    for remediation in state.remediations.values():
+        policy = policies.by_name(remediation.policy)
+        if remediation.applied and (policy is None or not policy.trigger.always):
+            return state
+    lowest: dict[float, float] = {}
+    for policy in policies.policies:
+        percentile = policy.trigger.tail_percentile or 99.0
+        threshold = state.threshold_us(policy, now)
+        if percentile in relative and threshold is not None:
+            lowest[percentile] = min(lowest.get(percentile, threshold), threshold)
+    baselines = state.baselines.learn(lowest, window.counts, window.duration_s, window.end_s)
+    return state if baselines is state.baselines else dataclasses.replace(state, baselines=baselines)
 
 
 def _action_id(state: EngineState, info: ProcessInfo) -> tuple[str, EngineState]:
@@ -246,10 +282,11 @@ def decide(
     last_over = dict(state.last_over)
     for policy in policies.policies:
         trigger = policy.trigger
-        if trigger.always or trigger.tail_above_us is None:
+        threshold = state.threshold_us(policy, now)
+        if trigger.always or threshold is None:
             continue
         value = window.tail_us(trigger.tail_percentile or 99.0)
-        if value is not None and value > trigger.tail_above_us:
+        if value is not None and value > threshold:
             last_over[policy.name] = now
     state = dataclasses.replace(state, last_over=last_over)
 
@@ -285,7 +322,7 @@ def decide(
                     ts=ts,
                     info=info,
                     policy=policy,
-                    message=f"the protected tail has been under {policy.trigger.tail_above_us:g} us for "
+                    message=f"the protected tail has been under {state.threshold_us(policy, now):g} us for "
                     f"{policy.limits.revert_after_quiet_s:g} s: giving the originals back",
                     evidence={"quiet_s": round(now - quiet_since, 3)},
                 )
@@ -310,10 +347,10 @@ def decide(
         if policy.trigger.always:
             offenders.climb(info, policy, {"trigger": "always", "match": match.detail}, place=True)
             continue
-        trigger_evidence = evaluate_trigger(policy.trigger, windows, pid)
+        trigger_evidence = evaluate_trigger(policy.trigger, windows, pid, state.baseline_us(policy, now))
         if trigger_evidence.fired:
             offenders.climb(info, policy, {"match": match.detail, **trigger_evidence.to_json()})
-    return offenders.finish(), decisions
+    return _learn_baseline(offenders.finish(), window, policies, now), decisions
 
 
 @dataclass(frozen=True)
@@ -537,7 +574,8 @@ def record_outcome(state: EngineState, decision: Decision, status: str, policies
         settle = decision.step.settle_s
         before = [w for w in state.windows if w.start_s >= now - settle - 1e-9]  # the settle period before the step
         before_tail = combined_tail_us(before, percentile)
-        threshold = trigger.tail_above_us if trigger.tail_above_us is not None else before_tail
+        threshold = state.threshold_us(decision.policy, now)  # a relative trigger's, from the learned baseline
+        threshold = threshold if threshold is not None else before_tail
         counts = PeriodCounts(())
         if threshold is not None:
             counts = period_counts((w.counts for w in before), threshold_boundary_ns(threshold))
@@ -577,7 +615,8 @@ def forget(state: EngineState, identity: ProcessIdentity) -> EngineState:
 # CLOCK_MONOTONIC seconds: that clock is the boot's, not the process's, so it is still valid after a
 # restart within the same boot (the daemon discards state saved under another boot id). Windows and
 # pending verifications are not kept: a verification needs the windows after its action, which a
-# dead daemon did not see.
+# dead daemon did not see. The learned baselines are kept (as last exported, see baseline.py): a
+# restart must not fall back to at_most for the minutes it takes to learn again.
 
 STATE_FORMAT = 1
 
@@ -588,6 +627,7 @@ def export_state(state: EngineState) -> dict:
         "format": STATE_FORMAT,
         "next_action": state.next_action,
         "recent_changes": list(state.recent_changes),
+        "baselines": state.baselines.to_json(),
         "remediations": [
             {
                 "pid": r.identity.pid,
@@ -625,6 +665,7 @@ def import_state(data: Mapping, state: EngineState | None = None) -> EngineState
         if not isinstance(next_action, int) or isinstance(next_action, bool) or next_action < 1:
             raise ValueError(f"next_action: expected a positive integer, got {next_action!r}")
         recent = tuple(number(t, "recent_changes") for t in data["recent_changes"])
+        saved_baselines = Baselines.from_json(data.get("baselines", {}))  # absent from files written before baselines
         remediations: dict[tuple[ProcessIdentity, str], Remediation] = {}
         for item in data["remediations"]:
             identity = ProcessIdentity(int(item["pid"]), int(item["start_time"]))
@@ -643,8 +684,10 @@ def import_state(data: Mapping, state: EngineState | None = None) -> EngineState
             )
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"missing or malformed {exc}") from None
+    # Baselines this process has learned already (a dry run turning live) are newer than the saved ones.
+    baselines = state.baselines if state.baselines.by_percentile else saved_baselines
     # max: ids stay unique when a dry run (which counts on) turns live again
-    return dataclasses.replace(state, remediations=remediations, recent_changes=recent,
+    return dataclasses.replace(state, remediations=remediations, recent_changes=recent, baselines=baselines,
                                next_action=max(next_action, state.next_action))
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from .actuators.sched import NAMES as SCHED_NAMES, RANK as SCHED_RANK
 from .actuators.scope import outside_units
+from .baseline import Baselines, learning_needs
 from .cgroupfs import CgroupFS, CgroupMount, discover_cpu_mount, discover_cpuset_mount, process_cgroup_path, process_cpuset_cpus
 from .cpulist import CpuListError, format_cpulist, parse_cpulist
 from .errors import ProcessGone, RemediatorError, translate_os_error
@@ -48,6 +49,31 @@ class ProcessEntry:
 class PolicyEntry:
     policy: Policy
     processes: list[ProcessEntry] = field(default_factory=list)
+    threshold: str = ""  # a relative trigger's threshold now, from the daemon's learned baseline
+    baseline_us: float | None = None
+
+
+@dataclass(frozen=True)
+class LearnedBaselines:
+    """The baselines the daemon learned (from its saved engine state), for explain."""
+
+    baselines: Baselines
+    now: float  # engine time (CLOCK_MONOTONIC) to judge their age against
+    source: str  # where they were read from, or why there are none
+
+
+def _threshold_text(policy: Policy, learned: LearnedBaselines | None) -> tuple[str, float | None]:
+    trigger = policy.trigger
+    if not trigger.relative:
+        return "", None
+    percentile = trigger.tail_percentile or 99.0
+    baselines = learned.baselines if learned else Baselines()
+    now = learned.now if learned else 0.0
+    baseline = baselines.value_us(percentile, now)
+    text = trigger.describe_threshold(baseline, learning_needs())
+    if baseline is not None:
+        text += f"; p{percentile:g} baseline from {baselines.learned_from(percentile, now)} blocks of quiet"
+    return f"{text} [{learned.source if learned else 'no daemon state read'}]", baseline
 
 
 @dataclass
@@ -83,6 +109,8 @@ class ExplainReport:
                     "priority": entry.policy.priority,
                     "specificity": entry.policy.match.specificity,
                     "first_step": entry.policy.steps[0].describe(),
+                    "threshold_now": entry.threshold or None,
+                    "baseline_us": entry.baseline_us,
                     "processes": [
                         {
                             **process(item.info),
@@ -127,6 +155,8 @@ class ExplainReport:
                 f"policy {policy.name} ({policy.location}), priority {policy.priority}, specificity {policy.match.specificity}"
             )
             lines.append(f"  trigger: {policy.trigger.describe()}")
+            if entry.threshold:
+                lines.append(f"  threshold now: {entry.threshold}")
             lines.append(f"  ladder: {' -> '.join(step.describe() for step in policy.steps)}")
             if not entry.processes:
                 lines.append("  no live process matches")
@@ -377,11 +407,13 @@ def explain(
     cgroupfs: CgroupFS | None = None,
     cpuset_mount: CgroupMount | None | object = _DISCOVER,
     sched_groups: SchedGroups | None | object = _DISCOVER,
+    learned: LearnedBaselines | None = None,
 ) -> ExplainReport:
     """Match every live process against the policies and the protect selectors; change nothing.
 
     `cgroupfs` and `cpuset_mount` (default: the host's) answer `auto` request CPUs from cgroups;
-    `sched_groups` (default: the host's; None: not read) which nice and sched steps cannot work."""
+    `sched_groups` (default: the host's; None: not read) which nice and sched steps cannot work;
+    `learned`: the daemon's learned baselines, for the thresholds of relative triggers."""
     self_pid = os.getpid() if self_pid is None else self_pid
     cgroupfs = cgroupfs or CgroupFS()
     mount = discover_cpuset_mount(cgroupfs=cgroupfs) if cpuset_mount is _DISCOVER else cpuset_mount
@@ -449,7 +481,7 @@ def explain(
             "affinity and cpuset steps aimed at it would be skipped"
         )
 
-    entries = [PolicyEntry(policy) for policy in policies.policies]
+    entries = [PolicyEntry(policy, [], *_threshold_text(policy, learned)) for policy in policies.policies]
     by_name = {entry.policy.name: entry for entry in entries}
     for info in infos:
         found = policies.matching(info)

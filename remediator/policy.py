@@ -33,7 +33,8 @@ from .errors import Location
 from .matching import FIELDS, Match, MatchResult
 from .model import CpuSpec
 from .procfs import ProcessInfo
-from .schema import POLICY_FILE, Checker, Diagnostic, PolicyErrors, format_duration, has_errors, parse_duration
+from .schema import (POLICY_FILE, BaselineMultiple, Checker, Diagnostic, PolicyErrors, format_duration, has_errors,
+                     parse_duration)
 from .tomlpos import Document, KeyPath, format_key_path
 from .trustedfs import Trust, TrustedDirectory, UntrustedPath, open_file, read_all
 
@@ -124,6 +125,38 @@ class Trigger:
     offender_cpu_kind: str  # "mean" | "peak"
     offender_blame_share: float | None  # 0..1
     offender_require: str  # "any" | "all"
+    # A threshold relative to the protected service's learned quiet baseline ("5x baseline"):
+    # tail_above_us is then at_most, the threshold until the baseline is learned (see threshold_us).
+    tail_baseline_factor: float | None = None
+    tail_at_least_us: float | None = None
+    tail_at_most_us: float | None = None
+
+    @property
+    def relative(self) -> bool:
+        return self.tail_baseline_factor is not None
+
+    def threshold_us(self, baseline_us: float | None) -> float | None:
+        """The tail threshold now: the absolute one, or the factor times the baseline bounded by
+        at_least and at_most (at_most while no baseline is learned)."""
+        if self.tail_baseline_factor is None or baseline_us is None:
+            return self.tail_above_us
+        assert self.tail_at_least_us is not None and self.tail_at_most_us is not None
+        return min(max(self.tail_baseline_factor * baseline_us, self.tail_at_least_us), self.tail_at_most_us)
+
+    def describe_threshold(self, baseline_us: float | None, needs: str = "") -> str:
+        """'2ms', or how a relative threshold comes out of the baseline: '1ms (5x baseline 70us =
+        350us, raised to at_least)', '2ms (at_most: no baseline learned yet; it takes ...)'."""
+        threshold = self.threshold_us(baseline_us)
+        shown = format_duration(round(threshold or 0.0, 1) / 1e6)
+        if not self.relative:
+            return shown
+        if baseline_us is None:
+            return f"{shown} (at_most: no baseline learned yet{'; it takes ' + needs if needs else ''})"
+        raw = (self.tail_baseline_factor or 0.0) * baseline_us
+        bound = ""
+        if threshold != raw:
+            bound = ", raised to at_least" if threshold == self.tail_at_least_us else ", capped at at_most"
+        return f"{shown} ({self.tail_baseline_factor:g}x baseline {baseline_us:.0f}us = {raw:.0f}us{bound})"
     burst_within_s: float | None = None  # tail.within: also fire off the tick, on the probe's event
     burst_waits: int = 2  # tail.waits: blamed waits over tail.above within burst_within_s
 
@@ -136,10 +169,16 @@ class Trigger:
         if self.offender_blame_share is not None:
             conditions.append(f"blame share >= {self.offender_blame_share:g}")
         joiner = " and " if self.offender_require == "all" else " or "
+        if self.relative:
+            above = (f"{self.tail_baseline_factor:g}x its quiet baseline (at least {format_duration((self.tail_at_least_us or 0) / 1e6)}, "
+                     f"at most {format_duration((self.tail_at_most_us or 0) / 1e6)}, which holds until the baseline is learned)")
+        else:
+            above = format_duration((self.tail_above_us or 0) / 1e6)
+        # tail_above_us is at_most for a relative threshold: a counted wait must be over it
         burst = (f"; or at once, {self.burst_waits} waits above {format_duration((self.tail_above_us or 0) / 1e6)} blamed on "
                  f"the offender within {format_duration(self.burst_within_s)}" if self.burst_within_s else "")
         return (
-            f"p{self.tail_percentile:g} above {format_duration((self.tail_above_us or 0) / 1e6)} in {self.windows} of the last "
+            f"p{self.tail_percentile:g} above {above} in {self.windows} of the last "
             f"{self.of_windows} windows, and offender {joiner.join(conditions)}{burst}"
         )
 
@@ -359,12 +398,14 @@ class _PolicyCompiler:
             self.problem(
                 path + ("offender",), "give cpu, blame_share or both: the use that makes a matched process an offender", "missing-key"
             )
+        above, relative = self._threshold(path + ("tail",), tail)
+        self._cpu_alone(path + ("offender",), offender)
         if self.failed:
             return None
         return Trigger(
             always=False,
             tail_percentile=tail["percentile"],
-            tail_above_us=round(tail["above"] * 1e6, 6),  # 30us is 30.0, not 29.999999999999996
+            tail_above_us=above,
             windows=tail["windows"],
             of_windows=tail["of"],
             offender_cpu=offender.get("cpu"),
@@ -373,7 +414,50 @@ class _PolicyCompiler:
             offender_require=offender["require"],
             burst_within_s=tail.get("within"),
             burst_waits=tail.get("waits", 2),
+            **relative,
         )
+
+    def _threshold(self, path: KeyPath, tail: dict) -> tuple[float, dict]:
+        """(the absolute threshold in us, or at_most for a relative one; the relative fields)."""
+        def us(seconds: float) -> float:
+            return round(seconds * 1e6, 6)  # 30us is 30.0, not 29.999999999999996
+
+        above = tail["above"]
+        if not isinstance(above, BaselineMultiple):
+            for name in ("at_least", "at_most"):
+                if name in tail:
+                    self.problem(path + (name,), f"applies to a relative threshold only (above = \"5x baseline\"); "
+                                 f"above = \"{format_duration(above)}\" is absolute: remove {name}", "exclusive", at_key=True)
+            return us(above), {}
+        missing = [name for name in ("at_least", "at_most") if name not in tail]
+        if missing:
+            self.problem(path + ("above",), f"a threshold relative to the baseline needs {' and '.join(missing)}: at_least keeps a "
+                         "tiny baseline from making the trigger hair-trigger, at_most keeps a poisoned one from disabling it "
+                         "(and holds until the baseline is learned)", "missing-key")
+            return 0.0, {}
+        if tail["at_least"] > tail["at_most"]:
+            self.problem(path + ("at_least",), f"{format_duration(tail['at_least'])} is more than at_most = "
+                         f"{format_duration(tail['at_most'])}", "range")
+        return us(tail["at_most"]), {
+            "tail_baseline_factor": above.factor,
+            "tail_at_least_us": us(tail["at_least"]),
+            "tail_at_most_us": us(tail["at_most"]),
+        }
+
+    def _cpu_alone(self, path: KeyPath, offender: dict) -> None:
+        """Warn when the trigger can fire on CPU use alone: a process busy on another CPU, with no
+        share of the protected wait, does the service no harm, yet would be acted on."""
+        if "cpu" not in offender:
+            return
+        written = self.document.data["policy"][self.path[1]]["trigger"]["offender"]
+        if "blame_share" not in offender:
+            self.problem(path + ("cpu",), "with no blame_share this trigger fires on CPU use alone: a process busy on "
+                         "another CPU, with no share of the protected wait, would be acted on; add blame_share", "cpu-alone",
+                         severity="warning")
+        elif offender["require"] == "any":
+            self.problem(path + ("require",) if "require" in written else path,
+                         '"any" lets this trigger fire on CPU use alone: a process busy on another CPU, with no share of '
+                         'the protected wait, would be acted on; use require = "all" (the default)', "cpu-alone", severity="warning")
 
     def _step(self, path: KeyPath, action: dict, limits: Limits) -> Step:
         location = self.document.value_location(path)

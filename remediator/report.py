@@ -87,7 +87,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise RemediatorError("the report needs matplotlib: sudo ./bootstrap setup (Debian: python3-matplotlib)") from None
+        raise RemediatorError("the report needs matplotlib: sudo apt-get install python3-matplotlib (sudo ./bootstrap demo and test install it)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -89,8 +89,10 @@ def has_errors(diagnostics: list[Diagnostic]) -> bool:
 # -- values -----------------------------------------------------------------------------------
 
 DURATION_PATTERN = r"^[0-9]+(\.[0-9]+)?(us|ms|s|m|h)$"
+BASELINE_PATTERN = r"^([0-9]+(\.[0-9]+)?)x baseline$"
 CPULIST_PATTERN = r"[0-9]+(-[0-9]+)?(, *[0-9]+(-[0-9]+)?)*"
 _DURATION = re.compile(DURATION_PATTERN)
+_BASELINE = re.compile(BASELINE_PATTERN)
 _CPULIST = re.compile(CPULIST_PATTERN)
 
 
@@ -107,6 +109,13 @@ def parse_duration(text: str) -> float:
     if not match:
         raise ValueError(text)
     return float(Decimal(text[: match.start(2)]) * _UNIT_SECONDS[match.group(2)])
+
+
+@dataclass(frozen=True)
+class BaselineMultiple:
+    """A threshold written relative to the protected service's learned quiet baseline: "5x baseline"."""
+
+    factor: float
 
 
 def format_duration(seconds: float) -> str:
@@ -213,6 +222,7 @@ TYPES = {
     "number": "number",
     "duration": "duration",
     "duration-or-never": 'duration or "never"',
+    "threshold": 'duration, or a multiple of the learned baseline (`"5x baseline"`)',
     "cpus": "CPU list",
     "strings": "string or array of strings",
     "integers": "array of integers",
@@ -290,11 +300,19 @@ MATCH_KEYS = (
 
 TAIL_KEYS = (
     Key("percentile", "number", "Which percentile of the protected run-queue latency to watch.", default=99.0, minimum=0, exclusive_minimum=True, maximum=100),
-    Key("above", "duration", "The threshold: a window counts as bad when that percentile is above it.", required=True, minimum=1e-6, maximum=10.0, example='above = "2ms"'),
+    Key("above", "threshold", "The threshold: a window counts as bad when that percentile is above it. Absolute (`\"2ms\"`), or "
+        "relative to the service's own quiet baseline (`\"5x baseline\"`, more than 1x), learned online from quiet windows and "
+        "kept across restarts; a relative threshold needs `at_least` and `at_most`.", required=True, minimum=1e-6, maximum=10.0,
+        example='above = "5x baseline"'),
+    Key("at_least", "duration", "With a relative `above`: the floor of the threshold, so a tiny baseline cannot make the trigger "
+        "hair-trigger.", minimum=1e-6, maximum=10.0, example='at_least = "1ms"'),
+    Key("at_most", "duration", "With a relative `above`: the ceiling of the threshold, so a baseline learned from a slowly "
+        "worsening tail cannot disable the trigger; also the threshold until the baseline is learned.", minimum=1e-6,
+        maximum=10.0, example='at_most = "2ms"'),
     Key("windows", "integer", "N: how many of the last M windows must be bad.", default=3, minimum=1, maximum=600),
     Key("of", "integer", "M: how many recent windows (ticks) are considered (the daemon keeps at least the largest M).", default=5, minimum=1, maximum=600),
     Key("within", "duration", "Also fire at once, off the tick (eBPF source only), when `waits` protected waits each longer "
-        "than `above` end within this span and the process ran during every one of them (each is blamed on it). "
+        "than `above` (for a relative `above`: than `at_most`) end within this span and the process ran during every one of them (each is blamed on it). "
         "A lone spike never fires: at least 2 waits are needed. The tick-driven form above still applies.",
         minimum=1e-3, maximum=10.0, example='within = "50ms"'),
     Key("waits", "integer", "With `within`: how many blamed waits over `above` within that span fire the trigger (2 when not given).",
@@ -305,15 +323,17 @@ OFFENDER_KEYS = (
     Key("cpu", "number", "CPU use of the process, in CPUs (1.0 = one CPU busy), at or above which it is an offender.", minimum=0, exclusive_minimum=True, maximum=4096),
     Key("cpu_kind", "enum", "`mean`: average over the window; `peak`: the highest burst inside it.", default="mean", choices=("mean", "peak")),
     Key("blame_share", "number", "Share (0..1] of the protected threads' run-queue wait spent behind this process.", minimum=0, exclusive_minimum=True, maximum=1),
-    Key("require", "enum", "With both `cpu` and `blame_share`: `any` (either suffices) or `all` (both must hold).", default="any", choices=("any", "all")),
+    Key("require", "enum", "With both `cpu` and `blame_share`: `all` (both must hold: CPU burnt on another CPU is no harm to the "
+        "service) or `any` (either suffices: the trigger can then fire on CPU alone, and `policy check` warns).",
+        default="all", choices=("all", "any")),
 )
 
 TRIGGER_KEYS = (
     Key("always", "boolean", "`true`: static placement at exec: the whole ladder is applied at once, with no condition, and never reverted; then `tail` and `offender` must be absent.", default=False),
     Key("tail", "table", "The protected service's latency condition (required unless `always`).", keys=TAIL_KEYS,
-        example='tail = { percentile = 99.0, above = "2ms", windows = 3, of = 5, within = "50ms", waits = 2 }'),
+        example='tail = { percentile = 99.0, above = "5x baseline", at_least = "1ms", at_most = "2ms", windows = 3, of = 5, within = "50ms", waits = 2 }'),
     Key("offender", "table", "Which matched processes are to blame (required unless `always`; give `cpu`, `blame_share` or both).", keys=OFFENDER_KEYS,
-        example='offender = { cpu = 0.5, cpu_kind = "peak", blame_share = 0.2, require = "any" }'),
+        example='offender = { cpu = 0.5, cpu_kind = "peak", blame_share = 0.2, require = "all" }'),
 )
 
 CPUSET_KEYS = (
@@ -603,7 +623,7 @@ class Checker:
         try:
             seconds = parse_duration(value)
         except ValueError:
-            also = ' or "never"' if key.type == "duration-or-never" else ""
+            also = {"duration-or-never": ' or "never"', "threshold": ' or a multiple of the baseline, e.g. "5x baseline"'}.get(key.type, "")
             self.at_value(
                 path, f"{show(value)} is not a duration: write a number and a unit, e.g. \"250ms\", \"3s\", \"10m\"{also} (units: us, ms, s, m, h)", "duration"
             )
@@ -612,6 +632,16 @@ class Checker:
 
     def _check_duration_or_never(self, key: Key, value: Any, path: KeyPath) -> Any:
         return self._check_duration(key, value, path)
+
+    def _check_threshold(self, key: Key, value: Any, path: KeyPath) -> Any:
+        match = _BASELINE.fullmatch(value) if isinstance(value, str) else None
+        if match is None:
+            return self._check_duration(key, value, path)
+        factor = float(match.group(1))
+        if not 1 < factor <= 1000:
+            self.at_value(path, f"{show(value)}: the multiple of the baseline must be more than 1 and at most 1000", "range")
+            return _INVALID
+        return BaselineMultiple(factor)
 
     def _check_cpus(self, key: Key, value: Any, path: KeyPath) -> Any:
         if not isinstance(value, str):
@@ -721,7 +751,7 @@ def _range_text(key: Key) -> str:
     """'-20..19', 'at least 1', 'more than 0 and at most 100'."""
 
     def number(value: float) -> str:
-        if key.type in ("duration", "duration-or-never"):
+        if key.type in ("duration", "duration-or-never", "threshold"):
             return format_duration(value)
         return f"{value:g}" if isinstance(value, float) else str(value)
 
@@ -792,6 +822,8 @@ def _schema_of(key: Key) -> dict:
         schema.update({"type": "string", "pattern": DURATION_PATTERN})
     elif kind == "duration-or-never":
         schema.update({"type": "string", "pattern": "^(never|" + DURATION_PATTERN[1:-1] + ")$"})
+    elif kind == "threshold":
+        schema.update({"type": "string", "pattern": "^(" + DURATION_PATTERN[1:-1] + "|" + BASELINE_PATTERN[1:-1] + ")$"})
     elif kind == "cpus":
         schema.update({"type": "string", "pattern": f"^({key.keyword}|{CPULIST_PATTERN})$"})
     elif kind == "strings":

@@ -148,7 +148,7 @@ description = {toml_string(f"Drafted for {info.comm} (blamed for {blamed.share:.
 {chr(10).join(match_lines)}
 [policy.trigger]
 tail = {{ percentile = 99.0, above = "{_ms(above_us)}", windows = 2, of = 4 }}
-offender = {{ cpu = 0.5, cpu_kind = "peak", blame_share = {blame_share}, require = "any" }}
+offender = {{ cpu = 0.5, cpu_kind = "peak", blame_share = {blame_share}, require = "all" }}
 # The conservative shipped ladder (policies/log-shippers.toml): gentlest first, each exactly reversible.
 [[policy.actions]]
 cpu_idle = true

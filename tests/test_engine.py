@@ -39,7 +39,7 @@ min_cpus = 1
 """
 
 
-def policies(tmp_path, n=3, m=5, offender='{ cpu = 0.5, cpu_kind = "peak", blame_share = 0.2, require = "any" }',
+def policies(tmp_path, n=3, m=5, offender='{ cpu = 0.5, cpu_kind = "peak", blame_share = 0.2, require = "all" }',
              cooldown="10s", hourly=6, quiet="5s", text=None):
     path = tmp_path / "p.toml"
     path.write_text(text or LADDER.format(n=n, m=m, offender=offender, cooldown=cooldown, hourly=hourly, quiet=quiet))
@@ -91,8 +91,9 @@ def kinds(per_tick):
     return [(i, d.kind, d.step_index) for i, decisions in enumerate(per_tick) for d in decisions]
 
 
-def hot(t, **kw):
-    return sample(t, tail_us=5000, shipper_cpu=1.8, blame_ns=20_000_000, **kw)
+def hot(t, over=4, **kw):
+    """The shipper busy and blamed for the long waits (at least 20 ms of them: 4 of 5 ms)."""
+    return sample(t, tail_us=5000, shipper_cpu=1.8, blame_ns=max(20_000_000, over * 5_000_000), over=over, **kw)
 
 
 def test_nothing_happens_while_the_tail_is_fine(tmp_path):

@@ -333,6 +333,53 @@ def test_explain_a_sched_step_reads_each_threads_policy_and_never_raises(spawn, 
     assert os.sched_getscheduler(second) == os.SCHED_IDLE and os.sched_getscheduler(main) == os.SCHED_OTHER  # read only
 
 
+RELATIVE_POLICY = """\
+[[policy]]
+name = "shippers"
+description = "log shippers, judged against the service's baseline"
+match.comm = ["fluent-bit"]
+trigger.tail = { above = "5x baseline", at_least = "200us", at_most = "2ms" }
+trigger.offender = { cpu = 0.5, blame_share = 0.2 }
+[[policy.actions]]
+nice = 10
+"""
+
+
+def test_explain_shows_the_threshold_from_the_baseline_the_daemon_learned(fake_host, tmp_path, capsys):
+    import time
+
+    from remediator import histogram
+    from remediator.baseline import Baselines
+    from remediator.engine import EngineState, export_state
+    from remediator.statefile import save_state, state_path_for
+
+    directory = tmp_path / "relative"
+    directory.mkdir()
+    (directory / "p.toml").write_text(RELATIVE_POLICY)
+    journal = tmp_path / "journal.jsonl"
+    config = tmp_path / "remediator.toml"
+    config.write_text(f'[protect]\ncomm = ["victim"]\n[daemon]\npolicies = ["{directory}"]\njournal = "{journal}"\n')
+    sysfs = make_sys_root(tmp_path, "0-3")
+    argv = ["policy", "explain", "--config", str(config), "--proc-root", str(fake_host), "--sysfs-root", str(sysfs)]
+
+    assert main(argv) == 0
+    assert "threshold now: 2ms (at_most: no baseline learned yet; it takes 6 s of quiet windows" in capsys.readouterr().out
+
+    (fake_host / "sys/kernel/random").mkdir(parents=True)
+    (fake_host / "sys/kernel/random/boot_id").write_text("this-boot\n")
+    learned, now = Baselines(), time.monotonic() - 10
+    quiet = histogram.from_values([50_000] * 200 + [100_000] * 4)  # p99 ~100 us
+    for _ in range(40):
+        now += 0.25
+        learned = learned.learn({99.0: 2000.0}, quiet, 0.25, now)
+    save_state(state_path_for(journal), export_state(EngineState(baselines=learned)), "this-boot")
+    assert main(argv + ["--format", "json"]) == 0
+    entry = json.loads(capsys.readouterr().out)["policies"][0]
+    assert 90 <= entry["baseline_us"] <= 110
+    assert entry["threshold_now"].startswith(f"{5 * entry['baseline_us']:g}us (5x baseline")
+    assert "learned by the daemon" in entry["threshold_now"]
+
+
 def test_explain_says_which_steps_cannot_work_between_scheduling_groups(fake_host, policy_dir):
     """fluent-bit in a session (autogroup) of its own: its nice step cannot reach the victim, so
     explain names it and shows the step the daemon would take first instead."""

@@ -29,7 +29,7 @@ def test_every_error_class_has_a_fixture():
         "bare-number-duration", "missing-required-key", "always-with-tail", "not-utf8", "two-actions-in-one-step",
         "bad-enum", "windows-more-than-of", "fewer-than-min-cpus", "empty-match", "exe-not-absolute",
         "cgroup-mount-path", "trigger-without-tail", "policy-not-array", "negative-nice", "no-policy",
-        "config-errors", "config-empty-protect", "config-unknown-key",
+        "config-errors", "config-empty-protect", "config-unknown-key", "cpu-alone", "relative-threshold",
     }
     assert required <= set(CASES)
 

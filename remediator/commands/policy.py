@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from ..config import CONFIG_FILE_NAME, load_config, looks_like_config, parse_source
 from ..cpulist import CpuListError, online_cpus, parse_cpulist
 from ..errors import RemediatorError
-from ..explain import explain
+from ..baseline import Baselines
+from ..engine import import_state
+from ..explain import LearnedBaselines, explain
 from ..policy import check_paths, load_policies, read_policy_files
 from ..printable import printable
 from ..procfs import ProcFS
 from ..schema import Diagnostic, json_schema, reference_markdown
 from ..selectors import ProtectSelectors
+from ..statefile import current_boot_id, load_state, state_path_for
 
 CHECK_EXAMPLES = """\
 Prints every problem as file:line:col: severity: message; exits 0 when there is no error
@@ -236,12 +240,29 @@ def run_explain(args: argparse.Namespace) -> int:
     if online is None:
         raise RemediatorError(f"cannot read the online CPUs from {args.sysfs_root}/devices/system/cpu/online")
     policies = load_policies(paths, online_cpus=online)
-    report = explain(policies, protect, ProcFS(args.proc_root), online, request_cpus=request)
+    report = explain(policies, protect, ProcFS(args.proc_root), online, request_cpus=request,
+                     learned=_learned_baselines(config, args.proc_root))
     if args.format == "json":
         print(json.dumps(report.to_json(), indent=2))
     else:
         sys.stdout.write(report.to_text())
     return 0
+
+
+def _learned_baselines(config, proc_root: str) -> LearnedBaselines:
+    """The baselines the daemon of `config` learned, from the engine state it saves beside its
+    journal (read only); empty, saying why, when there are none to use."""
+    now = time.monotonic()  # engine time: CLOCK_MONOTONIC, as the daemon's samples
+    if config is None:
+        return LearnedBaselines(Baselines(), now, "no --config: the daemon's learned baseline is not read")
+    path = state_path_for(config.journal_path)
+    saved, why = load_state(path, current_boot_id(proc_root))
+    if saved is None:
+        return LearnedBaselines(Baselines(), now, f"{path}: {why}")
+    try:
+        return LearnedBaselines(import_state(saved).baselines, now, f"learned by the daemon: {path}")
+    except ValueError as exc:
+        return LearnedBaselines(Baselines(), now, f"{path}: {exc}")
 
 
 def _parse_request(text: str) -> frozenset[int]:

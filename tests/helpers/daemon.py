@@ -24,7 +24,7 @@ comm = ["fluent-bit"]
 # p99.9: on EEVDF kernels this victim's p99 often stays at ~20 us under contention, while p99.9
 # reliably shows the hog's tick-long waits (see the README, "How the probes work").
 tail = {{ percentile = 99.9, above = "{above}", windows = {windows}, of = 4 }}
-offender = {{ cpu = 0.5, cpu_kind = "peak", blame_share = 0.3, require = "any" }}
+offender = {{ cpu = 0.5, cpu_kind = "peak", blame_share = 0.3, require = "all" }}
 [[policy.actions]]
 nice = 10
 settle = "1s"

@@ -81,6 +81,9 @@ def trigger_table(rng: random.Random) -> dict:
     if rng.random() < 0.25:
         return {"always": True}
     tail: dict = {"above": duration(rng, 0.001, 10.0)}
+    if rng.random() < 0.3:  # relative to the learned baseline, with its floor and ceiling
+        tail = {"above": f"{rng.choice([1.5, 3, 5, 10])}x baseline", "at_least": duration(rng, 0.0001, 0.001),
+                "at_most": duration(rng, 0.001, 10.0)}
     if rng.random() < 0.5:
         tail["percentile"] = rng.choice([50, 90, 99, 99.9, 100])
     if rng.random() < 0.5:
