@@ -29,7 +29,58 @@ BPF_ARRAY(max_epoch, u64, 1);
 BPF_ARRAY(cpu_state, struct cpu_state, MAX_CPUS); /* by CPU: a migrated wait reads another CPU's ring */
 BPF_TABLE("lru_hash", struct proc_cpu_key, struct proc_cpu, proc_cpu, MAX_PROC_CPU_ENTRIES);
 BPF_HASH(blame, u32, u64, MAX_BLAMED_PROCESSES);
+BPF_HASH(proc_changed, struct proc_changed_key, u8, 2 * MAX_PROC_CPU_ENTRIES); /* both parities */
 BPF_RINGBUF_OUTPUT(exec_events, EXEC_RING_PAGES);
+
+/* ---- burst detection (issue 14; see sched_monitor.h) ---- */
+BPF_HASH(burst_candidates, u32, struct burst_candidate, MAX_BURST_CANDIDATES);
+/* The lowest threshold of any candidate (0: none): shorter waits skip the candidate lookup. */
+BPF_ARRAY(burst_floor, u64, 1);
+BPF_RINGBUF_OUTPUT(burst_events, BURST_RING_PAGES);
+
+/* A protected wait of `wait_ns` ending at `now` is blamed on `tgid` (it ran during the wait). */
+static __always_inline void burst_blamed(u32 tgid, u64 wait_ns, u64 now)
+{
+    u32 zero = 0;
+    u64 *floor = burst_floor.lookup(&zero);
+    if (!floor || !*floor || wait_ns <= *floor)
+        return;
+    struct burst_candidate *candidate = burst_candidates.lookup(&tgid);
+    u64 first_ts = 0;
+    if (!candidate || !burst_note(candidate, wait_ns, now, &first_ts))
+        return;
+    struct burst_event *event = burst_events.ringbuf_reserve(sizeof(struct burst_event));
+    if (!event)
+        return; /* user space is behind; the tick still sees the harm */
+    event->ts = now;
+    event->first_ts = first_ts;
+    event->wait_ns = wait_ns;
+    event->tgid = tgid;
+    event->count = candidate->count;
+    burst_events.ringbuf_submit(event, 0);
+}
+/* On fork: the child of a candidate is a candidate with the same settings from its first run;
+ * user space judges it at its next look (keeps it, or deletes it: the tracepoint does not say
+ * whether the child is a process or a thread, whose entry never matches a blamed tgid). */
+static __always_inline void burst_inherit(u32 child)
+{
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    struct burst_candidate *candidate = burst_candidates.lookup(&parent);
+    if (!candidate)
+        return;
+    struct burst_candidate fresh = {};
+    fresh.threshold_ns = candidate->threshold_ns;
+    fresh.span_ns = candidate->span_ns;
+    fresh.count = candidate->count;
+    fresh.inherited = 1;
+    burst_candidates.insert(&child, &fresh);
+}
+
+static __always_inline void burst_exit(u32 tid)
+{
+    burst_candidates.delete(&tid);
+}
+/* ---- end of burst detection ---- */
 
 static __always_inline struct wait_stats *stats_here(void)
 {
@@ -93,6 +144,19 @@ TRACEPOINT_PROBE(sched, sched_wakeup_new)
     return 0;
 }
 
+/* Put a proc_cpu entry in this epoch's changed set, once per epoch. */
+static __always_inline void mark_changed(struct proc_cpu_key *key, struct proc_cpu *usage)
+{
+    u32 zero = 0;
+    u64 *epoch = max_epoch.lookup(&zero);
+    if (!epoch || usage->marked_epoch == *epoch + 1)
+        return;
+    usage->marked_epoch = *epoch + 1;
+    struct proc_changed_key changed = {.tgid = key->tgid, .cpu = key->cpu, .parity = (u32)(*epoch & 1)};
+    u8 one = 1;
+    proc_changed.update(&changed, &one);
+}
+
 /* Add [start, end) of a process's run on this CPU to its totals and its windows. */
 static __always_inline void account_run(u32 tgid, u32 cpu, u64 start, u64 end, char *comm,
                                         struct wait_stats *stats)
@@ -111,6 +175,7 @@ static __always_inline void account_run(u32 tgid, u32 cpu, u64 start, u64 end, c
         }
     }
     usage->total_ns += end - start;
+    mark_changed(&key, usage);
 
     u64 first = start >> WINDOW_SHIFT, last = end >> WINDOW_SHIFT;
     if (last - first >= WINDOW_SLOTS)
@@ -158,7 +223,8 @@ static __always_inline u64 charge(u32 tgid, u64 ns, struct wait_stats *stats)
  * migration that moves the thread), its share is left in owed_ns, for that CPU to charge when the
  * run ends (only it knows the run's process). What the ring no longer holds is counted
  * (overflow_ns), never guessed. */
-static __always_inline void attribute_wait(struct cpu_state *state, u64 t0, u64 t1, bool in_progress, struct wait_stats *stats)
+static __always_inline void attribute_wait(struct cpu_state *state, u64 t0, u64 t1, u64 wait_ns, bool in_progress,
+                                           struct wait_stats *stats)
 {
     u64 attributed = 0, uncovered = t1; /* [t0, uncovered) is not yet accounted for */
     if (in_progress) {
@@ -182,8 +248,10 @@ static __always_inline void attribute_wait(struct cpu_state *state, u64 t0, u64 
         }
         u64 lo = segment->start > t0 ? segment->start : t0;
         u64 hi = segment->end < t1 ? segment->end : t1;
-        if (hi > lo && segment->tgid)
+        if (hi > lo && segment->tgid) {
             attributed += charge(segment->tgid, hi - lo, stats);
+            burst_blamed(segment->tgid, wait_ns, t1); /* the whole wait (so far), once per run */
+        }
         if (segment->start <= t0) {
             covered = true;
             break;
@@ -243,7 +311,7 @@ static __always_inline void end_wait(struct protected_thread *thread, u64 now, u
             return;
         }
     }
-    attribute_wait(waited_on, queued_since, now, wait_cpu != cpu, stats);
+    attribute_wait(waited_on, queued_since, now, delta, wait_cpu != cpu, stats);
 }
 
 TRACEPOINT_PROBE(sched, sched_switch)
@@ -338,13 +406,14 @@ TRACEPOINT_PROBE(sched, sched_migrate_task)
         stats->totals.unattributed_ns += now - t0;
         return 0;
     }
-    attribute_wait(state, t0, now, true, stats);
+    attribute_wait(state, t0, now, now - t0, true, stats);
     return 0;
 }
 
 TRACEPOINT_PROBE(sched, sched_process_fork)
 {
     u32 parent = args->parent_pid, child = args->child_pid;
+    burst_inherit(child);
     if (!protected_lookup(parent))
         return 0;
     struct protected_thread fresh = {};
@@ -365,6 +434,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u32 tid = args->pid;
+    burst_exit(tid);
     if (!protected_lookup(tid))
         return 0;
     protected_threads.delete(&tid);
@@ -388,6 +458,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     event->pid = args->pid;
     event->old_pid = args->old_pid;
     TP_DATA_LOC_READ_STR(event->filename, filename, sizeof(event->filename));
-    exec_events.ringbuf_submit(event, 0);
+    /* No wakeup: user space reads exec events each tick; only burst events wake it at once. */
+    exec_events.ringbuf_submit(event, BPF_RB_NO_WAKEUP);
     return 0;
 }

@@ -156,6 +156,17 @@ struct proc_cpu {
     u64 total_ns;
     u64 windows[WINDOW_SLOTS]; /* (window index << 32) | ns on this CPU in that window */
     char comm[16];             /* comm of the thread that created the entry */
+    u64 marked_epoch;          /* max_epoch + 1 when last put in proc_changed (0: never) */
+};
+
+/* The changed set: (process, cpu) entries of proc_cpu that changed in an epoch (the epoch user space
+ * bumps at every read, its parity in the key). User space reads and deletes the closed epoch's
+ * keys and looks up only those entries: a read costs what ran, not every process on every CPU.
+ * Each entry is marked at most once per epoch, so the hot path pays an array lookup per switch. */
+struct proc_changed_key {
+    u32 tgid;
+    u32 cpu;
+    u32 parity;                /* epoch & 1 */
 };
 
 struct exec_event {
@@ -164,6 +175,67 @@ struct exec_event {
     u32 old_pid;
     char filename[EXEC_FILENAME_LEN];
 };
+
+/* ---- burst detection (issue 14): act within milliseconds of a burst, off the tick ----------
+ * User space names candidates (processes a policy with `tail.within` governs) with that policy's
+ * threshold, count and span. When a protected wait longer than a candidate's threshold ends and
+ * the candidate ran during it, the wait's end time goes into the candidate's small ring; once
+ * `count` such waits fall within `span_ns`, one event goes to user space through a ring buffer.
+ * `count` is at least 2, so a lone spike never fires. After firing, a candidate stays quiet for
+ * one span (a sustained burst wakes user space at most once per span). A candidate's child is a
+ * candidate from its fork (a burst may come from a process user space has not seen yet). */
+#ifndef MAX_BURST_CANDIDATES
+#define MAX_BURST_CANDIDATES 4096
+#endif
+#ifndef BURST_RING_PAGES
+#define BURST_RING_PAGES 8
+#endif
+#define BURST_RECENT 8 /* power of two: the largest count a policy may ask for */
+
+struct burst_candidate {
+    u64 threshold_ns;         /* user space: a wait counts when longer than this */
+    u64 span_ns;              /* user space: `count` counted waits within this span fire */
+    u32 count;                /* user space: 2..BURST_RECENT */
+    u32 head;                 /* kernel: next slot of `recent` */
+    u32 inherited;            /* kernel: added on fork as a candidate's child (user space judges it) */
+    u32 pad;
+    u64 last_wait_end;        /* kernel: the wait last counted (one wait counts once per candidate) */
+    u64 fired_at;             /* kernel: the last event */
+    u64 recent[BURST_RECENT]; /* kernel: end times of the latest counted waits */
+};
+
+struct burst_event {
+    u64 ts;                   /* end of the wait that completed the count */
+    u64 first_ts;             /* end of the oldest wait of the count */
+    u64 wait_ns;              /* the wait that completed the count */
+    u32 tgid;
+    u32 count;
+};
+
+/* Note one blamed wait ending at `now`; 1 when the candidate's count is reached. Plain C, so the
+ * unit tests run the same code with gcc on scenes of waits. */
+static inline int burst_note(struct burst_candidate *c, u64 wait_ns, u64 now, u64 *first_ts)
+{
+    u32 need = c->count;
+    if (wait_ns <= c->threshold_ns || c->last_wait_end == now)
+        return 0;
+    c->last_wait_end = now;
+    if (need < 2)
+        need = 2;
+    if (need > BURST_RECENT)
+        need = BURST_RECENT;
+    c->recent[c->head & (BURST_RECENT - 1)] = now;
+    c->head++;
+    u64 oldest = c->recent[(c->head - need) & (BURST_RECENT - 1)];
+    if (!oldest || now - oldest > c->span_ns)
+        return 0;
+    if (c->fired_at && now - c->fired_at < c->span_ns)
+        return 0;
+    c->fired_at = now;
+    *first_ts = oldest;
+    return 1;
+}
+/* ---- end of burst detection ---------------------------------------------------------------- */
 
 /* floor(log2(v)) for v > 0, without loops (the verifier and gcc both like this). */
 static inline u32 sm_log2(u64 v)

@@ -27,7 +27,8 @@ from .culprits import CulpritState, unnamed_culprits
 from .throttling import ThrottleReader
 from .config import DaemonConfig, load_config
 from .cpulist import format_cpulist, online_cpus
-from .engine import Decision, EngineState, export_state, given_back, import_state, resume
+from .burstwatch import BurstWatch
+from .engine import Decision, EngineSettings, EngineState, decide_burst, export_state, given_back, import_state, protected_groups_of, resume
 from .errors import RemediatorError, SetupError
 from .executor import Executor, Outcome
 from .health import LOG_WRITE_FAILURES, describe_counts, error_name
@@ -36,7 +37,7 @@ from .placement import auto_request_cpus
 from .matching import Glob
 from .metrics import Metrics, MetricsServer, TextfileWriter
 from .policy import PolicyErrors, PolicySet, load_policies
-from .probes import ProbeSettings, window_shift_for
+from .probes import BurstEvent, ProbeSettings, window_shift_for
 from .recording import open_recording
 from .printable import printable
 from .procfs import ProcessInfo, ProcFS
@@ -48,7 +49,7 @@ from .selectors import ProtectSelectors
 from .sources import PROCFS_DEGRADED, Source, open_source
 from .trustedfs import Trust
 from .statefile import current_boot_id, load_state, save_state, state_path_for
-from .tick import Carried, ExecutorCarrier, Observers, TickReport, engine_settings, run_tick
+from .tick import Carried, ExecutorCarrier, Observers, TickReport, carry_out_decisions, engine_settings, run_tick
 
 log = logging.getLogger("remediator")
 
@@ -58,6 +59,7 @@ def plural(count: int, word: str) -> str:
 
 SUMMARY_EVERY_S = 30.0
 FIRST_SUMMARY_S = 5.0  # a new user sees a judgement of the host within seconds
+AUTO_CPUS_REFRESH_S = 5.0
 WARN_KINDS = frozenset({"exhausted", "capped", "infeasible", "skipped"})
 
 
@@ -197,6 +199,9 @@ class Daemon:
         self.collector = Collector(source, config.protect, self.procfs, track_execs=self._has_always_policies(),
                                    sched_groups=SchedGroups.for_host(self.procfs, self.cgroupfs),
                                    throttling=ThrottleReader(self.procfs, self.cgroupfs, self.cpu_mount) if self.cpu_mount else None)
+        self.bursts = BurstWatch(source, self.procfs, os.getpid()) if BurstWatch.supported(source) else None
+        if self.bursts is not None:
+            self.bursts.set_policies(self.policies)
         self.state = EngineState()
         self.observers = Observers([], on_error=self._observer_failed)
         try:
@@ -404,6 +409,9 @@ class Daemon:
 
     def _loop(self, discovered: list[ProcessInfo]) -> None:
         ticks = 0
+        if self.bursts is not None:  # bursts are decided from the start, before the first tick
+            self._settings = self._engine_settings()
+            self.bursts.refresh(discovered, self.collector.protected)
         next_tick = time.monotonic()
         last_summary = time.monotonic() - SUMMARY_EVERY_S + FIRST_SUMMARY_S
         while not self._stop:
@@ -419,6 +427,8 @@ class Daemon:
                 self._reload = False
                 if self.reload():
                     discovered = self._survey()
+                    if self.bursts is not None:
+                        self.bursts.set_policies(self.policies)
                     self.collector.track_execs = self._has_always_policies()
             self.tick(discovered)
             discovered = []
@@ -438,10 +448,41 @@ class Daemon:
         for _ in range(steps):
             if self._sleep:
                 self._sleep(delay / steps)
+            elif self.bursts is not None and self.bursts.active:
+                if self._wait_for_bursts(delay / steps):
+                    return  # a signal: stop or reload now
             elif self._wake.wait(delay / steps):
                 self._wake.clear()
                 return  # a signal: stop or reload now
             self.notifier.watchdog()
+
+    def _wait_for_bursts(self, duration: float) -> bool:
+        """Wait on the probe's ring buffer instead of sleeping: a burst event is decided at once
+        (decide_burst), off the tick. True when a signal asks to stop or reload."""
+        deadline = time.monotonic() + duration
+        while not (self._stop or self._reload):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            for event in self.bursts.wait(min(remaining, 1.0)):
+                self._on_burst(event)
+        self._wake.clear()
+        return True
+
+    def _on_burst(self, event: BurstEvent) -> None:
+        found = self.bursts.evidence(event)
+        if found is None:
+            return
+        info, burst = found
+        protected = tuple(sorted(self.collector.protected))
+        sample = getattr(self, "last_sample", None)
+        groups = protected_groups_of(sample) if sample is not None else []
+        self.state, decisions = decide_burst(self.state, info, burst, self.policies, self._settings, protected, groups,
+                                             time.monotonic(), time.time())
+        self.state, _carried = carry_out_decisions(self.state, decisions, ExecutorCarrier(self.executor, self.mode), self.policies,
+                                                   protected, self.observers, self._checkpoint)
+        if decisions:
+            self._save_state()
 
     def tick(self, discovered: list[ProcessInfo] = ()) -> list[Decision]:
         sample = self.collector.sample()
@@ -450,18 +491,14 @@ class Daemon:
             self.recorder.write(sample)  # the rolling recording: the input of report, replay, policy suggest
         for name, count in sample.lost.items():
             self.lost_totals[name] = self.lost_totals.get(name, 0) + count
-        online = online_cpus()
-        if self.config.request_cpus is not None:
-            request = self.config.request_cpus
-        else:
-            request = auto_request_cpus(self.collector.protected, online, self._cgroup_cpus)
-        settings = engine_settings(self.policies, self.config.tick_s, request, online,
-                                   self.config.max_changes_per_minute, os.getpid())
-        self._keep_off(settings.request_cpus, online)
+        settings = self._settings = self._engine_settings()  # kept for burst decisions until the next tick
+        self._keep_off(settings.request_cpus, settings.online_cpus)
         self.state, report = run_tick(self.state, sample, self.policies, settings, ExecutorCarrier(self.executor, self.mode),
                                       self.observers, discovered=discovered, checkpoint=self._checkpoint,
                                       clock=time.monotonic)
         self._record_unnamed_culprits(sample)
+        if self.bursts is not None:
+            self.bursts.refresh(list(discovered) + list(sample.processes.values()), sample.protected.pids)
         self._save_state()
         if self.textfile is not None and self.textfile.maybe_write(time.monotonic()) is False \
                 and sum(self.textfile.failures.values()) == 1:
@@ -485,6 +522,25 @@ class Daemon:
         for record in records:
             self.audit.write(event_record(sample.ts, self.mode, record))
             log.info("unnamed culprit: %s", printable(record["message"]))
+
+    def _engine_settings(self) -> EngineSettings:
+        online = online_cpus()
+        if self.config.request_cpus is not None:
+            request = self.config.request_cpus
+        else:
+            request = self._auto_request_cpus(online)
+        return engine_settings(self.policies, self.config.tick_s, request, online, self.config.max_changes_per_minute, os.getpid())
+
+    def _auto_request_cpus(self, online: frozenset[int]) -> frozenset[int]:
+        """request_cpus = "auto", read again when the protected set or the online CPUs changed, and
+        at least every AUTO_CPUS_REFRESH_S (a thread may change its own affinity): not one
+        sched_getaffinity per protected thread per tick, which grows with the service's threads."""
+        key = (online, frozenset((pid, len(tids)) for pid, tids in self.collector.protected.items()))
+        cached = getattr(self, "_auto_cpus", None)
+        now = time.monotonic()
+        if cached is None or cached[0] != key or now - cached[1] >= AUTO_CPUS_REFRESH_S:
+            cached = self._auto_cpus = (key, now, auto_request_cpus(self.collector.protected, online, self._cgroup_cpus))
+        return cached[2]
 
     def _cgroup_cpus(self, pid: int) -> frozenset[int] | None:
         """The CPUs a protected process's cpuset cgroup allows (None: gone, or no cpuset hierarchy)."""

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Collection, Iterable, Mapping
+from typing import Collection, Iterable, Mapping, Sequence
 
 from .baseline import Baselines
 from .detector import Window, blame_share, combined_tail_us, evaluate_trigger, own_throttling, self_inflicted, tail_over
@@ -345,7 +345,6 @@ def decide(
             )
 
     # 3. Offenders: every process the sample names that a policy governs.
-    recent_changes = tuple(t for t in state.recent_changes if t > now - 60.0)
     candidates: dict[int, ProcessInfo] = {}
     for info in discovered:
         candidates[info.pid] = info
@@ -353,11 +352,7 @@ def decide(
         info = sample.processes.get(pid)
         if info is not None:
             candidates.setdefault(pid, info)
-    remediations = dict(state.remediations)
-    excluded_seen = set(state.excluded_seen)
-    protected_groups = [(pid, info.comm, info.sched_group) for pid in sample.protected.pids
-                        if (info := sample.processes.get(pid)) is not None]
-    planned_changes = 0
+    offenders = _Offenders(state, now, ts, settings, sample.protected.pids, protected_groups_of(sample), decisions)
     for pid, info in candidates.items():
         governed = governing(info, sample.processes, policies)
         if governed is None:
@@ -365,61 +360,156 @@ def decide(
         policy, match = governed.policy, governed.match
         # A tree policy judges the tree under its matched ancestor and acts on the members that run.
         root = governed.root.identity if policy.match.descendants else None
-        reason = exclusion_reason(info, sample.protected.pids, settings.self_pid)
-        if reason:
-            if info.identity not in excluded_seen:
-                excluded_seen.add(info.identity)
-                decisions.append(
-                    Decision("excluded", now, ts, info, policy, f"matched by {policy.name} ({match.detail}) but off limits: {reason}")
-                )
+        if offenders.excluded(info, policy, match):
             continue
+        if policy.trigger.always:
+            offenders.climb(info, policy, {"trigger": "always", "match": match.detail}, place=True)
+            continue
+        trigger_evidence = evaluate_trigger(policy.trigger, windows, pid, state.baseline_us(policy, now), root)
+        if not trigger_evidence.fired:
+            continue
+        evidence = {"match": match.detail, **trigger_evidence.to_json()}
+        # Over the trigger's whole M windows, not only those over the threshold: the kernel
+        # counts a throttled period when it ends, which may be the next window.
+        recent = tail_over(policy.trigger, windows)[0]
+        throttling = own_throttling(recent)
+        if throttling is not None:
+            evidence["protected_throttling"] = throttling
+        if self_inflicted(recent) is not None:
+            # Never act on a neighbour when the service's own quota explains its tail.
+            last = offenders.state.self_inflicted_at.get(policy.name)
+            if last is None or now - last >= SELF_INFLICTED_AUDIT_S:
+                offenders.state = dataclasses.replace(
+                    offenders.state, self_inflicted_at={**offenders.state.self_inflicted_at, policy.name: now})
+                decisions.append(Decision(
+                    "skipped", now, ts, info, policy,
+                    f"self-inflicted: the protected service was throttled by its own CPU quota for "
+                    f"{throttling['throttled_ns'] / 1e6:.1f} ms ({throttling['throttled_periods']} periods), at least "
+                    f"as long as others ran while it waited ({throttling['foreign_blamed_ns'] / 1e6:.1f} ms): "
+                    f"no step on a neighbour can help",
+                    evidence={**evidence, "skipped": "self-inflicted"}))
+            continue
+        if root is not None:
+            own_cpu = max((w.cpus(pid) for w in windows[-(policy.trigger.of_windows or 1):]), default=0.0)
+            if own_cpu <= 0.0:
+                continue  # the tree burns CPU but this member does not: act on those that run
+            evidence["tree"] = tree_evidence(governed.root, pid, own_cpu, windows[-(policy.trigger.of_windows or 1):])
+        offenders.climb(info, policy, evidence)
+    return _learn_baseline(offenders.finish(), window, policies, now), decisions
+
+
+@dataclass(frozen=True)
+class BurstEvidence:
+    """What the probe counted for one candidate (see sched_monitor.h, burst detection)."""
+
+    waits: int  # protected waits over the threshold the candidate ran during
+    first_s: float  # engine time the first of them ended
+    last_s: float  # and the last
+    last_wait_us: float  # the length of the last
+
+    def to_json(self, trigger) -> dict:
+        span_ms = (self.last_s - self.first_s) * 1000
+        return {
+            "trigger": "burst",
+            "protected_tail": {
+                "waits_over": self.waits,
+                "threshold_us": trigger.tail_above_us,
+                "within_ms": round((trigger.burst_within_s or 0) * 1000, 3),
+                "span_ms": round(span_ms, 3),
+                "last_wait_us": round(self.last_wait_us, 3),
+            },
+            "reason": f"{self.waits} protected waits above {trigger.tail_above_us:g} us within {span_ms:.1f} ms "
+                      f"(need {trigger.burst_waits} within {(trigger.burst_within_s or 0) * 1000:g} ms), this process "
+                      "running on the waiting thread's CPU during each",
+        }
+
+
+def decide_burst(
+    state: EngineState,
+    info: ProcessInfo,
+    burst: BurstEvidence,
+    policies: PolicySet,
+    settings: EngineSettings,
+    protected_pids: Collection[int],
+    protected_groups: Sequence[tuple[int, str, str | None]],
+    now: float,
+    ts: float,
+) -> tuple[EngineState, list[Decision]]:
+    """The probe says `info` was blamed for a burst of long protected waits: act at once, off the
+    tick, if the policy that governs it asks for that (tail.within) and as many waits as it needs
+    were counted. The same rules as a tick's (exclusions, ladder and settle, cooldown, caps), the
+    same decisions, the same audit. `protected_groups`: protected_groups_of(the latest sample)."""
+    decisions: list[Decision] = []
+    selected = policies.select(info)
+    if selected is None:
+        return state, decisions  # never act on what no policy names
+    policy, match = selected
+    trigger = policy.trigger
+    if trigger.always or trigger.burst_within_s is None:
+        return state, decisions
+    if burst.waits < max(2, trigger.burst_waits) or burst.last_s - burst.first_s > trigger.burst_within_s + 1e-9:
+        return state, decisions  # not what this policy counts (a lone spike never acts)
+    offenders = _Offenders(state, now, ts, settings, protected_pids, protected_groups, decisions)
+    if not offenders.excluded(info, policy, match):
+        offenders.climb(info, policy, {"match": match.detail, **burst.to_json(trigger)})
+    return offenders.finish(), decisions
+
+
+def protected_groups_of(sample: Sample) -> list[tuple[int, str, str | None]]:
+    """(pid, comm, scheduling group) of the protected processes the sample knows."""
+    return [(pid, info.comm, info.sched_group) for pid in sample.protected.pids
+            if (info := sample.processes.get(pid)) is not None]
+
+
+class _Offenders:
+    """One round of decisions on offenders: the ladder, cooldown and caps, shared by the tick and
+    the burst path so that both follow the same rules."""
+
+    def __init__(self, state: EngineState, now: float, ts: float, settings: EngineSettings,
+                 protected_pids: Collection[int], protected_groups: Sequence[tuple[int, str, str | None]],
+                 decisions: list[Decision]):
+        self.state, self.now, self.ts, self.settings = state, now, ts, settings
+        self.protected_pids = protected_pids
+        self.protected_groups = list(protected_groups)
+        self.decisions = decisions
+        self.recent_changes = tuple(t for t in state.recent_changes if t > now - 60.0)
+        self.remediations = dict(state.remediations)
+        self.excluded_seen = set(state.excluded_seen)
+        self.planned_changes = 0
+
+    def excluded(self, info: ProcessInfo, policy: Policy, match) -> bool:
+        reason = exclusion_reason(info, self.protected_pids, self.settings.self_pid)
+        if not reason:
+            return False
+        if info.identity not in self.excluded_seen:
+            self.excluded_seen.add(info.identity)
+            self.decisions.append(
+                Decision("excluded", self.now, self.ts, info, policy, f"matched by {policy.name} ({match.detail}) but off limits: {reason}")
+            )
+        return True
+
+    def climb(self, info: ProcessInfo, policy: Policy, evidence: dict, place: bool = False) -> None:
+        """The trigger holds for `info` (or `place`: an always-policy places it): the next step, if
+        the ladder, settle time, cooldown and caps allow."""
+        now, ts, decisions, remediations = self.now, self.ts, self.decisions, self.remediations
         key = (info.identity, policy.name)
         remediation = remediations.get(key) or Remediation(info.identity, policy.name)
-
-        if policy.trigger.always:
+        if place:
             if remediation.step_index >= 0:
-                continue  # placed already
+                return  # placed already
             steps = list(enumerate(policy.steps))
-            evidence = {"trigger": "always", "match": match.detail}
         else:
-            trigger_evidence = evaluate_trigger(policy.trigger, windows, pid, state.baseline_us(policy, now), root)
-            if not trigger_evidence.fired:
-                continue
-            evidence = {"match": match.detail, **trigger_evidence.to_json()}
-            # Over the trigger's whole M windows, not only those over the threshold: the kernel
-            # counts a throttled period when it ends, which may be the next window.
-            recent = tail_over(policy.trigger, windows)[0]
-            throttling = own_throttling(recent)
-            if throttling is not None:
-                evidence["protected_throttling"] = throttling
-            if self_inflicted(recent) is not None:
-                # Never act on a neighbour when the service's own quota explains its tail.
-                last = state.self_inflicted_at.get(policy.name)
-                if last is None or now - last >= SELF_INFLICTED_AUDIT_S:
-                    state = dataclasses.replace(state, self_inflicted_at={**state.self_inflicted_at, policy.name: now})
-                    decisions.append(Decision(
-                        "skipped", now, ts, info, policy,
-                        f"self-inflicted: the protected service was throttled by its own CPU quota for "
-                        f"{throttling['throttled_ns'] / 1e6:.1f} ms ({throttling['throttled_periods']} periods), at least "
-                        f"as long as others ran while it waited ({throttling['foreign_blamed_ns'] / 1e6:.1f} ms): "
-                        f"no step on a neighbour can help",
-                        evidence={**evidence, "skipped": "self-inflicted"}))
-                continue
-            if root is not None:
-                own_cpu = max((w.cpus(pid) for w in windows[-(policy.trigger.of_windows or 1):]), default=0.0)
-                if own_cpu <= 0.0:
-                    continue  # the tree burns CPU but this member does not: act on those that run
-                evidence["tree"] = tree_evidence(governed.root, pid, own_cpu, windows[-(policy.trigger.of_windows or 1):])
             if remediation.step_index < 0:
                 if remediation.reverted_at is not None and now - remediation.reverted_at < policy.limits.cooldown_s:
-                    continue  # given back recently: leave it alone for the cooldown
+                    return  # given back recently: leave it alone for the cooldown
                 next_index = 0
             else:
                 current = policy.steps[min(remediation.step_index, len(policy.steps) - 1)]
                 if now - (remediation.last_action_at or now) < current.settle_s:
-                    continue  # the current step is still settling
+                    return  # the current step is still settling
                 next_index = remediation.step_index + 1
             # Steps that cannot work between these scheduling groups are skipped now, not tried for a settle period.
+            protected_groups = self.protected_groups
             while next_index < len(policy.steps):
                 step = policy.steps[next_index]
                 why = unreachable_reason(step.kind, (info.pid, info.comm, info.sched_group), protected_groups)
@@ -447,7 +537,7 @@ def decide(
                                  else "no step of the ladder can work on this host (see the skipped steps): nothing to do",
                                  step_index=remediation.step_index if last else None, evidence=evidence)
                     )
-                continue
+                return
             steps = [(next_index, policy.steps[next_index])]
 
         # Caps: per process and policy per hour, and across the host per minute.
@@ -460,31 +550,33 @@ def decide(
                              f"{len(hourly)} actions in the last hour: max_actions_per_hour = {policy.limits.max_actions_per_hour}",
                              evidence=evidence)
                 )
-            continue
-        if len(recent_changes) + planned_changes + len(steps) > settings.max_changes_per_minute:
+            return
+        if len(self.recent_changes) + self.planned_changes + len(steps) > self.settings.max_changes_per_minute:
             decisions.append(
                 Decision("capped", now, ts, info, policy,
-                         f"{len(recent_changes) + planned_changes} changes in the last minute: "
-                         f"max_changes_per_minute = {settings.max_changes_per_minute}", evidence=evidence)
+                         f"{len(self.recent_changes) + self.planned_changes} changes in the last minute: "
+                         f"max_changes_per_minute = {self.settings.max_changes_per_minute}", evidence=evidence)
             )
-            continue
+            return
 
         for index, step in steps:
-            request, why_not = _request_for(step, policy, info, settings, index, dict(evidence))
+            request, why_not = _request_for(step, policy, info, self.settings, index, dict(evidence))
             if request is None:
                 if index not in remediation.infeasible_warned:
                     remediation = dataclasses.replace(remediation, infeasible_warned=remediation.infeasible_warned | {index})
                     remediations[key] = remediation
                     decisions.append(Decision("infeasible", now, ts, info, policy, why_not, step_index=index, step=step, evidence=evidence))
                 continue
-            action_id, state = _action_id(state, info)
-            planned_changes += 1
+            action_id, self.state = _action_id(self.state, info)
+            self.planned_changes += 1
             decisions.append(
                 Decision("act", now, ts, info, policy, f"step {index + 1} of {len(policy.steps)}: {step.describe()}",
                          step_index=index, step=step, request=request, evidence=evidence, action_id=action_id)
             )
-    state = dataclasses.replace(state, remediations=remediations, excluded_seen=frozenset(excluded_seen), recent_changes=recent_changes)
-    return _learn_baseline(state, window, policies, now), decisions
+
+    def finish(self) -> EngineState:
+        return dataclasses.replace(self.state, remediations=self.remediations, excluded_seen=frozenset(self.excluded_seen),
+                                   recent_changes=self.recent_changes)
 
 
 def record_outcome(state: EngineState, decision: Decision, status: str, policies: PolicySet) -> EngineState:
@@ -690,7 +782,10 @@ __all__ = [
     "EngineSettings",
     "EngineState",
     "Remediation",
+    "BurstEvidence",
     "decide",
+    "decide_burst",
+    "protected_groups_of",
     "export_state",
     "forget",
     "given_back",

@@ -157,6 +157,8 @@ class Trigger:
         if threshold != raw:
             bound = ", raised to at_least" if threshold == self.tail_at_least_us else ", capped at at_most"
         return f"{shown} ({self.tail_baseline_factor:g}x baseline {baseline_us:.0f}us = {raw:.0f}us{bound})"
+    burst_within_s: float | None = None  # tail.within: also fire off the tick, on the probe's event
+    burst_waits: int = 2  # tail.waits: blamed waits over tail.above within burst_within_s
 
     def describe(self) -> str:
         if self.always:
@@ -172,9 +174,12 @@ class Trigger:
                      f"at most {format_duration((self.tail_at_most_us or 0) / 1e6)}, which holds until the baseline is learned)")
         else:
             above = format_duration((self.tail_above_us or 0) / 1e6)
+        # tail_above_us is at_most for a relative threshold: a counted wait must be over it
+        burst = (f"; or at once, {self.burst_waits} waits above {format_duration((self.tail_above_us or 0) / 1e6)} blamed on "
+                 f"the offender within {format_duration(self.burst_within_s)}" if self.burst_within_s else "")
         return (
             f"p{self.tail_percentile:g} above {above} in {self.windows} of the last "
-            f"{self.of_windows} windows, and offender {joiner.join(conditions)}"
+            f"{self.of_windows} windows, and offender {joiner.join(conditions)}{burst}"
         )
 
     def to_json(self) -> dict:
@@ -387,6 +392,8 @@ class _PolicyCompiler:
             return None
         if tail["windows"] > tail["of"]:
             self.problem(path + ("tail", "windows"), f"{tail['windows']} is more than of = {tail['of']} (N of the last M windows)", "range")
+        if "waits" in tail and "within" not in tail:
+            self.problem(path + ("tail", "waits"), "counts waits within a span: give within too (e.g. within = \"50ms\")", "missing-key")
         if "cpu" not in offender and "blame_share" not in offender:
             self.problem(
                 path + ("offender",), "give cpu, blame_share or both: the use that makes a matched process an offender", "missing-key"
@@ -405,6 +412,8 @@ class _PolicyCompiler:
             offender_cpu_kind=offender["cpu_kind"],
             offender_blame_share=offender.get("blame_share"),
             offender_require=offender["require"],
+            burst_within_s=tail.get("within"),
+            burst_waits=tail.get("waits", 2),
             **relative,
         )
 

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import ctypes as ct
 import errno
+import math
 import os
 import re
 import struct
@@ -109,7 +110,6 @@ def task_state_mask(format_text: str) -> int:
 
 def window_shift_for(window_ms: float) -> int:
     """The power-of-two window nearest to `window_ms` (the probes shift, they do not divide)."""
-    import math
 
     return max(20, min(31, round(math.log2(max(window_ms, 1.0) * 1e6))))
 
@@ -126,9 +126,11 @@ class ProbeSettings:
     max_blamed_processes: int = 16384
     exec_ring_pages: int = 16
     max_cpus: int | None = None  # None: the host's possible CPUs (the loader fills it in)
+    max_burst_candidates: int = 4096
+    burst_ring_pages: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("window_slots", "segment_ring", "exec_ring_pages"):
+        for name in ("window_slots", "segment_ring", "exec_ring_pages", "burst_ring_pages"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, not {value}")
@@ -157,7 +159,7 @@ class ProbeSettings:
             # since, busy_ns, current_tid, head, owed_ns, then the ring of (start, end, tgid, pad)
             "cpu_state": struct.Struct("<QQIIQ" + "QQII" * self.segment_ring),
             "proc_cpu_key": struct.Struct("<II"),
-            "proc_cpu": struct.Struct(f"<Q{self.window_slots}Q16s"),  # total_ns, windows, comm
+            "proc_cpu": struct.Struct(f"<Q{self.window_slots}Q16sQ"),  # total_ns, windows, comm, marked_epoch
         }
 
     def cflags(self, state_mask: int) -> list[str]:
@@ -175,6 +177,8 @@ class ProbeSettings:
             f"-DMAX_CPUS={self.cpus}",
             f"-DMAX_BLAMED_PROCESSES={self.max_blamed_processes}",
             f"-DEXEC_RING_PAGES={self.exec_ring_pages}",
+            f"-DMAX_BURST_CANDIDATES={self.max_burst_candidates}",
+            f"-DBURST_RING_PAGES={self.burst_ring_pages}",
             f"-DTASK_STATE_MASK={state_mask:#x}",
         ]
 
@@ -206,6 +210,31 @@ class RawSnapshot:
     cpus: list[CpuState]
     proc_cpu: dict[tuple[int, int], ProcCpuEntry]
     blame: dict[int, int]
+
+
+@dataclass(frozen=True)
+class BurstCandidate:
+    """What the probe counts for one candidate: waits longer than `threshold_ns` it is blamed
+    for; `count` of them within `span_ns` wake user space (count >= 2: never a lone spike)."""
+
+    threshold_ns: int
+    count: int
+    span_ns: int
+
+
+# The most counted waits a candidate may need (BURST_RECENT in sched_monitor.h).
+BURST_MAX_COUNT = 8
+
+
+@dataclass(frozen=True)
+class BurstEvent:
+    """A candidate crossed its count: `count` blamed waits over its threshold from first_ns to mono_ns."""
+
+    mono_ns: int
+    first_ns: int
+    wait_ns: int  # the wait that completed the count
+    tgid: int
+    count: int
 
 
 @dataclass(frozen=True)
@@ -400,19 +429,29 @@ class SchedProbes:
                 ("max_epoch", False),
                 ("cpu_state", False),
                 ("proc_cpu", False),
+                ("proc_changed", False),
                 ("blame", False),
+                ("burst_candidates", False),
+                ("burst_floor", False),
             )
         }
+        self._burst_candidates: dict[int, BurstCandidate] = {}
+        self._burst_events: list[BurstEvent] = []
+        self.bpf[b"burst_events"].open_ring_buffer(self._on_burst_event)
         self._epoch = 0
         self.protect_failures = 0  # threads the protected map could not take (user space adds)
         self.last_protect_error = ""
         self._exec_events: list[ExecEvent] = []
+        self._fresh_exec_pids: list[int] = []  # for burst detection's candidates (take_exec_pids)
         self.bpf[b"exec_events"].open_ring_buffer(self._on_exec_event)
         layouts = self.settings.layouts()
         self._protected_value = layouts["protected_thread"]
         self._proc_value = layouts["proc_cpu"]
         self._wait_stats = layouts["wait_stats"]
         self._cpu_state = struct.Struct("<QQIIQ")  # the head of cpu_state: since, busy_ns, current_tid, head, owed_ns
+        # proc_cpu as last read: the changed set says which entries to read again
+        self._proc_cache: dict[tuple[int, int], ProcCpuEntry] = {}
+        self._full_read_at = float("-inf")
 
     # -- the protected set --------------------------------------------------------------------
     def _set_user_bits(self, tids: Iterable[int], present: bool) -> None:
@@ -492,7 +531,7 @@ class SchedProbes:
             histogram=hist,
             max_ns=max_ns,
             cpus=cpus,
-            proc_cpu=self._read_proc_cpu(mono_ns >> self.settings.window_shift),
+            proc_cpu=self._read_proc_cpu_changed(closed, mono_ns >> self.settings.window_shift),
             blame=self._read_blame(),
         )
 
@@ -505,20 +544,54 @@ class SchedProbes:
             cpus.append(CpuState(since, busy, tid))
         return cpus
 
-    def _read_proc_cpu(self, current_window: int) -> dict[tuple[int, int], ProcCpuEntry]:
+    def _proc_entry(self, tgid: int, cpu: int, raw, current_window: int, offset: int = 0) -> ProcCpuEntry:
         """The kernel keeps each window's index in 32 bits; they are unwrapped against the current
         window here, so user space compares full indices (after 2^32 windows too)."""
+        fields = self._proc_value.unpack_from(raw, offset)
+        windows = tuple(
+            (unwrap_window(packed >> 32, current_window), packed & 0xFFFFFFFF) for packed in fields[1:-2] if packed
+        )
+        comm = fields[-2].split(b"\0", 1)[0].decode(errors="replace")
+        return ProcCpuEntry(tgid, cpu, fields[0], windows, comm)
+
+    def _read_proc_cpu(self, current_window: int | None = None) -> dict[tuple[int, int], ProcCpuEntry]:
+        """Every entry (one batch syscall per few hundred). The probe's clock is CLOCK_MONOTONIC."""
+        if current_window is None:
+            current_window = time.monotonic_ns() >> self.settings.window_shift
         keys, values, count = self._maps["proc_cpu"].items()
-        entries: dict[tuple[int, int], ProcCpuEntry] = {}
-        layout = self._proc_value
-        for index, (tgid, cpu) in enumerate(struct.iter_unpack("<II", keys)):
-            fields = layout.unpack_from(values, index * layout.size)
-            windows = tuple(
-                (unwrap_window(packed >> 32, current_window), packed & 0xFFFFFFFF) for packed in fields[1:-1] if packed
-            )
-            comm = fields[-1].split(b"\0", 1)[0].decode(errors="replace")
-            entries[(tgid, cpu)] = ProcCpuEntry(tgid, cpu, fields[0], windows, comm)
-        return entries
+        size = self._proc_value.size
+        return {(tgid, cpu): self._proc_entry(tgid, cpu, values, current_window, index * size)
+                for index, (tgid, cpu) in enumerate(struct.iter_unpack("<II", keys))}
+
+    FULL_READ_EVERY_S = 60.0
+
+    def _read_proc_cpu_changed(self, closed_epoch: int, current_window: int) -> dict[tuple[int, int], ProcCpuEntry]:
+        """proc_cpu as it is now, reading only the entries in the changed set of the epoch just
+        closed (and deleting those keys). The first read, and one a minute as a safety net, reads
+        everything. The result equals a full read: see tests/test_probes_changed_set.py."""
+        changed = self._maps["proc_changed"]
+        keys, _values, _count = changed.items()
+        parity = closed_epoch & 1
+        proc_cpu = self._maps["proc_cpu"]
+        now = time.monotonic()
+        if now - self._full_read_at >= self.FULL_READ_EVERY_S:
+            for key in (keys[i:i + 12] for i in range(0, len(keys), 12)):
+                if struct.unpack_from("<I", key, 8)[0] == parity:
+                    changed.delete(key)
+            self._proc_cache = self._read_proc_cpu(current_window)
+            self._full_read_at = now
+            return dict(self._proc_cache)
+        cache = self._proc_cache
+        for tgid, cpu, key_parity in struct.iter_unpack("<III", keys):
+            if key_parity != parity:
+                continue  # marked in the epoch now open: read next time
+            changed.delete(struct.pack("<III", tgid, cpu, key_parity))
+            raw = proc_cpu.lookup(struct.pack("<II", tgid, cpu))
+            if raw is None:
+                cache.pop((tgid, cpu), None)
+            else:
+                cache[(tgid, cpu)] = self._proc_entry(tgid, cpu, raw, current_window)
+        return dict(cache)
 
     def _read_blame(self) -> dict[int, int]:
         keys, values, count = self._maps["blame"].items()
@@ -530,6 +603,7 @@ class SchedProbes:
         for tgid in tgids:
             for cpu in cpu_list:
                 self._maps["proc_cpu"].delete(struct.pack("<II", tgid, cpu))
+                self._proc_cache.pop((tgid, cpu), None)
             self._maps["blame"].delete(struct.pack("<I", tgid))
 
     # -- exec events --------------------------------------------------------------------------
@@ -538,12 +612,67 @@ class SchedProbes:
         self._exec_events.append(
             ExecEvent(event.ts, event.pid, event.old_pid, bytes(event.filename).split(b"\0", 1)[0].decode(errors="replace"))
         )
+        if len(self._fresh_exec_pids) < 65536:
+            self._fresh_exec_pids.append(event.pid)
 
     def exec_events(self) -> list[ExecEvent]:
         """Exec events since the last call (non-blocking)."""
         self.bpf.ring_buffer_consume()
         events, self._exec_events = self._exec_events, []
         return events
+
+    # -- burst detection ------------------------------------------------------------------------
+    _CANDIDATE = struct.Struct(f"<QQIIII QQ {BURST_MAX_COUNT}Q".replace(" ", ""))
+    _BURST_EVENT = struct.Struct("<QQQII")
+
+    def set_burst_candidates(self, wanted: dict[int, BurstCandidate]) -> None:
+        """Make the candidate map hold exactly `wanted` (tgid -> what to count). A candidate whose
+        settings did not change keeps its counted waits; only differences touch the map."""
+        candidates = self._maps["burst_candidates"]
+        for tgid in [tgid for tgid in self._burst_candidates if tgid not in wanted]:
+            candidates.delete(struct.pack("<I", tgid))
+            del self._burst_candidates[tgid]
+        for tgid, candidate in wanted.items():
+            if self._burst_candidates.get(tgid) == candidate:
+                continue
+            count = max(2, min(BURST_MAX_COUNT, candidate.count))
+            value = self._CANDIDATE.pack(candidate.threshold_ns, candidate.span_ns, count, 0, 0, 0, 0, 0, *([0] * BURST_MAX_COUNT))
+            try:
+                candidates.update(struct.pack("<I", tgid), value)
+            except OSError:
+                continue  # the map is full: that process is left to the tick
+            self._burst_candidates[tgid] = candidate
+        floor = min((c.threshold_ns for c in self._burst_candidates.values()), default=0)
+        self._maps["burst_floor"].update(struct.pack("<I", 0), struct.pack("<Q", floor))
+
+    def burst_candidates(self) -> dict[int, BurstCandidate]:
+        return dict(self._burst_candidates)
+
+    def inherited_burst_candidates(self) -> set[int]:
+        """Entries the kernel added on fork that user space has not judged (processes or threads)."""
+        keys = {struct.unpack("<I", key)[0] for key in self._maps["burst_candidates"].keys()}
+        return keys - self._burst_candidates.keys()
+
+    def drop_burst_candidates(self, tgids: Iterable[int]) -> None:
+        for tgid in tgids:
+            self._maps["burst_candidates"].delete(struct.pack("<I", tgid))
+            self._burst_candidates.pop(tgid, None)
+
+    def _on_burst_event(self, _ctx, data, size) -> None:
+        ts, first_ts, wait_ns, tgid, count = self._BURST_EVENT.unpack(ct.string_at(data, self._BURST_EVENT.size))
+        self._burst_events.append(BurstEvent(ts, first_ts, wait_ns, tgid, count))
+
+    def poll(self, timeout_s: float) -> list[BurstEvent]:
+        """Wait up to `timeout_s` for an event (a burst, or an exec: those are kept for
+        exec_events()); the burst events since the last call. A signal ends the wait early."""
+        self.bpf.ring_buffer_poll(max(1, math.ceil(timeout_s * 1000)))  # 0 would return at once: a spin
+        events, self._burst_events = self._burst_events, []
+        return events
+
+    def take_exec_pids(self) -> list[int]:
+        """Pids that exec'd since the last call (the events also stay for exec_events())."""
+        pids, self._fresh_exec_pids = self._fresh_exec_pids, []
+        return pids
 
     def program_stats(self) -> dict[str, tuple[int, int]]:
         """run_time_ns and run_cnt per program (needs kernel.bpf_stats_enabled=1)."""

@@ -323,6 +323,12 @@ TAIL_KEYS = (
         maximum=10.0, example='at_most = "2ms"'),
     Key("windows", "integer", "N: how many of the last M windows must be bad.", default=3, minimum=1, maximum=600),
     Key("of", "integer", "M: how many recent windows (ticks) are considered (the daemon keeps at least the largest M).", default=5, minimum=1, maximum=600),
+    Key("within", "duration", "Also fire at once, off the tick (eBPF source only), when `waits` protected waits each longer "
+        "than `above` (for a relative `above`: than `at_most`) end within this span and the process ran during every one of them (each is blamed on it). "
+        "A lone spike never fires: at least 2 waits are needed. The tick-driven form above still applies.",
+        minimum=1e-3, maximum=10.0, example='within = "50ms"'),
+    Key("waits", "integer", "With `within`: how many blamed waits over `above` within that span fire the trigger (2 when not given).",
+        minimum=2, maximum=8),
 )
 
 OFFENDER_KEYS = (
@@ -337,7 +343,7 @@ OFFENDER_KEYS = (
 TRIGGER_KEYS = (
     Key("always", "boolean", "`true`: static placement at exec: the whole ladder is applied at once, with no condition, and never reverted; then `tail` and `offender` must be absent.", default=False),
     Key("tail", "table", "The protected service's latency condition (required unless `always`).", keys=TAIL_KEYS,
-        example='tail = { percentile = 99.0, above = "5x baseline", at_least = "1ms", at_most = "2ms", windows = 3, of = 5 }'),
+        example='tail = { percentile = 99.0, above = "5x baseline", at_least = "1ms", at_most = "2ms", windows = 3, of = 5, within = "50ms", waits = 2 }'),
     Key("offender", "table", "Which matched processes are to blame (required unless `always`; give `cpu`, `blame_share` or both).", keys=OFFENDER_KEYS,
         example='offender = { cpu = 0.5, cpu_kind = "peak", blame_share = 0.2, require = "all" }'),
 )

@@ -14,7 +14,7 @@ from typing import Callable, Collection, Mapping, Protocol
 
 from . import histogram
 from .errors import ProcessGone, RemediatorError
-from .probes import ExecEvent, ProbeSettings, RawSnapshot, SchedProbes
+from .probes import BurstCandidate, BurstEvent, ExecEvent, ProbeSettings, RawSnapshot, SchedProbes
 from .procfs import ProcFS, clock_ticks_per_second
 from .sample import SOURCE_BPF, SOURCE_PROCFS
 from .taskstats import SCHEDSTAT, TASKSTATS, SchedstatCounters, ThreadCounters, open_thread_counters
@@ -268,6 +268,22 @@ class BpfSource:
             # exec keeps the tgid but a reused tid may now be another process's thread
             self._tgid_cache.pop(event.pid, None)
         return events
+
+    # burst detection (remediator/burstwatch.py): only this source has it
+    def set_burst_candidates(self, candidates: Mapping[int, BurstCandidate]) -> None:
+        self.probes.set_burst_candidates(dict(candidates))
+
+    def poll_bursts(self, timeout_s: float) -> list[BurstEvent]:
+        return self.probes.poll(timeout_s)
+
+    def take_exec_pids(self) -> list[int]:
+        return self.probes.take_exec_pids()
+
+    def inherited_burst_candidates(self) -> set[int]:
+        return self.probes.inherited_burst_candidates()
+
+    def drop_burst_candidates(self, tgids: Collection[int]) -> None:
+        self.probes.drop_burst_candidates(tgids)
 
     def read(self, protected: Mapping[int, Collection[int]]) -> TickDelta:
         current = self.probes.snapshot()

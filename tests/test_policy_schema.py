@@ -46,7 +46,7 @@ FULL_POLICY = {
             },
             "trigger": {
                 "always": False,
-                "tail": {"percentile": 99.0, "above": "5x baseline", "at_least": "1ms", "at_most": "2ms", "windows": 3, "of": 5},
+                "tail": {"percentile": 99.0, "above": "5x baseline", "at_least": "1ms", "at_most": "2ms", "windows": 3, "of": 5, "within": "50ms", "waits": 2},
                 "offender": {"cpu": 0.5, "cpu_kind": "peak", "blame_share": 0.2, "require": "all"},
             },
             "actions": [

@@ -1,0 +1,150 @@
+"""Burst detection's user-space half: which processes the probe counts for, and its events.
+
+A policy with `tail.within` makes every process it governs a candidate: the probe then counts the
+protected waits over the policy's threshold during which that process ran, and wakes the daemon
+when enough fall within the span (probes/sched_monitor.h, burst detection). This module keeps the
+candidate map current without a full /proc pass every tick: a process is judged once, when first
+seen (a periodic listing of /proc finds new pids; exec events and each tick's sample name
+processes sooner), and again after an exec, which may change what it is. All of that happens at
+the tick: between ticks only burst events wake the daemon (exec events do not, so a host that
+execs a lot does not keep it awake), and a child the kernel made a candidate on fork is judged at
+its first event.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable
+
+from .engine import BurstEvidence
+from .errors import RemediatorError
+from .policy import Policy, PolicySet
+from .probes import BurstCandidate, BurstEvent
+from .procfs import ProcessIdentity, ProcessInfo, ProcFS
+from .safety import exclusion_reason
+
+log = logging.getLogger(__name__)
+
+SCAN_EVERY_S = 5.0
+
+
+def burst_policies(policies: PolicySet) -> list[Policy]:
+    return [p for p in policies.policies if not p.trigger.always and p.trigger.burst_within_s is not None]
+
+
+def candidate_for(policy: Policy) -> BurstCandidate:
+    trigger = policy.trigger
+    return BurstCandidate(
+        threshold_ns=int(round((trigger.tail_above_us or 0) * 1000)),
+        count=max(2, trigger.burst_waits),
+        span_ns=int(round((trigger.burst_within_s or 0) * 1e9)),
+    )
+
+
+class BurstWatch:
+    """The candidates of one source (one that can count bursts: BpfSource), kept current."""
+
+    def __init__(self, source, procfs: ProcFS, self_pid: int, clock=time.monotonic):
+        self.source = source
+        self.procfs = procfs
+        self.self_pid = self_pid
+        self.clock = clock
+        self.policies: PolicySet | None = None
+        self._judged: dict[int, ProcessIdentity] = {}  # pid -> the identity last judged (candidate or not)
+        self._candidates: dict[int, tuple[ProcessIdentity, BurstCandidate]] = {}
+        self._last_scan = float("-inf")
+        self.events_seen = 0
+        self.events_stale = 0  # events for a process that is gone or no longer a candidate
+
+    @staticmethod
+    def supported(source) -> bool:
+        return hasattr(source, "poll_bursts")
+
+    def set_policies(self, policies: PolicySet) -> None:
+        """New policies (start, reload): judge every process again at the next refresh."""
+        self.policies = policies
+        self._judged.clear()
+        self._candidates.clear()
+        self._last_scan = float("-inf")
+
+    @property
+    def active(self) -> bool:
+        return self.policies is not None and bool(burst_policies(self.policies))
+
+    def _judge(self, info: ProcessInfo, protected: Iterable[int]) -> None:
+        assert self.policies is not None
+        selected = self.policies.select(info)
+        policy = selected[0] if selected else None
+        self._judged[info.pid] = info.identity
+        if (policy is None or policy.trigger.always or policy.trigger.burst_within_s is None
+                or exclusion_reason(info, protected, self.self_pid)):
+            self._candidates.pop(info.pid, None)
+            return
+        self._candidates[info.pid] = (info.identity, candidate_for(policy))
+
+    def refresh(self, infos: Iterable[ProcessInfo], protected: Iterable[int]) -> None:
+        """Judge the processes a tick named (and those an exec changed), list /proc for new pids
+        when due, and make the probe's map match."""
+        if not self.active:
+            if self._candidates:
+                self._candidates.clear()
+                self.source.set_burst_candidates({})
+            return
+        protected = set(protected)
+        for info in infos:
+            if self._judged.get(info.pid) != info.identity:
+                self._judge(info, protected)
+        for pid in self.source.take_exec_pids():
+            self._judged.pop(pid, None)  # exec changes comm, exe and cmdline: judge it again
+            self._judge_pid(pid, protected)
+        now = self.clock()
+        if now - self._last_scan >= SCAN_EVERY_S:
+            self._last_scan = now
+            pids = set(self.procfs.pids())
+            for pid in list(self._judged):
+                if pid not in pids:
+                    del self._judged[pid]
+                    self._candidates.pop(pid, None)
+            for pid in pids - self._judged.keys():
+                self._judge_pid(pid, protected)
+            # Children the kernel made candidates on fork: the processes among them were just
+            # judged with the rest (kept when a policy with within governs them); threads and
+            # the others go.
+            inherited = self.source.inherited_burst_candidates()
+            self.source.drop_burst_candidates([pid for pid in inherited if pid not in self._candidates])
+        for pid in protected & self._candidates.keys():
+            del self._candidates[pid]
+        self.source.set_burst_candidates({pid: candidate for pid, (_identity, candidate) in self._candidates.items()})
+
+    def _judge_pid(self, pid: int, protected: set[int]) -> None:
+        try:
+            info = self.procfs.process_info(pid)
+        except RemediatorError:
+            return
+        if info.kernel_thread:
+            self._judged[pid] = info.identity
+            return
+        self._judge(info, protected)
+
+    def wait(self, timeout_s: float) -> list[BurstEvent]:
+        return self.source.poll_bursts(timeout_s)
+
+    def evidence(self, event: BurstEvent) -> tuple[ProcessInfo, BurstEvidence] | None:
+        """Who the event names, checked to be the process judged a candidate, and what was counted."""
+        self.events_seen += 1
+        if event.tgid not in self._candidates and event.tgid not in self._judged:
+            self._judge_pid(event.tgid, set())  # a child the kernel made a candidate on fork
+        judged = self._candidates.get(event.tgid)
+        try:
+            info = self.procfs.process_info(event.tgid)
+        except RemediatorError:
+            info = None
+        if judged is None or info is None or info.identity != judged[0]:
+            self.events_stale += 1
+            return None
+        return info, BurstEvidence(waits=event.count, first_s=event.first_ns / 1e9, last_s=event.mono_ns / 1e9,
+                                   last_wait_us=event.wait_ns / 1000)
+
+    def candidates(self) -> dict[int, ProcessIdentity]:
+        return {pid: identity for pid, (identity, _c) in self._candidates.items()}

@@ -1,0 +1,246 @@
+"""Burst detection without a kernel: the probe's counting (burst_note in sched_monitor.h, compiled
+with gcc) on scenes of protected waits, and the engine's decide_burst on what it reports.
+
+The scenes: isolated single spikes (none may fire: a lone spike never acts), pairs inside and
+outside the span, one wait seen twice, waits under the threshold, a sustained burst (fires at
+most once per span).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from remediator.engine import BurstEvidence, EngineState, decide_burst, record_outcome
+from remediator.procfs import ProcessInfo
+
+from test_engine import SERVICE, SETTINGS, SHIPPER, LADDER, policies
+
+PROBES = Path(__file__).resolve().parent.parent / "probes"
+MS = 1_000_000
+
+COUNTER = r"""
+#define SCHED_MONITOR_STANDALONE
+#include <stdio.h>
+#include <string.h>
+#include "sched_monitor.h"
+/* stdin: "threshold_ns count span_ns", then one "wait_ns end_ns" per wait; stdout: 1 or 0 per wait */
+int main(void)
+{
+    struct burst_candidate c;
+    unsigned long long threshold, span, wait, end, first;
+    unsigned count;
+    memset(&c, 0, sizeof(c));
+    if (scanf("%llu %u %llu", &threshold, &count, &span) != 3)
+        return 2;
+    c.threshold_ns = threshold; c.count = count; c.span_ns = span;
+    while (scanf("%llu %llu", &wait, &end) == 2) {
+        u64 first_ts = 0;
+        int fired = burst_note(&c, wait, end, &first_ts);
+        first = first_ts;
+        printf("%d %llu\n", fired, first);
+    }
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def counter(tmp_path_factory):
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is needed to compile the probe header")
+    directory = tmp_path_factory.mktemp("burst")
+    (directory / "counter.c").write_text(COUNTER)
+    binary = directory / "counter"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", f"-I{PROBES}", "-o", str(binary), str(directory / "counter.c")], check=True)
+
+    def fire(waits, threshold=2 * MS, count=2, span=50 * MS):
+        text = f"{threshold} {count} {span}\n" + "\n".join(f"{wait} {end}" for wait, end in waits)
+        out = subprocess.run([str(binary)], input=text, capture_output=True, text=True, check=True).stdout
+        return [(int(a), int(b)) for a, b in (line.split() for line in out.splitlines())]
+
+    return fire
+
+
+def fired_at(results, waits):
+    return [end for (fired, _first), (_wait, end) in zip(results, waits) if fired]
+
+
+def test_isolated_single_spikes_never_fire(counter):
+    # 5 ms spikes, each alone: 60 ms to 1 s apart (all longer than the span)
+    ends, t = [], 1_000 * MS
+    for gap_ms in [60, 200, 1000, 51, 75] * 20:
+        t += gap_ms * MS
+        ends.append(t)
+    waits = [(5 * MS, end) for end in ends]
+    assert fired_at(counter(waits), waits) == []
+
+
+def test_two_over_threshold_waits_within_the_span_fire_at_the_second(counter):
+    waits = [(3 * MS, 1_000 * MS), (4 * MS, 1_030 * MS)]
+    assert counter(waits) == [(0, 0), (1, 1_000 * MS)]
+
+
+def test_two_waits_further_apart_than_the_span_do_not(counter):
+    waits = [(3 * MS, 1_000 * MS), (4 * MS, 1_051 * MS)]
+    assert fired_at(counter(waits), waits) == []
+
+
+def test_one_wait_counts_once_however_many_runs_it_is_blamed_for(counter):
+    # attribute_wait calls once per blamed run: the same wait end, several times
+    waits = [(3 * MS, 1_000 * MS)] * 4
+    assert fired_at(counter(waits), waits) == []
+
+
+def test_waits_under_the_threshold_never_count(counter):
+    waits = [(2 * MS, 1_000 * MS + i * MS) for i in range(100)]  # equal to the threshold: not over it
+    assert fired_at(counter(waits), waits) == []
+
+
+def test_a_larger_count_needs_that_many(counter):
+    waits = [(3 * MS, 1_000 * MS), (3 * MS, 1_010 * MS), (3 * MS, 1_020 * MS)]
+    assert [fired for fired, _ in counter(waits, count=3)] == [0, 0, 1]
+    assert fired_at(counter(waits[:2], count=3), waits[:2]) == []
+
+
+def test_a_sustained_burst_fires_at_most_once_per_span(counter):
+    waits = [(3 * MS, 1_000 * MS + i * 5 * MS) for i in range(40)]  # 200 ms of 3 ms waits every 5 ms
+    fired = fired_at(counter(waits), waits)
+    assert fired[0] == 1_005 * MS
+    assert len(fired) == 4 and all(b - a >= 50 * MS for a, b in zip(fired, fired[1:]))
+
+
+# -- the engine -----------------------------------------------------------------------------------
+
+BURST_LADDER = LADDER.replace("windows = {n}, of = {m} }}", 'windows = {n}, of = {m}, within = "50ms", waits = 2 }}')
+BURST = BurstEvidence(waits=2, first_s=100.00, last_s=100.03, last_wait_us=3000.0)
+
+
+def burst_policies(tmp_path, **kwargs):
+    text = BURST_LADDER.format(n=2, m=4, offender='{ blame_share = 0.2 }', cooldown=kwargs.get("cooldown", "10s"),
+                               hourly=kwargs.get("hourly", 6), quiet="5s")
+    return policies(tmp_path, text=text)
+
+
+def decide_at(policy_set, now, state=None, burst=BURST, info=SHIPPER, protected=(SERVICE.pid,)):
+    return decide_burst(state or EngineState(), info, burst, policy_set, SETTINGS, protected, [], now, 1_700_000_000 + now)
+
+
+def test_a_counted_burst_takes_the_first_step_with_its_evidence(tmp_path):
+    policy_set = burst_policies(tmp_path)
+    state, decisions = decide_at(policy_set, 100.04)
+    assert [d.kind for d in decisions] == ["act"]
+    act = decisions[0]
+    assert act.step.describe() == "nice 10" and act.request.nice == 10
+    assert act.evidence["trigger"] == "burst"
+    assert act.evidence["protected_tail"] == {"waits_over": 2, "threshold_us": 2000.0, "within_ms": 50.0,
+                                              "span_ms": 30.0, "last_wait_us": 3000.0}
+
+
+def test_a_lone_spike_or_a_slow_pair_never_acts(tmp_path):
+    policy_set = burst_policies(tmp_path)
+    lone = BurstEvidence(waits=1, first_s=100.0, last_s=100.0, last_wait_us=9000.0)
+    slow = BurstEvidence(waits=2, first_s=100.0, last_s=100.2, last_wait_us=3000.0)
+    for burst in (lone, slow):
+        assert decide_at(policy_set, 100.3, burst=burst)[1] == []
+
+
+def test_a_policy_without_within_and_an_unnamed_process_never_act_on_a_burst(tmp_path):
+    plain = policies(tmp_path, n=2, m=4)
+    assert decide_at(plain, 100.04)[1] == []
+    stranger = ProcessInfo(pid=300, start_time=30, comm="postgres", exe="/usr/bin/postgres")
+    assert decide_at(burst_policies(tmp_path), 100.04, info=stranger)[1] == []
+
+
+def test_the_protected_service_is_never_acted_on(tmp_path):
+    _state, decisions = decide_at(burst_policies(tmp_path), 100.04, protected=(SERVICE.pid, SHIPPER.pid))
+    assert [d.kind for d in decisions] == ["excluded"]
+
+
+def test_settle_then_the_next_step_and_no_step_past_the_last(tmp_path):
+    policy_set = burst_policies(tmp_path)
+    state, decisions = decide_at(policy_set, 100.04)
+    state = record_outcome(state, decisions[0], "applied", policy_set)
+    assert decide_at(policy_set, 100.5, state)[1] == []  # settling (1 s)
+    state, decisions = decide_at(policy_set, 101.1, state)
+    assert [d.step.describe() for d in decisions] == ["affinity unprotected"]
+    state = record_outcome(state, decisions[0], "applied", policy_set)
+    state, decisions = decide_at(policy_set, 102.2, state)
+    assert [d.kind for d in decisions] == ["exhausted"]
+
+
+def test_the_hourly_cap_holds_for_bursts(tmp_path):
+    policy_set = burst_policies(tmp_path, hourly=1)
+    state, decisions = decide_at(policy_set, 100.04)
+    state = record_outcome(state, decisions[0], "applied", policy_set)
+    _state, decisions = decide_at(policy_set, 101.5, state)
+    assert [d.kind for d in decisions] == ["capped"]
+
+
+# -- BurstWatch: the candidate map kept current --------------------------------------------------
+
+class FakeBurstSource:
+    def __init__(self):
+        self.candidates: dict = {}
+        self.exec_pids: list[int] = []
+        self.inherited: set[int] = set()
+        self.dropped: list[int] = []
+
+    def poll_bursts(self, timeout_s):
+        return []
+
+    def set_burst_candidates(self, candidates):
+        self.candidates = dict(candidates)
+
+    def take_exec_pids(self):
+        pids, self.exec_pids = self.exec_pids, []
+        return pids
+
+    def inherited_burst_candidates(self):
+        return set(self.inherited)
+
+    def drop_burst_candidates(self, tgids):
+        self.dropped += list(tgids)
+
+
+class FakeProcs:
+    def __init__(self, *infos):
+        self.infos = {info.pid: info for info in infos}
+        self.reads = 0
+
+    def pids(self):
+        return list(self.infos)
+
+    def process_info(self, pid):
+        from remediator.errors import ProcessGone
+        self.reads += 1
+        if pid not in self.infos:
+            raise ProcessGone(pid)
+        return self.infos[pid]
+
+
+def test_burstwatch_names_governed_processes_with_their_policys_count(tmp_path):
+    from remediator.burstwatch import BurstWatch
+    from remediator.probes import BurstCandidate, BurstEvent
+
+    source, procs = FakeBurstSource(), FakeProcs(SERVICE, SHIPPER, ProcessInfo(pid=300, start_time=30, comm="postgres"))
+    watch = BurstWatch(source, procs, self_pid=999, clock=lambda: 0.0)
+    watch.set_policies(burst_policies(tmp_path))
+    watch.refresh([], [SERVICE.pid])
+    assert source.candidates == {SHIPPER.pid: BurstCandidate(threshold_ns=2_000_000, count=2, span_ns=50_000_000)}
+    reads = procs.reads
+    watch.refresh([SERVICE, SHIPPER], [SERVICE.pid])  # known processes are not judged again
+    assert procs.reads == reads
+    # a fork child the kernel made a candidate is judged at its first event; a thread's entry is dropped
+    child = ProcessInfo(pid=201, start_time=21, comm="fluent-bit")
+    procs.infos[child.pid] = child
+    info, burst = watch.evidence(BurstEvent(mono_ns=int(100.03e9), first_ns=int(100.0e9), wait_ns=3_000_000, tgid=201, count=2))
+    assert info == child and burst.waits == 2 and abs(burst.last_s - burst.first_s - 0.03) < 1e-9
+    assert watch.evidence(BurstEvent(int(1e9), int(1e9), 3_000_000, tgid=300, count=2)) is None  # no within-policy
+    source.inherited = {201, 4242}
+    watch.clock = lambda: 10.0
+    watch.refresh([], [SERVICE.pid])
+    assert source.dropped == [4242] and set(source.candidates) == {SHIPPER.pid, 201}
