@@ -181,7 +181,9 @@ def decision_detail(record: dict) -> str:
     tail = evidence.get("protected_tail")
     offender = evidence.get("offender")
     parts = []
-    if tail:
+    if tail and "waits_over" in tail:  # the burst path: waits counted in the kernel, no percentile
+        parts.append(f"burst: {tail.get('waits_over')} waits > {tail.get('threshold_us')} us within {tail.get('span_ms')} ms")
+    elif tail and tail.get("percentile") is not None:
         parts.append(f"p{tail.get('percentile'):g} {tail.get('value_us')} us > {tail.get('threshold_us')} us "
                      f"({tail.get('windows_over')}/{tail.get('of_windows')})")
     if offender:

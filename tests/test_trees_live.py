@@ -47,6 +47,9 @@ def test_the_children_of_a_matched_shipper_are_acted_on(spawn, daemon, tmp_path)
     run = daemon(write_config(tmp_path, [victim.pid], policy_text=TREE_POLICY))
 
     wait_until(lambda: all(cpus(pid) == {frozenset({1})} for pid in children), 10.0, what="both compressors off CPU 0")
+    # The audit line follows the change: wait for it too.
+    wait_until(lambda: {r["process"]["pid"] for r in run.audit() if r["decision"] == "act"} >= set(children), 5.0,
+               what="both changes in the audit")
     acts = [r for r in run.audit() if r["decision"] == "act"]
     assert {r["process"]["pid"] for r in acts} == set(children)
     assert {r["process"]["comm"] for r in acts} == {"xz", "gzip"}
