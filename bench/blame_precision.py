@@ -148,11 +148,12 @@ def build(name: str) -> Scene:
                                 "--to", "1", "--busy-ms", "10", "--idle-ms", "10", "--comm", "innocent"])
         pin(innocent.pid, {1})
         scene.culprits, scene.innocents = {hog.pid}, {innocent.pid}
-    elif name == "chatter":
+    elif name in ("chatter", "chatter-fork"):
         scene.victim = scene.start(victim_argv(0))
         hog = scene.start(hog_argv("hog", 1))
         pin(hog.pid, {0})
-        chatter = scene.start([PYTHON, str(BENCH_WORKLOADS / "chatter.py"), "--cpu", "0", "--rounds", "40", "--pause-ms", "20"])
+        fork = ["--fork"] if name == "chatter-fork" else []
+        chatter = scene.start([PYTHON, str(BENCH_WORKLOADS / "chatter.py"), "--cpu", "0", "--rounds", "40", "--pause-ms", "20", *fork])
         scene.culprits, scene.innocents = {hog.pid}, {chatter.pid}
     elif name == "two-hogs":
         scene.victim = scene.start(victim_argv(0))
