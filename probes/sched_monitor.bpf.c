@@ -340,9 +340,11 @@ TRACEPOINT_PROBE(sched, sched_switch)
             last->end = now;
             last->ns += now - state->since;
         } else if (state->head >= 2 && before->tgid == prev_tgid && last->end == state->since &&
-                   before->end >= last->start && now - state->since <= SEGMENT_MERGE_NS) {
-            /* Taking turns with the last one: its process's segment spans it now, and trades
-             * places with it, so ends stay in order going back. */
+                   before->end >= last->start && now - state->since <= SEGMENT_MERGE_NS &&
+                   last->end - before->end <= SEGMENT_MERGE_NS) {
+            /* Taking short turns with the last one (whose latest run began where this process's
+             * segment ended, and was short too): that segment spans it now, and trades places with
+             * it, so ends stay in order going back. A long run between never gets spanned. */
             struct run_segment spanning = *before;
             spanning.end = now;
             spanning.ns += now - state->since;

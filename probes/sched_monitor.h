@@ -73,8 +73,8 @@ typedef uint32_t u32;
  * Consecutive runs of one process with no idle time between them share one segment. So do the
  * short runs of two processes taking turns (a pipe ping-pong: hundreds of runs of a few us, which
  * would push the hog a waiter queued behind out of the ring): a run no longer than
- * SEGMENT_MERGE_NS joins its process's segment one slot back when nothing else ran in between, so
- * that segment spans the other's; it keeps the time its process really ran there (ns), and a wait
+ * SEGMENT_MERGE_NS joins its process's segment one slot back when only one run no longer than that
+ * came in between, so that segment spans the other's; it keeps the time its process really ran there (ns), and a wait
  * that covers only part of a merged segment is charged that part pro rata. */
 #ifndef SEGMENT_RING
 #define SEGMENT_RING 16 /* power of two */
