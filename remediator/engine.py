@@ -385,7 +385,7 @@ def decide(
                     "skipped", now, ts, info, policy,
                     f"self-inflicted: the protected service was throttled by its own CPU quota for "
                     f"{throttling['throttled_ns'] / 1e6:.1f} ms ({throttling['throttled_periods']} periods), at least "
-                    f"as long as others ran while it waited ({throttling['foreign_blamed_ns'] / 1e6:.1f} ms): "
+                    f"as long as others ran while it waited ({throttling['behind_others_ns'] / 1e6:.1f} ms): "
                     f"no step on a neighbour can help",
                     evidence={**evidence, "skipped": "self-inflicted"}))
             continue
