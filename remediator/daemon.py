@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .audit import AuditLog, AuditWriter, event_record
+from .audit import AuditLog, AuditWriter, CulpritWriter
 from .cgroupfs import CgroupFS, discover_cpu_mount, discover_cpuset_mount, process_cpuset_cpus
 from .collector import Collector
-from .culprits import CulpritState, unnamed_culprits
 from .throttling import ThrottleReader
 from .config import DaemonConfig, load_config
 from .cpulist import format_cpulist, online_cpus
@@ -130,7 +129,6 @@ class Daemon:
         self._reload = False
         self.state_write_failures: dict[str, int] = {}
         self.lost_totals: dict[str, int] = {}  # events the probes could not count, since start
-        self.culprits = CulpritState()  # which unnamed culprits are on record (rate limit)
         self._saved_state: dict | None = None
         self.metrics_server: MetricsServer | None = None  # [metrics] listen, from run()
         self.textfile: TextfileWriter | None = None  # [metrics] textfile, from run()
@@ -207,7 +205,7 @@ class Daemon:
         try:
             self._start_metrics()  # a port it cannot bind stops it before it writes anything
             self.audit = AuditLog(config.audit_path, stamp=self._audit_stamp(source), trust=self.trust)
-            self.observers.members[:0] = [AuditWriter(self.audit.write), DecisionLog()]
+            self.observers.members[:0] = [AuditWriter(self.audit.write), CulpritWriter(self._unnamed_culprit), DecisionLog()]
             self.recorder = open_recording(self.record_override or config.recording_path, config.recording_max_bytes,
                                            self.trust)
             if self.mode == "live":
@@ -496,7 +494,6 @@ class Daemon:
         self.state, report = run_tick(self.state, sample, self.policies, settings, ExecutorCarrier(self.executor, self.mode),
                                       self.observers, discovered=discovered, checkpoint=self._checkpoint,
                                       clock=time.monotonic)
-        self._record_unnamed_culprits(sample)
         if self.bursts is not None:
             self.bursts.refresh(list(discovered) + list(sample.processes.values()), sample.protected.pids)
         self._save_state()
@@ -515,13 +512,10 @@ class Daemon:
     def _observer_failed(self, observer, exc: Exception) -> None:
         log.exception("%s failed (the daemon goes on): %s", type(observer).__name__, exc)
 
-    def _record_unnamed_culprits(self, sample) -> None:
+    def _unnamed_culprit(self, record: dict) -> None:
         """The top-blamed process no policy names goes on record (bounded: see culprits.py)."""
-        records, self.culprits = unnamed_culprits(sample, self.policies, self.culprits, sample.end_ns / 1e9,
-                                                  self_pid=os.getpid())
-        for record in records:
-            self.audit.write(event_record(sample.ts, self.mode, record))
-            log.info("unnamed culprit: %s", printable(record["message"]))
+        self.audit.write(record)
+        log.info("unnamed culprit: %s", printable(record["message"]))
 
     def _engine_settings(self) -> EngineSettings:
         online = online_cpus()
