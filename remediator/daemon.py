@@ -476,7 +476,7 @@ class Daemon:
         sample = getattr(self, "last_sample", None)
         groups = protected_groups_of(sample) if sample is not None else []
         self.state, decisions = decide_burst(self.state, info, burst, self.policies, self._settings, protected, groups,
-                                             time.monotonic(), time.time())
+                                             time.monotonic(), time.time(), self.bursts.ancestors_of(info))
         self.state, _carried = carry_out_decisions(self.state, decisions, ExecutorCarrier(self.executor, self.mode), self.policies,
                                                    protected, self.observers, self._checkpoint)
         if decisions:
