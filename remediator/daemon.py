@@ -47,6 +47,7 @@ from .sdnotify import Notifier
 from .selectors import ProtectSelectors
 from .sources import PROCFS_DEGRADED, Source, open_source
 from .trustedfs import Trust
+from .trees import governing
 from .statefile import current_boot_id, load_state, save_state, state_path_for
 from .tick import Carried, ExecutorCarrier, Observers, TickReport, carry_out_decisions, engine_settings, run_tick
 
@@ -374,11 +375,12 @@ class Daemon:
         infos = list(self.procfs.iter_processes())
         for warning in shared_comm_warnings(infos, self.config.protect, self.policies):
             log.warning("%s", warning)
+        processes = {info.pid: info for info in infos}
         for info in infos:
-            selected = self.policies.select(info)
-            if selected is None:
+            found = governing(info, processes, self.policies)
+            if found is None:
                 continue
-            policy, _ = selected
+            policy = found.policy
             if policy.trigger.always:
                 placed.append(info)  # the engine applies the safety rules (and audits an exclusion)
             reason = exclusion_reason(info, protected)
@@ -603,9 +605,9 @@ class Daemon:
         for pid, ns in sample.blame[:3]:
             info = sample.processes.get(pid)
             name = info.comm if info else str(pid)
-            policy = self.policies.select(info) if info else None
+            found = governing(info, sample.processes, self.policies) if info else None
             excluded = exclusion_reason(info, waits.pids) if info else None
-            note = excluded or (f"policy {policy[0].name}" if policy else "no policy")
+            note = excluded or (f"policy {found.policy.name}" if found else "no policy")
             top.append(f"{name} ({pid}) {sample.blame_share(pid):.0%} [{note}]")
         active = self.state.active()
         problems = self._problems()
