@@ -35,6 +35,8 @@ class FakeProcTree:
     def __init__(self, root: Path):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        # psutil reads the boot time from here before anything else (as tests/helpers/fakeproc.py writes it).
+        (root / "stat").write_text("cpu  1 2 3 4\nbtime 1700000000\n")
 
     def add_process(self, pid: int, start_time: int, *, comm: str = "fluent-bit", cgroup: str = "/", tids=()) -> None:
         directory = self.root / str(pid)
