@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +22,39 @@ UNIT_DIR = Path("/etc/systemd/system")
 
 # The properties a remediation may touch, and those that show the unit is still whole.
 COMPARED_PROPERTIES = ("AllowedCPUs", "CPUWeight", "CPUQuotaPerSecUSec", "MemoryMax", "TasksMax", "ControlGroup", "Nice", "CPUAffinity")
+
+
+# The config `remediator revert --all` reads in the action tests: PID 1 protected, no policies, the
+# journal the tests' executors write.
+ACTION_CONFIG_TEXT = f"""
+[protect]
+pids = [1]
+[daemon]
+mode = "live"
+policies = []
+journal = "{JOURNAL}"
+"""
+
+
+def revert_all() -> subprocess.CompletedProcess:
+    """`remediator revert --all` with the config in place, as an operator would after a crash."""
+    return subprocess.run([REMEDIATOR, "revert", "--all", "--config", str(CONFIG)], capture_output=True, text=True, timeout=120)
+
+
+def cpu_step_then_sigkill(pid: int, setting: tuple, group: str, executor_options: str = "") -> subprocess.CompletedProcess:
+    """A daemon that applies one cpu step to pid and is killed with SIGKILL right after (no clean-up
+    at all), leaving the journal it wrote. Its stdout is the outcome's status."""
+    return subprocess.run([sys.executable, "-c", f"""
+import os, sys
+sys.path.insert(0, "/opt/remediator/tests")
+from helpers.remediation import make_executor
+from remediator.executor import ActionRequest
+from remediator.procfs import ProcFS
+executor = make_executor(__import__("pathlib").Path("{JOURNAL}"){executor_options})
+request = ActionRequest(ProcFS().identity({pid}), "cpu", "{group}", 0, cpu={setting!r}, cgroup="{group}")
+print(executor.apply(request, ()).status, flush=True)
+os.kill(os.getpid(), {int(signal.SIGKILL)})
+"""], capture_output=True, text=True, timeout=120, cwd=str(CHECKOUT))
 
 
 def systemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
