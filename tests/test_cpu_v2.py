@@ -233,3 +233,77 @@ def test_dry_run_names_every_file_and_value_and_writes_nothing(host):
     )
     assert v2.cgroupfs.calls == []
     assert not v2.journal_path.exists()
+
+
+# -- policy explain and policy check --host --------------------------------------------------------
+
+POLICY = """
+[[policy]]
+name = "log-shippers"
+description = "the shipper gets less CPU"
+[policy.match]
+comm = ["fluent-bit"]
+[policy.trigger]
+tail = { above = "2ms" }
+offender = { cpu = 0.5 }
+[[policy.actions]]
+cpu_weight = 10
+"""
+
+
+def load_policy(tmp_path):
+    from remediator.policy import load_policies
+
+    path = tmp_path / "policies" / "shippers.toml"
+    path.parent.mkdir()
+    path.write_text(POLICY)
+    [policy] = load_policies([path.parent]).policies
+    return policy
+
+
+def test_explain_names_the_exact_files_and_values_without_systemd(host, tmp_path, monkeypatch):
+    from remediator import explain as explain_module
+
+    v2 = host()
+    policy = load_policy(tmp_path)
+    monkeypatch.setattr(explain_module, "discover_cpu_mount", lambda: v2.cgroupfs.mount)
+
+    text = explain_module._cpu_step_effect(policy.steps[0], policy, PID, explain_module._Reader(v2.procfs, systemd_host=False))
+
+    assert text == (
+        f"cpu_weight 10: write +cpu to {v2.root}/cgroup.subtree_control, mkdir {v2.group}, write 10 to {v2.group}/cpu.weight, "
+        f"write {PID} to {v2.group}/cgroup.procs (was {CGROUP}) (cgroup v2 without systemd: a group of remediator's own)"
+    )
+    assert "not available" not in text
+    assert v2.cgroupfs.calls == []  # read only
+
+    monkeypatch.setattr(explain_module, "discover_cpu_mount", lambda: None)
+    text = explain_module._cpu_step_effect(policy.steps[0], policy, PID, explain_module._Reader(v2.procfs, systemd_host=False))
+    assert text.startswith("not available on this host: no cgroup cpu controller is mounted")
+
+
+def test_check_host_says_not_available_only_where_no_cpu_controller_exists(host, tmp_path, capsys, monkeypatch):
+    from helpers.policy_procs import add_process, make_proc_root, make_sys_root
+    from remediator.cli import main
+    from remediator.commands import policy as policy_command
+    from remediator.schedgroups import SchedGroups
+
+    v2 = host()
+    load_policy(tmp_path)
+    (tmp_path / "host").mkdir()
+    proc = make_proc_root(tmp_path / "host")
+    add_process(proc, 100, "victim", exe="/usr/bin/victim")
+    monkeypatch.setattr(SchedGroups, "for_host", classmethod(lambda cls, procfs, cgroupfs=None, mountinfo=None: cls(procfs, None)))
+    config = tmp_path / "remediator.toml"
+    config.write_text(f'[protect]\ncomm = ["victim"]\n[daemon]\npolicies = ["{tmp_path / "policies"}"]\n')
+    argv = ["policy", "check", "--host", "--proc-root", str(proc), "--sysfs-root", str(make_sys_root(tmp_path, "0-3")), str(config)]
+
+    monkeypatch.setattr(policy_command, "discover_cpu_mount", lambda: v2.cgroupfs.mount)  # v2, no systemd
+    assert main(argv) == 0
+    assert "not available" not in capsys.readouterr().out
+
+    monkeypatch.setattr(policy_command, "discover_cpu_mount", lambda: None)
+    assert main(argv) == 0
+    [warning] = [line for line in capsys.readouterr().out.splitlines() if "not available" in line]
+    assert warning.startswith(f"{tmp_path / 'policies' / 'shippers.toml'}:10:1: warning: policy log-shippers: cpu_weight 10 is "
+                              "not available on this host: no cgroup cpu controller is mounted")
