@@ -13,13 +13,22 @@ siblings, which is where a systemd host puts a service and a sidecar (each its o
 - cgroup v2 under systemd, the process in no unit (a group another tool made): it moves into a
   transient scope of remediator's, `remediator-POLICY.scope`, started with the properties
   (actuators/scope.py); restore writes it back where it was and stops the scope once empty.
-- cgroup v2 without systemd: not available yet (it would need `+cpu` in the root's subtree_control
-  and the no-internal-process rule); the step says so and changes nothing.
+- cgroup v2 without systemd (no SystemdManager: systemd is not PID 1, as `default_actuators`
+  decides): as on v1, the process moves into `remediator-POLICY`, a child of the root, with
+  cpu.weight, cpu.idle or cpu.max ("QUOTA PERIOD", one write); first "+cpu" goes into the root's
+  cgroup.subtree_control where missing (cpuset's enable_controller_steps; the root is exempt from
+  the no-internal-process rule, and our group is a leaf). "+cpu" is not taken back on restore (as
+  "+cpuset" is not): cgroups made since may rely on it, but it does make each child of the root its
+  own scheduling group of weight 100 where before every thread competed alone. Never a raise by the
+  move: a process whose cgroup (or an ancestor below the root) already gives as little (cpu.idle 1,
+  a weight or a cpu.max as low) stays where it is, and one whose cgroup holds limits (memory.max,
+  pids.max, cpu.max, io.max, a cpuset: scope.limits_in_the_way) is refused rather than moved out.
 
 One kind, "cpu": a later step adds its setting on top of the earlier ones (cpu_weight, then
 cpu_idle), and the journal keeps the original from before the first, so a revert gives back every
 property (or the cgroup) as it was. Never a raise: a weight is only ever lowered, a quota only
-tightened, and idle stays idle.
+tightened, and idle stays idle. A group of our own reaches every process in it: they are the plan's
+`affects`, so the executor refuses the change when one of them is protected, PID 1 or the daemon.
 """
 
 from __future__ import annotations
