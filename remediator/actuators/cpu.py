@@ -153,7 +153,7 @@ def _as_little_on_v2(cgroupfs: CgroupFS, mount: CgroupMount, cgroup_path: str, s
             except OSError:
                 return ""  # the controller is not enabled there
 
-        if read("cpu.idle") == "1" and not ("quota_us" in setting):
+        if read("cpu.idle") == "1" and "quota_us" not in setting:
             return f"cpu.idle=1 in {directory}"
         weight = read("cpu.weight")
         if "weight" in setting and weight.isdigit() and int(weight) <= setting["weight"]:
