@@ -8,16 +8,13 @@ SIGKILL) writes it back where it was and removes the group."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from helpers.remediation import close, identity_of, make_executor
 from remediator.executor import ActionRequest
-from units import (ACTION_CONFIG_TEXT, CONFIG, JOURNAL, WORKLOADS, cgroup_of, cpu_step_then_sigkill, revert_all, wait_for,
-                   write_root_file)
+from units import JOURNAL, cgroup_of, cpu_step_then_sigkill, hog_in_group, revert_all, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -32,27 +29,17 @@ def cpu_request(pid: int, setting: tuple, step: int = 0) -> ActionRequest:
     return ActionRequest(identity_of(pid), "cpu", GROUP, step, cpu=setting, cgroup=GROUP)
 
 
+def remove_our_group() -> None:
+    """A failed test's leftover: empty once the hog is gone."""
+    if OURS.exists():
+        wait_for(lambda: not (OURS / "cgroup.procs").read_text().split(), 10, f"{OURS} empty")
+        OURS.rmdir()
+
+
 @pytest.fixture
 def hog():
-    saved = CONFIG.read_text() if CONFIG.exists() else None
-    write_root_file(CONFIG, ACTION_CONFIG_TEXT)
-    BEFORE.mkdir()
-    process = subprocess.Popen([sys.executable, str(WORKLOADS / "hog.py"), "--comm", "plain-hog", "--threads", "2"])
-    try:
-        (BEFORE / "cgroup.procs").write_text(str(process.pid))
-        assert cgroup_of(process.pid) == f"/{GROUP}"
-        yield process.pid
-    finally:
-        revert_all()
-        process.kill()
-        process.wait(timeout=30)
-        for directory in (OURS, BEFORE):  # a failed test's leftovers: empty once the hog is gone
-            if directory.exists():
-                wait_for(lambda: not (directory / "cgroup.procs").read_text().split(), 10, f"{directory} empty")
-                directory.rmdir()
-        JOURNAL.unlink(missing_ok=True)
-        if saved is not None:
-            write_root_file(CONFIG, saved)
+    with hog_in_group(BEFORE, "plain-hog", after_kill=remove_our_group) as pid:
+        yield pid
 
 
 @pytest.fixture

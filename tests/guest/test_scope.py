@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from helpers.remediation import close, identity_of, make_executor
 from remediator.executor import ActionRequest
-from units import ACTION_CONFIG_TEXT, CONFIG, JOURNAL, WORKLOADS, cgroup_of, cpu_step_then_sigkill, revert_all, show, wait_for, write_root_file
+from units import JOURNAL, cgroup_of, cpu_step_then_sigkill, hog_in_group, revert_all, show, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -30,24 +29,8 @@ def scope_gone() -> bool:
 
 @pytest.fixture
 def foreign():
-    saved = CONFIG.read_text() if CONFIG.exists() else None
-    write_root_file(CONFIG, ACTION_CONFIG_TEXT)
-    FOREIGN.mkdir()
-    hog = subprocess.Popen([sys.executable, str(WORKLOADS / "hog.py"), "--comm", "foreign-hog", "--threads", "2"])
-    try:
-        (FOREIGN / "cgroup.procs").write_text(str(hog.pid))
-        assert cgroup_of(hog.pid) == "/guest-foreign"
-        yield hog.pid
-    finally:
-        revert_all()
-        hog.kill()
-        hog.wait(timeout=30)
-        subprocess.run(["systemctl", "stop", SCOPE], capture_output=True, timeout=60)
-        wait_for(lambda: not FOREIGN.exists() or not (FOREIGN / "cgroup.procs").read_text().split(), 10, "guest-foreign empty")
-        FOREIGN.rmdir()
-        JOURNAL.unlink(missing_ok=True)
-        if saved is not None:
-            write_root_file(CONFIG, saved)
+    with hog_in_group(FOREIGN, "foreign-hog", after_kill=lambda: subprocess.run(["systemctl", "stop", SCOPE], capture_output=True, timeout=60)) as pid:
+        yield pid
 
 
 def cpu_request(pid: int, setting: tuple, step: int = 0) -> ActionRequest:

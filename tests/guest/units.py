@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 CHECKOUT = Path("/opt/remediator")
 REMEDIATOR = str(CHECKOUT / ".venv/bin/remediator")
@@ -55,6 +57,31 @@ request = ActionRequest(ProcFS().identity({pid}), "cpu", "{group}", 0, cpu={sett
 print(executor.apply(request, ()).status, flush=True)
 os.kill(os.getpid(), {int(signal.SIGKILL)})
 """], capture_output=True, text=True, timeout=120, cwd=str(CHECKOUT))
+
+
+@contextlib.contextmanager
+def hog_in_group(directory: Path, comm: str, after_kill: Callable[[], object] = lambda: None) -> Iterator[int]:
+    """A two-thread hog in a cgroup made here under the root (in no unit, holding no limits), with
+    ACTION_CONFIG_TEXT in place. At the end, failed test or not: `revert --all`, the hog killed,
+    `after_kill` (the test's own leftovers), the group removed, the journal and config as before."""
+    saved = CONFIG.read_text() if CONFIG.exists() else None
+    write_root_file(CONFIG, ACTION_CONFIG_TEXT)
+    directory.mkdir()
+    hog = subprocess.Popen([sys.executable, str(WORKLOADS / "hog.py"), "--comm", comm, "--threads", "2"])
+    try:
+        (directory / "cgroup.procs").write_text(str(hog.pid))
+        assert cgroup_of(hog.pid) == "/" + directory.name
+        yield hog.pid
+    finally:
+        revert_all()
+        hog.kill()
+        hog.wait(timeout=30)
+        after_kill()
+        wait_for(lambda: not directory.exists() or not (directory / "cgroup.procs").read_text().split(), 10, f"{directory} empty")
+        directory.rmdir()
+        JOURNAL.unlink(missing_ok=True)
+        if saved is not None:
+            write_root_file(CONFIG, saved)
 
 
 def systemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
