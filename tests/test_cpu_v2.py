@@ -307,3 +307,34 @@ def test_check_host_says_not_available_only_where_no_cpu_controller_exists(host,
     [warning] = [line for line in capsys.readouterr().out.splitlines() if "not available" in line]
     assert warning.startswith(f"{tmp_path / 'policies' / 'shippers.toml'}:10:1: warning: policy log-shippers: cpu_weight 10 is "
                               "not available on this host: no cgroup cpu controller is mounted")
+
+
+def test_the_shipped_ladder_shape_cpu_idle_then_a_cpuset_of_the_same_name_share_one_group_and_leave_none(host):
+    """log-shippers: cpu_idle, then cpuset {cgroup = "log-shippers"}; without systemd both name
+    /remediator-log-shippers on the one v2 tree: the cpuset step sets its CPUs on the group the
+    process is already in, and the revert (newest first) leaves the process where it was and no group."""
+    from helpers.faults import FakeThreads
+    from remediator.actuators import CpusetActuator
+
+    v2 = host()
+    threads = FakeThreads(frozenset(range(4)))
+    for tid in (PID, PID + 1):
+        threads.add(tid)
+    cpuset = CpusetActuator(v2.procfs, mount=v2.cgroupfs.mount, cgroupfs=v2.cgroupfs, syscalls=threads)
+    journal = Journal(v2.journal_path)
+    v2.journals.append(journal)
+    executor = Executor(journal, v2.procfs, dry_run=False, actuators={"cpu": v2.actuator(), "cpuset": cpuset}, self_pid=0)
+
+    assert executor.apply(request(IDLE), ()).status == "applied"
+    confine = ActionRequest(ProcessIdentity(PID, START), "cpuset", "log-shippers", 1, cpus=frozenset({2, 3}), cgroup="log-shippers")
+    confined = executor.apply(confine, ())
+    assert confined.status == "applied", confined
+    assert v2.procs.cgroup(PID) == f"/{GROUP}"
+    assert v2.file("cpuset.cpus") == "2-3" and v2.file("cpu.idle") == "1"
+
+    restored = executor.restore()
+
+    assert [outcome.status for outcome in restored] == ["restored", "restored"], restored
+    assert v2.procs.cgroup(PID) == CGROUP
+    assert not v2.group.exists()
+    assert executor.active() == []
