@@ -249,11 +249,22 @@ static __always_inline void attribute_wait(struct cpu_state *state, u64 t0, u64 
         u64 lo = segment->start > t0 ? segment->start : t0;
         u64 hi = segment->end < t1 ? segment->end : t1;
         if (hi > lo && segment->tgid) {
-            u64 span = segment->end - segment->start, ns = hi - lo;
-            if (segment->ns != span && span < (1ull << 32)) /* merged: its share of the part inside */
-                ns = segment->ns * (hi - lo) / span;           /* both factors < 2^32 */
-            else if (segment->ns != span)                      /* spans over 4 s: 1/256 at worst */
-                ns = (segment->ns >> 12) * ((hi - lo) >> 12) / (span >> 24);
+            /* Its latest run exactly; a merged segment's spanned time before it pro rata. */
+            u64 last_start = segment->last_start, ns = 0;
+            if (last_start < segment->start || last_start > segment->end)
+                last_start = segment->start; /* torn by a concurrent writer: treat as one run */
+            if (hi > last_start)
+                ns = hi - (lo > last_start ? lo : last_start);
+            u64 span = last_start - segment->start, tail = segment->end - last_start;
+            if (lo < last_start && segment->ns > tail) {
+                u64 spanned_ns = segment->ns - tail, part = (hi < last_start ? hi : last_start) - lo;
+                if (spanned_ns > span)
+                    spanned_ns = span;
+                if (span < (1ull << 32))
+                    ns += spanned_ns * part / span;   /* both factors < 2^32 */
+                else                                   /* spans over 4 s: 1/256 at worst */
+                    ns += (spanned_ns >> 12) * (part >> 12) / (span >> 24);
+            }
             attributed += charge(segment->tgid, ns, stats);
             burst_blamed(segment->tgid, wait_ns, t1); /* the whole wait (so far), once per run */
         }
@@ -348,6 +359,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
             struct run_segment spanning = *before;
             spanning.end = now;
             spanning.ns += now - state->since;
+            spanning.last_start = state->since;
             *before = *last;
             *last = spanning;
         } else {
@@ -355,6 +367,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
             segment->start = state->since;
             segment->end = now;
             segment->ns = now - state->since;
+            segment->last_start = state->since;
             segment->tgid = prev_tgid;
             state->head++;
         }

@@ -74,8 +74,9 @@ typedef uint32_t u32;
  * short runs of two processes taking turns (a pipe ping-pong: hundreds of runs of a few us, which
  * would push the hog a waiter queued behind out of the ring): a run no longer than
  * SEGMENT_MERGE_NS joins its process's segment one slot back when only one run no longer than that
- * came in between, so that segment spans the other's; it keeps the time its process really ran there (ns), and a wait
- * that covers only part of a merged segment is charged that part pro rata. */
+ * came in between, so that segment spans the other's. It keeps the time its process really ran
+ * (ns) and where its latest run began: a wait is charged its overlap with that latest run exactly,
+ * and with the spanned time before it pro rata. */
 #ifndef SEGMENT_RING
 #define SEGMENT_RING 16 /* power of two */
 #endif
@@ -142,6 +143,7 @@ struct run_segment {          /* going back in the ring, ends never increase (st
     u64 start;
     u64 end;
     u64 ns;                   /* time its process ran within [start, end): less once merged */
+    u64 last_start;           /* its latest run, [last_start, end), is all its own */
     u32 tgid;
     u32 pad;
 };

@@ -157,8 +157,8 @@ class ProbeSettings:
             "protected_thread": struct.Struct("<QQII"),  # wait_start, queued_since, wait_cpu, pad
             # totals, then max[2] as (epoch, max_ns) pairs, then the histogram
             "wait_stats": struct.Struct(f"<{len(WAIT_TOTAL_FIELDS)}Q4Q{histogram.SLOTS}Q"),
-            # since, busy_ns, current_tid, head, owed_ns, then the ring of (start, end, ns, tgid, pad)
-            "cpu_state": struct.Struct("<QQIIQ" + "QQQII" * self.segment_ring),
+            # since, busy_ns, current_tid, head, owed_ns, then the ring of (start, end, ns, last_start, tgid, pad)
+            "cpu_state": struct.Struct("<QQIIQ" + "QQQQII" * self.segment_ring),
             "proc_cpu_key": struct.Struct("<II"),
             "proc_cpu": struct.Struct(f"<Q{self.window_slots}Q16sQ"),  # total_ns, windows, comm, marked_epoch
         }
