@@ -21,6 +21,8 @@ the wait behind someone the probe blamed no one for (missed: a run the probe's r
   chatter        victim, hog and a chatty innocent on CPU 0: two threads of one process bouncing a
                  byte in bursts of hundreds of switches (2-3% CPU), which overflow a 16-run ring
                  during one wait. Culprit: the hog.
+  chatter-fork   the same with the chatter as a process and its child: two processes taking short
+                 turns, whose runs do not extend one segment as one process's threads' do.
   two-hogs       two hogs on CPU 0, weights 3:1 (nice 0 and 5, their autogroups too). Culprits: both;
                  also printed: each one's blame against its CPU time.
   shipper        a parent named vector forking xz/gzip compressors (each lives 1 s) on CPU 0.
