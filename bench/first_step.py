@@ -59,7 +59,8 @@ from incident import (  # noqa: E402  (the same workloads and percentiles as the
 sys.path.insert(0, str(ROOT))
 from remediator.actuators import default_actuators  # noqa: E402
 from remediator.cgroupfs import discover_cpu_mount  # noqa: E402
-from remediator.executor import ActionRequest, Executor  # noqa: E402
+from remediator.executor import Executor  # noqa: E402
+from remediator.model import ActionRequest  # noqa: E402
 from remediator.journal import Journal  # noqa: E402
 from remediator.procfs import ProcFS  # noqa: E402
 

@@ -42,9 +42,8 @@ from typing import Collection, Iterable, Mapping, Sequence
 
 from .baseline import Baselines
 from .detector import Window, blame_share, combined_tail_us, evaluate_trigger, own_throttling, self_inflicted, tail_over
-from .model import ActionRequest
+from .model import ActionRequest, Policy, PolicySet, Step
 from .placement import resolve_cpu_spec
-from .policy import Policy, PolicySet, Step
 from .procfs import ProcessIdentity, ProcessInfo
 from .safety import exclusion_reason
 from .sample import Sample

@@ -22,7 +22,7 @@ from .cgroupfs import CgroupFS, CgroupMount, discover_cpu_mount, discover_cpuset
 from .cpulist import CpuListError, format_cpulist, parse_cpulist
 from .errors import ProcessGone, RemediatorError, translate_os_error
 from .placement import auto_request_cpus, owned_cgroup_name, resolve_cpu_spec, unprotected_cpus
-from .policy import Policy, PolicySet, Step
+from .model import Policy, PolicySet, Step
 from .printable import printable
 from .procfs import ProcessInfo, ProcFS, boot_time, clock_ticks_per_second
 from .safety import exclusion_reason

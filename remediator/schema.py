@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime
 import difflib
 import ipaddress
-from decimal import Decimal
 import json
 import math
 import re
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from .cpulist import CpuListError, parse_cpulist
+from .durations import DURATION_PATTERN, DURATION_RE, format_duration, parse_duration
 from .errors import Location, RemediatorError
 from .matching import (
     check_cgroup_glob,
@@ -89,27 +89,10 @@ def has_errors(diagnostics: list[Diagnostic]) -> bool:
 
 # -- values -----------------------------------------------------------------------------------
 
-DURATION_PATTERN = r"^[0-9]+(\.[0-9]+)?(us|ms|s|m|h)$"
 BASELINE_PATTERN = r"^([0-9]+(\.[0-9]+)?)x baseline$"
 CPULIST_PATTERN = r"[0-9]+(-[0-9]+)?(, *[0-9]+(-[0-9]+)?)*"
-_DURATION = re.compile(DURATION_PATTERN)
 _BASELINE = re.compile(BASELINE_PATTERN)
 _CPULIST = re.compile(CPULIST_PATTERN)
-
-
-_UNIT_SECONDS = {"us": Decimal("0.000001"), "ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
-
-
-def parse_duration(text: str) -> float:
-    """"250ms" -> 0.25 (seconds). Raises ValueError for anything else.
-
-    Decimal arithmetic, so "30us" is the float nearest 30e-6 (30 * 1e-6 in floats is not).
-    """
-    # fullmatch: the pattern's "$" (kept for JSON Schema) also matches before a final newline.
-    match = _DURATION.fullmatch(text)
-    if not match:
-        raise ValueError(text)
-    return float(Decimal(text[: match.start(2)]) * _UNIT_SECONDS[match.group(2)])
 
 
 @dataclass(frozen=True)
@@ -117,15 +100,6 @@ class BaselineMultiple:
     """A threshold written relative to the protected service's learned quiet baseline: "5x baseline"."""
 
     factor: float
-
-
-def format_duration(seconds: float) -> str:
-    if seconds == 0:
-        return "0s"
-    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 1e-3)):
-        if seconds >= size and abs(seconds / size - round(seconds / size)) < 1e-9:
-            return f"{round(seconds / size)}{unit}"
-    return f"{seconds * 1e6:g}us"
 
 
 def show(value: Any) -> str:
@@ -665,7 +639,7 @@ class Checker:
         if not isinstance(value, str):
             # A bare number: say which string to write (seconds is the likely intent).
             number = str(value) if isinstance(value, int) else f"{value:g}"
-            example = f"{number}s" if value >= 0 and _DURATION.match(f"{number}s") else "5s"
+            example = f"{number}s" if value >= 0 and DURATION_RE.match(f"{number}s") else "5s"
             self.at_value(path, f"a duration needs a unit: write \"{example}\" (units: us, ms, s, m, h)", "duration")
             return _INVALID
         if key.type == "duration-or-never" and value == "never":

@@ -12,7 +12,7 @@ from helpers.cgroups import cgroup_path_of, evacuate_and_remove
 from helpers.remediation import identity_of, new_executor  # noqa: F401  (fixture)
 from helpers.workloads import hog_argv
 from remediator.cgroupfs import discover_cpu_mount
-from remediator.executor import ActionRequest
+from remediator.model import ActionRequest
 
 pytestmark = pytest.mark.root
 

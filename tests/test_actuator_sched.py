@@ -12,7 +12,7 @@ import pytest
 from helpers.faults import FaultySyscalls
 from helpers.remediation import identity_of, new_executor, tids_of  # noqa: F401  (fixture)
 from helpers.workloads import hog_argv
-from remediator.executor import ActionRequest
+from remediator.model import ActionRequest
 
 pytestmark = pytest.mark.root
 

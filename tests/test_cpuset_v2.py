@@ -15,7 +15,8 @@ import pytest
 from helpers.fake_cgroupfs import FakeCgroupV2, FakeProcTree
 from helpers.faults import FakeThreads
 from remediator.actuators import CpusetActuator
-from remediator.executor import ActionRequest, Executor
+from remediator.executor import Executor
+from remediator.model import ActionRequest
 from remediator.journal import Journal
 from remediator.procfs import ProcessIdentity, ProcFS
 

@@ -9,7 +9,7 @@ import pytest
 from helpers.faults import FaultySyscalls
 from helpers.remediation import affinity_request, identity_of, new_executor, nice_request, thread_nices  # noqa: F401
 from helpers.workloads import hog_argv
-from remediator.executor import ActionRequest
+from remediator.model import ActionRequest
 from remediator.procfs import ProcessIdentity
 
 pytestmark = pytest.mark.root

@@ -11,7 +11,8 @@ import pytest
 
 from remediator.errors import Location
 from remediator.placement import auto_request_cpus, owned_cgroup_name, resolve_cpu_spec, unprotected_cpus
-from remediator.policy import CpuSpec, PolicyErrors, Step, check_paths, compile_policies, load_policies
+from remediator.model import CpuSpec, Step
+from remediator.policy import PolicyErrors, check_paths, compile_policies, load_policies
 from remediator.procfs import ProcessInfo
 from remediator.tomlpos import parse
 
@@ -230,7 +231,7 @@ def test_tail_threshold_in_microseconds_is_exact(above, expected_us):
 def test_a_duration_with_a_trailing_newline_is_a_located_error_not_a_crash():
     """Regression (found by the property test): "$" in the duration pattern also matches before a
     final newline, so "3s\\n" passed the check and Decimal("3s") then raised InvalidOperation."""
-    from remediator.schema import parse_duration
+    from remediator.durations import parse_duration
 
     with pytest.raises(ValueError):
         parse_duration("3s\n")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers.remediation import close, identity_of, make_executor
-from remediator.executor import ActionRequest
+from remediator.model import ActionRequest
 from units import CONFIG, JOURNAL, REMEDIATOR, WORKLOADS, install_unit, main_pid, remove_unit, show, systemctl, wait_for, write_root_file
 
 pytestmark = pytest.mark.root
@@ -115,7 +115,7 @@ def test_after_a_crash_revert_all_gives_the_unit_its_properties_back(sidecar):
 import os, sys
 sys.path.insert(0, "/opt/remediator/tests")
 from helpers.remediation import make_executor
-from remediator.executor import ActionRequest
+from remediator.model import ActionRequest
 from remediator.procfs import ProcFS
 executor = make_executor(__import__("pathlib").Path("{JOURNAL}"))
 request = ActionRequest(ProcFS().identity({sidecar}), "cpu", "guest-sidecar", 0, cpu=(("idle", 1),), cgroup="guest-sidecar")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers.remediation import close, identity_of, make_executor
-from remediator.executor import ActionRequest
+from remediator.model import ActionRequest
 from units import CONFIG, JOURNAL, REMEDIATOR, WORKLOADS, cgroup_of, show, wait_for, write_root_file
 
 pytestmark = pytest.mark.root
@@ -99,7 +99,7 @@ def test_after_a_crash_revert_all_moves_it_back_and_stops_the_scope(foreign):
 import os, sys
 sys.path.insert(0, "/opt/remediator/tests")
 from helpers.remediation import make_executor
-from remediator.executor import ActionRequest
+from remediator.model import ActionRequest
 from remediator.procfs import ProcFS
 executor = make_executor(__import__("pathlib").Path("{JOURNAL}"))
 request = ActionRequest(ProcFS().identity({foreign}), "cpu", "guest-foreign", 0, cpu=(("idle", 1),), cgroup="guest-foreign")

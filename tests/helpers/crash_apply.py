@@ -18,7 +18,8 @@ import time
 
 from remediator.actuators import Syscalls, default_actuators
 from remediator.cpulist import parse_cpulist
-from remediator.executor import ActionRequest, Executor
+from remediator.executor import Executor
+from remediator.model import ActionRequest
 from remediator.journal import Journal
 from remediator.procfs import ProcFS
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from remediator.actuators import Syscalls, default_actuators
-from remediator.executor import ActionRequest, Executor
+from remediator.executor import Executor
+from remediator.model import ActionRequest
 from remediator.journal import Journal
 from remediator.procfs import ProcessIdentity, ProcFS
 
