@@ -9,7 +9,8 @@ actuators resolve CpuSpecs without importing it either (policy -> config, schema
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .cpulist import format_cpulist
 from .durations import format_duration
@@ -34,57 +35,30 @@ class CpuSpec:
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # "nice" | "sched" | "affinity" | "cpuset"
+    kind: str  # an action kind (actuators/<kind>.py): "nice", "sched", "affinity", "cpu", "cpuset"
     settle_s: float
     location: Location  # where this step's table is
-    nice: int | None = None
-    cpus: CpuSpec | None = None
-    cgroup: str | None = None  # cpuset only: remediator-owned cgroup name
-    sched: str | None = None  # sched only: "idle" | "batch"
-    cpu: tuple[tuple[str, int], ...] = ()  # cpu only: (("weight", 10),), (("idle", 1),), (("quota_us", q), ("period_us", p))
+    # The kind's parameters as it compiled them: {"nice": 10}, {"sched": "idle"}, {"cpus": CpuSpec},
+    # {"cpus": CpuSpec, "cgroup": "log-shippers"}, {"cpu": {"weight": 10}}.
+    params: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))  # frozen, as the rest
 
     def describe(self) -> str:
         """'nice 10', 'sched idle', 'affinity unprotected', 'cpuset 2-3 in cgroup log-shippers'."""
-        if self.kind == "nice":
-            return f"nice {self.nice}"
-        if self.kind == "sched":
-            return f"sched {self.sched}"
-        if self.kind == "cpu":
-            setting = dict(self.cpu)
-            if setting.get("idle"):
-                return "cpu_idle"
-            if "weight" in setting:
-                return f"cpu_weight {setting['weight']}"
-            return f"cpu_max {setting['quota_us']}us/{setting['period_us']}us"
-        assert self.cpus is not None
-        if self.kind == "affinity":
-            return f"affinity {self.cpus.describe()}"
-        return f"cpuset {self.cpus.describe()} in cgroup {self.cgroup}"
+        from .actuators import kind_of  # here, not at the top: the kinds import this module
+
+        return kind_of(self.kind).describe(self.params)
 
     def same_action(self, other: "Step") -> bool:
         """Equal apart from where it is written."""
-        return (self.kind, self.settle_s, self.nice, self.cpus, self.cgroup, self.sched, self.cpu) == (
-            other.kind,
-            other.settle_s,
-            other.nice,
-            other.cpus,
-            other.cgroup,
-            other.sched,
-            other.cpu,
-        )
+        return (self.kind, self.settle_s, dict(self.params)) == (other.kind, other.settle_s, dict(other.params))
 
     def to_json(self) -> dict:
         data: dict[str, Any] = {"kind": self.kind, "settle_s": self.settle_s, "location": str(self.location)}
-        if self.nice is not None:
-            data["nice"] = self.nice
-        if self.cpus is not None:
-            data["cpus"] = self.cpus.describe()
-        if self.cgroup is not None:
-            data["cgroup"] = self.cgroup
-        if self.sched is not None:
-            data["sched"] = self.sched
-        if self.cpu:
-            data["cpu"] = dict(self.cpu)
+        for name, value in self.params.items():
+            data[name] = value.describe() if isinstance(value, CpuSpec) else dict(value) if isinstance(value, Mapping) else value
         return data
 
 
@@ -254,29 +228,17 @@ LEFT_BY_OTHER = "left-changed-by-other"
 @dataclass(frozen=True)
 class ActionRequest:
     identity: ProcessIdentity
-    kind: str  # "nice" | "sched" | "affinity" | "cpuset"
+    kind: str  # an action kind: "nice" | "sched" | "affinity" | "cpu" | "cpuset"
     policy: str
     step_index: int
-    nice: int | None = None
-    sched: str | None = None
-    cpu: tuple[tuple[str, int], ...] = ()  # cpu: the setting, e.g. (("weight", 10),)
-    cpus: frozenset[int] | None = None  # already resolved to concrete CPUs
-    cgroup: str | None = None  # cpuset: remediator-owned cgroup name
+    # What the kind's actuator takes, JSON-friendly (ActionKind.target): {"nice": 10}, {"cpus": [1]},
+    # {"cgroup": "log-shippers", "cpus": [1]}, {"cpu": {"weight": 10}, "group": "log-shippers"}.
+    params: Mapping[str, Any] = field(default_factory=dict)
     evidence: dict = field(default_factory=dict)  # opaque; stored with the journal entry
 
     def target(self) -> dict:
         """The request as the actuators take it (JSON-friendly)."""
-        if self.kind == "nice":
-            return {"nice": self.nice}
-        if self.kind == "sched":
-            return {"sched": self.sched}
-        if self.kind == "cpu":
-            return {"cpu": dict(self.cpu), "group": self.cgroup}
-        if self.kind == "affinity":
-            return {"cpus": sorted(self.cpus or ())}
-        if self.kind == "cpuset":
-            return {"cgroup": self.cgroup, "cpus": sorted(self.cpus or ())}
-        return {}
+        return dict(self.params)
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
+from .actuators import kind_for_action
 from .config import (
     DaemonConfig,
     config_diagnostics,
@@ -32,8 +33,7 @@ from .cpulist import format_cpulist
 from .errors import Location
 from .matching import FIELDS, Match
 from .model import CpuSpec, Limits, Policy, PolicySet, Step, Trigger
-from .schema import (POLICY_FILE, BaselineMultiple, Checker, Diagnostic, PolicyErrors, format_duration, has_errors,
-                     parse_duration)
+from .schema import POLICY_FILE, BaselineMultiple, Checker, Diagnostic, PolicyErrors, format_duration, has_errors
 from .tomlpos import Document, KeyPath, format_key_path
 from .trustedfs import Trust, TrustedDirectory, UntrustedPath, open_file, read_all
 
@@ -250,61 +250,27 @@ class _PolicyCompiler:
                          'the protected wait, would be acted on; use require = "all" (the default)', "cpu-alone", severity="warning")
 
     def _step(self, path: KeyPath, action: dict, limits: Limits) -> Step:
-        location = self.document.value_location(path)
-        settle = action["settle"]
-        if "nice" in action:
-            if action["nice"] < 0:
-                self.problem(
-                    path + ("nice",),
-                    f"{action['nice']} raises the process's priority over the default; a remediation step normally lowers it (nice > 0)",
-                    "nice-raises",
-                    severity="warning",
-                )
-            return Step("nice", settle, location, nice=action["nice"])
-        if "sched" in action:
-            return Step("sched", settle, location, sched=action["sched"])
-        if "cpu_weight" in action:
-            return Step("cpu", settle, location, cpu=(("weight", action["cpu_weight"]),))
-        if "cpu_idle" in action:
-            if action["cpu_idle"] is not True:
-                self.problem(path + ("cpu_idle",), "false changes nothing: give `cpu_idle = true` or remove the step", "range")
-            return Step("cpu", settle, location, cpu=(("idle", 1),))
-        if "cpu_max" in action:
-            return Step("cpu", settle, location, cpu=self._cpu_max(path + ("cpu_max",), action["cpu_max"]))
-        if "affinity" in action:
-            return Step("affinity", settle, location, cpus=self._cpu_spec(path + ("affinity",), action["affinity"], limits))
-        cpuset = action["cpuset"]
-        spec = self._cpu_spec(path + ("cpuset", "cpus"), cpuset["cpus"], limits)
-        return Step("cpuset", settle, location, cpus=spec, cgroup=cpuset["cgroup"])
+        kind = kind_for_action(action)
+        params = kind.compile(action, _StepCompiling(self, path, limits.min_cpus))
+        return Step(kind.name, action["settle"], self.document.value_location(path), params)
 
-    def _cpu_max(self, path: KeyPath, text: str) -> tuple[tuple[str, int], ...]:
-        """"50%" -> 50 ms per 100 ms; "20ms/100ms" as written. The kernel takes periods of 1 ms to 1 s
-        and quotas of at least 1 ms."""
-        if text.endswith("%"):
-            period_us = 100_000
-            quota_us = round(float(text[:-1]) * period_us / 100)
-        else:
-            quota, period = text.split("/")
-            quota_us, period_us = round(parse_duration(quota) * 1e6), round(parse_duration(period) * 1e6)
-        if not 1_000 <= period_us <= 1_000_000:
-            self.problem(path, f"{text}: the period must be from 1ms to 1s", "range")
-        elif quota_us < 1_000:
-            self.problem(path, f"{text}: the quota must be at least 1ms per period", "range")
-        return (("quota_us", quota_us), ("period_us", period_us))
 
-    def _cpu_spec(self, path: KeyPath, value: Any, limits: Limits) -> CpuSpec:
-        if value == "unprotected":
-            return CpuSpec(unprotected=True)
-        cpus = frozenset(value)
-        if len(cpus) < limits.min_cpus:
-            self.problem(
-                path,
-                f"{format_cpulist(cpus)} leaves {len(cpus)} CPU{'s' if len(cpus) != 1 else ''}, fewer than limits.min_cpus = {limits.min_cpus}",
-                "range",
-            )
-        elif self.online_cpus is not None:
-            self.diagnostics.extend(host_cpu_warnings(self.document, path, cpus, self.online_cpus))
-        return CpuSpec(unprotected=False, cpus=cpus)
+class _StepCompiling:
+    """What a kind's compile may ask of the compiler (actuators/kind.py `Compiling`): its problems
+    are located at the step's keys, in this document."""
+
+    def __init__(self, compiler: _PolicyCompiler, path: KeyPath, min_cpus: int):
+        self.compiler = compiler
+        self.path = path
+        self.min_cpus = min_cpus
+
+    def problem(self, key: KeyPath, message: str, code: str, severity: str = "error") -> None:
+        self.compiler.problem(self.path + key, message, code, severity=severity)
+
+    def host_cpus(self, key: KeyPath, cpus: frozenset[int]) -> None:
+        compiler = self.compiler
+        if compiler.online_cpus is not None:
+            compiler.diagnostics.extend(host_cpu_warnings(compiler.document, self.path + key, cpus, compiler.online_cpus))
 
 
 # -- across files ---------------------------------------------------------------------------------
@@ -363,8 +329,9 @@ def unprotected_warnings(compiled: list[CompiledPolicy], request_cpus: frozenset
     diagnostics = []
     for item in compiled:
         for index, step in enumerate(item.policy.steps):
-            if step.cpus is not None and step.cpus.unprotected:
-                path = item.path + ("actions", index, "affinity" if step.kind == "affinity" else "cpuset")
+            spec = step.params.get("cpus")
+            if isinstance(spec, CpuSpec) and spec.unprotected:
+                path = item.path + ("actions", index, step.kind)  # the affinity value, or the cpuset table
                 diagnostics.append(
                     Diagnostic(
                         item.document.value_location(path),

@@ -36,7 +36,7 @@ def policy_name(cpu_hierarchy):
 
 
 def cpu_request(pid: int, policy: str, setting: tuple, step: int = 0) -> ActionRequest:
-    return ActionRequest(identity_of(pid), "cpu", policy, step, cpu=setting, cgroup=policy)
+    return ActionRequest(identity_of(pid), "cpu", policy, step, {"cpu": dict(setting), "group": policy})
 
 
 def cpu_cgroup(pid: int) -> str:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.root
 
 
 def sched_request(pid: int, name: str, step: int = 0) -> ActionRequest:
-    return ActionRequest(identity_of(pid), "sched", "log-shippers", step, sched=name)
+    return ActionRequest(identity_of(pid), "sched", "log-shippers", step, {"sched": name})
 
 
 def thread_policies(pid: int) -> dict[int, tuple[int, int]]:

@@ -23,10 +23,13 @@ import dataclasses
 import errno
 import os
 import time
+from typing import Any, Mapping
 
 from ..errors import RemediatorError
+from ..keys import Key
 from ..procfs import ProcessIdentity, ProcFS
 from .base import ChangeInvalid, RestoreResult, Syscalls, change_error, plural_threads
+from .kind import Compiling, Host, plural, summarize_threads, task_file
 from .threads import PerThreadActuator
 
 SCHED_DEADLINE = 6
@@ -183,3 +186,51 @@ class SchedActuator(PerThreadActuator[SchedValue]):
                     found.append(child)
                 queue.append(child)  # an older child's own children may be new
         return found
+
+
+# -- the kind ------------------------------------------------------------------------------------
+
+def thread_sched(procfs: ProcFS, pid: int) -> dict[int, str]:
+    """Each thread's scheduling policy by name, read only: field 41 of its stat (no syscall needed)."""
+    policies: dict[int, str] = {}
+    for tid in sorted(procfs.tids(pid)):
+        fields = task_file(procfs, pid, tid, "stat").rsplit(")", 1)[-1].split()
+        try:
+            number = int(fields[41 - 3])  # fields after the comm start at field 3 (state)
+        except (IndexError, ValueError):
+            raise RemediatorError(f"pid {pid}: no scheduling policy in /proc/{pid}/task/{tid}/stat") from None
+        policies[tid] = NAMES.get(number, f"policy-{number}")
+    return policies
+
+
+class SchedKind:
+    name = "sched"
+    keys = (Key("sched", "enum", "Set the scheduling policy of every thread: `idle` (SCHED_IDLE: runs only when no normal "
+                "thread wants the CPU, across every group) or `batch` (SCHED_BATCH: no wakeup preemption). Never raises a "
+                "thread: one already at or below is left.", choices=TARGETS),)
+
+    def compile(self, action: Mapping[str, Any], at: Compiling) -> dict[str, Any]:
+        return {"sched": action["sched"]}
+
+    def describe(self, params: Mapping[str, Any]) -> str:
+        return f"sched {params['sched']}"
+
+    def target(self, params: Mapping[str, Any], policy: str, min_cpus: int, request_cpus: frozenset[int],
+               online_cpus: frozenset[int]) -> tuple[dict | None, str]:
+        return {"sched": params["sched"]}, ""
+
+    def effect(self, params: Mapping[str, Any], policy: str, min_cpus: int, pid: int, host: Host, data: dict) -> str:
+        target = params["sched"]
+        current = thread_sched(host.procfs, pid)
+        lowered = {tid: name for tid, name in current.items() if RANK.get(name, 3) > RANK[target] and name not in REALTIME}
+        data.update(target=target, threads={str(tid): name for tid, name in current.items()})
+        if not lowered:
+            return f"no change: every thread already at or below sched {target} ({plural(len(current), 'thread')})"
+        text = summarize_threads("sched", lowered, target)
+        left = len(current) - len(lowered)
+        if left:
+            text += f", left as it is on {plural(left, 'thread')} (already at or below, or realtime)"
+        return text
+
+
+SCHED = SchedKind()

@@ -54,7 +54,7 @@ def sidecar():
 
 
 def cpu_request(pid: int, setting: tuple, step: int = 0) -> ActionRequest:
-    return ActionRequest(identity_of(pid), "cpu", "guest-sidecar", step, cpu=setting, cgroup="guest-sidecar")
+    return ActionRequest(identity_of(pid), "cpu", "guest-sidecar", step, {"cpu": dict(setting), "group": "guest-sidecar"})
 
 
 # What a cpu file reads where systemd has not enabled the controller for the unit (no file at all).
@@ -118,7 +118,7 @@ from helpers.remediation import make_executor
 from remediator.model import ActionRequest
 from remediator.procfs import ProcFS
 executor = make_executor(__import__("pathlib").Path("{JOURNAL}"))
-request = ActionRequest(ProcFS().identity({sidecar}), "cpu", "guest-sidecar", 0, cpu=(("idle", 1),), cgroup="guest-sidecar")
+request = ActionRequest(ProcFS().identity({sidecar}), "cpu", "guest-sidecar", 0, {{"cpu": {{"idle": 1}}, "group": "guest-sidecar"}})
 print(executor.apply(request, ()).status, flush=True)
 os._exit(0)
 """], capture_output=True, text=True, timeout=120, cwd="/opt/remediator")
@@ -141,7 +141,7 @@ def test_a_unit_holding_a_protected_process_is_refused(sidecar, executor):
 
 def test_sched_idle_on_every_thread_of_a_units_process_and_back(sidecar, executor):
     tids = sorted(int(tid) for tid in os.listdir(f"/proc/{sidecar}/task"))
-    outcome = executor.apply(ActionRequest(identity_of(sidecar), "sched", "guest-sidecar", 0, sched="idle"), ())
+    outcome = executor.apply(ActionRequest(identity_of(sidecar), "sched", "guest-sidecar", 0, {"sched": "idle"}), ())
     print(outcome.message)
     assert outcome.status == "applied", outcome
     assert {os.sched_getscheduler(tid) for tid in tids} == {os.SCHED_IDLE}

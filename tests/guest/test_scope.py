@@ -60,7 +60,7 @@ def foreign():
 
 
 def cpu_request(pid: int, setting: tuple, step: int = 0) -> ActionRequest:
-    return ActionRequest(identity_of(pid), "cpu", "guest-foreign", step, cpu=setting, cgroup="guest-foreign")
+    return ActionRequest(identity_of(pid), "cpu", "guest-foreign", step, {"cpu": dict(setting), "group": "guest-foreign"})
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ from helpers.remediation import make_executor
 from remediator.model import ActionRequest
 from remediator.procfs import ProcFS
 executor = make_executor(__import__("pathlib").Path("{JOURNAL}"))
-request = ActionRequest(ProcFS().identity({foreign}), "cpu", "guest-foreign", 0, cpu=(("idle", 1),), cgroup="guest-foreign")
+request = ActionRequest(ProcFS().identity({foreign}), "cpu", "guest-foreign", 0, {{"cpu": {{"idle": 1}}, "group": "guest-foreign"}})
 print(executor.apply(request, ()).status, flush=True)
 os.kill(os.getpid(), {int(signal.SIGKILL)})
 """], capture_output=True, text=True, timeout=120, cwd="/opt/remediator")
@@ -135,7 +135,7 @@ def masks(pid: int) -> set[frozenset[int]]:
 
 def test_a_cpuset_step_gives_our_scope_allowed_cpus_and_the_revert_every_thread_its_mask(foreign, executor):
     before = masks(foreign)
-    request = ActionRequest(identity_of(foreign), "cpuset", "guest-foreign", 0, cpus=frozenset({1}), cgroup="guest-foreign")
+    request = ActionRequest(identity_of(foreign), "cpuset", "guest-foreign", 0, {"cgroup": "guest-foreign", "cpus": [1]})
     moved = executor.apply(request, ())
     print(moved.message)
     assert moved.status == "applied", moved

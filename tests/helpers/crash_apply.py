@@ -53,9 +53,9 @@ def main() -> int:
     identity = procfs.identity(args.pid)
     results = []
     if args.nice is not None:
-        results.append(executor.apply(ActionRequest(identity, "nice", "crash-test", 0, nice=args.nice), ()))
+        results.append(executor.apply(ActionRequest(identity, "nice", "crash-test", 0, {"nice": args.nice}), ()))
     if args.cpus:
-        request = ActionRequest(identity, "affinity", "crash-test", 0, cpus=parse_cpulist(args.cpus))
+        request = ActionRequest(identity, "affinity", "crash-test", 0, {"cpus": sorted(parse_cpulist(args.cpus))})
         results.append(executor.apply(request, ()))
     statuses = ",".join(outcome.status for outcome in results)
     print(f"ready applied {statuses}", flush=True)
