@@ -13,13 +13,22 @@ siblings, which is where a systemd host puts a service and a sidecar (each its o
 - cgroup v2 under systemd, the process in no unit (a group another tool made): it moves into a
   transient scope of remediator's, `remediator-POLICY.scope`, started with the properties
   (actuators/scope.py); restore writes it back where it was and stops the scope once empty.
-- cgroup v2 without systemd: not available yet (it would need `+cpu` in the root's subtree_control
-  and the no-internal-process rule); the step says so and changes nothing.
+- cgroup v2 without systemd (no SystemdManager: systemd is not PID 1, as `default_actuators`
+  decides): as on v1, the process moves into `remediator-POLICY`, a child of the root, with
+  cpu.weight, cpu.idle or cpu.max ("QUOTA PERIOD", one write); first "+cpu" goes into the root's
+  cgroup.subtree_control where missing (cpuset's enable_controller_steps; the root is exempt from
+  the no-internal-process rule, and our group is a leaf). "+cpu" is not taken back on restore (as
+  "+cpuset" is not): cgroups made since may rely on it, but it does make each child of the root its
+  own scheduling group of weight 100 where before every thread competed alone. Never a raise by the
+  move: a process whose cgroup (or an ancestor below the root) already gives as little (cpu.idle 1,
+  a weight or a cpu.max as low) stays where it is, and one whose cgroup holds limits (memory.max,
+  pids.max, cpu.max, io.max, a cpuset: scope.limits_in_the_way) is refused rather than moved out.
 
 One kind, "cpu": a later step adds its setting on top of the earlier ones (cpu_weight, then
 cpu_idle), and the journal keeps the original from before the first, so a revert gives back every
 property (or the cgroup) as it was. Never a raise: a weight is only ever lowered, a quota only
-tightened, and idle stays idle.
+tightened, and idle stays idle. A group of our own reaches every process in it: they are the plan's
+`affects`, so the executor refuses the change when one of them is protected, PID 1 or the daemon.
 """
 
 from __future__ import annotations
@@ -36,9 +45,10 @@ from ..keys import Key
 from ..placement import owned_cgroup_name
 from ..procfs import ProcessIdentity, ProcFS
 from ..systemd import SystemdManager, unit_for_cgroup
-from .base import ApplyResult, ChangeFailed, ChangeInvalid, Plan, RestoreResult, ensure_alive, systemd_call
+from .base import ActuatorError, ApplyResult, ChangeFailed, ChangeInvalid, Plan, RestoreResult, ensure_alive, systemd_call
+from .cpuset import enable_controller_steps, write_error
 from .kind import Compiling, Host
-from .scope import OffenderScopes, outside_units, scope_cgroup_of, scope_name, scope_of_applied, scope_text
+from .scope import OffenderScopes, limits_in_the_way, outside_units, scope_cgroup_of, scope_name, scope_of_applied, scope_text
 
 CGROUP_PREFIX = "remediator-"
 UNSET = 2**64 - 1  # systemd's "not set" for CPUWeight, "no quota" for CPUQuotaPerSecUSec
@@ -105,6 +115,61 @@ def _v1_writes(setting: dict, directory: Path, read) -> list[tuple[Path, str]]:
     return [(directory / "cpu.cfs_period_us", str(period)), (directory / "cpu.cfs_quota_us", str(quota))]
 
 
+V2_DEFAULTS = {"cpu.weight": "100", "cpu.idle": "0", "cpu.max": "max 100000"}
+
+
+def _v2_writes(setting: dict, directory: Path, read) -> list[tuple[Path, str]]:
+    """The cpu controller files to write in our v2 group for `setting`, never a raise ('' reads as
+    the kernel's default: a group not made yet)."""
+    def value(name: str) -> str:
+        return read(directory / name) or V2_DEFAULTS[name]
+
+    idle = value("cpu.idle") == "1"
+    if setting.get("idle"):
+        return [] if idle else [(directory / "cpu.idle", "1")]
+    if "weight" in setting:
+        if idle:
+            return []  # idle stays idle (and the kernel refuses a weight on an idle group: EINVAL)
+        now = value("cpu.weight")
+        return [] if now.isdigit() and int(now) <= setting["weight"] else [(directory / "cpu.weight", str(setting["weight"]))]
+    quota, period = setting["quota_us"], setting["period_us"]
+    if _quota_within(value("cpu.max"), quota, period):
+        return []
+    return [(directory / "cpu.max", f"{quota} {period}")]  # both in one write: checked together
+
+
+def _quota_within(cpu_max: str, quota: int, period: int) -> bool:
+    """Whether a v2 cpu.max ('20000 100000', 'max 100000') already allows no more than quota/period."""
+    fields = cpu_max.split()
+    return len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit() and int(fields[0]) * period <= quota * int(fields[1])
+
+
+def _as_little_on_v2(cgroupfs: CgroupFS, mount: CgroupMount, cgroup_path: str, setting: dict) -> str:
+    """Where the process's v2 cgroup (or an ancestor below the root) already gives it as little as
+    `setting` ('cpu.idle=1 in /sys/fs/cgroup/a'); '' when none does. Moving it out would be a raise."""
+    parts = [part for part in cgroup_path.split("/") if part]
+    for depth in range(len(parts), 0, -1):
+        directory = mount.fs_path("/" + "/".join(parts[:depth]))
+        if directory is None:
+            continue
+
+        def read(name: str) -> str:
+            try:
+                return cgroupfs.read(directory / name).strip()
+            except OSError:
+                return ""  # the controller is not enabled there
+
+        if read("cpu.idle") == "1" and "quota_us" not in setting:
+            return f"cpu.idle=1 in {directory}"
+        weight = read("cpu.weight")
+        if "weight" in setting and weight.isdigit() and int(weight) <= setting["weight"]:
+            return f"cpu.weight={weight} in {directory}"
+        cpu_max = read("cpu.max")
+        if "quota_us" in setting and _quota_within(cpu_max, setting["quota_us"], setting["period_us"]):
+            return f"cpu.max={cpu_max!r} in {directory}"
+    return ""
+
+
 class CpuActuator:
     kind = "cpu"
 
@@ -127,10 +192,7 @@ class CpuActuator:
         current = {"cgroup": path, **mount.to_json()}
         if mount.version == 2:
             if self.systemd is None:
-                raise ChangeFailed(
-                    "cpu_weight, cpu_idle and cpu_max on cgroup v2 without systemd are not available yet "
-                    "(only through a systemd unit, or on the v1 cpu hierarchy): nothing changed"
-                )
+                return current  # no manager owns the tree: a group of our own, as on v1
             unit, why = unit_for_cgroup(path)
             if unit is None:
                 assert self.scopes is not None
@@ -167,19 +229,39 @@ class CpuActuator:
         assert mount is not None
         name = CGROUP_PREFIX + group
         directory = mount.mount_point / name
-        exists = self.cgroupfs.exists(directory)
-        writes = _v1_writes(setting, directory, self._read) if exists else _v1_writes(setting, directory, lambda path: "")
         moving = current["cgroup"] != "/" + name
+        enable: list = []
+        if mount.version == 2:
+            if moving:
+                held = _as_little_on_v2(self.cgroupfs, mount, current["cgroup"], setting)
+                if held:
+                    return Plan(self.kind, identity, current, target,
+                                f"pid {identity.pid} is in {current['cgroup']}, which already has {held}, as little as {setting_text(setting)}: not moved",
+                                unchanged=True)
+                limits = limits_in_the_way(self.cgroupfs, mount, current["cgroup"])
+                if limits:
+                    raise ChangeInvalid(f"pid {identity.pid} is in {current['cgroup']}, and moving it into {directory} would lift "
+                                        f"the limits of its cgroup ({', '.join(limits)}): nothing changed")
+            # Our group is a child of the root, which the no-internal-process rule exempts.
+            enable = enable_controller_steps(self.cgroupfs, mount, "/", "cpu")
+        writes_for = _v2_writes if mount.version == 2 else _v1_writes
+        exists = self.cgroupfs.exists(directory)
+        writes = writes_for(setting, directory, self._read) if exists else writes_for(setting, directory, lambda path: "")
         if not writes and not moving:
             return Plan(self.kind, identity, current, target, f"pid {identity.pid} is already in {directory} with {setting_text(setting)} or less", unchanged=True)
-        parts = ([f"mkdir {directory}"] if not exists else []) + [f"write {value} to {path}" for path, value in writes]
+        parts = [f"write {step.value} to {step.path}" for step in enable]
+        parts += ([f"mkdir {directory}"] if not exists else []) + [f"write {value} to {path}" for path, value in writes]
         if moving:
             parts.append(f"write {identity.pid} to {directory / 'cgroup.procs'}")
         description = f"{', '.join(parts)} (was {current['cgroup']})"
         details = {"directory": str(directory), "cgroup": "/" + name, "created": not exists,
+                   "enable": [[str(step.path), step.value] for step in enable],
                    "writes": [[str(path), value] for path, value in writes], "move": moving}
         expected = {"cgroup": "/" + name, "setting": setting}
-        return Plan(self.kind, identity, current, target, description, details=details, expected=expected)
+        # The group's settings reach every offender already in it: none may be off limits.
+        members = tuple(cgroup_pids(self.cgroupfs, directory)) if exists else ()
+        return Plan(self.kind, identity, current, target, description, details=details, expected=expected,
+                    affects=tuple(dict.fromkeys((identity.pid, *members))))
 
     def _plan_unit(self, identity: ProcessIdentity, target: dict, current: dict, setting: dict) -> Plan:
         unit = current["unit"]
@@ -236,18 +318,29 @@ class CpuActuator:
             return ApplyResult(applied=applied, message=plan.description)
         directory = Path(details["directory"])
         created = False
+        path, value = directory, ""
         try:
+            # "+cpu" in the root's subtree_control (v2) stays: see the module docstring.
+            for path, value in details.get("enable", ()):
+                self.cgroupfs.write(Path(path), value)
+            path, value = directory, ""
             if details["created"]:
                 self.cgroupfs.mkdir(directory)
                 created = True
             for path, value in details["writes"]:
                 self.cgroupfs.write(Path(path), value)
             if details["move"]:
-                self.cgroupfs.write(directory / "cgroup.procs", str(plan.identity.pid))
+                path, value = directory / "cgroup.procs", str(plan.identity.pid)
+                self.cgroupfs.write(path, value)
         except OSError as exc:
             undo = self._remove_if_empty(directory) if created else ""
             if exc.errno == errno.ESRCH:
                 raise ProcessGone(plan.identity.pid) from None
+            if self._mount_of(plan.current).version == 2:
+                error = write_error(exc, Path(path), value)
+                error.message += undo or "; nothing was moved"
+                error.args = (error.message,)
+                raise error from None
             raise ChangeFailed(f"{exc.filename or directory}: {errno.errorcode.get(exc.errno or 0, exc.errno)} ({exc.strerror}){undo or '; nothing was moved'}") from None
         ensure_alive(self.procfs, plan.identity)
         applied = {"cgroup": details["cgroup"], "created": details["created"], "setting": plan.target.get("cpu")}
@@ -285,6 +378,9 @@ class CpuActuator:
             raise ChangeFailed(f"the original cgroup {original['cgroup']} is outside {mount.mount_point}: {KEPT}")
         ours = (applied or {}).get("cgroup")
         now = process_cgroup_path(mount, self.procfs.cgroups(identity.pid))
+        if now == original["cgroup"] and now != ours:
+            # The move never happened (a crash between the intent and the move): nothing to put back.
+            return RestoreResult(f"pid {identity.pid} is in its original cgroup {now}: nothing to restore" + self.cleanup(original, applied))
         if ours is not None and now != ours:
             text = f"pid {identity.pid} is in {now}, not in {ours} where remediator put it: {KEPT}" + self.cleanup(original, applied)
             return RestoreResult(text, restored=False, left={"cgroup": now, "set": ours})
@@ -349,6 +445,14 @@ class CpuActuator:
 
 # -- the kind ------------------------------------------------------------------------------------
 
+def cpu_steps_unavailable(mount: CgroupMount | None) -> str | None:
+    """Why no cpu step (cpu_weight, cpu_idle, cpu_max) can work on a host with this cpu hierarchy, or None."""
+    if mount is None:
+        return ("not available on this host: no cgroup cpu controller is mounted (no v1 cpu hierarchy, "
+                "and no v2 tree lists cpu in cgroup.controllers)")
+    return None
+
+
 def compile_cpu_max(text: str, key: tuple, at: Compiling) -> dict[str, int]:
     """"50%" -> 50 ms per 100 ms; "20ms/100ms" as written. The kernel takes periods of 1 ms to 1 s
     and quotas of at least 1 ms."""
@@ -372,13 +476,14 @@ class CpuKind:
     name = "cpu"
     keys = (
         Key("cpu_weight", "integer", "Lower the weight of the process's cgroup against its siblings (1..10000; the default "
-            "is 100): the unit's CPUWeight through systemd, or cpu.shares of a remediator-owned group on cgroup v1.",
+            "is 100): the unit's CPUWeight through systemd, else cpu.weight (v2) or cpu.shares (v1) of a remediator-owned group.",
             minimum=1, maximum=10000),
         Key("cpu_idle", "boolean", "`true`: make the process's cgroup idle (cpu.idle: SCHED_IDLE for the whole group "
-            "against its siblings): CPUWeight=idle through systemd, or cpu.idle of a remediator-owned group on cgroup v1.",),
+            "against its siblings): CPUWeight=idle through systemd, else cpu.idle of a remediator-owned group (v2, or v1 "
+            "where the kernel has it).",),
         Key("cpu_max", "string", "Cap the process's cgroup: a share of one CPU (`\"50%\"`, `\"200%\"` is two CPUs) or "
-            "quota/period (`\"20ms/100ms\"`): CPUQuota through systemd, or cpu.cfs_quota_us of a remediator-owned group on "
-            "cgroup v1.", pattern=r"^([0-9]+(\.[0-9]+)?%|[0-9]+(us|ms|s)/[0-9]+(us|ms|s))$",
+            "quota/period (`\"20ms/100ms\"`): CPUQuota through systemd, else cpu.max (v2) or cpu.cfs_quota_us (v1) of a "
+            "remediator-owned group.", pattern=r"^([0-9]+(\.[0-9]+)?%|[0-9]+(us|ms|s)/[0-9]+(us|ms|s))$",
             pattern_hint='a percentage ("50%") or quota/period ("20ms/100ms")'),
     )
 
@@ -406,11 +511,11 @@ class CpuKind:
         mount = discover_cpu_mount()
         membership = host.procfs.cgroups(pid)
         step = self.describe(params)
-        if mount is None:
-            return "not available on this host: no cgroup cpu controller is mounted"
-        if mount.version == 2:
-            if not host.systemd_host:
-                return "not available on this host: cgroup v2 without systemd (only through a systemd unit, or on the v1 cpu hierarchy)"
+        unavailable = cpu_steps_unavailable(mount)
+        if unavailable:
+            return unavailable
+        assert mount is not None
+        if mount.version == 2 and host.systemd_host:
             unit, why = unit_for_cgroup(membership.v2_path or "/")
             setting = params["cpu"]
             if setting.get("idle"):
@@ -426,8 +531,22 @@ class CpuKind:
                 return f"refused on this systemd host: {why}"
             return (f"{step} through systemd: SetUnitProperties {unit} --runtime {change} "
                     "(never raised; every process of the unit gets it)")
-        current = process_cgroup_path(mount, membership) or "?"
-        return f"{step}: move from {current} into {mount.mount_point}/remediator-{policy} (cgroup v1 cpu controller)"
+        return self._owned_group_effect(params, policy, pid, host, mount)
+
+    def _owned_group_effect(self, params: Mapping[str, Any], policy: str, pid: int, host: Host, mount: CgroupMount) -> str:
+        """The exact writes into remediator-POLICY (v1, or v2 without systemd): the actuator's own plan,
+        the same words a dry run prints."""
+        step = self.describe(params)
+        where = "cgroup v1 cpu controller" if mount.version == 1 else "cgroup v2 without systemd: a group of remediator's own"
+        actuator = CpuActuator(host.procfs, mount=mount, cgroupfs=CgroupFS(), systemd=None)
+        try:
+            identity = host.procfs.identity(pid)
+            plan = actuator.plan(identity, {"cpu": dict(params["cpu"]), "group": policy}, actuator.read(pid))
+        except ActuatorError as exc:
+            return f"{step}: refused on this host ({where}): {exc.message}"
+        if plan.unchanged:
+            return f"{step}: no change: {plan.description} ({where})"
+        return f"{step}: {plan.description} ({where})"
 
 
 CPU = CpuKind()
