@@ -127,6 +127,7 @@ def thread_affinity(procfs: ProcFS, pid: int, tid: int) -> frozenset[int]:
 
 class AffinityKind:
     name = "affinity"
+    group_weighted = False
     keys = (Key("affinity", "cpus", "Set the CPU affinity of every thread: a CPU list (`\"2-3,6\"`) or `unprotected` "
                 "(online CPUs not owned by the request path).", keyword="unprotected"),)
 

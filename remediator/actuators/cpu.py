@@ -474,6 +474,7 @@ class CpuKind:
     {"quota_us": Q, "period_us": P}."""
 
     name = "cpu"
+    group_weighted = False
     keys = (
         Key("cpu_weight", "integer", "Lower the weight of the process's cgroup against its siblings (1..10000; the default "
             "is 100): the unit's CPUWeight through systemd, else cpu.weight (v2) or cpu.shares (v1) of a remediator-owned group.",

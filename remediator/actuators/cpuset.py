@@ -687,6 +687,7 @@ CPUSET_KEYS = (
 
 class CpusetKind:
     name = "cpuset"
+    group_weighted = False
     keys = (Key("cpuset", "table", "Move the process into a remediator-owned cpuset cgroup.", keys=CPUSET_KEYS,
                 example='cpuset = { cpus = "unprotected", cgroup = "log-shippers" }'),)
 

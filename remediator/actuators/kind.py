@@ -2,6 +2,7 @@
 pipeline asks about it.
 
     keys       its keys in a [[policy.actions]] table (schema.py builds the format from them)
+    group_weighted  whether it reaches only its own scheduling group (schedgroups.py skips it across)
     compile    its step's parameters from the checker's clean values (policy.py), reporting what
                spans several keys through `Compiling` (file, line and key stay the compiler's)
     describe   the step in words: 'nice 10', 'affinity unprotected'
@@ -55,6 +56,7 @@ class ActionKind(Protocol):
 
     name: str
     keys: tuple[Key, ...]
+    group_weighted: bool  # weighs threads only inside their scheduling group (schedgroups.py)
 
     def compile(self, action: Mapping[str, Any], at: Compiling) -> dict[str, Any]:
         """The step's parameters from its table's clean values (this kind's key is among them)."""

@@ -77,6 +77,7 @@ def thread_nice(procfs: ProcFS, pid: int) -> dict[int, int]:
 
 class NiceKind:
     name = "nice"
+    group_weighted = True  # CFS/EEVDF weigh a thread's nice against the others of its group only
     keys = (Key("nice", "integer", "Set the nice value of every thread (-20..19; higher is gentler to others).",
                 minimum=NICE_MIN, maximum=NICE_MAX),)
 

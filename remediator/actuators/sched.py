@@ -205,6 +205,7 @@ def thread_sched(procfs: ProcFS, pid: int) -> dict[int, str]:
 
 class SchedKind:
     name = "sched"
+    group_weighted = True  # SCHED_IDLE/BATCH weigh a thread against the others of its group only
     keys = (Key("sched", "enum", "Set the scheduling policy of every thread: `idle` (SCHED_IDLE: runs only when no normal "
                 "thread wants the CPU, across every group) or `batch` (SCHED_BATCH: no wakeup preemption). Never raises a "
                 "thread: one already at or below is left.", choices=TARGETS),)
