@@ -1,9 +1,11 @@
 """Scheduling policy (SCHED_IDLE, SCHED_BATCH), on every thread of a process.
 
 Like nice, the policy is per thread: sched_setscheduler(tid, ...) changes one thread, and a new
-thread inherits its creator's. Unlike nice it weighs a thread against every other thread on the
-CPU, not only those of its own group: SCHED_IDLE gets the weight of nice 19 divided by about five,
-and EEVDF/CFS let any normal task preempt it at wakeup.
+thread inherits its creator's. Like nice it weighs a thread only against the others of its
+scheduling group (a cpu cgroup or an autogroup: schedgroups.py): there SCHED_IDLE gets the weight of
+nice 19 divided by about five, and EEVDF/CFS let any normal task of the group preempt it at wakeup;
+between groups the groups' own weights decide (bench/first_step.py: no help in the layout with
+service and sidecar in cgroups of their own, see policies/log-shippers.toml).
 
 Never a raise: policies rank idle < batch < normal < realtime, and a step only moves a thread down
 to its target; a thread already at or below it is left as it is. Realtime threads (FIFO, RR,
@@ -206,9 +208,9 @@ def thread_sched(procfs: ProcFS, pid: int) -> dict[int, str]:
 class SchedKind:
     name = "sched"
     group_weighted = True  # SCHED_IDLE/BATCH weigh a thread against the others of its group only
-    keys = (Key("sched", "enum", "Set the scheduling policy of every thread: `idle` (SCHED_IDLE: runs only when no normal "
-                "thread wants the CPU, across every group) or `batch` (SCHED_BATCH: no wakeup preemption). Never raises a "
-                "thread: one already at or below is left.", choices=TARGETS),)
+    keys = (Key("sched", "enum", "Set the scheduling policy of every thread: `idle` (SCHED_IDLE: yields to every normal "
+                "thread of its scheduling group; like nice, it does not reach other cpu cgroups or sessions) or `batch` "
+                "(SCHED_BATCH: no wakeup preemption). Never raises a thread: one already at or below is left.", choices=TARGETS),)
 
     def compile(self, action: Mapping[str, Any], at: Compiling) -> dict[str, Any]:
         return {"sched": action["sched"]}
