@@ -12,7 +12,8 @@ import pytest
 
 from helpers.fake_cgroupfs import FakeCgroupV2, FakeProcTree
 from remediator.actuators import CpuActuator
-from remediator.executor import ActionRequest, Executor
+from remediator.executor import Executor
+from remediator.model import ActionRequest
 from remediator.journal import Journal
 from remediator.procfs import ProcessIdentity, ProcFS
 
@@ -54,7 +55,7 @@ class V2Host:
 
 
 def request(setting: tuple, step: int = 0, pid: int = PID, start: int = START) -> ActionRequest:
-    return ActionRequest(ProcessIdentity(pid, start), "cpu", "log-shippers", step, cpu=setting, cgroup="log-shippers")
+    return ActionRequest(ProcessIdentity(pid, start), "cpu", "log-shippers", step, {"cpu": dict(setting), "group": "log-shippers"})
 
 
 @pytest.fixture
@@ -262,13 +263,15 @@ def load_policy(tmp_path):
 
 
 def test_explain_names_the_exact_files_and_values_without_systemd(host, tmp_path, monkeypatch):
-    from remediator import explain as explain_module
+    from remediator.actuators import Host, cpu as cpu_kind
+    from remediator.explain import first_step_effect
 
     v2 = host()
     policy = load_policy(tmp_path)
-    monkeypatch.setattr(explain_module, "discover_cpu_mount", lambda: v2.cgroupfs.mount)
+    monkeypatch.setattr(cpu_kind, "discover_cpu_mount", lambda: v2.cgroupfs.mount)
+    here = Host(v2.procfs, systemd_host=False, request_cpus=frozenset(), online_cpus=frozenset(range(4)))
 
-    text = explain_module._cpu_step_effect(policy.steps[0], policy, PID, explain_module._Reader(v2.procfs, systemd_host=False))
+    text, _ = first_step_effect(policy.steps[0], policy, PID, here)
 
     assert text == (
         f"cpu_weight 10: write +cpu to {v2.root}/cgroup.subtree_control, mkdir {v2.group}, write 10 to {v2.group}/cpu.weight, "
@@ -277,8 +280,8 @@ def test_explain_names_the_exact_files_and_values_without_systemd(host, tmp_path
     assert "not available" not in text
     assert v2.cgroupfs.calls == []  # read only
 
-    monkeypatch.setattr(explain_module, "discover_cpu_mount", lambda: None)
-    text = explain_module._cpu_step_effect(policy.steps[0], policy, PID, explain_module._Reader(v2.procfs, systemd_host=False))
+    monkeypatch.setattr(cpu_kind, "discover_cpu_mount", lambda: None)
+    text, _ = first_step_effect(policy.steps[0], policy, PID, here)
     assert text.startswith("not available on this host: no cgroup cpu controller is mounted")
 
 
@@ -326,7 +329,7 @@ def test_the_shipped_ladder_shape_cpu_idle_then_a_cpuset_of_the_same_name_share_
     executor = Executor(journal, v2.procfs, dry_run=False, actuators={"cpu": v2.actuator(), "cpuset": cpuset}, self_pid=0)
 
     assert executor.apply(request(IDLE), ()).status == "applied"
-    confine = ActionRequest(ProcessIdentity(PID, START), "cpuset", "log-shippers", 1, cpus=frozenset({2, 3}), cgroup="log-shippers")
+    confine = ActionRequest(ProcessIdentity(PID, START), "cpuset", "log-shippers", 1, {"cgroup": "log-shippers", "cpus": [2, 3]})
     confined = executor.apply(confine, ())
     assert confined.status == "applied", confined
     assert v2.procs.cgroup(PID) == f"/{GROUP}"

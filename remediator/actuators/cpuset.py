@@ -45,14 +45,18 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 from ..cgroupfs import CgroupFS, CgroupMount, allowed_cpus, cgroup_pids, effective_cpus, process_cgroup_path, subtree_pids
 from ..cpulist import CpuListError, format_cpulist, online_cpus, parse_cpulist
 from ..errors import ProcessGone, RemediatorError
+from ..keys import Key
+from ..matching import check_cgroup_name
 from ..procfs import ProcessIdentity, ProcFS
 from ..placement import CGROUP_PREFIX, owned_cgroup_name
 from ..systemd import SystemdManager, describe_allowed, unit_for_cgroup
-from .scope import OffenderScopes, scope_cgroup_of, scope_name, scope_of_applied
+from .kind import Compiling, Host, compile_cpu_spec, effect_cpus, target_cpus
+from .scope import OffenderScopes, outside_units, scope_cgroup_of, scope_name, scope_of_applied, scope_text
 from .affinity import narrowed_mask
 from .base import (
     ActuatorError,
@@ -670,3 +674,57 @@ class CpusetActuator:
         self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int], noticed: set[int] | None = None
     ) -> None:
         return None  # new threads start in their creator's cgroup: nothing to follow up
+
+
+# -- the kind ------------------------------------------------------------------------------------
+
+CPUSET_KEYS = (
+    Key("cpus", "cpus", "CPUs of the cgroup: a CPU list or `unprotected`.", required=True, keyword="unprotected"),
+    Key("cgroup", "string", "Name of the remediator-owned cpuset cgroup (created as `remediator-NAME`): letters, digits, `.`, `_`, `-`.",
+        required=True, pattern=r"^[A-Za-z0-9_.-]+$", pattern_hint="letters, digits, '.', '_', '-'", item_check=check_cgroup_name),
+)
+
+
+class CpusetKind:
+    name = "cpuset"
+    group_weighted = False
+    keys = (Key("cpuset", "table", "Move the process into a remediator-owned cpuset cgroup.", keys=CPUSET_KEYS,
+                example='cpuset = { cpus = "unprotected", cgroup = "log-shippers" }'),)
+
+    def compile(self, action: Mapping[str, Any], at: Compiling) -> dict[str, Any]:
+        table = action["cpuset"]
+        return {"cpus": compile_cpu_spec(table["cpus"], ("cpuset", "cpus"), at), "cgroup": table["cgroup"]}
+
+    def describe(self, params: Mapping[str, Any]) -> str:
+        return f"cpuset {params['cpus'].describe()} in cgroup {params['cgroup']}"
+
+    def target(self, params: Mapping[str, Any], policy: str, min_cpus: int, request_cpus: frozenset[int],
+               online_cpus: frozenset[int]) -> tuple[dict | None, str]:
+        cpus, why = target_cpus(self.describe(params), params["cpus"], min_cpus, request_cpus, online_cpus)
+        return (None, why) if cpus is None else ({"cgroup": params["cgroup"], "cpus": sorted(cpus)}, "")
+
+    def effect(self, params: Mapping[str, Any], policy: str, min_cpus: int, pid: int, host: Host, data: dict) -> str:
+        target, skipped = effect_cpus(params["cpus"], min_cpus, host, data)
+        if skipped:
+            return skipped
+        cpus = format_cpulist(target)
+        membership = host.procfs.cgroups(pid)
+        if host.systemd_host and "cpuset" not in membership.v1_paths and membership.v2_path:
+            unit, why = unit_for_cgroup(membership.v2_path)
+            data.update(cgroup=membership.v2_path, unit=unit)
+            if unit:
+                return (f"cpuset through systemd: SetUnitProperties {unit} --runtime AllowedCPUs={cpus} "
+                        "(the process stays in its unit; every process of the unit gets it)")
+            if outside_units(membership.v2_path)[0]:
+                scope = owned_cgroup_name(params["cgroup"]) + ".scope"
+                return f"cpuset through systemd: {scope_text(scope, pid, membership.v2_path)} AllowedCPUs={cpus}"
+            return f"refused on this systemd host: {why}"
+        current = membership.v1_paths.get("cpuset") or membership.v2_path or "/"
+        name = owned_cgroup_name(params["cgroup"])
+        data.update(cgroup=current, target_cgroup=name)
+        if current.rstrip("/").endswith("/" + name):
+            return f"cpuset: already in {current}; cpus {cpus}"
+        return f"cpuset: move from {current} to {name} with cpus {cpus}"
+
+
+CPUSET = CpusetKind()

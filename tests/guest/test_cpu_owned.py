@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers.remediation import close, identity_of, make_executor
-from remediator.executor import ActionRequest
+from remediator.model import ActionRequest
 from units import JOURNAL, cgroup_of, cpu_step_then_sigkill, hog_in_group, revert_all, wait_for
 
 pytestmark = pytest.mark.root
@@ -26,7 +26,7 @@ NO_SYSTEMD = {"systemd": None}  # default_actuators' choice where systemd is not
 
 
 def cpu_request(pid: int, setting: tuple, step: int = 0) -> ActionRequest:
-    return ActionRequest(identity_of(pid), "cpu", GROUP, step, cpu=setting, cgroup=GROUP)
+    return ActionRequest(identity_of(pid), "cpu", GROUP, step, {"cpu": dict(setting), "group": GROUP})
 
 
 def remove_our_group() -> None:
