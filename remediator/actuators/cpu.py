@@ -17,9 +17,11 @@ siblings, which is where a systemd host puts a service and a sidecar (each its o
   decides): as on v1, the process moves into `remediator-POLICY`, a child of the root, with
   cpu.weight, cpu.idle or cpu.max ("QUOTA PERIOD", one write); first "+cpu" goes into the root's
   cgroup.subtree_control where missing (cpuset's enable_controller_steps; the root is exempt from
-  the no-internal-process rule, and our group is a leaf). "+cpu" is not taken back on restore (as
-  "+cpuset" is not): cgroups made since may rely on it, but it does make each child of the root its
-  own scheduling group of weight 100 where before every thread competed alone. Never a raise by the
+  the no-internal-process rule, and our group is a leaf). The journal keeps where "+cpu" was
+  written, and once our group is removed "-cpu" takes it back, unless a cgroup made or set since
+  uses it (a group of remediator's, a child handing it on, a child's cpu.weight/cpu.idle/cpu.max
+  off their defaults): "+cpu" makes each child of the root its own scheduling group of weight 100,
+  where before every thread competed alone, so it is not left on behind the host's back. Never a raise by the
   move: a process whose cgroup (or an ancestor below the root) already gives as little (cpu.idle 1,
   a weight or a cpu.max as low) stays where it is, and one whose cgroup holds limits (memory.max,
   pids.max, cpu.max, io.max, a cpuset: scope.limits_in_the_way) is refused rather than moved out.
@@ -46,7 +48,7 @@ from ..placement import owned_cgroup_name
 from ..procfs import ProcessIdentity, ProcFS
 from ..systemd import SystemdManager, unit_for_cgroup
 from .base import ActuatorError, ApplyResult, ChangeFailed, ChangeInvalid, Plan, RestoreResult, ensure_alive, systemd_call
-from .cpuset import enable_controller_steps, write_error
+from .cpuset import enable_controller_steps, give_back_controller, write_error
 from .kind import Compiling, Host
 from .scope import OffenderScopes, limits_in_the_way, outside_units, scope_cgroup_of, scope_name, scope_of_applied, scope_text
 
@@ -254,10 +256,12 @@ class CpuActuator:
         if moving:
             parts.append(f"write {identity.pid} to {directory / 'cgroup.procs'}")
         description = f"{', '.join(parts)} (was {current['cgroup']})"
+        # Where remediator wrote "+cpu" (now or for an earlier step), to take it back with the group.
+        enabled = [*(applied or {}).get("enabled", ()), *(str(step.path.parent) for step in enable)]
         details = {"directory": str(directory), "cgroup": "/" + name, "created": not exists,
-                   "enable": [[str(step.path), step.value] for step in enable],
+                   "enable": [[str(step.path), step.value] for step in enable], "enabled": enabled,
                    "writes": [[str(path), value] for path, value in writes], "move": moving}
-        expected = {"cgroup": "/" + name, "setting": setting}
+        expected = {"cgroup": "/" + name, "setting": setting, "enabled": enabled}
         # The group's settings reach every offender already in it: none may be off limits.
         members = tuple(cgroup_pids(self.cgroupfs, directory)) if exists else ()
         return Plan(self.kind, identity, current, target, description, details=details, expected=expected,
@@ -320,7 +324,6 @@ class CpuActuator:
         created = False
         path, value = directory, ""
         try:
-            # "+cpu" in the root's subtree_control (v2) stays: see the module docstring.
             for path, value in details.get("enable", ()):
                 self.cgroupfs.write(Path(path), value)
             path, value = directory, ""
@@ -334,6 +337,8 @@ class CpuActuator:
                 self.cgroupfs.write(path, value)
         except OSError as exc:
             undo = self._remove_if_empty(directory) if created else ""
+            if not created or undo.startswith("; removed"):
+                undo += give_back_controller(self.cgroupfs, "cpu", [str(Path(path).parent) for path, _ in details.get("enable", ())])
             if exc.errno == errno.ESRCH:
                 raise ProcessGone(plan.identity.pid) from None
             if self._mount_of(plan.current).version == 2:
@@ -343,7 +348,8 @@ class CpuActuator:
                 raise error from None
             raise ChangeFailed(f"{exc.filename or directory}: {errno.errorcode.get(exc.errno or 0, exc.errno)} ({exc.strerror}){undo or '; nothing was moved'}") from None
         ensure_alive(self.procfs, plan.identity)
-        applied = {"cgroup": details["cgroup"], "created": details["created"], "setting": plan.target.get("cpu")}
+        applied = {"cgroup": details["cgroup"], "created": details["created"], "setting": plan.target.get("cpu"),
+                   "enabled": details.get("enabled", [])}
         return ApplyResult(applied=applied, message=plan.description)
 
     def _remove_if_empty(self, directory: Path) -> str:
@@ -433,9 +439,16 @@ class CpuActuator:
         if "unit" in original or not ours or not ours.lstrip("/").startswith(CGROUP_PREFIX):
             return ""
         directory = self._mount_of(original).fs_path(ours)
-        if directory is None or not self.cgroupfs.exists(directory):
+        enabled = list((applied or {}).get("enabled", ()))
+        if directory is None:
             return ""
-        return self._remove_if_empty(directory)
+        if self.cgroupfs.exists(directory):
+            removed = self._remove_if_empty(directory)
+            if not removed.startswith("; removed"):
+                return removed
+        else:
+            removed = ""
+        return removed + (give_back_controller(self.cgroupfs, "cpu", enabled) if enabled else "")
 
     def maintain(
         self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int], noticed: set[int] | None = None

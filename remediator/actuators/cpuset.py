@@ -158,6 +158,47 @@ def describe_steps(steps: list[Step]) -> str:
     return "; ".join(parts)
 
 
+# What a cgroup holds for a controller's files until someone sets them (cgroup-v2.rst).
+CONTROLLER_DEFAULTS = {"cpu": {"cpu.weight": "100", "cpu.idle": "0", "cpu.max": "max"}}
+
+
+def give_back_controller(cgroupfs: CgroupFS, controller: str, enabled: list[str]) -> str:
+    """Take back "+CONTROLLER" from the cgroup.subtree_control files remediator wrote it to (the
+    directories in `enabled`, deepest first), where nothing below uses it since: no child hands it
+    on, no group of remediator's is left, and every child still holds the defaults. Otherwise it
+    stays, and the note says where and why. Returns "; ..." notes, or "" when there was nothing."""
+    notes = []
+    for directory in map(Path, reversed(enabled)):
+        control = directory / "cgroup.subtree_control"
+        try:
+            if controller not in cgroupfs.read(control).split():
+                continue
+            children = [directory / name for name in cgroupfs.listdir(directory) if cgroupfs.exists(directory / name / "cgroup.procs")]
+            user = next((child for child in children if _uses_controller(cgroupfs, child, controller)), None)
+            if user is not None:
+                notes.append(f"+{controller} stays in {control} ({user} uses it)")
+                break  # the levels above hand it down to this one
+            cgroupfs.write(control, "-" + controller)
+            notes.append(f"write -{controller} to {control} (as before remediator)")
+        except OSError as exc:
+            notes.append(f"+{controller} stays in {control} ({exc.strerror})")
+            break
+    return "".join("; " + note for note in notes)
+
+
+def _uses_controller(cgroupfs: CgroupFS, child: Path, controller: str) -> bool:
+    if child.name.startswith(CGROUP_PREFIX) or controller in cgroupfs.read(child / "cgroup.subtree_control").split():
+        return True
+    for name, default in CONTROLLER_DEFAULTS.get(controller, {}).items():
+        try:
+            value = cgroupfs.read(child / name).strip()
+        except FileNotFoundError:
+            continue  # cpu.idle before Linux 5.15
+        if value.split()[0] != default:
+            return True
+    return False
+
+
 def enable_controller_steps(cgroupfs: CgroupFS, mount: CgroupMount, parent: str, controller: str) -> list[Step]:
     """cgroup v2: "+CONTROLLER" in cgroup.subtree_control from the root down to `parent`, where
     missing; refused before any write where the no-internal-process rule would answer EBUSY."""
