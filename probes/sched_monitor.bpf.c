@@ -242,23 +242,38 @@ static __always_inline void attribute_wait(struct cpu_state *state, u64 t0, u64 
     bool covered = uncovered <= t0;
     for (u32 i = 1; i <= SEGMENT_RING; i++) {
         struct run_segment *segment = &state->segments[(head - i) & (SEGMENT_RING - 1)];
-        if (segment->end <= t0) { /* also an empty slot: nothing ran before it */
+        if (segment->end <= t0) { /* also an empty slot; older ones end no later */
             covered = true;
             break;
         }
         u64 lo = segment->start > t0 ? segment->start : t0;
         u64 hi = segment->end < t1 ? segment->end : t1;
         if (hi > lo && segment->tgid) {
-            attributed += charge(segment->tgid, hi - lo, stats);
+            /* Its latest run exactly; a merged segment's spanned time before it pro rata. */
+            u64 last_start = segment->last_start, ns = 0;
+            if (last_start < segment->start || last_start > segment->end)
+                last_start = segment->start; /* torn by a concurrent writer: treat as one run */
+            if (hi > last_start)
+                ns = hi - (lo > last_start ? lo : last_start);
+            u64 span = last_start - segment->start, tail = segment->end - last_start;
+            if (lo < last_start && segment->ns > tail) {
+                u64 spanned_ns = segment->ns - tail, part = (hi < last_start ? hi : last_start) - lo;
+                if (spanned_ns > span)
+                    spanned_ns = span;
+                if (span < (1ull << 32))
+                    ns += spanned_ns * part / span;   /* both factors < 2^32 */
+                else                                   /* spans over 4 s: 1/256 at worst */
+                    ns += (spanned_ns >> 12) * (part >> 12) / (span >> 24);
+            }
+            attributed += charge(segment->tgid, ns, stats);
             burst_blamed(segment->tgid, wait_ns, t1); /* the whole wait (so far), once per run */
         }
-        if (segment->start <= t0) {
-            covered = true;
-            break;
-        }
+        /* No stop at a start before t0: a segment older than a merged one may end after t0. */
         if (segment->start < uncovered)
             uncovered = segment->start;
     }
+    if (uncovered <= t0)
+        covered = true;
     if (!covered && uncovered > t0)
         stats->totals.overflow_ns += uncovered - t0;
     if (attributed < t1 - t0)
@@ -331,12 +346,28 @@ TRACEPOINT_PROBE(sched, sched_switch)
         state->busy_ns += now - state->since;
         account_run(prev_tgid, cpu, state->since, now, args->prev_comm, stats_here());
         struct run_segment *last = &state->segments[(state->head - 1) & (SEGMENT_RING - 1)];
+        struct run_segment *before = &state->segments[(state->head - 2) & (SEGMENT_RING - 1)];
         if (state->head && last->tgid == prev_tgid && last->end == state->since) {
             last->end = now;
+            last->ns += now - state->since;
+        } else if (state->head >= 2 && before->tgid == prev_tgid && last->end == state->since &&
+                   before->end >= last->start && now - state->since <= SEGMENT_MERGE_NS &&
+                   last->end - before->end <= SEGMENT_MERGE_NS) {
+            /* Taking short turns with the last one (whose latest run began where this process's
+             * segment ended, and was short too): that segment spans it now, and trades places with
+             * it, so ends stay in order going back. A long run between never gets spanned. */
+            struct run_segment spanning = *before;
+            spanning.end = now;
+            spanning.ns += now - state->since;
+            spanning.last_start = state->since;
+            *before = *last;
+            *last = spanning;
         } else {
             struct run_segment *segment = &state->segments[state->head & (SEGMENT_RING - 1)];
             segment->start = state->since;
             segment->end = now;
+            segment->ns = now - state->since;
+            segment->last_start = state->since;
             segment->tgid = prev_tgid;
             state->head++;
         }

@@ -70,9 +70,18 @@ typedef uint32_t u32;
 #endif
 
 /* Recent run segments per CPU, walked back to find who ran while a protected thread waited.
- * Consecutive runs of one process with no idle time between them share one segment. */
+ * Consecutive runs of one process with no idle time between them share one segment. So do the
+ * short runs of two processes taking turns (a pipe ping-pong: hundreds of runs of a few us, which
+ * would push the hog a waiter queued behind out of the ring): a run no longer than
+ * SEGMENT_MERGE_NS joins its process's segment one slot back when only one run no longer than that
+ * came in between, so that segment spans the other's. It keeps the time its process really ran
+ * (ns) and where its latest run began: a wait is charged its overlap with that latest run exactly,
+ * and with the spanned time before it pro rata. */
 #ifndef SEGMENT_RING
 #define SEGMENT_RING 16 /* power of two */
+#endif
+#ifndef SEGMENT_MERGE_NS
+#define SEGMENT_MERGE_NS 50000
 #endif
 
 /* A start timestamp older than this is stale (a lost switch-in); the wait is dropped, not counted. */
@@ -130,9 +139,11 @@ struct wait_stats {           /* per CPU: one lookup per wait for everything it 
     u64 hist[HIST_SLOTS];
 };
 
-struct run_segment {
+struct run_segment {          /* going back in the ring, ends never increase (starts may) */
     u64 start;
     u64 end;
+    u64 ns;                   /* time its process ran within [start, end): less once merged */
+    u64 last_start;           /* its latest run, [last_start, end), is all its own */
     u32 tgid;
     u32 pad;
 };

@@ -119,6 +119,7 @@ class ProbeSettings:
     window_shift: int = 27  # 2**27 ns = 134 ms windows
     window_slots: int = 16
     segment_ring: int = 16
+    segment_merge_ns: int = 50_000  # short runs of two processes taking turns share the ring's slots
     max_wait_ns: int = 10_000_000_000
     max_protected_threads: int = 65536
     pid_max: int = 4194304  # sizes the protected bitmap; the loader passes kernel.pid_max
@@ -156,8 +157,8 @@ class ProbeSettings:
             "protected_thread": struct.Struct("<QQII"),  # wait_start, queued_since, wait_cpu, pad
             # totals, then max[2] as (epoch, max_ns) pairs, then the histogram
             "wait_stats": struct.Struct(f"<{len(WAIT_TOTAL_FIELDS)}Q4Q{histogram.SLOTS}Q"),
-            # since, busy_ns, current_tid, head, owed_ns, then the ring of (start, end, tgid, pad)
-            "cpu_state": struct.Struct("<QQIIQ" + "QQII" * self.segment_ring),
+            # since, busy_ns, current_tid, head, owed_ns, then the ring of (start, end, ns, last_start, tgid, pad)
+            "cpu_state": struct.Struct("<QQIIQ" + "QQQQII" * self.segment_ring),
             "proc_cpu_key": struct.Struct("<II"),
             "proc_cpu": struct.Struct(f"<Q{self.window_slots}Q16sQ"),  # total_ns, windows, comm, marked_epoch
         }
@@ -170,6 +171,7 @@ class ProbeSettings:
             f"-DWINDOW_SHIFT={self.window_shift}",
             f"-DWINDOW_SLOTS={self.window_slots}",
             f"-DSEGMENT_RING={self.segment_ring}",
+            f"-DSEGMENT_MERGE_NS={self.segment_merge_ns}",
             f"-DMAX_WAIT_NS={self.max_wait_ns}ull",
             f"-DMAX_PROTECTED_THREADS={self.max_protected_threads}",
             f"-DPROTECTED_BITMAP_WORDS={(self.pid_max + 63) // 64}",

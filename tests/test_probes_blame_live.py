@@ -73,20 +73,26 @@ def test_a_wait_moved_to_another_cpu_is_charged_to_the_hog_it_waited_behind(spaw
               f"unattributed {waits.unattributed_ns / waits.wait_ns:.1%}")
     print(report)
     assert totals["migrated_waits"] >= 100, report
-    assert hog_share >= 0.8, report
-    assert innocent_share <= 0.05, report
+    # Other sessions' processes on CPU 0 take their real part of the wait (up to 15% seen), so the
+    # hog is judged against the scene's innocent rather than against the whole wait.
+    assert hog_share >= 0.5, report
+    assert hog_share >= 0.9 * (hog_share + innocent_share), report
+    # The victim really waits behind the innocent after each move (it runs on CPU 1 to pin it):
+    # 2-5% of the wait in ftrace replays of this scene (bench/blame_precision.py), never more.
+    assert innocent_share <= 0.08, report
 
 
 def test_wait_the_run_ring_no_longer_holds_is_counted_as_overflow(spawn):
-    """A victim behind a hog on CPU 0, with a process and its child bouncing a byte there in bursts
-    (two processes: their runs cannot merge). With a ring of 2 runs most long waits outgrow it: the
-    part it lost is counted in overflow_ns and unattributed_ns, and every nanosecond of the wait is
-    accounted for once (own + others + unattributed = the wait)."""
+    """A victim behind a hog on CPU 0, with a process and its child bouncing a byte there in bursts.
+    With a ring of one run (two would hold the ping-pong's two merged segments, and lose the hog only
+    now and then) most long waits outgrow it: the part it lost is counted in overflow_ns and
+    unattributed_ns, and every nanosecond of the wait is accounted for once (own + others +
+    unattributed = the wait)."""
     victim = spawn(victim_argv(0, "--sleep-us", "1000", "--work-us", "1000"))
     hog = spawn(hog_argv("hog", 1))
     pin(hog.pid, {0})
     spawn([sys.executable, str(BENCH_WORKLOADS / "chatter.py"), "--fork", "--cpu", "0", "--rounds", "40", "--pause-ms", "5"])
-    with collecting(victim.pid, ProbeSettings(segment_ring=2)) as collector:
+    with collecting(victim.pid, ProbeSettings(segment_ring=1)) as collector:
         sample, _ = observe(collector, 2.0)
     waits = sample.protected
     accounted = waits.own_ns + waits.blamed_ns + waits.unattributed_ns
@@ -96,3 +102,23 @@ def test_wait_the_run_ring_no_longer_holds_is_counted_as_overflow(spawn):
     assert waits.overflow_ns > 0.05 * waits.wait_ns, report
     assert waits.unattributed_ns >= waits.overflow_ns, report
     assert abs(accounted - waits.wait_ns) <= 0.02 * waits.wait_ns, report
+
+
+def test_a_ping_pong_of_two_processes_does_not_push_the_hog_out_of_the_run_ring(spawn):
+    """The scene above with the default ring of 16: the process and child bouncing a byte between
+    the victim's waits take turns in runs of a few microseconds, hundreds per burst. Their runs share
+    two slots (each spans the other's), so the hog's run that a long wait began in stays in the ring:
+    almost nothing overflows and the hog carries most of the wait."""
+    victim = spawn(victim_argv(0, "--sleep-us", "1000", "--work-us", "1000"))
+    hog = spawn(hog_argv("hog", 1))
+    pin(hog.pid, {0})
+    chatter = spawn([sys.executable, str(BENCH_WORKLOADS / "chatter.py"), "--fork", "--cpu", "0", "--rounds", "40", "--pause-ms", "5"])
+    with collecting(victim.pid) as collector:
+        sample, _ = observe(collector, 2.0)
+    waits = sample.protected
+    hog_share = sample.blame_share(hog.pid)
+    report = (f"wait {waits.wait_ns / 1e6:.1f} ms: hog {hog_share:.1%}, chatter {sample.blame_share(chatter.pid):.1%}, "
+              f"unattributed {waits.unattributed_ns / 1e6:.1f} of which overflow {waits.overflow_ns / 1e6:.1f} ms")
+    print(report)
+    assert waits.overflow_ns <= 0.01 * waits.wait_ns, report
+    assert hog_share >= 0.8, report
