@@ -123,7 +123,7 @@ def measure(args) -> dict:
         sources_module.bpf_delta = phases.timed("delta", sources_module.bpf_delta)
         collector = Collector(source, ProtectSelectors.build(pids=[service]), procfs)
         policies = load_policies([ROOT / "policies"], online_cpus=online_cpus())
-        bursts = BurstWatch(source, procfs, os.getpid())
+        bursts = BurstWatch(source, procfs, os.getpid(), info_of=collector.info)
         bursts.set_policies(policies)
         audit = AuditLog(directory / "audit.jsonl")
         state = EngineState()
@@ -167,7 +167,9 @@ def measure(args) -> dict:
             if profile is not None:
                 profile.disable()
                 text = io.StringIO()
-                pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(args.profile)
+                stats = pstats.Stats(profile, stream=text)
+                stats.sort_stats("tottime").print_stats(args.profile)
+                stats.sort_stats("cumulative").print_stats(args.profile)
                 print(text.getvalue(), file=sys.stderr)
             # Per-entry costs for the model.
             entries = len(probes._proc_cache)

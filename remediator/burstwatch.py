@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .engine import BurstEvidence
 from .errors import RemediatorError
@@ -49,9 +49,13 @@ def candidate_for(policy: Policy) -> BurstCandidate:
 class BurstWatch:
     """The candidates of one source (one that can count bursts: BpfSource), kept current."""
 
-    def __init__(self, source, procfs: ProcFS, self_pid: int, clock=time.monotonic):
+    def __init__(self, source, procfs: ProcFS, self_pid: int, clock=time.monotonic,
+                 info_of: Callable[[int], ProcessInfo | None] | None = None):
         self.source = source
         self.procfs = procfs
+        # Who a pid is, for judging: the collector's cached reading (Collector.info) where there is
+        # one, so a process judged here is not read again when it first shows up in a tick.
+        self.info_of = info_of
         self.self_pid = self_pid
         self.clock = clock
         self.policies: PolicySet | None = None
@@ -128,9 +132,14 @@ class BurstWatch:
         self.source.set_burst_candidates({pid: candidate for pid, (_identity, candidate) in self._candidates.items()})
 
     def _judge_pid(self, pid: int, protected: set[int]) -> None:
-        try:
-            info = self.procfs.process_info(pid)
-        except RemediatorError:
+        if self.info_of is not None:
+            info = self.info_of(pid)
+        else:
+            try:
+                info = self.procfs.process_info(pid)
+            except RemediatorError:
+                info = None
+        if info is None:
             return
         if info.kernel_thread:
             self._judged[pid] = info.identity

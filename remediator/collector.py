@@ -231,9 +231,10 @@ class Collector:
                 self.source.forget(dead)
         return self._build_sample(delta, threads)
 
-    def _info(self, pid: int) -> ProcessInfo | None:
-        """Who a pid is. Re-checked at most every rescan: a reused pid in between is caught where it
-        matters, by the executor's identity check just before any change."""
+    def info(self, pid: int) -> ProcessInfo | None:
+        """Who a pid is (None: gone). Re-checked at most every rescan: a reused pid in between is
+        caught where it matters, by the executor's identity check just before any change. Burst
+        detection judges every process through this cache, which leaves the tick little to read."""
         cached = self._info_cache.get(pid)
         now = self.mono_clock()
         try:
@@ -280,7 +281,7 @@ class Collector:
         wanted += list(execs)
         processes: dict[int, ProcessInfo] = {}
         for pid in dict.fromkeys(wanted):
-            info = self._info(pid)
+            info = self.info(pid)
             if info is not None:
                 processes[pid] = info
         # Their ancestors too (cached like the rest): a tree policy (match.descendants) rolls a
@@ -288,7 +289,7 @@ class Collector:
         for info in list(processes.values()):
             for ancestor_pid, _ in info.ancestors:
                 if ancestor_pid not in processes:
-                    ancestor = self._info(ancestor_pid)
+                    ancestor = self.info(ancestor_pid)
                     if ancestor is None:
                         break
                     processes[ancestor_pid] = ancestor

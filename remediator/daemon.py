@@ -199,7 +199,8 @@ class Daemon:
         self.collector = Collector(source, config.protect, self.procfs, track_execs=self._has_always_policies(),
                                    sched_groups=SchedGroups.for_host(self.procfs, self.cgroupfs),
                                    throttling=ThrottleReader(self.procfs, self.cgroupfs, self.cpu_mount) if self.cpu_mount else None)
-        self.bursts = BurstWatch(source, self.procfs, os.getpid()) if BurstWatch.supported(source) else None
+        self.bursts = (BurstWatch(source, self.procfs, os.getpid(), info_of=self.collector.info)
+                       if BurstWatch.supported(source) else None)
         if self.bursts is not None:
             self.bursts.set_policies(self.policies)
         self.state = EngineState()
