@@ -117,27 +117,29 @@ def _cumulative_usage(
     return totals, running
 
 
-def _entries_of(snapshot: RawSnapshot, tgids: Collection[int]) -> Iterable[ProcCpuEntry]:
+def _entries_of(snapshot: RawSnapshot, tgids: Collection[int]) -> list[ProcCpuEntry]:
     """The proc_cpu entries of these processes, through the per-process index when there is one."""
+    table = snapshot.proc_cpu
     if snapshot.cpus_of is None:
-        return (entry for (tgid, _cpu), entry in snapshot.proc_cpu.items() if tgid in tgids)
-    table, cpus_of = snapshot.proc_cpu, snapshot.cpus_of
-    return (table[(tgid, cpu)] for tgid in tgids for cpu in cpus_of.get(tgid, ()) if (tgid, cpu) in table)
+        return [entry for (tgid, _cpu), entry in table.items() if tgid in tgids]
+    cpus_of = snapshot.cpus_of
+    return [entry for tgid in tgids for cpu in cpus_of.get(tgid, ()) if (entry := table.get((tgid, cpu))) is not None]
 
 
 def _window_peaks(
-    snapshot: RawSnapshot,
+    entries: Iterable[ProcCpuEntry],
     running: Mapping[int, list[tuple[int, int, int]]],
     window_ns: int,
     first_window: int,
     last_window: int,
     changed: Collection[int],
 ) -> dict[int, int]:
-    """Per process, the largest on-CPU ns in one complete window in [first_window, last_window]."""
+    """Per process, the largest on-CPU ns in one complete window in [first_window, last_window],
+    from `entries` (those of the processes in `changed`) and the runs in progress."""
     if last_window < first_window:
         return {}
     sums: dict[int, dict[int, int]] = {}
-    for entry in _entries_of(snapshot, changed):
+    for entry in entries:
         tgid = entry.tgid
         for window, ns in entry.windows:
             if first_window <= window <= last_window:
@@ -248,12 +250,13 @@ def bpf_delta(
     # Windows that closed since the previous read; the one in progress waits for the next read.
     first_window = start_ns // window_ns if previous else current.mono_ns // window_ns
     last_window = current.mono_ns // window_ns - 1
-    peaks = _window_peaks(current, running_now, window_ns, first_window, last_window, changed)
+    changed_entries = _entries_of(current, changed)
+    peaks = _window_peaks(changed_entries, running_now, window_ns, first_window, last_window, changed)
     for tgid, (used, _) in delta.usage.items():
         delta.usage[tgid] = (used, peaks.get(tgid, 0))
 
     if current.proc_cpu_changed is not None and current.cpus_of is not None:
-        for entry in _entries_of(current, changed):
+        for entry in changed_entries:
             delta.comms.setdefault(entry.tgid, entry.comm)
         delta.live_tgids.update(current.cpus_of)
     else:
