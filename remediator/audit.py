@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .culprits import CulpritSettings, CulpritState, unnamed_culprits
 from .engine import Decision
 from .errors import RemediatorError
 from .executor import Outcome
@@ -100,6 +101,29 @@ class AuditWriter:
 
     def on_tick(self, report) -> None:
         pass
+
+
+class CulpritWriter:
+    """The tick's observer for unnamed culprits (culprits.py): their audit lines, bounded as that
+    module says, for the daemon and replay alike. `sink` takes a record."""
+
+    def __init__(self, sink: Callable[[dict], object], settings: CulpritSettings = CulpritSettings()):
+        self.sink = sink
+        self.settings = settings
+        self.state = CulpritState()
+
+    def on_decision(self, carried) -> None:
+        pass
+
+    def on_outcome(self, when: str, outcome: Outcome, mode: str) -> None:
+        pass
+
+    def on_tick(self, report) -> None:
+        sample = report.sample
+        records, self.state = unnamed_culprits(sample, report.policies, self.state, sample.end_ns / 1e9, self.settings,
+                                               self_pid=report.settings.self_pid)
+        for record in records:
+            self.sink(event_record(sample.ts, report.mode, record))
 
 
 class AuditLog:

@@ -23,6 +23,7 @@ from .policy import Policy, PolicySet
 from .probes import BurstCandidate, BurstEvent
 from .procfs import ProcessIdentity, ProcessInfo, ProcFS
 from .safety import exclusion_reason
+from .trees import governing
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,24 @@ class BurstWatch:
     def active(self) -> bool:
         return self.policies is not None and bool(burst_policies(self.policies))
 
+    def ancestors_of(self, info: ProcessInfo) -> dict[int, ProcessInfo]:
+        """pid -> ProcessInfo of the process's ancestors, parent first, up to the first one gone: what
+        trees.governing needs to find a tree policy's matched ancestor (the tick has them in its sample)."""
+        found: dict[int, ProcessInfo] = {}
+        if self.policies is None or not any(policy.match.descendants for policy in self.policies.policies):
+            return found  # no tree policy: only a process's own match counts, and /proc is not read for nothing
+        for pid, _comm in info.ancestors:
+            try:
+                found[pid] = self.procfs.process_info(pid)
+            except RemediatorError:
+                break
+        return found
+
     def _judge(self, info: ProcessInfo, protected: Iterable[int]) -> None:
         assert self.policies is not None
-        selected = self.policies.select(info)
-        policy = selected[0] if selected else None
+        # The policy that governs it as at the tick: its own, or a tree policy's through an ancestor.
+        governed = governing(info, {**self.ancestors_of(info), info.pid: info}, self.policies)
+        policy = governed.policy if governed else None
         self._judged[info.pid] = info.identity
         if (policy is None or policy.trigger.always or policy.trigger.burst_within_s is None
                 or exclusion_reason(info, protected, self.self_pid)):

@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .audit import AuditLog, AuditWriter, event_record
+from .audit import AuditLog, AuditWriter, CulpritWriter
 from .cgroupfs import CgroupFS, discover_cpu_mount, discover_cpuset_mount, process_cpuset_cpus
 from .collector import Collector
-from .culprits import CulpritState, unnamed_culprits
 from .throttling import ThrottleReader
 from .config import DaemonConfig, load_config
 from .cpulist import format_cpulist, online_cpus
@@ -48,6 +47,7 @@ from .sdnotify import Notifier
 from .selectors import ProtectSelectors
 from .sources import PROCFS_DEGRADED, Source, open_source
 from .trustedfs import Trust
+from .trees import governing
 from .statefile import current_boot_id, load_state, save_state, state_path_for
 from .tick import Carried, ExecutorCarrier, Observers, TickReport, carry_out_decisions, engine_settings, run_tick
 
@@ -130,7 +130,6 @@ class Daemon:
         self._reload = False
         self.state_write_failures: dict[str, int] = {}
         self.lost_totals: dict[str, int] = {}  # events the probes could not count, since start
-        self.culprits = CulpritState()  # which unnamed culprits are on record (rate limit)
         self._saved_state: dict | None = None
         self.metrics_server: MetricsServer | None = None  # [metrics] listen, from run()
         self.textfile: TextfileWriter | None = None  # [metrics] textfile, from run()
@@ -208,7 +207,7 @@ class Daemon:
         try:
             self._start_metrics()  # a port it cannot bind stops it before it writes anything
             self.audit = AuditLog(config.audit_path, stamp=self._audit_stamp(source), trust=self.trust)
-            self.observers.members[:0] = [AuditWriter(self.audit.write), DecisionLog()]
+            self.observers.members[:0] = [AuditWriter(self.audit.write), CulpritWriter(self._unnamed_culprit), DecisionLog()]
             self.recorder = open_recording(self.record_override or config.recording_path, config.recording_max_bytes,
                                            self.trust)
             if self.mode == "live":
@@ -377,11 +376,12 @@ class Daemon:
         infos = list(self.procfs.iter_processes())
         for warning in shared_comm_warnings(infos, self.config.protect, self.policies):
             log.warning("%s", warning)
+        processes = {info.pid: info for info in infos}
         for info in infos:
-            selected = self.policies.select(info)
-            if selected is None:
+            found = governing(info, processes, self.policies)
+            if found is None:
                 continue
-            policy, _ = selected
+            policy = found.policy
             if policy.trigger.always:
                 placed.append(info)  # the engine applies the safety rules (and audits an exclusion)
             reason = exclusion_reason(info, protected)
@@ -481,7 +481,7 @@ class Daemon:
         sample = getattr(self, "last_sample", None)
         groups = protected_groups_of(sample) if sample is not None else []
         self.state, decisions = decide_burst(self.state, info, burst, self.policies, self._settings, protected, groups,
-                                             time.monotonic(), time.time())
+                                             time.monotonic(), time.time(), self.bursts.ancestors_of(info))
         self.state, _carried = carry_out_decisions(self.state, decisions, ExecutorCarrier(self.executor, self.mode), self.policies,
                                                    protected, self.observers, self._checkpoint)
         if decisions:
@@ -503,7 +503,6 @@ class Daemon:
         self.state, report = run_tick(self.state, sample, self.policies, settings, ExecutorCarrier(self.executor, self.mode),
                                       self.observers, discovered=discovered, checkpoint=self._checkpoint,
                                       clock=time.monotonic)
-        self._record_unnamed_culprits(sample)
         if self.bursts is not None:
             self.bursts.refresh(list(discovered) + list(sample.processes.values()), sample.protected.pids)
         self._save_state()
@@ -522,13 +521,10 @@ class Daemon:
     def _observer_failed(self, observer, exc: Exception) -> None:
         log.exception("%s failed (the daemon goes on): %s", type(observer).__name__, exc)
 
-    def _record_unnamed_culprits(self, sample) -> None:
+    def _unnamed_culprit(self, record: dict) -> None:
         """The top-blamed process no policy names goes on record (bounded: see culprits.py)."""
-        records, self.culprits = unnamed_culprits(sample, self.policies, self.culprits, sample.end_ns / 1e9,
-                                                  self_pid=os.getpid())
-        for record in records:
-            self.audit.write(event_record(sample.ts, self.mode, record))
-            log.info("unnamed culprit: %s", printable(record["message"]))
+        self.audit.write(record)
+        log.info("unnamed culprit: %s", printable(record["message"]))
 
     def _engine_settings(self) -> EngineSettings:
         online = online_cpus()
@@ -616,9 +612,9 @@ class Daemon:
         for pid, ns in sample.blame[:3]:
             info = sample.processes.get(pid)
             name = info.comm if info else str(pid)
-            policy = self.policies.select(info) if info else None
+            found = governing(info, sample.processes, self.policies) if info else None
             excluded = exclusion_reason(info, waits.pids) if info else None
-            note = excluded or (f"policy {policy[0].name}" if policy else "no policy")
+            note = excluded or (f"policy {found.policy.name}" if found else "no policy")
             top.append(f"{name} ({pid}) {sample.blame_share(pid):.0%} [{note}]")
         active = self.state.active()
         problems = self._problems()

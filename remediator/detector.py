@@ -27,14 +27,15 @@ class Window:
     usage: Mapping[int, tuple[int, int | None]]  # pid -> (cpu ns, peak ns)
     blame: Mapping[int, int]  # pid -> ns
     window_ns: int
-    own_ns: int = 0  # of wait_ns: behind the protected processes' own threads
-    others_ns: int = 0  # of wait_ns: behind other processes (the blame)
+    # The probe's split of wait_ns (sample.ProtectedWaits): it knows in the kernel which threads are
+    # the service's, forked children included, so it is preferred to a sum over the blame list.
+    own_ns: int = 0  # behind the protected processes' own threads
+    others_ns: int = 0  # behind other processes: all a neighbour can be blamed for
     # pid -> its identity and its known ancestors' (trees.lineage), for the processes that ran or
     # were blamed: a tree policy rolls their CPU and blame up to the matched ancestor.
     lineages: Mapping[int, tuple[ProcessIdentity, ...]] = field(default_factory=dict)
     throttled_ns: int | None = None  # the protected cgroups throttled by their own quota; None: not measured
     throttled_periods: int = 0
-    foreign_ns: int = 0  # blame on processes other than the protected ones
     _percentiles: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -52,7 +53,6 @@ class Window:
             lineages=lineages_of(set(usage_pids(sample)) | {pid for pid, _ in sample.blame}, sample.processes),
             throttled_ns=None if sample.throttling is None else sample.throttling.throttled_ns,
             throttled_periods=0 if sample.throttling is None else sample.throttling.throttled_periods,
-            foreign_ns=sum(ns for pid, ns in sample.blame if pid not in sample.protected.pids),
         )
 
     @property
@@ -128,7 +128,7 @@ def own_throttling(windows: Sequence[Window]) -> dict | None:
     return {
         "throttled_ns": sum(window.throttled_ns or 0 for window in measured),
         "throttled_periods": sum(window.throttled_periods for window in measured),
-        "foreign_blamed_ns": sum(window.foreign_ns for window in measured),
+        "behind_others_ns": sum(window.others_ns for window in measured),
         "wait_ns": sum(window.wait_ns for window in measured),
     }
 
@@ -143,7 +143,7 @@ def self_inflicted(windows: Sequence[Window]) -> dict | None:
     throttling = own_throttling(windows)
     if throttling is None or throttling["throttled_ns"] <= 0:
         return None
-    if throttling["throttled_ns"] < throttling["foreign_blamed_ns"]:
+    if throttling["throttled_ns"] < throttling["behind_others_ns"]:
         return None
     return throttling
 

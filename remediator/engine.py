@@ -385,7 +385,7 @@ def decide(
                     "skipped", now, ts, info, policy,
                     f"self-inflicted: the protected service was throttled by its own CPU quota for "
                     f"{throttling['throttled_ns'] / 1e6:.1f} ms ({throttling['throttled_periods']} periods), at least "
-                    f"as long as others ran while it waited ({throttling['foreign_blamed_ns'] / 1e6:.1f} ms): "
+                    f"as long as others ran while it waited ({throttling['behind_others_ns'] / 1e6:.1f} ms): "
                     f"no step on a neighbour can help",
                     evidence={**evidence, "skipped": "self-inflicted"}))
             continue
@@ -434,16 +434,19 @@ def decide_burst(
     protected_groups: Sequence[tuple[int, str, str | None]],
     now: float,
     ts: float,
+    ancestors: Mapping[int, ProcessInfo] | None = None,
 ) -> tuple[EngineState, list[Decision]]:
     """The probe says `info` was blamed for a burst of long protected waits: act at once, off the
     tick, if the policy that governs it asks for that (tail.within) and as many waits as it needs
     were counted. The same rules as a tick's (exclusions, ladder and settle, cooldown, caps), the
-    same decisions, the same audit. `protected_groups`: protected_groups_of(the latest sample)."""
+    same decisions, the same audit. `protected_groups`: protected_groups_of(the latest sample).
+    `ancestors`: pid -> ProcessInfo of its known ancestors, so that a tree policy governs a child
+    as at the tick (trees.governing): an xz under vector is the log shipper's."""
     decisions: list[Decision] = []
-    selected = policies.select(info)
-    if selected is None:
-        return state, decisions  # never act on what no policy names
-    policy, match = selected
+    governed = governing(info, {**(ancestors or {}), info.pid: info}, policies)
+    if governed is None:
+        return state, decisions  # never act on what no policy names (itself, or through an ancestor's tree policy)
+    policy, match = governed.policy, governed.match
     trigger = policy.trigger
     if trigger.always or trigger.burst_within_s is None:
         return state, decisions

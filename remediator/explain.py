@@ -15,10 +15,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from .actuators.base import ActuatorError
+from .actuators.cpu import CpuActuator
 from .actuators.sched import NAMES as SCHED_NAMES, RANK as SCHED_RANK
 from .actuators.scope import outside_units
 from .baseline import Baselines, learning_needs
-from .cgroupfs import CgroupFS, CgroupMount, discover_cpu_mount, discover_cpuset_mount, process_cgroup_path, process_cpuset_cpus
+from .cgroupfs import CgroupFS, CgroupMount, discover_cpu_mount, discover_cpuset_mount, process_cpuset_cpus
 from .cpulist import CpuListError, format_cpulist, parse_cpulist
 from .errors import ProcessGone, RemediatorError, translate_os_error
 from .placement import auto_request_cpus, owned_cgroup_name, resolve_cpu_spec, unprotected_cpus
@@ -353,15 +355,23 @@ def _scope_text(scope: str, pid: int, cgroup: str) -> str:
             "refused if its cgroup holds limits; the revert moves it back and stops the scope) with")
 
 
+def cpu_steps_unavailable(mount: CgroupMount | None) -> str | None:
+    """Why no cpu step (cpu_weight, cpu_idle, cpu_max) can work on a host with this cpu hierarchy, or None."""
+    if mount is None:
+        return ("not available on this host: no cgroup cpu controller is mounted (no v1 cpu hierarchy, "
+                "and no v2 tree lists cpu in cgroup.controllers)")
+    return None
+
+
 def _cpu_step_effect(step: Step, policy: Policy, pid: int, reader: _Reader) -> str:
     """Which path a cpu step takes on this host, and what it would write (read only)."""
     mount = discover_cpu_mount()
     membership = reader.procfs.cgroups(pid)
-    if mount is None:
-        return "not available on this host: no cgroup cpu controller is mounted"
-    if mount.version == 2:
-        if not reader.systemd_host:
-            return "not available on this host: cgroup v2 without systemd (only through a systemd unit, or on the v1 cpu hierarchy)"
+    unavailable = cpu_steps_unavailable(mount)
+    if unavailable:
+        return unavailable
+    assert mount is not None
+    if mount.version == 2 and reader.systemd_host:
         unit, why = unit_for_cgroup(membership.v2_path or "/")
         setting = dict(step.cpu)
         if setting.get("idle"):
@@ -377,8 +387,22 @@ def _cpu_step_effect(step: Step, policy: Policy, pid: int, reader: _Reader) -> s
             return f"refused on this systemd host: {why}"
         return (f"{step.describe()} through systemd: SetUnitProperties {unit} --runtime {change} "
                 "(never raised; every process of the unit gets it)")
-    current = process_cgroup_path(mount, membership) or "?"
-    return f"{step.describe()}: move from {current} into {mount.mount_point}/remediator-{policy.name} (cgroup v1 cpu controller)"
+    return _owned_group_effect(step, policy, pid, reader, mount)
+
+
+def _owned_group_effect(step: Step, policy: Policy, pid: int, reader: _Reader, mount: CgroupMount) -> str:
+    """The exact writes into remediator-POLICY (v1, or v2 without systemd): the actuator's own plan,
+    the same words a dry run prints."""
+    where = "cgroup v1 cpu controller" if mount.version == 1 else "cgroup v2 without systemd: a group of remediator's own"
+    actuator = CpuActuator(reader.procfs, mount=mount, cgroupfs=CgroupFS(), systemd=None)
+    try:
+        identity = reader.procfs.identity(pid)
+        plan = actuator.plan(identity, {"cpu": dict(step.cpu), "group": policy.name}, actuator.read(pid))
+    except ActuatorError as exc:
+        return f"{step.describe()}: refused on this host ({where}): {exc.message}"
+    if plan.unchanged:
+        return f"{step.describe()}: no change: {plan.description} ({where})"
+    return f"{step.describe()}: {plan.description} ({where})"
 
 
 def _precedence_reason(winner: Policy, loser: Policy) -> str:

@@ -25,6 +25,7 @@ from prometheus_client.process_collector import ProcessCollector
 from . import histogram
 from .model import Outcome
 from .statefile import write_durably
+from .trees import governing
 from .trustedfs import Trust, TrustedDirectory
 
 DEFAULT_OFFENDER_LABELS = 20
@@ -241,8 +242,8 @@ class Metrics:
             usage = None if info is not None else sample.usage_of(pid)
             comm = info.comm if info is not None else usage.comm if usage is not None else "?"
             self.blame_by_offender.labels(self._offender(comm, seconds)).inc(seconds)
-            selected = policies.select(info) if info is not None else None
-            self.blame_by_policy.labels(selected[0].name if selected else NO_POLICY).inc(seconds)
+            found = governing(info, sample.processes, policies) if info is not None else None  # a tree policy's too
+            self.blame_by_policy.labels(found.policy.name if found else NO_POLICY).inc(seconds)
 
     def _per_policy(self, sample, policies, state) -> None:
         now = sample.end_ns / 1e9

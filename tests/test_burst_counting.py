@@ -246,3 +246,41 @@ def test_burstwatch_names_governed_processes_with_their_policys_count(tmp_path):
     watch.clock = lambda: 10.0
     watch.refresh([], [SERVICE.pid])
     assert source.dropped == [4242] and set(source.candidates) == {SHIPPER.pid, 201}
+
+
+# -- trees: a burst of a shipper's child is governed as at the tick ------------------------------
+
+SHIPPED = Path(__file__).resolve().parent.parent / "policies"
+VECTOR = ProcessInfo(pid=400, start_time=40, comm="vector", exe="/usr/bin/vector")
+XZ_UNDER_VECTOR = ProcessInfo(pid=401, start_time=41, comm="xz", exe="/usr/bin/xz", ppid=400, ancestors=((400, "vector"),))
+
+
+def test_a_burst_of_an_xz_under_vector_is_governed_by_the_log_shippers_tree_policy():
+    from remediator.policy import load_policies
+
+    shipped = load_policies([SHIPPED])
+    state, decisions = decide_burst(EngineState(), XZ_UNDER_VECTOR, BURST, shipped, SETTINGS, (SERVICE.pid,), [], 100.04,
+                                    1_700_000_100.04, {VECTOR.pid: VECTOR})
+    assert [(d.kind, d.policy.name, d.info.pid, d.step.describe()) for d in decisions] == \
+        [("act", "log-shippers", XZ_UNDER_VECTOR.pid, "cpu_idle")]  # the child that ran gets the step, not the parent
+    assert decisions[0].evidence["match"].startswith("descendant of vector (pid 400)")
+    # Without its parent known, or under a parent that started after it (a reused pid), no policy names an xz.
+    assert decide_burst(EngineState(), XZ_UNDER_VECTOR, BURST, shipped, SETTINGS, (SERVICE.pid,), [], 100.04, 0.0)[1] == []
+    reused = ProcessInfo(pid=400, start_time=50, comm="vector")
+    assert decide_burst(EngineState(), XZ_UNDER_VECTOR, BURST, shipped, SETTINGS, (SERVICE.pid,), [], 100.04, 0.0,
+                        {reused.pid: reused})[1] == []
+
+
+def test_burstwatch_makes_a_tree_policys_children_candidates():
+    from remediator.burstwatch import BurstWatch
+    from remediator.policy import load_policies
+    from remediator.probes import BurstEvent
+
+    source, procs = FakeBurstSource(), FakeProcs(SERVICE, VECTOR, XZ_UNDER_VECTOR)
+    watch = BurstWatch(source, procs, self_pid=999, clock=lambda: 0.0)
+    watch.set_policies(load_policies([SHIPPED]))
+    watch.refresh([], [SERVICE.pid])
+    assert set(source.candidates) == {VECTOR.pid, XZ_UNDER_VECTOR.pid}
+    info, _burst = watch.evidence(BurstEvent(mono_ns=int(100.03e9), first_ns=int(100.0e9), wait_ns=3_000_000,
+                                             tgid=XZ_UNDER_VECTOR.pid, count=2))
+    assert info == XZ_UNDER_VECTOR and watch.ancestors_of(info) == {VECTOR.pid: VECTOR}

@@ -4,14 +4,17 @@ evidence, at a bounded rate; named, protected or harmless ones do not."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 
 from helpers.daemon import wait_until, write_config
 from helpers.workloads import hog_argv, pin_workers, victim_argv
 from remediator import histogram
+from remediator.cli import main
 from remediator.culprits import EVENT, CulpritSettings, CulpritState, unnamed_culprits
 from remediator.policy import load_policies
 from remediator.procfs import ProcessInfo
@@ -109,6 +112,22 @@ def test_rate_is_bounded_per_process_and_across_the_host(tmp_path):
     assert state.held_back == 3
     records, state = unnamed_culprits(sample(700.0), p, state, 700.0, settings)  # a new window, and 300's quiet time is over
     assert len(records) == 1 and records[0]["evidence"]["held_back"] == 3 and state.held_back == 0
+
+
+def test_a_replay_puts_the_unnamed_culprit_on_record_as_the_daemon_would(capsys):
+    """The recorded batch-job no policy names: replay's audit lines carry it once (the rate limit holds
+    across its bursts), after the tick it was first on top in, in replay mode, with the evidence."""
+    recordings = Path(__file__).resolve().parent / "fixtures" / "recordings"
+    policy_dir = Path(__file__).resolve().parent.parent / "policies"
+    assert main(["replay", str(recordings / "unnamed-batch-job.jsonl"), "--policies", str(policy_dir), "--request-cpus", "0",
+                 "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    culprits = [r for r in records if r["decision"] == EVENT]
+    assert len(culprits) == 1 and records == culprits  # and nothing acted: no policy names it
+    culprit = culprits[0]
+    assert culprit["process"]["comm"] == "batch-job" and culprit["mode"] == "replay" and culprit["policy"] is None
+    assert culprit["evidence"]["blame_share"] >= 0.2 and culprit["evidence"]["off_limits"] is None
+    assert culprit["evidence"]["protected_tail"]["value_us"] > culprit["evidence"]["protected_tail"]["threshold_us"]
 
 
 @pytest.mark.bpf

@@ -3,6 +3,7 @@ errors; and the real daemon's /metrics, scraped over HTTP and checked by promtoo
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import stat
@@ -62,6 +63,23 @@ def test_offender_comms_are_bounded_and_no_blame_is_lost():
     buckets = values(metrics, "remediator_protected_run_queue_wait_seconds_bucket")
     assert buckets[(("le", "1.024e-06"),)] == 0 and buckets[(("le", "2.048e-06"),)] == 500
     assert buckets[(("le", "4.096e-06"),)] == 500 and buckets[(("le", "+Inf"),)] == 500
+
+
+def test_blame_on_a_shippers_child_counts_for_the_tree_policy():
+    from pathlib import Path
+
+    from remediator.policy import load_policies
+
+    shipped = load_policies([Path(__file__).resolve().parent.parent / "policies"])
+    vector = ProcessInfo(pid=400, start_time=40, comm="vector")
+    xz = ProcessInfo(pid=401, start_time=41, comm="xz", ppid=400, ancestors=((400, "vector"),))
+    sample = blamed_sample(0, [(401, "xz", 30_000_000), (500, "batch-job", 10_000_000)])
+    sample = dataclasses.replace(sample, processes={**sample.processes, 400: vector, 401: xz})
+    metrics = Metrics(offender_labels=3)
+    settings = engine_settings(shipped, 1.0, frozenset({0}), frozenset({0, 1}), 10, self_pid=-1)
+    replay_samples([sample], shipped, settings, Observers([metrics]))
+    assert values(metrics, "remediator_policy_blame_seconds_total") == {
+        (("policy", "log-shippers"),): pytest.approx(0.03), (("policy", "none"),): pytest.approx(0.01)}
 
 
 def test_a_comm_that_only_flickers_gets_no_series_of_its_own():

@@ -100,15 +100,21 @@ nice = 10
 """
 
 
-def sample(t, tail_us=5000.0, shipper_cpu=0.8, blame_ns=2_000_000, throttled_ns=None):
+def sample(t, tail_us=5000.0, shipper_cpu=0.8, blame_ns=2_000_000, throttled_ns=None, own_ns=0, blame=None):
+    """One tick: 200 short waits and 4 of `tail_us`. The probe's split: `own_ns` behind the service's
+    own threads, `blame_ns` behind the shipper (all the blame on others), the rest behind nobody
+    (an idle CPU, as while a throttled group may not run). `blame`: the blame list, when it says more
+    than the split (a forked worker of the service, which the probe counts as its own)."""
     waits = [50_000] * 200 + [int(tail_us * 1000)] * 4
+    assert own_ns + blame_ns <= sum(waits) and (throttled_ns or 0) <= 4 * tail_us * 1000, "a tick the kernel cannot give"
     duration_ns = int(TICK * 1e9)
     return Sample(
         ts=1_700_000_000 + t, start_ns=int((t - TICK) * 1e9), end_ns=int(t * 1e9), source="bpf", window_ns=50_000_000, ncpus=2,
         protected=ProtectedWaits(threads=1, pids=(100,), waits=len(waits), wakeups=len(waits), preemptions=0, wait_ns=sum(waits),
-                                 max_ns=max(waits), histogram=tuple(sorted(histogram.from_values(waits).items()))),
+                                 max_ns=max(waits), histogram=tuple(sorted(histogram.from_values(waits).items())),
+                                 blamed_ns=blame_ns, own_ns=own_ns, unattributed_ns=sum(waits) - blame_ns - own_ns),
         usage=(ProcessUsage(200, "fluent-bit", int(shipper_cpu * duration_ns), None),),
-        blame=((200, blame_ns),) if blame_ns else (),
+        blame=blame if blame is not None else ((200, blame_ns),) if blame_ns else (),
         cpu_busy_ns=(duration_ns, duration_ns), processes={100: SERVICE, 200: SHIPPER},
         throttling=None if throttled_ns is None else Throttling(("/api",), 25, 10 if throttled_ns else 0, throttled_ns),
     )
@@ -129,19 +135,39 @@ def run(tmp_path, samples):
 
 
 def test_a_self_throttled_tail_is_not_acted_on_and_is_audited_once(tmp_path):
-    decisions = run(tmp_path, [sample(1.0 + i * TICK, throttled_ns=40_000_000) for i in range(8)])
+    # Each tick: throttled 40 ms, in 4 waits of 10 ms; the shipper ran 2 ms of the 50 ms waited.
+    decisions = run(tmp_path, [sample(1.0 + i * TICK, tail_us=10_000.0, throttled_ns=40_000_000) for i in range(8)])
     assert [d.kind for d in decisions] == ["skipped"]
     skipped = decisions[0]
     assert skipped.message.startswith("self-inflicted: ")
     assert skipped.evidence["skipped"] == "self-inflicted"
-    assert skipped.evidence["protected_throttling"]["throttled_ns"] == 80_000_000  # the trigger's windows so far (2 of its M = 3)
-    assert skipped.evidence["protected_throttling"]["foreign_blamed_ns"] == 4_000_000
+    # At the second tick (the trigger needs 2 windows of its M = 3): 2 x 40 ms throttled, 2 x 2 ms
+    # behind the shipper, 2 x (200 x 50 us + 4 x 10 ms) waited.
+    assert skipped.evidence["protected_throttling"] == {"throttled_ns": 80_000_000, "throttled_periods": 20,
+                                                        "behind_others_ns": 4_000_000, "wait_ns": 100_000_000}
+    assert "throttled by its own CPU quota for 80.0 ms (20 periods), at least as long as others ran while it waited (4.0 ms)" \
+        in skipped.message
 
 
 def test_throttling_smaller_than_the_neighbours_share_does_not_stop_the_action(tmp_path):
-    decisions = run(tmp_path, [sample(1.0 + i * TICK, blame_ns=30_000_000, throttled_ns=1_000_000) for i in range(3)])
+    # 1 ms throttled a tick, 30 ms behind the shipper (of 50 ms waited): the neighbour is the harm.
+    decisions = run(tmp_path, [sample(1.0 + i * TICK, tail_us=10_000.0, blame_ns=30_000_000, throttled_ns=1_000_000)
+                               for i in range(3)])
     acts = [d for d in decisions if d.kind == "act"]
-    assert len(acts) == 1 and acts[0].evidence["protected_throttling"]["throttled_ns"] == 2_000_000
+    assert len(acts) == 1
+    assert acts[0].evidence["protected_throttling"] == {"throttled_ns": 2_000_000, "throttled_periods": 20,
+                                                        "behind_others_ns": 60_000_000, "wait_ns": 100_000_000}
+
+
+def test_wait_behind_the_services_own_workers_is_not_set_against_its_throttling(tmp_path):
+    """The probe counts a worker the service forked (pid 300, in no protected pid list yet) as its
+    own: 30 ms a tick behind it and 2 ms behind the shipper, throttled 10 ms. Others ran 2 ms, so
+    the quota explains the tail; summed from the blame list instead, 'others' would be 32 ms."""
+    blame = ((300, 30_000_000), (200, 2_000_000))
+    decisions = run(tmp_path, [sample(1.0 + i * TICK, tail_us=10_000.0, own_ns=30_000_000, blame=blame,
+                                      throttled_ns=10_000_000) for i in range(3)])
+    assert [d.kind for d in decisions] == ["skipped"]
+    assert decisions[0].evidence["protected_throttling"]["behind_others_ns"] == 4_000_000
 
 
 def test_no_throttling_measured_acts_as_before(tmp_path):
@@ -151,7 +177,7 @@ def test_no_throttling_measured_acts_as_before(tmp_path):
 
 
 def test_the_skip_is_audited_again_after_a_minute(tmp_path):
-    samples = [sample(1.0 + i * TICK, throttled_ns=40_000_000) for i in range(8)]
+    samples = [sample(1.0 + i * TICK, tail_us=10_000.0, throttled_ns=40_000_000) for i in range(8)]
     later = [dataclasses.replace(s, start_ns=s.start_ns + 61_000_000_000, end_ns=s.end_ns + 61_000_000_000) for s in samples]
     assert [d.kind for d in run(tmp_path, samples + later)] == ["skipped", "skipped"]
 
@@ -159,7 +185,7 @@ def test_the_skip_is_audited_again_after_a_minute(tmp_path):
 def test_watch_shows_the_throttling():
     from remediator.view import interval_view, render_text
 
-    s = sample(1.0, throttled_ns=40_000_000)
+    s = sample(1.0, tail_us=10_000.0, throttled_ns=40_000_000)
     view = interval_view(s)
     assert view["protected"]["throttled"] == {"cgroups": ["/api"], "periods": 25, "throttled_periods": 10, "throttled_us": 40000.0}
     assert "throttled by its own CPU quota: 40.0 ms in 10 of 25 periods (/api)" in render_text(view, s)

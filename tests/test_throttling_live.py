@@ -48,6 +48,6 @@ def test_a_service_throttled_by_its_own_quota_is_not_defended_against_a_neighbou
     evidence = skipped[0]["evidence"]
     print(skipped[0]["message"], evidence["protected_throttling"], evidence["offender"])
     assert evidence["skipped"] == "self-inflicted" and skipped[0]["process"]["pid"] == hog.pid
-    assert evidence["protected_throttling"]["throttled_ns"] > evidence["protected_throttling"]["foreign_blamed_ns"]
+    assert evidence["protected_throttling"]["throttled_ns"] > evidence["protected_throttling"]["behind_others_ns"]
     assert evidence["offender"]["cpu"] >= 0.5  # the trigger held: only the self-inflicted rule held the step back
     assert run.stop() == 0

@@ -4,7 +4,7 @@
     sched     sched_setscheduler(tid, SCHED_IDLE or SCHED_BATCH) on every thread, never a raise
     affinity  sched_setaffinity(tid, cpus) on every thread, kept on new threads
     cpu       the cgroup's cpu controller (cpu_weight, cpu_idle, cpu_max): the unit's runtime
-              properties through systemd (v2), or a remediator-owned group in the v1 cpu hierarchy
+              properties through systemd (v2), or a remediator-owned group (v1, or v2 without systemd)
     cpuset    a remediator-owned cpuset cgroup (v1, or v2 without systemd), or the unit's
               AllowedCPUs through systemd (v2 with systemd)
 

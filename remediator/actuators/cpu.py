@@ -13,13 +13,22 @@ siblings, which is where a systemd host puts a service and a sidecar (each its o
 - cgroup v2 under systemd, the process in no unit (a group another tool made): it moves into a
   transient scope of remediator's, `remediator-POLICY.scope`, started with the properties
   (actuators/scope.py); restore writes it back where it was and stops the scope once empty.
-- cgroup v2 without systemd: not available yet (it would need `+cpu` in the root's subtree_control
-  and the no-internal-process rule); the step says so and changes nothing.
+- cgroup v2 without systemd (no SystemdManager: systemd is not PID 1, as `default_actuators`
+  decides): as on v1, the process moves into `remediator-POLICY`, a child of the root, with
+  cpu.weight, cpu.idle or cpu.max ("QUOTA PERIOD", one write); first "+cpu" goes into the root's
+  cgroup.subtree_control where missing (cpuset's enable_controller_steps; the root is exempt from
+  the no-internal-process rule, and our group is a leaf). "+cpu" is not taken back on restore (as
+  "+cpuset" is not): cgroups made since may rely on it, but it does make each child of the root its
+  own scheduling group of weight 100 where before every thread competed alone. Never a raise by the
+  move: a process whose cgroup (or an ancestor below the root) already gives as little (cpu.idle 1,
+  a weight or a cpu.max as low) stays where it is, and one whose cgroup holds limits (memory.max,
+  pids.max, cpu.max, io.max, a cpuset: scope.limits_in_the_way) is refused rather than moved out.
 
 One kind, "cpu": a later step adds its setting on top of the earlier ones (cpu_weight, then
 cpu_idle), and the journal keeps the original from before the first, so a revert gives back every
 property (or the cgroup) as it was. Never a raise: a weight is only ever lowered, a quota only
-tightened, and idle stays idle.
+tightened, and idle stays idle. A group of our own reaches every process in it: they are the plan's
+`affects`, so the executor refuses the change when one of them is protected, PID 1 or the daemon.
 """
 
 from __future__ import annotations
@@ -32,7 +41,8 @@ from ..errors import ProcessGone
 from ..procfs import ProcessIdentity, ProcFS
 from ..systemd import SystemdManager, unit_for_cgroup
 from .base import ApplyResult, ChangeFailed, ChangeInvalid, Plan, RestoreResult, ensure_alive, systemd_call
-from .scope import OffenderScopes, scope_cgroup_of, scope_name, scope_of_applied
+from .cpuset import enable_controller_steps, write_error
+from .scope import OffenderScopes, limits_in_the_way, scope_cgroup_of, scope_name, scope_of_applied
 
 CGROUP_PREFIX = "remediator-"
 UNSET = 2**64 - 1  # systemd's "not set" for CPUWeight, "no quota" for CPUQuotaPerSecUSec
@@ -99,6 +109,61 @@ def _v1_writes(setting: dict, directory: Path, read) -> list[tuple[Path, str]]:
     return [(directory / "cpu.cfs_period_us", str(period)), (directory / "cpu.cfs_quota_us", str(quota))]
 
 
+V2_DEFAULTS = {"cpu.weight": "100", "cpu.idle": "0", "cpu.max": "max 100000"}
+
+
+def _v2_writes(setting: dict, directory: Path, read) -> list[tuple[Path, str]]:
+    """The cpu controller files to write in our v2 group for `setting`, never a raise ('' reads as
+    the kernel's default: a group not made yet)."""
+    def value(name: str) -> str:
+        return read(directory / name) or V2_DEFAULTS[name]
+
+    idle = value("cpu.idle") == "1"
+    if setting.get("idle"):
+        return [] if idle else [(directory / "cpu.idle", "1")]
+    if "weight" in setting:
+        if idle:
+            return []  # idle stays idle (and the kernel refuses a weight on an idle group: EINVAL)
+        now = value("cpu.weight")
+        return [] if now.isdigit() and int(now) <= setting["weight"] else [(directory / "cpu.weight", str(setting["weight"]))]
+    quota, period = setting["quota_us"], setting["period_us"]
+    if _quota_within(value("cpu.max"), quota, period):
+        return []
+    return [(directory / "cpu.max", f"{quota} {period}")]  # both in one write: checked together
+
+
+def _quota_within(cpu_max: str, quota: int, period: int) -> bool:
+    """Whether a v2 cpu.max ('20000 100000', 'max 100000') already allows no more than quota/period."""
+    fields = cpu_max.split()
+    return len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit() and int(fields[0]) * period <= quota * int(fields[1])
+
+
+def _as_little_on_v2(cgroupfs: CgroupFS, mount: CgroupMount, cgroup_path: str, setting: dict) -> str:
+    """Where the process's v2 cgroup (or an ancestor below the root) already gives it as little as
+    `setting` ('cpu.idle=1 in /sys/fs/cgroup/a'); '' when none does. Moving it out would be a raise."""
+    parts = [part for part in cgroup_path.split("/") if part]
+    for depth in range(len(parts), 0, -1):
+        directory = mount.fs_path("/" + "/".join(parts[:depth]))
+        if directory is None:
+            continue
+
+        def read(name: str) -> str:
+            try:
+                return cgroupfs.read(directory / name).strip()
+            except OSError:
+                return ""  # the controller is not enabled there
+
+        if read("cpu.idle") == "1" and "quota_us" not in setting:
+            return f"cpu.idle=1 in {directory}"
+        weight = read("cpu.weight")
+        if "weight" in setting and weight.isdigit() and int(weight) <= setting["weight"]:
+            return f"cpu.weight={weight} in {directory}"
+        cpu_max = read("cpu.max")
+        if "quota_us" in setting and _quota_within(cpu_max, setting["quota_us"], setting["period_us"]):
+            return f"cpu.max={cpu_max!r} in {directory}"
+    return ""
+
+
 class CpuActuator:
     kind = "cpu"
 
@@ -121,10 +186,7 @@ class CpuActuator:
         current = {"cgroup": path, **mount.to_json()}
         if mount.version == 2:
             if self.systemd is None:
-                raise ChangeFailed(
-                    "cpu_weight, cpu_idle and cpu_max on cgroup v2 without systemd are not available yet "
-                    "(only through a systemd unit, or on the v1 cpu hierarchy): nothing changed"
-                )
+                return current  # no manager owns the tree: a group of our own, as on v1
             unit, why = unit_for_cgroup(path)
             if unit is None:
                 assert self.scopes is not None
@@ -161,19 +223,39 @@ class CpuActuator:
         assert mount is not None
         name = CGROUP_PREFIX + group
         directory = mount.mount_point / name
-        exists = self.cgroupfs.exists(directory)
-        writes = _v1_writes(setting, directory, self._read) if exists else _v1_writes(setting, directory, lambda path: "")
         moving = current["cgroup"] != "/" + name
+        enable: list = []
+        if mount.version == 2:
+            if moving:
+                held = _as_little_on_v2(self.cgroupfs, mount, current["cgroup"], setting)
+                if held:
+                    return Plan(self.kind, identity, current, target,
+                                f"pid {identity.pid} is in {current['cgroup']}, which already has {held}, as little as {setting_text(setting)}: not moved",
+                                unchanged=True)
+                limits = limits_in_the_way(self.cgroupfs, mount, current["cgroup"])
+                if limits:
+                    raise ChangeInvalid(f"pid {identity.pid} is in {current['cgroup']}, and moving it into {directory} would lift "
+                                        f"the limits of its cgroup ({', '.join(limits)}): nothing changed")
+            # Our group is a child of the root, which the no-internal-process rule exempts.
+            enable = enable_controller_steps(self.cgroupfs, mount, "/", "cpu")
+        writes_for = _v2_writes if mount.version == 2 else _v1_writes
+        exists = self.cgroupfs.exists(directory)
+        writes = writes_for(setting, directory, self._read) if exists else writes_for(setting, directory, lambda path: "")
         if not writes and not moving:
             return Plan(self.kind, identity, current, target, f"pid {identity.pid} is already in {directory} with {setting_text(setting)} or less", unchanged=True)
-        parts = ([f"mkdir {directory}"] if not exists else []) + [f"write {value} to {path}" for path, value in writes]
+        parts = [f"write {step.value} to {step.path}" for step in enable]
+        parts += ([f"mkdir {directory}"] if not exists else []) + [f"write {value} to {path}" for path, value in writes]
         if moving:
             parts.append(f"write {identity.pid} to {directory / 'cgroup.procs'}")
         description = f"{', '.join(parts)} (was {current['cgroup']})"
         details = {"directory": str(directory), "cgroup": "/" + name, "created": not exists,
+                   "enable": [[str(step.path), step.value] for step in enable],
                    "writes": [[str(path), value] for path, value in writes], "move": moving}
         expected = {"cgroup": "/" + name, "setting": setting}
-        return Plan(self.kind, identity, current, target, description, details=details, expected=expected)
+        # The group's settings reach every offender already in it: none may be off limits.
+        members = tuple(cgroup_pids(self.cgroupfs, directory)) if exists else ()
+        return Plan(self.kind, identity, current, target, description, details=details, expected=expected,
+                    affects=tuple(dict.fromkeys((identity.pid, *members))))
 
     def _plan_unit(self, identity: ProcessIdentity, target: dict, current: dict, setting: dict) -> Plan:
         unit = current["unit"]
@@ -230,18 +312,29 @@ class CpuActuator:
             return ApplyResult(applied=applied, message=plan.description)
         directory = Path(details["directory"])
         created = False
+        path, value = directory, ""
         try:
+            # "+cpu" in the root's subtree_control (v2) stays: see the module docstring.
+            for path, value in details.get("enable", ()):
+                self.cgroupfs.write(Path(path), value)
+            path, value = directory, ""
             if details["created"]:
                 self.cgroupfs.mkdir(directory)
                 created = True
             for path, value in details["writes"]:
                 self.cgroupfs.write(Path(path), value)
             if details["move"]:
-                self.cgroupfs.write(directory / "cgroup.procs", str(plan.identity.pid))
+                path, value = directory / "cgroup.procs", str(plan.identity.pid)
+                self.cgroupfs.write(path, value)
         except OSError as exc:
             undo = self._remove_if_empty(directory) if created else ""
             if exc.errno == errno.ESRCH:
                 raise ProcessGone(plan.identity.pid) from None
+            if self._mount_of(plan.current).version == 2:
+                error = write_error(exc, Path(path), value)
+                error.message += undo or "; nothing was moved"
+                error.args = (error.message,)
+                raise error from None
             raise ChangeFailed(f"{exc.filename or directory}: {errno.errorcode.get(exc.errno or 0, exc.errno)} ({exc.strerror}){undo or '; nothing was moved'}") from None
         ensure_alive(self.procfs, plan.identity)
         applied = {"cgroup": details["cgroup"], "created": details["created"], "setting": plan.target.get("cpu")}
@@ -279,6 +372,9 @@ class CpuActuator:
             raise ChangeFailed(f"the original cgroup {original['cgroup']} is outside {mount.mount_point}: {KEPT}")
         ours = (applied or {}).get("cgroup")
         now = process_cgroup_path(mount, self.procfs.cgroups(identity.pid))
+        if now == original["cgroup"] and now != ours:
+            # The move never happened (a crash between the intent and the move): nothing to put back.
+            return RestoreResult(f"pid {identity.pid} is in its original cgroup {now}: nothing to restore" + self.cleanup(original, applied))
         if ours is not None and now != ours:
             text = f"pid {identity.pid} is in {now}, not in {ours} where remediator put it: {KEPT}" + self.cleanup(original, applied)
             return RestoreResult(text, restored=False, left={"cgroup": now, "set": ours})

@@ -154,6 +154,48 @@ def describe_steps(steps: list[Step]) -> str:
     return "; ".join(parts)
 
 
+def enable_controller_steps(cgroupfs: CgroupFS, mount: CgroupMount, parent: str, controller: str) -> list[Step]:
+    """cgroup v2: "+CONTROLLER" in cgroup.subtree_control from the root down to `parent`, where
+    missing; refused before any write where the no-internal-process rule would answer EBUSY."""
+    chain = ["/"]
+    for part in parent.strip("/").split("/"):
+        if part:
+            chain.append(chain[-1].rstrip("/") + "/" + part)
+    steps: list[Step] = []
+    for cgroup in chain:
+        directory = mount.fs_path(cgroup)
+        assert directory is not None
+        try:
+            enabled = cgroupfs.read(directory / "cgroup.subtree_control").split()
+        except OSError as exc:
+            raise ChangeFailed(f"cannot read {directory}/cgroup.subtree_control ({exc.strerror}): nothing changed") from None
+        if controller in enabled:
+            continue
+        if not steps:
+            # The topmost cgroup missing it must at least be offered the controller.
+            try:
+                available = cgroupfs.read(directory / "cgroup.controllers").split()
+            except OSError:
+                available = []
+            if controller not in available:
+                raise ChangeFailed(
+                    f"{controller} is not available in {directory} (cgroup.controllers: {' '.join(available) or 'empty'}); "
+                    "it may be bound to a cgroup v1 hierarchy: nothing changed"
+                )
+        if cgroup != "/":
+            holders = cgroup_pids(cgroupfs, directory)
+            if holders:
+                shown = ", ".join(str(pid) for pid in holders[:5]) + (", ..." if len(holders) > 5 else "")
+                raise ChangeFailed(
+                    f"cannot enable {controller} in {directory}/cgroup.subtree_control: {directory} holds processes "
+                    f"({shown}), and cgroup v2 gives no controllers to the children of a non-root cgroup with "
+                    "processes of its own (no-internal-process rule; the write would fail with EBUSY); "
+                    f"configure a {controller} parent that holds no processes: nothing changed"
+                )
+        steps.append(Step("write", directory / "cgroup.subtree_control", "+" + controller))
+    return steps
+
+
 class CpusetActuator:
     kind = "cpuset"
 
@@ -262,46 +304,6 @@ class CpusetActuator:
                 return ""
             directory = directory.parent
 
-    def _v2_enable_steps(self, mount: CgroupMount) -> list[Step]:
-        """"+cpuset" in cgroup.subtree_control from the root down to the parent, where missing."""
-        chain = ["/"]
-        for part in self.parent.strip("/").split("/"):
-            if part:
-                chain.append(chain[-1].rstrip("/") + "/" + part)
-        steps: list[Step] = []
-        for cgroup in chain:
-            directory = mount.fs_path(cgroup)
-            assert directory is not None
-            try:
-                enabled = self.cgroupfs.read(directory / "cgroup.subtree_control").split()
-            except OSError as exc:
-                raise ChangeFailed(f"cannot read {directory}/cgroup.subtree_control ({exc.strerror}): nothing changed") from None
-            if "cpuset" in enabled:
-                continue
-            if not steps:
-                # The topmost cgroup missing it must at least be offered the controller.
-                try:
-                    available = self.cgroupfs.read(directory / "cgroup.controllers").split()
-                except OSError:
-                    available = []
-                if "cpuset" not in available:
-                    raise ChangeFailed(
-                        f"cpuset is not available in {directory} (cgroup.controllers: {' '.join(available) or 'empty'}); "
-                        "it may be bound to a cgroup v1 hierarchy: nothing changed"
-                    )
-            if cgroup != "/":
-                holders = cgroup_pids(self.cgroupfs, directory)
-                if holders:
-                    shown = ", ".join(str(pid) for pid in holders[:5]) + (", ..." if len(holders) > 5 else "")
-                    raise ChangeFailed(
-                        f"cannot enable cpuset in {directory}/cgroup.subtree_control: {directory} holds processes "
-                        f"({shown}), and cgroup v2 gives no controllers to the children of a non-root cgroup with "
-                        "processes of its own (no-internal-process rule; the write would fail with EBUSY); "
-                        "configure a cpuset parent that holds no processes: nothing changed"
-                    )
-            steps.append(Step("write", directory / "cgroup.subtree_control", "+cpuset"))
-        return steps
-
     def plan(
         self, identity: ProcessIdentity, target: dict, current: dict, *, original: dict | None = None, applied: dict | None = None
     ) -> Plan:
@@ -342,7 +344,7 @@ class CpusetActuator:
         if not mems:
             raise ChangeFailed(f"cannot read the memory nodes of {parent_dir} (cpuset.mems): nothing changed")
 
-        steps: list[Step] = self._v2_enable_steps(mount) if mount.version == 2 else []
+        steps: list[Step] = enable_controller_steps(self.cgroupfs, mount, self.parent, "cpuset") if mount.version == 2 else []
         exists = self.cgroupfs.exists(target_dir)
         previous_cpus = self._read_cpus(target_dir / "cpuset.cpus") if exists else frozenset()
         if not exists:

@@ -71,6 +71,26 @@ def outside_units(cgroup_path: str) -> tuple[bool, str]:
     return True, why
 
 
+def limits_in_the_way(cgroupfs: CgroupFS, mount: CgroupMount, cgroup_path: str) -> list[str]:
+    """The limits set on a cgroup or its ancestors below the root ('file=value'): what a process
+    moved out of it would escape."""
+    found = []
+    parts = [part for part in cgroup_path.split("/") if part]
+    for depth in range(len(parts), 0, -1):
+        directory = mount.fs_path("/" + "/".join(parts[:depth]))
+        if directory is None:
+            continue
+        for name, defaults in LIMIT_DEFAULTS.items():
+            try:
+                value = cgroupfs.read(directory / name).strip()
+            except OSError:
+                continue  # that controller is not enabled there: no limit from it
+            first = value.split()[0] if value else ""
+            if first not in defaults:
+                found.append(f"{directory / name}={value!r}")
+    return found
+
+
 class OffenderScopes:
     """Moves offenders into remediator's transient scopes and gives them back."""
 
@@ -80,22 +100,7 @@ class OffenderScopes:
         self.cgroupfs = cgroupfs
 
     def limits_in_the_way(self, cgroup_path: str) -> list[str]:
-        """The limits set on the process's cgroup or its ancestors below the root ('file=value')."""
-        found = []
-        parts = [part for part in cgroup_path.split("/") if part]
-        for depth in range(len(parts), 0, -1):
-            directory = self.mount.fs_path("/" + "/".join(parts[:depth]))
-            if directory is None:
-                continue
-            for name, defaults in LIMIT_DEFAULTS.items():
-                try:
-                    value = self.cgroupfs.read(directory / name).strip()
-                except OSError:
-                    continue  # that controller is not enabled there: no limit from it
-                first = value.split()[0] if value else ""
-                if first not in defaults:
-                    found.append(f"{directory / name}={value!r}")
-        return found
+        return limits_in_the_way(self.cgroupfs, self.mount, cgroup_path)
 
     def check_movable(self, pid: int, cgroup_path: str) -> None:
         movable, why = outside_units(cgroup_path)

@@ -13,7 +13,8 @@ from ..cpulist import CpuListError, online_cpus, parse_cpulist
 from ..errors import RemediatorError
 from ..baseline import Baselines
 from ..engine import import_state
-from ..explain import LearnedBaselines, explain
+from ..cgroupfs import discover_cpu_mount
+from ..explain import LearnedBaselines, cpu_steps_unavailable, explain
 from ..policy import check_paths, load_policies, read_policy_files
 from ..printable import printable
 from ..procfs import ProcFS
@@ -88,7 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--host", action="store_true",
         help="also warn, per step, where a nice or sched step cannot work on this host now: the offenders each policy "
         "matches are in another scheduling group (cpu cgroup or autogroup) than the protected processes, which the "
-        "config among PATHS names (read only)",
+        "config among PATHS names; and where a cpu_weight, cpu_idle or cpu_max step is not available (no cgroup cpu "
+        "controller) (read only)",
     )
     check.add_argument("--sysfs-root", default="/sys", help=argparse.SUPPRESS)
     check.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
@@ -219,6 +221,15 @@ def host_diagnostics(paths: list, online: frozenset[int], procfs: ProcFS) -> tup
                     step.location, "warning",
                     f"policy {entry.policy.name}: {step.describe()} cannot work on this host now for pid {item.info.pid} "
                     f"({printable(item.info.comm)}): {why}; the daemon skips it at once", "step-cannot-work"))
+    unavailable = cpu_steps_unavailable(discover_cpu_mount())
+    if unavailable:  # a host fact: said once per step, whether or not a process matches now
+        for policy in policies.policies:
+            for step in policy.steps:
+                if step.kind == "cpu":
+                    diagnostics.append(Diagnostic(
+                        step.location, "warning",
+                        f"policy {policy.name}: {step.describe()} is {unavailable}; the daemon's step fails and the "
+                        "ladder goes on after its settle", "step-not-available"))
     return diagnostics, notes
 
 

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-from ..audit import AuditWriter, format_table
+from ..audit import AuditWriter, CulpritWriter, format_table
 from ..config import load_config
 from ..cpulist import CpuListError, format_cpulist, parse_cpulist
 from ..engine import EngineSettings
@@ -103,11 +103,13 @@ def _cpus(text: str, what: str) -> frozenset[int]:
 
 
 def replay_records(samples: list[Sample], policies: PolicySet, settings: EngineSettings, observers: tuple = ()) -> list[dict]:
-    """What `policies` would have done on `samples`: audit-style records, every change assumed to succeed.
-    The daemon's tick (tick.run_tick) with the PretendCarrier: run_replay, --against and policy
+    """What `policies` would have done on `samples`: audit-style records, every change assumed to succeed,
+    and the unnamed culprits the daemon would have put on record. The daemon's tick (tick.run_tick)
+    with the PretendCarrier and the daemon's audit observers: run_replay, --against and policy
     suggest's check all go through it; `observers` hear the same ticks (replay --metrics)."""
     records: list[dict] = []
-    replay_samples(samples, policies, settings, Observers([AuditWriter(records.append), *observers]))
+    replay_samples(samples, policies, settings,
+                   Observers([AuditWriter(records.append), CulpritWriter(records.append), *observers]))
     return records
 
 

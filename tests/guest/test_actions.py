@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from helpers.remediation import close, identity_of, make_executor
 from remediator.executor import ActionRequest
-from units import CONFIG, JOURNAL, REMEDIATOR, WORKLOADS, install_unit, main_pid, remove_unit, show, systemctl, wait_for, write_root_file
+from units import (ACTION_CONFIG_TEXT, CONFIG, JOURNAL, WORKLOADS, cpu_step_then_sigkill, install_unit, main_pid, remove_unit, revert_all, show,
+                   systemctl, wait_for, write_root_file)
 
 pytestmark = pytest.mark.root
 
@@ -26,26 +26,18 @@ ExecStart=/usr/bin/python3 {WORKLOADS}/hog.py --comm sidecar --threads 2
 CGROUP = Path("/sys/fs/cgroup/system.slice") / UNIT
 DROPINS = Path("/run/systemd/system.control") / f"{UNIT}.d"
 PROPERTIES = ("CPUWeight", "CPUQuotaPerSecUSec", "CPUQuotaPeriodUSec")
-CONFIG_TEXT = f"""
-[protect]
-pids = [1]
-[daemon]
-mode = "live"
-policies = []
-journal = "{JOURNAL}"
-"""
 
 
 @pytest.fixture
 def sidecar():
     saved = CONFIG.read_text() if CONFIG.exists() else None
-    write_root_file(CONFIG, CONFIG_TEXT)
+    write_root_file(CONFIG, ACTION_CONFIG_TEXT)
     install_unit(UNIT, UNIT_TEXT)
     systemctl("start", UNIT)
     try:
         yield main_pid(UNIT)
     finally:
-        subprocess.run([REMEDIATOR, "revert", "--all", "--config", str(CONFIG)], capture_output=True, timeout=120)
+        revert_all()
         remove_unit(UNIT)
         subprocess.run(["systemctl", "revert", UNIT], capture_output=True, timeout=60)
         JOURNAL.unlink(missing_ok=True)
@@ -110,22 +102,11 @@ def test_cpu_weight_idle_and_max_go_through_systemd_and_come_back_exactly(sideca
 
 def test_after_a_crash_revert_all_gives_the_unit_its_properties_back(sidecar):
     before = show(UNIT, *PROPERTIES)
-    # A daemon that dies right after its change (os._exit: no clean-up at all) with the journal it wrote.
-    crashed = subprocess.run([sys.executable, "-c", f"""
-import os, sys
-sys.path.insert(0, "/opt/remediator/tests")
-from helpers.remediation import make_executor
-from remediator.executor import ActionRequest
-from remediator.procfs import ProcFS
-executor = make_executor(__import__("pathlib").Path("{JOURNAL}"))
-request = ActionRequest(ProcFS().identity({sidecar}), "cpu", "guest-sidecar", 0, cpu=(("idle", 1),), cgroup="guest-sidecar")
-print(executor.apply(request, ()).status, flush=True)
-os._exit(0)
-"""], capture_output=True, text=True, timeout=120, cwd="/opt/remediator")
+    crashed = cpu_step_then_sigkill(sidecar, (("idle", 1),), "guest-sidecar")
     assert crashed.stdout.strip() == "applied", crashed.stdout + crashed.stderr
     assert show(UNIT, "CPUWeight")["CPUWeight"] == "idle"
 
-    out = subprocess.run([REMEDIATOR, "revert", "--all", "--config", str(CONFIG)], capture_output=True, text=True, timeout=120)
+    out = revert_all()
     print(out.stdout)
     assert out.returncode == 0, out.stdout + out.stderr
     assert show(UNIT, *PROPERTIES) == before

@@ -6,16 +6,14 @@ crash too. A process whose cgroup holds limits is never moved out of them."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from helpers.remediation import close, identity_of, make_executor
 from remediator.executor import ActionRequest
-from units import CONFIG, JOURNAL, REMEDIATOR, WORKLOADS, cgroup_of, show, wait_for, write_root_file
+from units import JOURNAL, cgroup_of, cpu_step_then_sigkill, hog_in_group, revert_all, show, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -23,14 +21,6 @@ FOREIGN = Path("/sys/fs/cgroup/guest-foreign")  # a group another tool made: in 
 SCOPE = "remediator-guest-foreign.scope"
 SCOPE_CGROUP = f"/system.slice/{SCOPE}"
 DROPINS = Path("/run/systemd/system.control") / f"{SCOPE}.d"
-CONFIG_TEXT = f"""
-[protect]
-pids = [1]
-[daemon]
-mode = "live"
-policies = []
-journal = "{JOURNAL}"
-"""
 
 
 def scope_gone() -> bool:
@@ -39,24 +29,8 @@ def scope_gone() -> bool:
 
 @pytest.fixture
 def foreign():
-    saved = CONFIG.read_text() if CONFIG.exists() else None
-    write_root_file(CONFIG, CONFIG_TEXT)
-    FOREIGN.mkdir()
-    hog = subprocess.Popen([sys.executable, str(WORKLOADS / "hog.py"), "--comm", "foreign-hog", "--threads", "2"])
-    try:
-        (FOREIGN / "cgroup.procs").write_text(str(hog.pid))
-        assert cgroup_of(hog.pid) == "/guest-foreign"
-        yield hog.pid
-    finally:
-        subprocess.run([REMEDIATOR, "revert", "--all", "--config", str(CONFIG)], capture_output=True, timeout=120)
-        hog.kill()
-        hog.wait(timeout=30)
-        subprocess.run(["systemctl", "stop", SCOPE], capture_output=True, timeout=60)
-        wait_for(lambda: not FOREIGN.exists() or not (FOREIGN / "cgroup.procs").read_text().split(), 10, "guest-foreign empty")
-        FOREIGN.rmdir()
-        JOURNAL.unlink(missing_ok=True)
-        if saved is not None:
-            write_root_file(CONFIG, saved)
+    with hog_in_group(FOREIGN, "foreign-hog", after_kill=lambda: subprocess.run(["systemctl", "stop", SCOPE], capture_output=True, timeout=60)) as pid:
+        yield pid
 
 
 def cpu_request(pid: int, setting: tuple, step: int = 0) -> ActionRequest:
@@ -95,21 +69,11 @@ def test_an_offender_in_no_unit_moves_into_our_scope_and_back(foreign, executor)
 
 
 def test_after_a_crash_revert_all_moves_it_back_and_stops_the_scope(foreign):
-    crashed = subprocess.run([sys.executable, "-c", f"""
-import os, sys
-sys.path.insert(0, "/opt/remediator/tests")
-from helpers.remediation import make_executor
-from remediator.executor import ActionRequest
-from remediator.procfs import ProcFS
-executor = make_executor(__import__("pathlib").Path("{JOURNAL}"))
-request = ActionRequest(ProcFS().identity({foreign}), "cpu", "guest-foreign", 0, cpu=(("idle", 1),), cgroup="guest-foreign")
-print(executor.apply(request, ()).status, flush=True)
-os.kill(os.getpid(), {int(signal.SIGKILL)})
-"""], capture_output=True, text=True, timeout=120, cwd="/opt/remediator")
+    crashed = cpu_step_then_sigkill(foreign, (("idle", 1),), "guest-foreign")
     assert crashed.stdout.strip() == "applied", crashed.stdout + crashed.stderr
     assert cgroup_of(foreign) == SCOPE_CGROUP
 
-    out = subprocess.run([REMEDIATOR, "revert", "--all", "--config", str(CONFIG)], capture_output=True, text=True, timeout=120)
+    out = revert_all()
     print(out.stdout)
     assert out.returncode == 0, out.stdout + out.stderr
     assert cgroup_of(foreign) == "/guest-foreign"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 CHECKOUT = Path("/opt/remediator")
 REMEDIATOR = str(CHECKOUT / ".venv/bin/remediator")
@@ -20,6 +24,64 @@ UNIT_DIR = Path("/etc/systemd/system")
 
 # The properties a remediation may touch, and those that show the unit is still whole.
 COMPARED_PROPERTIES = ("AllowedCPUs", "CPUWeight", "CPUQuotaPerSecUSec", "MemoryMax", "TasksMax", "ControlGroup", "Nice", "CPUAffinity")
+
+
+# The config `remediator revert --all` reads in the action tests: PID 1 protected, no policies, the
+# journal the tests' executors write.
+ACTION_CONFIG_TEXT = f"""
+[protect]
+pids = [1]
+[daemon]
+mode = "live"
+policies = []
+journal = "{JOURNAL}"
+"""
+
+
+def revert_all() -> subprocess.CompletedProcess:
+    """`remediator revert --all` with the config in place, as an operator would after a crash."""
+    return subprocess.run([REMEDIATOR, "revert", "--all", "--config", str(CONFIG)], capture_output=True, text=True, timeout=120)
+
+
+def cpu_step_then_sigkill(pid: int, setting: tuple, group: str, executor_options: str = "") -> subprocess.CompletedProcess:
+    """A daemon that applies one cpu step to pid and is killed with SIGKILL right after (no clean-up
+    at all), leaving the journal it wrote. Its stdout is the outcome's status."""
+    return subprocess.run([sys.executable, "-c", f"""
+import os, sys
+sys.path.insert(0, "/opt/remediator/tests")
+from helpers.remediation import make_executor
+from remediator.executor import ActionRequest
+from remediator.procfs import ProcFS
+executor = make_executor(__import__("pathlib").Path("{JOURNAL}"){executor_options})
+request = ActionRequest(ProcFS().identity({pid}), "cpu", "{group}", 0, cpu={setting!r}, cgroup="{group}")
+print(executor.apply(request, ()).status, flush=True)
+os.kill(os.getpid(), {int(signal.SIGKILL)})
+"""], capture_output=True, text=True, timeout=120, cwd=str(CHECKOUT))
+
+
+@contextlib.contextmanager
+def hog_in_group(directory: Path, comm: str, after_kill: Callable[[], object] = lambda: None) -> Iterator[int]:
+    """A two-thread hog in a cgroup made here under the root (in no unit, holding no limits), with
+    ACTION_CONFIG_TEXT in place. At the end, failed test or not: `revert --all`, the hog killed,
+    `after_kill` (the test's own leftovers), the group removed, the journal and config as before."""
+    saved = CONFIG.read_text() if CONFIG.exists() else None
+    write_root_file(CONFIG, ACTION_CONFIG_TEXT)
+    directory.mkdir()
+    hog = subprocess.Popen([sys.executable, str(WORKLOADS / "hog.py"), "--comm", comm, "--threads", "2"])
+    try:
+        (directory / "cgroup.procs").write_text(str(hog.pid))
+        assert cgroup_of(hog.pid) == "/" + directory.name
+        yield hog.pid
+    finally:
+        revert_all()
+        hog.kill()
+        hog.wait(timeout=30)
+        after_kill()
+        wait_for(lambda: not directory.exists() or not (directory / "cgroup.procs").read_text().split(), 10, f"{directory} empty")
+        directory.rmdir()
+        JOURNAL.unlink(missing_ok=True)
+        if saved is not None:
+            write_root_file(CONFIG, saved)
 
 
 def systemctl(*args: str, check: bool = True) -> subprocess.CompletedProcess:

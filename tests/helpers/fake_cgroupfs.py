@@ -8,6 +8,8 @@ Rules modelled (from Documentation/admin-guide/cgroup-v2.rst):
 - a process moves by writing its pid to cgroup.procs (ESRCH when there is no such process; EBUSY
   when the target has controllers enabled for children); /proc/<pid>/cgroup follows;
 - cpuset.cpus must lie within the parent's effective CPUs (EINVAL);
+- cpu.weight, cpu.idle and cpu.max appear in a child when the parent enables cpu (defaults 100, 0,
+  "max 100000"); a weight outside 1..10000, or on an idle group, is EINVAL, as is a malformed cpu.max;
 - rmdir fails with EBUSY while the cgroup holds processes or children.
 Faults can be injected per (operation, file name).
 """
@@ -23,6 +25,7 @@ from remediator.cpulist import format_cpulist, parse_cpulist
 
 CONTROL_FILES = ("cgroup.procs", "cgroup.controllers", "cgroup.subtree_control")
 CPUSET_FILES = ("cpuset.cpus", "cpuset.mems", "cpuset.cpus.effective", "cpuset.mems.effective")
+CPU_FILES = {"cpu.weight": "100", "cpu.idle": "0", "cpu.max": "max 100000"}
 
 
 def _error(code: int, path: Path) -> OSError:
@@ -35,6 +38,8 @@ class FakeProcTree:
     def __init__(self, root: Path):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        # psutil reads the boot time from here before anything else (as tests/helpers/fakeproc.py writes it).
+        (root / "stat").write_text("cpu  1 2 3 4\nbtime 1700000000\n")
 
     def add_process(self, pid: int, start_time: int, *, comm: str = "fluent-bit", cgroup: str = "/", tids=()) -> None:
         directory = self.root / str(pid)
@@ -124,6 +129,12 @@ class FakeCgroupV2(CgroupFS):
         (directory / "cgroup.controllers").write_text(" ".join(enabled) + "\n" if enabled else "")
         if "cpuset" in enabled:
             self._add_cpuset_files(directory)
+        if "cpu" in enabled:
+            self._add_cpu_files(directory)
+
+    def _add_cpu_files(self, directory: Path) -> None:
+        for name, value in CPU_FILES.items():
+            (directory / name).write_text(value + "\n")
 
     def _add_cpuset_files(self, directory: Path) -> None:
         parent = directory.parent
@@ -167,6 +178,8 @@ class FakeCgroupV2(CgroupFS):
                             (child / "cgroup.controllers").write_text(" ".join(enabled) + "\n")
                             if controller == "cpuset":
                                 self._add_cpuset_files(child)
+                            if controller == "cpu":
+                                self._add_cpu_files(child)
                 elif sign == "-" and controller in enabled:
                     enabled.remove(controller)
                 path.write_text(" ".join(enabled) + "\n" if enabled else "")
@@ -186,6 +199,22 @@ class FakeCgroupV2(CgroupFS):
                 raise _error(errno.EINVAL, path)
             path.write_text(format_cpulist(wanted) + "\n")
             (directory / "cpuset.cpus.effective").write_text(format_cpulist(wanted or allowed) + "\n")
+            return
+        if name == "cpu.weight":
+            if not value.strip().isdigit() or not 1 <= int(value) <= 10000 or (directory / "cpu.idle").read_text().strip() == "1":
+                raise _error(errno.EINVAL, path)
+            path.write_text(value.strip() + "\n")
+            return
+        if name == "cpu.idle":
+            if value.strip() not in ("0", "1"):
+                raise _error(errno.EINVAL, path)
+            path.write_text(value.strip() + "\n")
+            return
+        if name == "cpu.max":
+            fields = value.split()
+            if len(fields) != 2 or not (fields[0] == "max" or fields[0].isdigit()) or not fields[1].isdigit():
+                raise _error(errno.EINVAL, path)
+            path.write_text(" ".join(fields) + "\n")
             return
         if name == "cpuset.mems":
             path.write_text(value.strip() + "\n")
