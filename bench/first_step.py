@@ -71,7 +71,8 @@ from incident import (  # noqa: E402  (the same workloads and percentiles as the
 sys.path.insert(0, str(ROOT))
 from remediator.actuators import default_actuators  # noqa: E402
 from remediator.cgroupfs import discover_cpu_mount  # noqa: E402
-from remediator.executor import ActionRequest, Executor  # noqa: E402
+from remediator.executor import Executor  # noqa: E402
+from remediator.model import ActionRequest  # noqa: E402
 from remediator.journal import Journal  # noqa: E402
 from remediator.procfs import ProcFS  # noqa: E402
 
@@ -79,12 +80,12 @@ POLICY = "bench-first-step"  # the cpu actuator's group: remediator-bench-first-
 GROUP_PREFIX = "bench-first-step-"
 LAYOUTS = {"A": "one group (one session)", "B": "systemd-like (own cpu cgroups, equal weights)"}
 # configuration -> the request's kind and setting (None: no request)
-STEPS: dict[str, tuple[str, dict] | None] = {
+STEPS: dict[str, tuple[str, dict] | None] = {  # (kind, the request's params)
     "none": None,
     "nice-10": ("nice", {"nice": 10}),
     "sched-idle": ("sched", {"sched": "idle"}),
-    "cpu-weight": ("cpu", {"cpu": (("weight", 10),), "cgroup": POLICY}),
-    "cpu-idle": ("cpu", {"cpu": (("idle", 1),), "cgroup": POLICY}),
+    "cpu-weight": ("cpu", {"cpu": {"weight": 10}, "group": POLICY}),
+    "cpu-idle": ("cpu", {"cpu": {"idle": 1}, "group": POLICY}),
     "hand-fix": None,
     "affinity": ("affinity", {"cpus": frozenset({OTHER_CPU})}),
 }
@@ -157,8 +158,8 @@ def run_once(config: str, layout: str, groups: Groups | None, args: argparse.Nam
         client.stdout.readline()
         step = STEPS[config]
         if step is not None:
-            kind, fields = step
-            request = ActionRequest(executor.procfs.identity(sidecar.pid), kind, POLICY, 0, **fields)
+            kind, params = step
+            request = ActionRequest(executor.procfs.identity(sidecar.pid), kind, POLICY, 0, params)
             outcome = executor.apply(request, protected_pids=(server.pid, client.pid))
             if outcome.status != "applied":
                 raise RuntimeError(f"{config} in layout {layout}: {outcome}")

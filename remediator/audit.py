@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 from .culprits import CulpritSettings, CulpritState, unnamed_culprits
 from .engine import Decision
 from .errors import RemediatorError
-from .executor import Outcome
+from .model import Outcome
 from .jsonlines import read_json_lines
 from .printable import printable
 from .trustedfs import Trust, TrustedDirectory

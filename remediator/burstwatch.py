@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 from .engine import BurstEvidence
 from .errors import RemediatorError
-from .policy import Policy, PolicySet
+from .model import Policy, PolicySet
 from .probes import BurstCandidate, BurstEvent
 from .procfs import ProcessIdentity, ProcessInfo, ProcFS
 from .safety import exclusion_reason

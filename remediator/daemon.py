@@ -29,13 +29,14 @@ from .cpulist import format_cpulist, online_cpus
 from .burstwatch import BurstWatch
 from .engine import Decision, EngineSettings, EngineState, decide_burst, export_state, given_back, import_state, protected_groups_of, resume
 from .errors import RemediatorError, SetupError
-from .executor import Executor, Outcome
+from .executor import Executor
 from .health import LOG_WRITE_FAILURES, describe_counts, error_name
 from .journal import Journal
 from .placement import auto_request_cpus
 from .matching import Glob
 from .metrics import Metrics, MetricsServer, TextfileWriter
-from .policy import PolicyErrors, PolicySet, load_policies
+from .model import Outcome, PolicySet
+from .policy import PolicyErrors, load_policies
 from .probes import BurstEvent, ProbeSettings, window_shift_for
 from .recording import open_recording
 from .printable import printable

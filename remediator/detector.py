@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from . import histogram
-from .policy import Trigger
+from .model import Trigger
 from .procfs import ProcessIdentity
 from .sample import Sample
 from .trees import lineages_of, tree_pids

@@ -40,11 +40,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Collection, Iterable, Mapping, Sequence
 
+from .actuators import kind_of
 from .baseline import Baselines
 from .detector import Window, blame_share, combined_tail_us, evaluate_trigger, own_throttling, self_inflicted, tail_over
-from .model import ActionRequest
-from .placement import resolve_cpu_spec
-from .policy import Policy, PolicySet, Step
+from .model import ActionRequest, Policy, PolicySet, Step
 from .procfs import ProcessIdentity, ProcessInfo
 from .safety import exclusion_reason
 from .sample import Sample
@@ -189,20 +188,11 @@ def _action_id(state: EngineState, info: ProcessInfo) -> tuple[str, EngineState]
 
 def _request_for(step: Step, policy: Policy, info: ProcessInfo, settings: EngineSettings, index: int, evidence: dict) -> tuple[ActionRequest | None, str]:
     """The concrete request for a step, or None and why it cannot be done."""
-    if step.kind == "nice":
-        return ActionRequest(info.identity, "nice", policy.name, index, nice=step.nice, evidence=evidence), ""
-    if step.kind == "sched":
-        return ActionRequest(info.identity, "sched", policy.name, index, sched=step.sched, evidence=evidence), ""
-    if step.kind == "cpu":
-        # On cgroup v1 the offenders of one policy share the group remediator-POLICY.
-        return ActionRequest(info.identity, "cpu", policy.name, index, cpu=step.cpu, cgroup=policy.name, evidence=evidence), ""
-    cpus = resolve_cpu_spec(step.cpus, settings.request_cpus, settings.online_cpus)
-    if len(cpus) < max(1, policy.limits.min_cpus):
-        return None, (
-            f"{step.describe()} resolves to {len(cpus)} CPU(s) but the policy leaves the offender at least "
-            f"{policy.limits.min_cpus}: request CPUs cover the host"
-        )
-    return ActionRequest(info.identity, step.kind, policy.name, index, cpus=frozenset(cpus), cgroup=step.cgroup, evidence=evidence), ""
+    params, why_not = kind_of(step.kind).target(step.params, policy.name, policy.limits.min_cpus, settings.request_cpus,
+                                                settings.online_cpus)
+    if params is None:
+        return None, why_not
+    return ActionRequest(info.identity, step.kind, policy.name, index, params, evidence=evidence), ""
 
 
 def _ladder_moved_at(pending: PendingVerification, state: EngineState) -> float | None:

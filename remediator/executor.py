@@ -20,7 +20,7 @@ from .actuators import KINDS, Actuator, ActuatorError, default_actuators, dry_ru
 from .cpulist import format_cpulist
 from .errors import ProcessGone, RemediatorError
 from .journal import Journal, JournalEntry
-from .model import ERROR_STATUSES, LEFT_BY_OTHER, STATUSES, ActionRequest, Outcome  # noqa: F401  (re-exported)
+from .model import LEFT_BY_OTHER, ActionRequest, Outcome
 from .procfs import ProcessIdentity, ProcFS
 from .safety import exclusion_reason
 

@@ -1,9 +1,10 @@
 """`policy explain`: what the policies would touch on this host, now, and what the first step would do.
 
-Read-only by construction: processes and their current nice / affinity / cpuset cgroup are read
-from procfs (the root is a parameter, so tests can use a fake tree): the nice of a thread is field
-19 of /proc/PID/task/TID/stat (what getpriority returns), its affinity the Cpus_allowed_list of
-/proc/PID/task/TID/status (what sched_getaffinity returns), its cgroup /proc/PID/cgroup.
+Read-only by construction: processes, and the current value each step's kind reads of them
+(actuators/<kind>.py `effect`), come from procfs (the root is a parameter, so tests can use a fake
+tree): the nice of a thread is field 19 of /proc/PID/task/TID/stat (what getpriority returns), its
+affinity the Cpus_allowed_list of /proc/PID/task/TID/status (what sched_getaffinity returns), its
+cgroup /proc/PID/cgroup.
 """
 
 from __future__ import annotations
@@ -11,25 +12,22 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .actuators.base import ActuatorError
-from .actuators.cpu import CpuActuator
-from .actuators.sched import NAMES as SCHED_NAMES, RANK as SCHED_RANK
-from .actuators.scope import outside_units
+from .actuators import Host, kind_of
+from .actuators.affinity import thread_affinity
 from .baseline import Baselines, learning_needs
-from .cgroupfs import CgroupFS, CgroupMount, discover_cpu_mount, discover_cpuset_mount, process_cpuset_cpus
-from .cpulist import CpuListError, format_cpulist, parse_cpulist
-from .errors import ProcessGone, RemediatorError, translate_os_error
-from .placement import auto_request_cpus, owned_cgroup_name, resolve_cpu_spec, unprotected_cpus
-from .policy import Policy, PolicySet, Step
+from .cgroupfs import CgroupFS, CgroupMount, discover_cpuset_mount, process_cpuset_cpus
+from .cpulist import format_cpulist
+from .errors import ProcessGone, RemediatorError
+from .placement import auto_request_cpus, unprotected_cpus
+from .model import Policy, PolicySet, Step
 from .printable import printable
 from .procfs import ProcessInfo, ProcFS, boot_time, clock_ticks_per_second
 from .safety import exclusion_reason
 from .schedgroups import SchedGroups, unreachable_reason
-from .systemd import systemd_is_init, unit_for_cgroup
+from .systemd import systemd_is_init
 from .trees import descendants, format_tree, governing
 from .selectors import ProtectSelectors
 
@@ -207,202 +205,18 @@ class ExplainReport:
         return "\n".join(printable(line) for line in lines) + "\n"
 
 
-class _Reader:
-    """Read-only views of one process through a procfs root."""
-
-    def __init__(self, procfs: ProcFS, systemd_host: bool | None = None):
-        self.procfs = procfs
-        # On a systemd host, a cpuset step on cgroup v2 is the unit's AllowedCPUs (actuators/cpuset.py).
-        self.systemd_host = systemd_is_init() if systemd_host is None else systemd_host
-
-    def _task_file(self, pid: int, tid: int, name: str) -> str:
-        path = self.procfs.root / str(pid) / "task" / str(tid) / name
-        try:
-            return path.read_text(errors="replace")
-        except OSError as exc:
-            raise translate_os_error(exc, pid, f"read {path}") from None
-
-    def thread_nice(self, pid: int) -> dict[int, int]:
-        return {tid: self.procfs.stat(pid, tid).nice for tid in sorted(self.procfs.tids(pid))}
-
-    def thread_sched(self, pid: int) -> dict[int, str]:
-        """Each thread's scheduling policy by name, from field 41 of its stat (no syscall needed)."""
-        policies: dict[int, str] = {}
-        for tid in sorted(self.procfs.tids(pid)):
-            fields = self._task_file(pid, tid, "stat").rsplit(")", 1)[-1].split()
-            try:
-                number = int(fields[41 - 3])  # fields after the comm start at field 3 (state)
-            except (IndexError, ValueError):
-                raise RemediatorError(f"pid {pid}: no scheduling policy in /proc/{pid}/task/{tid}/stat") from None
-            policies[tid] = SCHED_NAMES.get(number, f"policy-{number}")
-        return policies
-
-    def thread_affinity(self, pid: int) -> dict[int, frozenset[int]]:
-        return {tid: self.affinity(pid, tid) for tid in sorted(self.procfs.tids(pid))}
-
-    def affinity(self, pid: int, tid: int) -> frozenset[int]:
-        for line in self._task_file(pid, tid, "status").splitlines():
-            if line.startswith("Cpus_allowed_list:"):
-                try:
-                    return parse_cpulist(line.split(":", 1)[1])
-                except CpuListError as exc:
-                    raise RemediatorError(f"pid {pid}: unparsable Cpus_allowed_list: {exc}") from None
-        raise RemediatorError(f"pid {pid}: no Cpus_allowed_list in /proc/{pid}/task/{tid}/status")
-
-    def cpuset_path(self, pid: int) -> str:
-        membership = self.procfs.cgroups(pid)
-        return membership.v1_paths.get("cpuset") or membership.v2_path or "/"
-
-
-def _summarize_threads(what: str, current: dict[int, str], target: str) -> str:
-    """'nice 0 -> 10 on 2 threads, already 10 on 1 thread', or 'no change: ...'."""
-    changing = Counter(value for value in current.values() if value != target)
-    same = sum(1 for value in current.values() if value == target)
-    if not changing:
-        return f"no change: {what} already {target} on {_plural(same, 'thread')}"
-    parts = [f"{what} {value} -> {target} on {_plural(count, 'thread')}" for value, count in sorted(changing.items())]
-    if same:
-        parts.append(f"already {target} on {_plural(same, 'thread')}")
-    return ", ".join(parts)
-
-
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"
-
-
-def first_step_effect(
-    step: Step, policy: Policy, pid: int, reader: _Reader, request_cpus: frozenset[int], online: frozenset[int]
-) -> tuple[str, dict]:
-    """What the step would change on this process now, in words and as data."""
+def first_step_effect(step: Step, policy: Policy, pid: int, host: Host) -> tuple[str, dict]:
+    """What the step would change on this process now, in words and as data (its kind reads the
+    current value, read only)."""
     data: dict[str, Any] = {"step": step.describe(), "kind": step.kind}
     try:
-        if step.kind == "nice":
-            current = reader.thread_nice(pid)
-            assert step.nice is not None
-            data.update(target=step.nice, threads={str(tid): value for tid, value in current.items()})
-            text = _summarize_threads("nice", {tid: str(value) for tid, value in current.items()}, str(step.nice))
-            data["text"] = text
-            return text, data
-        if step.kind == "sched":
-            assert step.sched is not None
-            current_sched = reader.thread_sched(pid)
-            lowered = {tid: name for tid, name in current_sched.items() if SCHED_RANK.get(name, 3) > SCHED_RANK[step.sched] and name not in ("fifo", "rr", "deadline")}
-            data.update(target=step.sched, threads={str(tid): name for tid, name in current_sched.items()})
-            if lowered:
-                text = _summarize_threads("sched", lowered, step.sched)
-                left = len(current_sched) - len(lowered)
-                if left:
-                    text += f", left as it is on {_plural(left, 'thread')} (already at or below, or realtime)"
-            else:
-                text = f"no change: every thread already at or below sched {step.sched} ({_plural(len(current_sched), 'thread')})"
-            data["text"] = text
-            return text, data
-        if step.kind == "cpu":
-            text = _cpu_step_effect(step, policy, pid, reader)
-            data["text"] = text
-            return text, data
-        assert step.cpus is not None
-        target = resolve_cpu_spec(step.cpus, request_cpus, online)
-        data["target"] = format_cpulist(target)
-        if not target:
-            text = f"skipped: {step.cpus.describe()} resolves to no CPU on this host"
-            data["text"] = text
-            return text, data
-        if len(target) < policy.limits.min_cpus:
-            text = f"skipped: {format_cpulist(target)} is fewer CPUs than limits.min_cpus = {policy.limits.min_cpus}"
-            data["text"] = text
-            return text, data
-        if step.kind == "affinity":
-            masks = reader.thread_affinity(pid)
-            data["threads"] = {str(tid): format_cpulist(mask) for tid, mask in masks.items()}
-            text = _summarize_threads("affinity", {tid: format_cpulist(mask) for tid, mask in masks.items()}, format_cpulist(target))
-            data["text"] = text
-            return text, data
-        assert step.cgroup is not None
-        membership = reader.procfs.cgroups(pid)
-        if reader.systemd_host and "cpuset" not in membership.v1_paths and membership.v2_path:
-            unit, why = unit_for_cgroup(membership.v2_path)
-            data.update(cgroup=membership.v2_path, unit=unit)
-            if unit:
-                text = (f"cpuset through systemd: SetUnitProperties {unit} --runtime AllowedCPUs={format_cpulist(target)} "
-                        "(the process stays in its unit; every process of the unit gets it)")
-            elif outside_units(membership.v2_path)[0]:
-                scope = owned_cgroup_name(step.cgroup) + ".scope"
-                text = f"cpuset through systemd: {_scope_text(scope, pid, membership.v2_path)} AllowedCPUs={format_cpulist(target)}"
-            else:
-                text = f"refused on this systemd host: {why}"
-            data["text"] = text
-            return text, data
-        current_path = reader.cpuset_path(pid)
-        name = owned_cgroup_name(step.cgroup)
-        data.update(cgroup=current_path, target_cgroup=name)
-        if current_path.rstrip("/").endswith("/" + name):
-            text = f"cpuset: already in {current_path}; cpus {format_cpulist(target)}"
-        else:
-            text = f"cpuset: move from {current_path} to {name} with cpus {format_cpulist(target)}"
-        data["text"] = text
-        return text, data
+        text = kind_of(step.kind).effect(step.params, policy.name, policy.limits.min_cpus, pid, host, data)
     except ProcessGone:
-        data["text"] = "process exited while being read"
-        return data["text"], data
+        text = "process exited while being read"
     except RemediatorError as exc:
-        data["text"] = f"cannot read the current value: {exc}"
-        return data["text"], data
-
-
-def _scope_text(scope: str, pid: int, cgroup: str) -> str:
-    return (f"pid {pid} is in {cgroup}, in no unit: StartTransientUnit {scope} PIDs={pid} (remediator's own scope; "
-            "refused if its cgroup holds limits; the revert moves it back and stops the scope) with")
-
-
-def cpu_steps_unavailable(mount: CgroupMount | None) -> str | None:
-    """Why no cpu step (cpu_weight, cpu_idle, cpu_max) can work on a host with this cpu hierarchy, or None."""
-    if mount is None:
-        return ("not available on this host: no cgroup cpu controller is mounted (no v1 cpu hierarchy, "
-                "and no v2 tree lists cpu in cgroup.controllers)")
-    return None
-
-
-def _cpu_step_effect(step: Step, policy: Policy, pid: int, reader: _Reader) -> str:
-    """Which path a cpu step takes on this host, and what it would write (read only)."""
-    mount = discover_cpu_mount()
-    membership = reader.procfs.cgroups(pid)
-    unavailable = cpu_steps_unavailable(mount)
-    if unavailable:
-        return unavailable
-    assert mount is not None
-    if mount.version == 2 and reader.systemd_host:
-        unit, why = unit_for_cgroup(membership.v2_path or "/")
-        setting = dict(step.cpu)
-        if setting.get("idle"):
-            change = "CPUWeight=idle"
-        elif "weight" in setting:
-            change = f"CPUWeight={setting['weight']}"
-        else:
-            change = f"CPUQuota={setting['quota_us'] * 100 / setting['period_us']:g}% CPUQuotaPeriodSec={setting['period_us']}us"
-        if unit is None and outside_units(membership.v2_path or "/")[0]:
-            scope = owned_cgroup_name(policy.name) + ".scope"
-            return f"{step.describe()} through systemd: {_scope_text(scope, pid, membership.v2_path or '/')} {change}"
-        if unit is None:
-            return f"refused on this systemd host: {why}"
-        return (f"{step.describe()} through systemd: SetUnitProperties {unit} --runtime {change} "
-                "(never raised; every process of the unit gets it)")
-    return _owned_group_effect(step, policy, pid, reader, mount)
-
-
-def _owned_group_effect(step: Step, policy: Policy, pid: int, reader: _Reader, mount: CgroupMount) -> str:
-    """The exact writes into remediator-POLICY (v1, or v2 without systemd): the actuator's own plan,
-    the same words a dry run prints."""
-    where = "cgroup v1 cpu controller" if mount.version == 1 else "cgroup v2 without systemd: a group of remediator's own"
-    actuator = CpuActuator(reader.procfs, mount=mount, cgroupfs=CgroupFS(), systemd=None)
-    try:
-        identity = reader.procfs.identity(pid)
-        plan = actuator.plan(identity, {"cpu": dict(step.cpu), "group": policy.name}, actuator.read(pid))
-    except ActuatorError as exc:
-        return f"{step.describe()}: refused on this host ({where}): {exc.message}"
-    if plan.unchanged:
-        return f"{step.describe()}: no change: {plan.description} ({where})"
-    return f"{step.describe()}: {plan.description} ({where})"
+        text = f"cannot read the current value: {exc}"
+    data["text"] = text
+    return text, data
 
 
 def _precedence_reason(winner: Policy, loser: Policy) -> str:
@@ -484,7 +298,6 @@ def explain(
     self_pid = os.getpid() if self_pid is None else self_pid
     cgroupfs = cgroupfs or CgroupFS()
     mount = discover_cpuset_mount(cgroupfs=cgroupfs) if cpuset_mount is _DISCOVER else cpuset_mount
-    reader = _Reader(procfs)
     infos: list[ProcessInfo] = []
     unreadable = 0
     notes: list[str] = []
@@ -527,7 +340,7 @@ def explain(
 
         def affinity_of(tid: int) -> frozenset[int]:
             try:
-                return reader.affinity(by_tid[tid], tid)
+                return thread_affinity(procfs, by_tid[tid], tid)
             except ProcessGone:
                 raise ProcessLookupError(tid) from None
 
@@ -548,6 +361,8 @@ def explain(
             "affinity and cpuset steps aimed at it would be skipped"
         )
 
+    # On a systemd host, a cgroup step on v2 goes through systemd (actuators/cpuset.py, cpu.py).
+    host = Host(procfs, systemd_is_init(), request, online)
     entries = [PolicyEntry(policy, [], *_threshold_text(policy, learned)) for policy in policies.policies]
     by_name = {entry.policy.name: entry for entry in entries}
     for info in infos:
@@ -575,7 +390,7 @@ def explain(
                     item.effect = "none: no step of the ladder can work on this host"
                     item.effect_data = {"text": item.effect}
                 else:
-                    item.effect, item.effect_data = first_step_effect(policy.steps[first], policy, info.pid, reader, request, online)
+                    item.effect, item.effect_data = first_step_effect(policy.steps[first], policy, info.pid, host)
                     if first:
                         item.effect = f"step {first + 1} ({policy.steps[first].describe()}): {item.effect}"
                         item.effect_data["index"] = first

@@ -17,7 +17,7 @@ from .errors import RemediatorError
 from .procfs import ProcessInfo
 from .recording import recording_files
 from .sample import Sample, read_samples
-from .schema import parse_duration
+from .durations import parse_duration
 
 
 def parse_when(text: str, now: float | None = None) -> float:

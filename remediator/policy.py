@@ -19,8 +19,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
+from .actuators import kind_for_action
 from .config import (
     DaemonConfig,
     config_diagnostics,
@@ -30,233 +31,22 @@ from .config import (
 )
 from .cpulist import format_cpulist
 from .errors import Location
-from .matching import FIELDS, Match, MatchResult
-from .model import CpuSpec
-from .procfs import ProcessInfo
-from .schema import (POLICY_FILE, BaselineMultiple, Checker, Diagnostic, PolicyErrors, format_duration, has_errors,
-                     parse_duration)
+from .matching import FIELDS, Match
+from .model import CpuSpec, Limits, Policy, PolicySet, Step, Trigger
+from .schema import POLICY_FILE, BaselineMultiple, Checker, Diagnostic, PolicyErrors, format_duration, has_errors
 from .tomlpos import Document, KeyPath, format_key_path
 from .trustedfs import Trust, TrustedDirectory, UntrustedPath, open_file, read_all
 
 __all__ = [
     "CompiledPolicy",
-    "CpuSpec",
     "Diagnostic",
-    "Limits",
-    "Match",
-    "MatchResult",
-    "Policy",
     "PolicyErrors",
-    "PolicySet",
-    "Step",
-    "Trigger",
     "check_paths",
     "check_sources",
     "compile_policies",
     "load_policies",
     "read_policy_files",
 ]
-
-
-@dataclass(frozen=True)
-class Step:
-    kind: str  # "nice" | "sched" | "affinity" | "cpuset"
-    settle_s: float
-    location: Location  # where this step's table is
-    nice: int | None = None
-    cpus: CpuSpec | None = None
-    cgroup: str | None = None  # cpuset only: remediator-owned cgroup name
-    sched: str | None = None  # sched only: "idle" | "batch"
-    cpu: tuple[tuple[str, int], ...] = ()  # cpu only: (("weight", 10),), (("idle", 1),), (("quota_us", q), ("period_us", p))
-
-    def describe(self) -> str:
-        """'nice 10', 'sched idle', 'affinity unprotected', 'cpuset 2-3 in cgroup log-shippers'."""
-        if self.kind == "nice":
-            return f"nice {self.nice}"
-        if self.kind == "sched":
-            return f"sched {self.sched}"
-        if self.kind == "cpu":
-            setting = dict(self.cpu)
-            if setting.get("idle"):
-                return "cpu_idle"
-            if "weight" in setting:
-                return f"cpu_weight {setting['weight']}"
-            return f"cpu_max {setting['quota_us']}us/{setting['period_us']}us"
-        assert self.cpus is not None
-        if self.kind == "affinity":
-            return f"affinity {self.cpus.describe()}"
-        return f"cpuset {self.cpus.describe()} in cgroup {self.cgroup}"
-
-    def same_action(self, other: "Step") -> bool:
-        """Equal apart from where it is written."""
-        return (self.kind, self.settle_s, self.nice, self.cpus, self.cgroup, self.sched, self.cpu) == (
-            other.kind,
-            other.settle_s,
-            other.nice,
-            other.cpus,
-            other.cgroup,
-            other.sched,
-            other.cpu,
-        )
-
-    def to_json(self) -> dict:
-        data: dict[str, Any] = {"kind": self.kind, "settle_s": self.settle_s, "location": str(self.location)}
-        if self.nice is not None:
-            data["nice"] = self.nice
-        if self.cpus is not None:
-            data["cpus"] = self.cpus.describe()
-        if self.cgroup is not None:
-            data["cgroup"] = self.cgroup
-        if self.sched is not None:
-            data["sched"] = self.sched
-        if self.cpu:
-            data["cpu"] = dict(self.cpu)
-        return data
-
-
-@dataclass(frozen=True)
-class Trigger:
-    always: bool
-    tail_percentile: float | None  # e.g. 99.0
-    tail_above_us: float | None
-    windows: int | None  # N
-    of_windows: int | None  # M
-    offender_cpu: float | None  # CPUs
-    offender_cpu_kind: str  # "mean" | "peak"
-    offender_blame_share: float | None  # 0..1
-    offender_require: str  # "any" | "all"
-    # A threshold relative to the protected service's learned quiet baseline ("5x baseline"):
-    # tail_above_us is then at_most, the threshold until the baseline is learned (see threshold_us).
-    tail_baseline_factor: float | None = None
-    tail_at_least_us: float | None = None
-    tail_at_most_us: float | None = None
-
-    @property
-    def relative(self) -> bool:
-        return self.tail_baseline_factor is not None
-
-    def threshold_us(self, baseline_us: float | None) -> float | None:
-        """The tail threshold now: the absolute one, or the factor times the baseline bounded by
-        at_least and at_most (at_most while no baseline is learned)."""
-        if self.tail_baseline_factor is None or baseline_us is None:
-            return self.tail_above_us
-        assert self.tail_at_least_us is not None and self.tail_at_most_us is not None
-        return min(max(self.tail_baseline_factor * baseline_us, self.tail_at_least_us), self.tail_at_most_us)
-
-    def describe_threshold(self, baseline_us: float | None, needs: str = "") -> str:
-        """'2ms', or how a relative threshold comes out of the baseline: '1ms (5x baseline 70us =
-        350us, raised to at_least)', '2ms (at_most: no baseline learned yet; it takes ...)'."""
-        threshold = self.threshold_us(baseline_us)
-        shown = format_duration(round(threshold or 0.0, 1) / 1e6)
-        if not self.relative:
-            return shown
-        if baseline_us is None:
-            return f"{shown} (at_most: no baseline learned yet{'; it takes ' + needs if needs else ''})"
-        raw = (self.tail_baseline_factor or 0.0) * baseline_us
-        bound = ""
-        if threshold != raw:
-            bound = ", raised to at_least" if threshold == self.tail_at_least_us else ", capped at at_most"
-        return f"{shown} ({self.tail_baseline_factor:g}x baseline {baseline_us:.0f}us = {raw:.0f}us{bound})"
-    burst_within_s: float | None = None  # tail.within: also fire off the tick, on the probe's event
-    burst_waits: int = 2  # tail.waits: blamed waits over tail.above within burst_within_s
-
-    def describe(self) -> str:
-        if self.always:
-            return "always (static placement at exec)"
-        conditions = []
-        if self.offender_cpu is not None:
-            conditions.append(f"{self.offender_cpu_kind} CPU >= {self.offender_cpu:g}")
-        if self.offender_blame_share is not None:
-            conditions.append(f"blame share >= {self.offender_blame_share:g}")
-        joiner = " and " if self.offender_require == "all" else " or "
-        if self.relative:
-            above = (f"{self.tail_baseline_factor:g}x its quiet baseline (at least {format_duration((self.tail_at_least_us or 0) / 1e6)}, "
-                     f"at most {format_duration((self.tail_at_most_us or 0) / 1e6)}, which holds until the baseline is learned)")
-        else:
-            above = format_duration((self.tail_above_us or 0) / 1e6)
-        # tail_above_us is at_most for a relative threshold: a counted wait must be over it
-        burst = (f"; or at once, {self.burst_waits} waits above {format_duration((self.tail_above_us or 0) / 1e6)} blamed on "
-                 f"the offender within {format_duration(self.burst_within_s)}" if self.burst_within_s else "")
-        return (
-            f"p{self.tail_percentile:g} above {above} in {self.windows} of the last "
-            f"{self.of_windows} windows, and offender {joiner.join(conditions)}{burst}"
-        )
-
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class Limits:
-    cooldown_s: float
-    max_actions_per_hour: int
-    revert_after_quiet_s: float | None  # None = never
-    min_cpus: int
-
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass(frozen=True)
-class Policy:
-    name: str
-    description: str
-    priority: int
-    match: Match
-    trigger: Trigger
-    steps: tuple[Step, ...]
-    limits: Limits
-    location: Location  # where the [[policy]] header is
-
-    def same_ladder(self, other: "Policy") -> bool:
-        return len(self.steps) == len(other.steps) and all(a.same_action(b) for a, b in zip(self.steps, other.steps))
-
-    def to_json(self) -> dict:
-        return {
-            "name": self.name,
-            "description": self.description,
-            "priority": self.priority,
-            "location": str(self.location),
-            "match": self.match.to_json(),
-            "specificity": self.match.specificity,
-            "trigger": self.trigger.to_json(),
-            "steps": [step.to_json() for step in self.steps],
-            "limits": self.limits.to_json(),
-        }
-
-
-@dataclass(frozen=True)
-class PolicySet:
-    policies: tuple[Policy, ...]  # in file order (sorted paths), then position: the last tie-breaker
-    warnings: tuple[Diagnostic, ...] = ()
-    # select() per process is asked every tick; a process's facts (ProcessInfo) decide the answer.
-    _selected: dict = field(default_factory=dict, compare=False, repr=False)
-
-    def matching(self, info: ProcessInfo) -> list[tuple[Policy, MatchResult]]:
-        """Every policy that matches `info`, the winner first."""
-        found = []
-        for order, policy in enumerate(self.policies):
-            result = policy.match.matches(info)
-            if result is not None:
-                found.append((order, policy, result))
-        found.sort(key=lambda item: (-item[1].priority, -item[1].match.specificity, item[0]))
-        return [(policy, result) for _, policy, result in found]
-
-    def select(self, info: ProcessInfo) -> tuple[Policy, MatchResult] | None:
-        """The policy that governs `info` after precedence, with how it matched; None if none matches."""
-        if info in self._selected:
-            return self._selected[info]
-        found = self.matching(info)
-        if len(self._selected) >= 4096:
-            self._selected.clear()
-        self._selected[info] = found[0] if found else None
-        return self._selected[info]
-
-    def by_name(self, name: str) -> Policy | None:
-        for policy in self.policies:
-            if policy.name == name:
-                return policy
-        return None
 
 
 # -- compile one document -----------------------------------------------------------------------
@@ -460,61 +250,27 @@ class _PolicyCompiler:
                          'the protected wait, would be acted on; use require = "all" (the default)', "cpu-alone", severity="warning")
 
     def _step(self, path: KeyPath, action: dict, limits: Limits) -> Step:
-        location = self.document.value_location(path)
-        settle = action["settle"]
-        if "nice" in action:
-            if action["nice"] < 0:
-                self.problem(
-                    path + ("nice",),
-                    f"{action['nice']} raises the process's priority over the default; a remediation step normally lowers it (nice > 0)",
-                    "nice-raises",
-                    severity="warning",
-                )
-            return Step("nice", settle, location, nice=action["nice"])
-        if "sched" in action:
-            return Step("sched", settle, location, sched=action["sched"])
-        if "cpu_weight" in action:
-            return Step("cpu", settle, location, cpu=(("weight", action["cpu_weight"]),))
-        if "cpu_idle" in action:
-            if action["cpu_idle"] is not True:
-                self.problem(path + ("cpu_idle",), "false changes nothing: give `cpu_idle = true` or remove the step", "range")
-            return Step("cpu", settle, location, cpu=(("idle", 1),))
-        if "cpu_max" in action:
-            return Step("cpu", settle, location, cpu=self._cpu_max(path + ("cpu_max",), action["cpu_max"]))
-        if "affinity" in action:
-            return Step("affinity", settle, location, cpus=self._cpu_spec(path + ("affinity",), action["affinity"], limits))
-        cpuset = action["cpuset"]
-        spec = self._cpu_spec(path + ("cpuset", "cpus"), cpuset["cpus"], limits)
-        return Step("cpuset", settle, location, cpus=spec, cgroup=cpuset["cgroup"])
+        kind = kind_for_action(action)
+        params = kind.compile(action, _StepCompiling(self, path, limits.min_cpus))
+        return Step(kind.name, action["settle"], self.document.value_location(path), params)
 
-    def _cpu_max(self, path: KeyPath, text: str) -> tuple[tuple[str, int], ...]:
-        """"50%" -> 50 ms per 100 ms; "20ms/100ms" as written. The kernel takes periods of 1 ms to 1 s
-        and quotas of at least 1 ms."""
-        if text.endswith("%"):
-            period_us = 100_000
-            quota_us = round(float(text[:-1]) * period_us / 100)
-        else:
-            quota, period = text.split("/")
-            quota_us, period_us = round(parse_duration(quota) * 1e6), round(parse_duration(period) * 1e6)
-        if not 1_000 <= period_us <= 1_000_000:
-            self.problem(path, f"{text}: the period must be from 1ms to 1s", "range")
-        elif quota_us < 1_000:
-            self.problem(path, f"{text}: the quota must be at least 1ms per period", "range")
-        return (("quota_us", quota_us), ("period_us", period_us))
 
-    def _cpu_spec(self, path: KeyPath, value: Any, limits: Limits) -> CpuSpec:
-        if value == "unprotected":
-            return CpuSpec(unprotected=True)
-        cpus = frozenset(value)
-        if len(cpus) < limits.min_cpus:
-            self.problem(
-                path,
-                f"{format_cpulist(cpus)} leaves {len(cpus)} CPU{'s' if len(cpus) != 1 else ''}, fewer than limits.min_cpus = {limits.min_cpus}",
-                "range",
-            )
-        elif self.online_cpus is not None:
-            self.diagnostics.extend(host_cpu_warnings(self.document, path, cpus, self.online_cpus))
-        return CpuSpec(unprotected=False, cpus=cpus)
+class _StepCompiling:
+    """What a kind's compile may ask of the compiler (actuators/kind.py `Compiling`): its problems
+    are located at the step's keys, in this document."""
+
+    def __init__(self, compiler: _PolicyCompiler, path: KeyPath, min_cpus: int):
+        self.compiler = compiler
+        self.path = path
+        self.min_cpus = min_cpus
+
+    def problem(self, key: KeyPath, message: str, code: str, severity: str = "error") -> None:
+        self.compiler.problem(self.path + key, message, code, severity=severity)
+
+    def host_cpus(self, key: KeyPath, cpus: frozenset[int]) -> None:
+        compiler = self.compiler
+        if compiler.online_cpus is not None:
+            compiler.diagnostics.extend(host_cpu_warnings(compiler.document, self.path + key, cpus, compiler.online_cpus))
 
 
 # -- across files ---------------------------------------------------------------------------------
@@ -573,8 +329,9 @@ def unprotected_warnings(compiled: list[CompiledPolicy], request_cpus: frozenset
     diagnostics = []
     for item in compiled:
         for index, step in enumerate(item.policy.steps):
-            if step.cpus is not None and step.cpus.unprotected:
-                path = item.path + ("actions", index, "affinity" if step.kind == "affinity" else "cpuset")
+            spec = step.params.get("cpus")
+            if isinstance(spec, CpuSpec) and spec.unprotected:
+                path = item.path + ("actions", index, step.kind)  # the affinity value, or the cpuset table
                 diagnostics.append(
                     Diagnostic(
                         item.document.value_location(path),

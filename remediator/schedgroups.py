@@ -23,12 +23,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
+from .actuators import ACTION_KINDS
 from .cgroupfs import CgroupFS, CgroupMount, discover_cpu_mount, process_cgroup_path
 from .errors import ProcessGone, RemediatorError
 from .procfs import ProcFS
 
 ROOT = "/"
-GROUP_WEIGHTED_KINDS = frozenset({"nice", "sched"})  # steps whose effect stops at the group's edge
+GROUP_WEIGHTED_KINDS = frozenset(kind.name for kind in ACTION_KINDS if kind.group_weighted)  # nice, sched
 
 
 # -- the judgement (pure) --------------------------------------------------------------------------

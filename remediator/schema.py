@@ -19,18 +19,19 @@ from __future__ import annotations
 import datetime
 import difflib
 import ipaddress
-from decimal import Decimal
 import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
+from .actuators import ACTION_KINDS
 from .cpulist import CpuListError, parse_cpulist
+from .keys import Key
+from .durations import DURATION_PATTERN, DURATION_RE, format_duration, parse_duration
 from .errors import Location, RemediatorError
 from .matching import (
     check_cgroup_glob,
-    check_cgroup_name,
     check_comm_glob,
     check_exe_glob,
     check_protect_cgroup,
@@ -89,27 +90,10 @@ def has_errors(diagnostics: list[Diagnostic]) -> bool:
 
 # -- values -----------------------------------------------------------------------------------
 
-DURATION_PATTERN = r"^[0-9]+(\.[0-9]+)?(us|ms|s|m|h)$"
 BASELINE_PATTERN = r"^([0-9]+(\.[0-9]+)?)x baseline$"
 CPULIST_PATTERN = r"[0-9]+(-[0-9]+)?(, *[0-9]+(-[0-9]+)?)*"
-_DURATION = re.compile(DURATION_PATTERN)
 _BASELINE = re.compile(BASELINE_PATTERN)
 _CPULIST = re.compile(CPULIST_PATTERN)
-
-
-_UNIT_SECONDS = {"us": Decimal("0.000001"), "ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
-
-
-def parse_duration(text: str) -> float:
-    """"250ms" -> 0.25 (seconds). Raises ValueError for anything else.
-
-    Decimal arithmetic, so "30us" is the float nearest 30e-6 (30 * 1e-6 in floats is not).
-    """
-    # fullmatch: the pattern's "$" (kept for JSON Schema) also matches before a final newline.
-    match = _DURATION.fullmatch(text)
-    if not match:
-        raise ValueError(text)
-    return float(Decimal(text[: match.start(2)]) * _UNIT_SECONDS[match.group(2)])
 
 
 @dataclass(frozen=True)
@@ -117,15 +101,6 @@ class BaselineMultiple:
     """A threshold written relative to the protected service's learned quiet baseline: "5x baseline"."""
 
     factor: float
-
-
-def format_duration(seconds: float) -> str:
-    if seconds == 0:
-        return "0s"
-    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 1e-3)):
-        if seconds >= size and abs(seconds / size - round(seconds / size)) < 1e-9:
-            return f"{round(seconds / size)}{unit}"
-    return f"{seconds * 1e6:g}us"
 
 
 def show(value: Any) -> str:
@@ -171,48 +146,10 @@ def toml_type(value: Any) -> str:
 
 # -- the format ---------------------------------------------------------------------------------
 
-_NO_DEFAULT = object()
-
 # The engine keeps the windows of three times the longest settle (a step is verified over its
 # settle period before and up to three after) and of the largest `of`; these bounds bound its
 # memory (engine.history_for).
 MAX_SETTLE_S = 600.0
-ItemCheck = Callable[[str], str]  # returns the normalised item, or raises ValueError(message)
-
-
-@dataclass(frozen=True)
-class Key:
-    """One key of the format. `type` is one of TYPES; the other fields apply to some types only."""
-
-    name: str
-    type: str
-    doc: str
-    required: bool = False
-    default: Any = _NO_DEFAULT  # as written in TOML (e.g. "60s"), so docs and schema show it verbatim
-    minimum: Optional[float] = None
-    maximum: Optional[float] = None
-    exclusive_minimum: bool = False
-    choices: tuple[str, ...] = ()  # enum
-    keyword: str = ""  # cpus: the word accepted besides a CPU list ("auto", "unprotected")
-    pattern: str = ""  # string: a regex the whole value must match
-    pattern_hint: str = ""
-    item_check: Optional[ItemCheck] = None  # strings/string: per-item semantic check
-    allow_empty: bool = False  # strings/integers/table-array: [] allowed
-    item_name: str = "item"  # table-array: what one element is called in messages
-    empty_message: str = "is an empty list; give at least one item"  # strings: when [] is not allowed
-    keys: tuple["Key", ...] = ()  # table, table-array
-    exactly_one_of: tuple[str, ...] = ()  # table: one and only one of these keys
-    example: str = ""
-
-    @property
-    def has_default(self) -> bool:
-        return self.default is not _NO_DEFAULT
-
-    def key(self, name: str) -> "Key | None":
-        for child in self.keys:
-            if child.name == name:
-                return child
-        return None
 
 
 TYPES = {
@@ -348,24 +285,10 @@ TRIGGER_KEYS = (
         example='offender = { cpu = 0.5, cpu_kind = "peak", blame_share = 0.2, require = "all" }'),
 )
 
-CPUSET_KEYS = (
-    Key("cpus", "cpus", "CPUs of the cgroup: a CPU list or `unprotected`.", required=True, keyword="unprotected"),
-    Key("cgroup", "string", "Name of the remediator-owned cpuset cgroup (created as `remediator-NAME`): letters, digits, `.`, `_`, `-`.",
-        required=True, pattern=r"^[A-Za-z0-9_.-]+$", pattern_hint="letters, digits, '.', '_', '-'", item_check=check_cgroup_name),
-)
+STEP_KEYS = tuple(key.name for kind in ACTION_KINDS for key in kind.keys)  # a step has exactly one
 
 ACTION_KEYS = (
-    Key("nice", "integer", "Set the nice value of every thread (-20..19; higher is gentler to others).", minimum=-20, maximum=19),
-    Key("sched", "enum", "Set the scheduling policy of every thread: `idle` (SCHED_IDLE: runs only when no normal thread wants the CPU, across every group) or `batch` (SCHED_BATCH: no wakeup preemption). Never raises a thread: one already at or below is left.",
-        choices=("idle", "batch")),
-    Key("affinity", "cpus", "Set the CPU affinity of every thread: a CPU list (`\"2-3,6\"`) or `unprotected` (online CPUs not owned by the request path).", keyword="unprotected"),
-    Key("cpu_weight", "integer", "Lower the weight of the process's cgroup against its siblings (1..10000; the default is 100): the unit's CPUWeight through systemd, else cpu.weight (v2) or cpu.shares (v1) of a remediator-owned group.",
-        minimum=1, maximum=10000),
-    Key("cpu_idle", "boolean", "`true`: make the process's cgroup idle (cpu.idle: SCHED_IDLE for the whole group against its siblings): CPUWeight=idle through systemd, else cpu.idle of a remediator-owned group (v2, or v1 where the kernel has it).",),
-    Key("cpu_max", "string", "Cap the process's cgroup: a share of one CPU (`\"50%\"`, `\"200%\"` is two CPUs) or quota/period (`\"20ms/100ms\"`): CPUQuota through systemd, else cpu.max (v2) or cpu.cfs_quota_us (v1) of a remediator-owned group.",
-        pattern=r"^([0-9]+(\.[0-9]+)?%|[0-9]+(us|ms|s)/[0-9]+(us|ms|s))$", pattern_hint='a percentage ("50%") or quota/period ("20ms/100ms")'),
-    Key("cpuset", "table", "Move the process into a remediator-owned cpuset cgroup.", keys=CPUSET_KEYS,
-        example='cpuset = { cpus = "unprotected", cgroup = "log-shippers" }'),
+    *(key for kind in ACTION_KINDS for key in kind.keys),
     Key("settle", "duration", "How long to wait after this step before the next one is considered; also the period "
         "compared before and after the step to verify it (an inconclusive verdict looks at up to two more periods after "
         "it), so the daemon keeps three times that much history (at most 10 minutes).",
@@ -387,8 +310,9 @@ POLICY_KEYS = (
     Key("priority", "integer", "When two policies match one process, the higher priority wins (see precedence).", default=0, minimum=-1000, maximum=1000),
     Key("match", "table", "Which processes are offenders: every key given must match; a list means any of its items.", required=True, keys=MATCH_KEYS),
     Key("trigger", "table", "When to act.", required=True, keys=TRIGGER_KEYS),
-    Key("actions", "table-array", "The ladder: ordered steps, each with exactly one of `nice`, `sched`, `affinity`, `cpu_weight`, `cpu_idle`, `cpu_max`, `cpuset`.", required=True,
-        keys=ACTION_KEYS, exactly_one_of=("nice", "sched", "affinity", "cpu_weight", "cpu_idle", "cpu_max", "cpuset"), item_name="step"),
+    Key("actions", "table-array", "The ladder: ordered steps, each with exactly one of "
+        + ", ".join(f"`{name}`" for name in STEP_KEYS) + ".", required=True,
+        keys=ACTION_KEYS, exactly_one_of=STEP_KEYS, item_name="step"),
     Key("limits", "table", "How often and how long.", keys=LIMITS_KEYS),
 )
 
@@ -665,7 +589,7 @@ class Checker:
         if not isinstance(value, str):
             # A bare number: say which string to write (seconds is the likely intent).
             number = str(value) if isinstance(value, int) else f"{value:g}"
-            example = f"{number}s" if value >= 0 and _DURATION.match(f"{number}s") else "5s"
+            example = f"{number}s" if value >= 0 and DURATION_RE.match(f"{number}s") else "5s"
             self.at_value(path, f"a duration needs a unit: write \"{example}\" (units: us, ms, s, m, h)", "duration")
             return _INVALID
         if key.type == "duration-or-never" and value == "never":

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 
 from .incident import Blamed, Scene
-from .policy import PolicySet
+from .model import PolicySet
 from .printable import printable
 from .schema import NAME_PATTERN
 

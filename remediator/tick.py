@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol, Sequence
 
 from .engine import Decision, EngineSettings, EngineState, decide, forget, history_for, record_outcome
-from .model import LEFT_BY_OTHER, Outcome
-from .policy import PolicySet
+from .model import LEFT_BY_OTHER, Outcome, PolicySet
 from .procfs import ProcessInfo
 from .sample import Sample
 

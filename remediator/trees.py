@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from .matching import MatchResult
-from .policy import Policy, PolicySet
+from .model import Policy, PolicySet
 from .procfs import ProcessIdentity, ProcessInfo
 
 MAX_DEPTH = 64  # deeper than any real tree; stops a cycle in inconsistent data

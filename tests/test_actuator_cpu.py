@@ -12,7 +12,7 @@ from helpers.cgroups import cgroup_path_of, evacuate_and_remove
 from helpers.remediation import identity_of, new_executor  # noqa: F401  (fixture)
 from helpers.workloads import hog_argv
 from remediator.cgroupfs import discover_cpu_mount
-from remediator.executor import ActionRequest
+from remediator.model import ActionRequest
 
 pytestmark = pytest.mark.root
 
@@ -36,7 +36,7 @@ def policy_name(cpu_hierarchy):
 
 
 def cpu_request(pid: int, policy: str, setting: tuple, step: int = 0) -> ActionRequest:
-    return ActionRequest(identity_of(pid), "cpu", policy, step, cpu=setting, cgroup=policy)
+    return ActionRequest(identity_of(pid), "cpu", policy, step, {"cpu": dict(setting), "group": policy})
 
 
 def cpu_cgroup(pid: int) -> str:

@@ -12,13 +12,13 @@ import pytest
 from helpers.faults import FaultySyscalls
 from helpers.remediation import identity_of, new_executor, tids_of  # noqa: F401  (fixture)
 from helpers.workloads import hog_argv
-from remediator.executor import ActionRequest
+from remediator.model import ActionRequest
 
 pytestmark = pytest.mark.root
 
 
 def sched_request(pid: int, name: str, step: int = 0) -> ActionRequest:
-    return ActionRequest(identity_of(pid), "sched", "log-shippers", step, sched=name)
+    return ActionRequest(identity_of(pid), "sched", "log-shippers", step, {"sched": name})
 
 
 def thread_policies(pid: int) -> dict[int, tuple[int, int]]:

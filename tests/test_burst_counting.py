@@ -134,7 +134,7 @@ def test_a_counted_burst_takes_the_first_step_with_its_evidence(tmp_path):
     state, decisions = decide_at(policy_set, 100.04)
     assert [d.kind for d in decisions] == ["act"]
     act = decisions[0]
-    assert act.step.describe() == "nice 10" and act.request.nice == 10
+    assert act.step.describe() == "nice 10" and act.request.params == {"nice": 10}
     assert act.evidence["trigger"] == "burst"
     assert act.evidence["protected_tail"] == {"waits_over": 2, "threshold_us": 2000.0, "within_ms": 50.0,
                                               "span_ms": 30.0, "last_wait_us": 3000.0}

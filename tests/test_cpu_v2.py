@@ -12,7 +12,8 @@ import pytest
 
 from helpers.fake_cgroupfs import FakeCgroupV2, FakeProcTree
 from remediator.actuators import CpuActuator
-from remediator.executor import ActionRequest, Executor
+from remediator.executor import Executor
+from remediator.model import ActionRequest
 from remediator.journal import Journal
 from remediator.procfs import ProcessIdentity, ProcFS
 
@@ -54,7 +55,7 @@ class V2Host:
 
 
 def request(setting: tuple, step: int = 0, pid: int = PID, start: int = START) -> ActionRequest:
-    return ActionRequest(ProcessIdentity(pid, start), "cpu", "log-shippers", step, cpu=setting, cgroup="log-shippers")
+    return ActionRequest(ProcessIdentity(pid, start), "cpu", "log-shippers", step, {"cpu": dict(setting), "group": "log-shippers"})
 
 
 @pytest.fixture
@@ -98,11 +99,55 @@ def test_weight_then_idle_enable_cpu_move_the_process_and_revert_removes_the_gro
     [restored] = executor.restore()
 
     assert restored.status == "restored", restored
-    assert restored.message == f"write {PID} to {root}/jobs/compress/cgroup.procs (was /{GROUP}); removed {group}"
+    assert restored.message == (f"write {PID} to {root}/jobs/compress/cgroup.procs (was /{GROUP}); removed {group}; "
+                                f"write -cpu to {root}/cgroup.subtree_control (as before remediator)")
     assert v2.procs.cgroup(PID) == CGROUP
     assert v2.cgroupfs.pids_in(CGROUP) == [PID]
     assert not group.exists()
+    assert "cpu" not in (root / "cgroup.subtree_control").read_text().split()
+    assert not (root / "jobs" / "cpu.weight").exists()
     assert executor.active() == []
+
+
+def test_plus_cpu_stays_where_something_made_since_uses_it(host):
+    v2 = host()
+    root = v2.root
+    executor = v2.executor()
+    assert executor.apply(request(WEIGHT_10), ()).status == "applied"
+    (root / "jobs" / "cpu.weight").write_text("50\n")  # an operator weighs /jobs since
+
+    [restored] = executor.restore()
+
+    assert restored.status == "restored", restored
+    assert restored.message.endswith(f"removed {v2.group}; +cpu stays in {root}/cgroup.subtree_control ({root}/jobs uses it)")
+    assert "cpu" in (root / "cgroup.subtree_control").read_text().split()
+
+
+def test_plus_cpu_that_was_there_before_is_left_alone(host):
+    v2 = host()
+    root = v2.root
+    v2.cgroupfs.write(root / "cgroup.subtree_control", "+cpu")
+    executor = v2.executor()
+    applied = executor.apply(request(WEIGHT_10), ())
+    assert applied.status == "applied" and "+cpu" not in applied.message
+
+    [restored] = executor.restore()
+
+    assert restored.message.endswith(f"removed {v2.group}"), restored
+    assert "cpu" in (root / "cgroup.subtree_control").read_text().split()
+
+
+def test_a_failed_move_takes_back_plus_cpu_with_the_new_group(host):
+    v2 = host()
+    root = v2.root
+    v2.cgroupfs.fail("write", "cgroup.procs", errno.EIO)  # fails after +cpu, the mkdir and cpu.idle
+
+    failed = v2.executor().apply(request(IDLE), ())
+
+    assert failed.status == "failed", failed
+    assert failed.message.endswith(f"; removed {v2.group}; write -cpu to {root}/cgroup.subtree_control (as before remediator)"), failed
+    assert not v2.group.exists()
+    assert "cpu" not in (root / "cgroup.subtree_control").read_text().split()
 
 
 def test_cpu_max_is_one_write_of_quota_and_period(host):
@@ -200,7 +245,7 @@ def test_ebusy_on_the_move_is_explained_and_the_new_group_removed(host):
 
     assert outcome.status == "failed", outcome
     assert f"write \"{PID}\" to {v2.group}/cgroup.procs failed with EBUSY" in outcome.message
-    assert outcome.message.endswith(f"removed {v2.group}")
+    assert outcome.message.endswith(f"removed {v2.group}; write -cpu to {v2.root}/cgroup.subtree_control (as before remediator)")
     assert not v2.group.exists()
     assert v2.procs.cgroup(PID) == CGROUP
     assert executor.active() == []
@@ -219,7 +264,8 @@ def test_a_crash_before_the_move_restores_nothing_and_removes_the_empty_group(ho
     restored = actuator.restore(identity, original, None, planned=plan.expected)
 
     assert restored.restored, restored
-    assert restored.message == f"pid {PID} is in its original cgroup {CGROUP}: nothing to restore; removed {v2.group}"
+    assert restored.message == (f"pid {PID} is in its original cgroup {CGROUP}: nothing to restore; removed {v2.group}; "
+                                f"write -cpu to {v2.root}/cgroup.subtree_control (as before remediator)")
     assert not v2.group.exists()
 
 
@@ -262,13 +308,15 @@ def load_policy(tmp_path):
 
 
 def test_explain_names_the_exact_files_and_values_without_systemd(host, tmp_path, monkeypatch):
-    from remediator import explain as explain_module
+    from remediator.actuators import Host, cpu as cpu_kind
+    from remediator.explain import first_step_effect
 
     v2 = host()
     policy = load_policy(tmp_path)
-    monkeypatch.setattr(explain_module, "discover_cpu_mount", lambda: v2.cgroupfs.mount)
+    monkeypatch.setattr(cpu_kind, "discover_cpu_mount", lambda: v2.cgroupfs.mount)
+    here = Host(v2.procfs, systemd_host=False, request_cpus=frozenset(), online_cpus=frozenset(range(4)))
 
-    text = explain_module._cpu_step_effect(policy.steps[0], policy, PID, explain_module._Reader(v2.procfs, systemd_host=False))
+    text, _ = first_step_effect(policy.steps[0], policy, PID, here)
 
     assert text == (
         f"cpu_weight 10: write +cpu to {v2.root}/cgroup.subtree_control, mkdir {v2.group}, write 10 to {v2.group}/cpu.weight, "
@@ -277,8 +325,8 @@ def test_explain_names_the_exact_files_and_values_without_systemd(host, tmp_path
     assert "not available" not in text
     assert v2.cgroupfs.calls == []  # read only
 
-    monkeypatch.setattr(explain_module, "discover_cpu_mount", lambda: None)
-    text = explain_module._cpu_step_effect(policy.steps[0], policy, PID, explain_module._Reader(v2.procfs, systemd_host=False))
+    monkeypatch.setattr(cpu_kind, "discover_cpu_mount", lambda: None)
+    text, _ = first_step_effect(policy.steps[0], policy, PID, here)
     assert text.startswith("not available on this host: no cgroup cpu controller is mounted")
 
 
@@ -326,7 +374,7 @@ def test_the_shipped_ladder_shape_cpu_idle_then_a_cpuset_of_the_same_name_share_
     executor = Executor(journal, v2.procfs, dry_run=False, actuators={"cpu": v2.actuator(), "cpuset": cpuset}, self_pid=0)
 
     assert executor.apply(request(IDLE), ()).status == "applied"
-    confine = ActionRequest(ProcessIdentity(PID, START), "cpuset", "log-shippers", 1, cpus=frozenset({2, 3}), cgroup="log-shippers")
+    confine = ActionRequest(ProcessIdentity(PID, START), "cpuset", "log-shippers", 1, {"cgroup": "log-shippers", "cpus": [2, 3]})
     confined = executor.apply(confine, ())
     assert confined.status == "applied", confined
     assert v2.procs.cgroup(PID) == f"/{GROUP}"

@@ -10,6 +10,7 @@ remediator's own scope: tests/guest/test_scope.py), and nothing is ever written 
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
@@ -249,7 +250,8 @@ def test_the_change_waits_for_systemd_to_write_the_cgroup(systemd_host):
 def test_policy_explain_says_a_cpuset_step_goes_through_systemd(tmp_path):
     """On a systemd host `policy explain` names the unit property, not a cgroup of our own."""
     from helpers.fake_cgroupfs import FakeProcTree
-    from remediator.explain import _Reader, first_step_effect
+    from remediator.actuators import Host
+    from remediator.explain import first_step_effect
     from remediator.procfs import ProcFS
     from test_policy_model import FULL, compile_text
 
@@ -259,13 +261,13 @@ def test_policy_explain_says_a_cpuset_step_goes_through_systemd(tmp_path):
     procs.add_process(PID, START, cgroup=SERVICE, tids=())
     procs.add_process(OTHER, START, cgroup="/user.slice/user-1000.slice/user@1000.service/app.slice/x.service", tids=())
     online = frozenset(range(4))
-    reader = _Reader(ProcFS(tmp_path / "proc"), systemd_host=True)
-    text, data = first_step_effect(cpuset_step, policy, PID, reader, frozenset({0, 1}), online)
+    host = Host(ProcFS(tmp_path / "proc"), systemd_host=True, request_cpus=frozenset({0, 1}), online_cpus=online)
+    text, data = first_step_effect(cpuset_step, policy, PID, host)
     assert text.startswith("cpuset through systemd: SetUnitProperties fluent-bit.service --runtime AllowedCPUs=2-3"), text
     assert data["unit"] == "fluent-bit.service"
-    text, _ = first_step_effect(cpuset_step, policy, OTHER, reader, frozenset({0, 1}), online)
+    text, _ = first_step_effect(cpuset_step, policy, OTHER, host)
     assert text.startswith("refused on this systemd host") and "user's own service manager" in text
-    text, _ = first_step_effect(cpuset_step, policy, PID, _Reader(ProcFS(tmp_path / "proc"), systemd_host=False), frozenset({0, 1}), online)
+    text, _ = first_step_effect(cpuset_step, policy, PID, dataclasses.replace(host, systemd_host=False))
     assert text.startswith("cpuset: move from")
 
 

@@ -15,7 +15,8 @@ import pytest
 from helpers.fake_cgroupfs import FakeCgroupV2, FakeProcTree
 from helpers.faults import FakeThreads
 from remediator.actuators import CpusetActuator
-from remediator.executor import ActionRequest, Executor
+from remediator.executor import Executor
+from remediator.model import ActionRequest
 from remediator.journal import Journal
 from remediator.procfs import ProcessIdentity, ProcFS
 
@@ -52,7 +53,7 @@ class V2Host:
         return Executor(journal, self.procfs, dry_run=dry_run, actuators={"cpuset": actuator}, self_pid=0)
 
     def request(self, cpus=frozenset({2, 3}), name="log-shippers") -> ActionRequest:
-        return ActionRequest(ProcessIdentity(PID, START), "cpuset", "log-shippers", 0, cpus=frozenset(cpus), cgroup=name)
+        return ActionRequest(ProcessIdentity(PID, START), "cpuset", "log-shippers", 0, {"cgroup": name, "cpus": sorted(cpus)})
 
     def close(self) -> None:
         for journal in self.journals:

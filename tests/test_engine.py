@@ -107,7 +107,7 @@ def test_needs_n_of_the_last_m_windows(tmp_path):
     _, per_tick = run(p, ticks)
     assert kinds(per_tick) == [(4, "act", 0)]
     act = per_tick[4][0]
-    assert act.request.kind == "nice" and act.request.nice == 10 and act.request.identity == SHIPPER.identity
+    assert act.request.kind == "nice" and act.request.params == {"nice": 10} and act.request.identity == SHIPPER.identity
     assert act.evidence["protected_tail"]["windows_over"] == 3
     assert act.evidence["protected_tail"]["threshold_us"] == 2000
 
@@ -162,7 +162,7 @@ def test_ladder_advances_only_after_settle_and_while_the_trigger_holds(tmp_path)
     _, per_tick = run(p, ticks)
     assert [k for k in kinds(per_tick) if k[1] == "act"] == [(0, "act", 0), (4, "act", 1)]
     step_two = [d for d in per_tick[4] if d.kind == "act"][0]
-    assert step_two.request.kind == "affinity" and step_two.request.cpus == frozenset({1})
+    assert step_two.request.kind == "affinity" and step_two.request.params == {"cpus": [1]}
     # the trigger stopped holding after step 1: no escalation
     _, per_tick = run(p, [hot(TICK)] + [sample(TICK * i) for i in range(2, 12)])
     assert [k for _, k, _ in kinds(per_tick) if k == "act"] == ["act"]

@@ -16,7 +16,7 @@ import pytest
 from remediator import executor as executor_module
 from remediator.audit import AuditLog
 from remediator.cli import main
-from remediator.executor import Outcome
+from remediator.model import Outcome
 from remediator.procfs import ProcFS, ProcessIdentity
 from remediator.sample import ProcessUsage, ProtectedWaits, Sample
 from remediator.view import interval_view, render_text

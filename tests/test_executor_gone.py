@@ -9,7 +9,7 @@ import pytest
 from helpers.faults import FaultySyscalls
 from helpers.remediation import affinity_request, identity_of, new_executor, nice_request, thread_nices  # noqa: F401
 from helpers.workloads import hog_argv
-from remediator.executor import ActionRequest
+from remediator.model import ActionRequest
 from remediator.procfs import ProcessIdentity
 
 pytestmark = pytest.mark.root
@@ -51,7 +51,7 @@ def test_process_already_gone_is_gone_with_no_journal_record(spawn, new_executor
 def test_a_request_for_an_earlier_process_with_the_same_pid_is_not_applied(spawn, new_executor):
     hog = spawn(hog_argv(threads=1))
     real = identity_of(hog.pid)
-    stale = ActionRequest(ProcessIdentity(hog.pid, real.start_time - 5), "nice", "p", 0, nice=10)
+    stale = ActionRequest(ProcessIdentity(hog.pid, real.start_time - 5), "nice", "p", 0, {"nice": 10})
     syscalls = FaultySyscalls()
     outcome = new_executor(syscalls=syscalls).apply(stale, ())
     assert outcome.status == "gone"

@@ -220,7 +220,7 @@ def test_a_full_disk_refuses_the_change_and_loses_no_original(spawn, full_tmpfs,
         )
         assert thread_nices(second.pid) == nices  # nothing changed on the process
         assert path.read_bytes().endswith(b"\n")  # no partial line left behind
-        again = executor.apply(dataclasses.replace(request, nice=12), ())  # still full: refused again, cleanly
+        again = executor.apply(dataclasses.replace(request, params={"nice": 12}), ())  # still full: refused again, cleanly
         assert again.status == "failed" and thread_nices(second.pid) == nices
     finally:
         executor.journal.close()

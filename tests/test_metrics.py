@@ -20,7 +20,7 @@ from remediator.audit import AuditWriter
 from remediator.config import load_config
 from remediator.daemon import DecisionLog
 from remediator.metrics import OTHER, Metrics, MetricsServer, TextfileWriter
-from remediator.policy import PolicySet
+from remediator.model import PolicySet
 from remediator.procfs import ProcessInfo
 from remediator.sample import ProtectedWaits, Sample
 from remediator.schema import PolicyErrors

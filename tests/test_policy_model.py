@@ -11,7 +11,8 @@ import pytest
 
 from remediator.errors import Location
 from remediator.placement import auto_request_cpus, owned_cgroup_name, resolve_cpu_spec, unprotected_cpus
-from remediator.policy import CpuSpec, PolicyErrors, Step, check_paths, compile_policies, load_policies
+from remediator.model import CpuSpec, Step
+from remediator.policy import PolicyErrors, check_paths, compile_policies, load_policies
 from remediator.procfs import ProcessInfo
 from remediator.tomlpos import parse
 
@@ -57,11 +58,11 @@ def test_compiled_values_units_and_defaults():
         0.5, "peak", 0.2, "all",
     )
     nice, affinity, cpuset = policy.steps
-    assert nice == Step("nice", 3.0, Location("p.toml", 10, 1), nice=10)
+    assert nice == Step("nice", 3.0, Location("p.toml", 10, 1), {"nice": 10})
     assert affinity.settle_s == 5.0  # the default
-    assert affinity.cpus == CpuSpec(unprotected=False, cpus=frozenset({2, 3, 6}))
-    assert cpuset.cpus == CpuSpec(unprotected=True) and cpuset.cpus.cpus == frozenset()
-    assert (cpuset.cgroup, cpuset.settle_s, cpuset.location.line) == ("log-shippers", 90.0, 15)
+    assert affinity.params["cpus"] == CpuSpec(unprotected=False, cpus=frozenset({2, 3, 6}))
+    assert cpuset.params["cpus"] == CpuSpec(unprotected=True) and cpuset.params["cpus"].cpus == frozenset()
+    assert (cpuset.params["cgroup"], cpuset.settle_s, cpuset.location.line) == ("log-shippers", 90.0, 15)
     assert [step.describe() for step in policy.steps] == ["nice 10", "affinity 2-3,6", "cpuset unprotected in cgroup log-shippers"]
     limits = policy.limits
     assert (limits.cooldown_s, limits.max_actions_per_hour, limits.revert_after_quiet_s, limits.min_cpus) == (60.0, 6, None, 2)
@@ -81,7 +82,9 @@ def test_the_model_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         policy.name = "other"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
-        policy.steps[0].nice = 1  # type: ignore[misc]
+        policy.steps[0].params = {"nice": 1}  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        policy.steps[0].params["nice"] = 1  # type: ignore[index]
     hash(policy.steps[0])
 
 
@@ -90,7 +93,7 @@ def test_host_cpu_warning_needs_the_online_set_and_does_not_reject():
     assert [str(d) for d in diagnostics] == [
         "p.toml:14:12: warning: policy[0].actions[1].affinity: CPUs 2-3,6 are not online on this host (online: 0-1)"
     ]
-    assert policy.steps[1].cpus.cpus == frozenset({2, 3, 6})
+    assert policy.steps[1].params["cpus"].cpus == frozenset({2, 3, 6})
 
 
 def test_compiling_reads_nothing_from_proc_or_sys(monkeypatch):
@@ -146,9 +149,9 @@ def test_shipped_policies_are_conservative_ladders():
     for policy in policies.policies:
         kinds = [step.kind for step in policy.steps]
         assert kinds[0] in ("nice", "cpu"), policy.name
-        assert kinds[0] != "cpu" or dict(policy.steps[0].cpu).keys() <= {"idle", "weight"}, policy.name
+        assert kinds[0] != "cpu" or dict(policy.steps[0].params["cpu"]).keys() <= {"idle", "weight"}, policy.name
         assert kinds == sorted(kinds, key=order.get), policy.name
-        assert all(step.nice is None or step.nice > 0 for step in policy.steps)
+        assert all(step.kind != "nice" or step.params["nice"] > 0 for step in policy.steps)
         assert policy.description
 
 
@@ -230,7 +233,7 @@ def test_tail_threshold_in_microseconds_is_exact(above, expected_us):
 def test_a_duration_with_a_trailing_newline_is_a_located_error_not_a_crash():
     """Regression (found by the property test): "$" in the duration pattern also matches before a
     final newline, so "3s\\n" passed the check and Decimal("3s") then raised InvalidOperation."""
-    from remediator.schema import parse_duration
+    from remediator.durations import parse_duration
 
     with pytest.raises(ValueError):
         parse_duration("3s\n")

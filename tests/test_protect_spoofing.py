@@ -26,7 +26,8 @@ from remediator.daemon import shared_comm_warnings
 from remediator.explain import explain
 from remediator.matching import Match
 from remediator.placement import auto_request_cpus
-from remediator.policy import PolicySet, check_sources, load_policies
+from remediator.model import PolicySet
+from remediator.policy import check_sources, load_policies
 from remediator.procfs import ProcFS, system_units, unit_from_cgroup_path
 from remediator.selectors import ProtectSelectors
 

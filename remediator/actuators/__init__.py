@@ -1,4 +1,5 @@
-"""Actuators: one kernel knob each (read, apply, restore), plus dry-run twins.
+"""Actuators: one kernel knob each (read, apply, restore), plus dry-run twins; each module is one
+action kind, all of it (its keys, step, words, request, explain: see kind.py).
 
     nice      setpriority(PRIO_PROCESS, tid, n) on every thread
     sched     sched_setscheduler(tid, SCHED_IDLE or SCHED_BATCH) on every thread, never a raise
@@ -15,11 +16,12 @@ calls and inject errno values. Only the executor calls these; see remediator/exe
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Mapping
 
 from ..cgroupfs import DEFAULT_MOUNTINFO, CgroupFS, CgroupMount, discover_cpu_mount, discover_cpuset_mount
 from ..procfs import ProcFS
 from ..systemd import SystemdManager, systemd_is_init
-from .affinity import AffinityActuator
+from .affinity import AFFINITY, AffinityActuator
 from .base import (
     Actuator,
     ActuatorError,
@@ -33,12 +35,26 @@ from .base import (
     RestoreResult,
     Syscalls,
 )
-from .cpu import CpuActuator
-from .cpuset import CpusetActuator
-from .nice import NiceActuator
-from .sched import SchedActuator
+from .cpu import CPU, CpuActuator
+from .cpuset import CPUSET, CpusetActuator
+from .kind import ActionKind, Compiling, Host
+from .nice import NICE, NiceActuator
+from .sched import SCHED, SchedActuator
 
-KINDS = ("nice", "sched", "affinity", "cpu", "cpuset")
+# In the order their keys appear in the format (schema.py) and its reference.
+ACTION_KINDS: tuple[ActionKind, ...] = (NICE, SCHED, AFFINITY, CPU, CPUSET)
+KINDS = tuple(kind.name for kind in ACTION_KINDS)
+_BY_NAME = {kind.name: kind for kind in ACTION_KINDS}
+
+
+def kind_of(name: str) -> ActionKind:
+    """The kind named `name` (KeyError for one that does not exist)."""
+    return _BY_NAME[name]
+
+
+def kind_for_action(action: Mapping[str, Any]) -> ActionKind:
+    """The kind whose key a step's table holds (the format allows exactly one)."""
+    return next(kind for kind in ACTION_KINDS if any(key.name in action for key in kind.keys))
 
 _UNSET = object()
 
@@ -80,7 +96,9 @@ def dry_run_twins(actuators: dict[str, Actuator]) -> dict[str, DryRun]:
 
 
 __all__ = [
+    "ACTION_KINDS",
     "KINDS",
+    "ActionKind",
     "Actuator",
     "ActuatorError",
     "AffinityActuator",
@@ -88,9 +106,11 @@ __all__ = [
     "ChangeDenied",
     "ChangeFailed",
     "ChangeInvalid",
+    "Compiling",
     "CpuActuator",
     "CpusetActuator",
     "DryRun",
+    "Host",
     "MaintainResult",
     "NiceActuator",
     "SchedActuator",
@@ -99,4 +119,6 @@ __all__ = [
     "Syscalls",
     "default_actuators",
     "dry_run_twins",
+    "kind_for_action",
+    "kind_of",
 ]

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import errno
 from pathlib import Path
+from typing import Any, Mapping
 
 from ..cgroupfs import CgroupFS, CgroupMount, allowed_cpus
-from ..cpulist import format_cpulist
+from ..cpulist import CpuListError, format_cpulist, parse_cpulist
 from ..errors import ProcessGone, RemediatorError
+from ..keys import Key
 from ..procfs import ProcessIdentity, ProcFS
 from .base import ChangeInvalid, Syscalls
+from .kind import Compiling, Host, compile_cpu_spec, effect_cpus, summarize_threads, target_cpus, task_file
 from .threads import PerThreadActuator
 
 
@@ -107,3 +110,45 @@ class AffinityActuator(PerThreadActuator[frozenset]):
         if errno_value in (errno.EPERM, errno.EACCES):
             return "changing another user's thread needs CAP_SYS_NICE"
         return ""
+
+
+# -- the kind ------------------------------------------------------------------------------------
+
+def thread_affinity(procfs: ProcFS, pid: int, tid: int) -> frozenset[int]:
+    """A thread's affinity, read only: Cpus_allowed_list of its status (what sched_getaffinity returns)."""
+    for line in task_file(procfs, pid, tid, "status").splitlines():
+        if line.startswith("Cpus_allowed_list:"):
+            try:
+                return parse_cpulist(line.split(":", 1)[1])
+            except CpuListError as exc:
+                raise RemediatorError(f"pid {pid}: unparsable Cpus_allowed_list: {exc}") from None
+    raise RemediatorError(f"pid {pid}: no Cpus_allowed_list in /proc/{pid}/task/{tid}/status")
+
+
+class AffinityKind:
+    name = "affinity"
+    group_weighted = False
+    keys = (Key("affinity", "cpus", "Set the CPU affinity of every thread: a CPU list (`\"2-3,6\"`) or `unprotected` "
+                "(online CPUs not owned by the request path).", keyword="unprotected"),)
+
+    def compile(self, action: Mapping[str, Any], at: Compiling) -> dict[str, Any]:
+        return {"cpus": compile_cpu_spec(action["affinity"], ("affinity",), at)}
+
+    def describe(self, params: Mapping[str, Any]) -> str:
+        return f"affinity {params['cpus'].describe()}"
+
+    def target(self, params: Mapping[str, Any], policy: str, min_cpus: int, request_cpus: frozenset[int],
+               online_cpus: frozenset[int]) -> tuple[dict | None, str]:
+        cpus, why = target_cpus(self.describe(params), params["cpus"], min_cpus, request_cpus, online_cpus)
+        return (None, why) if cpus is None else ({"cpus": sorted(cpus)}, "")
+
+    def effect(self, params: Mapping[str, Any], policy: str, min_cpus: int, pid: int, host: Host, data: dict) -> str:
+        target, skipped = effect_cpus(params["cpus"], min_cpus, host, data)
+        if skipped:
+            return skipped
+        masks = {tid: format_cpulist(thread_affinity(host.procfs, pid, tid)) for tid in sorted(host.procfs.tids(pid))}
+        data["threads"] = {str(tid): mask for tid, mask in masks.items()}
+        return summarize_threads("affinity", masks, format_cpulist(target))
+
+
+AFFINITY = AffinityKind()

@@ -17,9 +17,11 @@ siblings, which is where a systemd host puts a service and a sidecar (each its o
   decides): as on v1, the process moves into `remediator-POLICY`, a child of the root, with
   cpu.weight, cpu.idle or cpu.max ("QUOTA PERIOD", one write); first "+cpu" goes into the root's
   cgroup.subtree_control where missing (cpuset's enable_controller_steps; the root is exempt from
-  the no-internal-process rule, and our group is a leaf). "+cpu" is not taken back on restore (as
-  "+cpuset" is not): cgroups made since may rely on it, but it does make each child of the root its
-  own scheduling group of weight 100 where before every thread competed alone. Never a raise by the
+  the no-internal-process rule, and our group is a leaf). The journal keeps where "+cpu" was
+  written, and once our group is removed "-cpu" takes it back, unless a cgroup made or set since
+  uses it (a group of remediator's, a child handing it on, a child's cpu.weight/cpu.idle/cpu.max
+  off their defaults): "+cpu" makes each child of the root its own scheduling group of weight 100,
+  where before every thread competed alone, so it is not left on behind the host's back. Never a raise by the
   move: a process whose cgroup (or an ancestor below the root) already gives as little (cpu.idle 1,
   a weight or a cpu.max as low) stays where it is, and one whose cgroup holds limits (memory.max,
   pids.max, cpu.max, io.max, a cpuset: scope.limits_in_the_way) is refused rather than moved out.
@@ -35,14 +37,20 @@ from __future__ import annotations
 
 import errno
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
 
-from ..cgroupfs import CgroupFS, CgroupMount, cgroup_pids, process_cgroup_path, subtree_pids
+from ..cgroupfs import CgroupFS, CgroupMount, cgroup_pids, discover_cpu_mount, process_cgroup_path, subtree_pids
+from ..durations import parse_duration
 from ..errors import ProcessGone
+from ..keys import Key
+from ..placement import owned_cgroup_name
 from ..procfs import ProcessIdentity, ProcFS
 from ..systemd import SystemdManager, unit_for_cgroup
-from .base import ApplyResult, ChangeFailed, ChangeInvalid, Plan, RestoreResult, ensure_alive, systemd_call
-from .cpuset import enable_controller_steps, write_error
-from .scope import OffenderScopes, limits_in_the_way, scope_cgroup_of, scope_name, scope_of_applied
+from .base import ActuatorError, ApplyResult, ChangeFailed, ChangeInvalid, Plan, RestoreResult, ensure_alive, systemd_call
+from .cpuset import enable_controller_steps, give_back_controller, write_error
+from .kind import Compiling, Host
+from .scope import OffenderScopes, limits_in_the_way, outside_units, scope_cgroup_of, scope_name, scope_of_applied, scope_text
 
 CGROUP_PREFIX = "remediator-"
 UNSET = 2**64 - 1  # systemd's "not set" for CPUWeight, "no quota" for CPUQuotaPerSecUSec
@@ -248,10 +256,12 @@ class CpuActuator:
         if moving:
             parts.append(f"write {identity.pid} to {directory / 'cgroup.procs'}")
         description = f"{', '.join(parts)} (was {current['cgroup']})"
+        # Where remediator wrote "+cpu" (now or for an earlier step), to take it back with the group.
+        enabled = [*(applied or {}).get("enabled", ()), *(str(step.path.parent) for step in enable)]
         details = {"directory": str(directory), "cgroup": "/" + name, "created": not exists,
-                   "enable": [[str(step.path), step.value] for step in enable],
+                   "enable": [[str(step.path), step.value] for step in enable], "enabled": enabled,
                    "writes": [[str(path), value] for path, value in writes], "move": moving}
-        expected = {"cgroup": "/" + name, "setting": setting}
+        expected = {"cgroup": "/" + name, "setting": setting, "enabled": enabled}
         # The group's settings reach every offender already in it: none may be off limits.
         members = tuple(cgroup_pids(self.cgroupfs, directory)) if exists else ()
         return Plan(self.kind, identity, current, target, description, details=details, expected=expected,
@@ -314,7 +324,6 @@ class CpuActuator:
         created = False
         path, value = directory, ""
         try:
-            # "+cpu" in the root's subtree_control (v2) stays: see the module docstring.
             for path, value in details.get("enable", ()):
                 self.cgroupfs.write(Path(path), value)
             path, value = directory, ""
@@ -328,6 +337,8 @@ class CpuActuator:
                 self.cgroupfs.write(path, value)
         except OSError as exc:
             undo = self._remove_if_empty(directory) if created else ""
+            if not created or undo.startswith("; removed"):
+                undo += give_back_controller(self.cgroupfs, "cpu", [str(Path(path).parent) for path, _ in details.get("enable", ())])
             if exc.errno == errno.ESRCH:
                 raise ProcessGone(plan.identity.pid) from None
             if self._mount_of(plan.current).version == 2:
@@ -337,7 +348,8 @@ class CpuActuator:
                 raise error from None
             raise ChangeFailed(f"{exc.filename or directory}: {errno.errorcode.get(exc.errno or 0, exc.errno)} ({exc.strerror}){undo or '; nothing was moved'}") from None
         ensure_alive(self.procfs, plan.identity)
-        applied = {"cgroup": details["cgroup"], "created": details["created"], "setting": plan.target.get("cpu")}
+        applied = {"cgroup": details["cgroup"], "created": details["created"], "setting": plan.target.get("cpu"),
+                   "enabled": details.get("enabled", [])}
         return ApplyResult(applied=applied, message=plan.description)
 
     def _remove_if_empty(self, directory: Path) -> str:
@@ -427,11 +439,128 @@ class CpuActuator:
         if "unit" in original or not ours or not ours.lstrip("/").startswith(CGROUP_PREFIX):
             return ""
         directory = self._mount_of(original).fs_path(ours)
-        if directory is None or not self.cgroupfs.exists(directory):
+        enabled = list((applied or {}).get("enabled", ()))
+        if directory is None:
             return ""
-        return self._remove_if_empty(directory)
+        if self.cgroupfs.exists(directory):
+            removed = self._remove_if_empty(directory)
+            if not removed.startswith("; removed"):
+                return removed
+        else:
+            removed = ""
+        return removed + (give_back_controller(self.cgroupfs, "cpu", enabled) if enabled else "")
 
     def maintain(
         self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int], noticed: set[int] | None = None
     ) -> None:
         return None  # a cgroup holds every thread, and threads born later, by itself
+
+
+# -- the kind ------------------------------------------------------------------------------------
+
+def cpu_steps_unavailable(mount: CgroupMount | None) -> str | None:
+    """Why no cpu step (cpu_weight, cpu_idle, cpu_max) can work on a host with this cpu hierarchy, or None."""
+    if mount is None:
+        return ("not available on this host: no cgroup cpu controller is mounted (no v1 cpu hierarchy, "
+                "and no v2 tree lists cpu in cgroup.controllers)")
+    return None
+
+
+def compile_cpu_max(text: str, key: tuple, at: Compiling) -> dict[str, int]:
+    """"50%" -> 50 ms per 100 ms; "20ms/100ms" as written. The kernel takes periods of 1 ms to 1 s
+    and quotas of at least 1 ms."""
+    if text.endswith("%"):
+        period_us = 100_000
+        quota_us = round(float(text[:-1]) * period_us / 100)
+    else:
+        quota, period = text.split("/")
+        quota_us, period_us = round(parse_duration(quota) * 1e6), round(parse_duration(period) * 1e6)
+    if not 1_000 <= period_us <= 1_000_000:
+        at.problem(key, f"{text}: the period must be from 1ms to 1s", "range")
+    elif quota_us < 1_000:
+        at.problem(key, f"{text}: the quota must be at least 1ms per period", "range")
+    return {"quota_us": quota_us, "period_us": period_us}
+
+
+class CpuKind:
+    """cpu_weight, cpu_idle and cpu_max: one kind, its setting one of {"weight": N}, {"idle": 1},
+    {"quota_us": Q, "period_us": P}."""
+
+    name = "cpu"
+    group_weighted = False
+    keys = (
+        Key("cpu_weight", "integer", "Lower the weight of the process's cgroup against its siblings (1..10000; the default "
+            "is 100): the unit's CPUWeight through systemd, else cpu.weight (v2) or cpu.shares (v1) of a remediator-owned group.",
+            minimum=1, maximum=10000),
+        Key("cpu_idle", "boolean", "`true`: make the process's cgroup idle (cpu.idle: SCHED_IDLE for the whole group "
+            "against its siblings): CPUWeight=idle through systemd, else cpu.idle of a remediator-owned group (v2, or v1 "
+            "where the kernel has it).",),
+        Key("cpu_max", "string", "Cap the process's cgroup: a share of one CPU (`\"50%\"`, `\"200%\"` is two CPUs) or "
+            "quota/period (`\"20ms/100ms\"`): CPUQuota through systemd, else cpu.max (v2) or cpu.cfs_quota_us (v1) of a "
+            "remediator-owned group.", pattern=r"^([0-9]+(\.[0-9]+)?%|[0-9]+(us|ms|s)/[0-9]+(us|ms|s))$",
+            pattern_hint='a percentage ("50%") or quota/period ("20ms/100ms")'),
+    )
+
+    def compile(self, action: Mapping[str, Any], at: Compiling) -> dict[str, Any]:
+        if "cpu_weight" in action:
+            setting = {"weight": action["cpu_weight"]}
+        elif "cpu_idle" in action:
+            if action["cpu_idle"] is not True:
+                at.problem(("cpu_idle",), "false changes nothing: give `cpu_idle = true` or remove the step", "range")
+            setting = {"idle": 1}
+        else:
+            setting = compile_cpu_max(action["cpu_max"], ("cpu_max",), at)
+        return {"cpu": MappingProxyType(setting)}  # frozen, as the step
+
+    def describe(self, params: Mapping[str, Any]) -> str:
+        return setting_text(params["cpu"])
+
+    def target(self, params: Mapping[str, Any], policy: str, min_cpus: int, request_cpus: frozenset[int],
+               online_cpus: frozenset[int]) -> tuple[dict | None, str]:
+        # On cgroup v1 the offenders of one policy share the group remediator-POLICY.
+        return {"cpu": dict(params["cpu"]), "group": policy}, ""
+
+    def effect(self, params: Mapping[str, Any], policy: str, min_cpus: int, pid: int, host: Host, data: dict) -> str:
+        """Which path the step takes on this host, and what it would write (read only)."""
+        mount = discover_cpu_mount()
+        membership = host.procfs.cgroups(pid)
+        step = self.describe(params)
+        unavailable = cpu_steps_unavailable(mount)
+        if unavailable:
+            return unavailable
+        assert mount is not None
+        if mount.version == 2 and host.systemd_host:
+            unit, why = unit_for_cgroup(membership.v2_path or "/")
+            setting = params["cpu"]
+            if setting.get("idle"):
+                change = "CPUWeight=idle"
+            elif "weight" in setting:
+                change = f"CPUWeight={setting['weight']}"
+            else:
+                change = f"CPUQuota={setting['quota_us'] * 100 / setting['period_us']:g}% CPUQuotaPeriodSec={setting['period_us']}us"
+            if unit is None and outside_units(membership.v2_path or "/")[0]:
+                scope = owned_cgroup_name(policy) + ".scope"
+                return f"{step} through systemd: {scope_text(scope, pid, membership.v2_path or '/')} {change}"
+            if unit is None:
+                return f"refused on this systemd host: {why}"
+            return (f"{step} through systemd: SetUnitProperties {unit} --runtime {change} "
+                    "(never raised; every process of the unit gets it)")
+        return self._owned_group_effect(params, policy, pid, host, mount)
+
+    def _owned_group_effect(self, params: Mapping[str, Any], policy: str, pid: int, host: Host, mount: CgroupMount) -> str:
+        """The exact writes into remediator-POLICY (v1, or v2 without systemd): the actuator's own plan,
+        the same words a dry run prints."""
+        step = self.describe(params)
+        where = "cgroup v1 cpu controller" if mount.version == 1 else "cgroup v2 without systemd: a group of remediator's own"
+        actuator = CpuActuator(host.procfs, mount=mount, cgroupfs=CgroupFS(), systemd=None)
+        try:
+            identity = host.procfs.identity(pid)
+            plan = actuator.plan(identity, {"cpu": dict(params["cpu"]), "group": policy}, actuator.read(pid))
+        except ActuatorError as exc:
+            return f"{step}: refused on this host ({where}): {exc.message}"
+        if plan.unchanged:
+            return f"{step}: no change: {plan.description} ({where})"
+        return f"{step}: {plan.description} ({where})"
+
+
+CPU = CpuKind()

@@ -45,14 +45,18 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 from ..cgroupfs import CgroupFS, CgroupMount, allowed_cpus, cgroup_pids, effective_cpus, process_cgroup_path, subtree_pids
 from ..cpulist import CpuListError, format_cpulist, online_cpus, parse_cpulist
 from ..errors import ProcessGone, RemediatorError
+from ..keys import Key
+from ..matching import check_cgroup_name
 from ..procfs import ProcessIdentity, ProcFS
 from ..placement import CGROUP_PREFIX, owned_cgroup_name
 from ..systemd import SystemdManager, describe_allowed, unit_for_cgroup
-from .scope import OffenderScopes, scope_cgroup_of, scope_name, scope_of_applied
+from .kind import Compiling, Host, compile_cpu_spec, effect_cpus, target_cpus
+from .scope import OffenderScopes, outside_units, scope_cgroup_of, scope_name, scope_of_applied, scope_text
 from .affinity import narrowed_mask
 from .base import (
     ActuatorError,
@@ -152,6 +156,47 @@ def describe_steps(steps: list[Step]) -> str:
         named.add(step.path.parent)
         parts.append(f'write "{step.value}" to {where}')
     return "; ".join(parts)
+
+
+# What a cgroup holds for a controller's files until someone sets them (cgroup-v2.rst).
+CONTROLLER_DEFAULTS = {"cpu": {"cpu.weight": "100", "cpu.idle": "0", "cpu.max": "max"}}
+
+
+def give_back_controller(cgroupfs: CgroupFS, controller: str, enabled: list[str]) -> str:
+    """Take back "+CONTROLLER" from the cgroup.subtree_control files remediator wrote it to (the
+    directories in `enabled`, deepest first), where nothing below uses it since: no child hands it
+    on, no group of remediator's is left, and every child still holds the defaults. Otherwise it
+    stays, and the note says where and why. Returns "; ..." notes, or "" when there was nothing."""
+    notes = []
+    for directory in map(Path, reversed(enabled)):
+        control = directory / "cgroup.subtree_control"
+        try:
+            if controller not in cgroupfs.read(control).split():
+                continue
+            children = [directory / name for name in cgroupfs.listdir(directory) if cgroupfs.exists(directory / name / "cgroup.procs")]
+            user = next((child for child in children if _uses_controller(cgroupfs, child, controller)), None)
+            if user is not None:
+                notes.append(f"+{controller} stays in {control} ({user} uses it)")
+                break  # the levels above hand it down to this one
+            cgroupfs.write(control, "-" + controller)
+            notes.append(f"write -{controller} to {control} (as before remediator)")
+        except OSError as exc:
+            notes.append(f"+{controller} stays in {control} ({exc.strerror})")
+            break
+    return "".join("; " + note for note in notes)
+
+
+def _uses_controller(cgroupfs: CgroupFS, child: Path, controller: str) -> bool:
+    if child.name.startswith(CGROUP_PREFIX) or controller in cgroupfs.read(child / "cgroup.subtree_control").split():
+        return True
+    for name, default in CONTROLLER_DEFAULTS.get(controller, {}).items():
+        try:
+            value = cgroupfs.read(child / name).strip()
+        except FileNotFoundError:
+            continue  # cpu.idle before Linux 5.15
+        if value.split()[0] != default:
+            return True
+    return False
 
 
 def enable_controller_steps(cgroupfs: CgroupFS, mount: CgroupMount, parent: str, controller: str) -> list[Step]:
@@ -670,3 +715,57 @@ class CpusetActuator:
         self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int], noticed: set[int] | None = None
     ) -> None:
         return None  # new threads start in their creator's cgroup: nothing to follow up
+
+
+# -- the kind ------------------------------------------------------------------------------------
+
+CPUSET_KEYS = (
+    Key("cpus", "cpus", "CPUs of the cgroup: a CPU list or `unprotected`.", required=True, keyword="unprotected"),
+    Key("cgroup", "string", "Name of the remediator-owned cpuset cgroup (created as `remediator-NAME`): letters, digits, `.`, `_`, `-`.",
+        required=True, pattern=r"^[A-Za-z0-9_.-]+$", pattern_hint="letters, digits, '.', '_', '-'", item_check=check_cgroup_name),
+)
+
+
+class CpusetKind:
+    name = "cpuset"
+    group_weighted = False
+    keys = (Key("cpuset", "table", "Move the process into a remediator-owned cpuset cgroup.", keys=CPUSET_KEYS,
+                example='cpuset = { cpus = "unprotected", cgroup = "log-shippers" }'),)
+
+    def compile(self, action: Mapping[str, Any], at: Compiling) -> dict[str, Any]:
+        table = action["cpuset"]
+        return {"cpus": compile_cpu_spec(table["cpus"], ("cpuset", "cpus"), at), "cgroup": table["cgroup"]}
+
+    def describe(self, params: Mapping[str, Any]) -> str:
+        return f"cpuset {params['cpus'].describe()} in cgroup {params['cgroup']}"
+
+    def target(self, params: Mapping[str, Any], policy: str, min_cpus: int, request_cpus: frozenset[int],
+               online_cpus: frozenset[int]) -> tuple[dict | None, str]:
+        cpus, why = target_cpus(self.describe(params), params["cpus"], min_cpus, request_cpus, online_cpus)
+        return (None, why) if cpus is None else ({"cgroup": params["cgroup"], "cpus": sorted(cpus)}, "")
+
+    def effect(self, params: Mapping[str, Any], policy: str, min_cpus: int, pid: int, host: Host, data: dict) -> str:
+        target, skipped = effect_cpus(params["cpus"], min_cpus, host, data)
+        if skipped:
+            return skipped
+        cpus = format_cpulist(target)
+        membership = host.procfs.cgroups(pid)
+        if host.systemd_host and "cpuset" not in membership.v1_paths and membership.v2_path:
+            unit, why = unit_for_cgroup(membership.v2_path)
+            data.update(cgroup=membership.v2_path, unit=unit)
+            if unit:
+                return (f"cpuset through systemd: SetUnitProperties {unit} --runtime AllowedCPUs={cpus} "
+                        "(the process stays in its unit; every process of the unit gets it)")
+            if outside_units(membership.v2_path)[0]:
+                scope = owned_cgroup_name(params["cgroup"]) + ".scope"
+                return f"cpuset through systemd: {scope_text(scope, pid, membership.v2_path)} AllowedCPUs={cpus}"
+            return f"refused on this systemd host: {why}"
+        current = membership.v1_paths.get("cpuset") or membership.v2_path or "/"
+        name = owned_cgroup_name(params["cgroup"])
+        data.update(cgroup=current, target_cgroup=name)
+        if current.rstrip("/").endswith("/" + name):
+            return f"cpuset: already in {current}; cpus {cpus}"
+        return f"cpuset: move from {current} to {name} with cpus {cpus}"
+
+
+CPUSET = CpusetKind()

@@ -11,9 +11,12 @@ under a step of 10) is left as it is (`weaker_nice`).
 from __future__ import annotations
 
 import errno
+from typing import Any, Mapping
 
-from ..procfs import ProcessIdentity
+from ..keys import Key
+from ..procfs import ProcessIdentity, ProcFS
 from .base import ChangeInvalid
+from .kind import Compiling, Host, summarize_threads
 from .threads import PerThreadActuator
 
 NICE_MIN, NICE_MAX = -20, 19
@@ -63,3 +66,38 @@ class NiceActuator(PerThreadActuator[int]):
         if errno_value in (errno.EPERM, errno.EACCES):
             return "lowering nice (raising priority) needs CAP_SYS_NICE or RLIMIT_NICE"
         return ""
+
+
+# -- the kind ------------------------------------------------------------------------------------
+
+def thread_nice(procfs: ProcFS, pid: int) -> dict[int, int]:
+    """Each thread's nice, read only: field 19 of its stat (what getpriority returns)."""
+    return {tid: procfs.stat(pid, tid).nice for tid in sorted(procfs.tids(pid))}
+
+
+class NiceKind:
+    name = "nice"
+    group_weighted = True  # CFS/EEVDF weigh a thread's nice against the others of its group only
+    keys = (Key("nice", "integer", "Set the nice value of every thread (-20..19; higher is gentler to others).",
+                minimum=NICE_MIN, maximum=NICE_MAX),)
+
+    def compile(self, action: Mapping[str, Any], at: Compiling) -> dict[str, Any]:
+        if action["nice"] < 0:
+            at.problem(("nice",), f"{action['nice']} raises the process's priority over the default; a remediation step "
+                       "normally lowers it (nice > 0)", "nice-raises", severity="warning")
+        return {"nice": action["nice"]}
+
+    def describe(self, params: Mapping[str, Any]) -> str:
+        return f"nice {params['nice']}"
+
+    def target(self, params: Mapping[str, Any], policy: str, min_cpus: int, request_cpus: frozenset[int],
+               online_cpus: frozenset[int]) -> tuple[dict | None, str]:
+        return {"nice": params["nice"]}, ""
+
+    def effect(self, params: Mapping[str, Any], policy: str, min_cpus: int, pid: int, host: Host, data: dict) -> str:
+        current = thread_nice(host.procfs, pid)
+        data.update(target=params["nice"], threads={str(tid): value for tid, value in current.items()})
+        return summarize_threads("nice", {tid: str(value) for tid, value in current.items()}, str(params["nice"]))
+
+
+NICE = NiceKind()

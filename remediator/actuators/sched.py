@@ -1,9 +1,11 @@
 """Scheduling policy (SCHED_IDLE, SCHED_BATCH), on every thread of a process.
 
 Like nice, the policy is per thread: sched_setscheduler(tid, ...) changes one thread, and a new
-thread inherits its creator's. Unlike nice it weighs a thread against every other thread on the
-CPU, not only those of its own group: SCHED_IDLE gets the weight of nice 19 divided by about five,
-and EEVDF/CFS let any normal task preempt it at wakeup.
+thread inherits its creator's. Like nice it weighs a thread only against the others of its
+scheduling group (a cpu cgroup or an autogroup: schedgroups.py): there SCHED_IDLE gets the weight of
+nice 19 divided by about five, and EEVDF/CFS let any normal task of the group preempt it at wakeup;
+between groups the groups' own weights decide (bench/first_step.py: no help in the layout with
+service and sidecar in cgroups of their own, see policies/log-shippers.toml).
 
 Never a raise: policies rank idle < batch < normal < realtime, and a step only moves a thread down
 to its target; a thread already at or below it is left as it is. Realtime threads (FIFO, RR,
@@ -23,10 +25,13 @@ import dataclasses
 import errno
 import os
 import time
+from typing import Any, Mapping
 
 from ..errors import RemediatorError
+from ..keys import Key
 from ..procfs import ProcessIdentity, ProcFS
 from .base import ChangeInvalid, RestoreResult, Syscalls, change_error, plural_threads
+from .kind import Compiling, Host, plural, summarize_threads, task_file
 from .threads import PerThreadActuator
 
 SCHED_DEADLINE = 6
@@ -183,3 +188,52 @@ class SchedActuator(PerThreadActuator[SchedValue]):
                     found.append(child)
                 queue.append(child)  # an older child's own children may be new
         return found
+
+
+# -- the kind ------------------------------------------------------------------------------------
+
+def thread_sched(procfs: ProcFS, pid: int) -> dict[int, str]:
+    """Each thread's scheduling policy by name, read only: field 41 of its stat (no syscall needed)."""
+    policies: dict[int, str] = {}
+    for tid in sorted(procfs.tids(pid)):
+        fields = task_file(procfs, pid, tid, "stat").rsplit(")", 1)[-1].split()
+        try:
+            number = int(fields[41 - 3])  # fields after the comm start at field 3 (state)
+        except (IndexError, ValueError):
+            raise RemediatorError(f"pid {pid}: no scheduling policy in /proc/{pid}/task/{tid}/stat") from None
+        policies[tid] = NAMES.get(number, f"policy-{number}")
+    return policies
+
+
+class SchedKind:
+    name = "sched"
+    group_weighted = True  # SCHED_IDLE/BATCH weigh a thread against the others of its group only
+    keys = (Key("sched", "enum", "Set the scheduling policy of every thread: `idle` (SCHED_IDLE: yields to every normal "
+                "thread of its scheduling group; like nice, it does not reach other cpu cgroups or sessions) or `batch` "
+                "(SCHED_BATCH: no wakeup preemption). Never raises a thread: one already at or below is left.", choices=TARGETS),)
+
+    def compile(self, action: Mapping[str, Any], at: Compiling) -> dict[str, Any]:
+        return {"sched": action["sched"]}
+
+    def describe(self, params: Mapping[str, Any]) -> str:
+        return f"sched {params['sched']}"
+
+    def target(self, params: Mapping[str, Any], policy: str, min_cpus: int, request_cpus: frozenset[int],
+               online_cpus: frozenset[int]) -> tuple[dict | None, str]:
+        return {"sched": params["sched"]}, ""
+
+    def effect(self, params: Mapping[str, Any], policy: str, min_cpus: int, pid: int, host: Host, data: dict) -> str:
+        target = params["sched"]
+        current = thread_sched(host.procfs, pid)
+        lowered = {tid: name for tid, name in current.items() if RANK.get(name, 3) > RANK[target] and name not in REALTIME}
+        data.update(target=target, threads={str(tid): name for tid, name in current.items()})
+        if not lowered:
+            return f"no change: every thread already at or below sched {target} ({plural(len(current), 'thread')})"
+        text = summarize_threads("sched", lowered, target)
+        left = len(current) - len(lowered)
+        if left:
+            text += f", left as it is on {plural(left, 'thread')} (already at or below, or realtime)"
+        return text
+
+
+SCHED = SchedKind()

@@ -193,3 +193,9 @@ class OffenderScopes:
         # A later step's SetUnitProperties --runtime left drop-ins that would outlive the scope.
         return f"; stopped {unit}" + self.systemd.remove_runtime_dropins(unit, SCOPE_PROPERTIES)
 
+
+
+def scope_text(scope: str, pid: int, cgroup: str) -> str:
+    """For explain: how a process in no unit would get a cgroup step (followed by the properties)."""
+    return (f"pid {pid} is in {cgroup}, in no unit: StartTransientUnit {scope} PIDs={pid} (remediator's own scope; "
+            "refused if its cgroup holds limits; the revert moves it back and stops the scope) with")

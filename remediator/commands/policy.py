@@ -14,7 +14,8 @@ from ..errors import RemediatorError
 from ..baseline import Baselines
 from ..engine import import_state
 from ..cgroupfs import discover_cpu_mount
-from ..explain import LearnedBaselines, cpu_steps_unavailable, explain
+from ..actuators.cpu import cpu_steps_unavailable
+from ..explain import LearnedBaselines, explain
 from ..policy import check_paths, load_policies, read_policy_files
 from ..printable import printable
 from ..procfs import ProcFS

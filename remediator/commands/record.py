@@ -18,7 +18,8 @@ from ..cpulist import CpuListError, format_cpulist, parse_cpulist
 from ..engine import EngineSettings
 from ..errors import RemediatorError
 from ..metrics import DEFAULT_OFFENDER_LABELS, Metrics, write_text
-from ..policy import PolicySet, load_policies
+from ..model import PolicySet
+from ..policy import load_policies
 from ..printable import printable
 from ..sample import Sample, read_samples, write_samples
 from ..tick import Observers, engine_settings, replay_samples

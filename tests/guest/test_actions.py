@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers.remediation import close, identity_of, make_executor
-from remediator.executor import ActionRequest
+from remediator.model import ActionRequest
 from units import (ACTION_CONFIG_TEXT, CONFIG, JOURNAL, WORKLOADS, cpu_step_then_sigkill, install_unit, main_pid, remove_unit, revert_all, show,
                    systemctl, wait_for, write_root_file)
 
@@ -46,7 +46,7 @@ def sidecar():
 
 
 def cpu_request(pid: int, setting: tuple, step: int = 0) -> ActionRequest:
-    return ActionRequest(identity_of(pid), "cpu", "guest-sidecar", step, cpu=setting, cgroup="guest-sidecar")
+    return ActionRequest(identity_of(pid), "cpu", "guest-sidecar", step, {"cpu": dict(setting), "group": "guest-sidecar"})
 
 
 # What a cpu file reads where systemd has not enabled the controller for the unit (no file at all).
@@ -122,7 +122,7 @@ def test_a_unit_holding_a_protected_process_is_refused(sidecar, executor):
 
 def test_sched_idle_on_every_thread_of_a_units_process_and_back(sidecar, executor):
     tids = sorted(int(tid) for tid in os.listdir(f"/proc/{sidecar}/task"))
-    outcome = executor.apply(ActionRequest(identity_of(sidecar), "sched", "guest-sidecar", 0, sched="idle"), ())
+    outcome = executor.apply(ActionRequest(identity_of(sidecar), "sched", "guest-sidecar", 0, {"sched": "idle"}), ())
     print(outcome.message)
     assert outcome.status == "applied", outcome
     assert {os.sched_getscheduler(tid) for tid in tids} == {os.SCHED_IDLE}

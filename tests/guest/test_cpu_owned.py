@@ -3,7 +3,7 @@ systemd (OpenRC, runit, a container's init) runs. The actuators are built as `de
 builds them there, with no SystemdManager, on this guest's real cgroup v2 tree: the offender moves
 into remediator-POLICY under the root (after "+cpu" in the root's subtree_control where missing),
 cpu.weight and cpu.idle are written there, and a revert (also `remediator revert --all` after a
-SIGKILL) writes it back where it was and removes the group."""
+SIGKILL) writes it back where it was, removes the group and takes "+cpu" back out of the root."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers.remediation import close, identity_of, make_executor
-from remediator.executor import ActionRequest
+from remediator.model import ActionRequest
 from units import JOURNAL, cgroup_of, cpu_step_then_sigkill, hog_in_group, revert_all, wait_for
 
 pytestmark = pytest.mark.root
@@ -26,7 +26,7 @@ NO_SYSTEMD = {"systemd": None}  # default_actuators' choice where systemd is not
 
 
 def cpu_request(pid: int, setting: tuple, step: int = 0) -> ActionRequest:
-    return ActionRequest(identity_of(pid), "cpu", GROUP, step, cpu=setting, cgroup=GROUP)
+    return ActionRequest(identity_of(pid), "cpu", GROUP, step, {"cpu": dict(setting), "group": GROUP})
 
 
 def remove_our_group() -> None:
@@ -53,7 +53,12 @@ def every_thread_in(pid: int, cgroup: str) -> bool:
     return all(Path(f"/proc/{pid}/task/{tid}/cgroup").read_text().strip() == f"0::{cgroup}" for tid in os.listdir(f"/proc/{pid}/task"))
 
 
+def root_controllers() -> list[str]:
+    return (TREE / "cgroup.subtree_control").read_text().split()
+
+
 def test_weight_then_idle_in_our_own_group_on_the_real_tree_and_back(hog, executor):
+    before = root_controllers()
     weight = executor.apply(cpu_request(hog, (("weight", 10),)), ())
     print(weight.message)
     assert weight.status == "applied", weight
@@ -80,9 +85,14 @@ def test_weight_then_idle_in_our_own_group_on_the_real_tree_and_back(hog, execut
     assert cgroup_of(hog) == f"/{GROUP}"
     assert every_thread_in(hog, f"/{GROUP}")
     assert not OURS.exists(), "the emptied group is removed"
+    # "+cpu" goes back out of the root where remediator put it there (nothing else uses it).
+    assert root_controllers() == before, restored.message
+    if "cpu" not in before:
+        assert f"write -cpu to {TREE}/cgroup.subtree_control" in restored.message
 
 
 def test_after_a_sigkill_revert_all_moves_it_back_and_removes_the_group(hog):
+    before = root_controllers()
     crashed = cpu_step_then_sigkill(hog, (("idle", 1),), GROUP, executor_options=", systemd=None")
     assert crashed.stdout.strip() == "applied", crashed.stdout + crashed.stderr
     assert cgroup_of(hog) == f"/remediator-{GROUP}"
@@ -93,3 +103,4 @@ def test_after_a_sigkill_revert_all_moves_it_back_and_removes_the_group(hog):
     assert out.returncode == 0, out.stdout + out.stderr
     assert cgroup_of(hog) == f"/{GROUP}"
     assert not OURS.exists()
+    assert root_controllers() == before, out.stdout

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers.remediation import close, identity_of, make_executor
-from remediator.executor import ActionRequest
+from remediator.model import ActionRequest
 from units import JOURNAL, cgroup_of, cpu_step_then_sigkill, hog_in_group, revert_all, show, wait_for
 
 pytestmark = pytest.mark.root
@@ -34,7 +34,7 @@ def foreign():
 
 
 def cpu_request(pid: int, setting: tuple, step: int = 0) -> ActionRequest:
-    return ActionRequest(identity_of(pid), "cpu", "guest-foreign", step, cpu=setting, cgroup="guest-foreign")
+    return ActionRequest(identity_of(pid), "cpu", "guest-foreign", step, {"cpu": dict(setting), "group": "guest-foreign"})
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def masks(pid: int) -> set[frozenset[int]]:
 
 def test_a_cpuset_step_gives_our_scope_allowed_cpus_and_the_revert_every_thread_its_mask(foreign, executor):
     before = masks(foreign)
-    request = ActionRequest(identity_of(foreign), "cpuset", "guest-foreign", 0, cpus=frozenset({1}), cgroup="guest-foreign")
+    request = ActionRequest(identity_of(foreign), "cpuset", "guest-foreign", 0, {"cgroup": "guest-foreign", "cpus": [1]})
     moved = executor.apply(request, ())
     print(moved.message)
     assert moved.status == "applied", moved

@@ -50,10 +50,10 @@ def cpu_step_then_sigkill(pid: int, setting: tuple, group: str, executor_options
 import os, sys
 sys.path.insert(0, "/opt/remediator/tests")
 from helpers.remediation import make_executor
-from remediator.executor import ActionRequest
+from remediator.model import ActionRequest
 from remediator.procfs import ProcFS
 executor = make_executor(__import__("pathlib").Path("{JOURNAL}"){executor_options})
-request = ActionRequest(ProcFS().identity({pid}), "cpu", "{group}", 0, cpu={setting!r}, cgroup="{group}")
+request = ActionRequest(ProcFS().identity({pid}), "cpu", "{group}", 0, {{"cpu": dict({setting!r}), "group": "{group}"}})
 print(executor.apply(request, ()).status, flush=True)
 os.kill(os.getpid(), {int(signal.SIGKILL)})
 """], capture_output=True, text=True, timeout=120, cwd=str(CHECKOUT))

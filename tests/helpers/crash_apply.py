@@ -18,7 +18,8 @@ import time
 
 from remediator.actuators import Syscalls, default_actuators
 from remediator.cpulist import parse_cpulist
-from remediator.executor import ActionRequest, Executor
+from remediator.executor import Executor
+from remediator.model import ActionRequest
 from remediator.journal import Journal
 from remediator.procfs import ProcFS
 
@@ -52,9 +53,9 @@ def main() -> int:
     identity = procfs.identity(args.pid)
     results = []
     if args.nice is not None:
-        results.append(executor.apply(ActionRequest(identity, "nice", "crash-test", 0, nice=args.nice), ()))
+        results.append(executor.apply(ActionRequest(identity, "nice", "crash-test", 0, {"nice": args.nice}), ()))
     if args.cpus:
-        request = ActionRequest(identity, "affinity", "crash-test", 0, cpus=parse_cpulist(args.cpus))
+        request = ActionRequest(identity, "affinity", "crash-test", 0, {"cpus": sorted(parse_cpulist(args.cpus))})
         results.append(executor.apply(request, ()))
     statuses = ",".join(outcome.status for outcome in results)
     print(f"ready applied {statuses}", flush=True)

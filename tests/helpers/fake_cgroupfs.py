@@ -2,7 +2,8 @@
 
 Rules modelled (from Documentation/admin-guide/cgroup-v2.rst):
 - a controller can be enabled in cgroup.subtree_control only if cgroup.controllers lists it (ENOENT),
-  and not in a non-root cgroup that holds processes (no-internal-process rule: EBUSY);
+  and not in a non-root cgroup that holds processes (no-internal-process rule: EBUSY); "-CONTROLLER"
+  fails with EBUSY while a child still enables it for its own children, and takes its files away;
 - a child's cgroup.controllers is its parent's cgroup.subtree_control; cpuset files appear in a child
   when the parent enables cpuset;
 - a process moves by writing its pid to cgroup.procs (ESRCH when there is no such process; EBUSY
@@ -181,7 +182,14 @@ class FakeCgroupV2(CgroupFS):
                             if controller == "cpu":
                                 self._add_cpu_files(child)
                 elif sign == "-" and controller in enabled:
+                    children = [child for child in directory.iterdir() if child.is_dir()]
+                    if any(controller in (child / "cgroup.subtree_control").read_text().split() for child in children):
+                        raise _error(errno.EBUSY, path)  # a child still hands it down
                     enabled.remove(controller)
+                    for child in children:
+                        (child / "cgroup.controllers").write_text(" ".join(enabled) + "\n")
+                        for file in child.glob(controller + ".*"):
+                            file.unlink()
                 path.write_text(" ".join(enabled) + "\n" if enabled else "")
             return
         if name == "cgroup.procs":

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from remediator.actuators import Syscalls, default_actuators
-from remediator.executor import ActionRequest, Executor
+from remediator.executor import Executor
+from remediator.model import ActionRequest
 from remediator.journal import Journal
 from remediator.procfs import ProcessIdentity, ProcFS
 
@@ -30,15 +31,15 @@ def identity_of(pid: int) -> ProcessIdentity:
 
 
 def nice_request(pid: int, value: int, step: int = 0) -> ActionRequest:
-    return ActionRequest(identity_of(pid), "nice", "log-shippers", step, nice=value, evidence={"test": True})
+    return ActionRequest(identity_of(pid), "nice", "log-shippers", step, {"nice": value}, evidence={"test": True})
 
 
 def affinity_request(pid: int, cpus, step: int = 0) -> ActionRequest:
-    return ActionRequest(identity_of(pid), "affinity", "log-shippers", step, cpus=frozenset(cpus))
+    return ActionRequest(identity_of(pid), "affinity", "log-shippers", step, {"cpus": sorted(cpus)})
 
 
 def cpuset_request(pid: int, cpus, name: str, step: int = 0) -> ActionRequest:
-    return ActionRequest(identity_of(pid), "cpuset", name, step, cpus=frozenset(cpus), cgroup=name)
+    return ActionRequest(identity_of(pid), "cpuset", name, step, {"cgroup": name, "cpus": sorted(cpus)})
 
 
 def tids_of(pid: int) -> list[int]:
