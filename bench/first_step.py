@@ -133,29 +133,40 @@ def make_executor(journal_path: Path) -> Executor:
     return Executor(Journal(journal_path), procfs, dry_run=False, actuators=default_actuators(procfs), self_pid=0)
 
 
-def run_once(config: str, layout: str, groups: Groups | None, args: argparse.Namespace, directory: Path) -> dict:
-    """One run: server, client and sidecar in `layout`, the step applied to the sidecar from its start."""
+def fresh_directory(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for stale in ("latency.txt", "bursts.txt", "journal.jsonl"):
         (directory / stale).unlink(missing_ok=True)
+    return directory
+
+
+def start_workloads(layout: str, groups: Groups | None, args: argparse.Namespace, directory: Path,
+                    processes: list[subprocess.Popen], fork_per_burst: bool):
+    """Server, sidecar and client in `layout` (each added to `processes` as it starts, for the caller to stop)."""
     service_group = groups.service if layout == "B" else None
     sidecar_group = groups.sidecar if layout == "B" else None
+    server = subprocess.Popen(server_argv(args), stdout=subprocess.PIPE, text=True, preexec_fn=joining(service_group))
+    processes.append(server)
+    port = int(server.stdout.readline().split("port=")[1])
+    start_at = time.time() + args.warmup
+    sidecar = subprocess.Popen(workload_sidecar_argv(args, directory, start_at) + (["--fork-per-burst"] if fork_per_burst else []),
+                               stdout=subprocess.PIPE, text=True, preexec_fn=joining(sidecar_group))
+    processes.append(sidecar)
+    sidecar.stdout.readline()
+    client = subprocess.Popen(loadgen_argv(args, port, args.duration, directory, start_at), stdout=subprocess.PIPE,
+                              text=True, preexec_fn=joining(service_group))
+    processes.append(client)
+    client.stdout.readline()
+    return server, sidecar, client
+
+
+def run_once(config: str, layout: str, groups: Groups | None, args: argparse.Namespace, directory: Path) -> dict:
+    """One run: server, client and sidecar in `layout`, the step applied to the sidecar from its start."""
     processes: list[subprocess.Popen] = []
-    executor = make_executor(directory / "journal.jsonl")
+    executor = make_executor(fresh_directory(directory) / "journal.jsonl")
     result: dict = {"config": config, "layout": layout}
     try:
-        server = subprocess.Popen(server_argv(args), stdout=subprocess.PIPE, text=True, preexec_fn=joining(service_group))
-        processes.append(server)
-        port = int(server.stdout.readline().split("port=")[1])
-        start_at = time.time() + args.warmup
-        sidecar = subprocess.Popen(workload_sidecar_argv(args, directory, start_at), stdout=subprocess.PIPE, text=True,
-                                   preexec_fn=joining(sidecar_group))
-        processes.append(sidecar)
-        sidecar.stdout.readline()
-        client = subprocess.Popen(loadgen_argv(args, port, args.duration, directory, start_at), stdout=subprocess.PIPE,
-                                  text=True, preexec_fn=joining(service_group))
-        processes.append(client)
-        client.stdout.readline()
+        server, sidecar, client = start_workloads(layout, groups, args, directory, processes, fork_per_burst=False)
         step = STEPS[config]
         if step is not None:
             kind, params = step
@@ -205,30 +216,14 @@ def follow_bursts(bursts_file: Path, stop, on_burst) -> None:
 def run_after_onset(config: str, layout: str, groups: Groups | None, args: argparse.Namespace, directory: Path) -> dict:
     """One run: every burst from a new sidecar process, the step applied to it --detect-ms after its onset."""
 
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in ("latency.txt", "bursts.txt", "journal.jsonl"):
-        (directory / stale).unlink(missing_ok=True)
-    service_group = groups.service if layout == "B" else None
-    sidecar_group = groups.sidecar if layout == "B" else None
     processes: list[subprocess.Popen] = []
-    executor = make_executor(directory / "journal.jsonl")
+    executor = make_executor(fresh_directory(directory) / "journal.jsonl")
     steps: list[tuple[float, float, int]] = []  # (onset, step in place, pid)
     failures: list[str] = []
     stop = threading.Event()
     follower = None
     try:
-        server = subprocess.Popen(server_argv(args), stdout=subprocess.PIPE, text=True, preexec_fn=joining(service_group))
-        processes.append(server)
-        port = int(server.stdout.readline().split("port=")[1])
-        start_at = time.time() + args.warmup
-        sidecar = subprocess.Popen(workload_sidecar_argv(args, directory, start_at) + ["--fork-per-burst"],
-                                   stdout=subprocess.PIPE, text=True, preexec_fn=joining(sidecar_group))
-        processes.append(sidecar)
-        sidecar.stdout.readline()
-        client = subprocess.Popen(loadgen_argv(args, port, args.duration, directory, start_at), stdout=subprocess.PIPE,
-                                  text=True, preexec_fn=joining(service_group))
-        processes.append(client)
-        client.stdout.readline()
+        server, _sidecar, client = start_workloads(layout, groups, args, directory, processes, fork_per_burst=True)
         step = STEPS[config]
 
         def on_burst(onset: float, pid: int) -> None:
@@ -300,11 +295,7 @@ def summarise_after_onset(runs: list[dict], configs: list[str], layouts: list[st
                     **{key: round(statistics.median(burst[key] for burst in bursts), 2)
                        for key in ("step_ms", "worst_after_ms", "relief_ms")},
                 }
-        baseline = table[layout].get("none")
-        for row in table[layout].values():
-            if baseline:
-                row["vs_none"] = {key: round(row[key] / baseline[key], 2) if baseline[key] else None
-                                  for key in ("worst_after_ms", "relief_ms")}
+        add_ratios_to_none(table[layout], ("worst_after_ms", "relief_ms"))
     return table
 
 
@@ -352,11 +343,17 @@ def summarise(runs: list[dict], configs: list[str], layouts: list[str]) -> dict:
             if mine:
                 table[layout][config] = {figure: round(statistics.median(run[figure] for run in mine), 2) for figure in FIGURES}
                 table[layout][config]["rounds"] = len(mine)
-        baseline = table[layout].get("none")
-        for config, row in table[layout].items():
-            if baseline:
-                row["vs_none"] = {figure: round(row[figure] / baseline[figure], 2) for figure in FIGURES}
+        add_ratios_to_none(table[layout], FIGURES)
     return table
+
+
+def add_ratios_to_none(rows: dict, figures) -> None:
+    """Each row's figures as ratios to the "none" row's (None where that one is 0)."""
+    baseline = rows.get("none")
+    if baseline:
+        for row in rows.values():
+            row["vs_none"] = {figure: round(row[figure] / baseline[figure], 2) if baseline[figure] else None
+                              for figure in figures}
 
 
 def markdown(table: dict, args: argparse.Namespace) -> str:
@@ -444,16 +441,13 @@ def main() -> int:
         if groups is not None:
             groups.close()
     if args.after_onset:
-        table = summarise_after_onset(runs, configs, layouts)
-        (out.parent / "first_step_after_onset.json").write_text(json.dumps({"args": vars(args), "table": table, "runs": runs}, indent=1))
+        name, table = "first_step_after_onset", summarise_after_onset(runs, configs, layouts)
         text = markdown_after_onset(table, args)
-        (out.parent / "first_step_after_onset.md").write_text(text)
-        print(text)
-        return 0
-    table = summarise(runs, configs, layouts)
-    (out.parent / "first_step.json").write_text(json.dumps({"args": vars(args), "table": table, "runs": runs}, indent=1))
-    text = markdown(table, args)
-    (out.parent / "first_step.md").write_text(text)
+    else:
+        name, table = "first_step", summarise(runs, configs, layouts)
+        text = markdown(table, args)
+    (out.parent / f"{name}.json").write_text(json.dumps({"args": vars(args), "table": table, "runs": runs}, indent=1))
+    (out.parent / f"{name}.md").write_text(text)
     print(text)
     return 0
 
