@@ -87,7 +87,7 @@ STEPS: dict[str, tuple[str, dict] | None] = {  # (kind, the request's params)
     "cpu-weight": ("cpu", {"cpu": {"weight": 10}, "group": POLICY}),
     "cpu-idle": ("cpu", {"cpu": {"idle": 1}, "group": POLICY}),
     "hand-fix": None,
-    "affinity": ("affinity", {"cpus": frozenset({OTHER_CPU})}),
+    "affinity": ("affinity", {"cpus": [OTHER_CPU]}),
 }
 FROM_START_CONFIGS = ("none", "nice-10", "sched-idle", "cpu-weight", "cpu-idle", "hand-fix")
 AFTER_ONSET_CONFIGS = ("none", "nice-10", "sched-idle", "affinity")
@@ -231,9 +231,9 @@ def run_after_onset(config: str, layout: str, groups: Groups | None, args: argpa
             if step is None:
                 steps.append((onset, time.time(), pid))
                 return
-            kind, fields = step
+            kind, params = step
             try:
-                request = ActionRequest(executor.procfs.identity(pid), kind, POLICY, 0, **fields)
+                request = ActionRequest(executor.procfs.identity(pid), kind, POLICY, 0, params)
                 outcome = executor.apply(request, protected_pids=(server.pid, client.pid))
             except Exception as exc:  # the child gone early: counted, not fatal
                 failures.append(f"{pid}: {exc}")
