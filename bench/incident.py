@@ -256,7 +256,7 @@ def run_scenario(name: str, args: argparse.Namespace, directory: Path) -> dict:
             config = write_config(directory, [server.pid, client.pid], mode)
             listener = NotifyListener(directory / "notify.sock")
             launched = time.monotonic()
-            daemon = start([REMEDIATOR, "run", "--config", str(config)], stdout=open(directory / "daemon.log", "w"),
+            daemon = start([REMEDIATOR] + (["-v"] if name == "detection" else []) + ["run", "--config", str(config)], stdout=open(directory / "daemon.log", "w"),
                            stderr=subprocess.STDOUT, env={**os.environ, "NOTIFY_SOCKET": str(listener.path)})
         time.sleep(max(0.0, start_at - time.time()))
         if daemon is not None:

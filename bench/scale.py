@@ -28,7 +28,10 @@ run on every CPU (the worst case for a full read).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import os
+import pstats
 import shutil
 import statistics
 import subprocess
@@ -120,18 +123,21 @@ def measure(args) -> dict:
         sources_module.bpf_delta = phases.timed("delta", sources_module.bpf_delta)
         collector = Collector(source, ProtectSelectors.build(pids=[service]), procfs)
         policies = load_policies([ROOT / "policies"], online_cpus=online_cpus())
-        bursts = BurstWatch(source, procfs, os.getpid())
+        bursts = BurstWatch(source, procfs, os.getpid(), info_of=collector.info)
         bursts.set_policies(policies)
         audit = AuditLog(directory / "audit.jsonl")
         state = EngineState()
         collector.start()
         history_s, history_windows = history_for(policies, TICK_S)
         cached_cpus = None
+        profile = cProfile.Profile() if args.profile else None
         try:
             next_tick = time.monotonic()
             for tick in range(args.ticks + 1):
                 next_tick += TICK_S
                 time.sleep(max(0.0, next_tick - time.monotonic()))
+                if profile is not None and tick == 1:
+                    profile.enable()  # steady state only: the first tick judges every process
                 start = time.thread_time_ns()
                 sample = collector.sample()
                 phases.add("matching", time.thread_time_ns() - start)  # the read phases are taken out below
@@ -158,6 +164,13 @@ def measure(args) -> dict:
                     phases.current = {}  # the first tick reads everything and judges every process: not steady state
                 else:
                     phases.next_tick()
+            if profile is not None:
+                profile.disable()
+                text = io.StringIO()
+                stats = pstats.Stats(profile, stream=text)
+                stats.sort_stats("tottime").print_stats(args.profile)
+                stats.sort_stats("cumulative").print_stats(args.profile)
+                print(text.getvalue(), file=sys.stderr)
             # Per-entry costs for the model.
             entries = len(probes._proc_cache)
             start = time.thread_time_ns()
@@ -225,6 +238,9 @@ def main() -> int:
     parser.add_argument("--service-threads", type=int, default=500)
     parser.add_argument("--service-wakeups", type=int, default=10)
     parser.add_argument("--ticks", type=int, default=40)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile the steady-state ticks and print the N costliest functions to stderr "
+                             "(the phase times then include the profiler's overhead)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("scale: run as root (the probes)", file=sys.stderr)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .engine import BurstEvidence
 from .errors import RemediatorError
@@ -28,6 +28,10 @@ from .trees import governing
 log = logging.getLogger(__name__)
 
 SCAN_EVERY_S = 5.0
+# An event within this long of judging its process uses the info judged (a fork child is judged at
+# its first event): reading /proc again would add ~1-5 ms to detection for nothing new. The
+# executor still checks (pid, start time) just before any change.
+JUDGED_INFO_FRESH_S = 1.0
 
 
 def burst_policies(policies: PolicySet) -> list[Policy]:
@@ -46,14 +50,19 @@ def candidate_for(policy: Policy) -> BurstCandidate:
 class BurstWatch:
     """The candidates of one source (one that can count bursts: BpfSource), kept current."""
 
-    def __init__(self, source, procfs: ProcFS, self_pid: int, clock=time.monotonic):
+    def __init__(self, source, procfs: ProcFS, self_pid: int, clock=time.monotonic,
+                 info_of: Callable[[int], ProcessInfo | None] | None = None):
         self.source = source
         self.procfs = procfs
+        # Who a pid is, for judging: the collector's cached reading (Collector.info) where there is
+        # one, so a process judged here is not read again when it first shows up in a tick.
+        self.info_of = info_of
         self.self_pid = self_pid
         self.clock = clock
         self.policies: PolicySet | None = None
         self._judged: dict[int, ProcessIdentity] = {}  # pid -> the identity last judged (candidate or not)
         self._candidates: dict[int, tuple[ProcessIdentity, BurstCandidate]] = {}
+        self._judged_info: dict[int, tuple[ProcessInfo, float]] = {}  # candidate pid -> (info judged, when)
         self._last_scan = float("-inf")
         self.events_seen = 0
         self.events_stale = 0  # events for a process that is gone or no longer a candidate
@@ -67,6 +76,7 @@ class BurstWatch:
         self.policies = policies
         self._judged.clear()
         self._candidates.clear()
+        self._judged_info.clear()
         self._last_scan = float("-inf")
 
     @property
@@ -95,8 +105,10 @@ class BurstWatch:
         if (policy is None or policy.trigger.always or policy.trigger.burst_within_s is None
                 or exclusion_reason(info, protected, self.self_pid)):
             self._candidates.pop(info.pid, None)
+            self._judged_info.pop(info.pid, None)
             return
         self._candidates[info.pid] = (info.identity, candidate_for(policy))
+        self._judged_info[info.pid] = (info, self.clock())
 
     def refresh(self, infos: Iterable[ProcessInfo], protected: Iterable[int]) -> None:
         """Judge the processes a tick named (and those an exec changed), list /proc for new pids
@@ -121,6 +133,7 @@ class BurstWatch:
                 if pid not in pids:
                     del self._judged[pid]
                     self._candidates.pop(pid, None)
+                    self._judged_info.pop(pid, None)
             for pid in pids - self._judged.keys():
                 self._judge_pid(pid, protected)
             # Children the kernel made candidates on fork: the processes among them were just
@@ -130,12 +143,18 @@ class BurstWatch:
             self.source.drop_burst_candidates([pid for pid in inherited if pid not in self._candidates])
         for pid in protected & self._candidates.keys():
             del self._candidates[pid]
+            self._judged_info.pop(pid, None)
         self.source.set_burst_candidates({pid: candidate for pid, (_identity, candidate) in self._candidates.items()})
 
     def _judge_pid(self, pid: int, protected: set[int]) -> None:
-        try:
-            info = self.procfs.process_info(pid)
-        except RemediatorError:
+        if self.info_of is not None:
+            info = self.info_of(pid)
+        else:
+            try:
+                info = self.procfs.process_info(pid)
+            except RemediatorError:
+                info = None
+        if info is None:
             return
         if info.kernel_thread:
             self._judged[pid] = info.identity
@@ -151,10 +170,14 @@ class BurstWatch:
         if event.tgid not in self._candidates and event.tgid not in self._judged:
             self._judge_pid(event.tgid, set())  # a child the kernel made a candidate on fork
         judged = self._candidates.get(event.tgid)
-        try:
-            info = self.procfs.process_info(event.tgid)
-        except RemediatorError:
-            info = None
+        recent = self._judged_info.get(event.tgid)
+        if recent is not None and self.clock() - recent[1] < JUDGED_INFO_FRESH_S:
+            info = recent[0]
+        else:
+            try:
+                info = self.procfs.process_info(event.tgid)
+            except RemediatorError:
+                info = None
         if judged is None or info is None or info.identity != judged[0]:
             self.events_stale += 1
             return None

@@ -20,7 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Collection, Iterable, Mapping
 
 from . import histogram
 from .errors import SetupError
@@ -210,8 +210,14 @@ class RawSnapshot:
     histogram: list[int]
     max_ns: int  # the largest wait since the previous snapshot
     cpus: list[CpuState]
-    proc_cpu: dict[tuple[int, int], ProcCpuEntry]
+    # The probes pass their table itself, not a copy (a copy costs every entry, every tick): read
+    # it before the next snapshot, which updates it in place; keep proc_cpu_changed instead.
+    proc_cpu: Mapping[tuple[int, int], ProcCpuEntry]
     blame: dict[int, int]
+    # The entries as they were at the previous snapshot, of the keys that changed since (None: no
+    # entry then); None: not known, compare whole tables. With it, a tick costs what ran.
+    proc_cpu_changed: Mapping[tuple[int, int], ProcCpuEntry | None] | None = None
+    cpus_of: Mapping[int, Collection[int]] | None = None  # tgid -> the CPUs it has entries for
 
 
 @dataclass(frozen=True)
@@ -270,6 +276,34 @@ class _RawMap:
         if self.lib.bpf_lookup_elem(self.fd, key_buf, self._value) != 0:
             return None
         return self._value.raw
+
+    def lookup_each(self, keys: Iterable[bytes]) -> Iterable[tuple[bytes, bytes | None]]:
+        """(key, value or None) for each key, through one key buffer (a tick looks up hundreds)."""
+        key_buf = ct.create_string_buffer(self.key_size)
+        value = self._value
+        lookup, fd = self.lib.bpf_lookup_elem, self.fd
+        for key in keys:
+            ct.memmove(key_buf, key, self.key_size)
+            yield key, (value.raw if lookup(fd, key_buf, value) == 0 else None)
+
+    def delete_many(self, keys: bytes, count: int) -> None:
+        """Delete `count` keys packed in `keys`: one syscall (kernel 5.6+), else one per key."""
+        if not count:
+            return
+        if self._batch_supported:
+            done = ct.c_uint32(count)
+            buffer = ct.create_string_buffer(keys, len(keys))
+            if self.lib.bpf_delete_batch(self.fd, buffer, ct.byref(done)) == 0:
+                return
+            error = ct.get_errno()
+            if error != errno.ENOENT:  # ENOENT: a key already gone; the rest are deleted one by one
+                if error not in (errno.EINVAL, 524):  # 524: ENOTSUPP
+                    raise OSError(error, os.strerror(error))
+                self._batch_supported = False
+            keys = keys[done.value * self.key_size:]
+            count -= done.value
+        for index in range(count):
+            self.delete(keys[index * self.key_size:(index + 1) * self.key_size])
 
     def update(self, key: bytes, value: bytes, flags: int = 0) -> None:
         key_buf = ct.create_string_buffer(key, self.key_size)
@@ -453,6 +487,7 @@ class SchedProbes:
         self._cpu_state = struct.Struct("<QQIIQ")  # the head of cpu_state: since, busy_ns, current_tid, head, owed_ns
         # proc_cpu as last read: the changed set says which entries to read again
         self._proc_cache: dict[tuple[int, int], ProcCpuEntry] = {}
+        self._proc_cpus_of: dict[int, set[int]] = {}  # tgid -> its CPUs in _proc_cache
         self._full_read_at = float("-inf")
 
     # -- the protected set --------------------------------------------------------------------
@@ -527,14 +562,17 @@ class SchedProbes:
                 max_ns = max(max_ns, value)
         hist = [sum(column) for column in zip(*(cpu[count + 4 :] for cpu in per_cpu))] if per_cpu else [0] * histogram.SLOTS
         cpus = self._read_cpus()
+        changed = self._read_proc_cpu_changed(closed, mono_ns >> self.settings.window_shift)
         return RawSnapshot(
             mono_ns=mono_ns,
             totals=totals,
             histogram=hist,
             max_ns=max_ns,
             cpus=cpus,
-            proc_cpu=self._read_proc_cpu_changed(closed, mono_ns >> self.settings.window_shift),
+            proc_cpu=self._proc_cache,
             blame=self._read_blame(),
+            proc_cpu_changed=changed,
+            cpus_of=self._proc_cpus_of,
         )
 
     def _read_cpus(self) -> list[CpuState]:
@@ -550,9 +588,10 @@ class SchedProbes:
         """The kernel keeps each window's index in 32 bits; they are unwrapped against the current
         window here, so user space compares full indices (after 2^32 windows too)."""
         fields = self._proc_value.unpack_from(raw, offset)
-        windows = tuple(
-            (unwrap_window(packed >> 32, current_window), packed & 0xFFFFFFFF) for packed in fields[1:-2] if packed
-        )
+        # unwrap_window inline: this runs for every window of every entry read
+        low32 = 0xFFFFFFFF
+        windows = tuple([(current_window - ((current_window - (packed >> 32)) & low32), packed & low32)
+                         for packed in fields[1:-2] if packed])
         comm = fields[-2].split(b"\0", 1)[0].decode(errors="replace")
         return ProcCpuEntry(tgid, cpu, fields[0], windows, comm)
 
@@ -567,33 +606,46 @@ class SchedProbes:
 
     FULL_READ_EVERY_S = 60.0
 
-    def _read_proc_cpu_changed(self, closed_epoch: int, current_window: int) -> dict[tuple[int, int], ProcCpuEntry]:
-        """proc_cpu as it is now, reading only the entries in the changed set of the epoch just
-        closed (and deleting those keys). The first read, and one a minute as a safety net, reads
-        everything. The result equals a full read: see tests/test_probes_changed_set.py."""
-        changed = self._maps["proc_changed"]
-        keys, _values, _count = changed.items()
+    def _read_proc_cpu_changed(self, closed_epoch: int, current_window: int) -> dict[tuple[int, int], ProcCpuEntry | None]:
+        """Bring the table (_proc_cache) up to date, reading only the entries in the changed set of
+        the epoch just closed (and deleting those keys, in one batch). The first read, and one a
+        minute as a safety net, reads everything. Returns the changed keys' previous entries. The
+        table equals a full read: see tests/test_probes_changed_set.py."""
+        changed_map = self._maps["proc_changed"]
+        keys, _values, count = changed_map.items()
         parity = closed_epoch & 1
-        proc_cpu = self._maps["proc_cpu"]
+        closed = [key for key in (keys[i:i + 12] for i in range(0, 12 * count, 12))
+                  if struct.unpack_from("<I", key, 8)[0] == parity]  # the open epoch's: read next time
+        changed_map.delete_many(b"".join(closed), len(closed))
+        cache, cpus_of = self._proc_cache, self._proc_cpus_of
         now = time.monotonic()
         if now - self._full_read_at >= self.FULL_READ_EVERY_S:
-            for key in (keys[i:i + 12] for i in range(0, len(keys), 12)):
-                if struct.unpack_from("<I", key, 8)[0] == parity:
-                    changed.delete(key)
-            self._proc_cache = self._read_proc_cpu(current_window)
+            fresh = self._read_proc_cpu(current_window)
             self._full_read_at = now
-            return dict(self._proc_cache)
-        cache = self._proc_cache
-        for tgid, cpu, key_parity in struct.iter_unpack("<III", keys):
-            if key_parity != parity:
-                continue  # marked in the epoch now open: read next time
-            changed.delete(struct.pack("<III", tgid, cpu, key_parity))
-            raw = proc_cpu.lookup(struct.pack("<II", tgid, cpu))
+            before = {key: cache.get(key) for key, entry in fresh.items() if cache.get(key) != entry}
+            before.update((key, entry) for key, entry in cache.items() if key not in fresh)
+            cache.clear()
+            cache.update(fresh)
+            cpus_of.clear()
+            for tgid, cpu in fresh:
+                cpus_of.setdefault(tgid, set()).add(cpu)
+            return before
+        before: dict[tuple[int, int], ProcCpuEntry | None] = {}
+        entry_of = self._proc_entry
+        for key, raw in self._maps["proc_cpu"].lookup_each(key[:8] for key in closed):
+            tgid, cpu = struct.unpack("<II", key)
+            before.setdefault((tgid, cpu), cache.get((tgid, cpu)))
             if raw is None:
-                cache.pop((tgid, cpu), None)
+                if cache.pop((tgid, cpu), None) is not None:
+                    cpus = cpus_of.get(tgid)
+                    if cpus is not None:
+                        cpus.discard(cpu)
+                        if not cpus:
+                            del cpus_of[tgid]
             else:
-                cache[(tgid, cpu)] = self._proc_entry(tgid, cpu, raw, current_window)
-        return dict(cache)
+                cache[(tgid, cpu)] = entry_of(tgid, cpu, raw, current_window)
+                cpus_of.setdefault(tgid, set()).add(cpu)
+        return before
 
     def _read_blame(self) -> dict[int, int]:
         keys, values, count = self._maps["blame"].items()
@@ -606,6 +658,7 @@ class SchedProbes:
             for cpu in cpu_list:
                 self._maps["proc_cpu"].delete(struct.pack("<II", tgid, cpu))
                 self._proc_cache.pop((tgid, cpu), None)
+            self._proc_cpus_of.pop(tgid, None)
             self._maps["blame"].delete(struct.pack("<I", tgid))
 
     # -- exec events --------------------------------------------------------------------------

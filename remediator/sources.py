@@ -10,11 +10,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection, Mapping, Protocol
+from typing import Callable, Collection, Iterable, Mapping, Protocol
 
 from . import histogram
 from .errors import ProcessGone, RemediatorError
-from .probes import BurstCandidate, BurstEvent, ExecEvent, ProbeSettings, RawSnapshot, SchedProbes
+from .probes import BurstCandidate, BurstEvent, ExecEvent, ProbeSettings, ProcCpuEntry, RawSnapshot, SchedProbes
 from .procfs import ProcFS, clock_ticks_per_second
 from .sample import SOURCE_BPF, SOURCE_PROCFS
 from .taskstats import SCHEDSTAT, TASKSTATS, SchedstatCounters, ThreadCounters, open_thread_counters
@@ -117,21 +117,30 @@ def _cumulative_usage(
     return totals, running
 
 
+def _entries_of(snapshot: RawSnapshot, tgids: Collection[int]) -> list[ProcCpuEntry]:
+    """The proc_cpu entries of these processes, through the per-process index when there is one."""
+    table = snapshot.proc_cpu
+    if snapshot.cpus_of is None:
+        return [entry for (tgid, _cpu), entry in table.items() if tgid in tgids]
+    cpus_of = snapshot.cpus_of
+    return [entry for tgid in tgids for cpu in cpus_of.get(tgid, ()) if (entry := table.get((tgid, cpu))) is not None]
+
+
 def _window_peaks(
-    snapshot: RawSnapshot,
+    entries: Iterable[ProcCpuEntry],
     running: Mapping[int, list[tuple[int, int, int]]],
     window_ns: int,
     first_window: int,
     last_window: int,
     changed: Collection[int],
 ) -> dict[int, int]:
-    """Per process, the largest on-CPU ns in one complete window in [first_window, last_window]."""
+    """Per process, the largest on-CPU ns in one complete window in [first_window, last_window],
+    from `entries` (those of the processes in `changed`) and the runs in progress."""
     if last_window < first_window:
         return {}
     sums: dict[int, dict[int, int]] = {}
-    for (tgid, _cpu), entry in snapshot.proc_cpu.items():
-        if tgid not in changed:
-            continue
+    for entry in entries:
+        tgid = entry.tgid
         for window, ns in entry.windows:
             if first_window <= window <= last_window:
                 per_window = sums.setdefault(tgid, {})
@@ -148,6 +157,61 @@ def _window_peaks(
                     per_window = sums.setdefault(tgid, {})
                     per_window[window] = per_window.get(window, 0) + overlap
     return {tgid: max(per_window.values()) for tgid, per_window in sums.items() if per_window}
+
+
+def _whole_table_usage(previous: RawSnapshot | None, current: RawSnapshot, tid_to_tgid, previous_usage,
+                       delta: TickDelta) -> dict[int, list[tuple[int, int, int]]]:
+    """Each process's CPU time from its cumulative total over the whole table: the first read,
+    and snapshots that do not say what changed."""
+    totals_now, running_now = _cumulative_usage(current, tid_to_tgid)
+    delta.cumulative_usage = totals_now
+    totals_before: Mapping[int, int] = {}
+    if previous:
+        totals_before = previous_usage if previous_usage is not None else _cumulative_usage(previous, tid_to_tgid)[0]
+    for tgid, total in totals_now.items():
+        used = total - totals_before.get(tgid, 0)
+        if used < 0:  # the entry was dropped and recreated: count it from zero
+            used = total
+        if used > 0:
+            delta.usage[tgid] = (used, None)
+    return running_now
+
+
+def _running(snapshot: RawSnapshot, tid_to_tgid) -> dict[int, list[tuple[int, int, int]]]:
+    """The runs in progress at the snapshot, per process: (cpu, since, snapshot time)."""
+    running: dict[int, list[tuple[int, int, int]]] = {}
+    for cpu, state in enumerate(snapshot.cpus):
+        if state.current_tid == 0 or state.since_ns == 0 or snapshot.mono_ns <= state.since_ns:
+            continue
+        tgid = tid_to_tgid(state.current_tid)
+        if tgid is not None:
+            running.setdefault(tgid, []).append((cpu, state.since_ns, snapshot.mono_ns))
+    return running
+
+
+def _changed_usage(previous: RawSnapshot, current: RawSnapshot, tid_to_tgid,
+                   delta: TickDelta) -> dict[int, list[tuple[int, int, int]]]:
+    """Each process's CPU time from only the entries that changed (and the runs in progress at
+    either snapshot): what ran costs, the processes that did not run cost nothing. A run that was
+    in progress at the previous read counted up to then; its entry now holds all of it."""
+    used: dict[int, int] = {}
+    for key, before in current.proc_cpu_changed.items():
+        entry = current.proc_cpu.get(key)
+        if entry is None:
+            continue
+        ran = entry.total_ns - (before.total_ns if before is not None else 0)
+        if ran < 0:  # the entry was dropped and recreated: count it from zero
+            ran = entry.total_ns
+        used[key[0]] = used.get(key[0], 0) + ran
+    running_now = _running(current, tid_to_tgid)
+    for tgid, runs in running_now.items():
+        used[tgid] = used.get(tgid, 0) + sum(end - start for _cpu, start, end in runs)
+    for tgid, runs in _running(previous, tid_to_tgid).items():
+        used[tgid] = used.get(tgid, 0) - sum(end - start for _cpu, start, end in runs)
+    for tgid, ns in used.items():
+        if ns > 0:
+            delta.usage[tgid] = (ns, None)
+    return running_now
 
 
 def bpf_delta(
@@ -178,29 +242,27 @@ def bpf_delta(
     delta.histogram = histogram.subtract(current.histogram, previous.histogram if previous else None)
     delta.max_ns = current.max_ns
 
-    totals_now, running_now = _cumulative_usage(current, tid_to_tgid)
-    delta.cumulative_usage = totals_now
-    totals_before: Mapping[int, int] = {}
-    if previous:
-        totals_before = previous_usage if previous_usage is not None else _cumulative_usage(previous, tid_to_tgid)[0]
-    changed = set()
-    for tgid, total in totals_now.items():
-        used = total - totals_before.get(tgid, 0)
-        if used < 0:  # the entry was dropped and recreated: count it from zero
-            used = total
-        if used > 0:
-            changed.add(tgid)
-            delta.usage[tgid] = (used, None)
+    if previous is not None and current.proc_cpu_changed is not None:
+        running_now = _changed_usage(previous, current, tid_to_tgid, delta)
+    else:
+        running_now = _whole_table_usage(previous, current, tid_to_tgid, previous_usage, delta)
+    changed = set(delta.usage)
     # Windows that closed since the previous read; the one in progress waits for the next read.
     first_window = start_ns // window_ns if previous else current.mono_ns // window_ns
     last_window = current.mono_ns // window_ns - 1
-    peaks = _window_peaks(current, running_now, window_ns, first_window, last_window, changed)
+    changed_entries = _entries_of(current, changed)
+    peaks = _window_peaks(changed_entries, running_now, window_ns, first_window, last_window, changed)
     for tgid, (used, _) in delta.usage.items():
         delta.usage[tgid] = (used, peaks.get(tgid, 0))
 
-    for (tgid, _cpu), entry in current.proc_cpu.items():
-        delta.comms.setdefault(tgid, entry.comm)
-        delta.live_tgids.add(tgid)
+    if current.proc_cpu_changed is not None and current.cpus_of is not None:
+        for entry in changed_entries:
+            delta.comms.setdefault(entry.tgid, entry.comm)
+        delta.live_tgids.update(current.cpus_of)
+    else:
+        for (tgid, _cpu), entry in current.proc_cpu.items():
+            delta.comms.setdefault(tgid, entry.comm)
+            delta.live_tgids.add(tgid)
 
     blame_before = previous.blame if previous else {}
     for tgid, ns in current.blame.items():

@@ -237,8 +237,10 @@ def test_burstwatch_names_governed_processes_with_their_policys_count(tmp_path):
     # a fork child the kernel made a candidate is judged at its first event; a thread's entry is dropped
     child = ProcessInfo(pid=201, start_time=21, comm="fluent-bit")
     procs.infos[child.pid] = child
+    reads = procs.reads
     info, burst = watch.evidence(BurstEvent(mono_ns=int(100.03e9), first_ns=int(100.0e9), wait_ns=3_000_000, tgid=201, count=2))
     assert info == child and burst.waits == 2 and abs(burst.last_s - burst.first_s - 0.03) < 1e-9
+    assert procs.reads == reads + 1  # judged at its first event, and that reading serves the event too
     assert watch.evidence(BurstEvent(int(1e9), int(1e9), 3_000_000, tgid=300, count=2)) is None  # no within-policy
     source.inherited = {201, 4242}
     watch.clock = lambda: 10.0

@@ -218,3 +218,56 @@ def test_the_sample_names_each_processs_scheduling_group_and_sees_it_change(tmp_
     proc.write()
     clock.now += 6.0  # past the re-check interval of a known process
     assert collector.sample().processes[20].sched_group == "autogroup-4"
+
+
+class CountingProcFS(ProcFS):
+    """Counts the reads the collector's caches are there to spare."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.info_reads: list[int] = []
+        self.task_listings: list[int] = []
+
+    def process_info(self, pid):
+        self.info_reads.append(pid)
+        return super().process_info(pid)
+
+    def tids(self, pid):
+        self.task_listings.append(pid)
+        return super().tids(pid)
+
+
+def test_a_busy_process_seen_before_is_not_read_again_when_it_returns_to_the_top(tmp_path):
+    """On a busy host the top N change every tick: metadata read once is kept for later ticks
+    (regression: the cache held only the current tick's processes, ~20 process reads a tick at
+    1,000 processes in bench/scale.py)."""
+    proc = FakeProc(tmp_path / "proc")
+    proc.add(FakeProcess(10, "api", threads=[FakeThread(10)]))
+    workers = list(range(100, 110))
+    for pid in workers:
+        proc.add(FakeProcess(pid, "worker"))
+    proc.write()
+    procfs = CountingProcFS(proc.root)
+    source, clock = RecordingSource(), Clock()
+    collector = Collector(source, ProtectSelectors.build(comms=["api"]), procfs, rescan_s=5.0, top_n=1, mono_clock=clock)
+    collector.start()
+    for pid in workers + workers:  # each worker the busiest once, then again
+        source.next_delta = TickDelta(0, 250_000_000, usage={pid: (200_000_000, 0)})
+        clock.now += 0.25
+        assert pid in collector.sample().processes
+    assert sorted(pid for pid in procfs.info_reads if pid in workers) == workers
+
+
+def test_the_task_directory_is_listed_only_when_the_thread_count_changes(tmp_path):
+    proc, source, clock, collector = setup(tmp_path)
+    procfs = CountingProcFS(proc.root)
+    collector.procfs = procfs
+    for _ in range(3):
+        clock.now += 0.25
+        collector.sample()
+    assert procfs.task_listings == []
+    proc.processes[10].threads.append(FakeThread(12))
+    proc.write()
+    clock.now += 0.25
+    assert collector.sample().protected.threads == 3
+    assert procfs.task_listings == [10] and 12 in source.kernel_tids

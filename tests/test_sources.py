@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from remediator import histogram
@@ -94,6 +96,38 @@ def test_a_recreated_entry_counts_from_zero_not_negative():
     d = delta(first, second)
     assert d.usage[200][0] == 20_000_000
     assert d.blame[200] == 1_000
+
+
+def with_changes(previous: RawSnapshot, current: RawSnapshot) -> RawSnapshot:
+    """`current` as the probes give it: the changed keys' previous entries and the per-process index."""
+    changed = {key: previous.proc_cpu.get(key) for key, entry in current.proc_cpu.items()
+               if previous.proc_cpu.get(key) != entry}
+    cpus_of: dict[int, set[int]] = {}
+    for tgid, cpu in current.proc_cpu:
+        cpus_of.setdefault(tgid, set()).add(cpu)
+    return dataclasses.replace(current, proc_cpu_changed=changed, cpus_of=cpus_of)
+
+
+def test_the_delta_from_the_changed_entries_equals_the_delta_from_the_whole_table():
+    """What the tick reads at 1,000 processes (bench/scale.py): only what changed, the same figures."""
+    first = snap(15 * W, cpus=[CpuState(0, 0, 0), CpuState(int(14.5 * W), 0, 3001)],
+                 proc=[(100, 0, 50_000_000, [(14, 10_000_000)]), (100, 1, 20_000_000, [(15, 5_000_000)]),
+                       (200, 0, 70_000_000, [(12, 1_000_000)]), (500, 1, 900_000_000, [(13, W)])])
+    # 100 ran again on cpu0 (its cpu1 entry, unchanged, still holds 5 ms of window 15); 200 did not
+    # run; 300 has been running on cpu1 since before the first read; 400 is new; 500 was recreated.
+    second = snap(20 * W, cpus=[CpuState(20 * W - 10_000_000, 0, 1001), CpuState(int(14.5 * W), 0, 3001)],
+                  proc=[(100, 0, 90_000_000, [(14, 10_000_000), (15, 30_000_000), (16, 10_000_000)]),
+                        (100, 1, 20_000_000, [(15, 5_000_000)]), (200, 0, 70_000_000, [(12, 1_000_000)]),
+                        (400, 0, 7_000_000, [(18, 7_000_000)]), (500, 1, 3_000_000, [(17, 3_000_000)])])
+    tgids = {**TGIDS, 3001: 300}
+    carried = bpf_delta(None, first, tgids.get, W).cumulative_usage
+    whole = bpf_delta(first, second, tgids.get, W, carried)
+    changed = bpf_delta(first, with_changes(first, second), tgids.get, W, carried)
+    assert set(whole.usage) == {100, 300, 400, 500}
+    assert changed.usage == whole.usage
+    assert whole.usage[100] == (50_000_000, 35_000_000)  # window 15 adds up both CPUs
+    assert {tgid: changed.comms.get(tgid) for tgid in changed.usage} == {tgid: whole.comms.get(tgid) for tgid in whole.usage}
+    assert changed.live_tgids == whole.live_tgids
 
 
 def test_busy_time_per_cpu_includes_the_run_in_progress():
