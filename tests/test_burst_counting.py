@@ -308,3 +308,34 @@ def test_burstwatch_reads_a_candidates_ancestors_through_the_collectors_cache():
     # An ancestor the cache no longer knows (gone) ends the chain: no policy names the xz then.
     del procs.infos[VECTOR.pid]
     assert watch.ancestors_of(XZ_UNDER_VECTOR) == {}
+
+
+def test_the_burst_floor_is_written_only_when_it_changes():
+    # set_burst_candidates runs every tick; the floor map took one syscall each time, changed or not.
+    from remediator.probes import BurstCandidate, SchedProbes
+
+    class FakeMap:
+        def __init__(self):
+            self.entries: dict[bytes, bytes] = {}
+            self.writes = 0
+
+        def update(self, key, value, flags=0):
+            self.entries[key] = value
+            self.writes += 1
+
+        def delete(self, key):
+            self.entries.pop(key, None)
+
+    probes = SchedProbes.__new__(SchedProbes)  # the map logic only: no kernel
+    probes._maps = {"burst_candidates": FakeMap(), "burst_floor": FakeMap()}
+    probes._burst_candidates, probes._burst_floor = {}, None
+    floor = probes._maps["burst_floor"]
+    slow, fast = BurstCandidate(threshold_ns=2 * MS, count=2, span_ns=50 * MS), BurstCandidate(1 * MS, 2, 50 * MS)
+    probes.set_burst_candidates({10: slow})
+    probes.set_burst_candidates({10: slow})
+    assert floor.writes == 1 and floor.entries[b"\0\0\0\0"] == (2 * MS).to_bytes(8, "little")
+    probes.set_burst_candidates({10: slow, 11: fast})
+    assert floor.writes == 2 and floor.entries[b"\0\0\0\0"] == (1 * MS).to_bytes(8, "little")
+    probes.set_burst_candidates({})
+    assert floor.writes == 3 and floor.entries[b"\0\0\0\0"] == bytes(8)
+    assert probes._maps["burst_candidates"].entries == {}
