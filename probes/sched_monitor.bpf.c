@@ -124,6 +124,12 @@ static __always_inline void on_wakeup(u32 tid, u32 target_cpu)
     thread = protected_lookup(tid);
     if (!thread)
         return;
+    /* Woken while still on its CPU (between queueing itself and sleeping): it never leaves the
+     * CPU, so no wait begins. A start set here would linger until the next wakeup, and a migration
+     * in that wakeup would charge the whole time it ran and slept to the old CPU's runs. */
+    struct cpu_state *there = cpu_state.lookup(&target_cpu);
+    if (there && there->current_tid == tid)
+        return;
     thread->wait_start = bpf_ktime_get_ns();
     thread->queued_since = thread->wait_start;
     thread->wait_cpu = target_cpu;

@@ -124,16 +124,19 @@ class TaskstatsCounters:
 
     def exited(self) -> dict[int, Counters]:
         ended: dict[int, Counters] = {}
-        try:
-            while select.select([self._exits.fileno()], [], [], 0)[0]:
-                for message in self._exits.get():
-                    for name, value in message.get("attrs", ()):
-                        if name == "TASKSTATS_TYPE_AGGR_PID":
-                            ended[value.get_attr("TASKSTATS_TYPE_PID")] = _counters(value.get_attr("TASKSTATS_TYPE_STATS"))
-        except OSError as exc:
-            if exc.errno != errno.ENOBUFS:
-                raise RemediatorError(f"taskstats exit records: {exc}") from None
-            self.dropped += 1  # the kernel dropped records while we were away: keep what came
+        while select.select([self._exits.fileno()], [], [], 0)[0]:
+            try:
+                messages = self._exits.get()
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise RemediatorError(f"taskstats exit records: {exc}") from None
+                # The kernel dropped records while we were away; the ones still queued are read on.
+                self.dropped += 1
+                continue
+            for message in messages:
+                for name, value in message.get("attrs", ()):
+                    if name == "TASKSTATS_TYPE_AGGR_PID":
+                        ended[value.get_attr("TASKSTATS_TYPE_PID")] = _counters(value.get_attr("TASKSTATS_TYPE_STATS"))
         return ended
 
     def close(self) -> None:

@@ -151,3 +151,27 @@ def test_a_self_throttled_service_is_not_defended_against_a_neighbour(tmp_path, 
     acts = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [(r["policy"]["name"], r["process"]["comm"]) for r in acts if r["decision"] == "act"][:1] == \
         [("log-shippers", "fluent-bit")]
+
+
+def test_a_nice_step_across_sessions_is_skipped_and_the_next_taken_at_once(tmp_path, capsys):
+    """xz-own-session with the compressor ladder as it was (nice 19 first): the xz runs in a session
+    of its own, another autogroup than the server's, where nice cannot work. The replay says so
+    ('skipped', naming both groups) and takes the next step in the same tick; the shipped ladder
+    starts with that step."""
+    for path in POLICIES.glob("*.toml"):
+        (tmp_path / path.name).write_text(path.read_text())
+    ladder = '[[policy.actions]]\ncpu_idle = true\nsettle = "3s"'
+    shipped = (POLICIES / "maintenance.toml").read_text()
+    assert ladder in shipped
+    (tmp_path / "maintenance.toml").write_text(shipped.replace(ladder, '[[policy.actions]]\nnice = 19\nsettle = "3s"\n' + ladder, 1))
+    assert main(["replay", str(RECORDINGS / "xz-own-session.jsonl"), "--policies", str(tmp_path), "--request-cpus", "0",
+                 "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    steps = [(r["decision"], r["step"]["action"], r["ts"]) for r in records
+             if r["decision"] in ("act", "skipped") and r["process"]["comm"] == "xz"]
+    assert [(decision, action) for decision, action, _ in steps[:2]] == [("skipped", "nice 19"), ("act", "cpu_idle")], steps
+    assert steps[0][2] == steps[1][2], "the next step comes in the same tick"
+    skipped = next(r for r in records if r["decision"] == "skipped")
+    assert "cannot work on this host" in skipped["message"]
+    groups = skipped["evidence"]["sched_groups"]
+    assert groups["offender"] not in groups["protected"].values(), groups

@@ -17,17 +17,20 @@ pytestmark = pytest.mark.root
 
 PROCFS = ProcFS()
 
-# A main thread and a worker pinned to one CPU, both spinning 0.3 s, so the worker waits about half
-# of that; then the worker ends and the main thread sleeps. Light: 0.3 s of one CPU.
+# A main thread and a worker pinned to one CPU, both hashing for 0.3 s, so the worker waits about
+# half of that; then the worker ends and the main thread sleeps. Light: 0.3 s of one CPU. hashlib
+# lets go of the GIL over a large buffer, so the two really compete for the CPU (a pure-Python spin
+# takes turns on the GIL instead, and which thread waits on the run queue is then up to chance).
 SCRIPT = r"""
-import os, sys, threading, time
+import hashlib, os, sys, threading, time
 os.sched_setaffinity(0, {0})
 go = threading.Event()
+BLOCK = bytes(1 << 20)
 def spin():
     go.wait()
     end = time.monotonic() + 0.3
     while time.monotonic() < end:
-        pass
+        hashlib.sha256(BLOCK).digest()
 worker = threading.Thread(target=spin)
 worker.start()
 print("ready", worker.native_id, flush=True)
@@ -76,7 +79,7 @@ def test_the_exit_record_keeps_the_wait_schedstat_loses(spawn):
     finally:
         with_exits.close()
         polling.close()
-    print(f"taskstats {counted / 1e6:.1f} ms, schedstat {polled / 1e6:.1f} ms")
-    # The two spinning threads shared one CPU for 0.3 s: each waited for a good part of it (about
-    # half on a quiet host, 49 ms seen on a busy one), and only the exit record still has the worker's.
+    print(f"taskstats {counted / 1e6:.1f} ms, schedstat {polled / 1e6:.1f} ms, overflows {with_exits.counters.dropped}")
+    # The two hashing threads shared one CPU for 0.3 s: each waited for about half of it (150 ms
+    # each, 6 runs here), and only the exit record still has the worker's.
     assert counted - polled > 10e6
