@@ -90,11 +90,22 @@ class BurstWatch:
         if self.policies is None or not any(policy.match.descendants for policy in self.policies.policies):
             return found  # no tree policy: only a process's own match counts, and /proc is not read for nothing
         for pid, _comm in info.ancestors:
-            try:
-                found[pid] = self.procfs.process_info(pid)
-            except RemediatorError:
+            ancestor = self._info(pid)
+            if ancestor is None:
                 break
+            found[pid] = ancestor
         return found
+
+    def _info(self, pid: int) -> ProcessInfo | None:
+        """Who a pid is (None: gone): through the collector's cache where there is one, as the tick
+        reads a process and its ancestors; a burst's parent chain read afresh from /proc cost about
+        1 ms per ancestor on every new process (its exe and cmdline through the bounded reader)."""
+        if self.info_of is not None:
+            return self.info_of(pid)
+        try:
+            return self.procfs.process_info(pid)
+        except RemediatorError:
+            return None
 
     def _judge(self, info: ProcessInfo, protected: Iterable[int]) -> None:
         assert self.policies is not None
@@ -147,13 +158,7 @@ class BurstWatch:
         self.source.set_burst_candidates({pid: candidate for pid, (_identity, candidate) in self._candidates.items()})
 
     def _judge_pid(self, pid: int, protected: set[int]) -> None:
-        if self.info_of is not None:
-            info = self.info_of(pid)
-        else:
-            try:
-                info = self.procfs.process_info(pid)
-            except RemediatorError:
-                info = None
+        info = self._info(pid)
         if info is None:
             return
         if info.kernel_thread:

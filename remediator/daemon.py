@@ -533,7 +533,13 @@ class Daemon:
             request = self.config.request_cpus
         else:
             request = self._auto_request_cpus(online)
-        return engine_settings(self.policies, self.config.tick_s, request, online, self.config.max_changes_per_minute, os.getpid())
+        # Built again only when an input changed (a reload, hotplug, "auto" moving): once a tick otherwise.
+        key = (self.policies, self.config, request, online)
+        cached = getattr(self, "_settings_for", None)
+        if cached is None or cached[0][0] is not key[0] or cached[0][1] is not key[1] or cached[0][2:] != key[2:]:
+            cached = self._settings_for = (key, engine_settings(self.policies, self.config.tick_s, request, online,
+                                                                self.config.max_changes_per_minute, os.getpid()))
+        return cached[1]
 
     def _auto_request_cpus(self, online: frozenset[int]) -> frozenset[int]:
         """request_cpus = "auto", read again when the protected set or the online CPUs changed, and

@@ -472,6 +472,7 @@ class SchedProbes:
             )
         }
         self._burst_candidates: dict[int, BurstCandidate] = {}
+        self._burst_floor: int | None = None  # as last written to the burst_floor map
         self._burst_events: list[BurstEvent] = []
         self.bpf[b"burst_events"].open_ring_buffer(self._on_burst_event)
         self._epoch = 0
@@ -698,7 +699,9 @@ class SchedProbes:
                 continue  # the map is full: that process is left to the tick
             self._burst_candidates[tgid] = candidate
         floor = min((c.threshold_ns for c in self._burst_candidates.values()), default=0)
-        self._maps["burst_floor"].update(struct.pack("<I", 0), struct.pack("<Q", floor))
+        if floor != self._burst_floor:  # one syscall fewer per tick when the candidates stay
+            self._maps["burst_floor"].update(struct.pack("<I", 0), struct.pack("<Q", floor))
+            self._burst_floor = floor
 
     def burst_candidates(self) -> dict[int, BurstCandidate]:
         return dict(self._burst_candidates)

@@ -7,6 +7,7 @@ the pure function `bpf_delta()`, tested on hand-made snapshots; the sources arou
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,16 +82,43 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
-def read_psi_some_total_us(path: Path) -> int | None:
+def parse_psi_some_total_us(text: str) -> int | None:
     try:
-        for line in path.read_text().splitlines():
+        for line in text.splitlines():
             if line.startswith("some "):
                 for item in line.split():
                     if item.startswith("total="):
                         return int(item[6:])
-    except (OSError, ValueError):
+    except ValueError:
         return None
     return None
+
+
+class PsiReader:
+    """The PSI "some" total, read every tick through one descriptor kept open (pread from 0: the
+    kernel formats the file afresh on each read), not an open and close per tick. A failed read
+    closes it; the next read opens the file again."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def read(self) -> int | None:
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            return parse_psi_some_total_us(os.pread(self._fd, 4096, 0).decode(errors="replace"))
+        except OSError:
+            self.close()
+            return None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 # -- BPF ----------------------------------------------------------------------------------------
@@ -298,9 +326,10 @@ class BpfSource:
         self.probes = SchedProbes(settings)
         self.window_ns = self.probes.settings.window_ns
         self.psi_path = psi_path
+        self._psi_reader = PsiReader(psi_path)
         self._previous: RawSnapshot | None = None
         self._previous_usage: dict[int, int] | None = None
-        self._previous_psi = read_psi_some_total_us(psi_path)
+        self._previous_psi = self._psi_reader.read()
         self._tgid_cache: dict[int, int] = {}
 
     def _tid_to_tgid(self, tid: int) -> int | None:
@@ -351,7 +380,7 @@ class BpfSource:
         current = self.probes.snapshot()
         delta = bpf_delta(self._previous, current, self._tid_to_tgid, self.window_ns, self._previous_usage)
         self._previous, self._previous_usage = current, delta.cumulative_usage
-        psi = read_psi_some_total_us(self.psi_path)
+        psi = self._psi_reader.read()
         if psi is not None and self._previous_psi is not None:
             delta.psi_some_us = max(0, psi - self._previous_psi)
         self._previous_psi = psi
@@ -363,6 +392,7 @@ class BpfSource:
             del self._tgid_cache[tid]
 
     def close(self) -> None:
+        self._psi_reader.close()
         self.probes.close()
 
 
@@ -383,13 +413,14 @@ class ProcfsSource:
         self.limitations = procfs_limitations(self.counters.name)
         self._dropped = self.counters.dropped
         self.psi_path = psi_path
+        self._psi_reader = PsiReader(psi_path)
         self.clock = clock
         self.window_ns = 0
         self.tick_ns = int(1e9 / clock_ticks_per_second())
         self._thread_waits: dict[int, tuple[int, int]] = {}  # tid -> (run_delay ns, timeslices)
         self._process_cpu: dict[int, tuple[int, int]] = {}  # pid -> (start_time, utime + stime ticks)
         self._cpu_busy: list[int] | None = None
-        self._psi = read_psi_some_total_us(psi_path)
+        self._psi = self._psi_reader.read()
         self._last_ns: int | None = None
 
     def protect(self, tids: Collection[int]) -> set[int]:
@@ -478,7 +509,7 @@ class ProcfsSource:
             delta.cpu_busy_ns = [0] * len(busy)
         self._cpu_busy = busy
 
-        psi = read_psi_some_total_us(self.psi_path)
+        psi = self._psi_reader.read()
         if psi is not None and self._psi is not None and not first:
             delta.psi_some_us = max(0, psi - self._psi)
         self._psi = psi
@@ -488,6 +519,7 @@ class ProcfsSource:
         pass
 
     def close(self) -> None:
+        self._psi_reader.close()
         self.counters.close()
 
 

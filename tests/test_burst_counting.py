@@ -284,3 +284,58 @@ def test_burstwatch_makes_a_tree_policys_children_candidates():
     info, _burst = watch.evidence(BurstEvent(mono_ns=int(100.03e9), first_ns=int(100.0e9), wait_ns=3_000_000,
                                              tgid=XZ_UNDER_VECTOR.pid, count=2))
     assert info == XZ_UNDER_VECTOR and watch.ancestors_of(info) == {VECTOR.pid: VECTOR}
+
+
+def test_burstwatch_reads_a_candidates_ancestors_through_the_collectors_cache():
+    # A new child is judged with its parent chain; with the collector's cache (info_of) the chain
+    # comes from there, as at the tick, and /proc is not read again for every ancestor.
+    from remediator.burstwatch import BurstWatch
+    from remediator.policy import load_policies
+
+    source, procs = FakeBurstSource(), FakeProcs(SERVICE, VECTOR, XZ_UNDER_VECTOR)
+    asked: list[int] = []
+
+    def cached(pid):
+        asked.append(pid)
+        return procs.infos.get(pid)
+
+    watch = BurstWatch(source, procs, self_pid=999, clock=lambda: 0.0, info_of=cached)
+    watch.set_policies(load_policies([SHIPPED]))
+    watch.refresh([XZ_UNDER_VECTOR], [SERVICE.pid])
+    assert XZ_UNDER_VECTOR.pid in source.candidates and VECTOR.pid in asked
+    assert watch.ancestors_of(XZ_UNDER_VECTOR) == {VECTOR.pid: VECTOR}
+    assert procs.reads == 0
+    # An ancestor the cache no longer knows (gone) ends the chain: no policy names the xz then.
+    del procs.infos[VECTOR.pid]
+    assert watch.ancestors_of(XZ_UNDER_VECTOR) == {}
+
+
+def test_the_burst_floor_is_written_only_when_it_changes():
+    # set_burst_candidates runs every tick; the floor map took one syscall each time, changed or not.
+    from remediator.probes import BurstCandidate, SchedProbes
+
+    class FakeMap:
+        def __init__(self):
+            self.entries: dict[bytes, bytes] = {}
+            self.writes = 0
+
+        def update(self, key, value, flags=0):
+            self.entries[key] = value
+            self.writes += 1
+
+        def delete(self, key):
+            self.entries.pop(key, None)
+
+    probes = SchedProbes.__new__(SchedProbes)  # the map logic only: no kernel
+    probes._maps = {"burst_candidates": FakeMap(), "burst_floor": FakeMap()}
+    probes._burst_candidates, probes._burst_floor = {}, None
+    floor = probes._maps["burst_floor"]
+    slow, fast = BurstCandidate(threshold_ns=2 * MS, count=2, span_ns=50 * MS), BurstCandidate(1 * MS, 2, 50 * MS)
+    probes.set_burst_candidates({10: slow})
+    probes.set_burst_candidates({10: slow})
+    assert floor.writes == 1 and floor.entries[b"\0\0\0\0"] == (2 * MS).to_bytes(8, "little")
+    probes.set_burst_candidates({10: slow, 11: fast})
+    assert floor.writes == 2 and floor.entries[b"\0\0\0\0"] == (1 * MS).to_bytes(8, "little")
+    probes.set_burst_candidates({})
+    assert floor.writes == 3 and floor.entries[b"\0\0\0\0"] == bytes(8)
+    assert probes._maps["burst_candidates"].entries == {}

@@ -308,3 +308,23 @@ def test_proc_cpu_map_is_sized_from_the_host():
     assert proc_cpu_entries_for(100_000) == PROC_CPU_ENTRIES_MAX
     assert "-DMAX_PROC_CPU_ENTRIES=49152" in ProbeSettings(max_cpus=192).cflags(0xFF)
     assert "-DMAX_PROC_CPU_ENTRIES=1000" in ProbeSettings(max_cpus=192, max_proc_cpu_entries=1000).cflags(0xFF)
+
+
+def test_psi_reader_keeps_one_descriptor_and_reopens_after_a_failed_read(tmp_path):
+    from remediator.sources import PsiReader
+
+    path = tmp_path / "cpu"
+    path.write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=100\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=7\n")
+    reader = PsiReader(path)
+    assert reader.read() == 100
+    descriptor = reader._fd
+    path.write_text("some avg10=1.00 avg60=0.00 avg300=0.00 total=2500\n")  # rewritten in place, as the kernel does
+    assert reader.read() == 2500 and reader._fd == descriptor
+    reader.close()
+    path.unlink()
+    assert reader.read() is None and reader._fd is None  # no PSI (an old kernel): nothing, no error
+    path.write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=3000\n")
+    assert reader.read() == 3000
+    path.write_text("some avg10=0.00 total=oops\n")
+    assert reader.read() is None
+    reader.close()
