@@ -386,3 +386,17 @@ def test_the_shipped_ladder_shape_cpu_idle_then_a_cpuset_of_the_same_name_share_
     assert v2.procs.cgroup(PID) == CGROUP
     assert not v2.group.exists()
     assert executor.active() == []
+
+
+def test_a_kernel_without_cpu_idle_is_named_and_everything_given_back(host):
+    v2 = host()
+    root = v2.root
+    v2.cgroupfs.fail("write", "cpu.idle", errno.ENOENT)  # Linux before 5.15
+
+    failed = v2.executor().apply(request(IDLE), ())
+
+    assert failed.status == "failed", failed
+    assert "failed with ENOENT: this kernel has no cpu.idle (Linux 5.15 and later have it)" in failed.message, failed
+    assert not v2.group.exists()
+    assert v2.procs.cgroup(PID) == CGROUP
+    assert "cpu" not in (root / "cgroup.subtree_control").read_text().split()

@@ -48,7 +48,7 @@ from ..placement import owned_cgroup_name
 from ..procfs import ProcessIdentity, ProcFS
 from ..systemd import SystemdManager, unit_for_cgroup
 from .base import ActuatorError, ApplyResult, ChangeFailed, ChangeInvalid, Plan, RestoreResult, ensure_alive, systemd_call
-from .cpuset import enable_controller_steps, give_back_controller, write_error
+from .cpuset import CPU_IDLE_MISSING, enable_controller_steps, give_back_controller, write_error
 from .kind import Compiling, Host
 from .scope import OffenderScopes, limits_in_the_way, outside_units, scope_cgroup_of, scope_name, scope_of_applied, scope_text
 
@@ -346,7 +346,9 @@ class CpuActuator:
                 error.message += undo or "; nothing was moved"
                 error.args = (error.message,)
                 raise error from None
-            raise ChangeFailed(f"{exc.filename or directory}: {errno.errorcode.get(exc.errno or 0, exc.errno)} ({exc.strerror}){undo or '; nothing was moved'}") from None
+            why = f": {CPU_IDLE_MISSING}" if exc.errno == errno.ENOENT and Path(path).name == "cpu.idle" else ""
+            raise ChangeFailed(f"{exc.filename or directory}: {errno.errorcode.get(exc.errno or 0, exc.errno)} ({exc.strerror}){why}"
+                               f"{undo or '; nothing was moved'}") from None
         ensure_alive(self.procfs, plan.identity)
         applied = {"cgroup": details["cgroup"], "created": details["created"], "setting": plan.target.get("cpu"),
                    "enabled": details.get("enabled", [])}

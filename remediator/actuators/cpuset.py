@@ -110,6 +110,9 @@ def cgroup_name(requested: str) -> str:
     return name
 
 
+CPU_IDLE_MISSING = "this kernel has no cpu.idle (Linux 5.15 and later have it); a cpu_weight step works here"
+
+
 def explain_write_error(exc: OSError, path: Path, value: str) -> str:
     """One line: which file, what the errno means there, what to do."""
     call = f'write "{value}" to {path}' if value else f"rmdir {path}"
@@ -119,6 +122,8 @@ def explain_write_error(exc: OSError, path: Path, value: str) -> str:
         return f"{call} failed with EBUSY: {meaning}; {remedy}"
     if exc.errno == errno.ENOSPC and path.name == "cgroup.procs":
         return f"{call} failed with ENOSPC: the cgroup's cpuset.cpus or cpuset.mems is empty, so it cannot take tasks"
+    if exc.errno == errno.ENOENT and path.name == "cpu.idle":
+        return f"{call} failed with ENOENT: {CPU_IDLE_MISSING}"
     if exc.errno == errno.EINVAL and path.name in ("cpuset.cpus", "cpuset.mems"):
         return f"{call} failed with EINVAL: the value is not within the parent cgroup's {path.name}"
     return f"{call} failed with {errno_name(exc)} ({exc.strerror or exc})"
