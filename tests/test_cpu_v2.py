@@ -333,7 +333,7 @@ def test_explain_names_the_exact_files_and_values_without_systemd(host, tmp_path
 def test_check_host_says_not_available_only_where_no_cpu_controller_exists(host, tmp_path, capsys, monkeypatch):
     from helpers.policy_procs import add_process, make_proc_root, make_sys_root
     from remediator.cli import main
-    from remediator.commands import policy as policy_command
+    from remediator.actuators import cpu as cpu_kind_module
     from remediator.schedgroups import SchedGroups
 
     v2 = host()
@@ -346,11 +346,11 @@ def test_check_host_says_not_available_only_where_no_cpu_controller_exists(host,
     config.write_text(f'[protect]\ncomm = ["victim"]\n[daemon]\npolicies = ["{tmp_path / "policies"}"]\n')
     argv = ["policy", "check", "--host", "--proc-root", str(proc), "--sysfs-root", str(make_sys_root(tmp_path, "0-3")), str(config)]
 
-    monkeypatch.setattr(policy_command, "discover_cpu_mount", lambda: v2.cgroupfs.mount)  # v2, no systemd
+    monkeypatch.setattr(cpu_kind_module, "discover_cpu_mount", lambda: v2.cgroupfs.mount)  # v2, no systemd
     assert main(argv) == 0
     assert "not available" not in capsys.readouterr().out
 
-    monkeypatch.setattr(policy_command, "discover_cpu_mount", lambda: None)
+    monkeypatch.setattr(cpu_kind_module, "discover_cpu_mount", lambda: None)
     assert main(argv) == 0
     [warning] = [line for line in capsys.readouterr().out.splitlines() if "not available" in line]
     assert warning.startswith(f"{tmp_path / 'policies' / 'shippers.toml'}:10:1: warning: policy log-shippers: cpu_weight 10 is "

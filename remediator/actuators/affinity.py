@@ -150,5 +150,8 @@ class AffinityKind:
         data["threads"] = {str(tid): mask for tid, mask in masks.items()}
         return summarize_threads("affinity", masks, format_cpulist(target))
 
+    def unavailable(self) -> str | None:
+        return None
+
 
 AFFINITY = AffinityKind()

@@ -522,6 +522,9 @@ class CpuKind:
         # On cgroup v1 the offenders of one policy share the group remediator-POLICY.
         return {"cpu": dict(params["cpu"]), "group": policy}, ""
 
+    def unavailable(self) -> str | None:
+        return cpu_steps_unavailable(discover_cpu_mount())
+
     def effect(self, params: Mapping[str, Any], policy: str, min_cpus: int, pid: int, host: Host, data: dict) -> str:
         """Which path the step takes on this host, and what it would write (read only)."""
         mount = discover_cpu_mount()

@@ -772,5 +772,8 @@ class CpusetKind:
             return f"cpuset: already in {current}; cpus {cpus}"
         return f"cpuset: move from {current} to {name} with cpus {cpus}"
 
+    def unavailable(self) -> str | None:
+        return None
+
 
 CPUSET = CpusetKind()

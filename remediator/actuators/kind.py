@@ -72,6 +72,10 @@ class ActionKind(Protocol):
         """What the step would change on `pid` now, in words; the same as data, added to `data`.
         ProcessGone or RemediatorError when a value cannot be read (the caller says so)."""
 
+    def unavailable(self) -> str | None:
+        """Why no step of this kind can work on this host, whatever the process ('not available on
+        this host: ...'), or None. A host fact: `policy check --host` says it at every such step."""
+
 
 def compile_cpu_spec(value: Any, key: KeyPath, at: Compiling) -> CpuSpec:
     """An affinity or cpuset CPU list (`unprotected`, or CPUs no fewer than min_cpus)."""

@@ -99,5 +99,8 @@ class NiceKind:
         data.update(target=params["nice"], threads={str(tid): value for tid, value in current.items()})
         return summarize_threads("nice", {tid: str(value) for tid, value in current.items()}, str(params["nice"]))
 
+    def unavailable(self) -> str | None:
+        return None
+
 
 NICE = NiceKind()

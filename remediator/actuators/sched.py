@@ -235,5 +235,8 @@ class SchedKind:
             text += f", left as it is on {plural(left, 'thread')} (already at or below, or realtime)"
         return text
 
+    def unavailable(self) -> str | None:
+        return None
+
 
 SCHED = SchedKind()

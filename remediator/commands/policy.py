@@ -13,8 +13,7 @@ from ..cpulist import CpuListError, online_cpus, parse_cpulist
 from ..errors import RemediatorError
 from ..baseline import Baselines
 from ..engine import import_state
-from ..cgroupfs import discover_cpu_mount
-from ..actuators.cpu import cpu_steps_unavailable
+from ..actuators import ACTION_KINDS
 from ..explain import LearnedBaselines, explain
 from ..policy import check_paths, load_policies, read_policy_files
 from ..printable import printable
@@ -222,15 +221,15 @@ def host_diagnostics(paths: list, online: frozenset[int], procfs: ProcFS) -> tup
                     step.location, "warning",
                     f"policy {entry.policy.name}: {step.describe()} cannot work on this host now for pid {item.info.pid} "
                     f"({printable(item.info.comm)}): {why}; the daemon skips it at once", "step-cannot-work"))
-    unavailable = cpu_steps_unavailable(discover_cpu_mount())
-    if unavailable:  # a host fact: said once per step, whether or not a process matches now
-        for policy in policies.policies:
-            for step in policy.steps:
-                if step.kind == "cpu":
-                    diagnostics.append(Diagnostic(
-                        step.location, "warning",
-                        f"policy {policy.name}: {step.describe()} is {unavailable}; the daemon's step fails and the "
-                        "ladder goes on after its settle", "step-not-available"))
+    # A host fact: said at every step of such a kind, whether or not a process matches now.
+    unavailable = {kind.name: kind.unavailable() for kind in ACTION_KINDS}
+    for policy in policies.policies:
+        for step in policy.steps:
+            if unavailable[step.kind]:
+                diagnostics.append(Diagnostic(
+                    step.location, "warning",
+                    f"policy {policy.name}: {step.describe()} is {unavailable[step.kind]}; the daemon's step fails and the "
+                    "ladder goes on after its settle", "step-not-available"))
     return diagnostics, notes
 
 
