@@ -3,9 +3,12 @@ record that carries the last wait of a thread ending between two reads, which sc
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -58,17 +61,20 @@ def test_taskstats_reads_the_counters_schedstat_prints(spawn):
         counters.close()
 
 
-def test_the_exit_record_keeps_the_wait_schedstat_loses(spawn):
+def measure_exit_record() -> tuple[int, int, int]:
+    """(wait counted with exit records, wait polled from schedstat, exit-record overflows) of the
+    workload's two threads, the worker having ended between the two reads."""
     with_exits = ProcfsSource(PROCFS, counters=TaskstatsCounters(PROCFS))
     polling = ProcfsSource(PROCFS, counters=SchedstatCounters(PROCFS))
+    workload = subprocess.Popen([sys.executable, "-c", SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        workload = spawn([sys.executable, "-c", SCRIPT], stdin=subprocess.PIPE)
+        assert workload.stdout.readline().startswith("ready")
         tids = set(PROCFS.tids(workload.pid))
         for source in (with_exits, polling):
             source.read({workload.pid: tids})
-        workload.proc.stdin.write("\n")
-        workload.proc.stdin.flush()
-        assert workload.read_line() == "done"
+        workload.stdin.write("\n")
+        workload.stdin.flush()
+        assert workload.stdout.readline().strip() == "done"
         # join() returns before the kernel has reaped the thread: wait until it has left task/.
         deadline = time.monotonic() + 10
         while len(alive := set(PROCFS.tids(workload.pid))) == len(tids) and time.monotonic() < deadline:
@@ -76,10 +82,31 @@ def test_the_exit_record_keeps_the_wait_schedstat_loses(spawn):
         assert len(alive) < len(tids), "the worker should have ended"
         counted = with_exits.read({workload.pid: alive}).wait_ns
         polled = polling.read({workload.pid: alive}).wait_ns
+        return counted, polled, with_exits.counters.dropped
     finally:
+        workload.kill()
+        workload.wait()
         with_exits.close()
         polling.close()
-    print(f"taskstats {counted / 1e6:.1f} ms, schedstat {polled / 1e6:.1f} ms, overflows {with_exits.counters.dropped}")
+
+
+def test_the_exit_record_keeps_the_wait_schedstat_loses():
+    # In a fresh interpreter, as the daemon opens its one source: inside the suite's process the
+    # worker's exit record went missing in 2 of 3 full-suite runs on 2026-12-06 (never with this
+    # file alone or after its neighbours, 12 of 12); the cause is not found yet.
+    runner = subprocess.Popen(
+        [sys.executable, "-c", "import test_taskstats_live as t; print(*t.measure_exit_record())"],
+        cwd=Path(__file__).parent, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = runner.communicate(timeout=60)
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)  # and the workload it started
+            runner.wait()
+    assert runner.returncode == 0, err
+    counted, polled, dropped = map(int, out.split())
+    print(f"taskstats {counted / 1e6:.1f} ms, schedstat {polled / 1e6:.1f} ms, overflows {dropped}")
     # The two hashing threads shared one CPU for 0.3 s: each waited for about half of it (150 ms
     # each, 6 runs here), and only the exit record still has the worker's.
     assert counted - polled > 10e6
