@@ -150,6 +150,39 @@ def test_a_failed_move_takes_back_plus_cpu_with_the_new_group(host):
     assert "cpu" not in (root / "cgroup.subtree_control").read_text().split()
 
 
+def test_a_group_another_process_still_holds_stays_and_so_does_plus_cpu(host):
+    v2 = host()
+    root = v2.root
+    executor = v2.executor()
+    assert executor.apply(request(WEIGHT_10), ()).status == "applied"
+    v2.procs.add_process(OTHER, 1, comm="fluent-bit", cgroup=f"/{GROUP}")
+    v2.cgroupfs.place(f"/{GROUP}", OTHER)  # a second offender of the policy, moved in since
+
+    [restored] = executor.restore()
+
+    assert restored.status == "restored", restored
+    # No "removed", and "+cpu" is not even weighed while our group is left: nothing about it is said.
+    assert restored.message == f"write {PID} to {root}/jobs/compress/cgroup.procs (was /{GROUP})"
+    assert v2.cgroupfs.pids_in(f"/{GROUP}") == [OTHER]
+    assert "cpu" in (root / "cgroup.subtree_control").read_text().split()
+    assert not any(call[0] == "rmdir" or call[2] == "-cpu" for call in v2.cgroupfs.calls)
+
+
+def test_a_new_group_that_cannot_be_removed_after_a_failed_move_keeps_plus_cpu(host):
+    v2 = host()
+    root = v2.root
+    v2.cgroupfs.fail("write", "cgroup.procs", errno.EIO)
+    v2.cgroupfs.fail("rmdir", GROUP, errno.EBUSY)
+
+    failed = v2.executor().apply(request(IDLE), ())
+
+    assert failed.status == "failed", failed
+    assert failed.message.endswith(f"; could not remove {v2.group} (Device or resource busy)"), failed
+    assert v2.group.exists()
+    assert "cpu" in (root / "cgroup.subtree_control").read_text().split()
+    assert not any(call[2] == "-cpu" for call in v2.cgroupfs.calls)
+
+
 def test_cpu_max_is_one_write_of_quota_and_period(host):
     v2 = host()
     outcome = v2.executor().apply(request(QUOTA_20), ())

@@ -336,8 +336,8 @@ class CpuActuator:
                 path, value = directory / "cgroup.procs", str(plan.identity.pid)
                 self.cgroupfs.write(path, value)
         except OSError as exc:
-            undo = self._remove_if_empty(directory) if created else ""
-            if not created or undo.startswith("; removed"):
+            gone, undo = self._remove_if_empty(directory) if created else (False, "")
+            if not created or gone:
                 undo += give_back_controller(self.cgroupfs, "cpu", [str(Path(path).parent) for path, _ in details.get("enable", ())])
             if exc.errno == errno.ESRCH:
                 raise ProcessGone(plan.identity.pid) from None
@@ -354,14 +354,16 @@ class CpuActuator:
                    "enabled": details.get("enabled", [])}
         return ApplyResult(applied=applied, message=plan.description)
 
-    def _remove_if_empty(self, directory: Path) -> str:
+    def _remove_if_empty(self, directory: Path) -> tuple[bool, str]:
+        """(whether our group is gone now, the note for the message): a group still holding a
+        process stays, without a note; "+cpu" may only be taken back once it is gone."""
         try:
             if cgroup_pids(self.cgroupfs, directory):
-                return ""
+                return False, ""
             self.cgroupfs.rmdir(directory)
-            return f"; removed {directory}"
+            return True, f"; removed {directory}"
         except OSError as exc:
-            return f"; could not remove {directory} ({exc.strerror})"
+            return False, f"; could not remove {directory} ({exc.strerror})"
 
     # -- restore ------------------------------------------------------------------------------
     def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None, planned: dict | None = None) -> RestoreResult:
@@ -445,8 +447,8 @@ class CpuActuator:
         if directory is None:
             return ""
         if self.cgroupfs.exists(directory):
-            removed = self._remove_if_empty(directory)
-            if not removed.startswith("; removed"):
+            gone, removed = self._remove_if_empty(directory)
+            if not gone:
                 return removed
         else:
             removed = ""
