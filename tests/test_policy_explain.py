@@ -419,3 +419,32 @@ def test_check_host_warns_at_each_step_that_cannot_work_here(fake_host, policy_d
     assert "policy shippers: nice 10 cannot work on this host now for pid 200 (fluent-bit)" in warnings[0]
     code = main(["policy", "check", "--host", "--proc-root", str(fake_host), "--sysfs-root", str(sys_root), str(policy_dir)])
     assert code == 1 and "no config" in capsys.readouterr().err
+
+
+def test_check_host_never_says_nice_sched_or_affinity_are_not_available(fake_host, tmp_path, capsys, monkeypatch):
+    """They need only syscalls every Linux host has (actuators/kind.py AvailableEverywhere): no
+    step-not-available at their steps, whatever the host's cgroups."""
+    monkeypatch.setattr(SchedGroups, "for_host", classmethod(lambda cls, procfs, cgroupfs=None, mountinfo=None: cls(procfs, None)))
+    policies = tmp_path / "everywhere"
+    policies.mkdir()
+    (policies / "steps.toml").write_text(textwrap.dedent("""\
+        [[policy]]
+        name = "shippers"
+        description = "log shippers"
+        match.comm = ["fluent-bit"]
+        trigger.always = true
+        [[policy.actions]]
+        nice = 10
+        [[policy.actions]]
+        sched = "idle"
+        [[policy.actions]]
+        affinity = "unprotected"
+        """))
+    config = tmp_path / "remediator.toml"
+    config.write_text(f'[protect]\ncomm = ["victim"]\n[daemon]\npolicies = ["{policies}"]\n')
+    argv = ["policy", "check", "--host", "--proc-root", str(fake_host), "--sysfs-root", str(make_sys_root(tmp_path, "0-3")),
+            "--format", "json", str(config)]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["errors"] == 0
+    assert [d for d in report["diagnostics"] if d["code"] == "step-not-available"] == []

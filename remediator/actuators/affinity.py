@@ -24,7 +24,7 @@ from ..errors import ProcessGone, RemediatorError
 from ..keys import Key
 from ..procfs import ProcessIdentity, ProcFS
 from .base import ChangeInvalid, Syscalls
-from .kind import Compiling, Host, compile_cpu_spec, effect_cpus, summarize_threads, target_cpus, task_file
+from .kind import AvailableEverywhere, Compiling, Host, compile_cpu_spec, effect_cpus, summarize_threads, target_cpus, task_file
 from .threads import PerThreadActuator
 
 
@@ -125,7 +125,7 @@ def thread_affinity(procfs: ProcFS, pid: int, tid: int) -> frozenset[int]:
     raise RemediatorError(f"pid {pid}: no Cpus_allowed_list in /proc/{pid}/task/{tid}/status")
 
 
-class AffinityKind:
+class AffinityKind(AvailableEverywhere):
     name = "affinity"
     group_weighted = False
     keys = (Key("affinity", "cpus", "Set the CPU affinity of every thread: a CPU list (`\"2-3,6\"`) or `unprotected` "
@@ -149,9 +149,6 @@ class AffinityKind:
         masks = {tid: format_cpulist(thread_affinity(host.procfs, pid, tid)) for tid in sorted(host.procfs.tids(pid))}
         data["threads"] = {str(tid): mask for tid, mask in masks.items()}
         return summarize_threads("affinity", masks, format_cpulist(target))
-
-    def unavailable(self) -> str | None:
-        return None
 
 
 AFFINITY = AffinityKind()

@@ -8,6 +8,8 @@ pipeline asks about it.
     describe   the step in words: 'nice 10', 'affinity unprotected'
     target     what the engine asks the actuator for (ActionRequest.params), or why it cannot
     effect     what the step would do to a process on this host now, read only (`policy explain`)
+    unavailable  why no step of it can work on this host (`policy check --host`); None from
+               `AvailableEverywhere`, for the kinds that need only syscalls every Linux has
 
 and its actuator applies and restores the change (executor.py). Nothing here imports the TOML
 stack (policy -> config, schema, tomlpos): the compiler hands in what a kind needs.
@@ -75,6 +77,15 @@ class ActionKind(Protocol):
     def unavailable(self) -> str | None:
         """Why no step of this kind can work on this host, whatever the process ('not available on
         this host: ...'), or None. A host fact: `policy check --host` says it at every such step."""
+
+
+class AvailableEverywhere:
+    """The `unavailable` of a kind whose steps need only syscalls every Linux host has (setpriority,
+    sched_setscheduler, sched_setaffinity): never. A kind that leans on something a host can lack
+    (a cgroup controller) writes its own, and the protocol keeps asking every kind for one."""
+
+    def unavailable(self) -> str | None:
+        return None
 
 
 def compile_cpu_spec(value: Any, key: KeyPath, at: Compiling) -> CpuSpec:

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from ..keys import Key
 from ..procfs import ProcessIdentity, ProcFS
 from .base import ChangeInvalid
-from .kind import Compiling, Host, summarize_threads
+from .kind import AvailableEverywhere, Compiling, Host, summarize_threads
 from .threads import PerThreadActuator
 
 NICE_MIN, NICE_MAX = -20, 19
@@ -75,7 +75,7 @@ def thread_nice(procfs: ProcFS, pid: int) -> dict[int, int]:
     return {tid: procfs.stat(pid, tid).nice for tid in sorted(procfs.tids(pid))}
 
 
-class NiceKind:
+class NiceKind(AvailableEverywhere):
     name = "nice"
     group_weighted = True  # CFS/EEVDF weigh a thread's nice against the others of its group only
     keys = (Key("nice", "integer", "Set the nice value of every thread (-20..19; higher is gentler to others).",
@@ -98,9 +98,6 @@ class NiceKind:
         current = thread_nice(host.procfs, pid)
         data.update(target=params["nice"], threads={str(tid): value for tid, value in current.items()})
         return summarize_threads("nice", {tid: str(value) for tid, value in current.items()}, str(params["nice"]))
-
-    def unavailable(self) -> str | None:
-        return None
 
 
 NICE = NiceKind()

@@ -31,7 +31,7 @@ from ..errors import RemediatorError
 from ..keys import Key
 from ..procfs import ProcessIdentity, ProcFS
 from .base import ChangeInvalid, RestoreResult, Syscalls, change_error, plural_threads
-from .kind import Compiling, Host, plural, summarize_threads, task_file
+from .kind import AvailableEverywhere, Compiling, Host, plural, summarize_threads, task_file
 from .threads import PerThreadActuator
 
 SCHED_DEADLINE = 6
@@ -205,7 +205,7 @@ def thread_sched(procfs: ProcFS, pid: int) -> dict[int, str]:
     return policies
 
 
-class SchedKind:
+class SchedKind(AvailableEverywhere):
     name = "sched"
     group_weighted = True  # SCHED_IDLE/BATCH weigh a thread against the others of its group only
     keys = (Key("sched", "enum", "Set the scheduling policy of every thread: `idle` (SCHED_IDLE: yields to every normal "
@@ -234,9 +234,6 @@ class SchedKind:
         if left:
             text += f", left as it is on {plural(left, 'thread')} (already at or below, or realtime)"
         return text
-
-    def unavailable(self) -> str | None:
-        return None
 
 
 SCHED = SchedKind()
