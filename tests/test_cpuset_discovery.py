@@ -120,3 +120,65 @@ def test_a_cgroup_path_cannot_climb_out_of_the_mount():
     assert mount.fs_path("/../../../etc") is None
     assert mount.fs_path("/a/../b") is None
     assert mount.fs_path("/a/b") == Path("/sys/fs/cgroup/cpuset/a/b")
+
+
+# -- whether a cpuset step can work on this host at all (`policy check --host`) -------------------
+
+def unavailable_on(tmp_path, mountinfo_text: str, v2_controllers: str | None = None) -> str | None:
+    """The cpuset kind's answer for a host with this mountinfo; MNT in it is a directory of tmp_path,
+    and a cgroup2 line's tree gets a root cgroup.controllers with `v2_controllers`."""
+    from remediator.actuators.cpuset import cpuset_steps_unavailable
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    if v2_controllers is not None:
+        write_v2_root(tmp_path / "cgroup", v2_controllers)
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(mountinfo_text.replace("MNT", str(tmp_path / "cgroup")))
+    return cpuset_steps_unavailable(discover_mounts(mountinfo))
+
+
+V1_NO_CPUSET = """\
+31 23 0:28 / MNT rw,relatime - tmpfs tmpfs rw,mode=755
+32 31 0:29 / MNT/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+33 31 0:30 / MNT/memory rw,relatime - cgroup cgroup rw,memory
+40 31 0:37 / MNT/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
+"""
+
+
+def test_a_host_with_cpuset_on_v1_or_v2_has_cpuset_steps(tmp_path):
+    assert unavailable_on(tmp_path / "v1", HYBRID.replace("/sys/fs/cgroup", "MNT")) is None
+    assert unavailable_on(tmp_path / "v2", V2_ONLY.replace("/sys/fs/cgroup", "MNT"), v2_controllers="cpuset cpu io memory pids") is None
+
+
+def test_a_v2_tree_without_cpuset_in_the_roots_controllers_is_named(tmp_path):
+    text = unavailable_on(tmp_path, V2_ONLY.replace("/sys/fs/cgroup", "MNT"), v2_controllers="cpu io memory pids")
+    assert text == (f"not available on this host: the cgroup v2 tree at {tmp_path / 'cgroup'} does not list cpuset in "
+                    "cgroup.controllers (it lists: cpu io memory pids)")
+
+
+def test_v1_hierarchies_without_cpuset_are_named(tmp_path):
+    assert unavailable_on(tmp_path, V1_NO_CPUSET) == (
+        "not available on this host: no cgroup v1 cpuset hierarchy is mounted (v1 hierarchies: cpu,cpuacct; memory; name=systemd)")
+
+
+def test_a_hybrid_host_names_both_hierarchies(tmp_path):
+    hybrid = V1_NO_CPUSET + "41 31 0:38 / MNT/unified rw,nsdelegate - cgroup2 cgroup2 rw,nsdelegate\n"
+    (tmp_path / "cgroup").mkdir()
+    write_v2_root(tmp_path / "cgroup" / "unified", "")  # a hybrid host's v2 tree takes no controller
+    assert unavailable_on(tmp_path, hybrid) == (
+        "not available on this host: no cgroup v1 cpuset hierarchy is mounted (v1 hierarchies: cpu,cpuacct; memory; name=systemd), "
+        f"and the cgroup v2 tree at {tmp_path / 'cgroup' / 'unified'} does not list cpuset in cgroup.controllers (it lists: nothing)")
+
+
+def test_no_cgroup_filesystem_at_all_is_said(tmp_path):
+    no_cgroups = "22 26 0:21 / /proc rw,nosuid - proc proc rw\n25 26 0:23 / /sys rw,nosuid - sysfs sysfs rw\n"
+    assert unavailable_on(tmp_path, no_cgroups) == (
+        "not available on this host: no cgroup filesystem is mounted (no cgroup or cgroup2 line in /proc/self/mountinfo)")
+
+
+def test_an_unreadable_mountinfo_leaves_no_cpuset_step_either(tmp_path, monkeypatch):
+    from remediator.actuators import cpuset as cpuset_module
+
+    monkeypatch.setattr(cpuset_module, "discover_mounts", lambda: discover_mounts(tmp_path / "mountinfo"))
+    assert cpuset_module.CPUSET.unavailable() == (
+        f"not available on this host: cannot read {tmp_path / 'mountinfo'} (No such file or directory) to find a cpuset hierarchy")

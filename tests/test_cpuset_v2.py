@@ -220,3 +220,52 @@ def test_an_unreadable_cgroup_file_is_a_failed_outcome_not_a_traceback(host):
     assert outcome.status == "failed"
     assert outcome.message == f"cannot read {v2.root}/remediator.slice/cgroup.procs: Permission denied: nothing changed"
     assert v2.cgroupfs.calls == [] and executor.journal.entries() == []
+
+
+POLICY = """\
+[[policy]]
+name = "log-shippers"
+description = "log shippers"
+[policy.match]
+comm = ["fluent-bit"]
+[policy.trigger]
+tail = { above = "2ms" }
+offender = { cpu = 0.5 }
+[[policy.actions]]
+cpuset = { cpus = "unprotected", cgroup = "log-shippers" }
+"""
+
+
+def test_check_host_says_not_available_where_the_v2_tree_offers_no_cpuset(host, tmp_path, capsys, monkeypatch):
+    """A host found through its mountinfo, as the daemon finds it: cpuset in the root's
+    cgroup.controllers, then not."""
+    from helpers.policy_procs import add_process, make_proc_root, make_sys_root
+    from remediator.actuators import cpuset as cpuset_module
+    from remediator.cgroupfs import discover_mounts
+    from remediator.cli import main
+    from remediator.schedgroups import SchedGroups
+
+    v2 = host()
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(f"29 23 0:26 / {v2.root} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n")
+    monkeypatch.setattr(cpuset_module, "discover_mounts", lambda: discover_mounts(mountinfo, v2.cgroupfs))
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "shippers.toml").write_text(POLICY)
+    (tmp_path / "host").mkdir()
+    proc = make_proc_root(tmp_path / "host")
+    add_process(proc, 100, "victim", exe="/usr/bin/victim")
+    monkeypatch.setattr(SchedGroups, "for_host", classmethod(lambda cls, procfs, cgroupfs=None, mountinfo=None: cls(procfs, None)))
+    config = tmp_path / "remediator.toml"
+    config.write_text(f'[protect]\ncomm = ["victim"]\n[daemon]\npolicies = ["{tmp_path / "policies"}"]\n')
+    argv = ["policy", "check", "--host", "--proc-root", str(proc), "--sysfs-root", str(make_sys_root(tmp_path, "0-3")), str(config)]
+
+    assert main(argv) == 0
+    assert "not available" not in capsys.readouterr().out
+
+    (v2.root / "cgroup.controllers").write_text("cpu io memory pids\n")  # cpuset bound to v1, or not built
+    assert main(argv) == 0
+    [warning] = [line for line in capsys.readouterr().out.splitlines() if "not available" in line]
+    assert warning == (f"{tmp_path / 'policies' / 'shippers.toml'}:9:1: warning: policy log-shippers: cpuset unprotected in "
+                       f"cgroup log-shippers is not available on this host: the cgroup v2 tree at {v2.root} does not list "
+                       "cpuset in cgroup.controllers (it lists: cpu io memory pids); the daemon's step fails and the ladder "
+                       "goes on after its settle")

@@ -47,7 +47,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..cgroupfs import CgroupFS, CgroupMount, allowed_cpus, cgroup_pids, effective_cpus, process_cgroup_path, subtree_pids
+from ..cgroupfs import (
+    DEFAULT_MOUNTINFO,
+    CgroupFS,
+    CgroupMount,
+    allowed_cpus,
+    cgroup_pids,
+    discover_mounts,
+    effective_cpus,
+    find_cpuset_mount,
+    process_cgroup_path,
+    subtree_pids,
+)
 from ..cpulist import CpuListError, format_cpulist, online_cpus, parse_cpulist
 from ..errors import ProcessGone, RemediatorError
 from ..keys import Key
@@ -724,6 +735,25 @@ class CpusetActuator:
 
 # -- the kind ------------------------------------------------------------------------------------
 
+def cpuset_steps_unavailable(mounts: list[CgroupMount]) -> str | None:
+    """Why no cpuset step can work on a host with these cgroup mounts (`discover_mounts`: v2 trees with
+    their root's cgroup.controllers), or None where `find_cpuset_mount` finds the hierarchy that
+    `default_actuators` hands the actuator."""
+    if find_cpuset_mount(mounts) is not None:
+        return None
+    if not mounts:
+        return f"not available on this host: no cgroup filesystem is mounted (no cgroup or cgroup2 line in {DEFAULT_MOUNTINFO})"
+    reasons = []
+    v1 = [",".join(sorted(mount.controllers)) or str(mount.mount_point) for mount in mounts if mount.version == 1]
+    if v1:
+        reasons.append(f"no cgroup v1 cpuset hierarchy is mounted (v1 hierarchies: {'; '.join(v1)})")
+    for mount in mounts:
+        if mount.version == 2:
+            listed = " ".join(sorted(mount.controllers)) or "nothing"
+            reasons.append(f"the cgroup v2 tree at {mount.mount_point} does not list cpuset in cgroup.controllers (it lists: {listed})")
+    return "not available on this host: " + ", and ".join(reasons)
+
+
 CPUSET_KEYS = (
     Key("cpus", "cpus", "CPUs of the cgroup: a CPU list or `unprotected`.", required=True, keyword="unprotected"),
     Key("cgroup", "string", "Name of the remediator-owned cpuset cgroup (created as `remediator-NAME`): letters, digits, `.`, `_`, `-`.",
@@ -773,7 +803,11 @@ class CpusetKind:
         return f"cpuset: move from {current} to {name} with cpus {cpus}"
 
     def unavailable(self) -> str | None:
-        return None
+        try:
+            mounts = discover_mounts()
+        except OSError as exc:
+            return f"not available on this host: cannot read {exc.filename or DEFAULT_MOUNTINFO} ({exc.strerror}) to find a cpuset hierarchy"
+        return cpuset_steps_unavailable(mounts)
 
 
 CPUSET = CpusetKind()

@@ -89,8 +89,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--host", action="store_true",
         help="also warn, per step, where a nice or sched step cannot work on this host now: the offenders each policy "
         "matches are in another scheduling group (cpu cgroup or autogroup) than the protected processes, which the "
-        "config among PATHS names; and where a cpu_weight, cpu_idle or cpu_max step is not available (no cgroup cpu "
-        "controller) (read only)",
+        "config among PATHS names; and where a cpu_weight, cpu_idle, cpu_max or cpuset step is not available (no "
+        "cgroup cpu or cpuset controller) (read only)",
     )
     check.add_argument("--sysfs-root", default="/sys", help=argparse.SUPPRESS)
     check.add_argument("--proc-root", default="/proc", help=argparse.SUPPRESS)
