@@ -6,6 +6,10 @@ Pure: (sample, policies, state, now) -> (audit records, state). The daemon stamp
 
     {"decision": "unnamed-culprit", "event": "unnamed-culprit", "process": {...}, "evidence": {...}}
 
+Only a process foreign to the service is a culprit: the kernel protects a fork of the service at
+once, user space learns of it a tick or more later, so a worker the service just forked is its own
+too (see `services_own`).
+
 Bounded: one record per process identity (pid, start time) per `per_process_s`, and at most
 `max_records` across the host per `window_s`; what the host-wide cap held back is counted in the
 next record written (`evidence.held_back`).
@@ -21,7 +25,7 @@ from .model import PolicySet
 from .procfs import ProcessIdentity, ProcessInfo
 from .safety import exclusion_reason
 from .sample import Sample
-from .trees import governing
+from .trees import governing, lineage
 
 EVENT = "unnamed-culprit"
 
@@ -70,6 +74,19 @@ def _process(info: ProcessInfo) -> dict:
     }
 
 
+def services_own(info: ProcessInfo, sample: Sample) -> bool:
+    """Whether `info` belongs to the protected service: protected itself, or forked (at any depth) by
+    a protected process the sample knows. Ancestry follows the parent chain by (pid, start time)
+    (trees.lineage), never by pid alone: a process whose ancestor's pid the service has since taken
+    is no fork of the service. A chain broken by a process the sample does not know proves nothing,
+    and the process stays foreign."""
+    protected = sample.protected.pids
+    if info.pid in protected:
+        return True
+    services = {sample.processes[pid].identity for pid in protected if pid in sample.processes}
+    return any(identity in services for identity in lineage(info, sample.processes)[1:])
+
+
 def unnamed_culprits(
     sample: Sample,
     policies: PolicySet,
@@ -85,7 +102,9 @@ def unnamed_culprits(
     tail = harm(sample, policies)
     if tail is None:
         return [], state  # the tail is fine by every policy's measure: blame alone is no harm
-    foreign = [(pid, ns) for pid, ns in sample.blame if pid not in waits.pids]
+    # A pid the sample does not know cannot be judged own: it stays, and as the top one it is no record (below).
+    foreign = [(pid, ns) for pid, ns in sample.blame
+               if pid not in waits.pids and not (pid in sample.processes and services_own(sample.processes[pid], sample))]
     if not foreign:
         return [], state
     pid, blamed_ns = max(foreign, key=lambda item: item[1])

@@ -94,6 +94,35 @@ def test_named_protected_harmless_or_minor_culprits_are_not_recorded(tmp_path):
     assert unnamed_culprits(sample(processes=(SERVICE, SHIPPER, child)), load_policies([tree]), CulpritState(), 1.0)[0] == []
 
 
+def test_a_worker_the_service_just_forked_is_its_own_not_a_culprit(tmp_path):
+    """The kernel protects a fork at once, user space a tick later: until then the worker is not in the
+    protected pids, yet it is the service's (its parent chain leads to the protected process, pid and
+    start time), so it is no unnamed culprit; a foreign process blamed beside it still is."""
+    p = policies(tmp_path)
+    worker = ProcessInfo(pid=150, start_time=15, comm="api", ppid=100, ancestors=((100, "api"),))
+    grandchild = ProcessInfo(pid=160, start_time=16, comm="sh", ppid=150, ancestors=((150, "api"), (100, "api")))
+    scene = (SERVICE, SHIPPER, MINER, worker, grandchild)
+    assert unnamed_culprits(sample(blame=((150, 0.7),), processes=scene), p, CulpritState(), 1.0, self_pid=999)[0] == []
+    assert unnamed_culprits(sample(blame=((160, 0.7),), processes=scene), p, CulpritState(), 1.0, self_pid=999)[0] == []
+    records, _ = unnamed_culprits(sample(blame=((150, 0.5), (300, 0.3)), processes=scene), p, CulpritState(), 1.0, self_pid=999)
+    assert [r["process"]["pid"] for r in records] == [300]  # the next most blamed, foreign, is on record
+
+
+def test_a_process_whose_parent_had_the_services_pid_before_it_is_foreign(tmp_path):
+    """Its parent chain names pid 100, but the service holding pid 100 now started after it: the
+    parent was another process whose pid was reused. Pid alone is no ancestry."""
+    p = policies(tmp_path)
+    orphan = ProcessInfo(pid=150, start_time=5, comm="miner", ppid=100, ancestors=((100, "api"),))
+    records, _ = unnamed_culprits(sample(blame=((150, 0.7),), processes=(SERVICE, orphan)), p, CulpritState(), 1.0, self_pid=999)
+    assert [r["process"]["pid"] for r in records] == [150]
+    # and one level up: a parent of its own, whose parent had the service's pid before the service
+    parent = ProcessInfo(pid=140, start_time=4, comm="sh", ppid=100, ancestors=((100, "api"),))
+    child = ProcessInfo(pid=150, start_time=12, comm="miner", ppid=140, ancestors=((140, "sh"), (100, "api")))
+    records, _ = unnamed_culprits(sample(blame=((150, 0.7),), processes=(SERVICE, parent, child)), p, CulpritState(), 1.0,
+                                  self_pid=999)
+    assert [r["process"]["pid"] for r in records] == [150]
+
+
 def test_rate_is_bounded_per_process_and_across_the_host(tmp_path):
     p = policies(tmp_path)
     settings = CulpritSettings(per_process_s=600.0, max_records=2, window_s=600.0)
