@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .culprits import CulpritSettings, CulpritState, unnamed_culprits
+from .culprits import CulpritSettings, CulpritState, self_inflicted_tail, unnamed_culprits
 from .engine import Decision
 from .errors import RemediatorError
 from .model import Outcome
@@ -30,7 +30,7 @@ def _iso(ts: float) -> str:
 
 
 def event_record(ts: float, mode: str, fields: dict) -> dict:
-    """An audit line that is no engine decision (e.g. an unnamed culprit), stamped like the others."""
+    """An audit line that is no engine decision (an unnamed culprit, a self-inflicted tail), stamped like the others."""
     return {"ts": _iso(ts), "epoch": round(ts, 3), "mode": mode, **fields}
 
 
@@ -104,25 +104,28 @@ class AuditWriter:
 
 
 class CulpritWriter:
-    """The tick's observer for unnamed culprits (culprits.py): their audit lines, bounded as that
-    module says, for the daemon and replay alike. `sink` takes a record."""
+    """The tick's observer for unnamed culprits and self-inflicted tails (culprits.py): their audit
+    lines, bounded as that module says, for the daemon and replay alike. `sink` takes a record."""
 
     def __init__(self, sink: Callable[[dict], object], settings: CulpritSettings = CulpritSettings()):
         self.sink = sink
         self.settings = settings
         self.state = CulpritState()
+        self.decisions: list[Decision] = []  # the engine's since the last tick (the tick's, and bursts' between)
 
     def on_decision(self, carried) -> None:
-        pass
+        self.decisions.append(carried.decision)
 
     def on_outcome(self, when: str, outcome: Outcome, mode: str) -> None:
         pass
 
     def on_tick(self, report) -> None:
-        sample = report.sample
-        records, self.state = unnamed_culprits(sample, report.policies, self.state, sample.end_ns / 1e9, self.settings,
-                                               self_pid=report.settings.self_pid)
-        for record in records:
+        sample, now = report.sample, report.sample.end_ns / 1e9
+        decisions, self.decisions = self.decisions, []
+        culprits, self.state = unnamed_culprits(sample, report.policies, self.state, now, self.settings,
+                                                self_pid=report.settings.self_pid)
+        own, self.state = self_inflicted_tail(sample, report.policies, self.state, now, self.settings, decisions)
+        for record in culprits + own:
             self.sink(event_record(sample.ts, report.mode, record))
 
 
@@ -208,8 +211,9 @@ def decision_detail(record: dict) -> str:
     if tail and "waits_over" in tail:  # the burst path: waits counted in the kernel, no percentile
         parts.append(f"burst: {tail.get('waits_over')} waits > {tail.get('threshold_us')} us within {tail.get('span_ms')} ms")
     elif tail and tail.get("percentile") is not None:
-        parts.append(f"p{tail.get('percentile'):g} {tail.get('value_us')} us > {tail.get('threshold_us')} us "
-                     f"({tail.get('windows_over')}/{tail.get('of_windows')})")
+        # One tick's tail (an unnamed culprit, a self-inflicted tail) has no trigger windows to count.
+        windows = f" ({tail.get('windows_over')}/{tail.get('of_windows')})" if "windows_over" in tail else ""
+        parts.append(f"p{tail.get('percentile'):g} {tail.get('value_us')} us > {tail.get('threshold_us')} us{windows}")
     if offender:
         parts.append(f"cpu {offender.get('cpu')} peak {offender.get('peak_cpu')} blame {offender.get('blame_share')}")
     if record.get("change"):

@@ -1,29 +1,41 @@
-"""Unnamed culprits on record: when the process most to blame for the protected service's wait is
-one no policy names, it is rightly left alone, but operators (and `policy suggest`) must be able to
-see it. This module says which tick's top-blamed process to put in the audit, at a bounded rate.
+"""Culprits on record that no engine decision names. When the process most to blame for the protected
+service's wait is one no policy names, it is rightly left alone, but operators (and `policy suggest`)
+must be able to see it. When the service's tail is bad and its own doing (it waited behind its own
+threads, or was throttled by its own CPU quota) and no step was taken or skipped for it, nothing is
+done either, and an operator reading the audit after the incident must find out why. This module
+says which of these to put in the audit, at a bounded rate.
 
 Pure: (sample, policies, state, now) -> (audit records, state). The daemon stamps and writes them.
 
     {"decision": "unnamed-culprit", "event": "unnamed-culprit", "process": {...}, "evidence": {...}}
+    {"decision": "self-inflicted-tail", "event": "self-inflicted-tail", "process": {the service}, "evidence": {...}}
+
+Only a process foreign to the service is a culprit: the kernel protects a fork of the service at
+once, user space learns of it a tick or more later, so a worker the service just forked is its own
+too (see `services_own`).
 
 Bounded: one record per process identity (pid, start time) per `per_process_s`, and at most
 `max_records` across the host per `window_s`; what the host-wide cap held back is counted in the
-next record written (`evidence.held_back`).
+next record written (`evidence.held_back`). A self-inflicted tail: one record per service (its oldest
+protected process, pid and start time) per `per_service_s`, and none while the engine's own
+"skipped: self-inflicted" of the same tail is that recent.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Iterable, Mapping
 
+from .engine import Decision
 from .model import PolicySet
 from .procfs import ProcessIdentity, ProcessInfo
 from .safety import exclusion_reason
 from .sample import Sample
-from .trees import governing
+from .trees import governing, lineage
 
 EVENT = "unnamed-culprit"
+SELF_INFLICTED_EVENT = "self-inflicted-tail"
 
 
 @dataclass(frozen=True)
@@ -32,6 +44,8 @@ class CulpritSettings:
     per_process_s: float = 600.0
     max_records: int = 6
     window_s: float = 600.0
+    min_self_share: float = 0.2  # of the protected wait, behind its own threads or its own quota: less is not "its own doing"
+    per_service_s: float = 600.0  # a self-inflicted tail: at most one record per service this often
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,7 @@ class CulpritState:
     last_recorded: Mapping[ProcessIdentity, float] = field(default_factory=dict)
     recent: tuple[float, ...] = ()  # engine times of the records written, for the host-wide cap
     held_back: int = 0  # culprits the host-wide cap kept out of the audit since the last record
+    self_inflicted_at: Mapping[ProcessIdentity, float] = field(default_factory=dict)  # service -> its last record (or the engine's skip)
 
 
 def harm(sample: Sample, policies: PolicySet) -> dict | None:
@@ -70,6 +85,19 @@ def _process(info: ProcessInfo) -> dict:
     }
 
 
+def services_own(info: ProcessInfo, sample: Sample) -> bool:
+    """Whether `info` belongs to the protected service: protected itself, or forked (at any depth) by
+    a protected process the sample knows. Ancestry follows the parent chain by (pid, start time)
+    (trees.lineage), never by pid alone: a process whose ancestor's pid the service has since taken
+    is no fork of the service. A chain broken by a process the sample does not know proves nothing,
+    and the process stays foreign."""
+    protected = sample.protected.pids
+    if info.pid in protected:
+        return True
+    services = {sample.processes[pid].identity for pid in protected if pid in sample.processes}
+    return any(identity in services for identity in lineage(info, sample.processes)[1:])
+
+
 def unnamed_culprits(
     sample: Sample,
     policies: PolicySet,
@@ -85,7 +113,9 @@ def unnamed_culprits(
     tail = harm(sample, policies)
     if tail is None:
         return [], state  # the tail is fine by every policy's measure: blame alone is no harm
-    foreign = [(pid, ns) for pid, ns in sample.blame if pid not in waits.pids]
+    # A pid the sample does not know cannot be judged own: it stays, and as the top one it is no record (below).
+    foreign = [(pid, ns) for pid, ns in sample.blame
+               if pid not in waits.pids and not (pid in sample.processes and services_own(sample.processes[pid], sample))]
     if not foreign:
         return [], state
     pid, blamed_ns = max(foreign, key=lambda item: item[1])
@@ -122,4 +152,85 @@ def unnamed_culprits(
     }
     known = {identity: at for identity, at in state.last_recorded.items() if now - at < settings.per_process_s}
     known[info.identity] = now
-    return [record], CulpritState(last_recorded=known, recent=recent + (now,), held_back=0)
+    return [record], dataclasses.replace(state, last_recorded=known, recent=recent + (now,), held_back=0)
+
+
+def _judged_the_tail(decision: Decision) -> bool:
+    """The engine put the tail on record: a trigger held and a step was taken, skipped, capped, ..."""
+    return "protected_tail" in decision.evidence
+
+
+def _skipped_as_self_inflicted(decision: Decision) -> bool:
+    return decision.kind == "skipped" and decision.evidence.get("skipped") == "self-inflicted"
+
+
+def self_inflicted_tail(
+    sample: Sample,
+    policies: PolicySet,
+    state: CulpritState,
+    now: float,
+    settings: CulpritSettings = CulpritSettings(),
+    decisions: Iterable[Decision] = (),
+) -> tuple[list[dict], CulpritState]:
+    """The audit record for a bad protected tail that is the service's own doing, when no step was
+    taken or skipped for it: `decisions` are the engine's since the last tick.
+
+    Its own doing: the wait behind its own threads plus the time its own CPU quota throttled it is at
+    least `min_self_share` of its wait, and at least as long as all other processes ran on its CPUs
+    while it waited (throttled time overlaps that: a neighbour may run while the service may not).
+    Bad: over a policy's tail threshold (culprits.harm); with no tail policy nothing is "bad"."""
+    decisions = list(decisions)
+    waits = sample.protected
+    tail = harm(sample, policies)
+    if waits.wait_ns <= 0 or tail is None or tail["threshold_us"] is None:
+        return [], state
+    throttling = sample.throttling
+    throttled_ns = 0 if throttling is None else throttling.throttled_ns
+    own_doing_ns = waits.own_ns + throttled_ns
+    if own_doing_ns < settings.min_self_share * waits.wait_ns or own_doing_ns < waits.blamed_ns:
+        return [], state
+    # The service, named by its oldest protected process; the collector always reads them, so none
+    # known means they all went during the tick: no service to put on record.
+    known = [sample.processes[pid] for pid in waits.pids if pid in sample.processes]
+    if not known:
+        return [], state
+    service = min(known, key=lambda info: (info.start_time, info.pid))
+    recent = {identity: at for identity, at in state.self_inflicted_at.items() if now - at < settings.per_service_s}
+    if any(_skipped_as_self_inflicted(decision) for decision in decisions):
+        # The engine said it itself (a trigger held, the step was skipped): that is the record.
+        return [], dataclasses.replace(state, self_inflicted_at={**recent, service.identity: now})
+    if any(_judged_the_tail(decision) for decision in decisions):
+        return [], state  # a step was taken or refused for this tail: its record carries the tail
+    if service.identity in recent:
+        return [], state
+
+    behind_others_ns = waits.blamed_ns
+    evidence = {
+        "protected_tail": tail,
+        "protected_wait": {
+            "wait_ns": waits.wait_ns,
+            "behind_own_ns": waits.own_ns,
+            "behind_others_ns": behind_others_ns,
+            "unattributed_ns": waits.unattributed_ns,
+        },
+        "protected_throttling": None if throttling is None else throttling.to_json(),
+        "protected_pids": list(waits.pids),
+    }
+    causes = [f"behind its own threads {waits.own_ns / 1e6:.1f} ms"]
+    if throttling is None:
+        causes.append("own CPU quota not measured")
+    else:
+        causes.insert(0, f"throttled by its own CPU quota {throttled_ns / 1e6:.1f} ms "
+                         f"({throttling.throttled_periods} of {throttling.periods} periods)")
+    record = {  # the daemon stamps time and mode (audit.event_record)
+        "decision": SELF_INFLICTED_EVENT,
+        "event": SELF_INFLICTED_EVENT,
+        "policy": None,
+        "process": _process(service),
+        "message": f"the protected p{tail['percentile']:g} is {tail['value_us']:g} us, over {tail['threshold_us']:g} us "
+                   f"(policy {tail['policy']}'s threshold), and self-inflicted: of its {waits.wait_ns / 1e6:.1f} ms wait, "
+                   f"{', '.join(causes)}, behind all other processes {behind_others_ns / 1e6:.1f} ms. Nothing was done: "
+                   f"no step was taken or skipped for it, and none on a neighbour could bring it down",
+        "evidence": evidence,
+    }
+    return [record], dataclasses.replace(state, self_inflicted_at={**recent, service.identity: now})

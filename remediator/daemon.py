@@ -208,7 +208,7 @@ class Daemon:
         try:
             self._start_metrics()  # a port it cannot bind stops it before it writes anything
             self.audit = AuditLog(config.audit_path, stamp=self._audit_stamp(source), trust=self.trust)
-            self.observers.members[:0] = [AuditWriter(self.audit.write), CulpritWriter(self._unnamed_culprit), DecisionLog()]
+            self.observers.members[:0] = [AuditWriter(self.audit.write), CulpritWriter(self._culprit_record), DecisionLog()]
             self.recorder = open_recording(self.record_override or config.recording_path, config.recording_max_bytes,
                                            self.trust)
             if self.mode == "live":
@@ -522,10 +522,10 @@ class Daemon:
     def _observer_failed(self, observer, exc: Exception) -> None:
         log.exception("%s failed (the daemon goes on): %s", type(observer).__name__, exc)
 
-    def _unnamed_culprit(self, record: dict) -> None:
-        """The top-blamed process no policy names goes on record (bounded: see culprits.py)."""
+    def _culprit_record(self, record: dict) -> None:
+        """An unnamed culprit or a self-inflicted tail goes on record (bounded: see culprits.py)."""
         self.audit.write(record)
-        log.info("unnamed culprit: %s", printable(record["message"]))
+        log.info("%s: %s", record["event"], printable(record["message"]))
 
     def _engine_settings(self) -> EngineSettings:
         online = online_cpus()

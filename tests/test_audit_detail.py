@@ -1,6 +1,6 @@
 """The one-line detail of an audit record (audit table, report page) for every shape of trigger
 evidence: a tick's percentile, the burst path's counted waits, an unnamed culprit's tail that
-may have no percentile at all. A report once died on a burst record."""
+may have no percentile at all, one tick's tail with no trigger windows. A report once died on a burst record."""
 
 from __future__ import annotations
 
@@ -24,3 +24,9 @@ def test_a_tail_without_a_percentile_is_left_out():
     record = {"evidence": {"protected_tail": {"percentile": None, "value_us": None, "threshold_us": None}},
               "message": "top blame on batch-job, which no policy names"}
     assert decision_detail(record) == "top blame on batch-job, which no policy names"
+
+
+def test_one_ticks_tail_has_no_windows_to_count():
+    record = {"evidence": {"protected_tail": {"percentile": 99.0, "value_us": 24152.2, "threshold_us": 2000.0, "policy": "restic"}},
+              "message": "self-inflicted"}
+    assert decision_detail(record) == "p99 24152.2 us > 2000.0 us; self-inflicted"

@@ -129,18 +129,39 @@ def test_the_judgements_matter(recording, old, new, comm, tmp_path, capsys):
     assert ("log-shippers", comm) in changed + shipped
 
 
+def test_a_self_inflicted_tail_is_on_record_in_the_throttled_scene(capsys):
+    """throttled-by-own-quota with the shipped policies: no trigger holds, so the engine says nothing,
+    and the audit (replay's, from the daemon's observer) carries the self-inflicted tail once, on the
+    server, with the numbers that make it the server's own doing. The other scenes' verdicts, where
+    neighbours make the tail, are unchanged (test_recording_replays_to_its_verdict)."""
+    assert main(["replay", str(RECORDINGS / "throttled-by-own-quota.jsonl"), "--policies", str(POLICIES), "--request-cpus", "0",
+                 "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["decision"], r["event"], r["mode"], r["process"]["comm"]) for r in records] == \
+        [("self-inflicted-tail", "self-inflicted-tail", "replay", "api-server")]
+    evidence = records[0]["evidence"]
+    assert evidence["protected_tail"]["value_us"] > evidence["protected_tail"]["threshold_us"]
+    wait, throttled = evidence["protected_wait"], evidence["protected_throttling"]["throttled_ns"]
+    assert throttled + wait["behind_own_ns"] >= wait["behind_others_ns"] and throttled > 0
+    assert "Nothing was done" in records[0]["message"]
+
+
 def test_a_self_throttled_service_is_not_defended_against_a_neighbour(tmp_path, capsys):
     """throttled-by-own-quota: the shipped trigger never holds (the shipper's blame share stays under
     0.2). Judged on its CPU alone (require = "any") it holds, and the self-inflicted rule alone holds
-    the step back: 'skipped', nothing acted. The same recording without its throttling counters,
-    judged the same way, is acted on."""
+    the step back: 'skipped', nothing acted. The first bad tick, before the trigger's windows hold,
+    is on record as a self-inflicted tail; after that the engine's skips say it. The same
+    recording without its throttling counters, judged the same way, is acted on."""
     for path in POLICIES.glob("*.toml"):
         (tmp_path / path.name).write_text(path.read_text().replace('require = "all"', 'require = "any"'))
     recording = str(RECORDINGS / "throttled-by-own-quota.jsonl")
     assert main(["replay", recording, "--policies", str(tmp_path), "--request-cpus", "0", "--json"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    own, records = records[:1], records[1:]
+    assert [(r["decision"], r["process"]["comm"]) for r in own] == [("self-inflicted-tail", "api-server")]
     assert [(r["decision"], r["policy"]["name"], r["process"]["comm"], r["evidence"].get("skipped")) for r in records] == \
         [("skipped", "log-shippers", "fluent-bit", "self-inflicted")]
+    assert own[0]["epoch"] < records[0]["epoch"]
     throttling = records[0]["evidence"]["protected_throttling"]
     assert throttling["throttled_ns"] >= throttling["behind_others_ns"] > 0
 
