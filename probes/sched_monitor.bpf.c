@@ -26,10 +26,17 @@ BPF_ARRAY(user_protected_bits, u64, PROTECTED_BITMAP_WORDS);
 BPF_ARRAY(fork_protected_bits, u64, PROTECTED_BITMAP_WORDS);
 BPF_PERCPU_ARRAY(wait_stats, struct wait_stats, 1);
 BPF_ARRAY(max_epoch, u64, 1);
-BPF_ARRAY(cpu_state, struct cpu_state, MAX_CPUS); /* by CPU: a migrated wait reads another CPU's ring */
+/* By CPU: a migrated wait reads another CPU's ring. Mapped into user space's memory, which reads
+ * it every tick without a system call per CPU. */
+BPF_F_TABLE("array", u32, struct cpu_state, cpu_state, MAX_CPUS, BPF_F_MMAPABLE);
 BPF_TABLE("lru_hash", struct proc_cpu_key, struct proc_cpu, proc_cpu, MAX_PROC_CPU_ENTRIES);
-BPF_HASH(blame, u32, u64, MAX_BLAMED_PROCESSES);
-BPF_HASH(proc_changed, struct proc_changed_key, u8, 2 * MAX_PROC_CPU_ENTRIES); /* both parities */
+/* The changed set (see sched_monitor.h): CPU c's queue for epoch parity p is the slots from
+ * (c * 2 + p) * CHANGED_QUEUE_SLOTS. */
+BPF_F_TABLE("array", u32, struct proc_cpu_key, changed_queue, MAX_CPUS * 2 * CHANGED_QUEUE_SLOTS, BPF_F_MMAPABLE);
+/* Per process, the CPUs (bit cpu % 64) where its entry may hold unreported time: when its main
+ * thread exits, those entries are queued, so a short-lived process's time is read in full, not
+ * only on the CPU of its last run. */
+BPF_TABLE("lru_hash", u32, u64, unreported_cpus, MAX_PROC_CPU_ENTRIES);
 BPF_RINGBUF_OUTPUT(exec_events, EXEC_RING_PAGES);
 
 /* ---- burst detection (issue 14; see sched_monitor.h) ---- */
@@ -150,22 +157,58 @@ TRACEPOINT_PROBE(sched, sched_wakeup_new)
     return 0;
 }
 
-/* Put a proc_cpu entry in this epoch's changed set, once per epoch. */
-static __always_inline void mark_changed(struct proc_cpu_key *key, struct proc_cpu *usage)
+/* `ns` more of on-CPU or blamed time on a proc_cpu entry: queue it in this epoch's changed set
+ * once its unreported time reaches the floor (or always: `force`), at most once per epoch. The
+ * queue is this CPU's, whichever CPU the entry is for. Entries written from two CPUs at once may
+ * lose a little unreported time or be queued twice: user space takes each key once, and the time
+ * itself is in total_ns and blame_ns. */
+static __always_inline void mark_changed(struct proc_cpu_key *key, struct proc_cpu *usage, u64 ns, bool force)
 {
+    u64 unreported = usage->unreported_ns + ns;
+    if (unreported < REPORT_FLOOR_NS && !force) {
+        if (!usage->unreported_ns && ns) { /* time left unread begins here: note the CPU */
+            u64 bit = 1ull << (key->cpu & 63);
+            u64 *cpus = unreported_cpus.lookup(&key->tgid);
+            if (!cpus)
+                unreported_cpus.insert(&key->tgid, &bit);
+            else if (!(*cpus & bit))
+                __sync_fetch_and_or(cpus, bit);
+        }
+        usage->unreported_ns = unreported;
+        return;
+    }
     u32 zero = 0;
     u64 *epoch = max_epoch.lookup(&zero);
-    if (!epoch || usage->marked_epoch == *epoch + 1)
+    if (!epoch)
         return;
-    usage->marked_epoch = *epoch + 1;
-    struct proc_changed_key changed = {.tgid = key->tgid, .cpu = key->cpu, .parity = (u32)(*epoch & 1)};
-    u8 one = 1;
-    proc_changed.update(&changed, &one);
+    u64 open = *epoch + 1;
+    usage->unreported_ns = 0; /* queued now, or already this epoch: the read at its close takes it */
+    if (usage->marked_epoch == open)
+        return;
+    usage->marked_epoch = open;
+    u32 cpu = bpf_get_smp_processor_id();
+    struct cpu_state *here = cpu_state.lookup(&cpu);
+    if (!here)
+        return;
+    u32 parity = (u32)(*epoch & 1);
+    if (here->changed_epoch[parity] != open) {
+        here->changed_epoch[parity] = open;
+        here->changed_count[parity] = 0;
+    }
+    u32 queued = here->changed_count[parity];
+    if (queued < CHANGED_QUEUE_SLOTS) {
+        u32 index = (cpu * 2 + parity) * CHANGED_QUEUE_SLOTS + queued;
+        struct proc_cpu_key *slot = changed_queue.lookup(&index);
+        if (slot)
+            *slot = *key;
+    }
+    if (queued <= CHANGED_QUEUE_SLOTS) /* one past the slots says: overflowed, read everything */
+        here->changed_count[parity] = queued + 1;
 }
 
 /* Add [start, end) of a process's run on this CPU to its totals and its windows. */
-static __always_inline void account_run(u32 tgid, u32 cpu, u64 start, u64 end, char *comm,
-                                        struct wait_stats *stats)
+static __always_inline struct proc_cpu *account_run(u32 tgid, u32 cpu, u64 start, u64 end, char *comm,
+                                                     bool exiting, struct wait_stats *stats)
 {
     struct proc_cpu_key key = {.tgid = tgid, .cpu = cpu};
     struct proc_cpu *usage = proc_cpu.lookup(&key);
@@ -177,11 +220,11 @@ static __always_inline void account_run(u32 tgid, u32 cpu, u64 start, u64 end, c
         if (!usage) {
             if (stats)
                 stats->totals.proc_map_full++;
-            return;
+            return 0;
         }
     }
     usage->total_ns += end - start;
-    mark_changed(&key, usage);
+    mark_changed(&key, usage, end - start, exiting); /* a thread's last run is always read */
 
     u64 first = start >> WINDOW_SHIFT, last = end >> WINDOW_SHIFT;
     if (last - first >= WINDOW_SLOTS)
@@ -204,18 +247,23 @@ static __always_inline void account_run(u32 tgid, u32 cpu, u64 start, u64 end, c
         ns += hi - lo;
         usage->windows[slot] = ((u64)(u32)window << 32) | (ns & 0xffffffffull);
     }
+    return usage;
 }
 
-/* Charge `ns` of a protected thread's wait to the process `tgid` that ran meanwhile; split into
- * its own processes (protected: the main thread's id is the tgid) and others. */
-static __always_inline u64 charge(u32 tgid, u64 ns, struct wait_stats *stats)
+/* Charge `ns` of a protected thread's wait to the process `tgid` that ran meanwhile on `cpu`, in
+ * its proc_cpu entry there (`usage`, or looked up); split into its own processes (protected: the
+ * main thread's id is the tgid) and others. */
+static __always_inline u64 charge(u32 tgid, u32 cpu, struct proc_cpu *usage, u64 ns, struct wait_stats *stats)
 {
-    u64 zero = 0, *charged = blame.lookup_or_try_init(&tgid, &zero);
-    if (!charged) {
+    struct proc_cpu_key key = {.tgid = tgid, .cpu = cpu};
+    if (!usage)
+        usage = proc_cpu.lookup(&key);
+    if (!usage) {
         stats->totals.blame_map_full++;
         return 0;
     }
-    __sync_fetch_and_add(charged, ns);
+    __sync_fetch_and_add(&usage->blame_ns, ns);
+    mark_changed(&key, usage, ns, false);
     if (protected_bit(tgid))
         stats->totals.own_ns += ns;
     else
@@ -229,8 +277,8 @@ static __always_inline u64 charge(u32 tgid, u64 ns, struct wait_stats *stats)
  * migration that moves the thread), its share is left in owed_ns, for that CPU to charge when the
  * run ends (only it knows the run's process). What the ring no longer holds is counted
  * (overflow_ns), never guessed. */
-static __always_inline void attribute_wait(struct cpu_state *state, u64 t0, u64 t1, u64 wait_ns, bool in_progress,
-                                           struct wait_stats *stats)
+static __always_inline void attribute_wait(struct cpu_state *state, u32 state_cpu, u64 t0, u64 t1, u64 wait_ns,
+                                           bool in_progress, struct wait_stats *stats)
 {
     u64 attributed = 0, uncovered = t1; /* [t0, uncovered) is not yet accounted for */
     if (in_progress) {
@@ -271,7 +319,7 @@ static __always_inline void attribute_wait(struct cpu_state *state, u64 t0, u64 
                 else                                   /* spans over 4 s: 1/256 at worst */
                     ns += (spanned_ns >> 12) * (part >> 12) / (span >> 24);
             }
-            attributed += charge(segment->tgid, ns, stats);
+            attributed += charge(segment->tgid, state_cpu, 0, ns, stats);
             burst_blamed(segment->tgid, wait_ns, t1); /* the whole wait (so far), once per run */
         }
         /* No stop at a start before t0: a segment older than a merged one may end after t0. */
@@ -332,7 +380,7 @@ static __always_inline void end_wait(struct protected_thread *thread, u64 now, u
             return;
         }
     }
-    attribute_wait(waited_on, queued_since, now, delta, wait_cpu != cpu, stats);
+    attribute_wait(waited_on, wait_cpu, queued_since, now, delta, wait_cpu != cpu, stats);
 }
 
 TRACEPOINT_PROBE(sched, sched_switch)
@@ -350,7 +398,8 @@ TRACEPOINT_PROBE(sched, sched_switch)
     if (state->since && prev_tid != 0 && now > state->since) {
         u32 prev_tgid = bpf_get_current_pid_tgid() >> 32;
         state->busy_ns += now - state->since;
-        account_run(prev_tgid, cpu, state->since, now, args->prev_comm, stats_here());
+        bool exiting = (args->prev_state & EXIT_STATE_BITS) != 0;
+        struct proc_cpu *usage = account_run(prev_tgid, cpu, state->since, now, args->prev_comm, exiting, stats_here());
         struct run_segment *last = &state->segments[(state->head - 1) & (SEGMENT_RING - 1)];
         struct run_segment *before = &state->segments[(state->head - 2) & (SEGMENT_RING - 1)];
         if (state->head && last->tgid == prev_tgid && last->end == state->since) {
@@ -382,7 +431,7 @@ TRACEPOINT_PROBE(sched, sched_switch)
         if (owed) {
             struct wait_stats *stats = stats_here();
             __sync_fetch_and_add(&state->owed_ns, -owed);
-            if (stats && !charge(prev_tgid, owed, stats))
+            if (stats && !charge(prev_tgid, cpu, usage, owed, stats))
                 stats->totals.unattributed_ns += owed;
         }
     } else if (state->owed_ns) { /* it was idle after all (a race with the remote reader) */
@@ -443,7 +492,7 @@ TRACEPOINT_PROBE(sched, sched_migrate_task)
         stats->totals.unattributed_ns += now - t0;
         return 0;
     }
-    attribute_wait(state, t0, now, now - t0, true, stats);
+    attribute_wait(state, orig_cpu, t0, now, now - t0, true, stats);
     return 0;
 }
 
@@ -472,6 +521,22 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 {
     u32 tid = args->pid;
     burst_exit(tid);
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (tid == tgid) { /* the main thread: queue the entries with time left unread on other CPUs */
+        u64 *noted = unreported_cpus.lookup(&tgid);
+        if (noted) {
+            u64 bits = *noted;
+            unreported_cpus.delete(&tgid);
+            for (u32 cpu = 0; cpu < MAX_CPUS; cpu++) {
+                if (!(bits & (1ull << (cpu & 63))))
+                    continue;
+                struct proc_cpu_key key = {.tgid = tgid, .cpu = cpu};
+                struct proc_cpu *usage = proc_cpu.lookup(&key);
+                if (usage && usage->unreported_ns)
+                    mark_changed(&key, usage, 0, true);
+            }
+        }
+    }
     if (!protected_lookup(tid))
         return 0;
     protected_threads.delete(&tid);

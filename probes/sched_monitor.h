@@ -53,9 +53,6 @@ typedef uint32_t u32;
 #ifndef MAX_CPUS
 #define MAX_CPUS 1024
 #endif
-#ifndef MAX_BLAMED_PROCESSES
-#define MAX_BLAMED_PROCESSES 16384
-#endif
 
 /* Per-process on-CPU time is also kept per sub-second window, so user space sees bursts: a ring
  * of WINDOW_SLOTS windows of 2^WINDOW_SHIFT ns each (a power of two: shifts, not divisions, on every
@@ -118,7 +115,7 @@ struct wait_totals {          /* cumulative */
     u64 protected_map_full;   /* new threads not protected on fork: the protected map was full */
     u64 stale_starts;         /* starts dropped as older than MAX_WAIT_NS */
     u64 proc_map_full;        /* run segments not accounted: the per-process map was full */
-    u64 blame_map_full;
+    u64 blame_map_full;       /* blame not kept: the run's proc_cpu entry was gone (the map full) */
     u64 exec_events_dropped;  /* the exec ring buffer was full */
     u64 protected_forks;      /* threads and children added to the protected set in-kernel */
     u64 own_ns;               /* wait time behind threads of protected processes (its own) */
@@ -155,6 +152,8 @@ struct cpu_state {            /* one per CPU, written only by that CPU except ow
     u32 head;                 /* next slot of the segment ring to write */
     u64 owed_ns;              /* wait time that ended on another CPU during the run in progress here:
                                * charged to that run's process when it ends (added atomically) */
+    u64 changed_epoch[2];     /* per epoch parity: epoch + 1 whose keys this CPU's queue holds */
+    u32 changed_count[2];     /* keys this CPU queued in that epoch (over CHANGED_QUEUE_SLOTS: overflowed) */
     struct run_segment segments[SEGMENT_RING]; /* the latest runs on this CPU */
 };
 
@@ -165,20 +164,36 @@ struct proc_cpu_key {
 
 struct proc_cpu {
     u64 total_ns;
+    u64 blame_ns;              /* protected wait charged to this process's runs on this CPU (added atomically) */
     u64 windows[WINDOW_SLOTS]; /* (window index << 32) | ns on this CPU in that window */
     char comm[16];             /* comm of the thread that created the entry */
-    u64 marked_epoch;          /* max_epoch + 1 when last put in proc_changed (0: never) */
+    u64 marked_epoch;          /* max_epoch + 1 when last queued as changed (0: never) */
+    u64 unreported_ns;         /* on-CPU and blamed ns since it was last queued */
 };
 
-/* The changed set: (process, cpu) entries of proc_cpu that changed in an epoch (the epoch user space
- * bumps at every read, its parity in the key). User space reads and deletes the closed epoch's
- * keys and looks up only those entries: a read costs what ran, not every process on every CPU.
- * Each entry is marked at most once per epoch, so the hot path pays an array lookup per switch. */
-struct proc_changed_key {
-    u32 tgid;
-    u32 cpu;
-    u32 parity;                /* epoch & 1 */
-};
+/* The changed set: each CPU queues the (process, cpu) keys of proc_cpu entries that changed in an
+ * epoch (the epoch user space bumps at every read), in its own part of an array user space maps
+ * into memory: one part per CPU and epoch parity, so only that CPU writes it and reading it costs
+ * no system call and no walk over hash buckets. User space reads the closed epoch's keys and looks
+ * up only those entries: a read costs what ran, not every process on every CPU.
+ *
+ * An entry is queued once its unreported time (on-CPU plus blamed) reaches REPORT_FLOOR_NS, at
+ * most once per epoch, and always when a thread of it exits (its last run). So a process that
+ * barely runs is read every few seconds rather than every tick, its time late by less than the
+ * floor per CPU, and a tick's read is bounded by the CPU time that passed, whatever the number of
+ * processes. A part that overflows says so (its count passes the slots): user space then reads
+ * the whole table. */
+#ifndef REPORT_FLOOR_NS
+#define REPORT_FLOOR_NS 1000000
+#endif
+#ifndef CHANGED_QUEUE_SLOTS
+#define CHANGED_QUEUE_SLOTS 1024
+#endif
+/* sched_switch's prev_state bits of a thread switched out for the last time (EXIT_DEAD,
+ * EXIT_ZOMBIE); the loader reads them from the tracepoint's print fmt. */
+#ifndef EXIT_STATE_BITS
+#define EXIT_STATE_BITS 0x30
+#endif
 
 struct exec_event {
     u64 ts;

@@ -13,6 +13,7 @@ import dataclasses
 import ctypes as ct
 import errno
 import math
+import mmap
 import os
 import re
 import struct
@@ -20,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Iterable, Mapping
+from typing import Collection, Iterable, Mapping, NamedTuple, Sequence
 
 from . import histogram
 from .errors import SetupError
@@ -77,10 +78,14 @@ def proc_cpu_entries_for(possible_cpus: int) -> int:
     return max(PROC_CPU_ENTRIES_MIN, min(PROC_CPU_ENTRIES_MAX, possible_cpus * PROC_CPU_ENTRIES_PER_CPU))
 
 
-def unwrap_window(low32: int, reference: int) -> int:
-    """The full window index whose low 32 bits the kernel kept, given a full index at or after it
-    (the current window): the nearest one not after `reference`."""
-    return reference - ((reference - low32) & 0xFFFFFFFF)
+def windows_since(slots: Sequence[int], since_window: int, current_window: int) -> tuple[tuple[int, int], ...]:
+    """(window index, ns) of the windows from `since_window` to `current_window` that a proc_cpu
+    entry's ring holds. Slot w % len(slots) holds window w as (w's low 32 bits << 32) | ns: the
+    kernel keeps indices in 32 bits, user space full ones, so a wrap (after 2^32 windows) changes
+    nothing here. Only those windows are decoded: older ones closed before the previous read."""
+    count, low32 = len(slots), 0xFFFFFFFF
+    return tuple([(window, packed & low32) for window in range(max(since_window, current_window - count + 1), current_window + 1)
+                  if (packed := slots[window % count]) and packed >> 32 == window & low32])
 
 
 def probes_dir() -> Path:
@@ -108,6 +113,16 @@ def task_state_mask(format_text: str) -> int:
     return 0xFF
 
 
+def exit_state_bits(format_text: str) -> int:
+    """sched_switch's prev_state bits of a thread switched out for the last time: the "X"
+    (EXIT_DEAD) and "Z" (EXIT_ZOMBIE) flags of the tracepoint's print fmt. The probe reads an
+    exiting thread's entry at once; 0 (not found) only leaves its last sub-floor time late."""
+    bits = 0
+    for value, letter in re.findall(r'\{ *(0x[0-9a-fA-F]+|\d+), *"([XZ])" *\}', format_text):
+        bits |= int(value, 0)
+    return bits
+
+
 def window_shift_for(window_ms: float) -> int:
     """The power-of-two window nearest to `window_ms` (the probes shift, they do not divide)."""
 
@@ -124,7 +139,11 @@ class ProbeSettings:
     max_protected_threads: int = 65536
     pid_max: int = 4194304  # sizes the protected bitmap; the loader passes kernel.pid_max
     max_proc_cpu_entries: int | None = None  # None: sized from the host (proc_cpu_entries_for)
-    max_blamed_processes: int = 16384
+    # A (process, cpu) entry is read once this much on-CPU or blamed time is unreported (and at a
+    # thread's exit): processes that barely run cost no read per tick. 1 ms is 0.4% of a CPU per
+    # 250 ms tick, far below any share a policy acts on.
+    report_floor_ns: int = 1_000_000
+    changed_queue_slots: int = 1024  # keys per CPU per epoch; past that, one full read
     exec_ring_pages: int = 16
     max_cpus: int | None = None  # None: the host's possible CPUs (the loader fills it in)
     max_burst_candidates: int = 4096
@@ -158,12 +177,15 @@ class ProbeSettings:
             # totals, then max[2] as (epoch, max_ns) pairs, then the histogram
             "wait_stats": struct.Struct(f"<{len(WAIT_TOTAL_FIELDS)}Q4Q{histogram.SLOTS}Q"),
             # since, busy_ns, current_tid, head, owed_ns, then the ring of (start, end, ns, last_start, tgid, pad)
-            "cpu_state": struct.Struct("<QQIIQ" + "QQQQII" * self.segment_ring),
+            # since, busy_ns, current_tid, head, owed_ns, changed_epoch[2], changed_count[2], then the
+            # ring of (start, end, ns, last_start, tgid, pad)
+            "cpu_state": struct.Struct("<QQIIQQQII" + "QQQQII" * self.segment_ring),
             "proc_cpu_key": struct.Struct("<II"),
-            "proc_cpu": struct.Struct(f"<Q{self.window_slots}Q16sQ"),  # total_ns, windows, comm, marked_epoch
+            # total_ns, blame_ns, windows, comm, marked_epoch, unreported_ns
+            "proc_cpu": struct.Struct(f"<QQ{self.window_slots}Q16sQQ"),
         }
 
-    def cflags(self, state_mask: int) -> list[str]:
+    def cflags(self, state_mask: int, exit_bits: int = 0x30) -> list[str]:
         return [
             f"-I{probes_dir()}",
             f"-DHIST_SUB_BITS={histogram.SUB_BITS}",
@@ -177,21 +199,23 @@ class ProbeSettings:
             f"-DPROTECTED_BITMAP_WORDS={(self.pid_max + 63) // 64}",
             f"-DMAX_PROC_CPU_ENTRIES={self.proc_cpu_entries}",
             f"-DMAX_CPUS={self.cpus}",
-            f"-DMAX_BLAMED_PROCESSES={self.max_blamed_processes}",
+            f"-DREPORT_FLOOR_NS={self.report_floor_ns}ull",
+            f"-DCHANGED_QUEUE_SLOTS={self.changed_queue_slots}",
             f"-DEXEC_RING_PAGES={self.exec_ring_pages}",
             f"-DMAX_BURST_CANDIDATES={self.max_burst_candidates}",
             f"-DBURST_RING_PAGES={self.burst_ring_pages}",
             f"-DTASK_STATE_MASK={state_mask:#x}",
+            f"-DEXIT_STATE_BITS={exit_bits:#x}",
         ]
 
 
-@dataclass(frozen=True)
-class ProcCpuEntry:
+class ProcCpuEntry(NamedTuple):  # a tuple: a tick builds one per entry read
     tgid: int
     cpu: int
     total_ns: int
-    windows: tuple[tuple[int, int], ...]  # (window index, ns) on this CPU
+    windows: tuple[tuple[int, int], ...]  # (window index, ns) on this CPU, of the windows since the previous read
     comm: str
+    blame_ns: int = 0  # protected wait charged to its runs on this CPU
 
 
 @dataclass(frozen=True)
@@ -213,7 +237,6 @@ class RawSnapshot:
     # The probes pass their table itself, not a copy (a copy costs every entry, every tick): read
     # it before the next snapshot, which updates it in place; keep proc_cpu_changed instead.
     proc_cpu: Mapping[tuple[int, int], ProcCpuEntry]
-    blame: dict[int, int]
     # The entries as they were at the previous snapshot, of the keys that changed since (None: no
     # entry then); None: not known, compare whole tables. With it, a tick costs what ran.
     proc_cpu_changed: Mapping[tuple[int, int], ProcCpuEntry | None] | None = None
@@ -270,6 +293,12 @@ class _RawMap:
         self._batch_keys = None
         self._batch_values = None
         self._batch_supported = True
+
+    def mapped(self) -> mmap.mmap:
+        """The values of an array created with BPF_F_MMAPABLE, in this process's memory (read-only):
+        each at index * the value size rounded up to 8 bytes."""
+        stride = (self.value_size + 7) & ~7
+        return mmap.mmap(self.fd, stride * self.max_entries, mmap.MAP_SHARED, mmap.PROT_READ)
 
     def lookup(self, key: bytes) -> bytes | None:
         key_buf = ct.create_string_buffer(key, self.key_size)
@@ -465,8 +494,7 @@ class SchedProbes:
                 ("max_epoch", False),
                 ("cpu_state", False),
                 ("proc_cpu", False),
-                ("proc_changed", False),
-                ("blame", False),
+                ("changed_queue", False),
                 ("burst_candidates", False),
                 ("burst_floor", False),
             )
@@ -485,11 +513,18 @@ class SchedProbes:
         self._protected_value = layouts["protected_thread"]
         self._proc_value = layouts["proc_cpu"]
         self._wait_stats = layouts["wait_stats"]
-        self._cpu_state = struct.Struct("<QQIIQ")  # the head of cpu_state: since, busy_ns, current_tid, head, owed_ns
+        # The head of cpu_state: since, busy_ns, current_tid, head, owed_ns, changed_epoch[2], changed_count[2]
+        self._cpu_state = struct.Struct("<QQIIQQQII")
+        self._cpu_state_stride = (layouts["cpu_state"].size + 7) & ~7
+        self._cpu_count = min(self.possible_cpus, self._maps["cpu_state"].max_entries)
+        self._cpu_state_memory = self._maps["cpu_state"].mapped()
+        self._changed_queue = self._maps["changed_queue"].mapped()
+        self.changed_overflows = 0  # reads that found a CPU's queue overflowed (and read everything)
         # proc_cpu as last read: the changed set says which entries to read again
         self._proc_cache: dict[tuple[int, int], ProcCpuEntry] = {}
         self._proc_cpus_of: dict[int, set[int]] = {}  # tgid -> its CPUs in _proc_cache
         self._full_read_at = float("-inf")
+        self._last_read_window = 0  # the window of the previous snapshot
 
     # -- the protected set --------------------------------------------------------------------
     def _set_user_bits(self, tids: Iterable[int], present: bool) -> None:
@@ -547,7 +582,9 @@ class SchedProbes:
         return [layout.unpack_from(raw, cpu * stride) for cpu in range(self.possible_cpus)]
 
     def snapshot(self) -> RawSnapshot:
-        # Bump the epoch first: the maximum of the epoch that just closed is then no longer written.
+        # Bump the epoch first: the maximum and the changed-set queues of the epoch that just closed
+        # are then no longer written (a program already past its epoch read finishes within
+        # microseconds, long before the queues are read below).
         closed = self._epoch
         self._epoch += 1
         self._maps["max_epoch"].update(struct.pack("<I", 0), struct.pack("<Q", self._epoch))
@@ -562,8 +599,10 @@ class SchedProbes:
             if epoch == closed:
                 max_ns = max(max_ns, value)
         hist = [sum(column) for column in zip(*(cpu[count + 4 :] for cpu in per_cpu))] if per_cpu else [0] * histogram.SLOTS
-        cpus = self._read_cpus()
-        changed = self._read_proc_cpu_changed(closed, mono_ns >> self.settings.window_shift)
+        cpus, queued = self._read_cpus(closed)
+        current_window = mono_ns >> self.settings.window_shift
+        changed = self._read_proc_cpu_changed(queued, current_window)
+        self._last_read_window = current_window
         return RawSnapshot(
             mono_ns=mono_ns,
             totals=totals,
@@ -571,30 +610,41 @@ class SchedProbes:
             max_ns=max_ns,
             cpus=cpus,
             proc_cpu=self._proc_cache,
-            blame=self._read_blame(),
             proc_cpu_changed=changed,
             cpus_of=self._proc_cpus_of,
         )
 
-    def _read_cpus(self) -> list[CpuState]:
-        cpu_map = self._maps["cpu_state"]
-        cpus = []
-        for cpu in range(min(self.possible_cpus, cpu_map.max_entries)):
-            raw = cpu_map.lookup(struct.pack("<I", cpu))
-            since, busy, tid, _head, _owed = self._cpu_state.unpack_from(raw) if raw else (0, 0, 0, 0, 0)
+    def _read_cpus(self, closed_epoch: int = -1) -> tuple[list[CpuState], set[bytes] | None]:
+        """Each CPU's state, and the keys the CPUs queued as changed in `closed_epoch` (None: a
+        queue overflowed, read everything), from the maps in this process's memory."""
+        memory, queue, stride = self._cpu_state_memory, self._changed_queue, self._cpu_state_stride
+        slots = self.settings.changed_queue_slots
+        parity = closed_epoch & 1
+        cpus: list[CpuState] = []
+        queued: set[bytes] | None = set()
+        for cpu in range(self._cpu_count):
+            since, busy, tid, _head, _owed, *marks = self._cpu_state.unpack_from(memory, cpu * stride)
             cpus.append(CpuState(since, busy, tid))
-        return cpus
+            epoch_plus_one, count = marks[parity], marks[2 + parity]
+            if queued is None or epoch_plus_one != closed_epoch + 1 or not count:
+                continue
+            if count > slots:
+                queued = None
+                self.changed_overflows += 1
+                continue
+            start = (cpu * 2 + parity) * slots * 8
+            keys = queue[start:start + 8 * count]
+            queued.update(keys[i:i + 8] for i in range(0, len(keys), 8))
+        return cpus, queued
 
-    def _proc_entry(self, tgid: int, cpu: int, raw, current_window: int, offset: int = 0) -> ProcCpuEntry:
-        """The kernel keeps each window's index in 32 bits; they are unwrapped against the current
-        window here, so user space compares full indices (after 2^32 windows too)."""
+    def _proc_entry(self, tgid: int, cpu: int, raw, current_window: int, since_window: int, offset: int = 0) -> ProcCpuEntry:
+        """The entry with its windows from `since_window` to the current one (older ones closed
+        before the previous read: no tick asks for them again). The kernel keeps each window's
+        index in 32 bits: a slot holds window w when its index is w's low 32 bits."""
         fields = self._proc_value.unpack_from(raw, offset)
-        # unwrap_window inline: this runs for every window of every entry read
-        low32 = 0xFFFFFFFF
-        windows = tuple([(current_window - ((current_window - (packed >> 32)) & low32), packed & low32)
-                         for packed in fields[1:-2] if packed])
-        comm = fields[-2].split(b"\0", 1)[0].decode(errors="replace")
-        return ProcCpuEntry(tgid, cpu, fields[0], windows, comm)
+        windows = windows_since(fields[2:-3], since_window, current_window)
+        comm = fields[-3].split(b"\0", 1)[0].decode(errors="replace")
+        return ProcCpuEntry(tgid, cpu, fields[0], windows, comm, fields[1])
 
     def _read_proc_cpu(self, current_window: int | None = None) -> dict[tuple[int, int], ProcCpuEntry]:
         """Every entry (one batch syscall per few hundred). The probe's clock is CLOCK_MONOTONIC."""
@@ -602,25 +652,21 @@ class SchedProbes:
             current_window = time.monotonic_ns() >> self.settings.window_shift
         keys, values, count = self._maps["proc_cpu"].items()
         size = self._proc_value.size
-        return {(tgid, cpu): self._proc_entry(tgid, cpu, values, current_window, index * size)
+        return {(tgid, cpu): self._proc_entry(tgid, cpu, values, current_window, 0, index * size)
                 for index, (tgid, cpu) in enumerate(struct.iter_unpack("<II", keys))}
 
-    FULL_READ_EVERY_S = 60.0
+    # The whole table is read at the first snapshot, after a queue overflowed, and this often as a
+    # safety net (a queue entry lost to a race leaves its time late until the entry is queued again).
+    FULL_READ_EVERY_S = 300.0
 
-    def _read_proc_cpu_changed(self, closed_epoch: int, current_window: int) -> dict[tuple[int, int], ProcCpuEntry | None]:
-        """Bring the table (_proc_cache) up to date, reading only the entries in the changed set of
-        the epoch just closed (and deleting those keys, in one batch). The first read, and one a
-        minute as a safety net, reads everything. Returns the changed keys' previous entries. The
-        table equals a full read: see tests/test_probes_changed_set.py."""
-        changed_map = self._maps["proc_changed"]
-        keys, _values, count = changed_map.items()
-        parity = closed_epoch & 1
-        closed = [key for key in (keys[i:i + 12] for i in range(0, 12 * count, 12))
-                  if struct.unpack_from("<I", key, 8)[0] == parity]  # the open epoch's: read next time
-        changed_map.delete_many(b"".join(closed), len(closed))
+    def _read_proc_cpu_changed(self, queued: set[bytes] | None, current_window: int) -> dict[tuple[int, int], ProcCpuEntry | None]:
+        """Bring the table (_proc_cache) up to date, reading only the entries queued as changed in
+        the epoch just closed (`queued`; None: read everything). Returns the changed keys'
+        previous entries. Entries not queued may hold up to the report floor of time not yet
+        read; otherwise the table equals a full read: see tests/test_probes_changed_set.py."""
         cache, cpus_of = self._proc_cache, self._proc_cpus_of
         now = time.monotonic()
-        if now - self._full_read_at >= self.FULL_READ_EVERY_S:
+        if queued is None or now - self._full_read_at >= self.FULL_READ_EVERY_S:
             fresh = self._read_proc_cpu(current_window)
             self._full_read_at = now
             before = {key: cache.get(key) for key, entry in fresh.items() if cache.get(key) != entry}
@@ -633,9 +679,10 @@ class SchedProbes:
             return before
         before: dict[tuple[int, int], ProcCpuEntry | None] = {}
         entry_of = self._proc_entry
-        for key, raw in self._maps["proc_cpu"].lookup_each(key[:8] for key in closed):
+        since_window = self._last_read_window
+        for key, raw in self._maps["proc_cpu"].lookup_each(queued):
             tgid, cpu = struct.unpack("<II", key)
-            before.setdefault((tgid, cpu), cache.get((tgid, cpu)))
+            before[(tgid, cpu)] = cache.get((tgid, cpu))
             if raw is None:
                 if cache.pop((tgid, cpu), None) is not None:
                     cpus = cpus_of.get(tgid)
@@ -644,23 +691,19 @@ class SchedProbes:
                         if not cpus:
                             del cpus_of[tgid]
             else:
-                cache[(tgid, cpu)] = entry_of(tgid, cpu, raw, current_window)
+                cache[(tgid, cpu)] = entry_of(tgid, cpu, raw, current_window, since_window)
                 cpus_of.setdefault(tgid, set()).add(cpu)
         return before
 
-    def _read_blame(self) -> dict[int, int]:
-        keys, values, count = self._maps["blame"].items()
-        return {tgid: ns for (tgid,), (ns,) in zip(struct.iter_unpack("<I", keys), struct.iter_unpack("<Q", values))}
-
     def forget_processes(self, tgids: Iterable[int], cpus: Iterable[int]) -> None:
-        """Drop the entries of processes that exited (their last values were already read)."""
+        """Drop the entries of processes that exited (their last values were already read: a
+        thread's last run queues its entry)."""
         cpu_list = list(cpus)
         for tgid in tgids:
             for cpu in cpu_list:
                 self._maps["proc_cpu"].delete(struct.pack("<II", tgid, cpu))
                 self._proc_cache.pop((tgid, cpu), None)
             self._proc_cpus_of.pop(tgid, None)
-            self._maps["blame"].delete(struct.pack("<I", tgid))
 
     # -- exec events --------------------------------------------------------------------------
     def _on_exec_event(self, _ctx, data, _size) -> None:
@@ -762,8 +805,9 @@ def settings_for_this_kernel(settings: ProbeSettings | None = None) -> tuple[Pro
         settings = dataclasses.replace(settings, max_cpus=_read_possible_cpus() or os.cpu_count() or 1)
     root = tracefs_root()
     fmt = root / "events/sched/sched_switch/format" if root else None
-    mask = task_state_mask(fmt.read_text()) if fmt is not None and fmt.exists() else 0xFF
-    return settings, settings.cflags(mask)
+    text = fmt.read_text() if fmt is not None and fmt.exists() else ""
+    mask = task_state_mask(text) if text else 0xFF
+    return settings, settings.cflags(mask, exit_state_bits(text))
 
 
 def describe_program(settings: ProbeSettings | None = None) -> str:

@@ -65,11 +65,30 @@ class TickDelta:
     lost: dict[str, int] = field(default_factory=dict)
     live_tgids: set[int] = field(default_factory=set)  # processes with entries in the source's maps
     cumulative_usage: dict[int, int] = field(default_factory=dict)  # tgid -> on-CPU ns so far: the next read's baseline
+    credits: "RunCredits | None" = None  # the next read's baseline for runs in progress (BPF)
+
+
+@dataclass
+class RunCredits:
+    """On-CPU time a read counted from runs still in progress. The kernel adds a run to its
+    (process, cpu) entry only when it ends, and user space sees that only when the entry is read
+    again, which for a process below the report floor may be ticks later: the credit is taken
+    off then, so each nanosecond counts once."""
+
+    runs: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # cpu -> (since, tgid, ns counted)
+    pending: dict[tuple[int, int], int] = field(default_factory=dict)  # (tgid, cpu) -> ns counted of runs that ended
+
+    def forget(self, tgids: Collection[int]) -> None:
+        for key in [key for key in self.pending if key[0] in tgids]:
+            del self.pending[key]
 
 
 class Source(Protocol):
     name: str
     window_ns: int
+    # A process's CPU time and blame arrive in steps of about this much (0: exact every read):
+    # below it a tick's figure says little, so the collector does not look such a process up.
+    report_floor_ns: int
     limitations: tuple[str, ...]
     has_exec_events: bool
 
@@ -217,29 +236,56 @@ def _running(snapshot: RawSnapshot, tid_to_tgid) -> dict[int, list[tuple[int, in
     return running
 
 
-def _changed_usage(previous: RawSnapshot, current: RawSnapshot, tid_to_tgid,
-                   delta: TickDelta) -> dict[int, list[tuple[int, int, int]]]:
-    """Each process's CPU time from only the entries that changed (and the runs in progress at
-    either snapshot): what ran costs, the processes that did not run cost nothing. A run that was
-    in progress at the previous read counted up to then; its entry now holds all of it."""
+def _credits_at(running: Mapping[int, list[tuple[int, int, int]]]) -> RunCredits:
+    """The credits of a read that counted each run in progress up to its own time."""
+    return RunCredits(runs={cpu: (since, tgid, end - since) for tgid, runs in running.items() for cpu, since, end in runs})
+
+
+def _changed_usage(previous: RawSnapshot, current: RawSnapshot, tid_to_tgid, delta: TickDelta,
+                   credits: RunCredits | None) -> dict[int, list[tuple[int, int, int]]]:
+    """Each process's CPU time and blame from only the entries that changed, and the runs in
+    progress: what ran costs, the processes that did not run cost nothing."""
+    if credits is None:
+        credits = _credits_at(_running(previous, tid_to_tgid))
+    pending = dict(credits.pending)
     used: dict[int, int] = {}
+    running_now = _running(current, tid_to_tgid)
+    runs_now: dict[int, tuple[int, int, int]] = {}
+    for tgid, runs in running_now.items():
+        for cpu, since, end in runs:
+            counted = credits.runs.get(cpu)
+            already = counted[2] if counted is not None and counted[:2] == (since, tgid) else 0
+            used[tgid] = used.get(tgid, 0) + (end - since) - already
+            runs_now[cpu] = (since, tgid, end - since)
+    for cpu, (since, tgid, counted) in credits.runs.items():
+        if runs_now.get(cpu, (None, None))[:2] != (since, tgid):  # ended: its entry holds it, once read
+            pending[(tgid, cpu)] = pending.get((tgid, cpu), 0) + counted
     for key, before in current.proc_cpu_changed.items():
         entry = current.proc_cpu.get(key)
+        credit = pending.pop(key, 0)
         if entry is None:
             continue
+        tgid = key[0]
         ran = entry.total_ns - (before.total_ns if before is not None else 0)
-        if ran < 0:  # the entry was dropped and recreated: count it from zero
-            ran = entry.total_ns
-        used[key[0]] = used.get(key[0], 0) + ran
-    running_now = _running(current, tid_to_tgid)
-    for tgid, runs in running_now.items():
-        used[tgid] = used.get(tgid, 0) + sum(end - start for _cpu, start, end in runs)
-    for tgid, runs in _running(previous, tid_to_tgid).items():
-        used[tgid] = used.get(tgid, 0) - sum(end - start for _cpu, start, end in runs)
+        blamed = entry.blame_ns - (before.blame_ns if before is not None else 0)
+        if ran < 0 or blamed < 0:  # the entry was dropped and recreated: count it from zero
+            ran, blamed = entry.total_ns, entry.blame_ns
+        used[tgid] = used.get(tgid, 0) + ran - credit
+        if blamed > 0:
+            delta.blame[tgid] = delta.blame.get(tgid, 0) + blamed
     for tgid, ns in used.items():
         if ns > 0:
             delta.usage[tgid] = (ns, None)
+    delta.credits = RunCredits(runs=runs_now, pending=pending)
     return running_now
+
+
+def _blame_totals(snapshot: RawSnapshot) -> dict[int, int]:
+    totals: dict[int, int] = {}
+    for (tgid, _cpu), entry in snapshot.proc_cpu.items():
+        if entry.blame_ns:
+            totals[tgid] = totals.get(tgid, 0) + entry.blame_ns
+    return totals
 
 
 def bpf_delta(
@@ -248,11 +294,12 @@ def bpf_delta(
     tid_to_tgid: Callable[[int], int | None],
     window_ns: int,
     previous_usage: Mapping[int, int] | None = None,
+    credits: RunCredits | None = None,
 ) -> TickDelta:
     """What happened between two cumulative snapshots (the first read compares against nothing).
 
-    `previous_usage` is the previous delta's `cumulative_usage`; without it, it is worked out again
-    from `previous`."""
+    `previous_usage` and `credits` are the previous delta's `cumulative_usage` and `credits`;
+    without them, they are worked out again from `previous`."""
     start_ns = previous.mono_ns if previous else current.mono_ns
     delta = TickDelta(start_ns=start_ns, end_ns=current.mono_ns)
 
@@ -271,9 +318,17 @@ def bpf_delta(
     delta.max_ns = current.max_ns
 
     if previous is not None and current.proc_cpu_changed is not None:
-        running_now = _changed_usage(previous, current, tid_to_tgid, delta)
+        running_now = _changed_usage(previous, current, tid_to_tgid, delta, credits)
     else:
         running_now = _whole_table_usage(previous, current, tid_to_tgid, previous_usage, delta)
+        delta.credits = _credits_at(running_now)
+        blame_before = _blame_totals(previous) if previous else {}
+        for tgid, ns in _blame_totals(current).items():
+            charged = ns - blame_before.get(tgid, 0)
+            if charged < 0:
+                charged = ns
+            if charged > 0:
+                delta.blame[tgid] = charged
     changed = set(delta.usage)
     # Windows that closed since the previous read; the one in progress waits for the next read.
     first_window = start_ns // window_ns if previous else current.mono_ns // window_ns
@@ -291,15 +346,6 @@ def bpf_delta(
         for (tgid, _cpu), entry in current.proc_cpu.items():
             delta.comms.setdefault(tgid, entry.comm)
             delta.live_tgids.add(tgid)
-
-    blame_before = previous.blame if previous else {}
-    for tgid, ns in current.blame.items():
-        charged = ns - blame_before.get(tgid, 0)
-        if charged < 0:
-            charged = ns
-        if charged > 0:
-            delta.blame[tgid] = charged
-        delta.live_tgids.add(tgid)
 
     cpus_before = previous.cpus if previous else []
     for cpu, state in enumerate(current.cpus):
@@ -325,10 +371,12 @@ class BpfSource:
         self.procfs = procfs
         self.probes = SchedProbes(settings)
         self.window_ns = self.probes.settings.window_ns
+        self.report_floor_ns = self.probes.settings.report_floor_ns
         self.psi_path = psi_path
         self._psi_reader = PsiReader(psi_path)
         self._previous: RawSnapshot | None = None
         self._previous_usage: dict[int, int] | None = None
+        self._credits: RunCredits | None = None
         self._previous_psi = self._psi_reader.read()
         self._tgid_cache: dict[int, int] = {}
 
@@ -378,8 +426,8 @@ class BpfSource:
 
     def read(self, protected: Mapping[int, Collection[int]]) -> TickDelta:
         current = self.probes.snapshot()
-        delta = bpf_delta(self._previous, current, self._tid_to_tgid, self.window_ns, self._previous_usage)
-        self._previous, self._previous_usage = current, delta.cumulative_usage
+        delta = bpf_delta(self._previous, current, self._tid_to_tgid, self.window_ns, self._previous_usage, self._credits)
+        self._previous, self._previous_usage, self._credits = current, delta.cumulative_usage, delta.credits
         psi = self._psi_reader.read()
         if psi is not None and self._previous_psi is not None:
             delta.psi_some_us = max(0, psi - self._previous_psi)
@@ -388,6 +436,8 @@ class BpfSource:
 
     def forget(self, tgids: Collection[int]) -> None:
         self.probes.forget_processes(tgids, range(self.probes.possible_cpus))
+        if self._credits is not None:
+            self._credits.forget(tgids)
         for tid in [tid for tid, tgid in self._tgid_cache.items() if tgid in tgids]:
             del self._tgid_cache[tid]
 
@@ -416,6 +466,7 @@ class ProcfsSource:
         self._psi_reader = PsiReader(psi_path)
         self.clock = clock
         self.window_ns = 0
+        self.report_floor_ns = 0
         self.tick_ns = int(1e9 / clock_ticks_per_second())
         self._thread_waits: dict[int, tuple[int, int]] = {}  # tid -> (run_delay ns, timeslices)
         self._process_cpu: dict[int, tuple[int, int]] = {}  # pid -> (start_time, utime + stime ticks)

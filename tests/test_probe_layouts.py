@@ -35,6 +35,8 @@ def c_layout(tmp_path: Path, settings: ProbeSettings) -> dict[str, int]:
         "cpu_state.current_tid": "offsetof(struct cpu_state, current_tid)",
         "cpu_state.head": "offsetof(struct cpu_state, head)",
         "cpu_state.owed_ns": "offsetof(struct cpu_state, owed_ns)",
+        "cpu_state.changed_epoch": "offsetof(struct cpu_state, changed_epoch)",
+        "cpu_state.changed_count": "offsetof(struct cpu_state, changed_count)",
         "cpu_state.segments": "offsetof(struct cpu_state, segments)",
         "sizeof run_segment": "sizeof(struct run_segment)",
         "run_segment.ns": "offsetof(struct run_segment, ns)",
@@ -42,8 +44,11 @@ def c_layout(tmp_path: Path, settings: ProbeSettings) -> dict[str, int]:
         "run_segment.tgid": "offsetof(struct run_segment, tgid)",
         "sizeof proc_cpu_key": "sizeof(struct proc_cpu_key)",
         "sizeof proc_cpu": "sizeof(struct proc_cpu)",
+        "proc_cpu.blame_ns": "offsetof(struct proc_cpu, blame_ns)",
         "proc_cpu.windows": "offsetof(struct proc_cpu, windows)",
         "proc_cpu.comm": "offsetof(struct proc_cpu, comm)",
+        "proc_cpu.marked_epoch": "offsetof(struct proc_cpu, marked_epoch)",
+        "proc_cpu.unreported_ns": "offsetof(struct proc_cpu, unreported_ns)",
     }
     for name in WAIT_TOTAL_FIELDS:
         queries[f"wait_totals.{name}"] = f"offsetof(struct wait_totals, {name})"
@@ -84,15 +89,20 @@ def python_layout(settings: ProbeSettings) -> dict[str, int]:
         "cpu_state.current_tid": offset(layouts["cpu_state"], 2),
         "cpu_state.head": offset(layouts["cpu_state"], 3),
         "cpu_state.owed_ns": offset(layouts["cpu_state"], 4),
-        "cpu_state.segments": offset(layouts["cpu_state"], 5),
-        "sizeof run_segment": (layouts["cpu_state"].size - offset(layouts["cpu_state"], 5)) // ring,
+        "cpu_state.changed_epoch": offset(layouts["cpu_state"], 5),
+        "cpu_state.changed_count": offset(layouts["cpu_state"], 7),
+        "cpu_state.segments": offset(layouts["cpu_state"], 9),
+        "sizeof run_segment": (layouts["cpu_state"].size - offset(layouts["cpu_state"], 9)) // ring,
         "run_segment.ns": struct.calcsize("<QQ"),
         "run_segment.last_start": struct.calcsize("<QQQ"),
         "run_segment.tgid": struct.calcsize("<QQQQ"),
         "sizeof proc_cpu_key": layouts["proc_cpu_key"].size,
         "sizeof proc_cpu": layouts["proc_cpu"].size,
-        "proc_cpu.windows": 8,
-        "proc_cpu.comm": 8 + 8 * settings.window_slots,
+        "proc_cpu.blame_ns": 8,
+        "proc_cpu.windows": 16,
+        "proc_cpu.comm": 16 + 8 * settings.window_slots,
+        "proc_cpu.marked_epoch": 32 + 8 * settings.window_slots,
+        "proc_cpu.unreported_ns": 40 + 8 * settings.window_slots,
     }
     for index, name in enumerate(WAIT_TOTAL_FIELDS):
         expected[f"wait_totals.{name}"] = 8 * index

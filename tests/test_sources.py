@@ -19,9 +19,14 @@ TGIDS = {1001: 100, 1002: 100, 2001: 200}
 
 
 def snap(mono_ns, *, totals=None, hist=None, max_ns=0, cpus=None, proc=(), blame=None):
+    """blame: tgid -> ns, kept (as the probe keeps it) on the process's first entry."""
     entries = {}
     for tgid, cpu, total_ns, windows in proc:
         entries[(tgid, cpu)] = ProcCpuEntry(tgid, cpu, total_ns, tuple(windows), f"comm{tgid}")
+    for tgid, ns in (blame or {}).items():
+        key = next((key for key in entries if key[0] == tgid), (tgid, 0))
+        entry = entries.get(key) or ProcCpuEntry(tgid, 0, 0, (), f"comm{tgid}")
+        entries[key] = entry._replace(blame_ns=ns)
     return RawSnapshot(
         mono_ns=mono_ns,
         totals={"waits": 0, "wait_ns": 0, "wakeups": 0, "preemptions": 0, "blamed_ns": 0,
@@ -30,7 +35,6 @@ def snap(mono_ns, *, totals=None, hist=None, max_ns=0, cpus=None, proc=(), blame
         max_ns=max_ns,
         cpus=cpus or [CpuState(0, 0, 0), CpuState(0, 0, 0)],
         proc_cpu=entries,
-        blame=blame or {},
     )
 
 
@@ -128,6 +132,30 @@ def test_the_delta_from_the_changed_entries_equals_the_delta_from_the_whole_tabl
     assert whole.usage[100] == (50_000_000, 35_000_000)  # window 15 adds up both CPUs
     assert {tgid: changed.comms.get(tgid) for tgid in changed.usage} == {tgid: whole.comms.get(tgid) for tgid in whole.usage}
     assert changed.live_tgids == whole.live_tgids
+
+
+def test_a_run_counted_in_progress_counts_once_when_its_entry_is_read_ticks_later():
+    """Below the report floor an entry is read only ticks after a run ends: the part counted
+    while the run was in progress is taken off then, not at the next read, so it counts once."""
+    start, ended = int(9.5 * W), int(12.5 * W)
+    a = snap(10 * W, cpus=[CpuState(0, 0, 0), CpuState(start, 0, 1002)], proc=[(100, 1, 50_000_000, [])])
+    b = snap(15 * W, proc=[(100, 1, 50_000_000, [])])  # the run ended at 12.5; its entry not queued
+    c = snap(20 * W, proc=[(100, 1, 50_000_000 + ended - start, [])])  # read now
+    first = bpf_delta(None, a, TGIDS.get, W)
+    second = bpf_delta(a, with_changes(a, b), TGIDS.get, W, first.cumulative_usage, first.credits)
+    third = bpf_delta(b, with_changes(b, c), TGIDS.get, W, second.cumulative_usage, second.credits)
+    assert 100 not in second.usage
+    assert third.usage[100][0] == ended - 10 * W  # the run's time after the first read, once
+
+
+def test_blame_comes_from_the_changed_entries_summed_over_cpus():
+    a = snap(10 * W, proc=[(200, 0, 10, []), (200, 1, 10, [])], blame={200: 5_000})
+    b = snap(20 * W, proc=[(200, 0, 10, []), (200, 1, 10, [])])
+    b = dataclasses.replace(b, proc_cpu={**b.proc_cpu, (200, 0): b.proc_cpu[(200, 0)]._replace(blame_ns=7_000),
+                                         (200, 1): b.proc_cpu[(200, 1)]._replace(blame_ns=4_000)})
+    d = bpf_delta(a, with_changes(a, b), TGIDS.get, W)
+    assert d.blame == {200: 2_000 + 4_000}
+    assert d.blame == bpf_delta(a, b, TGIDS.get, W).blame  # the same from the whole table
 
 
 def test_busy_time_per_cpu_includes_the_run_in_progress():
@@ -275,25 +303,36 @@ def test_every_lost_counter_is_a_probe_counter():
     assert delta(first, second).lost == {"protected_map_full": 3}
 
 
-def test_window_indices_kept_in_32_bits_unwrap_against_the_current_window():
-    from remediator.probes import unwrap_window
+def kernel_slots(windows: dict[int, int], count: int = 16) -> list[int]:
+    """A proc_cpu window ring as the kernel writes it: slot w % count holds (w & 0xffffffff) << 32 | ns."""
+    slots = [0] * count
+    for window, ns in windows.items():
+        slots[window % count] = ((window & 0xFFFFFFFF) << 32) | ns
+    return slots
 
-    current = (1 << 32) + 5  # the kernel's (u32) index has wrapped: it holds 5
-    assert unwrap_window(5, current) == current
-    assert unwrap_window(0xFFFFFFFF, current) == (1 << 32) - 1  # written before the wrap
-    assert unwrap_window(3, current) == current - 2
-    assert unwrap_window(7, 7) == 7 and unwrap_window(3, 7) == 3
+
+def test_only_the_windows_since_the_previous_read_are_decoded():
+    from remediator.probes import windows_since
+
+    slots = kernel_slots({100: 1, 101: 2, 110: 3, 111: 4, 112: 5})
+    assert windows_since(slots, 110, 112) == ((110, 3), (111, 4), (112, 5))
+    assert windows_since(slots, 0, 112) == ((100, 1), (101, 2), (110, 3), (111, 4), (112, 5))
+    assert windows_since(slots, 0, 116) == ((101, 2), (110, 3), (111, 4), (112, 5))  # 100 shares its slot with 116: a lap back
+    # A slot still holding a window from a lap ago is not the window asked for.
+    assert windows_since(kernel_slots({97: 9}), 113, 113) == ()
 
 
 def test_a_burst_just_after_the_32_bit_window_index_wraps_is_seen():
     # ~2^32 windows after boot (104 days of 2 ms windows, 18 years of 134 ms ones): the probe's
-    # window indices wrapped, user space's did not. Unwrapped, the peak is the burst's.
-    from remediator.probes import unwrap_window
+    # window indices wrapped, user space's did not. Decoded, the peak is the burst's.
+    from remediator.probes import windows_since
 
     base = (1 << 32) - 2
     now_window = base + 4
-    kept = [(base + 1) & 0xFFFFFFFF, (base + 2) & 0xFFFFFFFF, (base + 3) & 0xFFFFFFFF]  # as the kernel keeps them
-    windows = [(unwrap_window(low, now_window), ns) for low, ns in zip(kept, (W // 10, W, W // 2))]
+    slots = kernel_slots({base + 1: W // 10, base + 2: W, base + 3: W // 2})
+    assert [low >> 32 for low in slots if low] == [0, 1, 0xFFFFFFFF]  # as the kernel keeps them
+    windows = windows_since(slots, base, now_window)
+    assert windows == ((base + 1, W // 10), (base + 2, W), (base + 3, W // 2))
     first = snap(base * W, proc=[(100, 0, 0, [])])
     second = snap(now_window * W, proc=[(100, 0, W // 10 + W + W // 2, windows)])
     cpu_ns, peak_ns = delta(first, second).usage[100]
