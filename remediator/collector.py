@@ -273,9 +273,13 @@ class Collector:
         duration = max(1, delta.end_ns - delta.start_ns)
         ranked = sorted(delta.usage.items(), key=lambda item: item[1][0], reverse=True)
         blamed = sorted(delta.blame.items(), key=lambda item: item[1], reverse=True)
-        # Metadata for who matters this tick: the busiest, the most blamed, and the protected.
-        wanted = [pid for pid, (cpu_ns, _) in ranked[: self.top_n] if cpu_ns * 200 >= duration]
-        wanted += [pid for pid, _ in blamed[: self.top_n]]
+        # Metadata for who matters this tick: the busiest, the most blamed, and the protected. Not
+        # for figures within the source's step (a process that barely runs shows up once in a
+        # while with about a step's worth): looking each up would cost a /proc read per process
+        # per tick on a host of many small processes, for figures no policy acts on.
+        step = 2 * self.source.report_floor_ns
+        wanted = [pid for pid, (cpu_ns, _) in ranked[: self.top_n] if cpu_ns * 200 >= duration and cpu_ns >= step]
+        wanted += [pid for pid, ns in blamed[: self.top_n] if ns >= step or ns * 20 >= delta.wait_ns]
         wanted += list(self.protected)
         execs, self._execs = tuple(dict.fromkeys(self._execs)), []
         wanted += list(execs)

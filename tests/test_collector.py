@@ -18,6 +18,7 @@ class RecordingSource:
     window_ns = 100_000_000
     limitations = ()
     has_exec_events = True
+    report_floor_ns = 0
 
     def __init__(self):
         self.kernel_tids: set[int] = set()
