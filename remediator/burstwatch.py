@@ -66,6 +66,7 @@ class BurstWatch:
         self._last_scan = float("-inf")
         self.events_seen = 0
         self.events_stale = 0  # events for a process that is gone or no longer a candidate
+        self._protected: set[int] = set()  # the protected pids as of the last refresh
 
     @staticmethod
     def supported(source) -> bool:
@@ -132,7 +133,7 @@ class BurstWatch:
                 self._candidates.clear()
                 self.source.set_burst_candidates({})
             return
-        protected = set(protected)
+        protected = self._protected = set(protected)
         for info in infos:
             if self._judged.get(info.pid) != info.identity:
                 self._judge(info, protected)
@@ -176,7 +177,7 @@ class BurstWatch:
         """Who the event names, checked to be the process judged a candidate, and what was counted."""
         self.events_seen += 1
         if event.tgid not in self._candidates and event.tgid not in self._judged:
-            self._judge_pid(event.tgid, set())  # a child the kernel made a candidate on fork
+            self._judge_pid(event.tgid, self._protected)  # a child the kernel made a candidate on fork
         judged = self._candidates.get(event.tgid)
         recent = self._judged_info.get(event.tgid)
         if recent is not None and self.clock() - recent[1] < JUDGED_INFO_FRESH_S:

@@ -305,6 +305,13 @@ def test_burstwatch_never_makes_a_worker_the_service_forked_a_candidate(tmp_path
     watch.set_policies(burst_policies(tmp_path))
     watch.refresh([], [SERVICE.pid])
     assert set(source.candidates) == {unrelated.pid}
+    # Nor at its first event (a fork the kernel made a candidate): judged as at the tick.
+    from remediator.probes import BurstEvent
+
+    late = ProcessInfo(pid=211, start_time=51, comm="fluent-bit", ppid=SERVICE.pid, ancestors=((SERVICE.pid, "api"),))
+    procs.infos[late.pid] = late
+    assert watch.evidence(BurstEvent(mono_ns=int(100.03e9), first_ns=int(100.0e9), wait_ns=3_000_000, tgid=late.pid, count=2)) is None
+    assert late.pid not in watch.candidates()
 
 
 def test_burstwatch_reads_a_candidates_ancestors_through_the_collectors_cache():
