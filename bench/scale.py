@@ -53,6 +53,7 @@ from remediator.placement import auto_request_cpus  # noqa: E402
 from remediator.policy import load_policies  # noqa: E402
 from remediator import sources as sources_module  # noqa: E402
 from remediator.procfs import ProcFS  # noqa: E402
+from remediator.safety import daemon_identity  # noqa: E402
 from remediator.selectors import ProtectSelectors  # noqa: E402
 from remediator.sources import BpfSource  # noqa: E402
 
@@ -130,7 +131,8 @@ def measure(args) -> dict:
         sources_module.bpf_delta = phases.timed("delta", sources_module.bpf_delta)
         collector = Collector(source, ProtectSelectors.build(pids=[service]), procfs)
         policies = load_policies([ROOT / "policies"], online_cpus=online_cpus())
-        bursts = BurstWatch(source, procfs, os.getpid(), info_of=collector.info)
+        me = daemon_identity(procfs)  # this script plays the daemon
+        bursts = BurstWatch(source, procfs, me, info_of=collector.info)
         bursts.set_policies(policies)
         audit = AuditLog(directory / "audit.jsonl")
         state = EngineState()
@@ -154,7 +156,8 @@ def measure(args) -> dict:
                     cached_cpus = auto_request_cpus(collector.protected, online, lambda pid: None)
                 phases.add("auto cpus", time.thread_time_ns() - start)
                 settings = EngineSettings(request_cpus=cached_cpus, online_cpus=online, max_changes_per_minute=10,
-                                          self_pid=os.getpid(), history_s=history_s, history_windows=history_windows)
+                                          self_pid=me.pid, self_start_time=me.start_time,
+                                          history_s=history_s, history_windows=history_windows)
                 start = time.thread_time_ns()
                 state, decisions = decide(state, sample, policies, settings)
                 phases.add("engine", time.thread_time_ns() - start)

@@ -123,7 +123,7 @@ class CulpritWriter:
         sample, now = report.sample, report.sample.end_ns / 1e9
         decisions, self.decisions = self.decisions, []
         culprits, self.state = unnamed_culprits(sample, report.policies, self.state, now, self.settings,
-                                                self_pid=report.settings.self_pid)
+                                                daemon=report.settings.daemon)
         own, self.state = self_inflicted_tail(sample, report.policies, self.state, now, self.settings, decisions)
         for record in culprits + own:
             self.sink(event_record(sample.ts, report.mode, record))

@@ -50,14 +50,14 @@ def candidate_for(policy: Policy) -> BurstCandidate:
 class BurstWatch:
     """The candidates of one source (one that can count bursts: BpfSource), kept current."""
 
-    def __init__(self, source, procfs: ProcFS, self_pid: int, clock=time.monotonic,
+    def __init__(self, source, procfs: ProcFS, daemon: ProcessIdentity | None, clock=time.monotonic,
                  info_of: Callable[[int], ProcessInfo | None] | None = None):
         self.source = source
         self.procfs = procfs
         # Who a pid is, for judging: the collector's cached reading (Collector.info) where there is
         # one, so a process judged here is not read again when it first shows up in a tick.
         self.info_of = info_of
-        self.self_pid = self_pid
+        self.daemon = daemon  # remediator's own identity: it and what it forks are never candidates
         self.clock = clock
         self.policies: PolicySet | None = None
         self._judged: dict[int, ProcessIdentity] = {}  # pid -> the identity last judged (candidate or not)
@@ -66,6 +66,7 @@ class BurstWatch:
         self._last_scan = float("-inf")
         self.events_seen = 0
         self.events_stale = 0  # events for a process that is gone or no longer a candidate
+        self._protected: set[int] = set()  # the protected pids as of the last refresh
 
     @staticmethod
     def supported(source) -> bool:
@@ -85,10 +86,9 @@ class BurstWatch:
 
     def ancestors_of(self, info: ProcessInfo) -> dict[int, ProcessInfo]:
         """pid -> ProcessInfo of the process's ancestors, parent first, up to the first one gone: what
-        trees.governing needs to find a tree policy's matched ancestor (the tick has them in its sample)."""
+        trees.governing needs to find a tree policy's matched ancestor, and safety.exclusion_reason a
+        worker the protected service forked (the tick has them in its sample)."""
         found: dict[int, ProcessInfo] = {}
-        if self.policies is None or not any(policy.match.descendants for policy in self.policies.policies):
-            return found  # no tree policy: only a process's own match counts, and /proc is not read for nothing
         for pid, _comm in info.ancestors:
             ancestor = self._info(pid)
             if ancestor is None:
@@ -110,11 +110,15 @@ class BurstWatch:
     def _judge(self, info: ProcessInfo, protected: Iterable[int]) -> None:
         assert self.policies is not None
         # The policy that governs it as at the tick: its own, or a tree policy's through an ancestor.
-        governed = governing(info, {**self.ancestors_of(info), info.pid: info}, self.policies)
+        trees = any(policy.match.descendants for policy in self.policies.policies)
+        ancestors = self.ancestors_of(info) if trees else {}
+        governed = governing(info, {**ancestors, info.pid: info}, self.policies)
         policy = governed.policy if governed else None
         self._judged[info.pid] = info.identity
-        if (policy is None or policy.trigger.always or policy.trigger.burst_within_s is None
-                or exclusion_reason(info, protected, self.self_pid)):
+        wanted = policy is not None and not policy.trigger.always and policy.trigger.burst_within_s is not None
+        if wanted and not trees:
+            ancestors = self.ancestors_of(info)  # read for a would-be candidate only: the safety rules need them
+        if not wanted or exclusion_reason(info, protected, processes={**ancestors, info.pid: info}, daemon=self.daemon):
             self._candidates.pop(info.pid, None)
             self._judged_info.pop(info.pid, None)
             return
@@ -129,7 +133,7 @@ class BurstWatch:
                 self._candidates.clear()
                 self.source.set_burst_candidates({})
             return
-        protected = set(protected)
+        protected = self._protected = set(protected)
         for info in infos:
             if self._judged.get(info.pid) != info.identity:
                 self._judge(info, protected)
@@ -173,7 +177,7 @@ class BurstWatch:
         """Who the event names, checked to be the process judged a candidate, and what was counted."""
         self.events_seen += 1
         if event.tgid not in self._candidates and event.tgid not in self._judged:
-            self._judge_pid(event.tgid, set())  # a child the kernel made a candidate on fork
+            self._judge_pid(event.tgid, self._protected)  # a child the kernel made a candidate on fork
         judged = self._candidates.get(event.tgid)
         recent = self._judged_info.get(event.tgid)
         if recent is not None and self.clock() - recent[1] < JUDGED_INFO_FRESH_S:

@@ -12,7 +12,7 @@ Pure: (sample, policies, state, now) -> (audit records, state). The daemon stamp
 
 Only a process foreign to the service is a culprit: the kernel protects a fork of the service at
 once, user space learns of it a tick or more later, so a worker the service just forked is its own
-too (see `services_own`).
+too (safety.services_own).
 
 Bounded: one record per process identity (pid, start time) per `per_process_s`, and at most
 `max_records` across the host per `window_s`; what the host-wide cap held back is counted in the
@@ -30,9 +30,9 @@ from typing import Iterable, Mapping
 from .engine import Decision
 from .model import PolicySet
 from .procfs import ProcessIdentity, ProcessInfo
-from .safety import exclusion_reason
+from .safety import exclusion_reason, services_own
 from .sample import Sample
-from .trees import governing, lineage
+from .trees import governing
 
 EVENT = "unnamed-culprit"
 SELF_INFLICTED_EVENT = "self-inflicted-tail"
@@ -85,26 +85,13 @@ def _process(info: ProcessInfo) -> dict:
     }
 
 
-def services_own(info: ProcessInfo, sample: Sample) -> bool:
-    """Whether `info` belongs to the protected service: protected itself, or forked (at any depth) by
-    a protected process the sample knows. Ancestry follows the parent chain by (pid, start time)
-    (trees.lineage), never by pid alone: a process whose ancestor's pid the service has since taken
-    is no fork of the service. A chain broken by a process the sample does not know proves nothing,
-    and the process stays foreign."""
-    protected = sample.protected.pids
-    if info.pid in protected:
-        return True
-    services = {sample.processes[pid].identity for pid in protected if pid in sample.processes}
-    return any(identity in services for identity in lineage(info, sample.processes)[1:])
-
-
 def unnamed_culprits(
     sample: Sample,
     policies: PolicySet,
     state: CulpritState,
     now: float,
     settings: CulpritSettings = CulpritSettings(),
-    self_pid: int | None = None,
+    daemon: ProcessIdentity | None = None,
 ) -> tuple[list[dict], CulpritState]:
     """The audit record for this tick's top-blamed process when no policy names it (or none)."""
     waits = sample.protected
@@ -115,7 +102,8 @@ def unnamed_culprits(
         return [], state  # the tail is fine by every policy's measure: blame alone is no harm
     # A pid the sample does not know cannot be judged own: it stays, and as the top one it is no record (below).
     foreign = [(pid, ns) for pid, ns in sample.blame
-               if pid not in waits.pids and not (pid in sample.processes and services_own(sample.processes[pid], sample))]
+               if pid not in waits.pids
+               and not (pid in sample.processes and services_own(sample.processes[pid], waits.pids, sample.processes))]
     if not foreign:
         return [], state
     pid, blamed_ns = max(foreign, key=lambda item: item[1])
@@ -139,7 +127,7 @@ def unnamed_culprits(
         "cpu": None if usage is None else round(sample.cpus_used(usage), 3),
         "protected_wait_ns": waits.wait_ns,
         "protected_tail": tail,
-        "off_limits": exclusion_reason(info, waits.pids, self_pid),
+        "off_limits": exclusion_reason(info, waits.pids, processes=sample.processes, daemon=daemon),
         "held_back": state.held_back,
     }
     record = {  # the daemon stamps time and mode (audit.event_record)

@@ -41,7 +41,7 @@ from .probes import BurstEvent, ProbeSettings, window_shift_for
 from .recording import open_recording
 from .printable import printable
 from .procfs import ProcessInfo, ProcFS
-from .safety import exclusion_reason
+from .safety import daemon_identity, exclusion_reason
 from .sample import SOURCE_PROCFS
 from .schedgroups import SchedGroups
 from .sdnotify import Notifier
@@ -122,6 +122,7 @@ class Daemon:
         self.mode_override = mode
         self.source_override = source
         self.procfs = procfs or ProcFS()
+        self.identity = daemon_identity(self.procfs)  # it and what it forks are off limits (safety.py)
         self.notifier = notifier or Notifier()
         self.max_ticks = max_ticks
         self.trust = Trust.for_this_process()  # a root daemon must not act on files others can edit
@@ -199,7 +200,7 @@ class Daemon:
         self.collector = Collector(source, config.protect, self.procfs, track_execs=self._has_always_policies(),
                                    sched_groups=SchedGroups.for_host(self.procfs, self.cgroupfs),
                                    throttling=ThrottleReader(self.procfs, self.cgroupfs, self.cpu_mount) if self.cpu_mount else None)
-        self.bursts = (BurstWatch(source, self.procfs, os.getpid(), info_of=self.collector.info)
+        self.bursts = (BurstWatch(source, self.procfs, self.identity, info_of=self.collector.info)
                        if BurstWatch.supported(source) else None)
         if self.bursts is not None:
             self.bursts.set_policies(self.policies)
@@ -385,7 +386,7 @@ class Daemon:
             policy = found.policy
             if policy.trigger.always:
                 placed.append(info)  # the engine applies the safety rules (and audits an exclusion)
-            reason = exclusion_reason(info, protected)
+            reason = exclusion_reason(info, protected, processes=processes, daemon=self.identity)
             if reason:
                 excluded.append(f"{info.comm} ({info.pid}, {policy.name}): {reason}")
                 continue
@@ -538,7 +539,8 @@ class Daemon:
         cached = getattr(self, "_settings_for", None)
         if cached is None or cached[0][0] is not key[0] or cached[0][1] is not key[1] or cached[0][2:] != key[2:]:
             cached = self._settings_for = (key, engine_settings(self.policies, self.config.tick_s, request, online,
-                                                                self.config.max_changes_per_minute, os.getpid()))
+                                                                self.config.max_changes_per_minute, os.getpid(),
+                                                                self.identity.start_time if self.identity else None))
         return cached[1]
 
     def _auto_request_cpus(self, online: frozenset[int]) -> frozenset[int]:
@@ -620,7 +622,7 @@ class Daemon:
             info = sample.processes.get(pid)
             name = info.comm if info else str(pid)
             found = governing(info, sample.processes, self.policies) if info else None
-            excluded = exclusion_reason(info, waits.pids) if info else None
+            excluded = exclusion_reason(info, waits.pids, processes=sample.processes, daemon=self.identity) if info else None
             note = excluded or (f"policy {found.policy.name}" if found else "no policy")
             top.append(f"{name} ({pid}) {sample.blame_share(pid):.0%} [{note}]")
         active = self.state.active()

@@ -6,7 +6,8 @@
 
 Rules, in the order they are checked:
 - never act on a process no policy names, nor on one that safety rules exclude (PID 1, kernel
-  threads, the protected service and its children, remediator itself);
+  threads, the protected service and what it forks, remediator itself and what it forks: by the
+  parent chain the sample knows, by (pid, start time), see safety.py);
 - a policy's ladder starts at step 0 when its trigger fires; the next step is considered only
   once the current one has had its settle time, and only while the trigger still holds;
 - after the last step: no further escalation, and one warning;
@@ -66,6 +67,12 @@ class EngineSettings:
     self_pid: int
     history_s: float = 120.0  # how much of the past the engine keeps, at least (see history_for)
     history_windows: int = 0  # and at least this many windows, whatever their length (a trigger's M)
+    self_start_time: int | None = None  # with self_pid, remediator's identity; None: not among the processes (a replay)
+
+    @property
+    def daemon(self) -> ProcessIdentity | None:
+        """Remediator's own (pid, start time): it and what it forks are off limits (safety.py)."""
+        return None if self.self_start_time is None else ProcessIdentity(self.self_pid, self.self_start_time)
 
 
 BASE_HISTORY_S = 120.0
@@ -342,7 +349,8 @@ def decide(
         info = sample.processes.get(pid)
         if info is not None:
             candidates.setdefault(pid, info)
-    offenders = _Offenders(state, now, ts, settings, sample.protected.pids, protected_groups_of(sample), decisions)
+    offenders = _Offenders(state, now, ts, settings, sample.protected.pids, protected_groups_of(sample), sample.processes,
+                           decisions)
     for pid, info in candidates.items():
         governed = governing(info, sample.processes, policies)
         if governed is None:
@@ -431,9 +439,11 @@ def decide_burst(
     were counted. The same rules as a tick's (exclusions, ladder and settle, cooldown, caps), the
     same decisions, the same audit. `protected_groups`: protected_groups_of(the latest sample).
     `ancestors`: pid -> ProcessInfo of its known ancestors, so that a tree policy governs a child
-    as at the tick (trees.governing): an xz under vector is the log shipper's."""
+    as at the tick (trees.governing): an xz under vector is the log shipper's; and so that a
+    worker the protected service forked is off limits as at the tick (safety.py)."""
     decisions: list[Decision] = []
-    governed = governing(info, {**(ancestors or {}), info.pid: info}, policies)
+    known = {**(ancestors or {}), info.pid: info}
+    governed = governing(info, known, policies)
     if governed is None:
         return state, decisions  # never act on what no policy names (itself, or through an ancestor's tree policy)
     policy, match = governed.policy, governed.match
@@ -442,7 +452,7 @@ def decide_burst(
         return state, decisions
     if burst.waits < max(2, trigger.burst_waits) or burst.last_s - burst.first_s > trigger.burst_within_s + 1e-9:
         return state, decisions  # not what this policy counts (a lone spike never acts)
-    offenders = _Offenders(state, now, ts, settings, protected_pids, protected_groups, decisions)
+    offenders = _Offenders(state, now, ts, settings, protected_pids, protected_groups, known, decisions)
     if not offenders.excluded(info, policy, match):
         offenders.climb(info, policy, {"match": match.detail, **burst.to_json(trigger)})
     return offenders.finish(), decisions
@@ -460,9 +470,10 @@ class _Offenders:
 
     def __init__(self, state: EngineState, now: float, ts: float, settings: EngineSettings,
                  protected_pids: Collection[int], protected_groups: Sequence[tuple[int, str, str | None]],
-                 decisions: list[Decision]):
+                 processes: Mapping[int, ProcessInfo], decisions: list[Decision]):
         self.state, self.now, self.ts, self.settings = state, now, ts, settings
         self.protected_pids = protected_pids
+        self.processes = processes  # the offenders' known ancestors and the protected: who forked whom (safety.py)
         self.protected_groups = list(protected_groups)
         self.decisions = decisions
         self.recent_changes = tuple(t for t in state.recent_changes if t > now - 60.0)
@@ -471,7 +482,7 @@ class _Offenders:
         self.planned_changes = 0
 
     def excluded(self, info: ProcessInfo, policy: Policy, match) -> bool:
-        reason = exclusion_reason(info, self.protected_pids, self.settings.self_pid)
+        reason = exclusion_reason(info, self.protected_pids, processes=self.processes, daemon=self.settings.daemon)
         if not reason:
             return False
         if info.identity not in self.excluded_seen:

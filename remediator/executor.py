@@ -2,9 +2,11 @@
 
 For each request it holds the process (a directory descriptor of /proc/<pid>, see ProcFS.hold)
 from the identity check to the end of the change, re-reads it, re-checks its identity (pid, start
-time) and the safety rules just before the change, asks the actuator for a plan (reads only), writes the original to the
-journal (fsync), makes the change, and writes the outcome. Every result is an `Outcome`; a process
-that left (ESRCH) and a refusal by the kernel (EPERM, EINVAL) are outcomes too, never exceptions.
+time) and the safety rules just before the change (on the parent chain as /proc has it then, so a
+worker the protected service forked is refused whatever the engine knew of it), asks the actuator
+for a plan (reads only), writes the original to the journal (fsync), makes the change, and writes
+the outcome. Every result is an `Outcome`; a process that left (ESRCH) and a refusal by the kernel
+(EPERM, EINVAL) are outcomes too, never exceptions.
 
 In dry-run mode the actuators are their dry-run twins: plans are made from real reads, the outcome
 is "would-apply" with the exact change, and nothing is written anywhere (not even the journal).
@@ -13,7 +15,6 @@ is "would-apply" with the exact change, and nothing is written anywhere (not eve
 from __future__ import annotations
 
 import logging
-import os
 from typing import Collection, Iterable
 
 from .actuators import KINDS, Actuator, ActuatorError, default_actuators, dry_run_twins
@@ -21,8 +22,8 @@ from .cpulist import format_cpulist
 from .errors import ProcessGone, RemediatorError
 from .journal import Journal, JournalEntry
 from .model import LEFT_BY_OTHER, ActionRequest, Outcome
-from .procfs import ProcessIdentity, ProcFS
-from .safety import exclusion_reason
+from .procfs import ProcessIdentity, ProcessInfo, ProcFS
+from .safety import daemon_identity, exclusion_reason
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ class Executor:
         actuators = dict(actuators) if actuators is not None else default_actuators(procfs)
         # The dry-run twins can only read: a dry-run executor cannot change a process by mistake.
         self.actuators: dict[str, Actuator] = dry_run_twins(actuators) if dry_run else actuators
-        self.self_pid = os.getpid() if self_pid is None else self_pid
+        # Remediator's own (pid, start time) in this tree (default: this process): off limits with what it forks.
+        self.daemon = daemon_identity(procfs, self_pid)
         self._known_tids: dict[str, set[int]] = {}  # entry id -> threads already handled by maintain()
         self._noticed_tids: dict[str, set[int]] = {}  # entry id -> threads reported as changed by someone else
 
@@ -84,7 +86,7 @@ class Executor:
             return outcome("failed", f"cannot read the process: {exc}")
         if info.identity != identity:
             return outcome("gone", f"pid {identity.pid} was reused (started at {info.start_time}, expected {identity.start_time}): not touched")
-        reason = exclusion_reason(info, protected_pids, self.self_pid)
+        reason = self._exclusion(info, protected_pids)
         if reason:
             return outcome("refused", f"pid {identity.pid} ({info.comm}) is off limits: {reason}")
 
@@ -170,10 +172,14 @@ class Executor:
                 info = self.procfs.process_info(pid)
             except RemediatorError:
                 continue  # gone meanwhile
-            reason = exclusion_reason(info, protected_pids, self.self_pid)
+            reason = self._exclusion(info, protected_pids)
             if reason:
                 return f"the change reaches pid {pid} ({info.comm}) too, which is off limits: {reason}; nothing changed"
         return None
+
+    def _exclusion(self, info: ProcessInfo, protected_pids: Collection[int]) -> str | None:
+        """safety.exclusion_reason on the parent chain read now, each link checked by start time."""
+        return exclusion_reason(info, protected_pids, processes=self.procfs.parent_chain(info), daemon=self.daemon)
 
     def _record(self, write, entry: JournalEntry, *args, **kwargs) -> str:
         """Write an outcome record; a journal that fails now is reported, not raised (the change happened)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +23,8 @@ from .errors import ProcessGone, RemediatorError
 from .placement import auto_request_cpus, unprotected_cpus
 from .model import Policy, PolicySet, Step
 from .printable import printable
-from .procfs import ProcessInfo, ProcFS, boot_time, clock_ticks_per_second
-from .safety import exclusion_reason
+from .procfs import ProcessIdentity, ProcessInfo, ProcFS, boot_time, clock_ticks_per_second
+from .safety import daemon_identity, exclusion_reason
 from .schedgroups import SchedGroups, unreachable_reason
 from .systemd import systemd_is_init
 from .trees import descendants, format_tree, governing
@@ -248,9 +247,9 @@ def _start_times(procfs: ProcFS, infos: list[ProcessInfo]) -> dict[int, str]:
 _DISCOVER = object()
 
 
-def _add_trees(entries: list[PolicyEntry], infos: list[ProcessInfo], policies: PolicySet, protected_pids, self_pid) -> None:
+def _add_trees(entries: list[PolicyEntry], processes: dict[int, ProcessInfo], policies: PolicySet, protected_pids,
+               daemon: ProcessIdentity | None) -> None:
     """For each tree policy, the trees under the processes it matches and acts on."""
-    processes = {info.pid: info for info in infos}
     for entry in entries:
         if not entry.policy.match.descendants:
             continue
@@ -261,7 +260,7 @@ def _add_trees(entries: list[PolicyEntry], infos: list[ProcessInfo], policies: P
             members = []
             for info in descendants(item.info, processes):
                 owner = governing(info, processes, policies)
-                excluded = exclusion_reason(info, protected_pids, self_pid)
+                excluded = exclusion_reason(info, protected_pids, processes=processes, daemon=daemon)
                 if excluded:
                     status = f"excluded: {excluded}"
                 elif owner is None or owner.policy.name != entry.policy.name:
@@ -294,8 +293,9 @@ def explain(
 
     `cgroupfs` and `cpuset_mount` (default: the host's) answer `auto` request CPUs from cgroups;
     `sched_groups` (default: the host's; None: not read) which nice and sched steps cannot work;
-    `learned`: the daemon's learned baselines, for the thresholds of relative triggers."""
-    self_pid = os.getpid() if self_pid is None else self_pid
+    `learned`: the daemon's learned baselines, for the thresholds of relative triggers;
+    `self_pid`: remediator's pid in this tree (default: this process), off limits with what it forks."""
+    daemon = daemon_identity(procfs, self_pid)
     cgroupfs = cgroupfs or CgroupFS()
     mount = discover_cpuset_mount(cgroupfs=cgroupfs) if cpuset_mount is _DISCOVER else cpuset_mount
     infos: list[ProcessInfo] = []
@@ -321,6 +321,7 @@ def explain(
         elif refusal:
             notes.append(f"not protected: pid {info.pid} ({printable(info.comm)}) {refusal}")
     protected_pids = {info.pid for info, _ in protected}
+    processes = {info.pid: info for info in infos}  # who forked whom: the service's workers are off limits too
     groups = SchedGroups.for_host(procfs, cgroupfs) if sched_groups is _DISCOVER else sched_groups
     if groups is not None:
         protected = [(_with_group(groups, info), reason) for info, reason in protected]
@@ -370,7 +371,7 @@ def explain(
         if not found:
             continue
         winner = found[0][0]
-        excluded = exclusion_reason(info, protected_pids, self_pid)
+        excluded = exclusion_reason(info, protected_pids, processes=processes, daemon=daemon)
         for policy, result in found:
             item = ProcessEntry(info, result.fields, result.detail, "acts")
             if excluded:
@@ -395,7 +396,7 @@ def explain(
                         item.effect = f"step {first + 1} ({policy.steps[first].describe()}): {item.effect}"
                         item.effect_data["index"] = first
             by_name[policy.name].processes.append(item)
-    _add_trees(entries, infos, policies, protected_pids, self_pid)
+    _add_trees(entries, processes, policies, protected_pids, daemon)
     shown = [info for info, _ in protected] + [item.info for entry in entries for item in entry.processes]
     return ExplainReport(
         online_cpus=online,

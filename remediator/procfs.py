@@ -569,6 +569,24 @@ class ProcFS:
                 break
         return tuple(chain)
 
+    def parent_chain(self, info: ProcessInfo, limit: int = 64) -> dict[int, ProcessInfo]:
+        """pid -> `info` and its parents as their stat files say now (pid, start time, comm, ppid):
+        what trees.chain needs to follow the chain by start time where no sample holds it (the
+        executor's last check). Stops below PID 1, at a parent gone, and at one that started after
+        its child: that one only took a dead parent's pid, and its own parents are nobody's."""
+        found = {info.pid: info}
+        child = info
+        while child.ppid > 1 and child.ppid not in found and len(found) <= limit:
+            try:
+                stat = self.stat(child.ppid)
+            except RemediatorError:
+                break
+            if stat.start_time > child.start_time:
+                break
+            child = found[stat.pid] = ProcessInfo(pid=stat.pid, start_time=stat.start_time, comm=stat.comm,
+                                                  ppid=stat.ppid, kernel_thread=stat.is_kernel_thread)
+        return found
+
     def _identity_fields(self, pid: int, kernel_thread: bool) -> tuple[str, tuple[str, ...], int, int]:
         """(exe, cmdline, real uid, effective uid) through one psutil handle; a kernel thread has no exe or cmdline."""
         with self._psutil(pid, f"read {self.root}/{pid}"):

@@ -145,14 +145,16 @@ class Observers:
 
 
 def engine_settings(policies: PolicySet, tick_s: float, request: frozenset[int], online: frozenset[int],
-                    max_changes_per_minute: int, self_pid: int) -> EngineSettings:
-    """The engine's settings, the same way for live and replay."""
+                    max_changes_per_minute: int, self_pid: int, self_start_time: int | None = None) -> EngineSettings:
+    """The engine's settings, the same way for live and replay. (self_pid, self_start_time):
+    remediator's own identity; a replay has none (nothing in a recording is the replay)."""
     history_s, history_windows = history_for(policies, tick_s)
     return EngineSettings(
         request_cpus=frozenset(request) & online,
         online_cpus=online,
         max_changes_per_minute=max_changes_per_minute,
         self_pid=self_pid,
+        self_start_time=self_start_time,
         history_s=history_s,
         history_windows=history_windows,
     )

@@ -160,6 +160,16 @@ def test_the_protected_service_is_never_acted_on(tmp_path):
     assert [d.kind for d in decisions] == ["excluded"]
 
 
+# A fluent-bit the protected service forked: by start time after it, under it.
+SERVICES_SHIPPER = ProcessInfo(pid=210, start_time=50, comm="fluent-bit", ppid=SERVICE.pid, ancestors=((SERVICE.pid, "api"),))
+
+
+def test_a_worker_the_service_forked_is_never_acted_on(tmp_path):
+    state, decisions = decide_burst(EngineState(), SERVICES_SHIPPER, BURST, burst_policies(tmp_path), SETTINGS, (SERVICE.pid,),
+                                    [], 100.04, 1_700_000_100.04, {SERVICE.pid: SERVICE})
+    assert [(d.kind, d.message.split(": ")[-1]) for d in decisions] == [("excluded", "a child of the protected service (api, pid 100)")]
+
+
 def test_settle_then_the_next_step_and_no_step_past_the_last(tmp_path):
     policy_set = burst_policies(tmp_path)
     state, decisions = decide_at(policy_set, 100.04)
@@ -227,7 +237,7 @@ def test_burstwatch_names_governed_processes_with_their_policys_count(tmp_path):
     from remediator.probes import BurstCandidate, BurstEvent
 
     source, procs = FakeBurstSource(), FakeProcs(SERVICE, SHIPPER, ProcessInfo(pid=300, start_time=30, comm="postgres"))
-    watch = BurstWatch(source, procs, self_pid=999, clock=lambda: 0.0)
+    watch = BurstWatch(source, procs, daemon=None, clock=lambda: 0.0)
     watch.set_policies(burst_policies(tmp_path))
     watch.refresh([], [SERVICE.pid])
     assert source.candidates == {SHIPPER.pid: BurstCandidate(threshold_ns=2_000_000, count=2, span_ns=50_000_000)}
@@ -277,13 +287,31 @@ def test_burstwatch_makes_a_tree_policys_children_candidates():
     from remediator.probes import BurstEvent
 
     source, procs = FakeBurstSource(), FakeProcs(SERVICE, VECTOR, XZ_UNDER_VECTOR)
-    watch = BurstWatch(source, procs, self_pid=999, clock=lambda: 0.0)
+    watch = BurstWatch(source, procs, daemon=None, clock=lambda: 0.0)
     watch.set_policies(load_policies([SHIPPED]))
     watch.refresh([], [SERVICE.pid])
     assert set(source.candidates) == {VECTOR.pid, XZ_UNDER_VECTOR.pid}
     info, _burst = watch.evidence(BurstEvent(mono_ns=int(100.03e9), first_ns=int(100.0e9), wait_ns=3_000_000,
                                              tgid=XZ_UNDER_VECTOR.pid, count=2))
     assert info == XZ_UNDER_VECTOR and watch.ancestors_of(info) == {VECTOR.pid: VECTOR}
+
+
+def test_burstwatch_never_makes_a_worker_the_service_forked_a_candidate(tmp_path):
+    from remediator.burstwatch import BurstWatch
+
+    unrelated = ProcessInfo(pid=220, start_time=22, comm="fluent-bit")
+    source, procs = FakeBurstSource(), FakeProcs(SERVICE, SERVICES_SHIPPER, unrelated)
+    watch = BurstWatch(source, procs, daemon=None, clock=lambda: 0.0)
+    watch.set_policies(burst_policies(tmp_path))
+    watch.refresh([], [SERVICE.pid])
+    assert set(source.candidates) == {unrelated.pid}
+    # Nor at its first event (a fork the kernel made a candidate): judged as at the tick.
+    from remediator.probes import BurstEvent
+
+    late = ProcessInfo(pid=211, start_time=51, comm="fluent-bit", ppid=SERVICE.pid, ancestors=((SERVICE.pid, "api"),))
+    procs.infos[late.pid] = late
+    assert watch.evidence(BurstEvent(mono_ns=int(100.03e9), first_ns=int(100.0e9), wait_ns=3_000_000, tgid=late.pid, count=2)) is None
+    assert late.pid not in watch.candidates()
 
 
 def test_burstwatch_reads_a_candidates_ancestors_through_the_collectors_cache():
@@ -299,7 +327,7 @@ def test_burstwatch_reads_a_candidates_ancestors_through_the_collectors_cache():
         asked.append(pid)
         return procs.infos.get(pid)
 
-    watch = BurstWatch(source, procs, self_pid=999, clock=lambda: 0.0, info_of=cached)
+    watch = BurstWatch(source, procs, daemon=None, clock=lambda: 0.0, info_of=cached)
     watch.set_policies(load_policies([SHIPPED]))
     watch.refresh([XZ_UNDER_VECTOR], [SERVICE.pid])
     assert XZ_UNDER_VECTOR.pid in source.candidates and VECTOR.pid in asked

@@ -247,16 +247,20 @@ def test_the_change_waits_for_systemd_to_write_the_cgroup(systemd_host):
     assert (host.root / "system.slice/fluent-bit.service/cpuset.cpus").read_text().strip() == ""
 
 
-def test_policy_explain_says_a_cpuset_step_goes_through_systemd(tmp_path):
+def test_policy_explain_says_a_cpuset_step_goes_through_systemd(tmp_path, monkeypatch):
     """On a systemd host `policy explain` names the unit property, not a cgroup of our own."""
     from helpers.fake_cgroupfs import FakeProcTree
-    from remediator.actuators import Host
+    from remediator.actuators import Host, cpuset as cpuset_module
+    from remediator.cgroupfs import CgroupMount
     from remediator.explain import first_step_effect
     from remediator.procfs import ProcFS
     from test_policy_model import FULL, compile_text
 
     [policy], _ = compile_text(FULL)
     cpuset_step = policy.steps[2]
+    # A v2 tree offering cpuset, whatever the test machine has (without one the step is not available).
+    monkeypatch.setattr(cpuset_module, "discover_mounts",
+                        lambda: [CgroupMount(2, tmp_path / "cgroup", "/", frozenset({"cpuset", "cpu"}))])
     procs = FakeProcTree(tmp_path / "proc")
     procs.add_process(PID, START, cgroup=SERVICE, tids=())
     procs.add_process(OTHER, START, cgroup="/user.slice/user-1000.slice/user@1000.service/app.slice/x.service", tids=())

@@ -64,7 +64,7 @@ def sample(t=1.0, tail_us=5000.0, blame=((300, 0.6), (200, 0.1)), processes=(SER
 
 
 def test_the_top_blamed_unnamed_process_is_recorded_with_its_evidence(tmp_path):
-    records, state = unnamed_culprits(sample(), policies(tmp_path), CulpritState(), 1.0, self_pid=999)
+    records, state = unnamed_culprits(sample(), policies(tmp_path), CulpritState(), 1.0)
     assert len(records) == 1
     record = records[0]
     assert record["decision"] == EVENT and record["event"] == "unnamed-culprit" and record["policy"] is None
@@ -80,7 +80,7 @@ def test_the_top_blamed_unnamed_process_is_recorded_with_its_evidence(tmp_path):
 def test_the_audit_table_escapes_the_culprits_name(tmp_path):
     from remediator.audit import event_record, format_table
 
-    records, _ = unnamed_culprits(sample(), policies(tmp_path), CulpritState(), 1.0, self_pid=999)
+    records, _ = unnamed_culprits(sample(), policies(tmp_path), CulpritState(), 1.0)
     table = format_table([event_record(1_700_000_001.0, "dry-run", records[0])])
     assert "\x1b" not in table and "unnamed-culprit" in table and "mine\\x1b[2Jr" in table
 
@@ -107,9 +107,9 @@ def test_a_worker_the_service_just_forked_is_its_own_not_a_culprit(tmp_path):
     worker = ProcessInfo(pid=150, start_time=15, comm="api", ppid=100, ancestors=((100, "api"),))
     grandchild = ProcessInfo(pid=160, start_time=16, comm="sh", ppid=150, ancestors=((150, "api"), (100, "api")))
     scene = (SERVICE, SHIPPER, MINER, worker, grandchild)
-    assert unnamed_culprits(sample(blame=((150, 0.7),), processes=scene), p, CulpritState(), 1.0, self_pid=999)[0] == []
-    assert unnamed_culprits(sample(blame=((160, 0.7),), processes=scene), p, CulpritState(), 1.0, self_pid=999)[0] == []
-    records, _ = unnamed_culprits(sample(blame=((150, 0.5), (300, 0.3)), processes=scene), p, CulpritState(), 1.0, self_pid=999)
+    assert unnamed_culprits(sample(blame=((150, 0.7),), processes=scene), p, CulpritState(), 1.0)[0] == []
+    assert unnamed_culprits(sample(blame=((160, 0.7),), processes=scene), p, CulpritState(), 1.0)[0] == []
+    records, _ = unnamed_culprits(sample(blame=((150, 0.5), (300, 0.3)), processes=scene), p, CulpritState(), 1.0)
     assert [r["process"]["pid"] for r in records] == [300]  # the next most blamed, foreign, is on record
 
 
@@ -118,13 +118,12 @@ def test_a_process_whose_parent_had_the_services_pid_before_it_is_foreign(tmp_pa
     parent was another process whose pid was reused. Pid alone is no ancestry."""
     p = policies(tmp_path)
     orphan = ProcessInfo(pid=150, start_time=5, comm="miner", ppid=100, ancestors=((100, "api"),))
-    records, _ = unnamed_culprits(sample(blame=((150, 0.7),), processes=(SERVICE, orphan)), p, CulpritState(), 1.0, self_pid=999)
+    records, _ = unnamed_culprits(sample(blame=((150, 0.7),), processes=(SERVICE, orphan)), p, CulpritState(), 1.0)
     assert [r["process"]["pid"] for r in records] == [150]
     # and one level up: a parent of its own, whose parent had the service's pid before the service
     parent = ProcessInfo(pid=140, start_time=4, comm="sh", ppid=100, ancestors=((100, "api"),))
     child = ProcessInfo(pid=150, start_time=12, comm="miner", ppid=140, ancestors=((140, "sh"), (100, "api")))
-    records, _ = unnamed_culprits(sample(blame=((150, 0.7),), processes=(SERVICE, parent, child)), p, CulpritState(), 1.0,
-                                  self_pid=999)
+    records, _ = unnamed_culprits(sample(blame=((150, 0.7),), processes=(SERVICE, parent, child)), p, CulpritState(), 1.0)
     assert [r["process"]["pid"] for r in records] == [150]
 
 

@@ -169,6 +169,36 @@ def test_an_unrelated_busy_process_is_never_touched(spawn, daemon, tmp_path):
     assert all(line["decision"] == "unnamed-culprit" and "outcome" not in line for line in about)
 
 
+def test_a_worker_the_protected_service_forked_is_never_touched(spawn, daemon, tmp_path):
+    """The victim forked a `fluent-bit` hog before the daemon started (so the kernel never protected
+    it, and the protected pids never learn of it); an unrelated `fluent-bit` hog runs beside it. The
+    policy names fluent-bit: the unrelated one gets the ladder, the service's own worker nothing."""
+    victim = spawn(victim_argv(0, "--work-us", "1000", "--child-hog", "fluent-bit", "--child-threads", "3"), own_session=False)
+    worker = int(victim.ready["child"])
+    assert open(f"/proc/{worker}/stat").read().split(") ")[1].split()[1] == str(victim.pid)  # its parent is the service
+    hog = spawn(hog_argv("fluent-bit", 3), own_session=False)
+    for pid in (worker, hog.pid):  # each: two threads on the victim's CPU, one on the other (see certain_harm)
+        busy = sorted(tid for tid in map(int, os.listdir(f"/proc/{pid}/task")) if tid != pid)
+        for tid, cpu in zip(busy, (0, 0, 1)):
+            os.sched_setaffinity(tid, {cpu})
+    worker_before = thread_settings(worker)
+    run = daemon(write_config(tmp_path, [victim.pid]))
+
+    # Once niced, the unrelated hog has little of the blame left (the worker has the rest), so its
+    # affinity step may never come: the first step is what shows it is acted on.
+    wait_until(lambda: all(nice == 10 for nice, _ in thread_settings(hog.pid).values()), 8.0, what="nice 10 on the unrelated hog")
+    excluded = wait_until(lambda: [line for line in run.audit() if line.get("process", {}).get("pid") == worker], 5.0,
+                          what="a decision about the service's worker")
+    time.sleep(3.0)  # the worker, now the most to blame, has a dozen more ticks to be acted on wrongly
+    assert thread_settings(worker) == worker_before
+    assert run.stop() == 0
+    about_worker = [line for line in run.audit() if line.get("process", {}).get("pid") == worker]
+    assert [line["decision"] for line in about_worker] == ["excluded"], about_worker
+    assert excluded[0]["message"].endswith(f"off limits: a child of the protected service (victim, pid {victim.pid})")
+    acts = [line for line in run.audit() if line["decision"] == "act" and line["process"]["pid"] == hog.pid]
+    assert (acts[0]["step"]["action"], acts[0]["outcome"]) == ("nice 10", "applied")
+
+
 def test_a_thread_born_after_the_action_gets_the_change(spawn, daemon, tmp_path):
     # Both steps must be in place before the extra thread is born (6 s after the hog started; the
     # wait below gives up at 5.5 s): the trigger must hold from the daemon's first ticks and still

@@ -16,7 +16,7 @@ def test_engine_settings_are_kept_until_an_input_changes(tmp_path, monkeypatch):
     first = daemon._engine_settings()
     assert daemon._engine_settings() is first
     assert first == engine_settings(daemon.policies, daemon.config.tick_s, frozenset({0}), frozenset({0, 1}),
-                                    daemon.config.max_changes_per_minute, first.self_pid)
+                                    daemon.config.max_changes_per_minute, first.self_pid, first.self_start_time)
 
     online["cpus"] = frozenset({0})  # CPU 1 went offline
     offline = daemon._engine_settings()

@@ -14,7 +14,8 @@ TICK = 0.25
 SERVICE = ProcessInfo(pid=100, start_time=10, comm="api", exe="/usr/bin/api")
 SHIPPER = ProcessInfo(pid=200, start_time=20, comm="fluent-bit", exe="/usr/bin/fluent-bit")
 BYSTANDER = ProcessInfo(pid=300, start_time=30, comm="postgres", exe="/usr/bin/postgres")
-SETTINGS = EngineSettings(request_cpus=frozenset({0}), online_cpus=frozenset({0, 1}), max_changes_per_minute=10, self_pid=999)
+SETTINGS = EngineSettings(request_cpus=frozenset({0}), online_cpus=frozenset({0, 1}), max_changes_per_minute=10, self_pid=999,
+                          self_start_time=5)  # remediator is (999, 5)
 
 LADDER = """
 [[policy]]
@@ -301,7 +302,8 @@ def test_always_places_with_the_whole_ladder_once(tmp_path):
 
 
 def test_unprotected_with_no_cpus_left_is_infeasible_not_pretended(tmp_path):
-    all_owned = EngineSettings(request_cpus=frozenset({0, 1}), online_cpus=frozenset({0, 1}), max_changes_per_minute=10, self_pid=999)
+    all_owned = EngineSettings(request_cpus=frozenset({0, 1}), online_cpus=frozenset({0, 1}), max_changes_per_minute=10, self_pid=999,
+                          self_start_time=5)  # remediator is (999, 5)
     _, per_tick = run(policies(tmp_path, n=1, m=1), [hot(TICK * i) for i in range(1, 12)], settings=all_owned)
     found = [k for _, k, _ in kinds(per_tick) if k != "verify"]
     assert found == ["act", "infeasible"]  # nice, then affinity cannot leave the offender any CPU

@@ -14,6 +14,7 @@ import pytest
 
 from helpers.policy_procs import add_process, make_proc_root, make_sys_root
 from helpers.workloads import WORKLOADS, hog_argv, victim_argv
+from remediator.cgroupfs import CgroupMount
 from remediator.cli import main
 from remediator.cpulist import format_cpulist
 from remediator.errors import RemediatorError
@@ -158,7 +159,19 @@ def test_fake_host_pid_1_and_self_are_excluded(fake_host, tmp_path):
     assert any("nothing is protected" in note for note in report.notes)
 
 
-def test_fake_host_cpuset_step_and_unprotected_note(fake_host, tmp_path):
+CPUSET_V1 = CgroupMount(1, Path("/sys/fs/cgroup/cpuset"), "/", frozenset({"cpuset"}))
+CPU_V1 = CgroupMount(1, Path("/sys/fs/cgroup/cpu,cpuacct"), "/", frozenset({"cpu", "cpuacct"}))
+
+
+def host_mounts(monkeypatch, *mounts: CgroupMount) -> None:
+    """The cgroup hierarchies the cpuset kind finds on 'this host' (not the test machine's)."""
+    from remediator.actuators import cpuset as cpuset_module
+
+    monkeypatch.setattr(cpuset_module, "discover_mounts", lambda: list(mounts))
+
+
+def test_fake_host_cpuset_step_and_unprotected_note(fake_host, tmp_path, monkeypatch):
+    host_mounts(monkeypatch, CPU_V1, CPUSET_V1)
     directory = tmp_path / "p"
     directory.mkdir()
     (directory / "cpuset.toml").write_text(
@@ -186,6 +199,20 @@ def test_fake_host_cpuset_step_and_unprotected_note(fake_host, tmp_path):
     item = by_pid(report.to_json())["shippers"][200]
     assert item["first_step"]["text"] == "skipped: unprotected resolves to no CPU on this host"
     assert any("'unprotected' resolves to no CPU" in note for note in report.notes)
+
+
+def test_fake_host_cpuset_step_on_a_host_without_cpuset_says_it_is_not_available(fake_host, tmp_path, monkeypatch):
+    # As the cpu kind says of a host without a cpu controller: no "move from X to ..." that cannot happen.
+    host_mounts(monkeypatch, CPU_V1)
+    directory = tmp_path / "p"
+    directory.mkdir()
+    (directory / "cpuset.toml").write_text(
+        '[[policy]]\nname = "shippers"\ndescription = "straight to a cpuset"\nmatch.unit = ["fluent-bit"]\n'
+        'trigger.always = true\n[[policy.actions]]\ncpuset = { cpus = "unprotected", cgroup = "log-shippers" }\n')
+    report = explain(load_policies([directory]), ProtectSelectors.build(comms=["victim"]), ProcFS(fake_host), frozenset(range(4)),
+                     self_pid=700, cpuset_mount=None)
+    item = by_pid(report.to_json())["shippers"][200]
+    assert item["first_step"]["text"] == "not available on this host: no cgroup v1 cpuset hierarchy is mounted (v1 hierarchies: cpu,cpuacct)"
 
 
 def test_fake_host_through_the_cli(fake_host, policy_dir, tmp_path, capsys):

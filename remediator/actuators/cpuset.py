@@ -780,6 +780,9 @@ class CpusetKind:
         return (None, why) if cpus is None else ({"cgroup": params["cgroup"], "cpus": sorted(cpus)}, "")
 
     def effect(self, params: Mapping[str, Any], policy: str, min_cpus: int, pid: int, host: Host, data: dict) -> str:
+        unavailable = self.unavailable()  # no cpuset hierarchy: no move or unit property to describe
+        if unavailable:
+            return unavailable
         target, skipped = effect_cpus(params["cpus"], min_cpus, host, data)
         if skipped:
             return skipped

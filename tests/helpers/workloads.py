@@ -19,7 +19,7 @@ def _all_cpus() -> None:
 
 
 class Workload:
-    """A started workload; `pid` is its process, `lines` what it printed after 'ready'."""
+    """A started workload; `pid` is its process, `ready` the line it announced itself with."""
 
     def __init__(self, argv: list[str], ready_timeout: float = 10.0, own_session: bool = True, **popen_kwargs):
         # Its own process group either way, so kill() takes its children too. A session of its own
@@ -44,6 +44,7 @@ class Workload:
         if not line.startswith("ready"):
             self.kill()
             raise RuntimeError(f"workload {argv} did not start (exit {self.proc.poll()})")
+        self.ready = dict(field.split("=", 1) for field in line.split()[1:] if "=" in field)
 
     def read_line(self, timeout: float = 10.0) -> str:
         """The next line the workload prints (e.g. 'worker tid=123')."""
