@@ -55,7 +55,10 @@ def test_a_real_process_named_to_forge_a_line_is_logged_escaped(tmp_path, spawn)
     proc = spawn([sys.executable, str(script)])
     assert Path(f"/proc/{proc.pid}/comm").read_text() == "fb\n<0>forged\n"
     policy = SHIPPER_POLICY.format(above="1ms", windows=2).replace('comm = ["fluent-bit"]', 'comm = ["fb*"]')
-    config = write_config(tmp_path, [os.getpid()], mode="dry-run", policy_text=policy)
+    # The protected service is a process of its own: a child of the service (this test's process
+    # would be its parent) is off limits and no policy governs it.
+    service = spawn([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"])
+    config = write_config(tmp_path, [service.pid], mode="dry-run", policy_text=policy)
     out = subprocess.run([REMEDIATOR, "run", "--config", str(config), "--source", "procfs", "--ticks", "2"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
