@@ -33,10 +33,16 @@ BPF_TABLE("lru_hash", struct proc_cpu_key, struct proc_cpu, proc_cpu, MAX_PROC_C
 /* The changed set (see sched_monitor.h): CPU c's queue for epoch parity p is the slots from
  * (c * 2 + p) * CHANGED_QUEUE_SLOTS. */
 BPF_F_TABLE("array", u32, struct proc_cpu_key, changed_queue, MAX_CPUS * 2 * CHANGED_QUEUE_SLOTS, BPF_F_MMAPABLE);
-/* Per process, the CPUs (bit cpu % 64) where its entry may hold unreported time: when its main
+/* Per process, the latest CPUs where its entry began to hold unreported time: when its main
  * thread exits, those entries are queued, so a short-lived process's time is read in full, not
- * only on the CPU of its last run. */
-BPF_TABLE("lru_hash", u32, u64, unreported_cpus, MAX_PROC_CPU_ENTRIES);
+ * only on the CPU of its last run. A few CPUs, so the exit handler's loop stays small whatever
+ * the host (the verifier refused one over every possible CPU on 192). */
+#define UNREPORTED_CPUS 8 /* power of two */
+struct unreported_cpus {
+    u32 cpu[UNREPORTED_CPUS];
+    u32 head;
+};
+BPF_TABLE("lru_hash", u32, struct unreported_cpus, unreported_cpus, MAX_PROC_CPU_ENTRIES);
 BPF_RINGBUF_OUTPUT(exec_events, EXEC_RING_PAGES);
 
 /* ---- burst detection (issue 14; see sched_monitor.h) ---- */
@@ -167,12 +173,20 @@ static __always_inline void mark_changed(struct proc_cpu_key *key, struct proc_c
     u64 unreported = usage->unreported_ns + ns;
     if (unreported < REPORT_FLOOR_NS && !force) {
         if (!usage->unreported_ns && ns) { /* time left unread begins here: note the CPU */
-            u64 bit = 1ull << (key->cpu & 63);
-            u64 *cpus = unreported_cpus.lookup(&key->tgid);
-            if (!cpus)
-                unreported_cpus.insert(&key->tgid, &bit);
-            else if (!(*cpus & bit))
-                __sync_fetch_and_or(cpus, bit);
+            struct unreported_cpus *noted = unreported_cpus.lookup(&key->tgid);
+            if (!noted) {
+                struct unreported_cpus first = {.cpu = {key->cpu}, .head = 1};
+                unreported_cpus.insert(&key->tgid, &first);
+            } else {
+                bool known = false;
+                for (u32 i = 0; i < UNREPORTED_CPUS; i++)
+                    known |= i < noted->head && noted->cpu[i] == key->cpu;
+                if (!known) { /* two CPUs at once may lose one: its time is then read late */
+                    u32 head = noted->head;
+                    noted->cpu[head & (UNREPORTED_CPUS - 1)] = key->cpu;
+                    noted->head = head + 1;
+                }
+            }
         }
         usage->unreported_ns = unreported;
         return;
@@ -523,14 +537,14 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     burst_exit(tid);
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (tid == tgid) { /* the main thread: queue the entries with time left unread on other CPUs */
-        u64 *noted = unreported_cpus.lookup(&tgid);
+        struct unreported_cpus *noted = unreported_cpus.lookup(&tgid);
         if (noted) {
-            u64 bits = *noted;
+            struct unreported_cpus cpus = *noted;
             unreported_cpus.delete(&tgid);
-            for (u32 cpu = 0; cpu < MAX_CPUS; cpu++) {
-                if (!(bits & (1ull << (cpu & 63))))
-                    continue;
-                struct proc_cpu_key key = {.tgid = tgid, .cpu = cpu};
+            for (u32 i = 0; i < UNREPORTED_CPUS; i++) {
+                if (i >= cpus.head)
+                    break;
+                struct proc_cpu_key key = {.tgid = tgid, .cpu = cpus.cpu[i]};
                 struct proc_cpu *usage = proc_cpu.lookup(&key);
                 if (usage && usage->unreported_ns)
                     mark_changed(&key, usage, 0, true);
