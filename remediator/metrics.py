@@ -234,6 +234,9 @@ class Metrics:
         return OTHER
 
     def _blame(self, sample, policies) -> None:
+        # Summed per series first: a busy host blames dozens of processes a tick, a handful of series.
+        by_offender: dict[str, float] = {}
+        by_policy: dict[str, float] = {}
         for pid, ns in sample.blame:
             if ns <= 0:
                 continue
@@ -241,9 +244,15 @@ class Metrics:
             info = sample.processes.get(pid)
             usage = None if info is not None else sample.usage_of(pid)
             comm = info.comm if info is not None else usage.comm if usage is not None else "?"
-            self.blame_by_offender.labels(self._offender(comm, seconds)).inc(seconds)
+            offender = self._offender(comm, seconds)
+            by_offender[offender] = by_offender.get(offender, 0.0) + seconds
             found = governing(info, sample.processes, policies) if info is not None else None  # a tree policy's too
-            self.blame_by_policy.labels(found.policy.name if found else NO_POLICY).inc(seconds)
+            name = found.policy.name if found else NO_POLICY
+            by_policy[name] = by_policy.get(name, 0.0) + seconds
+        for offender, seconds in by_offender.items():
+            self.blame_by_offender.labels(offender).inc(seconds)
+        for name, seconds in by_policy.items():
+            self.blame_by_policy.labels(name).inc(seconds)
 
     def _per_policy(self, sample, policies, state) -> None:
         now = sample.end_ns / 1e9

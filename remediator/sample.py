@@ -8,6 +8,7 @@ is versioned; `Sample.from_json(sample.to_json()) == sample` holds for every sam
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Mapping
@@ -108,17 +109,26 @@ class Sample:
     def duration_s(self) -> float:
         return self.duration_ns / 1e9
 
-    def usage_of(self, pid: int) -> ProcessUsage | None:
+    @cached_property
+    def _usage_by_pid(self) -> dict[int, ProcessUsage]:
+        index: dict[int, ProcessUsage] = {}
         for entry in self.usage:
-            if entry.pid == pid:
-                return entry
-        return None
+            index.setdefault(entry.pid, entry)
+        return index
+
+    @cached_property
+    def _blame_by_pid(self) -> dict[int, int]:
+        index: dict[int, int] = {}
+        for pid, ns in self.blame:
+            index.setdefault(pid, ns)
+        return index
+
+    def usage_of(self, pid: int) -> ProcessUsage | None:
+        # An index built once: the engine and the metrics ask for each process of the tick.
+        return self._usage_by_pid.get(pid)
 
     def blame_of(self, pid: int) -> int:
-        for blamed_pid, ns in self.blame:
-            if blamed_pid == pid:
-                return ns
-        return 0
+        return self._blame_by_pid.get(pid, 0)
 
     def blame_share(self, pid: int) -> float:
         """The part of the protected threads' total wait that `pid` was on their CPU."""
