@@ -132,7 +132,7 @@ class Collector:
         refused: dict[int, tuple[ProcessInfo, str]] = {}
         wanted = {pid: reason for pid, (_info, reason) in self.selectors.resolve(self.procfs, refused).items()}
         known_tids = {tid for tids in self.protected.values() for tid in tids}
-        kernel_tids = self.source.kernel_protected_tids()
+        kernel_tids = self.source.kernel_protected_tids(only_if_forked=True)
         if kernel_tids:
             stale = []
             for tid in kernel_tids - known_tids:
@@ -226,7 +226,12 @@ class Collector:
         threads = self._refresh_threads()
         delta = self.source.read(self.protected)
         if rescanned:
-            dead = {tgid for tgid in delta.live_tgids if not self._alive(tgid)}
+            # One listing of /proc, not a stat per process with an entry (1,000 on a busy host).
+            try:
+                running = set(self.procfs.pids())
+            except RemediatorError:
+                running = None
+            dead = {tgid for tgid in delta.live_tgids if not self._alive(tgid)} if running is None else set(delta.live_tgids) - running
             if dead:
                 self.source.forget(dead)
         return self._build_sample(delta, threads)

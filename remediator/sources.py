@@ -94,7 +94,7 @@ class Source(Protocol):
 
     def protect(self, tids: Collection[int]) -> Collection[int]: ...  # returns those it could not protect
     def unprotect(self, tids: Collection[int]) -> None: ...
-    def kernel_protected_tids(self) -> set[int] | None: ...
+    def kernel_protected_tids(self, only_if_forked: bool = False) -> set[int] | None: ...
     def exec_events(self) -> list[ExecEvent]: ...
     def read(self, protected: Mapping[int, Collection[int]]) -> TickDelta: ...
     def forget(self, tgids: Collection[int]) -> None: ...
@@ -377,6 +377,7 @@ class BpfSource:
         self._previous: RawSnapshot | None = None
         self._previous_usage: dict[int, int] | None = None
         self._credits: RunCredits | None = None
+        self._forks_at_walk: int | None = None  # the kernel's protected_forks at the last walk of its map
         self._previous_psi = self._psi_reader.read()
         self._tgid_cache: dict[int, int] = {}
 
@@ -398,7 +399,14 @@ class BpfSource:
     def unprotect(self, tids: Collection[int]) -> None:
         self.probes.unprotect(tids)
 
-    def kernel_protected_tids(self) -> set[int] | None:
+    def kernel_protected_tids(self, only_if_forked: bool = False) -> set[int] | None:
+        """The threads the kernel's protected map holds; with `only_if_forked`, None when the
+        kernel added none on fork since the last such walk (as of the latest read): the walk
+        costs milliseconds on a big map, and only forks add threads user space does not know."""
+        forks = self._previous.totals.get("protected_forks") if self._previous is not None else None
+        if only_if_forked and forks is not None and forks == self._forks_at_walk:
+            return None
+        self._forks_at_walk = forks
         return self.probes.protected_tids()
 
     def exec_events(self) -> list[ExecEvent]:
@@ -480,7 +488,7 @@ class ProcfsSource:
     def unprotect(self, tids: Collection[int]) -> None:
         pass  # baselines live until the next read, which counts an exited thread's last wait from its exit record
 
-    def kernel_protected_tids(self) -> set[int] | None:
+    def kernel_protected_tids(self, only_if_forked: bool = False) -> set[int] | None:
         return None
 
     def exec_events(self) -> list[ExecEvent]:

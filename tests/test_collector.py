@@ -32,7 +32,7 @@ class RecordingSource:
     def unprotect(self, tids):
         self.kernel_tids -= set(tids)
 
-    def kernel_protected_tids(self):
+    def kernel_protected_tids(self, only_if_forked=False):
         return set(self.kernel_tids)
 
     def exec_events(self):
