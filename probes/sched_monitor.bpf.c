@@ -26,9 +26,10 @@ BPF_ARRAY(user_protected_bits, u64, PROTECTED_BITMAP_WORDS);
 BPF_ARRAY(fork_protected_bits, u64, PROTECTED_BITMAP_WORDS);
 BPF_PERCPU_ARRAY(wait_stats, struct wait_stats, 1);
 BPF_ARRAY(max_epoch, u64, 1);
-/* By CPU: a migrated wait reads another CPU's ring. Mapped into user space's memory, which reads
- * it every tick without a system call per CPU. */
-BPF_F_TABLE("array", u32, struct cpu_state, cpu_state, MAX_CPUS, BPF_F_MMAPABLE);
+/* By CPU: a migrated wait reads another CPU's ring. Not mapped into user space: every context
+ * switch touches it, and a mappable array lives in vmalloc'd pages (TLB misses); user space
+ * reads all CPUs in one batch call instead. */
+BPF_ARRAY(cpu_state, struct cpu_state, MAX_CPUS);
 BPF_TABLE("lru_hash", struct proc_cpu_key, struct proc_cpu, proc_cpu, MAX_PROC_CPU_ENTRIES);
 /* The changed set (see sched_monitor.h): CPU c's queue for epoch parity p is the slots from
  * (c * 2 + p) * CHANGED_QUEUE_SLOTS. */

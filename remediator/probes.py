@@ -515,9 +515,7 @@ class SchedProbes:
         self._wait_stats = layouts["wait_stats"]
         # The head of cpu_state: since, busy_ns, current_tid, head, owed_ns, changed_epoch[2], changed_count[2]
         self._cpu_state = struct.Struct("<QQIIQQQII")
-        self._cpu_state_stride = (layouts["cpu_state"].size + 7) & ~7
         self._cpu_count = min(self.possible_cpus, self._maps["cpu_state"].max_entries)
-        self._cpu_state_memory = self._maps["cpu_state"].mapped()
         self._changed_queue = self._maps["changed_queue"].mapped()
         self.changed_overflows = 0  # reads that found a CPU's queue overflowed (and read everything)
         # proc_cpu as last read: the changed set says which entries to read again
@@ -615,9 +613,11 @@ class SchedProbes:
         )
 
     def _read_cpus(self, closed_epoch: int = -1) -> tuple[list[CpuState], set[bytes] | None]:
-        """Each CPU's state, and the keys the CPUs queued as changed in `closed_epoch` (None: a
-        queue overflowed, read everything), from the maps in this process's memory."""
-        memory, queue, stride = self._cpu_state_memory, self._changed_queue, self._cpu_state_stride
+        """Each CPU's state (one batch call for all CPUs), and the keys the CPUs queued as changed
+        in `closed_epoch` (None: a queue overflowed, read everything) from the queue mapped into
+        this process's memory."""
+        _keys, memory, _count = self._maps["cpu_state"].items()
+        queue, stride = self._changed_queue, self._maps["cpu_state"].value_stride
         slots = self.settings.changed_queue_slots
         parity = closed_epoch & 1
         cpus: list[CpuState] = []
