@@ -209,7 +209,7 @@ def test_probe_wait_total_tracks_schedstat_for_wakeups(spawn, two_cpus):
 
 
 def test_a_thread_created_after_watching_started_is_counted(spawn):
-    victim = spawn(victim_argv(0, "--worker-after", "1.5"))
+    victim = spawn(victim_argv(0, "--worker-after", "4"))  # after the probes load, even on a busy host
     with collecting(ProtectSelectors.build(pids=[victim.pid])) as collector:
         assert collector.protected[victim.pid] == {victim.pid}
         forks_before = collector.source.probes.snapshot().totals["protected_forks"]
