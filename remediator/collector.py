@@ -67,6 +67,7 @@ class Collector:
         self._untracked: dict[int, set[int]] = {}  # pid -> threads the protected map refused
         self._info_cache: dict[int, tuple[ProcessInfo, float]] = {}  # pid -> (info, when checked)
         self._last_rescan = float("-inf")
+        self._exited: set[int] = set()  # processes found gone at the last rescan, forgotten after the next read
         self._cpu_count = os.cpu_count() or 1
 
     # -- the protected set --------------------------------------------------------------------
@@ -225,15 +226,18 @@ class Collector:
             rescanned = False
         threads = self._refresh_threads()
         delta = self.source.read(self.protected)
+        if self._exited:
+            # Found gone at the previous rescan and forgotten only now, after one more read: a
+            # process's exit queues its last time in the probe's open epoch, which this read took.
+            self.source.forget(self._exited)
+            self._exited = set()
         if rescanned:
             # One listing of /proc, not a stat per process with an entry (1,000 on a busy host).
             try:
                 running = set(self.procfs.pids())
             except RemediatorError:
                 running = None
-            dead = {tgid for tgid in delta.live_tgids if not self._alive(tgid)} if running is None else set(delta.live_tgids) - running
-            if dead:
-                self.source.forget(dead)
+            self._exited = {tgid for tgid in delta.live_tgids if not self._alive(tgid)} if running is None else set(delta.live_tgids) - running
         return self._build_sample(delta, threads)
 
     def info(self, pid: int) -> ProcessInfo | None:

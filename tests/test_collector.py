@@ -124,6 +124,10 @@ def test_dead_processes_are_dropped_from_the_maps_at_rescan(tmp_path):
     source.next_delta = TickDelta(0, 1_000_000_000, usage={20: (5, 0), 99: (7, 0)}, live_tgids={20, 99})
     clock.now += 6
     collector.sample()
+    assert source.forgotten == set()  # not before one more read: its last time may be queued still
+    source.next_delta = TickDelta(1_000_000_000, 2_000_000_000, live_tgids={20})
+    clock.now += 0.25
+    collector.sample()
     assert source.forgotten == {99}
 
 
