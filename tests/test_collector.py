@@ -141,6 +141,23 @@ def test_sample_carries_metadata_for_busy_and_blamed_processes(tmp_path):
     assert sample.usage_of(10).protected and not sample.usage_of(20).protected
 
 
+def test_a_figure_within_the_sources_step_costs_no_lookup(tmp_path):
+    """With a report floor (the BPF source: 1 ms), a process that barely runs shows up now and then
+    with about a floor's worth: looked up, a /proc read per process per tick on a host of many small
+    processes. Within twice the floor it is not, unless its blame is a real part of the wait."""
+    proc, source, clock, collector = setup(tmp_path)
+    for pid, comm in ((30, "tiny"), (40, "busy"), (50, "culprit"), (60, "crumb")):
+        proc.add(FakeProcess(pid, comm))
+    proc.write()
+    source.report_floor_ns = 1_000_000
+    source.next_delta = TickDelta(0, 250_000_000, usage={30: (1_500_000, 0), 40: (30_000_000, 0)},
+                                  blame={50: 1_500_000, 60: 100_000}, wait_ns=10_000_000)
+    sample = collector.sample()
+    assert 40 in sample.processes and 50 in sample.processes  # busy; 15% of the wait
+    assert 30 not in sample.processes and 60 not in sample.processes  # a floor's lump; 1% of the wait
+    assert sample.usage_of(30).cpu_ns == 1_500_000  # its figure is still in the sample
+
+
 def test_an_exec_refreshes_what_the_sample_says_about_a_process(tmp_path):
     proc, source, clock, collector = setup(tmp_path)
     source.next_delta = TickDelta(0, 1_000_000_000, usage={20: (900_000_000, 100_000_000)})
