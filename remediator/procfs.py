@@ -547,27 +547,30 @@ class ProcFS:
         return int(run_ns), int(wait_ns), int(slices)
 
     # -- composed views -----------------------------------------------------------------------
-    def ancestors(self, ppid: int, limit: int = 32) -> tuple[tuple[int, str], ...]:
-        """(pid, comm) from `ppid` up, PID 1 excluded. psutil walks the chain and stops at a parent
-        started after its child (a reused pid); the comm is the kernel's, read here, because
-        psutil's name() swaps a 15-character comm for the cmdline's basename and policies match comm."""
-        if ppid <= 1:
-            return ()
-        try:
-            with self._psutil(ppid, f"read the parents of {ppid}"):
-                parent = self._process(ppid)
-                pids = [parent.pid] + [process.pid for process in parent.parents()]
-        except RemediatorError:
-            return ()
-        chain: list[tuple[int, str]] = []
-        for pid in pids:
-            if pid <= 1 or len(chain) >= limit:
-                break
+    def _parents(self, ppid: int, limit: int, child_pid: int = 0, child_start: int | None = None) -> Iterator[ProcStat]:
+        """The stat of `ppid` and of each parent above it as /proc has them now, PID 1 excluded, at
+        most `limit`: one stat read per process. Stops at a parent gone and at one that started
+        after its child: that one only took a dead parent's pid (the first link is checked only
+        when `child_start` is given)."""
+        seen = {child_pid}
+        for _ in range(limit):
+            if ppid <= 1 or ppid in seen:
+                return
             try:
-                chain.append((pid, self.stat(pid).comm))
+                stat = self.stat(ppid)
             except RemediatorError:
-                break
-        return tuple(chain)
+                return
+            if child_start is not None and stat.start_time > child_start:
+                return
+            seen.add(ppid)
+            yield stat
+            ppid, child_start = stat.ppid, stat.start_time
+
+    def ancestors(self, ppid: int, limit: int = 32) -> tuple[tuple[int, str], ...]:
+        """(pid, comm) from `ppid` up, PID 1 excluded, stopping at a parent started after its child (a
+        reused pid). The comm is the kernel's: policies match comm (psutil's name() would swap a
+        15-character comm for the cmdline's basename)."""
+        return tuple((stat.pid, stat.comm) for stat in self._parents(ppid, limit))
 
     def parent_chain(self, info: ProcessInfo, limit: int = 64) -> dict[int, ProcessInfo]:
         """pid -> `info` and its parents as their stat files say now (pid, start time, comm, ppid):
@@ -575,16 +578,9 @@ class ProcFS:
         executor's last check). Stops below PID 1, at a parent gone, and at one that started after
         its child: that one only took a dead parent's pid, and its own parents are nobody's."""
         found = {info.pid: info}
-        child = info
-        while child.ppid > 1 and child.ppid not in found and len(found) <= limit:
-            try:
-                stat = self.stat(child.ppid)
-            except RemediatorError:
-                break
-            if stat.start_time > child.start_time:
-                break
-            child = found[stat.pid] = ProcessInfo(pid=stat.pid, start_time=stat.start_time, comm=stat.comm,
-                                                  ppid=stat.ppid, kernel_thread=stat.is_kernel_thread)
+        for stat in self._parents(info.ppid, limit, info.pid, info.start_time):
+            found[stat.pid] = ProcessInfo(pid=stat.pid, start_time=stat.start_time, comm=stat.comm, ppid=stat.ppid,
+                                          kernel_thread=stat.is_kernel_thread)
         return found
 
     def _identity_fields(self, pid: int, kernel_thread: bool) -> tuple[str, tuple[str, ...], int, int]:
