@@ -283,19 +283,17 @@ listen = "127.0.0.1:{args.daemon_metrics_port}"
 
 
 def per_cpu_read_ms(cpus: int, rounds: int = 20) -> float:
-    """The snapshot's per-CPU work on `cpus` CPUs (wait statistics unpacked and summed, CPU states
-    unpacked, busy time differenced), on buffers of that size: what grows with the CPU count."""
-    from remediator.probes import WAIT_TOTAL_FIELDS, CpuState, ProbeSettings
+    """The snapshot's per-CPU work on `cpus` CPUs (wait statistics unpacked and summed by the
+    probes' own sum_wait_stats, CPU states unpacked, busy time differenced), on buffers of that
+    size: what grows with the CPU count."""
+    from remediator.probes import CPU_STATE_HEAD, CpuState, ProbeSettings, sum_wait_stats
 
     layouts = ProbeSettings(max_cpus=cpus).layouts()
-    waits, state = layouts["wait_stats"], struct.Struct("<QQIIQQQII")
+    waits, state = layouts["wait_stats"], struct.Struct(CPU_STATE_HEAD)
     wait_bytes, state_bytes = bytes(waits.size * cpus), bytes(layouts["cpu_state"].size * cpus)
-    count = len(WAIT_TOTAL_FIELDS)
     start = time.thread_time_ns()
     for _ in range(rounds):
-        per_cpu = [waits.unpack_from(wait_bytes, cpu * waits.size) for cpu in range(cpus)]
-        {name: sum(cpu[i] for cpu in per_cpu) for i, name in enumerate(WAIT_TOTAL_FIELDS)}
-        [sum(column) for column in zip(*(cpu[count + 4:] for cpu in per_cpu))]
+        sum_wait_stats([waits.unpack_from(wait_bytes, cpu * waits.size) for cpu in range(cpus)], 0)
         states = [CpuState(*state.unpack_from(state_bytes, cpu * layouts["cpu_state"].size)[:3]) for cpu in range(cpus)]
         [max(0, now.busy_ns - before.busy_ns) for now, before in zip(states, states)]
     return (time.thread_time_ns() - start) / 1e6 / rounds

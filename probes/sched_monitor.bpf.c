@@ -26,9 +26,9 @@ BPF_ARRAY(user_protected_bits, u64, PROTECTED_BITMAP_WORDS);
 BPF_ARRAY(fork_protected_bits, u64, PROTECTED_BITMAP_WORDS);
 BPF_PERCPU_ARRAY(wait_stats, struct wait_stats, 1);
 BPF_ARRAY(max_epoch, u64, 1);
-/* By CPU: a migrated wait reads another CPU's ring. Not mapped into user space: every context
- * switch touches it, and a mappable array lives in vmalloc'd pages (TLB misses); user space
- * reads all CPUs in one batch call instead. */
+/* By CPU: a migrated wait reads another CPU's ring. A plain array, read by user space for all
+ * CPUs in one batch call: every context switch touches it, and a mapped one measured no better
+ * (bench/probe_overhead.py, within this host's noise). */
 BPF_ARRAY(cpu_state, struct cpu_state, MAX_CPUS);
 BPF_TABLE("lru_hash", struct proc_cpu_key, struct proc_cpu, proc_cpu, MAX_PROC_CPU_ENTRIES);
 /* The changed set (see sched_monitor.h): CPU c's queue for epoch parity p is the slots from

@@ -48,6 +48,10 @@ WAIT_TOTAL_FIELDS = (
     "migrated_waits",
 )
 
+# The head of struct cpu_state, before its run ring: since, busy_ns, current_tid, head, owed_ns,
+# changed_epoch[2], changed_count[2].
+CPU_STATE_HEAD = "<QQIIQQQII"
+
 # (process, CPU) entries per possible CPU when the loader sizes proc_cpu from the host, and the bounds.
 PROC_CPU_ENTRIES_PER_CPU = 256
 PROC_CPU_ENTRIES_MIN = 32768
@@ -123,6 +127,21 @@ def exit_state_bits(format_text: str) -> int:
     return bits
 
 
+def sum_wait_stats(per_cpu: list[tuple], closed_epoch: int) -> tuple[dict[str, int], int, list[int]]:
+    """The per-CPU copies of wait_stats (each unpacked) summed: (totals, the largest wait of
+    `closed_epoch`, the histogram). Its cost grows with the CPU count (bench/scale.py models it)."""
+    count = len(WAIT_TOTAL_FIELDS)
+    totals = {name: sum(cpu[i] for cpu in per_cpu) for i, name in enumerate(WAIT_TOTAL_FIELDS)}
+    max_ns = 0
+    for cpu in per_cpu:
+        pairs = cpu[count : count + 4]
+        epoch, value = pairs[2 * (closed_epoch & 1)], pairs[2 * (closed_epoch & 1) + 1]
+        if epoch == closed_epoch:
+            max_ns = max(max_ns, value)
+    hist = [sum(column) for column in zip(*(cpu[count + 4 :] for cpu in per_cpu))] if per_cpu else [0] * histogram.SLOTS
+    return totals, max_ns, hist
+
+
 def window_shift_for(window_ms: float) -> int:
     """The power-of-two window nearest to `window_ms` (the probes shift, they do not divide)."""
 
@@ -177,9 +196,8 @@ class ProbeSettings:
             # totals, then max[2] as (epoch, max_ns) pairs, then the histogram
             "wait_stats": struct.Struct(f"<{len(WAIT_TOTAL_FIELDS)}Q4Q{histogram.SLOTS}Q"),
             # since, busy_ns, current_tid, head, owed_ns, then the ring of (start, end, ns, last_start, tgid, pad)
-            # since, busy_ns, current_tid, head, owed_ns, changed_epoch[2], changed_count[2], then the
-            # ring of (start, end, ns, last_start, tgid, pad)
-            "cpu_state": struct.Struct("<QQIIQQQII" + "QQQQII" * self.segment_ring),
+            # CPU_STATE_HEAD, then the ring of (start, end, ns, last_start, tgid, pad)
+            "cpu_state": struct.Struct(CPU_STATE_HEAD + "QQQQII" * self.segment_ring),
             "proc_cpu_key": struct.Struct("<II"),
             # total_ns, blame_ns, windows, comm, marked_epoch, unreported_ns
             "proc_cpu": struct.Struct(f"<QQ{self.window_slots}Q16sQQ"),
@@ -513,8 +531,7 @@ class SchedProbes:
         self._protected_value = layouts["protected_thread"]
         self._proc_value = layouts["proc_cpu"]
         self._wait_stats = layouts["wait_stats"]
-        # The head of cpu_state: since, busy_ns, current_tid, head, owed_ns, changed_epoch[2], changed_count[2]
-        self._cpu_state = struct.Struct("<QQIIQQQII")
+        self._cpu_state = struct.Struct(CPU_STATE_HEAD)
         self._cpu_count = min(self.possible_cpus, self._maps["cpu_state"].max_entries)
         self._changed_queue = self._maps["changed_queue"].mapped()
         self.changed_overflows = 0  # reads that found a CPU's queue overflowed (and read everything)
@@ -587,16 +604,7 @@ class SchedProbes:
         self._epoch += 1
         self._maps["max_epoch"].update(struct.pack("<I", 0), struct.pack("<Q", self._epoch))
         mono_ns = time.monotonic_ns()
-        per_cpu = self._percpu("wait_stats", 0, self._wait_stats)
-        count = len(WAIT_TOTAL_FIELDS)
-        totals = {name: sum(cpu[i] for cpu in per_cpu) for i, name in enumerate(WAIT_TOTAL_FIELDS)}
-        max_ns = 0
-        for cpu in per_cpu:
-            pairs = cpu[count : count + 4]
-            epoch, value = pairs[2 * (closed & 1)], pairs[2 * (closed & 1) + 1]
-            if epoch == closed:
-                max_ns = max(max_ns, value)
-        hist = [sum(column) for column in zip(*(cpu[count + 4 :] for cpu in per_cpu))] if per_cpu else [0] * histogram.SLOTS
+        totals, max_ns, hist = sum_wait_stats(self._percpu("wait_stats", 0, self._wait_stats), closed)
         cpus, queued = self._read_cpus(closed)
         current_window = mono_ns >> self.settings.window_shift
         changed = self._read_proc_cpu_changed(queued, current_window)
@@ -612,7 +620,7 @@ class SchedProbes:
             cpus_of=self._proc_cpus_of,
         )
 
-    def _read_cpus(self, closed_epoch: int = -1) -> tuple[list[CpuState], set[bytes] | None]:
+    def _read_cpus(self, closed_epoch: int) -> tuple[list[CpuState], set[bytes] | None]:
         """Each CPU's state (one batch call for all CPUs), and the keys the CPUs queued as changed
         in `closed_epoch` (None: a queue overflowed, read everything) from the queue mapped into
         this process's memory."""
@@ -806,8 +814,7 @@ def settings_for_this_kernel(settings: ProbeSettings | None = None) -> tuple[Pro
     root = tracefs_root()
     fmt = root / "events/sched/sched_switch/format" if root else None
     text = fmt.read_text() if fmt is not None and fmt.exists() else ""
-    mask = task_state_mask(text) if text else 0xFF
-    return settings, settings.cflags(mask, exit_state_bits(text))
+    return settings, settings.cflags(task_state_mask(text), exit_state_bits(text))
 
 
 def describe_program(settings: ProbeSettings | None = None) -> str:

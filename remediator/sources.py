@@ -152,15 +152,9 @@ def _cumulative_usage(
     totals: dict[int, int] = {}
     for (tgid, _cpu), entry in snapshot.proc_cpu.items():
         totals[tgid] = totals.get(tgid, 0) + entry.total_ns
-    running: dict[int, list[tuple[int, int, int]]] = {}
-    for cpu, state in enumerate(snapshot.cpus):
-        if state.current_tid == 0 or state.since_ns == 0 or snapshot.mono_ns <= state.since_ns:
-            continue
-        tgid = tid_to_tgid(state.current_tid)
-        if tgid is None:
-            continue
-        totals[tgid] = totals.get(tgid, 0) + (snapshot.mono_ns - state.since_ns)
-        running.setdefault(tgid, []).append((cpu, state.since_ns, snapshot.mono_ns))
+    running = _running(snapshot, tid_to_tgid)
+    for tgid, runs in running.items():
+        totals[tgid] = totals.get(tgid, 0) + sum(end - since for _cpu, since, end in runs)
     return totals, running
 
 
