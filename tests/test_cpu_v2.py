@@ -364,20 +364,16 @@ def test_explain_names_the_exact_files_and_values_without_systemd(host, tmp_path
 
 
 def test_check_host_says_not_available_only_where_no_cpu_controller_exists(host, tmp_path, capsys, monkeypatch):
-    from helpers.policy_procs import add_process, make_proc_root, make_sys_root
+    from helpers.policy_procs import add_process, check_host_argv, make_proc_root
     from remediator.cli import main
     from remediator.actuators import cpu as cpu_kind_module
-    from remediator.schedgroups import SchedGroups
 
     v2 = host()
     load_policy(tmp_path)
     (tmp_path / "host").mkdir()
     proc = make_proc_root(tmp_path / "host")
     add_process(proc, 100, "victim", exe="/usr/bin/victim")
-    monkeypatch.setattr(SchedGroups, "for_host", classmethod(lambda cls, procfs, cgroupfs=None, mountinfo=None: cls(procfs, None)))
-    config = tmp_path / "remediator.toml"
-    config.write_text(f'[protect]\ncomm = ["victim"]\n[daemon]\npolicies = ["{tmp_path / "policies"}"]\n')
-    argv = ["policy", "check", "--host", "--proc-root", str(proc), "--sysfs-root", str(make_sys_root(tmp_path, "0-3")), str(config)]
+    argv = check_host_argv(tmp_path, monkeypatch, proc, tmp_path / "policies")
 
     monkeypatch.setattr(cpu_kind_module, "discover_cpu_mount", lambda: v2.cgroupfs.mount)  # v2, no systemd
     assert main(argv) == 0

@@ -239,11 +239,10 @@ cpuset = { cpus = "unprotected", cgroup = "log-shippers" }
 def test_check_host_says_not_available_where_the_v2_tree_offers_no_cpuset(host, tmp_path, capsys, monkeypatch):
     """A host found through its mountinfo, as the daemon finds it: cpuset in the root's
     cgroup.controllers, then not."""
-    from helpers.policy_procs import add_process, make_proc_root, make_sys_root
+    from helpers.policy_procs import add_process, check_host_argv, make_proc_root
     from remediator.actuators import cpuset as cpuset_module
     from remediator.cgroupfs import discover_mounts
     from remediator.cli import main
-    from remediator.schedgroups import SchedGroups
 
     v2 = host()
     mountinfo = tmp_path / "mountinfo"
@@ -254,10 +253,7 @@ def test_check_host_says_not_available_where_the_v2_tree_offers_no_cpuset(host, 
     (tmp_path / "host").mkdir()
     proc = make_proc_root(tmp_path / "host")
     add_process(proc, 100, "victim", exe="/usr/bin/victim")
-    monkeypatch.setattr(SchedGroups, "for_host", classmethod(lambda cls, procfs, cgroupfs=None, mountinfo=None: cls(procfs, None)))
-    config = tmp_path / "remediator.toml"
-    config.write_text(f'[protect]\ncomm = ["victim"]\n[daemon]\npolicies = ["{tmp_path / "policies"}"]\n')
-    argv = ["policy", "check", "--host", "--proc-root", str(proc), "--sysfs-root", str(make_sys_root(tmp_path, "0-3")), str(config)]
+    argv = check_host_argv(tmp_path, monkeypatch, proc, tmp_path / "policies")
 
     assert main(argv) == 0
     assert "not available" not in capsys.readouterr().out

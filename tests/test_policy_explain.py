@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.policy_procs import add_process, make_proc_root, make_sys_root
+from helpers.policy_procs import add_process, check_host_argv, make_proc_root, make_sys_root
 from helpers.workloads import WORKLOADS, hog_argv, victim_argv
 from remediator.cgroupfs import CgroupMount
 from remediator.cli import main
@@ -433,25 +433,20 @@ def test_check_host_warns_at_each_step_that_cannot_work_here(fake_host, policy_d
     (fake_host / "sys/kernel/sched_autogroup_enabled").write_text("1\n")
     for pid, group in ((100, 4), (200, 9)):
         (fake_host / str(pid) / "autogroup").write_text(f"/autogroup-{group} nice 0\n")
-    # the fake tree's groups alone: no cpu controller of this host's mounts
-    monkeypatch.setattr(SchedGroups, "for_host", classmethod(lambda cls, procfs, cgroupfs=None, mountinfo=None: cls(procfs, None)))
-    config = tmp_path / "remediator.toml"
-    config.write_text(f'[protect]\ncomm = ["victim"]\n[daemon]\npolicies = ["{policy_dir}"]\n')
-    sys_root = make_sys_root(tmp_path, "0-3")
-    code = main(["policy", "check", "--host", "--proc-root", str(fake_host), "--sysfs-root", str(sys_root), str(config)])
+    argv = check_host_argv(tmp_path, monkeypatch, fake_host, policy_dir)
+    code = main(argv)
     out = capsys.readouterr().out
     assert code == 0
     warnings = [line for line in out.splitlines() if "cannot work on this host now" in line]
     assert len(warnings) == 1 and warnings[0].startswith(f"{policy_dir / 'test.toml'}:7:1: warning:")  # the nice step's table
     assert "policy shippers: nice 10 cannot work on this host now for pid 200 (fluent-bit)" in warnings[0]
-    code = main(["policy", "check", "--host", "--proc-root", str(fake_host), "--sysfs-root", str(sys_root), str(policy_dir)])
+    code = main(argv[:-1] + [str(policy_dir)])
     assert code == 1 and "no config" in capsys.readouterr().err
 
 
 def test_check_host_never_says_nice_sched_or_affinity_are_not_available(fake_host, tmp_path, capsys, monkeypatch):
     """They need only syscalls every Linux host has (actuators/kind.py AvailableEverywhere): no
     step-not-available at their steps, whatever the host's cgroups."""
-    monkeypatch.setattr(SchedGroups, "for_host", classmethod(lambda cls, procfs, cgroupfs=None, mountinfo=None: cls(procfs, None)))
     policies = tmp_path / "everywhere"
     policies.mkdir()
     (policies / "steps.toml").write_text(textwrap.dedent("""\
@@ -467,10 +462,7 @@ def test_check_host_never_says_nice_sched_or_affinity_are_not_available(fake_hos
         [[policy.actions]]
         affinity = "unprotected"
         """))
-    config = tmp_path / "remediator.toml"
-    config.write_text(f'[protect]\ncomm = ["victim"]\n[daemon]\npolicies = ["{policies}"]\n')
-    argv = ["policy", "check", "--host", "--proc-root", str(fake_host), "--sysfs-root", str(make_sys_root(tmp_path, "0-3")),
-            "--format", "json", str(config)]
+    argv = check_host_argv(tmp_path, monkeypatch, fake_host, policies, "--format", "json")
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and report["errors"] == 0

@@ -68,3 +68,16 @@ def make_sys_root(tmp_path: Path, online: str = "0-1") -> Path:
     (root / "devices/system/cpu").mkdir(parents=True)
     (root / "devices/system/cpu/online").write_text(online + "\n")
     return root
+
+
+def check_host_argv(tmp_path: Path, monkeypatch, proc_root: Path, policies: Path, *options: str) -> list[str]:
+    """argv of `policy check --host` on a fake host: /proc at `proc_root`, CPUs 0-3 online, a config
+    protecting comm "victim" with the policies at `policies`. Scheduling groups come from the fake
+    tree alone (SchedGroups without a cpu controller), not from this machine's cgroup mounts."""
+    from remediator.schedgroups import SchedGroups
+
+    monkeypatch.setattr(SchedGroups, "for_host", classmethod(lambda cls, procfs, cgroupfs=None, mountinfo=None: cls(procfs, None)))
+    config = tmp_path / "remediator.toml"
+    config.write_text(f'[protect]\ncomm = ["victim"]\n[daemon]\npolicies = ["{policies}"]\n')
+    return ["policy", "check", "--host", "--proc-root", str(proc_root), "--sysfs-root", str(make_sys_root(tmp_path, "0-3")),
+            *options, str(config)]
