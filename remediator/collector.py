@@ -189,13 +189,13 @@ class Collector:
 
     def _refresh_threads(self) -> int:
         """Pick up threads the kernel may have missed (created before the probes loaded) and drop
-        processes that are gone. The task directory is listed only when the thread count in
-        /proc/<pid>/stat differs from the threads known (or some were refused): the kernel adds
-        new threads on fork, and listing a 500-thread service every tick cost 1.5 ms (bench/scale.py)."""
+        processes that are gone. The task directory is listed only when the thread count
+        differs from the threads known (or some were refused): the kernel adds new threads on
+        fork, and listing a 500-thread service every tick cost 1.5 ms (bench/scale.py)."""
         threads = 0
         for pid in list(self.protected):
             try:
-                count = self.procfs.stat(pid).num_threads
+                count = self.procfs.thread_count(pid)
             except RemediatorError:
                 self._drop_process(pid)
                 continue

@@ -3,6 +3,9 @@ its PROCFS_PATH pointed at the tree only for the call, and its errors mapped to 
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import psutil
 import pytest
 
@@ -69,3 +72,31 @@ def test_a_zombie_reads_as_no_exe_and_no_arguments(proc):
     stat.write_text(stat.read_text().replace(") S ", ") Z ", 1))
     info = ProcFS(proc).process_info(700)
     assert (info.exe, info.cmdline) == ("", ())
+
+
+def test_thread_count_of_a_real_process_follows_its_threads():
+    import threading
+
+    procfs, release = ProcFS(), threading.Event()
+    before = procfs.thread_count(os.getpid())
+    assert before == procfs.stat(os.getpid()).num_threads
+    threads = [threading.Thread(target=release.wait) for _ in range(5)]
+    try:
+        for thread in threads:
+            thread.start()
+        assert procfs.thread_count(os.getpid()) == before + 5 == procfs.stat(os.getpid()).num_threads
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join()
+
+
+def test_thread_count_in_a_tree_counts_task_entries_or_falls_back_to_stat(proc, tmp_path):
+    add_process(proc, 500, "worker", ppid=1, start=1000, threads={500: (0, "0-1"), 501: (0, "0-1"), 502: (0, "0-1")})
+    procfs = ProcFS(proc)
+    assert procfs.thread_count(500) == 3
+    shutil.rmtree(proc / "500" / "task")  # a tree without task entries: stat's num_threads says
+    assert procfs.thread_count(500) == 3
+    shutil.rmtree(proc / "500")
+    with pytest.raises(ProcessGone):
+        procfs.thread_count(500)
