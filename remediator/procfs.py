@@ -28,6 +28,7 @@ import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
@@ -89,8 +90,8 @@ class ProcessInfo:
     kernel_thread: bool = False
     sched_group: str = ""  # its CPU scheduling group (schedgroups.py); "" when not read
 
-    @property
-    def identity(self) -> ProcessIdentity:
+    @cached_property
+    def identity(self) -> ProcessIdentity:  # made once: the engine asks it dozens of times a tick
         return ProcessIdentity(self.pid, self.start_time)
 
     def to_json(self) -> dict:
