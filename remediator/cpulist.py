@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -51,6 +52,20 @@ def format_cpulist(cpus: Iterable[int]) -> str:
     return ",".join(parts)
 
 
+_online_parsed: dict[str, tuple[bytes, frozenset[int]]] = {}  # path -> (text, CPUs): read every tick
+
+
 def online_cpus(sysfs_root: str | Path = "/sys") -> frozenset[int]:
-    """CPUs the kernel has online now."""
-    return parse_cpulist((Path(sysfs_root) / "devices/system/cpu/online").read_text())
+    """CPUs the kernel has online now (read each time; parsed again only when the text changed)."""
+    path = f"{sysfs_root}/devices/system/cpu/online"
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        text = os.read(fd, 65536)
+    finally:
+        os.close(fd)
+    cached = _online_parsed.get(path)
+    if cached is not None and cached[0] == text:
+        return cached[1]
+    cpus = parse_cpulist(text.decode())
+    _online_parsed[path] = (text, cpus)
+    return cpus
