@@ -32,7 +32,6 @@ from .model import PolicySet
 from .procfs import ProcessIdentity, ProcessInfo
 from .safety import exclusion_reason, services_own
 from .sample import Sample
-from .trees import governing
 
 EVENT = "unnamed-culprit"
 SELF_INFLICTED_EVENT = "self-inflicted-tail"
@@ -111,7 +110,7 @@ def unnamed_culprits(
     if share < settings.min_blame_share:
         return [], state
     info = sample.processes.get(pid)
-    if info is None or governing(info, sample.processes, policies) is not None:
+    if info is None or sample.governing(info, policies) is not None:
         return [], state  # unknown (gone), or named: the engine judges it
     last = state.last_recorded.get(info.identity)
     if last is not None and now - last < settings.per_process_s:

@@ -352,7 +352,7 @@ def decide(
     offenders = _Offenders(state, now, ts, settings, sample.protected.pids, protected_groups_of(sample), sample.processes,
                            decisions)
     for pid, info in candidates.items():
-        governed = governing(info, sample.processes, policies)
+        governed = sample.governing(info, policies)
         if governed is None:
             continue  # never act on what no policy names (itself, or through an ancestor's tree policy)
         policy, match = governed.policy, governed.match

@@ -131,6 +131,25 @@ class Sample:
             index.setdefault(pid, ns)
         return index
 
+    @cached_property
+    def _governed(self) -> dict:
+        return {}
+
+    def governing(self, info: ProcessInfo, policies):
+        """trees.governing(info, self.processes, policies), worked out once per tick: the engine,
+        the culprit check and the metrics each ask it of the same processes. Remembered for the
+        very objects asked about (`info`, `policies`), so a process known under another
+        ProcessInfo, or another policy set, is worked out afresh."""
+        from .trees import governing
+
+        key = (id(info), id(policies))
+        found = self._governed.get(key)
+        if found is not None and found[0] is info and found[1] is policies:
+            return found[2]
+        governed = governing(info, self.processes, policies)
+        self._governed[key] = (info, policies, governed)
+        return governed
+
     def usage_of(self, pid: int) -> ProcessUsage | None:
         # An index built once: the engine and the metrics ask for each process of the tick.
         return self._usage_by_pid.get(pid)

@@ -169,3 +169,16 @@ def test_policy_explain_shows_the_tree(tmp_path):
     tree = next(e for e in report.to_json()["policies"] if e["name"] == "shippers")["trees"][0]
     assert tree["root"]["pid"] == 200
     assert [(m["pid"], m["status"]) for m in tree["members"]] == [(210, "covered"), (220, "covered"), (230, "excluded: protected service")]
+
+
+def test_a_samples_governing_is_the_trees_and_is_asked_afresh_for_other_objects(tmp_path):
+    named, unnamed = policies(tmp_path), policies(tmp_path, descendants=False)
+    sample = tick(1.0, 100.0, {220: 0.3}, {220: 0.1})
+    for info in PROCESSES.values():
+        assert sample.governing(info, named) == governing(info, PROCESSES, named)
+        assert sample.governing(info, named) is sample.governing(info, named)  # worked out once
+    assert sample.governing(XZ[1], unnamed) is None  # another policy set: its own answer
+    renamed = ProcessInfo(pid=230, start_time=40, comm="vector", ppid=1)  # same pid, another ProcessInfo
+    assert sample.governing(GZIP, named).policy.name == "shippers"
+    assert sample.governing(renamed, named) == governing(renamed, PROCESSES, named)
+    assert sample.governing(renamed, named).root == renamed
