@@ -25,7 +25,6 @@ from prometheus_client.process_collector import ProcessCollector
 from . import histogram
 from .model import Outcome
 from .statefile import write_durably
-from .trees import governing
 from .trustedfs import Trust, TrustedDirectory
 
 DEFAULT_OFFENDER_LABELS = 20
@@ -106,6 +105,12 @@ class Metrics:
         self._unlabelled_blame_s: dict[str, float] = {}  # blame of the others, until one earns a series
         self._seen_policies: set[str] = set()
         self._tail_series: set[tuple[str, ...]] = set()
+        # Set again only when they change: most ticks change none of these.
+        self._mode_now: str | None = None
+        self._source_now: str | None = None
+        self._series_for = None  # the PolicySet the per-policy series below were made for
+        self._per_policy_gauges: dict[str, tuple] = {}
+        self._tail_gauges: dict[float, object] = {}
         registry = self.registry
 
         def counter(name, doc, labels=()):
@@ -193,9 +198,11 @@ class Metrics:
     def on_tick(self, report) -> None:
         sample, policies, state = report.sample, report.policies, report.state
         self.set_mode(report.mode)
-        for source in SOURCES:
-            self.source.labels(source).set(1 if sample.source == source else 0)
-        self.degraded.set(1 if sample.source == "procfs" else 0)
+        if sample.source != self._source_now:
+            for source in SOURCES:
+                self.source.labels(source).set(1 if sample.source == source else 0)
+            self.degraded.set(1 if sample.source == "procfs" else 0)
+            self._source_now = sample.source
         waits = sample.protected
         with self._lock:
             if waits.histogram is not None:
@@ -216,8 +223,11 @@ class Metrics:
 
     # -- parts --------------------------------------------------------------------------------
     def set_mode(self, mode: str) -> None:
+        if mode == self._mode_now:
+            return
         for each in MODES:
             self.mode.labels(each).set(1 if each == mode else 0)
+        self._mode_now = mode
 
     def _offender(self, comm: str, seconds: float) -> str:
         if comm in self._offenders:
@@ -246,7 +256,7 @@ class Metrics:
             comm = info.comm if info is not None else usage.comm if usage is not None else "?"
             offender = self._offender(comm, seconds)
             by_offender[offender] = by_offender.get(offender, 0.0) + seconds
-            found = governing(info, sample.processes, policies) if info is not None else None  # a tree policy's too
+            found = sample.governing(info, policies) if info is not None else None  # a tree policy's too
             name = found.policy.name if found else NO_POLICY
             by_policy[name] = by_policy.get(name, 0.0) + seconds
         for offender, seconds in by_offender.items():
@@ -254,21 +264,9 @@ class Metrics:
         for name, seconds in by_policy.items():
             self.blame_by_policy.labels(name).inc(seconds)
 
-    def _per_policy(self, sample, policies, state) -> None:
-        now = sample.end_ns / 1e9
+    def _policy_series(self, policies) -> None:
+        """The series that depend on the policies alone: made again only when they were (re)loaded."""
         names = {policy.name for policy in policies.policies}
-        active: dict[str, int] = dict.fromkeys(names, 0)
-        stuck: dict[str, int] = dict.fromkeys(names, 0)
-        for remediation in state.remediations.values():
-            if not remediation.applied or remediation.policy not in names:
-                continue
-            active[remediation.policy] += 1
-            policy = policies.by_name(remediation.policy)
-            if remediation.step_index >= len(policy.steps) - 1 and state.last_over.get(policy.name) == now:
-                stuck[policy.name] += 1
-        for name in names:
-            self.active.labels(name).set(active[name])
-            self.nothing_left.labels(name).set(stuck[name])
         for gone in self._seen_policies - names:  # a reload dropped the policy: its gauges go too
             for metric in (self.active, self.nothing_left):
                 metric.remove(gone)
@@ -286,9 +284,30 @@ class Metrics:
             self.threshold.remove(*stale)
         self._tail_series = thresholds
         self._seen_policies = names
-        for percentile in percentiles:
+        self._per_policy_gauges = {name: (self.active.labels(name), self.nothing_left.labels(name)) for name in names}
+        self._tail_gauges = {percentile: self.tail.labels(_percentile_label(percentile)) for percentile in percentiles}
+        self._series_for = policies
+
+    def _per_policy(self, sample, policies, state) -> None:
+        if policies is not self._series_for:
+            self._policy_series(policies)
+        now = sample.end_ns / 1e9
+        gauges = self._per_policy_gauges
+        active: dict[str, int] = dict.fromkeys(gauges, 0)
+        stuck: dict[str, int] = dict.fromkeys(gauges, 0)
+        for remediation in state.remediations.values():
+            if not remediation.applied or remediation.policy not in gauges:
+                continue
+            active[remediation.policy] += 1
+            policy = policies.by_name(remediation.policy)
+            if remediation.step_index >= len(policy.steps) - 1 and state.last_over.get(policy.name) == now:
+                stuck[policy.name] += 1
+        for name, (active_gauge, stuck_gauge) in gauges.items():
+            active_gauge.set(active[name])
+            stuck_gauge.set(stuck[name])
+        for percentile, gauge in self._tail_gauges.items():
             value = sample.protected.percentile_ns(percentile)
-            self.tail.labels(_percentile_label(percentile)).set(float("nan") if value is None else value / 1e9)
+            gauge.set(float("nan") if value is None else value / 1e9)
 
     def text(self) -> bytes:
         """The Prometheus text format, as /metrics serves it."""

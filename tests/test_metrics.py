@@ -90,6 +90,43 @@ def test_a_comm_that_only_flickers_gets_no_series_of_its_own():
     assert set(values(metrics, "remediator_offender_blame_seconds_total")) == {(("comm", OTHER),)}
 
 
+def test_a_reload_or_a_mode_change_shows_in_the_series_made_once_per_policy_set():
+    from pathlib import Path
+
+    from remediator.engine import EngineState
+    from remediator.policy import load_policies
+    from remediator.tick import TickReport
+
+    shipped = load_policies([Path(__file__).resolve().parent.parent / "policies"])
+    fewer = PolicySet(shipped.policies[:1])
+    metrics = Metrics()
+    settings = engine_settings(shipped, 1.0, frozenset({0}), frozenset({0, 1}), 10, self_pid=-1)
+
+    def tick(index, policies, mode, source="bpf"):
+        sample = dataclasses.replace(blamed_sample(index, [(7, "x", 1000)]), source=source)
+        metrics.on_tick(TickReport(sample, policies, settings, EngineState(), mode, ()))
+
+    def policy_labels(name):
+        return {dict(labels)["policy"] for labels in values(metrics, name)}
+
+    tick(0, shipped, "dry-run")
+    names = {policy.name for policy in shipped.policies}
+    assert policy_labels("remediator_active_remediations") == names
+    assert len(policy_labels("remediator_policy_tail_threshold_seconds")) > 1
+    tick(1, fewer, "dry-run")  # a reload dropped all but one: their series go
+    assert policy_labels("remediator_active_remediations") == {fewer.policies[0].name}
+    assert policy_labels("remediator_policy_tail_threshold_seconds") <= {fewer.policies[0].name}
+    tick(2, fewer, "live", source="procfs")
+    assert values(metrics, "remediator_mode")[(("mode", "live"),)] == 1
+    assert values(metrics, "remediator_mode")[(("mode", "dry-run"),)] == 0
+    assert values(metrics, "remediator_source")[(("source", "procfs"),)] == 1
+    assert values(metrics, "remediator_degraded")[()] == 1
+    tick(3, shipped, "live")
+    assert policy_labels("remediator_active_remediations") == names
+    assert values(metrics, "remediator_source")[(("source", "bpf"),)] == 1
+    assert values(metrics, "remediator_degraded")[()] == 0
+
+
 @pytest.mark.parametrize("observer", [Metrics(), AuditWriter(lambda record: None), DecisionLog()])
 def test_no_attribute_of_an_observer_shadows_one_of_its_methods(observer):
     # A bug seen before: an attribute named like a method (maintained) made calling it fail.
