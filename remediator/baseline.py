@@ -49,16 +49,25 @@ class PercentileBaseline:
     open_s: float = 0.0
     exported: tuple[Block, ...] = ()  # the blocks as last exported (see EXPORT_EVERY)
     since_export: int = 0  # blocks closed since
+    # The last value_us: (from, until, value). The engine asks it several times a tick and the
+    # answer changes only when a block ages out (the blocks themselves never change: learning
+    # makes a new PercentileBaseline).
+    _value_memo: list = field(default_factory=list, compare=False, repr=False)
 
     def recent(self, now: float) -> tuple[Block, ...]:
         return tuple(block for block in self.blocks if block.end_s >= now - MAX_AGE_S)[-MAX_BLOCKS:]
 
     def value_us(self, now: float) -> float | None:
         """The learned baseline, or None while fewer than MIN_BLOCKS recent blocks are known."""
+        memo = self._value_memo
+        if memo and memo[0] <= now <= memo[1]:
+            return memo[2]
         recent = self.recent(now)
-        if len(recent) < MIN_BLOCKS:
-            return None
-        return float(statistics.median(block.value_us for block in recent))
+        value = None if len(recent) < MIN_BLOCKS else float(statistics.median(block.value_us for block in recent))
+        # Blocks older than `now` allows stay out as time goes on; the oldest in stays until its age passes.
+        until = recent[0].end_s + MAX_AGE_S if recent else float("inf")
+        memo[:] = [now, until, value]
+        return value
 
     def learn(self, counts: Mapping[int, int], duration_s: float, end_s: float, percentile: float) -> "PercentileBaseline":
         merged = dict(self.open_counts)
@@ -66,7 +75,8 @@ class PercentileBaseline:
             merged[slot] = merged.get(slot, 0) + count
         open_s = self.open_s + duration_s
         if open_s < BLOCK_S - 1e-9:
-            return PercentileBaseline(self.blocks, merged, open_s, self.exported, self.since_export)
+            return PercentileBaseline(self.blocks, merged, open_s, self.exported, self.since_export,
+                                      self._value_memo)  # the same blocks: the same value
         value = histogram.percentile(merged, percentile)
         blocks = self.recent(end_s)
         if value is not None:

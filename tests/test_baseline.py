@@ -153,3 +153,33 @@ def test_a_baseline_learned_in_this_process_wins_over_the_saved_one(tmp_path):
     now = 32 * TICK
     assert import_state(export_state(saved)).baselines.value_us(99.0, now) > 250
     assert import_state(export_state(saved), current).baselines.value_us(99.0, now) < 150
+
+
+def test_the_remembered_value_is_the_value_worked_out_afresh_as_blocks_age_out():
+    # Five blocks of 100 us, then four of 200 us: as the older ones pass MAX_AGE_S the median
+    # moves, and the value the engine is given at each instant must be the one a fresh baseline gives.
+    per_block = int(baseline.BLOCK_S / TICK)
+    learned, now = learn([100.0] * per_block * 5 + [200.0] * per_block * 4)
+    remembered = learned.by_percentile[99.0]
+    seen = set()
+    for step in range(0, 200):
+        at = now + baseline.MAX_AGE_S - 20 + step * 0.25
+        fresh = baseline.PercentileBaseline(remembered.blocks)  # nothing remembered
+        assert remembered.value_us(at) == fresh.value_us(at), at
+        seen.add(remembered.value_us(at))
+    assert len(seen) >= 3  # ~100 us, ~200 us, None once too few blocks are left (and medians between)
+    assert None in seen
+
+
+def test_a_window_that_closes_no_block_keeps_the_remembered_value_and_one_that_does_does_not():
+    per_block = int(baseline.BLOCK_S / TICK)
+    learned, now = learn([100.0] * per_block * 3)
+    before = learned.value_us(99.0, now)
+    half = learned.learn({99.0: 2000.0}, counts(900.0), TICK, now + TICK)  # adds to the open block only
+    assert half.by_percentile[99.0].blocks == learned.by_percentile[99.0].blocks
+    assert half.value_us(99.0, now + TICK) == before
+    closed, at = half, now + TICK
+    for _ in range(per_block * 4):  # four more blocks at 900 us: the median moves to 900
+        at += TICK
+        closed = closed.learn({99.0: 2000.0}, counts(900.0), TICK, at)
+    assert closed.value_us(99.0, at) > 800
