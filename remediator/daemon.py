@@ -37,7 +37,7 @@ from .matching import Glob
 from .metrics import Metrics, MetricsServer, TextfileWriter
 from .model import Outcome, PolicySet
 from .policy import PolicyErrors, load_policies
-from .probes import BurstEvent, ProbeSettings, window_shift_for
+from .probes import BurstEvent, probe_settings_for
 from .recording import open_recording
 from .printable import printable
 from .procfs import ProcessInfo, ProcFS
@@ -328,8 +328,7 @@ class Daemon:
     def _open_source(self) -> Source:
         """The configured source; with "bpf", a SetupError (one line: why, and how to opt into procfs)
         when the probes cannot load, rather than a daemon that looks protective and is not."""
-        window_ms = max(1.0, self.config.tick_s * 1000 / 4)  # several windows per tick, so bursts show
-        settings = ProbeSettings(window_shift=window_shift_for(window_ms))
+        settings = probe_settings_for(self.config.tick_s)
         try:
             source, fallback = open_source(self.procfs, want=self.source_choice, settings=settings)
         except RemediatorError as exc:  # only with "bpf": "auto" falls back, "procfs" loads no probes

@@ -142,10 +142,29 @@ def sum_wait_stats(per_cpu: list[tuple], closed_epoch: int) -> tuple[dict[str, i
     return totals, max_ns, hist
 
 
+REPORT_FLOOR_MIN_NS = 1_000_000
+REPORT_FLOOR_MAX_NS = 4_000_000
+
+
+def report_floor_for(tick_s: float) -> int:
+    """The report floor for a daemon that reads every `tick_s`: 1/64 of the tick (1.6% of a CPU
+    per tick), within 1 to 4 ms. A tick reads about (the CPU time of the processes that barely
+    run) / floor entries, at ~15 us each in Python (bench/scale.py): at 250 ms, 3.9 ms reads a
+    quarter as many as 1 ms, and any share a policy acts on is still read the tick it happens."""
+    return max(REPORT_FLOOR_MIN_NS, min(REPORT_FLOOR_MAX_NS, round(tick_s * 1e9 / 64)))
+
+
 def window_shift_for(window_ms: float) -> int:
     """The power-of-two window nearest to `window_ms` (the probes shift, they do not divide)."""
 
     return max(20, min(31, round(math.log2(max(window_ms, 1.0) * 1e6))))
+
+
+def probe_settings_for(tick_s: float) -> "ProbeSettings":
+    """The daemon's probe settings for its tick: several windows per tick, so bursts show, and
+    the report floor the tick allows."""
+    window_ms = max(1.0, tick_s * 1000 / 4)
+    return ProbeSettings(window_shift=window_shift_for(window_ms), report_floor_ns=report_floor_for(tick_s))
 
 
 @dataclass(frozen=True)
@@ -159,9 +178,9 @@ class ProbeSettings:
     pid_max: int = 4194304  # sizes the protected bitmap; the loader passes kernel.pid_max
     max_proc_cpu_entries: int | None = None  # None: sized from the host (proc_cpu_entries_for)
     # A (process, cpu) entry is read once this much on-CPU or blamed time is unreported (and at a
-    # thread's exit): processes that barely run cost no read per tick. 1 ms is 0.4% of a CPU per
-    # 250 ms tick, far below any share a policy acts on.
-    report_floor_ns: int = 1_000_000
+    # thread's exit): processes that barely run cost no read per tick. The daemon sets it from its
+    # tick (report_floor_for: 3.9 ms at 250 ms).
+    report_floor_ns: int = REPORT_FLOOR_MIN_NS
     changed_queue_slots: int = 1024  # keys per CPU per epoch; past that, one full read
     exec_ring_pages: int = 16
     max_cpus: int | None = None  # None: the host's possible CPUs (the loader fills it in)

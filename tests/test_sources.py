@@ -367,3 +367,13 @@ def test_psi_reader_keeps_one_descriptor_and_reopens_after_a_failed_read(tmp_pat
     path.write_text("some avg10=0.00 total=oops\n")
     assert reader.read() is None
     reader.close()
+
+
+def test_the_daemons_probes_read_an_entry_past_a_floor_that_follows_its_tick():
+    from remediator.probes import probe_settings_for, report_floor_for
+
+    assert report_floor_for(0.25) == 3_906_250  # 1/64 of the tick: 1.6% of a CPU per tick
+    assert report_floor_for(0.01) == 1_000_000 and report_floor_for(60) == 4_000_000  # within 1 to 4 ms
+    settings = probe_settings_for(0.25)
+    assert settings.report_floor_ns == 3_906_250 and settings.window_ns == 1 << 26  # 67 ms: 4 windows a tick
+    assert "-DREPORT_FLOOR_NS=3906250ull" in settings.cflags(0xFF)
