@@ -15,28 +15,36 @@ shipped policies and the service protected, and each phase's thread CPU time is 
   auto cpus   request_cpus = "auto" (cached: read again only when the protected set changes)
   audit       writing the tick's decisions (none on a quiet host: shown for completeness)
 
+The probes load as the daemon loads them (probe_settings_for its tick): an entry is read once it
+has the report floor (1/64 of the tick, 3.9 ms at 250 ms) of on-CPU or blamed time not yet read.
+The same tick is measured again, side by side, with the floor at --also-floor-ms (1 ms, the
+floor before it followed the tick), to show what the floor buys.
+
 The model of the same tick on 64 and 192 CPUs. proc_cpu holds one entry per (process, CPU it ran
-on), but a tick reads only the entries each CPU queued as changed, and an entry is queued once it
-has a report floor (1 ms) of on-CPU or blamed time not yet read (or at a thread's exit): the
-entries read per tick are bounded by the CPU time the host spent, not by processes x CPUs, and the
-same work spread over more CPUs queues no more of them (fewer: each entry fills more slowly). So
-the entries read stay as measured here. What grows with the CPU count is per-CPU work: the
+on), but a tick reads only the entries each CPU queued as changed (or at a thread's exit): the
+entries read per tick are bounded by the CPU time the host's small processes spent divided by the
+floor, not by processes x CPUs, and the same work spread over more CPUs queues no more of them
+(fewer: each entry fills more slowly). So for this host's work the entries read stay as measured
+here; a bigger host doing proportionally more work reads proportionally more. What grows with the CPU count is per-CPU work: the
 per-CPU wait statistics (a histogram each) and the CPU states, read and summed every tick; that is
 timed here on buffers of 64 and 192 CPUs' size and added. For comparison, a full read of every
 entry of a host where every process ran on every CPU, at the per-entry cost measured here.
 
-    sudo .venv/bin/python bench/scale.py                 ~90 s (with the daemon as shipped)
+    sudo .venv/bin/python bench/scale.py                 ~2 min (with the daemon as shipped)
     sudo .venv/bin/python bench/scale.py --processes 300 --ticks 12
+    sudo .venv/bin/python bench/scale.py --daemon-profile 40    where the daemon's own CPU goes
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import cProfile
 import io
 import os
 import pstats
 import shutil
+import signal
 import statistics
 import struct
 import subprocess
@@ -57,6 +65,7 @@ from remediator.engine import EngineSettings, EngineState, decide, history_for  
 from remediator.placement import auto_request_cpus  # noqa: E402
 from remediator.policy import load_policies  # noqa: E402
 from remediator import sources as sources_module  # noqa: E402
+from remediator.probes import ProbeSettings, probe_settings_for  # noqa: E402
 from remediator.procfs import ProcFS  # noqa: E402
 from remediator.safety import daemon_identity  # noqa: E402
 from remediator.selectors import ProtectSelectors  # noqa: E402
@@ -117,7 +126,7 @@ def start_host(args, directory: Path) -> tuple[subprocess.Popen, int]:
     return host, int(line.split()[1])
 
 
-def measure(args) -> dict:
+def measure(args, settings: ProbeSettings) -> dict:
     procfs = ProcFS()
     directory = Path(tempfile.mkdtemp(prefix="remediator-scale-"))
     host, service = start_host(args, directory)
@@ -128,7 +137,7 @@ def measure(args) -> dict:
         switches_per_s = (context_switches() - before) / (time.monotonic() - started)
 
         phases = Phases()
-        source = BpfSource(procfs)
+        source = BpfSource(procfs, settings)
         probes = source.probes
         read_counts: list[int] = []  # entries read per tick (the changed set)
 
@@ -229,9 +238,41 @@ def measure(args) -> dict:
     }
 
 
-def cpu_ticks(pid: int) -> int:
+def cpu_ticks(pid) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+# The daemon with its main thread profiled between SIGUSR1 and SIGUSR2 (the steady state only),
+# the profile written to argv[1].
+PROFILED_DAEMON = """
+import cProfile, signal, sys
+from pathlib import Path
+from remediator.cli import main
+out = Path(sys.argv[1])
+profile = cProfile.Profile()
+def start(signum, frame):
+    profile.enable()
+def stop(signum, frame):
+    profile.disable()
+    profile.dump_stats(str(out))
+    out.with_suffix(".done").touch()
+signal.signal(signal.SIGUSR1, start)
+signal.signal(signal.SIGUSR2, stop)
+sys.argv = ["remediator"] + sys.argv[2:]
+sys.exit(main())
+"""
+
+
+def thread_cpu_ticks(pid: int) -> dict[int, int]:
+    """Each thread's utime + stime, in clock ticks."""
+    result = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            result[int(task.name)] = cpu_ticks(f"{pid}/task/{task.name}")
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return result
 
 
 def measure_daemon(args) -> dict:
@@ -259,16 +300,37 @@ audit_log = "{directory / 'audit.jsonl'}"
 listen = "127.0.0.1:{args.daemon_metrics_port}"
 """
         )
-        daemon = subprocess.Popen([REMEDIATOR, "run", "--config", str(config)], stdout=subprocess.DEVNULL,
-                                  stderr=open(directory / "daemon.log", "w"))
+        profile_out = directory / "daemon.prof"
+        command = [REMEDIATOR, "run", "--config", str(config)]
+        if args.daemon_profile:
+            command = [sys.executable, "-c", PROFILED_DAEMON, str(profile_out), "run", "--config", str(config)]
+        daemon = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(directory / "daemon.log", "w"))
         time.sleep(args.daemon_warmup)
         if daemon.poll() is not None:
             raise SystemExit(f"scale: the daemon exited: {(directory / 'daemon.log').read_text()[-2000:]}")
         hz = os.sysconf("SC_CLK_TCK")
+        if args.daemon_profile:
+            daemon.send_signal(signal.SIGUSR1)
         ticks, started = cpu_ticks(daemon.pid), time.monotonic()
+        threads_before = thread_cpu_ticks(daemon.pid)
         time.sleep(args.daemon_seconds)
         used_s = (cpu_ticks(daemon.pid) - ticks) / hz
-        return {"daemon_percent": 100.0 * used_s / (time.monotonic() - started), "seconds": args.daemon_seconds}
+        elapsed = time.monotonic() - started
+        threads = {tid: 100.0 * (used - threads_before.get(tid, 0)) / hz / elapsed
+                   for tid, used in thread_cpu_ticks(daemon.pid).items()}
+        if args.daemon_profile:
+            daemon.send_signal(signal.SIGUSR2)
+            for _ in range(100):
+                if profile_out.exists() and profile_out.with_suffix(".done").exists():
+                    break
+                time.sleep(0.1)
+            text = io.StringIO()
+            stats = pstats.Stats(str(profile_out), stream=text)
+            stats.sort_stats("tottime").print_stats(args.daemon_profile)
+            stats.sort_stats("cumulative").print_stats(args.daemon_profile)
+            print(text.getvalue(), file=sys.stderr)
+        return {"daemon_percent": 100.0 * used_s / elapsed, "seconds": args.daemon_seconds,
+                "threads_percent": threads}
     finally:
         if daemon is not None:
             daemon.terminate()
@@ -328,6 +390,11 @@ def main() -> int:
                         help="then run the daemon as shipped on the same host this long (0: not)")
     parser.add_argument("--daemon-warmup", type=float, default=15.0)
     parser.add_argument("--daemon-metrics-port", type=int, default=19447)
+    parser.add_argument("--daemon-profile", type=int, default=0, metavar="N",
+                        help="profile the shipped daemon's main thread over --daemon-seconds and print the N "
+                             "costliest functions to stderr (its CPU share then includes the profiler's overhead)")
+    parser.add_argument("--also-floor-ms", type=float, default=1.0,
+                        help="measure the tick again with this report floor, side by side (0: not)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile the steady-state ticks and print the N costliest functions to stderr "
                              "(the phase times then include the profiler's overhead)")
@@ -335,7 +402,11 @@ def main() -> int:
     if os.geteuid() != 0:
         print("scale: run as root (the probes)", file=sys.stderr)
         return 1
-    result = measure(args)
+    daemon_settings = probe_settings_for(TICK_S)  # as the daemon loads them
+    result = measure(args, daemon_settings)
+    other = None
+    if args.also_floor_ms > 0:
+        other = measure(args, dataclasses.replace(daemon_settings, report_floor_ns=int(args.also_floor_ms * 1e6)))
     per_s = 1 / TICK_S
     print(f"Synthetic host: {args.processes} processes waking {args.wakeups}/s, a protected service with "
           f"{result['threads']} threads waking {args.service_wakeups}/s: {result['switches_per_s']:,.0f} context "
@@ -356,6 +427,13 @@ def main() -> int:
           f"per entry). request_cpus auto uncached: {result['uncached_auto_cpus_ms']:.2f} ms per tick "
           f"({result['threads']} threads), cached: 0 between changes of the protected set.")
     print()
+    if other is not None:
+        print(f"The report floor, side by side: at the daemon's {daemon_settings.report_floor_ns / 1e6:g} ms, "
+              f"{result['changed_now']:g} entries read per tick and a tick of {result['tick_mean_ms']:.3f} ms (mean); at "
+              f"{args.also_floor_ms:g} ms, {other['changed_now']:g} entries and {other['tick_mean_ms']:.3f} ms: "
+              f"**{result['tick_mean_ms'] / other['tick_mean_ms']:.2f}x** (map reads + delta "
+              f"{(result['per_phase_mean_ms']['map reads'] + result['per_phase_mean_ms']['delta']) / max(1e-9, other['per_phase_mean_ms']['map reads'] + other['per_phase_mean_ms']['delta']):.2f}x).")
+        print()
     print("| CPUs | proc_cpu entries (every process on every CPU) | entries read per tick | per-CPU work ms | tick ms (mean) | % of one core | a full read instead: tick ms | % |")
     print("|---|---|---|---|---|---|---|---|")
     for cpus in (os.cpu_count() or 2, 64, 192):
@@ -368,6 +446,8 @@ def main() -> int:
         print(f"The daemon as shipped (remediator run, dry-run, shipped policies) on the same host: "
               f"**{daemon['daemon_percent']:.2f}% of one core** over {daemon['seconds']:g} s after a "
               f"{args.daemon_warmup:g} s warm-up (goal <= {GOAL_PERCENT:g}).")
+        print("Its threads, % of one core: " + ", ".join(
+            f"{tid}: {percent:.2f}" for tid, percent in sorted(daemon["threads_percent"].items())))
     return 0
 
 
