@@ -11,6 +11,7 @@ for the first `offender_labels` comms that earn one, and all others count under 
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 import sys
@@ -53,6 +54,16 @@ def _step_text(policy, index: int | None) -> str:
     return policy.steps[index].describe()
 
 
+@functools.cache
+def _bucket_of_slot() -> tuple[int | None, ...]:
+    """For each probe slot, the first Prometheus bucket that holds all of it (None: only +Inf)."""
+    found = []
+    for slot in range(histogram.SLOTS):
+        _low, high = histogram.slot_bounds(slot)
+        found.append(next((index for index, bound in enumerate(WAIT_BUCKETS_NS) if high <= bound), None))
+    return tuple(found)
+
+
 class _WaitHistogram:
     """The protected threads' run-queue waits as a cumulative Prometheus histogram, fed a tick's
     probe buckets at a time (observing each wait one by one would cost a call per wakeup)."""
@@ -64,14 +75,13 @@ class _WaitHistogram:
         self.sum_ns = 0
 
     def add(self, counts: dict[int, int], wait_ns: int) -> None:
+        bucket_of = _bucket_of_slot()
         for slot, count in counts.items():
             if count <= 0:
                 continue
-            low, high = histogram.slot_bounds(slot)
-            for index, bound in enumerate(WAIT_BUCKETS_NS):
-                if high <= bound:
-                    self.buckets[index] += count
-                    break
+            index = bucket_of[slot] if 0 <= slot < len(bucket_of) else None
+            if index is not None:
+                self.buckets[index] += count
             self.count += count
         self.sum_ns += wait_ns
 
