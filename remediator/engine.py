@@ -37,6 +37,7 @@ with the same timing as the live run.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Collection, Iterable, Mapping, Sequence
@@ -274,6 +275,10 @@ def tree_evidence(root: ProcessInfo, pid: int, own_cpu: float, windows: tuple[Wi
     }
 
 
+def _end_s(window: Window) -> float:
+    return window.end_s
+
+
 def decide(
     state: EngineState,
     sample: Sample,
@@ -285,7 +290,8 @@ def decide(
     now = sample.end_ns / 1e9
     ts = sample.ts
     window = Window.from_sample(sample)
-    recent = sum(1 for w in state.windows if w.end_s >= now - settings.history_s)  # windows are in time order
+    # Windows are in time order: the recent ones are a tail, found by bisection (a tick keeps ~120).
+    recent = len(state.windows) - bisect.bisect_left(state.windows, now - settings.history_s, key=_end_s)
     keep = max(recent, settings.history_windows - 1)
     windows = state.windows[max(0, len(state.windows) - keep):] + (window,)
     state = dataclasses.replace(state, windows=windows)
