@@ -28,6 +28,7 @@ from .trees import governing
 log = logging.getLogger(__name__)
 
 SCAN_EVERY_S = 5.0
+SHARED_LISTING_S = 0.1  # a listing of /proc this recent is the tick's own
 # An event within this long of judging its process uses the info judged (a fork child is judged at
 # its first event): reading /proc again would add ~1-5 ms to detection for nothing new. The
 # executor still checks (pid, start time) just before any change.
@@ -141,9 +142,12 @@ class BurstWatch:
             self._judged.pop(pid, None)  # exec changes comm, exe and cmdline: judge it again
             self._judge_pid(pid, protected)
         now = self.clock()
-        if now - self._last_scan >= SCAN_EVERY_S:
+        # The collector's listing of this tick, when it made one, past half the period: the two
+        # scans fall on the same ticks then, one listing between them.
+        shared = self.procfs.recent_pids(SHARED_LISTING_S) if now - self._last_scan >= SCAN_EVERY_S / 2 else None
+        if shared is not None or now - self._last_scan >= SCAN_EVERY_S:
             self._last_scan = now
-            pids = set(self.procfs.pids())
+            pids = set(shared if shared is not None else self.procfs.pids())
             for pid in list(self._judged):
                 if pid not in pids:
                     del self._judged[pid]

@@ -26,6 +26,7 @@ import pwd
 import queue
 import re
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -299,6 +300,7 @@ class ProcFS:
         self._root = str(self.root)  # plain strings: the daemon reads these files every tick
         self._bounded = BoundedReads(read_timeout_s)
         self._held: dict[int, int] = {}  # pid -> directory descriptor of the process held by hold()
+        self._last_listing: tuple[float, list[int]] | None = None  # (monotonic time, pids) of the last pids()
 
     # -- holding a process ------------------------------------------------------------------
     @contextmanager
@@ -380,7 +382,17 @@ class ProcFS:
 
     def pids(self) -> list[int]:
         with self._psutil(None, f"list {self.root}"):
-            return psutil.pids()
+            listed = psutil.pids()
+        self._last_listing = (time.monotonic(), listed)
+        return listed
+
+    def recent_pids(self, max_age_s: float) -> list[int] | None:
+        """The last pids() listing when it is at most `max_age_s` old, else None. Listing /proc
+        costs milliseconds on a host of a thousand processes (the kernel makes a dentry per pid);
+        the collector lists it at each rescan and the burst watch, in the same tick, reuses that."""
+        if self._last_listing is None or time.monotonic() - self._last_listing[0] > max_age_s:
+            return None
+        return list(self._last_listing[1])
 
     def tids(self, pid: int) -> list[int]:
         # Hand-written, per tick for every protected process: psutil's threads() also reads each

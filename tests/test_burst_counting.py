@@ -220,9 +220,15 @@ class FakeProcs:
     def __init__(self, *infos):
         self.infos = {info.pid: info for info in infos}
         self.reads = 0
+        self.listings = 0
+        self.shared: list[int] | None = None  # what recent_pids gives: the collector's listing of the tick
 
     def pids(self):
+        self.listings += 1
         return list(self.infos)
+
+    def recent_pids(self, max_age_s):
+        return None if self.shared is None else list(self.shared)
 
     def process_info(self, pid):
         from remediator.errors import ProcessGone
@@ -367,3 +373,32 @@ def test_the_burst_floor_is_written_only_when_it_changes():
     probes.set_burst_candidates({})
     assert floor.writes == 3 and floor.entries[b"\0\0\0\0"] == bytes(8)
     assert probes._maps["burst_candidates"].entries == {}
+
+
+def test_burstwatch_scans_with_the_collectors_listing_of_the_tick_when_it_has_one(tmp_path):
+    from remediator.burstwatch import SCAN_EVERY_S, BurstWatch
+
+    procs = FakeProcs(SERVICE, SHIPPER)
+    now = [0.0]
+    watch = BurstWatch(FakeBurstSource(), procs, daemon=None, clock=lambda: now[0])
+    watch.set_policies(burst_policies(tmp_path))
+    watch.refresh([], [SERVICE.pid])
+    assert procs.listings == 1 and SHIPPER.pid in watch._candidates
+    # Past half the period, the collector listed /proc this tick: that listing serves, a new
+    # shipper in it is judged, and /proc is not listed a second time.
+    newcomer = ProcessInfo(pid=210, start_time=22, comm="fluent-bit")
+    procs.infos[newcomer.pid] = newcomer
+    procs.shared = [SERVICE.pid, SHIPPER.pid, newcomer.pid]
+    now[0] = SCAN_EVERY_S / 2
+    watch.refresh([], [SERVICE.pid])
+    assert procs.listings == 1 and newcomer.pid in watch._candidates
+    # Before half the period a shared listing is not taken (the scan just ran); at the full
+    # period with none shared, it lists /proc itself.
+    procs.shared = [SERVICE.pid]
+    now[0] += 1.0
+    watch.refresh([], [SERVICE.pid])
+    assert newcomer.pid in watch._candidates
+    procs.shared = None
+    now[0] += SCAN_EVERY_S
+    watch.refresh([], [SERVICE.pid])
+    assert procs.listings == 2

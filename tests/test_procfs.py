@@ -100,3 +100,14 @@ def test_thread_count_in_a_tree_counts_task_entries_or_falls_back_to_stat(proc, 
     shutil.rmtree(proc / "500")
     with pytest.raises(ProcessGone):
         procfs.thread_count(500)
+
+
+def test_recent_pids_is_the_last_listing_while_it_is_recent_enough(proc):
+    procfs = ProcFS(proc)
+    assert procfs.recent_pids(60.0) is None  # nothing listed yet
+    listed = procfs.pids()
+    assert procfs.recent_pids(60.0) == listed
+    add_process(proc, 500, "newcomer", ppid=1, start=1000)
+    assert 500 not in procfs.recent_pids(60.0)  # the listing as it was, not /proc now
+    assert procfs.recent_pids(-1.0) is None  # too old for the caller
+    assert 500 in procfs.pids()
