@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 # tick; a cache of only this tick's processes read ~20 new ones a tick at ~1.3 ms each (ancestors,
 # exe, cmdline: bench/scale.py), where a kept one costs a stat read every rescan interval.
 INFO_CACHE_MAX = 8192
+FULL_RESCAN_S = 60.0  # see Collector._candidates
 
 
 class Collector:
@@ -67,6 +68,9 @@ class Collector:
         self._untracked: dict[int, set[int]] = {}  # pid -> threads the protected map refused
         self._info_cache: dict[int, tuple[ProcessInfo, float]] = {}  # pid -> (info, when checked)
         self._last_rescan = float("-inf")
+        self._listed: set[int] | None = None  # the pids of the last rescan's listing (comm, cgroup, unit selectors)
+        self._last_full_rescan = float("-inf")
+        self._full_rescan_due = False  # exec events were lost: judge every process at the next rescan
         self._exited: set[int] = set()  # processes found gone at the last rescan, forgotten after the next read
         self._cpu_count = os.cpu_count() or 1
 
@@ -129,9 +133,29 @@ class Collector:
         refusal = self.selectors.user_refusal(info)
         return (info, f"child of a protected process, but it {refusal}") if refusal else None
 
+    def _candidates(self) -> list[int] | None:
+        """The processes a rescan judges against comm, cgroup and unit selectors: every process
+        at a full rescan (the first, then every FULL_RESCAN_S, and after exec events were lost),
+        else only the pids new since the last listing and those protected now. A process that
+        execs is judged at its exec event; one that forks without exec is its parent's copy (and
+        the kernel protects a protected parent's children); what is left, a process renamed or
+        moved to another cgroup without exec, waits for the full rescan. Judging every process
+        reads a file of each: 25 to 55 ms per rescan at 1,000 processes (bench/scale.py)."""
+        if not self.selectors.lists_processes:
+            return None
+        listed = self.procfs.pids()
+        now = self.mono_clock()
+        full = self._listed is None or self._full_rescan_due or now - self._last_full_rescan >= FULL_RESCAN_S
+        candidates = listed if full else [pid for pid in listed if pid not in self._listed] + list(self.protected)
+        if full:
+            self._last_full_rescan, self._full_rescan_due = now, False
+        self._listed = set(listed)
+        return candidates
+
     def _rescan(self) -> None:
         refused: dict[int, tuple[ProcessInfo, str]] = {}
-        wanted = {pid: reason for pid, (_info, reason) in self.selectors.resolve(self.procfs, refused).items()}
+        resolved = self.selectors.resolve(self.procfs, refused, self._candidates())
+        wanted = {pid: reason for pid, (_info, reason) in resolved.items()}
         known_tids = {tid for tids in self.protected.values() for tid in tids}
         kernel_tids = self.source.kernel_protected_tids(only_if_forked=True)
         if kernel_tids:
@@ -206,8 +230,9 @@ class Collector:
         return threads
 
     def rescan_now(self) -> None:
-        """Resolve the selectors again at the next sample (e.g. after they changed)."""
+        """Resolve the selectors again, against every process, at the next sample (e.g. after they changed)."""
         self._last_rescan = float("-inf")
+        self._full_rescan_due = True
 
     # -- ticks --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -226,6 +251,8 @@ class Collector:
             rescanned = False
         threads = self._refresh_threads()
         delta = self.source.read(self.protected)
+        if delta.lost.get("exec_events_dropped"):
+            self._full_rescan_due = True  # a process that exec'd into a protected name may be among them
         if self._exited:
             # Found gone at the previous rescan and forgotten only now, after one more read: a
             # process's exit queues its last time in the probe's open epoch, which this read took.

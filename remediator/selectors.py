@@ -177,13 +177,22 @@ class ProtectSelectors:
             refused[pid] = (info, refusal)
         return (info, reason) if reason else None
 
+    @property
+    def lists_processes(self) -> bool:
+        """Whether resolving looks at every process (comm, cgroup or unit selectors), not only at pids named."""
+        return bool(self.comms or self.cgroups or self.units)
+
     def resolve(
-        self, procfs: ProcFS, refused: dict[int, tuple[ProcessInfo, str]] | None = None
+        self, procfs: ProcFS, refused: dict[int, tuple[ProcessInfo, str]] | None = None,
+        candidates: Iterable[int] | None = None,
     ) -> dict[int, tuple[ProcessInfo, str]]:
         """Every live process the selectors match and the users allow: pid -> (info, reason).
-        Those matched but refused go into `refused` when given."""
-        only_pids = not (self.comms or self.cgroups or self.units)
-        candidates = self.pids if only_pids else procfs.pids()
+        Those matched but refused go into `refused` when given. `candidates`: look only at these
+        processes instead of listing /proc (the pids named are always the only ones looked at)."""
+        if not self.lists_processes:
+            candidates = self.pids
+        elif candidates is None:
+            candidates = procfs.pids()
         matched = {}
         for pid in candidates:
             found = self.match_pid(procfs, pid, refused)

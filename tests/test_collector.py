@@ -293,3 +293,75 @@ def test_the_task_directory_is_listed_only_when_the_thread_count_changes(tmp_pat
     clock.now += 0.25
     assert collector.sample().protected.threads == 3
     assert procfs.task_listings == [10] and 12 in source.kernel_tids
+
+
+class JudgingProcFS(ProcFS):
+    """Counts the stat reads a rescan makes: one per process judged against a comm selector."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.judged: list[int] = []
+
+    def stat(self, pid, tid=None):
+        if tid is None:
+            self.judged.append(pid)
+        return super().stat(pid, tid)
+
+
+def test_a_rescan_judges_new_processes_and_every_process_only_at_a_full_rescan(tmp_path):
+    from remediator.collector import FULL_RESCAN_S
+
+    proc = FakeProc(tmp_path / "proc")
+    for process in (FakeProcess(1, "init"), FakeProcess(10, "api"), FakeProcess(20, "fluent-bit"), FakeProcess(30, "cron")):
+        proc.add(process)
+    proc.write()
+    source, clock, procfs = RecordingSource(), Clock(), JudgingProcFS(proc.root)
+    collector = Collector(source, ProtectSelectors.build(comms=["api"]), procfs, rescan_s=5.0, mono_clock=clock,
+                          wall_clock=lambda: 1_700_000_000.0)
+    collector.start()
+    assert {1, 10, 20, 30} <= set(procfs.judged)  # the first rescan judges every process
+    # A new process and one renamed without exec: the new one is judged (and protected); the
+    # renamed one, seen before, waits for the full rescan.
+    proc.add(FakeProcess(40, "api"))
+    proc.processes[20].comm = "api"
+    proc.write()
+    procfs.judged.clear()
+    clock.now += 6
+    collector.sample()
+    assert 40 in procfs.judged and not {1, 20, 30} & set(procfs.judged)
+    assert set(collector.protected) == {10, 40}
+    clock.now += FULL_RESCAN_S
+    collector.sample()
+    assert set(collector.protected) == {10, 20, 40}
+    # Lost exec events make the next rescan a full one.
+    proc.processes[30].comm = "api"
+    proc.write()
+    source.next_delta = TickDelta(0, 1_000_000_000, lost={"exec_events_dropped": 3})
+    clock.now += 0.25
+    collector.sample()
+    source.next_delta = TickDelta(0, 1_000_000_000)
+    clock.now += 6
+    collector.sample()
+    assert set(collector.protected) == {10, 20, 30, 40}
+
+
+def test_a_rescan_of_pids_named_lists_no_process(tmp_path):
+    proc = FakeProc(tmp_path / "proc")
+    proc.add(FakeProcess(1, "init"))
+    proc.add(FakeProcess(10, "api"))
+    proc.write()
+    listings = []
+
+    class ListingProcFS(ProcFS):
+        def pids(self):
+            listings.append(1)
+            return super().pids()
+
+    clock = Clock()
+    collector = Collector(RecordingSource(), ProtectSelectors.build(pids=[10]), ListingProcFS(proc.root), rescan_s=5.0,
+                          mono_clock=clock, wall_clock=lambda: 1_700_000_000.0)
+    collector.start()
+    clock.now += 6
+    collector.sample()
+    assert collector.protected == {10: {10}}
+    assert len(listings) == 1  # the dead-process check after the rescan's read, not the rescan itself
