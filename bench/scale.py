@@ -30,7 +30,7 @@ per-CPU wait statistics (a histogram each) and the CPU states, read and summed e
 timed here on buffers of 64 and 192 CPUs' size and added. For comparison, a full read of every
 entry of a host where every process ran on every CPU, at the per-entry cost measured here.
 
-    sudo .venv/bin/python bench/scale.py                 ~2 min (with the daemon as shipped)
+    sudo .venv/bin/python bench/scale.py                 ~8 min (each part after a 45 s warm-up)
     sudo .venv/bin/python bench/scale.py --processes 300 --ticks 12
     sudo .venv/bin/python bench/scale.py --daemon-profile 40    where the daemon's own CPU goes
 """
@@ -143,7 +143,7 @@ def measure(args, settings: ProbeSettings) -> dict:
 
         def counted(snapshot=phases.timed("map reads", probes.snapshot)):
             result = snapshot()
-            read_counts.append(len(result.proc_cpu_changed or ()))
+            read_counts.append(len(result.proc_cpu_changed or ()))  # the warm-up's are dropped below
             return result
 
         probes.snapshot = counted
@@ -161,10 +161,13 @@ def measure(args, settings: ProbeSettings) -> dict:
         profile = cProfile.Profile() if args.profile else None
         try:
             next_tick = time.monotonic()
-            for tick in range(args.ticks + 1):
+            # Not measured until the host is in its steady state: a process that barely runs is
+            # first read once it has spent the report floor, tens of seconds after the probes load.
+            warmup = max(1, round(args.warmup / TICK_S))
+            for tick in range(warmup + args.ticks):
                 next_tick += TICK_S
                 time.sleep(max(0.0, next_tick - time.monotonic()))
-                if profile is not None and tick == 1:
+                if profile is not None and tick == warmup:
                     profile.enable()  # steady state only: the first tick judges every process
                 start = time.thread_time_ns()
                 sample = collector.sample()
@@ -189,7 +192,7 @@ def measure(args, settings: ProbeSettings) -> dict:
                 phases.add("audit", time.thread_time_ns() - start)
                 current = phases.current
                 current["matching"] -= current.get("map reads", 0.0) + current.get("delta", 0.0)
-                if tick == 0:
+                if tick < warmup:
                     phases.current = {}  # the first tick reads everything and judges every process: not steady state
                 else:
                     phases.next_tick()
@@ -209,7 +212,9 @@ def measure(args, settings: ProbeSettings) -> dict:
             uncached_cpus = auto_request_cpus(collector.protected, online_cpus(), lambda pid: None)
             uncached_ms = (time.thread_time_ns() - start) / 1e6
             assert uncached_cpus == cached_cpus
-            changed_now = statistics.median(read_counts[2:]) if len(read_counts) > 2 else 0
+            steady_reads = read_counts[warmup:]
+            changed_now = statistics.median(steady_reads) if steady_reads else 0
+            changed_mean = statistics.mean(steady_reads) if steady_reads else 0
         finally:
             collector.close()
             audit.close()
@@ -230,6 +235,7 @@ def measure(args, settings: ProbeSettings) -> dict:
         "uncached_auto_cpus_ms": uncached_ms,
         "threads": sum(len(tids) for tids in collector.protected.values()),
         "changed_now": changed_now,
+        "changed_mean": changed_mean,
         "per_phase_ms": per_phase,
         "per_phase_mean_ms": per_phase_mean,
         "tick_ms": total,
@@ -266,7 +272,7 @@ sys.exit(main())
 
 PROTECT_FORMS = {
     "pid": "[protect] pids: only that process is looked at when the protected set is resolved again",
-    "comm": "[protect] comms, as units and cgroups: each process is judged at a rescan, new ones every 5 s, all every 60 s",
+    "comm": "[protect] comm, as unit and cgroup: each process is judged at a rescan, new ones every 5 s, all every 60 s",
 }
 
 
@@ -281,51 +287,70 @@ def thread_cpu_ticks(pid: int) -> dict[int, int]:
     return result
 
 
-def measure_daemon(args, protect_by: str) -> dict:
+def measure_daemon(args, protect_by: str, old_tree: Path | None) -> dict:
     """The daemon as shipped (`remediator run`, dry-run, the shipped policies, the synthetic
     service protected) on the same host: its whole CPU time, the tick's phases and all the rest
     (the rolling recording, metrics, state file, burst watch, rescans), over --daemon-seconds
-    after a warm-up."""
+    after a warm-up. With `old_tree`, that tree's daemon runs beside it at the same time, on the
+    same host and its noise: {"this tree": {...}, "old": {...}}."""
     directory = Path(tempfile.mkdtemp(prefix="remediator-scale-daemon-"))
     host, service = start_host(args, directory)
-    daemon = None
+    daemons: dict[str, subprocess.Popen] = {}
+    trees = {"this tree": None, **({"old": old_tree} if old_tree is not None else {})}
     try:
-        config = directory / "remediator.toml"
-        config.write_text(
-            f"""# generated by bench/scale.py
+        for index, (label, tree) in enumerate(trees.items()):
+            place = directory / f"daemon-{index}"
+            place.mkdir()
+            config = place / "remediator.toml"
+            config.write_text(
+                f"""# generated by bench/scale.py
 [protect]
-{f"pids = [{service}]" if protect_by == "pid" else 'comms = ["scale-service"]'}
+{f"pids = [{service}]" if protect_by == "pid" else 'comm = ["scale-service"]'}
 request_cpus = "auto"
 [daemon]
 mode = "dry-run"
 tick = "{TICK_S * 1000:g}ms"
 policies = ["{ROOT / 'policies'}"]
-journal = "{directory / 'journal.jsonl'}"
-audit_log = "{directory / 'audit.jsonl'}"
+journal = "{place / 'journal.jsonl'}"
+audit_log = "{place / 'audit.jsonl'}"
 [metrics]
-listen = "127.0.0.1:{args.daemon_metrics_port}"
+listen = "127.0.0.1:{args.daemon_metrics_port + index}"
 """
-        )
-        profile_out = directory / "daemon.prof"
-        command = [REMEDIATOR, "run", "--config", str(config)]
-        if args.daemon_profile:
-            command = [sys.executable, "-c", PROFILED_DAEMON, str(profile_out), "run", "--config", str(config)]
-        daemon = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(directory / "daemon.log", "w"))
-        time.sleep(args.daemon_warmup)
-        if daemon.poll() is not None:
-            raise SystemExit(f"scale: the daemon exited: {(directory / 'daemon.log').read_text()[-2000:]}")
+            )
+            if tree is not None:  # that ref's code and probes, on this interpreter
+                command = [sys.executable, "-m", "remediator.cli", "run", "--config", str(config)]
+                env = {**os.environ, "PYTHONPATH": str(tree), "REMEDIATOR_PROBES_DIR": str(tree / "probes")}
+            elif args.daemon_profile:
+                command = [sys.executable, "-c", PROFILED_DAEMON, str(place / "daemon.prof"), "run", "--config", str(config)]
+                env = None
+            else:
+                command, env = [REMEDIATOR, "run", "--config", str(config)], None
+            daemons[label] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(place / "daemon.log", "w"),
+                                              env=env, cwd=str(tree or ROOT))
+        time.sleep(args.warmup)
+        for index, (label, daemon) in enumerate(daemons.items()):
+            if daemon.poll() is not None:
+                log = (directory / f"daemon-{index}" / "daemon.log").read_text()[-2000:]
+                raise SystemExit(f"scale: the daemon ({label}) exited: {log}")
         hz = os.sysconf("SC_CLK_TCK")
-        if args.daemon_profile:
-            daemon.send_signal(signal.SIGUSR1)
-        ticks, started = cpu_ticks(daemon.pid), time.monotonic()
-        threads_before = thread_cpu_ticks(daemon.pid)
+        profiled = daemons["this tree"] if args.daemon_profile else None
+        if profiled is not None:
+            profiled.send_signal(signal.SIGUSR1)
+        started = time.monotonic()
+        before = {label: (cpu_ticks(daemon.pid), thread_cpu_ticks(daemon.pid)) for label, daemon in daemons.items()}
         time.sleep(args.daemon_seconds)
-        used_s = (cpu_ticks(daemon.pid) - ticks) / hz
         elapsed = time.monotonic() - started
-        threads = {tid: 100.0 * (used - threads_before.get(tid, 0)) / hz / elapsed
-                   for tid, used in thread_cpu_ticks(daemon.pid).items()}
-        if args.daemon_profile:
-            daemon.send_signal(signal.SIGUSR2)
+        results = {}
+        for label, daemon in daemons.items():
+            ticks, threads_before = before[label]
+            used_s = (cpu_ticks(daemon.pid) - ticks) / hz
+            threads = {tid: 100.0 * (used - threads_before.get(tid, 0)) / hz / elapsed
+                       for tid, used in thread_cpu_ticks(daemon.pid).items()}
+            results[label] = {"daemon_percent": 100.0 * used_s / elapsed, "seconds": args.daemon_seconds,
+                              "threads_percent": threads}
+        if profiled is not None:
+            profile_out = directory / "daemon-0" / "daemon.prof"
+            profiled.send_signal(signal.SIGUSR2)
             for _ in range(100):
                 if profile_out.exists() and profile_out.with_suffix(".done").exists():
                     break
@@ -335,11 +360,11 @@ listen = "127.0.0.1:{args.daemon_metrics_port}"
             stats.sort_stats("tottime").print_stats(args.daemon_profile)
             stats.sort_stats("cumulative").print_stats(args.daemon_profile)
             print(text.getvalue(), file=sys.stderr)
-        return {"daemon_percent": 100.0 * used_s / elapsed, "seconds": args.daemon_seconds,
-                "threads_percent": threads}
+        return results
     finally:
-        if daemon is not None:
+        for daemon in daemons.values():
             daemon.terminate()
+        for daemon in daemons.values():
             try:
                 daemon.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -378,7 +403,7 @@ def model(result: dict, args, cpus: int) -> dict:
     return {
         "cpus": cpus,
         "entries": entries,
-        "read": result["changed_now"],
+        "read": result["changed_mean"],
         "per_cpu_ms": per_cpu_there,
         "tick_ms": tick,
         "full_read_tick_ms": tick - result["per_phase_mean_ms"]["map reads"] + per_entry_full_ms * entries,
@@ -391,10 +416,13 @@ def main() -> int:
     parser.add_argument("--wakeups", type=int, default=25, help="wakeups per second of each process")
     parser.add_argument("--service-threads", type=int, default=500)
     parser.add_argument("--service-wakeups", type=int, default=10)
-    parser.add_argument("--ticks", type=int, default=40)
-    parser.add_argument("--daemon-seconds", type=float, default=30.0,
-                        help="then run the daemon as shipped on the same host this long (0: not)")
-    parser.add_argument("--daemon-warmup", type=float, default=15.0)
+    parser.add_argument("--ticks", type=int, default=80)
+    parser.add_argument("--warmup", type=float, default=45.0,
+                        help="seconds of ticks before measuring (and before the daemon runs are measured)")
+    parser.add_argument("--daemon-seconds", type=float, default=65.0,
+                        help="then run the daemon as shipped on the same host this long (0: not; past 60 s a full rescan is in it)")
+    parser.add_argument("--old-ref", default=None,
+                        help="also run that git ref's daemon (its remediator/ and probes/) beside this tree's, at the same time")
     parser.add_argument("--daemon-metrics-port", type=int, default=19447)
     parser.add_argument("--protect-by", default="pid,comm",
                         help="how the daemon runs name the service, one run each: pid, comm (default: both)")
@@ -430,6 +458,7 @@ def main() -> int:
     print(f"| **total** | {total:.3f} | {total_mean:.3f} | **{total_mean * per_s / 10:.2f}** (goal <= {GOAL_PERCENT:g}) |")
     print()
     print(f"proc_cpu: {result['full_entries']} entries, {result['entries']} of them read so far, {result['changed_now']:g} read per tick "
+          f"(mean {result['changed_mean']:.1f}) "
           f"(median; the rest ran less than the report floor since last read); "
           f"a full read costs {result['full_read_ms']:.2f} ms ({1000 * result['full_read_ms'] / max(1, result['full_entries']):.2f} us "
           f"per entry). request_cpus auto uncached: {result['uncached_auto_cpus_ms']:.2f} ms per tick "
@@ -437,8 +466,8 @@ def main() -> int:
     print()
     if other is not None:
         print(f"The report floor, side by side: at the daemon's {daemon_settings.report_floor_ns / 1e6:g} ms, "
-              f"{result['changed_now']:g} entries read per tick and a tick of {result['tick_mean_ms']:.3f} ms (mean); at "
-              f"{args.also_floor_ms:g} ms, {other['changed_now']:g} entries and {other['tick_mean_ms']:.3f} ms: "
+              f"{result['changed_mean']:.1f} entries read per tick and a tick of {result['tick_mean_ms']:.3f} ms (means); at "
+              f"{args.also_floor_ms:g} ms, {other['changed_mean']:.1f} entries and {other['tick_mean_ms']:.3f} ms: "
               f"**{result['tick_mean_ms'] / other['tick_mean_ms']:.2f}x** (map reads + delta "
               f"{(result['per_phase_mean_ms']['map reads'] + result['per_phase_mean_ms']['delta']) / max(1e-9, other['per_phase_mean_ms']['map reads'] + other['per_phase_mean_ms']['delta']):.2f}x).")
         print()
@@ -446,16 +475,31 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for cpus in (os.cpu_count() or 2, 64, 192):
         m = model(result, args, cpus)
-        print(f"| {cpus} | {m['entries']} | {m['read']:g} | {m['per_cpu_ms']:.2f} | {m['tick_ms']:.2f} | "
+        print(f"| {cpus} | {m['entries']} | {m['read']:.1f} | {m['per_cpu_ms']:.2f} | {m['tick_ms']:.2f} | "
               f"{m['tick_ms'] * per_s / 10:.2f} | {m['full_read_tick_ms']:.1f} | {m['full_read_tick_ms'] * per_s / 10:.1f} |")
-    for protect_by in (args.protect_by.split(",") if args.daemon_seconds > 0 else []):
-        daemon = measure_daemon(args, protect_by)
-        print()
-        print(f"The daemon as shipped (remediator run, dry-run, shipped policies) on the same host, the service "
-              f"protected by {protect_by} ({PROTECT_FORMS[protect_by]}): **{daemon['daemon_percent']:.2f}% of one core** "
-              f"over {daemon['seconds']:g} s after a {args.daemon_warmup:g} s warm-up (goal <= {GOAL_PERCENT:g}).")
-        print("Its threads, % of one core: " + ", ".join(
-            f"{tid}: {percent:.2f}" for tid, percent in sorted(daemon["threads_percent"].items())))
+    old_tree = None
+    if args.old_ref and args.daemon_seconds > 0:
+        old_tree = Path(tempfile.mkdtemp(prefix="remediator-scale-old-"))
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.old_ref, "remediator", "probes"],
+                                 capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive.stdout, check=True)
+    try:
+        for protect_by in (args.protect_by.split(",") if args.daemon_seconds > 0 else []):
+            runs = measure_daemon(args, protect_by, old_tree)
+            ours = runs["this tree"]
+            print()
+            print(f"The daemon as shipped (remediator run, dry-run, shipped policies) on the same host, the service "
+                  f"protected by {protect_by} ({PROTECT_FORMS[protect_by]}): **{ours['daemon_percent']:.2f}% of one core** "
+                  f"over {ours['seconds']:g} s after a {args.warmup:g} s warm-up (goal <= {GOAL_PERCENT:g}).")
+            if "old" in runs:
+                old = runs["old"]["daemon_percent"]
+                print(f"{args.old_ref}'s daemon beside it, at the same time: {old:.2f}%; this tree / {args.old_ref}: "
+                      f"**{ours['daemon_percent'] / max(old, 1e-9):.2f}x**.")
+            print("Its threads, % of one core: " + ", ".join(
+                f"{tid}: {percent:.2f}" for tid, percent in sorted(ours["threads_percent"].items())))
+    finally:
+        if old_tree is not None:
+            shutil.rmtree(old_tree, ignore_errors=True)
     return 0
 
 
