@@ -140,12 +140,15 @@ class Collector:
         execs is judged at its exec event; one that forks without exec is its parent's copy (and
         the kernel protects a protected parent's children); what is left, a process renamed or
         moved to another cgroup without exec, waits for the full rescan. Judging every process
-        reads a file of each: 25 to 55 ms per rescan at 1,000 processes (bench/scale.py)."""
+        reads a file of each: 25 to 55 ms per rescan at 1,000 processes (bench/scale.py). A
+        source without exec events (procfs) judges every process at each rescan: an exec in
+        place keeps its pid and would not be seen otherwise."""
         if not self.selectors.lists_processes:
             return None
         listed = self.procfs.pids()
         now = self.mono_clock()
-        full = self._listed is None or self._full_rescan_due or now - self._last_full_rescan >= FULL_RESCAN_S
+        full = (self._listed is None or self._full_rescan_due or not self.source.has_exec_events
+                or now - self._last_full_rescan >= FULL_RESCAN_S)
         candidates = listed if full else [pid for pid in listed if pid not in self._listed] + list(self.protected)
         if full:
             self._last_full_rescan, self._full_rescan_due = now, False

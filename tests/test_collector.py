@@ -365,3 +365,20 @@ def test_a_rescan_of_pids_named_lists_no_process(tmp_path):
     collector.sample()
     assert collector.protected == {10: {10}}
     assert len(listings) == 1  # the dead-process check after the rescan's read, not the rescan itself
+
+
+def test_without_exec_events_every_rescan_judges_every_process(tmp_path):
+    proc = FakeProc(tmp_path / "proc")
+    for process in (FakeProcess(1, "init"), FakeProcess(10, "api"), FakeProcess(20, "sh")):
+        proc.add(process)
+    proc.write()
+    source, clock, procfs = RecordingSource(), Clock(), JudgingProcFS(proc.root)
+    source.has_exec_events = False  # the procfs source: an exec in place keeps its pid and no event says so
+    collector = Collector(source, ProtectSelectors.build(comms=["api"]), procfs, mono_clock=clock,
+                          wall_clock=lambda: 1_700_000_000.0)
+    collector.start()
+    proc.processes[20].comm = "api"  # sh exec'd the service in place
+    proc.write()
+    clock.now += 0.25
+    collector.sample()
+    assert set(collector.protected) == {10, 20}
