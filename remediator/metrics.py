@@ -113,13 +113,12 @@ class Metrics:
         self._lock = threading.Lock()
         self._offenders: set[str] = set()  # comms with a series of their own
         self._unlabelled_blame_s: dict[str, float] = {}  # blame of the others, until one earns a series
-        self._seen_policies: set[str] = set()
         self._tail_series: set[tuple[str, ...]] = set()
         # Set again only when they change: most ticks change none of these.
         self._mode_now: str | None = None
         self._source_now: str | None = None
         self._series_for = None  # the PolicySet the per-policy series below were made for
-        self._per_policy_gauges: dict[str, tuple] = {}
+        self._per_policy_gauges: dict[str, tuple] = {}  # policy name -> its (active, nothing left) gauges
         self._tail_gauges: dict[float, object] = {}
         registry = self.registry
 
@@ -277,7 +276,7 @@ class Metrics:
     def _policy_series(self, policies) -> None:
         """The series that depend on the policies alone: made again only when they were (re)loaded."""
         names = {policy.name for policy in policies.policies}
-        for gone in self._seen_policies - names:  # a reload dropped the policy: its gauges go too
+        for gone in self._per_policy_gauges.keys() - names:  # a reload dropped the policy: its gauges go too
             for metric in (self.active, self.nothing_left):
                 metric.remove(gone)
         percentiles = set(TAIL_PERCENTILES)
@@ -293,7 +292,6 @@ class Metrics:
         for stale in self._tail_series - thresholds:
             self.threshold.remove(*stale)
         self._tail_series = thresholds
-        self._seen_policies = names
         self._per_policy_gauges = {name: (self.active.labels(name), self.nothing_left.labels(name)) for name in names}
         self._tail_gauges = {percentile: self.tail.labels(_percentile_label(percentile)) for percentile in percentiles}
         self._series_for = policies
