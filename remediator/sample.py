@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterable, Iterator, Mapping
 
-from . import histogram
+from . import histogram, trees
 from .errors import RemediatorError
 from .jsonlines import read_json_lines
 from .procfs import ProcessInfo
@@ -140,13 +140,11 @@ class Sample:
         the culprit check and the metrics each ask it of the same processes. Remembered for the
         very objects asked about (`info`, `policies`), so a process known under another
         ProcessInfo, or another policy set, is worked out afresh."""
-        from .trees import governing
-
         key = (id(info), id(policies))
         found = self._governed.get(key)
         if found is not None and found[0] is info and found[1] is policies:
             return found[2]
-        governed = governing(info, self.processes, policies)
+        governed = trees.governing(info, self.processes, policies)
         self._governed[key] = (info, policies, governed)
         return governed
 
