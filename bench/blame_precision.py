@@ -50,6 +50,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from helpers.workloads import Workload, hog_argv, victim_argv  # noqa: E402
+import old_ref  # noqa: E402
 from sched_truth import IDLE, UNKNOWN, SchedTrace, Truth, replay  # noqa: E402
 
 PYTHON = sys.executable
@@ -176,17 +177,11 @@ def build(name: str) -> Scene:
     return scene
 
 
-def old_tree(ref: str, into: Path) -> Path:
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "remediator", "probes"], capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
-    return into
-
-
 def measure(trees: dict[str, Path], victim: int, seconds: float, trace: SchedTrace) -> tuple[dict[str, dict], Truth]:
     """Both probes on the same scene at once, with ftrace recording the truth meanwhile."""
     procs = {}
     for label, tree in trees.items():
-        env = {**os.environ, "PYTHONPATH": str(tree), "REMEDIATOR_PROBES_DIR": str(tree / "probes")}
+        env = old_ref.environment(tree)
         procs[label] = subprocess.Popen([PYTHON, "-c", MEASURE, str(victim), str(seconds), str(COLLECTOR_CPU)],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(tree))
     try:
@@ -287,7 +282,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="blame-precision-") as tmp:
         trees = {"new": ROOT}
         if not args.no_old:
-            trees = {"old": old_tree(args.old_ref, Path(tmp)), "new": ROOT}
+            trees = {"old": old_ref.extract(args.old_ref, Path(tmp)), "new": ROOT}
         for run in range(args.runs):
             for name in args.scenes.split(","):
                 rows += measure_scene(name, trees, args.seconds, run)

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+import old_ref
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 VENV_BIN = Path(sys.executable).parent
@@ -99,7 +101,7 @@ class Tracer:
             env = None
             if kind.endswith("@old"):
                 argv = [sys.executable, "-m", "remediator", "watch", "--json", "-i", "1"]
-                env = {**os.environ, "PYTHONPATH": str(OLD_TREE), "REMEDIATOR_PROBES_DIR": str(OLD_TREE / "probes")}
+                env = old_ref.environment(OLD_TREE)
             for pid in protect:
                 argv += ["--pid", str(pid)]
             self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
@@ -163,16 +165,10 @@ def main() -> int:
     binary = build_pingpong()
     kinds = ["none", "empty-programs", "runqlat", "remediator-unrelated", "remediator-protected"]
     if args.old_ref:
-        import tarfile
         import tempfile
 
         global OLD_TREE
-        OLD_TREE = Path(tempfile.mkdtemp(prefix="probe-overhead-old-"))
-        archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", args.old_ref, "remediator", "probes"],
-                                 capture_output=True, check=True).stdout
-        import io
-
-        tarfile.open(fileobj=io.BytesIO(archive)).extractall(OLD_TREE)
+        OLD_TREE = old_ref.extract(args.old_ref, Path(tempfile.mkdtemp(prefix="probe-overhead-old-")))
         kinds += ["remediator-unrelated@old", "remediator-protected@old"]
     stats_path = Path("/proc/sys/kernel/bpf_stats_enabled")
     saved = stats_path.read_text().strip()

@@ -71,6 +71,8 @@ from remediator.safety import daemon_identity  # noqa: E402
 from remediator.selectors import ProtectSelectors  # noqa: E402
 from remediator.sources import BpfSource  # noqa: E402
 
+import old_ref  # noqa: E402
+
 TICK_S = 0.25
 GOAL_PERCENT = 1.0
 REMEDIATOR = str(Path(sys.executable).with_name("remediator"))
@@ -319,7 +321,7 @@ listen = "127.0.0.1:{args.daemon_metrics_port + index}"
             )
             if tree is not None:  # that ref's code and probes, on this interpreter
                 command = [sys.executable, "-m", "remediator.cli", "run", "--config", str(config)]
-                env = {**os.environ, "PYTHONPATH": str(tree), "REMEDIATOR_PROBES_DIR": str(tree / "probes")}
+                env = old_ref.environment(tree)
             elif args.daemon_profile:
                 command = [sys.executable, "-c", PROFILED_DAEMON, str(place / "daemon.prof"), "run", "--config", str(config)]
                 env = None
@@ -479,10 +481,7 @@ def main() -> int:
               f"{m['tick_ms'] * per_s / 10:.2f} | {m['full_read_tick_ms']:.1f} | {m['full_read_tick_ms'] * per_s / 10:.1f} |")
     old_tree = None
     if args.old_ref and args.daemon_seconds > 0:
-        old_tree = Path(tempfile.mkdtemp(prefix="remediator-scale-old-"))
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.old_ref, "remediator", "probes"],
-                                 capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive.stdout, check=True)
+        old_tree = old_ref.extract(args.old_ref, Path(tempfile.mkdtemp(prefix="remediator-scale-old-")))
     try:
         for protect_by in (args.protect_by.split(",") if args.daemon_seconds > 0 else []):
             runs = measure_daemon(args, protect_by, old_tree)
