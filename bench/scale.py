@@ -246,9 +246,11 @@ def measure(args, settings: ProbeSettings) -> dict:
     }
 
 
-def cpu_ticks(pid) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
+def cpu_ticks(pid: int, tid: int | None = None) -> int:
+    """utime + stime of a process (or of one of its threads), in clock ticks."""
+    where = f"/proc/{pid}" if tid is None else f"/proc/{pid}/task/{tid}"
+    fields = Path(f"{where}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
 
 
 # The daemon with its main thread profiled between SIGUSR1 and SIGUSR2 (the steady state only),
@@ -283,7 +285,7 @@ def thread_cpu_ticks(pid: int) -> dict[int, int]:
     result = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            result[int(task.name)] = cpu_ticks(f"{pid}/task/{task.name}")
+            result[int(task.name)] = cpu_ticks(pid, int(task.name))
         except (FileNotFoundError, ProcessLookupError):
             pass
     return result
