@@ -20,8 +20,9 @@ pure functions below judge from those strings alone.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .actuators import ACTION_KINDS
 from .cgroupfs import CgroupFS, CgroupMount, discover_cpu_mount, process_cgroup_path
@@ -29,6 +30,9 @@ from .errors import ProcessGone, RemediatorError
 from .procfs import ProcFS
 
 ROOT = "/"
+# How long the kernel's autogroup setting, read for every process in the root cpu group, is taken
+# as read: the file costs as much as the process's own cgroup file, and a sysctl changes it rarely.
+AUTOGROUP_SETTING_KEPT_S = 5.0
 GROUP_WEIGHTED_KINDS = frozenset(kind.name for kind in ACTION_KINDS if kind.group_weighted)  # nice, sched
 
 
@@ -88,10 +92,13 @@ def parse_autogroup(text: str) -> str:
 class SchedGroups:
     """Reads processes' scheduling groups through a procfs and a cgroupfs (fake trees in tests)."""
 
-    def __init__(self, procfs: ProcFS, cpu_mount: CgroupMount | None, cgroupfs: CgroupFS | None = None):
+    def __init__(self, procfs: ProcFS, cpu_mount: CgroupMount | None, cgroupfs: CgroupFS | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.procfs = procfs
         self.cpu_mount = cpu_mount
         self.cgroupfs = cgroupfs or CgroupFS()
+        self.clock = clock
+        self._autogroup_setting: tuple[float, bool] | None = None  # (when read, enabled)
 
     @classmethod
     def for_host(cls, procfs: ProcFS, cgroupfs: CgroupFS | None = None, mountinfo: str | Path | None = None) -> "SchedGroups":
@@ -100,10 +107,16 @@ class SchedGroups:
         return cls(procfs, mount, cgroupfs)
 
     def autogroup_enabled(self) -> bool:
+        """The kernel's setting, read again at most every AUTOGROUP_SETTING_KEPT_S."""
+        now = self.clock()
+        if self._autogroup_setting is not None and now - self._autogroup_setting[0] < AUTOGROUP_SETTING_KEPT_S:
+            return self._autogroup_setting[1]
         try:
-            return (self.procfs.root / "sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+            enabled = (self.procfs.root / "sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
         except OSError:
-            return False  # a kernel without CONFIG_SCHED_AUTOGROUP
+            enabled = False  # a kernel without CONFIG_SCHED_AUTOGROUP
+        self._autogroup_setting = (now, enabled)
+        return enabled
 
     def cpu_cgroup(self, pid: int) -> str | None:
         """The process's cpu task group as a cgroup path ("/" at the root), None when unreadable."""

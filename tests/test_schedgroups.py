@@ -64,10 +64,12 @@ def test_v1_root_cpu_cgroup_with_autogroups(tmp_path):
     proc.add(FakeProcess(200, "fluent-bit", cgroup_v1={"cpu,cpuacct": "/"}, autogroup="/autogroup-9 nice 0"))
     proc.add(FakeProcess(300, "batch", cgroup_v1={"cpu,cpuacct": "/batch"}, autogroup="/autogroup-9 nice 0"))
     proc.add(FakeProcess(400, "init-child", cgroup_v1={"cpu,cpuacct": "/"}, autogroup=""))
-    groups = SchedGroups(ProcFS(proc.write()), v1_mount(tmp_path))
+    now = [0.0]
+    groups = SchedGroups(ProcFS(proc.write()), v1_mount(tmp_path), clock=lambda: now[0])
     assert [groups.group_of(pid) for pid in (100, 200, 300, 400)] == ["autogroup-4", "autogroup-9", "/batch", "/"]
     proc.autogroup_enabled = 0
     proc.write()
+    now[0] += 60.0  # the setting is read again (see the test below)
     assert groups.group_of(200) == "/"  # autogroups off: one root group
 
 
@@ -105,3 +107,20 @@ def test_an_unreadable_cgroup_is_unknown_not_a_guess(tmp_path):
     proc.add(FakeProcess(100, "api", cgroup_v2="/gone/deeper"))
     groups = SchedGroups(ProcFS(proc.write()), v2_tree(tmp_path))
     assert groups.group_of(100) == ""
+
+
+def test_the_autogroup_setting_is_read_again_only_after_it_was_kept_a_while(tmp_path):
+    from remediator.schedgroups import AUTOGROUP_SETTING_KEPT_S
+
+    proc = FakeProc(tmp_path / "proc")
+    proc.autogroup_enabled = 1
+    proc.add(FakeProcess(100, "api", autogroup="/autogroup-4 nice 0"))
+    now = [1000.0]
+    groups = SchedGroups(ProcFS(proc.write()), None, clock=lambda: now[0])
+    assert groups.group_of(100) == "autogroup-4"
+    proc.autogroup_enabled = 0  # sysctl kernel.sched_autogroup_enabled=0
+    proc.write()
+    now[0] += AUTOGROUP_SETTING_KEPT_S - 0.5
+    assert groups.group_of(100) == "autogroup-4"  # the setting as read, not a file read per process
+    now[0] += 1.0
+    assert groups.group_of(100) == "/"
