@@ -69,6 +69,8 @@ class Collector:
         self._info_cache: dict[int, tuple[ProcessInfo, float]] = {}  # pid -> (info, when checked)
         self._last_rescan = float("-inf")
         self._listed: set[int] | None = None  # the pids of the last rescan's listing (comm, cgroup, unit selectors)
+        self._rescan_listing: list[int] | None = None  # that listing, when this tick's rescan made one
+        self._last_thread_listing = float("-inf")  # see _rescan
         self._last_full_rescan = float("-inf")
         self._full_rescan_due = False  # exec events were lost: judge every process at the next rescan
         self._exited: set[int] = set()  # processes found gone at the last rescan, forgotten after the next read
@@ -153,9 +155,11 @@ class Collector:
         if full:
             self._last_full_rescan, self._full_rescan_due = now, False
         self._listed = set(listed)
+        self._rescan_listing = listed
         return candidates
 
     def _rescan(self) -> None:
+        self._rescan_listing = None
         refused: dict[int, tuple[ProcessInfo, str]] = {}
         resolved = self.selectors.resolve(self.procfs, refused, self._candidates())
         wanted = {pid: reason for pid, (_info, reason) in resolved.items()}
@@ -190,9 +194,20 @@ class Collector:
                 refused[pid] = child_refused
             self._drop_process(pid)
         self._warn_refused(refused)
+        # A process already protected has its task directory listed only every FULL_RESCAN_S:
+        # each tick compares its thread count (_refresh_threads) and lists it when the count
+        # differs, and the kernel protects new threads on fork; the listing (1 ms for a 500-thread
+        # service) is for the rare thread missed with the count unchanged (one exited, one new).
+        now = self.mono_clock()
+        list_threads = now - self._last_thread_listing >= FULL_RESCAN_S
+        if list_threads:
+            self._last_thread_listing = now
         for pid, reason in wanted.items():
-            self._add_process(pid, reason)
-        self._last_rescan = self.mono_clock()
+            if pid in self.protected and not list_threads:
+                self.protected_reason.setdefault(pid, reason)
+            else:
+                self._add_process(pid, reason)
+        self._last_rescan = now
 
     def _alive(self, pid: int) -> bool:
         return (self.procfs.root / str(pid)).exists()
@@ -262,13 +277,29 @@ class Collector:
             self.source.forget(self._exited)
             self._exited = set()
         if rescanned:
-            # One listing of /proc, not a stat per process with an entry (1,000 on a busy host).
-            try:
-                running = set(self.procfs.pids())
-            except RemediatorError:
-                running = None
-            self._exited = {tgid for tgid in delta.live_tgids if not self._alive(tgid)} if running is None else set(delta.live_tgids) - running
+            self._exited = self._exited_since_listing(delta.live_tgids)
         return self._build_sample(delta, threads)
+
+    # More missing pids than this after a listing made before the read: list /proc again instead
+    # of a stat each (a host where many processes exit).
+    CONFIRM_MISSING_MAX = 64
+
+    def _exited_since_listing(self, live_tgids) -> set[int]:
+        """The processes with probe entries that have exited: from one listing of /proc, not a stat
+        per process with an entry (1,000 on a busy host). The rescan's own listing (comm, cgroup
+        and unit selectors) serves when it has few missing: it was made before the read, so a
+        pid missing from it may have started since, and each is confirmed gone by a stat."""
+        listing = self._rescan_listing
+        self._rescan_listing = None
+        if listing is not None:
+            missing = set(live_tgids).difference(listing)
+            if len(missing) <= self.CONFIRM_MISSING_MAX:
+                return {tgid for tgid in missing if not self._alive(tgid)}
+        try:
+            running = set(self.procfs.pids())
+        except RemediatorError:
+            return {tgid for tgid in live_tgids if not self._alive(tgid)}
+        return set(live_tgids) - running
 
     def info(self, pid: int) -> ProcessInfo | None:
         """Who a pid is (None: gone). Re-checked at most every rescan: a reused pid in between is

@@ -295,6 +295,78 @@ def test_the_task_directory_is_listed_only_when_the_thread_count_changes(tmp_pat
     assert procfs.task_listings == [10] and 12 in source.kernel_tids
 
 
+
+def test_a_rescan_lists_a_protected_processs_threads_only_every_full_rescan(tmp_path):
+    from remediator.collector import FULL_RESCAN_S
+
+    proc, source, clock, collector = setup(tmp_path)
+    procfs = CountingProcFS(proc.root)
+    collector.procfs = procfs
+    # One thread exits and another starts between two ticks: the count is unchanged. The kernel
+    # protected the new one on fork; the collector's own list catches up at the full rescan.
+    proc.processes[10].threads = [FakeThread(10), FakeThread(12)]
+    proc.write()
+    source.kernel_tids.add(12)
+    clock.now += 6
+    collector.sample()
+    assert procfs.task_listings == [] and collector.protected == {10: {10, 11}}
+    clock.now += FULL_RESCAN_S
+    collector.sample()
+    assert procfs.task_listings == [10] and collector.protected == {10: {10, 12}}
+
+
+class ListingProcFS(ProcFS):
+    def __init__(self, root):
+        super().__init__(root)
+        self.listings = 0
+
+    def pids(self):
+        self.listings += 1
+        return super().pids()
+
+
+def test_the_dead_process_check_reuses_the_rescans_listing_and_confirms_what_it_misses(tmp_path):
+    from remediator.collector import Collector as _Collector
+
+    proc = FakeProc(tmp_path / "proc")
+    for process in (FakeProcess(1, "init"), FakeProcess(10, "api"), FakeProcess(20, "fluent-bit")):
+        proc.add(process)
+    proc.write()
+    procfs = ListingProcFS(proc.root)
+
+    class StartingBetweenSource(RecordingSource):
+        """Process 50 starts after the rescan listed /proc and before the read that sees it."""
+
+        def read(self, protected):
+            if 50 not in proc.processes:
+                proc.add(FakeProcess(50, "cron"))
+                proc.write()
+            return super().read(protected)
+
+    source, clock = StartingBetweenSource(), Clock()
+    collector = _Collector(source, ProtectSelectors.build(comms=["api"]), procfs, rescan_s=5.0, mono_clock=clock,
+                           wall_clock=lambda: 1_700_000_000.0)
+    collector.start()
+    source.next_delta = TickDelta(0, 1_000_000_000, live_tgids={20, 50, 99})
+    procfs.listings = 0
+    clock.now += 6
+    collector.sample()
+    source.next_delta = TickDelta(0, 1_000_000_000, live_tgids={20, 50})
+    clock.now += 0.25
+    collector.sample()
+    assert source.forgotten == {99}  # 50 was missing from the listing but is there: kept
+    assert procfs.listings == 1  # the rescan's listing served the dead-process check too
+    # Many missing (a host where processes come and go): one listing after the read instead.
+    many = set(range(1000, 1000 + _Collector.CONFIRM_MISSING_MAX + 1))
+    source.next_delta = TickDelta(0, 1_000_000_000, live_tgids={20, 50} | many)
+    procfs.listings = 0
+    clock.now += 6
+    collector.sample()
+    clock.now += 0.25
+    collector.sample()
+    assert procfs.listings == 2 and source.forgotten == {99} | many
+
+
 class JudgingProcFS(ProcFS):
     """Counts the stat reads a rescan makes: one per process judged against a comm selector."""
 
