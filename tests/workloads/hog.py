@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -64,16 +65,25 @@ def main() -> None:
     parser.add_argument("--period-ms", type=float, default=3000.0)
     parser.add_argument("--epoch", type=float, default=0.0, help="time.monotonic() the burst schedule starts at")
     parser.add_argument("--extra-thread-after", type=float, default=0.0)
+    parser.add_argument("--extra-thread-on-signal", action="store_true",
+                        help="start the extra thread when SIGUSR1 arrives (a test's own moment), not after a delay")
     parser.add_argument("--extra-thread-resets", action="store_true",
                         help="the extra thread resets its own nice to 0 and affinity to all CPUs as it starts")
     args = parser.parse_args()
+    if args.extra_thread_on_signal:
+        # Blocked in every thread before any starts (SIGUSR1 would kill the one it reached), and
+        # before ready: a signal sent early waits for sigwait.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     set_thread_name(args.comm)
     threads = [threading.Thread(target=worker, args=(args, i), daemon=True) for i in range(args.threads)]
     for thread in threads:
         thread.start()
     announce_ready(threads=args.threads)
-    if args.extra_thread_after:
-        time.sleep(args.extra_thread_after)
+    if args.extra_thread_on_signal or args.extra_thread_after:
+        if args.extra_thread_on_signal:
+            signal.sigwait({signal.SIGUSR1})
+        else:
+            time.sleep(args.extra_thread_after)
         extra = threading.Thread(target=worker, args=(args, len(threads), args.extra_thread_resets), daemon=True)
         extra.start()
         print(f"extra-thread tid={extra.native_id}", flush=True)
