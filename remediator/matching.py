@@ -12,6 +12,7 @@ import pwd
 import re
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterator, Pattern
 
 from .procfs import ProcessInfo, system_units
@@ -234,8 +235,8 @@ class Match:
             descendants=descendants,
         )
 
-    @property
-    def given(self) -> tuple[str, ...]:
+    @cached_property
+    def given(self) -> tuple[str, ...]:  # made once: matches() asks it for every process and policy
         return tuple(name for name in FIELDS if getattr(self, name))
 
     @property
