@@ -20,7 +20,7 @@ from typing import Callable
 
 from .errors import ProcessGone, RemediatorError
 from .printable import printable
-from .procfs import ProcessIdentity, ProcessInfo, ProcFS
+from .procfs import ProcessIdentity, ProcessInfo, ProcFS, ProcStat
 from .throttling import ThrottleReader
 from .sample import ProcessUsage, ProtectedWaits, Sample
 from .schedgroups import SchedGroups
@@ -320,12 +320,24 @@ class Collector:
                     info = self._with_group(info)  # setsid or a cgroup move changes it
                     self._info_cache[pid] = (info, now)
                     return info
-            info = self._with_group(self.procfs.process_info(pid))
+            info = self._with_group(self.procfs.process_info(pid, known_ancestors=self._ancestors_held))
         except (ProcessGone, RemediatorError):
             self._info_cache.pop(pid, None)
             return None
         self._info_cache[pid] = (info, now)
         return info
+
+    def _ancestors_held(self, parent: ProcStat) -> tuple[tuple[int, str], ...] | None:
+        """The ancestors of `parent` (its stat just read) from this cache, when it holds that very
+        process (pid, start time, comm) as checked within the same interval info() trusts it."""
+        cached = self._info_cache.get(parent.pid)
+        if cached is None:
+            return None
+        info, checked = cached
+        if (info.start_time != parent.start_time or info.comm != parent.comm
+                or self.mono_clock() - checked >= max(self.rescan_s, 1.0)):
+            return None
+        return info.ancestors
 
     def _trim_info_cache(self, keep) -> None:
         """Down to half the bound, the longest unchecked first (never those this tick uses)."""

@@ -28,7 +28,7 @@ import re
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -95,6 +95,15 @@ class ProcessInfo:
     def identity(self) -> ProcessIdentity:  # made once: the engine asks it dozens of times a tick
         return ProcessIdentity(self.pid, self.start_time)
 
+    def __hash__(self) -> int:
+        # Kept once made (the fields never change): the policy set's select() and the samples'
+        # memos hash each ProcessInfo many times a tick, and the dataclass's own hash walks every
+        # field, the cmdline and ancestors included, each time. Equal objects hash equal as before.
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = self.__dict__["_hash"] = hash(tuple(getattr(self, name) for name in _PROCESS_INFO_FIELDS))
+        return cached
+
     def to_json(self) -> dict:
         return {
             "pid": self.pid,
@@ -143,6 +152,10 @@ class CgroupMembership:
         """The path systemd placed the process at: v2, or v1's name=systemd hierarchy."""
         return self.v2_path or self.v1_paths.get("name=systemd", "")
 
+
+# The ancestors a caller holds for a process it has just seen in /proc (see ProcFS.ancestors).
+KnownAncestors = Callable[[ProcStat], "tuple[tuple[int, str], ...] | None"]
+_PROCESS_INFO_FIELDS = tuple(item.name for item in fields(ProcessInfo))
 
 def system_units(path: str) -> tuple[str, ...]:
     """The system manager's units a cgroup path lies in: its slices, then its service or scope.
@@ -593,11 +606,20 @@ class ProcFS:
             yield stat
             ppid, child_start = stat.ppid, stat.start_time
 
-    def ancestors(self, ppid: int, limit: int = 32) -> tuple[tuple[int, str], ...]:
+    def ancestors(self, ppid: int, limit: int = 32, known: KnownAncestors | None = None) -> tuple[tuple[int, str], ...]:
         """(pid, comm) from `ppid` up, PID 1 excluded, stopping at a parent started after its child (a
         reused pid). The comm is the kernel's: policies match comm (psutil's name() would swap a
-        15-character comm for the cmdline's basename)."""
-        return tuple((stat.pid, stat.comm) for stat in self._parents(ppid, limit))
+        15-character comm for the cmdline's basename). `known(stat)`: the ancestors of the parent
+        just read, when the caller already holds them for that very process (its pid, start time
+        and comm), so the chain above it is not read again: a shell or supervisor that execs many
+        children costs one stat per child, not one per link (bench: an exec loop)."""
+        found: list[tuple[int, str]] = []
+        for stat in self._parents(ppid, limit):
+            found.append((stat.pid, stat.comm))
+            above = known(stat) if known is not None else None
+            if above is not None:
+                return tuple(found) + above[: limit - len(found)]
+        return tuple(found)
 
     def parent_chain(self, info: ProcessInfo, limit: int = 64) -> dict[int, ProcessInfo]:
         """pid -> `info` and its parents as their stat files say now (pid, start time, comm, ppid):
@@ -620,7 +642,7 @@ class ProcFS:
                 return "", (), uid, euid
         return self._bounded_exe(pid, process), self._bounded_cmdline(pid, process), uid, euid
 
-    def process_info(self, pid: int) -> ProcessInfo:
+    def process_info(self, pid: int, known_ancestors: KnownAncestors | None = None) -> ProcessInfo:
         stat = self.stat(pid)
         kernel_thread = stat.is_kernel_thread
         cgroup_path = ""
@@ -643,7 +665,7 @@ class ProcFS:
             user=_user_name(uid),
             euid=euid,
             ppid=stat.ppid,
-            ancestors=self.ancestors(stat.ppid),
+            ancestors=self.ancestors(stat.ppid, known=known_ancestors),
             kernel_thread=kernel_thread,
         )
         # The pid may have been reused between the reads: the identity must still hold.

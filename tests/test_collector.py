@@ -250,9 +250,9 @@ class CountingProcFS(ProcFS):
         self.info_reads: list[int] = []
         self.task_listings: list[int] = []
 
-    def process_info(self, pid):
+    def process_info(self, pid, known_ancestors=None):
         self.info_reads.append(pid)
-        return super().process_info(pid)
+        return super().process_info(pid, known_ancestors)
 
     def tids(self, pid):
         self.task_listings.append(pid)
@@ -454,3 +454,45 @@ def test_without_exec_events_every_rescan_judges_every_process(tmp_path):
     clock.now += 0.25
     collector.sample()
     assert set(collector.protected) == {10, 20}
+
+
+class StatCountingProcFS(ProcFS):
+    def __init__(self, root):
+        super().__init__(root)
+        self.stat_reads: list[int] = []
+
+    def stat(self, pid, tid=None):
+        self.stat_reads.append(pid)
+        return super().stat(pid, tid)
+
+
+def test_a_new_child_of_a_process_in_the_cache_reads_its_parent_not_the_whole_chain(tmp_path):
+    proc = FakeProc(tmp_path / "proc")
+    for process in (FakeProcess(1, "init"), FakeProcess(10, "api"), FakeProcess(100, "sshd", ppid=1, start_time=50),
+                    FakeProcess(200, "bash", ppid=100, start_time=60), FakeProcess(300, "make", ppid=200, start_time=70),
+                    FakeProcess(400, "cc1", ppid=300, start_time=80)):
+        proc.add(process)
+    proc.write()
+    procfs, clock = StatCountingProcFS(proc.root), Clock()
+    collector = Collector(RecordingSource(), ProtectSelectors.build(comms=["api"]), procfs, rescan_s=5.0,
+                          mono_clock=clock, wall_clock=lambda: 1_700_000_000.0)
+    chain = ((300, "make"), (200, "bash"), (100, "sshd"))
+    assert collector.info(300).ancestors == chain[1:]
+    procfs.stat_reads.clear()
+    assert collector.info(400).ancestors == chain  # as a walk up /proc finds it
+    assert 300 in procfs.stat_reads and not {200, 100} & set(procfs.stat_reads)
+    # Another process took the parent's pid: its own chain is read, not the cached one's.
+    proc.remove(300)
+    proc.add(FakeProcess(300, "make", ppid=100, start_time=75))
+    proc.add(FakeProcess(401, "cc1", ppid=300, start_time=90))
+    proc.write()
+    procfs.stat_reads.clear()
+    assert collector.info(401).ancestors == ((300, "make"), (100, "sshd"))
+    # Past the interval the cache trusts an entry for, the chain is read again as well.
+    collector.info(300)
+    clock.now += 6
+    proc.add(FakeProcess(402, "cc1", ppid=300, start_time=95))
+    proc.write()
+    procfs.stat_reads.clear()
+    assert collector.info(402).ancestors == ((300, "make"), (100, "sshd"))
+    assert 100 in procfs.stat_reads

@@ -111,3 +111,16 @@ def test_recent_pids_is_the_last_listing_while_it_is_recent_enough(proc):
     assert 500 not in procfs.recent_pids(60.0)  # the listing as it was, not /proc now
     assert procfs.recent_pids(-1.0) is None  # too old for the caller
     assert 500 in procfs.pids()
+
+
+def test_a_process_infos_kept_hash_follows_equality():
+    import dataclasses
+
+    from remediator.procfs import ProcessInfo
+
+    info = ProcessInfo(pid=7, start_time=100, comm="api", cmdline=("api", "--port", "80"), ancestors=((1, "init"),))
+    same = ProcessInfo(pid=7, start_time=100, comm="api", cmdline=("api", "--port", "80"), ancestors=((1, "init"),))
+    renamed = dataclasses.replace(info, comm="api-worker")
+    assert hash(info) == hash(info) == hash(same) and info == same
+    assert {info: 1}[same] == 1 and renamed not in {info: 1}
+    assert hash(dataclasses.replace(renamed, comm="api")) == hash(info)
