@@ -135,11 +135,19 @@ class BurstWatch:
                 self.source.set_burst_candidates({})
             return
         protected = self._protected = set(protected)
+        judged_now: set[int] = set()
         for info in infos:
             if self._judged.get(info.pid) != info.identity:
                 self._judge(info, protected)
+                judged_now.add(info.pid)
         for pid in self.source.take_exec_pids():
-            self._judged.pop(pid, None)  # exec changes comm, exe and cmdline: judge it again
+            # An exec changes comm, exe and cmdline: judge it again, unless it was just judged from
+            # this tick's info, which the collector read after the exec (it drops a process's
+            # cached info at its exec event, before the tick reads it): a fork and exec would
+            # otherwise be judged twice, a tree walk each.
+            if pid in judged_now:
+                continue
+            self._judged.pop(pid, None)
             self._judge_pid(pid, protected)
         now = self.clock()
         # The collector's listing of this tick, when it made one, past half the period: the two

@@ -402,3 +402,28 @@ def test_burstwatch_scans_with_the_collectors_listing_of_the_tick_when_it_has_on
     now[0] += SCAN_EVERY_S
     watch.refresh([], [SERVICE.pid])
     assert procs.listings == 2
+
+
+def test_burstwatch_judges_a_new_exec_once_and_an_exec_in_place_again(tmp_path, monkeypatch):
+    from remediator import burstwatch
+    from remediator.burstwatch import BurstWatch
+
+    source, procs = FakeBurstSource(), FakeProcs(SERVICE, SHIPPER)
+    watch = BurstWatch(source, procs, daemon=None, clock=lambda: 0.0)
+    watch.set_policies(burst_policies(tmp_path))
+    watch.refresh([], [SERVICE.pid])
+    judged: list[int] = []
+    original = BurstWatch._judge
+    monkeypatch.setattr(burstwatch.BurstWatch, "_judge", lambda self, info, protected: (judged.append(info.pid), original(self, info, protected)))
+    # fork and exec: the tick's sample names the new process (read after its exec) and so does its exec event
+    child = ProcessInfo(pid=401, start_time=41, comm="fluent-bit")
+    procs.infos[child.pid] = child
+    source.exec_pids = [child.pid]
+    watch.refresh([SERVICE, SHIPPER, child], [SERVICE.pid])
+    assert judged == [child.pid] and child.pid in source.candidates
+    # an exec in place keeps (pid, start time): the sample's info alone would not judge it again
+    judged.clear()
+    procs.infos[child.pid] = ProcessInfo(pid=401, start_time=41, comm="sh")
+    source.exec_pids = [child.pid]
+    watch.refresh([SERVICE, SHIPPER, child], [SERVICE.pid])
+    assert judged == [child.pid] and child.pid not in source.candidates
