@@ -1,10 +1,11 @@
 """Reading processes from procfs, with the procfs root as a parameter so tests use fake trees.
 
-psutil does the reads it keeps correct across kernels: the process list, exe, cmdline, uids and the
-parent chain (which it guards against a reused parent pid). Its `PROCFS_PATH` is a module global, so
-`ProcFS._psutil` points it at this tree for the length of one call and puts it back, and maps
-psutil's exceptions to ours: the one place both happen. Hand-written reads stay only on the per-tick
-hot path, each with the measured reason beside it (bench/procfs_reads.py).
+psutil lists the processes. Its `PROCFS_PATH` is a module global, so `ProcFS._psutil` points it at
+this tree for the length of one call and puts it back, and maps psutil's exceptions to ours: the
+one place both happen. Every other read is hand-written, each with the measured reason beside it
+(bench/procfs_reads.py, bench/exec_churn.py): a psutil handle reads the stat file again as it is
+made, and the daemon reads every new process on a host that execs. The cmdline is split as psutil
+splits it (split_cmdline).
 
 A process is identified by (pid, start time): the start time (field 22 of /proc/<pid>/stat, in clock
 ticks since boot) tells a reused pid apart. It stays in ticks rather than psutil's create_time()
@@ -153,6 +154,19 @@ class CgroupMembership:
         return self.v2_path or self.v1_paths.get("name=systemd", "")
 
 
+def split_cmdline(data: str) -> list[str]:
+    """/proc/PID/cmdline's text as arguments, as psutil splits it: on NULs, or on spaces where a
+    process rewrote its title (setproctitle: no NUL at the end, or one NUL after a spaced title)."""
+    if not data:
+        return []
+    separator = "\0" if data.endswith("\0") else " "
+    if data.endswith(separator):
+        data = data[:-1]
+    parts = data.split(separator)
+    if separator == "\0" and len(parts) == 1 and " " in data:
+        parts = data.split(" ")
+    return parts
+
 # The ancestors a caller holds for a process it has just seen in /proc (see ProcFS.ancestors).
 KnownAncestors = Callable[[ProcStat], "tuple[tuple[int, str], ...] | None"]
 _PROCESS_INFO_FIELDS = tuple(item.name for item in fields(ProcessInfo))
@@ -197,14 +211,6 @@ def _user_name(uid: int) -> str:
 
 
 IDLE_WORKER_S = 10.0  # a worker with nothing to read for this long ends (a ProcFS made for one look needs none)
-
-
-def _unless_zombie(read: Callable[[], T], empty: T) -> T:
-    """psutil 7 raises ZombieProcess for a zombie's exe and cmdline, 5.9 returns empties."""
-    try:
-        return read()
-    except psutil.ZombieProcess:
-        return empty
 
 
 class ReadBlocked(OSError):
@@ -374,10 +380,6 @@ class ProcFS:
             finally:
                 psutil.PROCFS_PATH = saved
 
-    def _process(self, pid: int) -> psutil.Process:
-        """A psutil handle on this tree (call inside `_psutil`; it keeps the tree it was made on)."""
-        return psutil.Process(pid)
-
     # -- raw reads --------------------------------------------------------------------------
     def _read(self, pid: int, name: str, tid: int | None = None) -> str:
         relative = name if tid is None else f"task/{tid}/{name}"
@@ -478,23 +480,23 @@ class ProcFS:
         return self._read(pid, "comm").rstrip("\n")
 
     def cmdline(self, pid: int) -> tuple[str, ...]:
-        """The arguments; psutil also splits a title rewritten with spaces (setproctitle)."""
-        with self._psutil(pid, f"read {self.root}/{pid}/cmdline"):
-            process = self._process(pid)
-        return self._bounded_cmdline(pid, process)
+        """The arguments; a title rewritten with spaces (setproctitle) is split on them, as psutil does.
+        Read on BoundedReads' worker; () when the read blocks: a policy matching on cmdline then
+        does not match, so a process that cannot be read is never acted on for it."""
+        path = f"{self._root}/{pid}/cmdline"
 
-    def _bounded_cmdline(self, pid: int, process: psutil.Process) -> tuple[str, ...]:
-        """The cmdline read on BoundedReads' worker; () when the read blocks: a policy matching on
-        cmdline then does not match, so a process that cannot be read is never acted on for it."""
+        def read() -> bytes:
+            with open(path, "rb") as handle:
+                return handle.read()
+
         try:
-            parts = self._bounded_read(pid, "cmdline", lambda: _unless_zombie(process.cmdline, []))
+            data = self._bounded_read(pid, "cmdline", read).decode(errors="replace")
         except ReadBlocked:
             return ()
-        return tuple(part for part in parts if part)
+        return tuple(part for part in split_cmdline(data) if part)
 
     def _bounded_read(self, pid: int, name: str, read: Callable[[], T]) -> T:
-        """read() (a psutil handle's, which keeps its tree, so the psutil lock is not held: a
-        blocked read must not block every other one) on the worker, its errors as ours."""
+        """read() on the worker, its errors as ours."""
         path = f"{self._root}/{pid}/{name}"
         try:
             return self._bounded.call(path, read)
@@ -502,38 +504,20 @@ class ProcFS:
             if "earlier read" not in str(exc):
                 log.warning("%s: its %s is taken as unknown", exc, name)
             raise
-        except psutil.ZombieProcess:
-            raise AccessDenied(pid, f"read {path}: a zombie") from None
-        except psutil.NoSuchProcess:
-            raise ProcessGone(pid) from None
-        except psutil.AccessDenied:
-            raise AccessDenied(pid, f"read {path}") from None
         except OSError as exc:
             raise translate_os_error(exc, pid, f"read {path}") from None
-        except psutil.Error as exc:
-            raise RemediatorError(f"read {path}: {exc} (pid {pid})") from None
 
     def exe(self, pid: int) -> str:
-        """The executable path, or "" where the kernel will not say (kernel threads, EACCES, zombies)."""
+        """The executable path, or "" where the kernel will not say (kernel threads, EACCES, zombies).
+        A readlink: the kernel answers it from the task without the mmap lock, so it cannot block
+        as a cmdline read can."""
         held = self._held.get(pid)
-        if held is not None:
-            # Held during a change: through the descriptor, so a reused pid cannot answer for it.
-            try:
-                target = os.readlink("exe", dir_fd=held)
-            except OSError as exc:
-                if exc.errno == errno.ESRCH:
-                    raise ProcessGone(pid) from None
-                return ""
-            return target.removesuffix(" (deleted)")
-        with self._psutil(pid, f"read {self.root}/{pid}/exe"):
-            process = self._process(pid)
-        return self._bounded_exe(pid, process)
-
-    def _bounded_exe(self, pid: int, process: psutil.Process) -> str:
-        # On the worker too: where the link says nothing, psutil guesses the exe from the cmdline.
         try:
-            target = self._bounded_read(pid, "exe", lambda: _unless_zombie(process.exe, ""))
-        except (ReadBlocked, AccessDenied):
+            # Held during a change: through the descriptor, so a reused pid cannot answer for it.
+            target = os.readlink("exe", dir_fd=held) if held is not None else os.readlink(f"{self._root}/{pid}/exe")
+        except OSError as exc:
+            if exc.errno == errno.ESRCH or (held is None and exc.errno == errno.ENOENT and not os.path.lexists(f"{self._root}/{pid}")):
+                raise ProcessGone(pid) from None
             return ""
         return target.removesuffix(" (deleted)")
 
@@ -633,14 +617,13 @@ class ProcFS:
         return found
 
     def _identity_fields(self, pid: int, kernel_thread: bool) -> tuple[str, tuple[str, ...], int, int]:
-        """(exe, cmdline, real uid, effective uid) through one psutil handle; a kernel thread has no exe or cmdline."""
-        with self._psutil(pid, f"read {self.root}/{pid}"):
-            process = self._process(pid)
-            uids = process.uids()
-            uid, euid = uids.real, uids.effective
-            if kernel_thread:
-                return "", (), uid, euid
-        return self._bounded_exe(pid, process), self._bounded_cmdline(pid, process), uid, euid
+        """(exe, cmdline, real uid, effective uid); a kernel thread has no exe or cmdline. Read
+        without a psutil handle: making one reads the stat file again, a third of this cost for
+        each new process on a host that execs (bench/exec_churn.py)."""
+        uid, euid = self.uids(pid)
+        if kernel_thread:
+            return "", (), uid, euid
+        return self.exe(pid), self.cmdline(pid), uid, euid
 
     def process_info(self, pid: int, known_ancestors: KnownAncestors | None = None) -> ProcessInfo:
         stat = self.stat(pid)

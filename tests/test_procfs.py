@@ -1,9 +1,10 @@
-"""ProcFS on fake /proc trees: the reads psutil does (process list, exe, cmdline, uids, parents),
+"""ProcFS on fake /proc trees: the process list, exe, cmdline (split as psutil splits it), uids, parents,
 its PROCFS_PATH pointed at the tree only for the call, and its errors mapped to ours."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import shutil
 
 import psutil
@@ -124,3 +125,21 @@ def test_a_process_infos_kept_hash_follows_equality():
     assert hash(info) == hash(info) == hash(same) and info == same
     assert {info: 1}[same] == 1 and renamed not in {info: 1}
     assert hash(dataclasses.replace(renamed, comm="api")) == hash(info)
+
+
+def test_cmdline_splits_as_psutil_does():
+    from remediator.procfs import split_cmdline
+
+    assert split_cmdline("") == []
+    assert split_cmdline("/usr/bin/vector\0--config\0/etc/vector.toml\0") == ["/usr/bin/vector", "--config", "/etc/vector.toml"]
+    assert split_cmdline("nginx: worker process") == ["nginx:", "worker", "process"]  # setproctitle, no NUL
+    assert split_cmdline("postgres: checkpointer \0") == ["postgres:", "checkpointer", ""]  # one NUL after a spaced title
+    assert split_cmdline("a\0\0b\0") == ["a", "", "b"]  # an empty argument stays (cmdline() drops empties)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        for pid in (os.getpid(), child.pid):  # and on real processes, as psutil reads them
+            assert ProcFS().cmdline(pid) == tuple(part for part in psutil.Process(pid).cmdline() if part)
+            assert ProcFS().exe(pid) == psutil.Process(pid).exe()
+    finally:
+        child.kill()
+        child.wait()
