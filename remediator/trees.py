@@ -32,11 +32,11 @@ def parent_of(info: ProcessInfo, processes: Mapping[int, ProcessInfo]) -> Proces
 def chain(info: ProcessInfo, processes: Mapping[int, ProcessInfo]) -> list[ProcessInfo]:
     """Known ancestors, parent first, PID 1 excluded; stops at the first one not known."""
     found: list[ProcessInfo] = []
-    seen = {info.identity}
+    seen = {(info.pid, info.start_time)}  # identities as plain tuples: the engine walks chains every tick
     current = parent_of(info, processes)
-    while current is not None and current.identity not in seen and len(found) < MAX_DEPTH:
+    while current is not None and (current.pid, current.start_time) not in seen and len(found) < MAX_DEPTH:
         found.append(current)
-        seen.add(current.identity)
+        seen.add((current.pid, current.start_time))
         current = parent_of(current, processes)
     return found
 
