@@ -537,8 +537,14 @@ class ProcFS:
         return self.uids(pid)[0]
 
     def uids(self, pid: int) -> tuple[int, int]:
-        """(real, effective) uid, from the Uid: line of /proc/<pid>/status."""
-        fields = self.status(pid)["Uid"].split()
+        """(real, effective) uid, from the Uid: line of /proc/<pid>/status (that line alone is
+        parsed: the file has some fifty, and every new process is read)."""
+        text = self._read(pid, "status")
+        start = 0 if text.startswith("Uid:") else text.find("\nUid:") + 1
+        if start <= 0 and not text.startswith("Uid:"):
+            raise RemediatorError(f"{self.root}/{pid}/status: no Uid line")
+        end = text.find("\n", start)
+        fields = text[start + 4 : end if end >= 0 else len(text)].split()
         return int(fields[0]), int(fields[1])
 
     def cgroups(self, pid: int) -> CgroupMembership:

@@ -10,7 +10,7 @@ import shutil
 import psutil
 import pytest
 
-from remediator.errors import ProcessGone
+from remediator.errors import ProcessGone, RemediatorError
 from remediator.procfs import ProcFS
 
 from helpers.policy_procs import add_process, make_proc_root
@@ -143,3 +143,17 @@ def test_cmdline_splits_as_psutil_does():
     finally:
         child.kill()
         child.wait()
+
+
+def test_uids_come_from_the_uid_line_wherever_it_is(tmp_path):
+    status = tmp_path / "proc" / "42"
+    status.mkdir(parents=True)
+    procfs = ProcFS(tmp_path / "proc")
+    (status / "status").write_text("Name:\tapi\nUmask:\t0022\nUid:\t1000\t1001\t1000\t1000\nGid:\t5\t5\t5\t5\n")
+    assert procfs.uids(42) == (1000, 1001)
+    (status / "status").write_text("Uid:\t7\t8\t7\t7")  # first and last line, no newline
+    assert procfs.uids(42) == (7, 8)
+    (status / "status").write_text("Name:\tapi\nGid:\t5\t5\t5\t5\n")
+    with pytest.raises(RemediatorError, match="no Uid line"):
+        procfs.uids(42)
+    assert ProcFS().uids(os.getpid()) == (os.getuid(), os.geteuid())
