@@ -108,14 +108,7 @@ def main() -> int:
         if loop is not None:
             loop.kill()
             loop.wait()
-        for daemon in daemons.values():
-            daemon.terminate()
-        for daemon in daemons.values():
-            try:
-                daemon.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+        scale.stop_daemons(daemons.values())
         os.killpg(host.pid, 9)
         host.wait()
         shutil.rmtree(directory, ignore_errors=True)

@@ -366,17 +366,22 @@ listen = "127.0.0.1:{args.daemon_metrics_port + index}"
             print(text.getvalue(), file=sys.stderr)
         return results
     finally:
-        for daemon in daemons.values():
-            daemon.terminate()
-        for daemon in daemons.values():
-            try:
-                daemon.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+        stop_daemons(daemons.values())
         os.killpg(host.pid, 9)
         host.wait()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def stop_daemons(daemons) -> None:
+    """SIGTERM each daemon (it reverts and exits), then wait; one that does not exit in 20 s is killed."""
+    for daemon in daemons:
+        daemon.terminate()
+    for daemon in daemons:
+        try:
+            daemon.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
 
 
 def per_cpu_read_ms(cpus: int, rounds: int = 20) -> float:
