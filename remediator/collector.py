@@ -320,7 +320,8 @@ class Collector:
                     info = self._with_group(info)  # setsid or a cgroup move changes it
                     self._info_cache[pid] = (info, now)
                     return info
-            info = self._with_group(self.procfs.process_info(pid, known_ancestors=self._ancestors_held))
+            info, membership = self.procfs.process_info_and_cgroups(pid, known_ancestors=self._ancestors_held)
+            info = self._with_group(info, membership)
         except (ProcessGone, RemediatorError):
             self._info_cache.pop(pid, None)
             return None
@@ -345,10 +346,11 @@ class Collector:
         for _checked, pid in oldest_first[: len(self._info_cache) - INFO_CACHE_MAX // 2]:
             del self._info_cache[pid]
 
-    def _with_group(self, info: ProcessInfo) -> ProcessInfo:
+    def _with_group(self, info: ProcessInfo, membership=None) -> ProcessInfo:
+        """`info` with its scheduling group, read now (`membership`: its cgroup file as just read)."""
         if self.sched_groups is None:
             return info
-        group = self.sched_groups.group_of(info.pid)
+        group = self.sched_groups.group_of(info.pid, membership)
         return info if group == info.sched_group else dataclasses.replace(info, sched_group=group)
 
     def _build_sample(self, delta: TickDelta, threads: int) -> Sample:

@@ -632,11 +632,19 @@ class ProcFS:
         return self.exe(pid), self.cmdline(pid), uid, euid
 
     def process_info(self, pid: int, known_ancestors: KnownAncestors | None = None) -> ProcessInfo:
+        return self.process_info_and_cgroups(pid, known_ancestors)[0]
+
+    def process_info_and_cgroups(self, pid: int, known_ancestors: KnownAncestors | None = None
+                                 ) -> tuple[ProcessInfo, CgroupMembership | None]:
+        """process_info, and the cgroup membership it was read with (None: unreadable), so the
+        caller that also wants the process's scheduling group reads the file once."""
         stat = self.stat(pid)
         kernel_thread = stat.is_kernel_thread
         cgroup_path = ""
+        membership = None
         try:
-            cgroup_path = self.cgroups(pid).systemd_path
+            membership = self.cgroups(pid)
+            cgroup_path = membership.systemd_path
         except ProcessGone:
             raise
         except RemediatorError:
@@ -659,7 +667,7 @@ class ProcFS:
         )
         # The pid may have been reused between the reads: the identity must still hold.
         self.verify(info.identity)
-        return info
+        return info, membership
 
     def iter_processes(self) -> Iterator[ProcessInfo]:
         """Every process that is still there by the time it is read; vanished ones are skipped."""

@@ -27,7 +27,7 @@ from typing import Callable, Iterable
 from .actuators import ACTION_KINDS
 from .cgroupfs import CgroupFS, CgroupMount, discover_cpu_mount, process_cgroup_path
 from .errors import ProcessGone, RemediatorError
-from .procfs import ProcFS
+from .procfs import CgroupMembership, ProcFS
 
 ROOT = "/"
 # How long the kernel's autogroup setting, read for every process in the root cpu group, is taken
@@ -118,12 +118,13 @@ class SchedGroups:
         self._autogroup_setting = (now, enabled)
         return enabled
 
-    def cpu_cgroup(self, pid: int) -> str | None:
-        """The process's cpu task group as a cgroup path ("/" at the root), None when unreadable."""
+    def cpu_cgroup(self, pid: int, membership: CgroupMembership | None = None) -> str | None:
+        """The process's cpu task group as a cgroup path ("/" at the root), None when unreadable.
+        `membership`: its /proc/PID/cgroup as just read, when the caller has it."""
         mount = self.cpu_mount
         if mount is None:
             return ROOT  # no cpu controller: every task is in the root group
-        path = process_cgroup_path(mount, self.procfs.cgroups(pid))
+        path = process_cgroup_path(mount, membership if membership is not None else self.procfs.cgroups(pid))
         if path is None:
             return ROOT
         path = "/" + path.strip("/")
@@ -141,10 +142,10 @@ class SchedGroups:
             path = path.rsplit("/", 1)[0] or ROOT
         return ROOT
 
-    def group_of(self, pid: int) -> str:
+    def group_of(self, pid: int, membership: CgroupMembership | None = None) -> str:
         """The process's group ("" when it cannot be read); ProcessGone when it has exited."""
         try:
-            cgroup = self.cpu_cgroup(pid)
+            cgroup = self.cpu_cgroup(pid, membership)
             if cgroup is None:
                 return ""
             if cgroup != ROOT or not self.autogroup_enabled():

@@ -250,9 +250,9 @@ class CountingProcFS(ProcFS):
         self.info_reads: list[int] = []
         self.task_listings: list[int] = []
 
-    def process_info(self, pid, known_ancestors=None):
+    def process_info_and_cgroups(self, pid, known_ancestors=None):
         self.info_reads.append(pid)
-        return super().process_info(pid, known_ancestors)
+        return super().process_info_and_cgroups(pid, known_ancestors)
 
     def tids(self, pid):
         self.task_listings.append(pid)

@@ -124,3 +124,27 @@ def test_the_autogroup_setting_is_read_again_only_after_it_was_kept_a_while(tmp_
     assert groups.group_of(100) == "autogroup-4"  # the setting as read, not a file read per process
     now[0] += 1.0
     assert groups.group_of(100) == "/"
+
+
+def test_the_collector_reads_a_new_processs_cgroup_file_once_for_its_unit_and_its_group(tmp_path):
+    from remediator.collector import Collector
+    from remediator.selectors import ProtectSelectors
+
+    from test_collector import Clock, RecordingSource
+
+    proc = FakeProc(tmp_path / "proc")
+    proc.add(FakeProcess(100, "api", cgroup_v2="/system.slice/api.service"))
+    proc.add(FakeProcess(200, "vector", cgroup_v2="/system.slice/ship.service"))
+    reads: list[int] = []
+
+    class CountingProcFS(ProcFS):
+        def cgroups(self, pid):
+            reads.append(pid)
+            return super().cgroups(pid)
+
+    procfs = CountingProcFS(proc.write())
+    collector = Collector(RecordingSource(), ProtectSelectors.build(pids=[100]), procfs, mono_clock=Clock(),
+                          sched_groups=SchedGroups(procfs, v2_tree(tmp_path)))
+    info = collector.info(200)
+    assert (info.unit, info.sched_group) == ("ship.service", "/system.slice/ship.service")
+    assert reads == [200]
