@@ -16,11 +16,11 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Callable
+from typing import Callable, Collection
 
 from .errors import ProcessGone, RemediatorError
 from .printable import printable
-from .procfs import ProcessIdentity, ProcessInfo, ProcFS, ProcStat
+from .procfs import CgroupMembership, ProcessIdentity, ProcessInfo, ProcFS, ProcStat
 from .throttling import ThrottleReader
 from .sample import ProcessUsage, ProtectedWaits, Sample
 from .schedgroups import SchedGroups
@@ -284,7 +284,7 @@ class Collector:
     # of a stat each (a host where many processes exit).
     CONFIRM_MISSING_MAX = 64
 
-    def _exited_since_listing(self, live_tgids) -> set[int]:
+    def _exited_since_listing(self, live_tgids: Collection[int]) -> set[int]:
         """The processes with probe entries that have exited: from one listing of /proc, not a stat
         per process with an entry (1,000 on a busy host). The rescan's own listing (comm, cgroup
         and unit selectors) serves when it has few missing: it was made before the read, so a
@@ -310,7 +310,7 @@ class Collector:
         try:
             if cached is not None:
                 info, checked = cached
-                if now - checked < max(self.rescan_s, 1.0):
+                if self._trusted(checked, now):
                     return info
                 stat = self.procfs.stat(pid)
                 # Same process and same name: a process that renames itself after exec (prctl,
@@ -328,15 +328,18 @@ class Collector:
         self._info_cache[pid] = (info, now)
         return info
 
+    def _trusted(self, checked: float, now: float) -> bool:
+        """Whether a cached info checked at `checked` is taken as it is at `now` (see info())."""
+        return now - checked < max(self.rescan_s, 1.0)
+
     def _ancestors_held(self, parent: ProcStat) -> tuple[tuple[int, str], ...] | None:
         """The ancestors of `parent` (its stat just read) from this cache, when it holds that very
-        process (pid, start time, comm) as checked within the same interval info() trusts it."""
+        process (pid, start time, comm) as checked within the interval info() trusts it."""
         cached = self._info_cache.get(parent.pid)
         if cached is None:
             return None
         info, checked = cached
-        if (info.start_time != parent.start_time or info.comm != parent.comm
-                or self.mono_clock() - checked >= max(self.rescan_s, 1.0)):
+        if info.start_time != parent.start_time or info.comm != parent.comm or not self._trusted(checked, self.mono_clock()):
             return None
         return info.ancestors
 
@@ -346,7 +349,7 @@ class Collector:
         for _checked, pid in oldest_first[: len(self._info_cache) - INFO_CACHE_MAX // 2]:
             del self._info_cache[pid]
 
-    def _with_group(self, info: ProcessInfo, membership=None) -> ProcessInfo:
+    def _with_group(self, info: ProcessInfo, membership: CgroupMembership | None = None) -> ProcessInfo:
         """`info` with its scheduling group, read now (`membership`: its cgroup file as just read)."""
         if self.sched_groups is None:
             return info

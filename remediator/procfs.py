@@ -167,9 +167,11 @@ def split_cmdline(data: str) -> list[str]:
         parts = data.split(" ")
     return parts
 
+
 # The ancestors a caller holds for a process it has just seen in /proc (see ProcFS.ancestors).
 KnownAncestors = Callable[[ProcStat], "tuple[tuple[int, str], ...] | None"]
 _PROCESS_INFO_FIELDS = tuple(item.name for item in fields(ProcessInfo))
+
 
 def system_units(path: str) -> tuple[str, ...]:
     """The system manager's units a cgroup path lies in: its slices, then its service or scope.
@@ -539,12 +541,12 @@ class ProcFS:
     def uids(self, pid: int) -> tuple[int, int]:
         """(real, effective) uid, from the Uid: line of /proc/<pid>/status (that line alone is
         parsed: the file has some fifty, and every new process is read)."""
-        text = self._read(pid, "status")
-        start = 0 if text.startswith("Uid:") else text.find("\nUid:") + 1
-        if start <= 0 and not text.startswith("Uid:"):
+        text = "\n" + self._read(pid, "status")  # every line, the first too, starts after a newline
+        start = text.find("\nUid:")
+        if start < 0:
             raise RemediatorError(f"{self.root}/{pid}/status: no Uid line")
-        end = text.find("\n", start)
-        fields = text[start + 4 : end if end >= 0 else len(text)].split()
+        end = text.find("\n", start + 1)
+        fields = text[start + 5 : end if end >= 0 else None].split()
         return int(fields[0]), int(fields[1])
 
     def cgroups(self, pid: int) -> CgroupMembership:
