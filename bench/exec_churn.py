@@ -76,10 +76,7 @@ def main() -> int:
             place.mkdir()
             config = place / "remediator.toml"
             config.write_text(config_text(place))
-            if tree is None:
-                command, env = [scale.REMEDIATOR, "run", "--config", str(config)], None
-            else:
-                command, env = [sys.executable, "-m", "remediator.cli", "run", "--config", str(config)], old_ref.environment(tree)
+            command, env = scale.daemon_command(config, tree)
             daemons[label] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(place / "daemon.log", "w"),
                                               env=env, cwd=str(tree or scale.ROOT))
         time.sleep(args.warmup)

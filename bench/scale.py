@@ -321,14 +321,11 @@ audit_log = "{place / 'audit.jsonl'}"
 listen = "127.0.0.1:{args.daemon_metrics_port + index}"
 """
             )
-            if tree is not None:  # that ref's code and probes, on this interpreter
-                command = [sys.executable, "-m", "remediator.cli", "run", "--config", str(config)]
-                env = old_ref.environment(tree)
-            elif args.daemon_profile:
+            if tree is None and args.daemon_profile:
                 command = [sys.executable, "-c", PROFILED_DAEMON, str(place / "daemon.prof"), "run", "--config", str(config)]
                 env = None
             else:
-                command, env = [REMEDIATOR, "run", "--config", str(config)], None
+                command, env = daemon_command(config, tree)
             daemons[label] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(place / "daemon.log", "w"),
                                               env=env, cwd=str(tree or ROOT))
         time.sleep(args.warmup)
@@ -370,6 +367,14 @@ listen = "127.0.0.1:{args.daemon_metrics_port + index}"
         os.killpg(host.pid, 9)
         host.wait()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def daemon_command(config: Path, tree: Path | None) -> tuple[list[str], dict[str, str] | None]:
+    """The command and environment that run the daemon with `config`: this tree's as installed, or
+    `tree`'s code and probes (an --old-ref, see old_ref.py) on this interpreter."""
+    if tree is None:
+        return [REMEDIATOR, "run", "--config", str(config)], None
+    return [sys.executable, "-m", "remediator.cli", "run", "--config", str(config)], old_ref.environment(tree)
 
 
 def stop_daemons(daemons) -> None:
