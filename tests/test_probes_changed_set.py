@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import struct
 import time
+from pathlib import Path
 
 import pytest
 
@@ -83,16 +84,45 @@ def test_below_the_floor_an_entry_is_late_by_less_than_the_floor(spawn):
         probes.close()
 
 
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _wait_until_idle(pids: list[int], timeout: float = 10.0) -> None:
+    """Until none of `pids` has used CPU for 200 ms: they are past their start-up."""
+    deadline = time.monotonic() + timeout
+    before = {pid: _cpu_ticks(pid) for pid in pids}
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = {pid: _cpu_ticks(pid) for pid in pids}
+        if now == before:
+            return
+        before = now
+    raise AssertionError(f"premise: {pids} did not go quiet within {timeout} s")
+
+
+def quiet_argv(name: str) -> list[str]:
+    """A process that runs its start-up (well past the floor) and then sleeps for an hour."""
+    return hog_argv(name, 1, "--burst-ms", "1", "--period-ms", "3600000")
+
+
 def test_a_quiet_process_costs_no_read(spawn):
-    """Entries of processes that did not run, or ran less than the floor, are not queued: far
-    fewer entries are read per 100 ms than exist, whatever the CPU count."""
+    """Entries of processes that did not run, or ran less than the floor, are not queued: a process
+    that ran once and now sleeps has entries in the map but none in the next reads, whatever the
+    CPU count. (Its own processes: on a quiet host the map may hold almost nothing else.)"""
     probes = SchedProbes()
     try:
-        probes.snapshot()
-        time.sleep(0.1)
-        snapshot = probes.snapshot()
-        total = len(probes._read_proc_cpu())
-        assert len(snapshot.proc_cpu_changed) < total / 2
+        quiet = [spawn(quiet_argv(f"quiet-{index}")).pid for index in range(6)]
+        _wait_until_idle(quiet)
+        probes.snapshot()  # reads what their start-up queued
+        for _ in range(3):
+            time.sleep(0.1)
+            changed = probes.snapshot().proc_cpu_changed
+            full = probes._read_proc_cpu()
+            held = {key for key in full if key[0] in quiet}
+            assert {pid for pid, _cpu in held} == set(quiet), "premise: their start-up is in the map"
+            assert not held & set(changed), f"quiet processes read again: {sorted(held & set(changed))}"
     finally:
         probes.close()
 
@@ -140,7 +170,13 @@ def test_a_process_that_exits_below_the_floor_is_read_in_full():
 
 
 def test_a_queue_that_overflows_makes_the_read_a_full_one(spawn):
-    spawn(hog_argv("fluent-bit", 2, "--burst-ms", "150", "--period-ms", "400"))
+    # Three busy processes kept to one CPU: it runs all three in any 100 ms (a process is one key
+    # per CPU), more than its queue of two, whatever else the host runs or how many CPUs it has.
+    cpu = min(os.sched_getaffinity(0))
+    for index in range(3):
+        busy = spawn(hog_argv(f"busy-{index}", 1))
+        for tid in busy.tids():
+            os.sched_setaffinity(tid, {cpu})
     probes = SchedProbes(ProbeSettings(report_floor_ns=0, changed_queue_slots=2))
     try:
         probes.snapshot()
