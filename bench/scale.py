@@ -256,11 +256,11 @@ def cpu_ticks(pid: int, tid: int | None = None) -> int:
 # The daemon with its main thread profiled between SIGUSR1 and SIGUSR2 (the steady state only),
 # the profile written to argv[1].
 PROFILED_DAEMON = """
-import cProfile, signal, sys
+import cProfile, signal, sys, time
 from pathlib import Path
 from remediator.cli import main
 out = Path(sys.argv[1])
-profile = cProfile.Profile()
+profile = cProfile.Profile(time.thread_time_ns, 1e-9)  # CPU time: the waits between ticks cost none
 def start(signum, frame):
     profile.enable()
 def stop(signum, frame):
