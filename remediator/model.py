@@ -9,6 +9,7 @@ actuators resolve CpuSpecs without importing it either (policy -> config, schema
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -199,6 +200,12 @@ class PolicySet:
             self._selected.clear()
         self._selected[info] = found[0] if found else None
         return self._selected[info]
+
+    @cached_property
+    def covers_descendants(self) -> bool:
+        """Whether any policy also governs the descendants of what it matches (a tree policy):
+        without one, no process is governed through its ancestors."""
+        return any(policy.match.descendants for policy in self.policies)
 
     def by_name(self, name: str) -> Policy | None:
         for policy in self.policies:

@@ -69,6 +69,11 @@ def governing(info: ProcessInfo, processes: Mapping[int, ProcessInfo], policies:
     policy matches along an unbroken chain (a vector forked by vector rolls up to the first)."""
     selected = policies.select(info)
     policy, how, root = (selected[0], selected[1], info) if selected else (None, None, None)
+    if (policy is not None and not policy.match.descendants) or (policy is None and not policies.covers_descendants):
+        # Nothing above can change the answer: an ancestor is looked at only for a tree policy,
+        # its own or (when none matched) the nearest one above. Not walking the chain matters on
+        # a host that execs: every new process is asked, and shells nest deep.
+        return Governed(policy, how, root) if policy is not None and how is not None else None
     for ancestor in chain(info, processes):
         above = policies.select(ancestor)
         if above is None:

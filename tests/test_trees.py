@@ -182,3 +182,50 @@ def test_a_samples_governing_is_the_trees_and_is_asked_afresh_for_other_objects(
     assert sample.governing(GZIP, named).policy.name == "shippers"
     assert sample.governing(renamed, named) == governing(renamed, PROCESSES, named)
     assert sample.governing(renamed, named).root == renamed
+
+
+def _governing_by_full_walk(info, processes, policy_set):
+    """The rule as written before the short cut: every ancestor looked at."""
+    from remediator.matching import MatchResult
+    from remediator.trees import Governed
+
+    selected = policy_set.select(info)
+    policy, how, root = (selected[0], selected[1], info) if selected else (None, None, None)
+    for ancestor in chain(info, processes):
+        above = policy_set.select(ancestor)
+        if above is None:
+            continue
+        if not above[0].match.descendants or (policy is not None and above[0].name != policy.name):
+            break
+        root = ancestor
+        if selected is None:
+            policy = above[0]
+            how = MatchResult(above[1].fields, f"descendant of {root.comm} (pid {root.pid}): {above[1].detail}")
+    return None if policy is None else Governed(policy, how, root)
+
+
+def test_governing_skips_the_walk_only_where_no_ancestor_can_change_the_answer(tmp_path):
+    """Random trees of processes named after the policies' comms, under policy sets with and
+    without tree policies: the short cut (no walk for a process whose own policy is not a tree
+    policy, nor for any process when no policy is one) gives what looking at every ancestor gives."""
+    import random
+
+    comms = ["a", "b", "c", "sh"]
+    rng = random.Random(14)
+    for round_ in range(40):
+        text = ""
+        for index, comm in enumerate(comms[:3]):
+            descendants = rng.random() < 0.5 and round_ % 4 != 0  # every fourth set has no tree policy
+            text += (f'[[policy]]\nname = "p{index}"\ndescription = "t"\n[policy.match]\ncomm = ["{comm}"]\n'
+                     f'descendants = {str(descendants).lower()}\n[policy.trigger]\ntail = {{ above = "2ms" }}\n'
+                     f'offender = {{ cpu = 0.5 }}\n[[policy.actions]]\nnice = 10\n\n')
+        path = tmp_path / f"p{round_}.toml"
+        path.write_text(text)
+        policy_set = load_policies([path])
+        processes = {}
+        for pid in range(10, 60):
+            parent = rng.choice([1] + [p for p in processes if rng.random() < 0.3] or [1])
+            processes[pid] = ProcessInfo(pid=pid, start_time=pid, comm=rng.choice(comms), ppid=parent)
+        for info in processes.values():
+            assert governing(info, processes, policy_set) == _governing_by_full_walk(info, processes, policy_set), \
+                (round_, info, [p.comm for p in chain(info, processes)])
