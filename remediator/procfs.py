@@ -216,7 +216,12 @@ IDLE_WORKER_S = 10.0  # a worker with nothing to read for this long ends (a Proc
 
 
 class ReadBlocked(OSError):
-    """A read that did not finish in time (it goes on in a thread of its own)."""
+    """A read that did not finish in time (it goes on in a thread of its own: `abandoned`), or
+    that was refused at once because the file, or too many others, still block."""
+
+    def __init__(self, message: str, abandoned: bool = False):
+        super().__init__(message)
+        self.abandoned = abandoned
 
 
 class _ReadRequest:
@@ -303,7 +308,7 @@ class BoundedReads:
                     if self._worker is worker:
                         self._worker = None
                     self.blocked += 1
-                    raise ReadBlocked(f"{path}: blocked for more than {self.timeout_s:g} s")
+                    raise ReadBlocked(f"{path}: blocked for more than {self.timeout_s:g} s", abandoned=True)
         if request.error is not None:
             raise request.error
         return request.data  # type: ignore[return-value]
@@ -484,16 +489,31 @@ class ProcFS:
     def cmdline(self, pid: int) -> tuple[str, ...]:
         """The arguments; a title rewritten with spaces (setproctitle) is split on them, as psutil does.
         Read on BoundedReads' worker; () when the read blocks: a policy matching on cmdline then
-        does not match, so a process that cannot be read is never acted on for it."""
-        path = f"{self._root}/{pid}/cmdline"
+        does not match, so a process that cannot be read is never acted on for it. Inside hold()
+        the worker opens it through its own copy of the held directory's descriptor (the block
+        may end, and close the original, while a blocked read goes on)."""
+        held = self._held.get(pid)
+        if held is None:
+            path = f"{self._root}/{pid}/cmdline"
 
-        def read() -> bytes:
-            with open(path, "rb") as handle:
-                return handle.read()
+            def read() -> bytes:
+                with open(path, "rb") as handle:
+                    return handle.read()
+        else:
+            directory = os.dup(held)
+
+            def read() -> bytes:
+                try:
+                    with open(os.open("cmdline", os.O_RDONLY | os.O_CLOEXEC, dir_fd=directory), "rb") as handle:
+                        return handle.read()
+                finally:
+                    os.close(directory)
 
         try:
             data = self._bounded_read(pid, "cmdline", read).decode(errors="replace")
-        except ReadBlocked:
+        except ReadBlocked as exc:
+            if held is not None and not exc.abandoned:
+                os.close(directory)  # refused before the worker had it; an abandoned read closes its own
             return ()
         return tuple(part for part in split_cmdline(data) if part)
 
@@ -639,7 +659,14 @@ class ProcFS:
     def process_info_and_cgroups(self, pid: int, known_ancestors: KnownAncestors | None = None
                                  ) -> tuple[ProcessInfo, CgroupMembership | None]:
         """process_info, and the cgroup membership it was read with (None: unreadable), so the
-        caller that also wants the process's scheduling group reads the file once."""
+        caller that also wants the process's scheduling group reads the file once. Every file is
+        read through one descriptor of the process's directory (hold()), so all of them are of
+        the process whose stat came first, or ProcessGone: no second stat to catch a reused pid."""
+        with self.hold(pid):
+            return self._process_info_held(pid, known_ancestors)
+
+    def _process_info_held(self, pid: int, known_ancestors: KnownAncestors | None
+                           ) -> tuple[ProcessInfo, CgroupMembership | None]:
         stat = self.stat(pid)
         kernel_thread = stat.is_kernel_thread
         cgroup_path = ""
@@ -667,8 +694,6 @@ class ProcFS:
             ancestors=self.ancestors(stat.ppid, known=known_ancestors),
             kernel_thread=kernel_thread,
         )
-        # The pid may have been reused between the reads: the identity must still hold.
-        self.verify(info.identity)
         return info, membership
 
     def iter_processes(self) -> Iterator[ProcessInfo]:

@@ -99,3 +99,29 @@ def test_without_a_hold_the_stranger_would_have_been_changed(spawn):
     stranger = replace_with_stranger(hog, spawn)
     assert stranger.pid == hog.pid
     assert os.getpriority(os.PRIO_PROCESS, stranger.pid) == 5
+
+
+@pytest.mark.parametrize("reused_before", ["cgroups", "uids", "cmdline"])
+def test_a_process_read_while_its_pid_is_taken_is_gone_not_a_mix(spawn, reused_before):
+    """ProcFS.process_info reads a new process's files one by one (stat, cgroup, status, exe,
+    cmdline): when it exits and a stranger takes its pid in between, the result is ProcessGone,
+    never the first process's start time with the stranger's files."""
+    from remediator.errors import ProcessGone
+    from remediator.procfs import ProcFS
+
+    hog = spawn(SLEEPER_ARGV)
+    procfs = ProcFS()
+    strangers = []
+    real = getattr(procfs, reused_before)
+
+    def reuse_then_read(pid, *args, **kwargs):
+        if pid == hog.pid and not strangers:
+            strangers.append(replace_with_stranger(hog, spawn))
+        return real(pid, *args, **kwargs)
+
+    setattr(procfs, reused_before, reuse_then_read)
+    with pytest.raises(ProcessGone):
+        info = procfs.process_info(hog.pid)
+        pytest.fail(f"read as {info} (the stranger's comm and cmdline under the first one's start time?)")
+    [stranger] = strangers
+    assert stranger.pid == hog.pid
