@@ -129,17 +129,15 @@ def exit_state_bits(format_text: str) -> int:
 
 def sum_wait_stats(per_cpu: list[tuple], closed_epoch: int) -> tuple[dict[str, int], int, list[int]]:
     """The per-CPU copies of wait_stats (each unpacked) summed: (totals, the largest wait of
-    `closed_epoch`, the histogram). Its cost grows with the CPU count (bench/scale.py models it)."""
+    `closed_epoch`, the histogram). Its cost grows with the CPU count (bench/scale.py models it):
+    every column is summed in one pass (the epoch columns too, unused), not a generator each."""
     count = len(WAIT_TOTAL_FIELDS)
-    totals = {name: sum(cpu[i] for cpu in per_cpu) for i, name in enumerate(WAIT_TOTAL_FIELDS)}
-    max_ns = 0
-    for cpu in per_cpu:
-        pairs = cpu[count : count + 4]
-        epoch, value = pairs[2 * (closed_epoch & 1)], pairs[2 * (closed_epoch & 1) + 1]
-        if epoch == closed_epoch:
-            max_ns = max(max_ns, value)
-    hist = [sum(column) for column in zip(*(cpu[count + 4 :] for cpu in per_cpu))] if per_cpu else [0] * histogram.SLOTS
-    return totals, max_ns, hist
+    if not per_cpu:
+        return dict.fromkeys(WAIT_TOTAL_FIELDS, 0), 0, [0] * histogram.SLOTS
+    sums = list(map(sum, zip(*per_cpu)))
+    epoch_at = count + 2 * (closed_epoch & 1)
+    max_ns = max((cpu[epoch_at + 1] for cpu in per_cpu if cpu[epoch_at] == closed_epoch), default=0)
+    return dict(zip(WAIT_TOTAL_FIELDS, sums)), max_ns, sums[count + 4:]
 
 
 REPORT_FLOOR_MIN_NS = 1_000_000

@@ -110,3 +110,27 @@ def test_runqlat_style_rows():
     assert rows[0] == (0, 1, 1)  # 1.5 us
     assert rows[1] == (2, 3, 2)
     assert rows[-1][2] == 1 and rows[-1][0] <= 700 <= rows[-1][1]
+
+
+def test_sum_wait_stats_sums_every_cpu_and_takes_the_closed_epochs_largest_wait():
+    import random
+
+    from remediator import histogram
+    from remediator.probes import WAIT_TOTAL_FIELDS, sum_wait_stats
+
+    count = len(WAIT_TOTAL_FIELDS)
+    rng = random.Random(7)
+    for cpus in (1, 2, 5):
+        for closed in (6, 7):
+            rows = []
+            for _ in range(cpus):
+                totals = [rng.randrange(10**9) for _ in range(count)]
+                # (epoch, largest wait) for even epochs, then for odd ones; some CPUs saw no wait this epoch
+                pairs = [rng.choice([closed, closed - 2]), rng.randrange(10**7), rng.choice([closed, closed - 2]), rng.randrange(10**7)]
+                rows.append(tuple(totals + pairs + [rng.randrange(100) for _ in range(histogram.SLOTS)]))
+            totals, max_ns, hist = sum_wait_stats(rows, closed)
+            assert totals == {name: sum(row[i] for row in rows) for i, name in enumerate(WAIT_TOTAL_FIELDS)}
+            at = count + 2 * (closed % 2)
+            assert max_ns == max([row[at + 1] for row in rows if row[at] == closed], default=0)
+            assert hist == [sum(row[count + 4 + slot] for row in rows) for slot in range(histogram.SLOTS)]
+    assert sum_wait_stats([], 3) == (dict.fromkeys(WAIT_TOTAL_FIELDS, 0), 0, [0] * histogram.SLOTS)
