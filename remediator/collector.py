@@ -58,6 +58,9 @@ class Collector:
         self.rescan_s = rescan_s if source.has_exec_events else 0.0
         self.top_n = top_n
         self.track_execs = track_execs  # name exec'd processes in the sample (for exec-time placement)
+        # Whether another reader (the burst watch) reads every exec'd process through info() in the
+        # same tick: the exec is then read in full at once and its comm judged from that.
+        self.execs_read_elsewhere = False
         self._execs: list[int] = []
         self.wall_clock = wall_clock
         self.mono_clock = mono_clock
@@ -161,7 +164,7 @@ class Collector:
     def _rescan(self) -> None:
         self._rescan_listing = None
         refused: dict[int, tuple[ProcessInfo, str]] = {}
-        resolved = self.selectors.resolve(self.procfs, refused, self._candidates())
+        resolved = self.selectors.resolve(self.procfs, refused, self._candidates(), known=self._known_info)
         wanted = {pid: reason for pid, (_info, reason) in resolved.items()}
         known_tids = {tid for tids in self.protected.values() for tid in tids}
         kernel_tids = self.source.kernel_protected_tids(only_if_forked=True)
@@ -221,8 +224,15 @@ class Collector:
             if pid in self.protected:
                 self._add_process(pid, self.protected_reason.get(pid, "selector"))  # exec may change its threads
                 continue
+            known = None
+            if (self.track_execs or self.execs_read_elsewhere) and self.selectors.comms:
+                # The burst watch reads who it is in this tick anyway: read it now, and the comm
+                # selectors judge it from that, not from a stat of their own.
+                if self.info(pid) is None:
+                    continue  # gone already (or unreadable: then not protected either)
+                known = self._known_info
             refused: dict[int, tuple[ProcessInfo, str]] = {}
-            found = self.selectors.match_pid(self.procfs, pid, refused)
+            found = self.selectors.match_pid(self.procfs, pid, refused, known)
             self._warn_refused(refused)
             if found:
                 _info, reason = found
@@ -327,6 +337,12 @@ class Collector:
             return None
         self._info_cache[pid] = (info, now)
         return info
+
+    def _known_info(self, pid: int) -> ProcessInfo | None:
+        """The cached info of `pid` while info() takes it as read, else None (not read here): the
+        rescan judges new pids by comm, and a process read at its exec needs no stat for it."""
+        cached = self._info_cache.get(pid)
+        return cached[0] if cached is not None and self._trusted(cached[1], self.mono_clock()) else None
 
     def _trusted(self, checked: float, now: float) -> bool:
         """Whether a cached info checked at `checked` is taken as it is at `now` (see info())."""

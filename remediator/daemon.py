@@ -205,6 +205,7 @@ class Daemon:
                        if BurstWatch.supported(source) else None)
         if self.bursts is not None:
             self.bursts.set_policies(self.policies)
+            self.collector.execs_read_elsewhere = self.bursts.active
         self.state = EngineState()
         self.observers = Observers([], on_error=self._observer_failed)
         try:
@@ -436,6 +437,7 @@ class Daemon:
                     discovered = self._survey()
                     if self.bursts is not None:
                         self.bursts.set_policies(self.policies)
+                        self.collector.execs_read_elsewhere = self.bursts.active
                     self.collector.track_execs = self._has_always_policies()
             self.tick(discovered)
             discovered = []

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .errors import RemediatorError
 from .procfs import ProcessInfo, ProcFS, system_units
+
+KnownInfo = Callable[[int], "ProcessInfo | None"]  # pid -> who the caller already knows it to be, or None
 
 # Prefixes that name a cgroup by its mount path rather than its path inside the hierarchy.
 CGROUP_MOUNT_PREFIXES = (
@@ -143,14 +145,20 @@ class ProtectSelectors:
         """Why this process is protected ("comm nginx*"), or None (not matched, or refused)."""
         return self.examine(info, cgroup_paths)[0]
 
-    def _first_look(self, procfs: ProcFS, pid: int) -> tuple[bool, tuple[str, ...]]:
+    def _first_look(self, procfs: ProcFS, pid: int, known: KnownInfo | None = None) -> tuple[bool, tuple[str, ...]]:
         """A cheap look (comm from stat, then the cgroup file) before reading everything: whether the
-        process may match, and the v1 cgroup paths if they were read."""
+        process may match, and the v1 cgroup paths if they were read. `known(pid)`: who the
+        caller already knows the pid to be, as recently as it trusts (a process just read at its
+        exec): its comm then costs no stat."""
         if pid in self.pids:
             return True, ()
         if self.comms:
-            stat = procfs.stat(pid)
-            if not stat.is_kernel_thread and self._comm_reason(stat.comm):
+            info = known(pid) if known is not None else None
+            comm, kernel_thread = (info.comm, info.kernel_thread) if info is not None else (None, None)
+            if info is None:
+                stat = procfs.stat(pid)
+                comm, kernel_thread = stat.comm, stat.is_kernel_thread
+            if not kernel_thread and self._comm_reason(comm):
                 return True, ()
         if self.cgroups or self.units:
             membership = procfs.cgroups(pid)
@@ -159,12 +167,13 @@ class ProtectSelectors:
         return False, ()
 
     def match_pid(
-        self, procfs: ProcFS, pid: int, refused: dict[int, tuple[ProcessInfo, str]] | None = None
+        self, procfs: ProcFS, pid: int, refused: dict[int, tuple[ProcessInfo, str]] | None = None,
+        known: KnownInfo | None = None,
     ) -> tuple[ProcessInfo, str] | None:
         """(who the process is, why it is protected), or None: not matched, refused, gone or unreadable.
         A refused process goes into `refused` (pid -> (info, why)) when given."""
         try:
-            may_match, v1_paths = self._first_look(procfs, pid)
+            may_match, v1_paths = self._first_look(procfs, pid, known)
             if not may_match:
                 return None
             info = procfs.process_info(pid)
@@ -184,18 +193,19 @@ class ProtectSelectors:
 
     def resolve(
         self, procfs: ProcFS, refused: dict[int, tuple[ProcessInfo, str]] | None = None,
-        candidates: Iterable[int] | None = None,
+        candidates: Iterable[int] | None = None, known: KnownInfo | None = None,
     ) -> dict[int, tuple[ProcessInfo, str]]:
         """Every live process the selectors match and the users allow: pid -> (info, reason).
         Those matched but refused go into `refused` when given. `candidates`: look only at these
-        processes instead of listing /proc (the pids named are always the only ones looked at)."""
+        processes instead of listing /proc (the pids named are always the only ones looked at).
+        `known`: see _first_look."""
         if not self.lists_processes:
             candidates = self.pids
         elif candidates is None:
             candidates = procfs.pids()
         matched = {}
         for pid in candidates:
-            found = self.match_pid(procfs, pid, refused)
+            found = self.match_pid(procfs, pid, refused, known)
             if found:
                 matched[pid] = found
         return matched

@@ -496,3 +496,41 @@ def test_a_new_child_of_a_process_in_the_cache_reads_its_parent_not_the_whole_ch
     procfs.stat_reads.clear()
     assert collector.info(402).ancestors == ((300, "make"), (100, "sshd"))
     assert 100 in procfs.stat_reads
+
+
+def test_a_process_read_at_its_exec_is_judged_by_comm_without_a_stat_of_its_own(tmp_path):
+    """With the burst watch reading every exec'd process in the same tick, the collector reads
+    it in full at its exec event and the comm selectors judge it from that read; the next rescan,
+    which judges new pids, takes the comm from the same read while it is trusted."""
+    proc = FakeProc(tmp_path / "proc")
+    for process in (FakeProcess(1, "init"), FakeProcess(10, "api")):
+        proc.add(process)
+    proc.write()
+    source, clock, procfs = RecordingSource(), Clock(), JudgingProcFS(proc.root)
+    collector = Collector(source, ProtectSelectors.build(comms=["api"]), procfs, rescan_s=5.0, mono_clock=clock,
+                          wall_clock=lambda: 1_700_000_000.0)
+    collector.execs_read_elsewhere = True
+    collector.start()
+    proc.add(FakeProcess(40, "sleep"))
+    proc.add(FakeProcess(50, "api"))
+    proc.write()
+    source.pending_execs += [ExecEvent(0, 40, 40, "/bin/sleep"), ExecEvent(0, 50, 50, "/usr/bin/api")]
+    procfs.judged.clear()
+    clock.now += 0.25
+    collector.sample()
+    assert procfs.judged.count(40) == 1  # process_info's own stat, nothing else
+    assert 50 in collector.protected
+    assert collector.info(40) is not None and procfs.judged.count(40) == 1  # the burst watch's read: the cache
+    procfs.judged.clear()
+    clock.now += 4.9  # the rescan: 40 is new to its listing, read 4.9 s ago
+    collector.sample()
+    assert 40 not in procfs.judged
+    # Without the other reader, the exec is judged by a stat alone, as before.
+    collector.execs_read_elsewhere = False
+    proc.add(FakeProcess(60, "sleep"))
+    proc.write()
+    source.pending_execs.append(ExecEvent(0, 60, 60, "/bin/sleep"))
+    procfs.judged.clear()
+    clock.now += 0.25
+    collector.sample()
+    assert procfs.judged.count(60) == 1 and 60 not in collector._info_cache
