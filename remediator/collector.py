@@ -33,7 +33,17 @@ log = logging.getLogger(__name__)
 # tick; a cache of only this tick's processes read ~20 new ones a tick at ~1.3 ms each (ancestors,
 # exe, cmdline: bench/scale.py), where a kept one costs a stat read every rescan interval.
 INFO_CACHE_MAX = 8192
+ANCESTRY_MAX = 4096
 FULL_RESCAN_S = 60.0  # see Collector._candidates
+
+
+class _AncestorMemory:
+    """The collector's memory of ancestors, as ProcFS.ancestors asks it (procfs.KnownAncestors)."""
+
+    def __init__(self, above: Callable[[ProcStat], "tuple[tuple[int, str], ...] | None"],
+                 learn: Callable[[ProcStat, "tuple[tuple[int, str], ...]"], None]):
+        self.above = above
+        self.learn = learn
 
 
 class Collector:
@@ -70,6 +80,9 @@ class Collector:
         self._warned_refused: set[ProcessIdentity] = set()  # refused processes already logged
         self._untracked: dict[int, set[int]] = {}  # pid -> threads the protected map refused
         self._info_cache: dict[int, tuple[ProcessInfo, float]] = {}  # pid -> (info, when checked)
+        # pid -> (start time, comm, its ancestors, when read) of the parents walked through lately
+        self._ancestry: dict[int, tuple[int, str, tuple[tuple[int, str], ...], float]] = {}
+        self._ancestor_memory = _AncestorMemory(self._ancestors_held, self._learn_ancestors)
         self._last_rescan = float("-inf")
         self._listed: set[int] | None = None  # the pids of the last rescan's listing (comm, cgroup, unit selectors)
         self._rescan_listing: list[int] | None = None  # that listing, when this tick's rescan made one
@@ -330,7 +343,7 @@ class Collector:
                     info = self._with_group(info)  # setsid or a cgroup move changes it
                     self._info_cache[pid] = (info, now)
                     return info
-            info, membership = self.procfs.process_info_and_cgroups(pid, known_ancestors=self._ancestors_held)
+            info, membership = self.procfs.process_info_and_cgroups(pid, known_ancestors=self._ancestor_memory)
             info = self._with_group(info, membership)
         except (ProcessGone, RemediatorError):
             self._info_cache.pop(pid, None)
@@ -349,15 +362,28 @@ class Collector:
         return now - checked < max(self.rescan_s, 1.0)
 
     def _ancestors_held(self, parent: ProcStat) -> tuple[tuple[int, str], ...] | None:
-        """The ancestors of `parent` (its stat just read) from this cache, when it holds that very
-        process (pid, start time, comm) as checked within the interval info() trusts it."""
+        """The ancestors of `parent` (its stat just read) when this collector holds that very process
+        (pid, start time and comm) as checked within the interval info() trusts: from its info,
+        or from a chain walked up through it lately (_ancestry)."""
+        now = self.mono_clock()
         cached = self._info_cache.get(parent.pid)
-        if cached is None:
-            return None
-        info, checked = cached
-        if info.start_time != parent.start_time or info.comm != parent.comm or not self._trusted(checked, self.mono_clock()):
-            return None
-        return info.ancestors
+        if cached is not None:
+            info, checked = cached
+            if info.start_time == parent.start_time and info.comm == parent.comm and self._trusted(checked, now):
+                return info.ancestors
+        walked = self._ancestry.get(parent.pid)
+        if walked is not None:
+            start_time, comm, above, checked = walked
+            if start_time == parent.start_time and comm == parent.comm and self._trusted(checked, now):
+                return above
+        return None
+
+    def _learn_ancestors(self, link: ProcStat, above: tuple[tuple[int, str], ...]) -> None:
+        """A parent walked through (an exec loop's shell, make, a supervisor), which the collector may
+        hold no info of: its next child then reads its stat alone, not the chain above it."""
+        if len(self._ancestry) >= ANCESTRY_MAX:
+            self._ancestry.clear()  # bounded: walked anew within one interval
+        self._ancestry[link.pid] = (link.start_time, link.comm, above, self.mono_clock())
 
     def _trim_info_cache(self, keep) -> None:
         """Down to half the bound, the longest unchecked first (never those this tick uses)."""

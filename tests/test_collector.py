@@ -534,3 +534,38 @@ def test_a_process_read_at_its_exec_is_judged_by_comm_without_a_stat_of_its_own(
     clock.now += 0.25
     collector.sample()
     assert procfs.judged.count(60) == 1 and 60 not in collector._info_cache
+
+
+def test_the_children_of_a_parent_walked_through_read_its_stat_alone(tmp_path):
+    """A loop under a deep chain (a CI job: sh under make under sh) execs child after child. The
+    collector holds no info of the loop itself (it barely runs), yet only the first child walks
+    the chain: the next ones read their parent's stat, find it is the very process walked
+    through (pid, start time, comm) and take the chain above it, until the interval info()
+    trusts has passed or the pid names another process."""
+    proc = FakeProc(tmp_path / "proc")
+    for process in (FakeProcess(1, "init"), FakeProcess(10, "api"), FakeProcess(100, "sh", ppid=1, start_time=100),
+                    FakeProcess(200, "make", ppid=100, start_time=200), FakeProcess(300, "sh", ppid=200, start_time=300)):
+        proc.add(process)
+    proc.write()
+    source, clock, procfs = RecordingSource(), Clock(), JudgingProcFS(proc.root)
+    collector = Collector(source, ProtectSelectors.build(comms=["api"]), procfs, rescan_s=5.0, mono_clock=clock,
+                          wall_clock=lambda: 1_700_000_000.0)
+    collector.start()
+    chain = ((300, "sh"), (200, "make"), (100, "sh"))
+
+    def child(pid):
+        proc.add(FakeProcess(pid, "cc1", ppid=300, start_time=pid))
+        proc.write()
+        procfs.judged.clear()
+        return collector.info(pid)
+
+    assert child(400).ancestors == chain and procfs.judged == [400, 300, 200, 100]
+    clock.now += 1
+    assert child(401).ancestors == chain and procfs.judged == [401, 300]
+    clock.now += 5  # past the trusted interval: walked again
+    assert child(402).ancestors == chain and procfs.judged == [402, 300, 200, 100]
+    # pid 300 now names another process (its start time differs): not the one remembered; its
+    # parent make is, so the walk stops there.
+    proc.processes[300].start_time = 350
+    proc.processes[300].comm = "bash"
+    assert child(403).ancestors == ((300, "bash"), (200, "make"), (100, "sh")) and procfs.judged == [403, 300, 200]

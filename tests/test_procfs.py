@@ -157,3 +157,30 @@ def test_uids_come_from_the_uid_line_wherever_it_is(tmp_path):
     with pytest.raises(RemediatorError, match="no Uid line"):
         procfs.uids(42)
     assert ProcFS().uids(os.getpid()) == (os.getuid(), os.geteuid())
+
+
+def test_a_user_name_is_looked_up_once_a_minute(monkeypatch):
+    """Every new process is named by its user; the password database is read once per uid per
+    USER_NAME_KEPT_S, so a user added or renamed shows within that."""
+    import types
+
+    from remediator import procfs as procfs_module
+
+    names = {4242: "alice"}
+    lookups = []
+
+    def getpwuid(uid):
+        lookups.append(uid)
+        if uid not in names:
+            raise KeyError(uid)
+        return types.SimpleNamespace(pw_name=names[uid])
+
+    now = [1000.0]
+    monkeypatch.setattr(procfs_module.pwd, "getpwuid", getpwuid)
+    monkeypatch.setattr(procfs_module.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(procfs_module, "_user_names", {})
+    assert [procfs_module._user_name(4242) for _ in range(3)] == ["alice"] * 3 and lookups == [4242]
+    assert procfs_module._user_name(4343) == "4343"  # no such user: its uid
+    names[4242] = "alice2"
+    now[0] += procfs_module.USER_NAME_KEPT_S
+    assert procfs_module._user_name(4242) == "alice2" and lookups == [4242, 4343, 4242]
