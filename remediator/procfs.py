@@ -236,6 +236,24 @@ def _user_name(uid: int) -> str:
 IDLE_WORKER_S = 10.0  # a worker with nothing to read for this long ends (a ProcFS made for one look needs none)
 
 
+READ_CHUNK = 16384  # more than a process's stat, status or cgroup file holds: one read() each
+
+
+def _read_all(fd: int) -> bytes:
+    """The whole file, by os.read: open, read, close. A Python file object adds an fstat and a
+    second read() to see the end, and every new process has six files read (bench/exec_churn.py).
+    A read shorter than asked is the end (procfs fills what it is asked for from its records;
+    regular files, the tests' fake trees, end the same way)."""
+    chunk = os.read(fd, READ_CHUNK)
+    if len(chunk) < READ_CHUNK:
+        return chunk
+    chunks = [chunk]
+    while chunk:
+        chunk = os.read(fd, READ_CHUNK)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class ReadBlocked(OSError):
     """A read that did not finish in time (it goes on in a thread of its own: `abandoned`), or
     that was refused at once because the file, or too many others, still block."""
@@ -416,10 +434,12 @@ class ProcFS:
         try:
             if held is not None:
                 fd = os.open(relative, os.O_RDONLY | os.O_CLOEXEC, dir_fd=held)
-                with open(fd, "rb") as handle:
-                    return handle.read().decode(errors="replace")
-            with open(path, "rb") as handle:
-                return handle.read().decode(errors="replace")
+            else:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return _read_all(fd).decode(errors="replace")
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise translate_os_error(exc, pid, f"read {path}") from None
 
