@@ -380,16 +380,23 @@ class JudgingProcFS(ProcFS):
         return super().stat(pid, tid)
 
 
-def test_a_rescan_judges_new_processes_and_every_process_only_at_a_full_rescan(tmp_path):
-    from remediator.collector import FULL_RESCAN_S
-
+def judging_collector(tmp_path, processes):
+    """A collector protecting comm "api" over a fake /proc of `processes`, its stat reads counted."""
     proc = FakeProc(tmp_path / "proc")
-    for process in (FakeProcess(1, "init"), FakeProcess(10, "api"), FakeProcess(20, "fluent-bit"), FakeProcess(30, "cron")):
+    for process in processes:
         proc.add(process)
     proc.write()
     source, clock, procfs = RecordingSource(), Clock(), JudgingProcFS(proc.root)
     collector = Collector(source, ProtectSelectors.build(comms=["api"]), procfs, rescan_s=5.0, mono_clock=clock,
                           wall_clock=lambda: 1_700_000_000.0)
+    return proc, source, clock, procfs, collector
+
+
+def test_a_rescan_judges_new_processes_and_every_process_only_at_a_full_rescan(tmp_path):
+    from remediator.collector import FULL_RESCAN_S
+
+    proc, source, clock, procfs, collector = judging_collector(
+        tmp_path, (FakeProcess(1, "init"), FakeProcess(10, "api"), FakeProcess(20, "fluent-bit"), FakeProcess(30, "cron")))
     collector.start()
     assert {1, 10, 20, 30} <= set(procfs.judged)  # the first rescan judges every process
     # A new process and one renamed without exec: the new one is judged (and protected); the
@@ -502,13 +509,7 @@ def test_a_process_read_at_its_exec_is_judged_by_comm_without_a_stat_of_its_own(
     """With the burst watch reading every exec'd process in the same tick, the collector reads
     it in full at its exec event and the comm selectors judge it from that read; the next rescan,
     which judges new pids, takes the comm from the same read while it is trusted."""
-    proc = FakeProc(tmp_path / "proc")
-    for process in (FakeProcess(1, "init"), FakeProcess(10, "api")):
-        proc.add(process)
-    proc.write()
-    source, clock, procfs = RecordingSource(), Clock(), JudgingProcFS(proc.root)
-    collector = Collector(source, ProtectSelectors.build(comms=["api"]), procfs, rescan_s=5.0, mono_clock=clock,
-                          wall_clock=lambda: 1_700_000_000.0)
+    proc, source, clock, procfs, collector = judging_collector(tmp_path, (FakeProcess(1, "init"), FakeProcess(10, "api")))
     collector.execs_read_elsewhere = True
     collector.start()
     proc.add(FakeProcess(40, "sleep"))
@@ -542,14 +543,9 @@ def test_the_children_of_a_parent_walked_through_read_its_stat_alone(tmp_path):
     the chain: the next ones read their parent's stat, find it is the very process walked
     through (pid, start time, comm) and take the chain above it, until the interval info()
     trusts has passed or the pid names another process."""
-    proc = FakeProc(tmp_path / "proc")
-    for process in (FakeProcess(1, "init"), FakeProcess(10, "api"), FakeProcess(100, "sh", ppid=1, start_time=100),
-                    FakeProcess(200, "make", ppid=100, start_time=200), FakeProcess(300, "sh", ppid=200, start_time=300)):
-        proc.add(process)
-    proc.write()
-    source, clock, procfs = RecordingSource(), Clock(), JudgingProcFS(proc.root)
-    collector = Collector(source, ProtectSelectors.build(comms=["api"]), procfs, rescan_s=5.0, mono_clock=clock,
-                          wall_clock=lambda: 1_700_000_000.0)
+    proc, source, clock, procfs, collector = judging_collector(
+        tmp_path, (FakeProcess(1, "init"), FakeProcess(10, "api"), FakeProcess(100, "sh", ppid=1, start_time=100),
+                   FakeProcess(200, "make", ppid=100, start_time=200), FakeProcess(300, "sh", ppid=200, start_time=300)))
     collector.start()
     chain = ((300, "sh"), (200, "make"), (100, "sh"))
 
