@@ -52,12 +52,17 @@ class BurstWatch:
     """The candidates of one source (one that can count bursts: BpfSource), kept current."""
 
     def __init__(self, source, procfs: ProcFS, daemon: ProcessIdentity | None, clock=time.monotonic,
-                 info_of: Callable[[int], ProcessInfo | None] | None = None):
+                 info_of: Callable[[int], ProcessInfo | None] | None = None,
+                 sketch_of: Callable[[int], ProcessInfo | None] | None = None):
         self.source = source
         self.procfs = procfs
         # Who a pid is, for judging: the collector's cached reading (Collector.info) where there is
         # one, so a process judged here is not read again when it first shows up in a tick.
         self.info_of = info_of
+        # Who a new pid is as far as comm, exe, cmdline and ancestors say (Collector.sketch): enough
+        # to judge it when no policy matches on cgroup, unit or user, and most new processes are
+        # governed by none; a would-be candidate is then read in full.
+        self.sketch_of = sketch_of
         self.daemon = daemon  # remediator's own identity: it and what it forks are never candidates
         self.clock = clock
         self.policies: PolicySet | None = None
@@ -108,15 +113,32 @@ class BurstWatch:
         except RemediatorError:
             return None
 
+    @property
+    def reader(self) -> Callable[[int], ProcessInfo | None] | None:
+        """How a new pid is read for judging (the collector's sketch or info), None when not judged."""
+        if not self.active:
+            return None
+        assert self.policies is not None
+        return self.sketch_of if self.sketch_of is not None and self.policies.judged_by_sketch else self.info_of
+
     def _judge(self, info: ProcessInfo, protected: Iterable[int]) -> None:
         assert self.policies is not None
         # The policy that governs it as at the tick: its own, or a tree policy's through an ancestor.
-        trees = any(policy.match.descendants for policy in self.policies.policies)
+        trees = self.policies.covers_descendants
         ancestors = self.ancestors_of(info) if trees else {}
         governed = governing(info, {**ancestors, info.pid: info}, self.policies)
         policy = governed.policy if governed else None
         self._judged[info.pid] = info.identity
         wanted = policy is not None and not policy.trigger.always and policy.trigger.burst_within_s is not None
+        if wanted and self.sketch_of is not None:
+            # It may have been judged from a sketch: a candidate's evidence and the safety rules
+            # take the whole reading (cached when it was one).
+            full = self._info(info.pid)
+            if full is None or full.identity != info.identity:
+                self._candidates.pop(info.pid, None)
+                self._judged_info.pop(info.pid, None)
+                return
+            info = full
         if wanted and not trees:
             ancestors = self.ancestors_of(info)  # read for a would-be candidate only: the safety rules need them
         if not wanted or exclusion_reason(info, protected, processes={**ancestors, info.pid: info}, daemon=self.daemon):
@@ -174,7 +196,8 @@ class BurstWatch:
         self.source.set_burst_candidates({pid: candidate for pid, (_identity, candidate) in self._candidates.items()})
 
     def _judge_pid(self, pid: int, protected: set[int]) -> None:
-        info = self._info(pid)
+        reader = self.reader
+        info = reader(pid) if reader is not None else self._info(pid)
         if info is None:
             return
         if info.kernel_thread:

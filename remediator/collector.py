@@ -68,9 +68,12 @@ class Collector:
         self.rescan_s = rescan_s if source.has_exec_events else 0.0
         self.top_n = top_n
         self.track_execs = track_execs  # name exec'd processes in the sample (for exec-time placement)
-        # Whether another reader (the burst watch) reads every exec'd process through info() in the
-        # same tick: the exec is then read in full at once and its comm judged from that.
-        self.execs_read_elsewhere = False
+        # How another reader (the burst watch) reads every exec'd process in the same tick (info or
+        # sketch), if one does: the exec is then read so at once and its comm judged from that.
+        self.exec_reader: Callable[[int], ProcessInfo | None] | None = None
+        # With track_execs: which exec'd processes the sample names, judged from their sketch
+        # (None: every one). Those it names are read in full.
+        self.exec_wanted: Callable[[ProcessInfo], bool] | None = None
         self._execs: list[int] = []
         self.wall_clock = wall_clock
         self.mono_clock = mono_clock
@@ -83,6 +86,7 @@ class Collector:
         # pid -> (start time, comm, its ancestors, when read) of the parents walked through lately
         self._ancestry: dict[int, tuple[int, str, tuple[tuple[int, str], ...], float]] = {}
         self._ancestor_memory = _AncestorMemory(self._ancestors_held, self._learn_ancestors)
+        self._sketches: dict[int, tuple[ProcessInfo, float]] = {}  # pid -> (sketch, when read): see sketch()
         self._last_rescan = float("-inf")
         self._listed: set[int] | None = None  # the pids of the last rescan's listing (comm, cgroup, unit selectors)
         self._rescan_listing: list[int] | None = None  # that listing, when this tick's rescan made one
@@ -232,16 +236,18 @@ class Collector:
         for event in self.source.exec_events():
             pid = event.pid
             self._info_cache.pop(pid, None)  # exec keeps (pid, start time) but changes comm, exe, cmdline
+            self._sketches.pop(pid, None)
             if self.track_execs:
                 self._execs.append(pid)
             if pid in self.protected:
                 self._add_process(pid, self.protected_reason.get(pid, "selector"))  # exec may change its threads
                 continue
             known = None
-            if (self.track_execs or self.execs_read_elsewhere) and self.selectors.comms:
-                # The burst watch reads who it is in this tick anyway: read it now, and the comm
-                # selectors judge it from that, not from a stat of their own.
-                if self.info(pid) is None:
+            reader = self.exec_reader or (self._exec_first_read if self.track_execs else None)
+            if reader is not None and self.selectors.comms:
+                # Who it is is read in this tick anyway (the sample's exec'd processes, the burst
+                # watch): read it now, and the comm selectors judge it from that, not a stat of their own.
+                if reader(pid) is None:
                     continue  # gone already (or unreadable: then not protected either)
                 known = self._known_info
             refused: dict[int, tuple[ProcessInfo, str]] = {}
@@ -352,10 +358,46 @@ class Collector:
         return info
 
     def _known_info(self, pid: int) -> ProcessInfo | None:
-        """The cached info of `pid` while info() takes it as read, else None (not read here): the
-        rescan judges new pids by comm, and a process read at its exec needs no stat for it."""
-        cached = self._info_cache.get(pid)
-        return cached[0] if cached is not None and self._trusted(cached[1], self.mono_clock()) else None
+        """The cached info or sketch of `pid` while info() would take it as read, else None (not
+        read here): the rescan judges new pids by comm, and a process read at its exec needs no
+        stat for it."""
+        now = self.mono_clock()
+        for cache in (self._info_cache, self._sketches):
+            cached = cache.get(pid)
+            if cached is not None and self._trusted(cached[1], now):
+                return cached[0]
+        return None
+
+    def _exec_first_read(self, pid: int) -> ProcessInfo | None:
+        """How an exec'd process is first read for the sample's exec-time placement."""
+        return self.info(pid) if self.exec_wanted is None else self.sketch(pid)
+
+    def _exec_named(self, pid: int) -> bool:
+        """Whether the sample names this exec'd process (exec_wanted, from its sketch)."""
+        if self.exec_wanted is None:
+            return True
+        sketch = self.sketch(pid)
+        return sketch is not None and self.exec_wanted(sketch)
+
+    def sketch(self, pid: int) -> ProcessInfo | None:
+        """Who a pid is as far as policies that match on comm, exe, cmdline and ancestors need
+        (ProcFS.sketch; None: gone): the cached info when there is one, else a sketch, kept like
+        infos are. For judging whether a policy could govern a new process (the burst watch) and
+        nothing else: its cgroup, unit and user are not read. The sample and every decision take
+        info(), which reads the process in full."""
+        now = self.mono_clock()
+        known = self._known_info(pid)
+        if known is not None:
+            return known
+        try:
+            sketch = self.procfs.sketch(pid, known_ancestors=self._ancestor_memory)
+        except RemediatorError:
+            self._sketches.pop(pid, None)
+            return None
+        if len(self._sketches) >= INFO_CACHE_MAX:
+            self._sketches.clear()  # bounded: sketched again at most once per process
+        self._sketches[pid] = (sketch, now)
+        return sketch
 
     def _trusted(self, checked: float, now: float) -> bool:
         """Whether a cached info checked at `checked` is taken as it is at `now` (see info())."""
@@ -411,7 +453,7 @@ class Collector:
         wanted += [pid for pid, ns in blamed[: self.top_n] if ns >= step or ns * 20 >= delta.wait_ns]
         wanted += list(self.protected)
         execs, self._execs = tuple(dict.fromkeys(self._execs)), []
-        wanted += list(execs)
+        wanted += [pid for pid in execs if self._exec_named(pid)]
         processes: dict[int, ProcessInfo] = {}
         for pid in dict.fromkeys(wanted):
             info = self.info(pid)

@@ -201,11 +201,13 @@ class Daemon:
         self.collector = Collector(source, config.protect, self.procfs, track_execs=self._has_always_policies(),
                                    sched_groups=SchedGroups.for_host(self.procfs, self.cgroupfs),
                                    throttling=ThrottleReader(self.procfs, self.cgroupfs, self.cpu_mount) if self.cpu_mount else None)
-        self.bursts = (BurstWatch(source, self.procfs, self.identity, info_of=self.collector.info)
+        self.bursts = (BurstWatch(source, self.procfs, self.identity, info_of=self.collector.info,
+                                  sketch_of=self.collector.sketch)
                        if BurstWatch.supported(source) else None)
         if self.bursts is not None:
             self.bursts.set_policies(self.policies)
-            self.collector.execs_read_elsewhere = self.bursts.active
+            self.collector.exec_reader = self.bursts.reader
+        self.collector.exec_wanted = self._placed_at_exec
         self.state = EngineState()
         self.observers = Observers([], on_error=self._observer_failed)
         try:
@@ -408,6 +410,23 @@ class Daemon:
     def _has_always_policies(self) -> bool:
         return any(policy.trigger.always for policy in self.policies.policies)
 
+    def _placed_at_exec(self, sketch: ProcessInfo) -> bool:
+        """Whether an `always` policy may govern an exec'd process, judged from its sketch: only
+        those are read in full and named in the sample for placement at exec, not every process
+        a build or a script execs. Where a sketch cannot tell (a policy names a cgroup, unit or
+        user), every one is."""
+        if not self.policies.judged_by_sketch:
+            return True
+        known = {sketch.pid: sketch}
+        if self.policies.covers_descendants:
+            for pid, _comm in sketch.ancestors:
+                link = self.collector.sketch(pid)  # long-lived parents: cached
+                if link is None:
+                    break
+                known[pid] = link
+        governed = governing(sketch, known, self.policies)
+        return governed is not None and governed.policy.trigger.always
+
     def _protected_summary(self) -> str:
         pids = sorted(self.collector.protected)
         if not pids:
@@ -437,7 +456,7 @@ class Daemon:
                     discovered = self._survey()
                     if self.bursts is not None:
                         self.bursts.set_policies(self.policies)
-                        self.collector.execs_read_elsewhere = self.bursts.active
+                        self.collector.exec_reader = self.bursts.reader
                     self.collector.track_execs = self._has_always_policies()
             self.tick(discovered)
             discovered = []

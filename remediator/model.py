@@ -207,6 +207,12 @@ class PolicySet:
         without one, no process is governed through its ancestors."""
         return any(policy.match.descendants for policy in self.policies)
 
+    @cached_property
+    def judged_by_sketch(self) -> bool:
+        """Whether a process's sketch (ProcFS.sketch: comm, exe, cmdline, ancestors) says which of
+        these policies governs it: none matches on cgroup, unit or user."""
+        return not any(policy.match.cgroup or policy.match.unit or policy.match.user for policy in self.policies)
+
     def by_name(self, name: str) -> Policy | None:
         for policy in self.policies:
             if policy.name == name:

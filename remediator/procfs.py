@@ -714,6 +714,20 @@ class ProcFS:
         with self.hold(pid):
             return self._process_info_held(pid, known_ancestors)
 
+    def sketch(self, pid: int, known_ancestors: KnownAncestors | None = None) -> ProcessInfo:
+        """Who a process is as far as its stat, exe, cmdline and ancestors say: all that policies
+        matching on comm, exe, cmdline and ancestors need to judge it, without its cgroup and
+        status files (two of the six files read for every new process, bench/exec_churn.py). Its
+        cgroup, unit, uid, user and euid are left unread ("" and -1): a sketch decides whether a
+        policy could govern the process, nothing else (see Collector.sketch)."""
+        with self.hold(pid):
+            stat = self.stat(pid)
+            kernel_thread = stat.is_kernel_thread
+            exe, cmdline = ("", ()) if kernel_thread else (self.exe(pid), self.cmdline(pid))
+            return ProcessInfo(pid=pid, start_time=stat.start_time, comm=stat.comm, exe=exe, cmdline=cmdline,
+                               ppid=stat.ppid, ancestors=self.ancestors(stat.ppid, known=known_ancestors),
+                               kernel_thread=kernel_thread)
+
     def _process_info_held(self, pid: int, known_ancestors: KnownAncestors | None
                            ) -> tuple[ProcessInfo, CgroupMembership | None]:
         stat = self.stat(pid)

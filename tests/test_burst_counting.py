@@ -264,6 +264,61 @@ def test_burstwatch_names_governed_processes_with_their_policys_count(tmp_path):
     assert source.dropped == [4242] and set(source.candidates) == {SHIPPER.pid, 201}
 
 
+
+def test_burstwatch_judges_new_pids_from_sketches_and_reads_a_would_be_candidate_in_full(tmp_path):
+    """Most new processes are governed by no policy: they are judged from a sketch (comm, exe,
+    cmdline, ancestors; no cgroup or status file), and only a would-be candidate is read in full,
+    so its evidence and the safety rules have the whole reading. A policy naming a user (or a
+    cgroup or unit) cannot be judged from a sketch: then every pid is read in full."""
+    import dataclasses
+
+    from remediator.burstwatch import BurstWatch
+    from remediator.probes import BurstEvent
+
+    shipper = dataclasses.replace(SHIPPER, uid=0, user="root", cgroup="/system.slice/fluent-bit.service")
+    postgres = ProcessInfo(pid=300, start_time=30, comm="postgres", uid=70, user="postgres")
+    full = {info.pid: info for info in (SERVICE, shipper, postgres)}
+    sketched: list[int] = []
+    read: list[int] = []
+
+    def sketch_of(pid):
+        sketched.append(pid)
+        info = full.get(pid)
+        return None if info is None else ProcessInfo(pid=pid, start_time=info.start_time, comm=info.comm)
+
+    def info_of(pid):
+        read.append(pid)
+        return full.get(pid)
+
+    source = FakeBurstSource()
+    watch = BurstWatch(source, FakeProcs(*full.values()), daemon=None, clock=lambda: 0.0, info_of=info_of,
+                       sketch_of=sketch_of)
+    watch.set_policies(burst_policies(tmp_path))
+    assert watch.reader is sketch_of
+    watch.refresh([], [SERVICE.pid])
+    assert set(source.candidates) == {shipper.pid}
+    assert sorted(sketched) == sorted(full) and read == [shipper.pid]
+    info, _burst = watch.evidence(BurstEvent(mono_ns=int(100.03e9), first_ns=int(100.0e9), wait_ns=3_000_000,
+                                             tgid=shipper.pid, count=2))
+    assert info == shipper  # the whole reading, not the sketch
+    # A pid taken by another process between the sketch and the full read is no candidate.
+    full[shipper.pid] = dataclasses.replace(shipper, start_time=99)
+    source.exec_pids = [shipper.pid]
+    sketch_of_before = sketch_of
+
+    def stale_sketch(pid):
+        return ProcessInfo(pid=pid, start_time=shipper.start_time, comm="fluent-bit") if pid == shipper.pid else sketch_of_before(pid)
+
+    watch.sketch_of = stale_sketch
+    watch.refresh([], [SERVICE.pid])
+    assert shipper.pid not in source.candidates
+    # A policy naming a user: judged from full readings.
+    with_user = BURST_LADDER.format(n=2, m=4, offender='{ blame_share = 0.2 }', cooldown="10s", hourly=6, quiet="5s")
+    with_user = with_user.replace('comm = ["fluent-bit"]', 'comm = ["fluent-bit"]\nuser = ["root"]')
+    watch.set_policies(policies(tmp_path, text=with_user))
+    assert watch.reader is info_of
+
+
 # -- trees: a burst of a shipper's child is governed as at the tick ------------------------------
 
 SHIPPED = Path(__file__).resolve().parent.parent / "policies"

@@ -506,11 +506,11 @@ def test_a_new_child_of_a_process_in_the_cache_reads_its_parent_not_the_whole_ch
 
 
 def test_a_process_read_at_its_exec_is_judged_by_comm_without_a_stat_of_its_own(tmp_path):
-    """With the burst watch reading every exec'd process in the same tick, the collector reads
-    it in full at its exec event and the comm selectors judge it from that read; the next rescan,
-    which judges new pids, takes the comm from the same read while it is trusted."""
+    """With the burst watch reading every exec'd process in the same tick (a sketch, or in full),
+    the collector reads it so at its exec event and the comm selectors judge it from that read;
+    the next rescan, which judges new pids, takes the comm from the same read while it is trusted."""
     proc, source, clock, procfs, collector = judging_collector(tmp_path, (FakeProcess(1, "init"), FakeProcess(10, "api")))
-    collector.execs_read_elsewhere = True
+    collector.exec_reader = collector.sketch
     collector.start()
     proc.add(FakeProcess(40, "sleep"))
     proc.add(FakeProcess(50, "api"))
@@ -519,22 +519,28 @@ def test_a_process_read_at_its_exec_is_judged_by_comm_without_a_stat_of_its_own(
     procfs.judged.clear()
     clock.now += 0.25
     collector.sample()
-    assert procfs.judged.count(40) == 1  # process_info's own stat, nothing else
+    assert procfs.judged.count(40) == 1  # the sketch's own stat, nothing else
     assert 50 in collector.protected
-    assert collector.info(40) is not None and procfs.judged.count(40) == 1  # the burst watch's read: the cache
+    assert collector.sketch(40) is not None and procfs.judged.count(40) == 1  # the burst watch's read: the cache
+    assert 40 not in collector._info_cache  # a sketch is never taken as the process's info
     procfs.judged.clear()
     clock.now += 4.9  # the rescan: 40 is new to its listing, read 4.9 s ago
     collector.sample()
     assert 40 not in procfs.judged
-    # Without the other reader, the exec is judged by a stat alone, as before.
-    collector.execs_read_elsewhere = False
-    proc.add(FakeProcess(60, "sleep"))
-    proc.write()
-    source.pending_execs.append(ExecEvent(0, 60, 60, "/bin/sleep"))
-    procfs.judged.clear()
-    clock.now += 0.25
-    collector.sample()
-    assert procfs.judged.count(60) == 1 and 60 not in collector._info_cache
+
+    def exec_of(pid):
+        proc.add(FakeProcess(pid, "sleep"))
+        proc.write()
+        source.pending_execs.append(ExecEvent(0, pid, pid, "/bin/sleep"))
+        procfs.judged.clear()
+        clock.now += 0.25
+        collector.sample()
+        return procfs.judged.count(pid)
+
+    collector.exec_reader = collector.info  # a full reader works the same way
+    assert exec_of(45) == 1 and 45 in collector._info_cache
+    collector.exec_reader = None  # without another reader, the exec is judged by a stat alone, as before
+    assert exec_of(60) == 1 and 60 not in collector._info_cache and 60 not in collector._sketches
 
 
 def test_the_children_of_a_parent_walked_through_read_its_stat_alone(tmp_path):
@@ -565,3 +571,28 @@ def test_the_children_of_a_parent_walked_through_read_its_stat_alone(tmp_path):
     proc.processes[300].start_time = 350
     proc.processes[300].comm = "bash"
     assert child(403).ancestors == ((300, "bash"), (200, "make"), (100, "sh")) and procfs.judged == [403, 300, 200]
+
+
+def test_with_placement_at_exec_only_the_wanted_exec_d_processes_are_read_in_full(tmp_path):
+    """track_execs names exec'd processes in the sample for `always` policies; exec_wanted judges
+    each from its sketch, so a process no such policy may govern costs no cgroup or status read
+    and is not in the sample."""
+    proc, source, clock, procfs, collector = judging_collector(tmp_path, (FakeProcess(1, "init"), FakeProcess(10, "api")))
+    collector.track_execs = True
+    collector.exec_wanted = lambda sketch: sketch.comm == "logrotate"
+    collector.start()
+    proc.add(FakeProcess(40, "sleep", uid=1000))
+    proc.add(FakeProcess(41, "logrotate", uid=0))
+    proc.write()
+    source.pending_execs += [ExecEvent(0, 40, 40, "/bin/sleep"), ExecEvent(0, 41, 41, "/usr/sbin/logrotate")]
+    clock.now += 0.25
+    sample = collector.sample()
+    assert 41 in sample.processes and sample.processes[41].uid == 0  # read in full
+    assert 40 not in sample.processes and 40 not in collector._info_cache and 40 in collector._sketches
+    # Without a judgement, every exec'd process is named, as before.
+    collector.exec_wanted = None
+    proc.add(FakeProcess(42, "sleep", uid=1000))
+    proc.write()
+    source.pending_execs.append(ExecEvent(0, 42, 42, "/bin/sleep"))
+    clock.now += 0.25
+    assert collector.sample().processes[42].uid == 1000

@@ -25,3 +25,27 @@ def test_engine_settings_are_kept_until_an_input_changes(tmp_path, monkeypatch):
     assert daemon.reload()  # new policies and config objects, even with the same text
     reloaded = daemon._engine_settings()
     assert reloaded is not offline and reloaded == offline
+
+
+def test_only_processes_an_always_policy_may_govern_are_placed_at_exec(tmp_path):
+    """A build or a script execs many processes: the sample names (and reads in full) only those an
+    `always` policy may govern, judged from their sketch; with a policy naming a user, a sketch
+    cannot tell, and every one is named."""
+    import types
+    from pathlib import Path
+
+    from remediator.procfs import ProcessInfo
+
+    maintenance = (Path(__file__).resolve().parent.parent / "policies" / "maintenance.toml").read_text()
+    daemon = Daemon(write_config(tmp_path, [1], mode="dry-run", policy_text=maintenance))
+    logrotate = ProcessInfo(pid=50, start_time=5, comm="logrotate")
+    infos = {logrotate.pid: logrotate}
+    daemon.collector = types.SimpleNamespace(sketch=infos.get)
+    assert daemon._placed_at_exec(logrotate)
+    assert daemon._placed_at_exec(ProcessInfo(pid=60, start_time=6, comm="updatedb.plocat"))
+    assert not daemon._placed_at_exec(ProcessInfo(pid=70, start_time=7, comm="sleep", ppid=50, ancestors=((50, "logrotate"),)))
+    # gzip under logrotate is governed by a policy that is not `always`: not placed at exec.
+    assert not daemon._placed_at_exec(ProcessInfo(pid=71, start_time=7, comm="gzip", ppid=50, ancestors=((50, "logrotate"),)))
+    (tmp_path / "policies" / "shipper.toml").write_text(maintenance.replace('comm = ["mandb"]', 'comm = ["mandb"]\nuser = ["man"]'))
+    assert daemon.reload()
+    assert daemon._placed_at_exec(ProcessInfo(pid=70, start_time=7, comm="sleep"))

@@ -13,6 +13,7 @@ import pytest
 from remediator.errors import ProcessGone, RemediatorError
 from remediator.procfs import ProcFS
 
+from helpers.fakeproc import FakeProc, FakeProcess
 from helpers.policy_procs import add_process, make_proc_root
 
 
@@ -184,3 +185,28 @@ def test_a_user_name_is_looked_up_once_a_minute(monkeypatch):
     names[4242] = "alice2"
     now[0] += procfs_module.USER_NAME_KEPT_S
     assert procfs_module._user_name(4242) == "alice2" and lookups == [4242, 4343, 4242]
+
+
+def test_a_sketch_reads_stat_exe_cmdline_and_ancestors_only(tmp_path):
+    """ProcFS.sketch: what policies matching on comm, exe, cmdline and ancestors need, without the
+    cgroup and status files every full reading opens."""
+    proc = FakeProc(tmp_path / "proc")
+    proc.add(FakeProcess(300, "sh", ppid=1, start_time=30))
+    proc.add(FakeProcess(400, "xz", ppid=300, start_time=40, uid=1000, cmdline=("xz", "-9"), cgroup_v2="/system.slice/x.service"))
+    proc.write()
+    opened: list[str] = []
+
+    class Counting(ProcFS):
+        def _read(self, pid, name, tid=None):
+            opened.append(name)
+            return super()._read(pid, name, tid)
+
+    procfs = Counting(proc.root)
+    sketch = procfs.sketch(400)
+    assert (sketch.pid, sketch.start_time, sketch.comm, sketch.cmdline, sketch.ancestors) == \
+        (400, 40, "xz", ("xz", "-9"), ((300, "sh"),))
+    assert (sketch.uid, sketch.user, sketch.cgroup, sketch.unit) == (-1, "", "", "")  # not read
+    assert sorted(opened) == ["stat", "stat"]  # its own and its parent's: no cgroup, no status
+    full = procfs.process_info(400)
+    assert (full.uid, full.cgroup) == (1000, "/system.slice/x.service")
+    assert "cgroup" in opened and "status" in opened
