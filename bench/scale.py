@@ -153,8 +153,9 @@ def measure(args, settings: ProbeSettings) -> dict:
         collector = Collector(source, ProtectSelectors.build(pids=[service]), procfs)
         policies = load_policies([ROOT / "policies"], online_cpus=online_cpus())
         me = daemon_identity(procfs)  # this script plays the daemon
-        bursts = BurstWatch(source, procfs, me, info_of=collector.info)
+        bursts = BurstWatch(source, procfs, me, info_of=collector.info, sketch_of=collector.sketch)
         bursts.set_policies(policies)
+        collector.exec_reader = bursts.reader  # as the daemon wires them
         audit = AuditLog(directory / "audit.jsonl")
         state = EngineState()
         collector.start()
