@@ -177,6 +177,8 @@ class KnownAncestors(Protocol):
 
     def learn(self, link: ProcStat, above: tuple[tuple[int, str], ...]) -> None:
         """The ancestors of a process whose stat was just read, found by walking up from it."""
+
+
 _PROCESS_INFO_FIELDS = tuple(item.name for item in fields(ProcessInfo))
 
 
@@ -669,7 +671,6 @@ class ProcFS:
         child, not one per link (bench/exec_churn.py: 0.1 ms a process under a six-deep chain)."""
         found: list[tuple[int, str]] = []
         links: list[ProcStat] = []
-        above = None
         for stat in self._parents(ppid, limit):
             found.append((stat.pid, stat.comm))
             above = known.above(stat) if known is not None else None
@@ -693,15 +694,6 @@ class ProcFS:
                                           kernel_thread=stat.is_kernel_thread)
         return found
 
-    def _identity_fields(self, pid: int, kernel_thread: bool) -> tuple[str, tuple[str, ...], int, int]:
-        """(exe, cmdline, real uid, effective uid); a kernel thread has no exe or cmdline. Read
-        without a psutil handle: making one reads the stat file again, a third of this cost for
-        each new process on a host that execs (bench/exec_churn.py)."""
-        uid, euid = self.uids(pid)
-        if kernel_thread:
-            return "", (), uid, euid
-        return self.exe(pid), self.cmdline(pid), uid, euid
-
     def process_info(self, pid: int, known_ancestors: KnownAncestors | None = None) -> ProcessInfo:
         return self.process_info_and_cgroups(pid, known_ancestors)[0]
 
@@ -712,7 +704,7 @@ class ProcFS:
         read through one descriptor of the process's directory (hold()), so all of them are of
         the process whose stat came first, or ProcessGone: no second stat to catch a reused pid."""
         with self.hold(pid):
-            return self._process_info_held(pid, known_ancestors)
+            return self._read_held(pid, known_ancestors, complete=True)
 
     def sketch(self, pid: int, known_ancestors: KnownAncestors | None = None) -> ProcessInfo:
         """Who a process is as far as its stat, exe, cmdline and ancestors say: all that policies
@@ -721,17 +713,21 @@ class ProcFS:
         cgroup, unit, uid, user and euid are left unread ("" and -1): a sketch decides whether a
         policy could govern the process, nothing else (see Collector.sketch)."""
         with self.hold(pid):
-            stat = self.stat(pid)
-            kernel_thread = stat.is_kernel_thread
-            exe, cmdline = ("", ()) if kernel_thread else (self.exe(pid), self.cmdline(pid))
-            return ProcessInfo(pid=pid, start_time=stat.start_time, comm=stat.comm, exe=exe, cmdline=cmdline,
-                               ppid=stat.ppid, ancestors=self.ancestors(stat.ppid, known=known_ancestors),
-                               kernel_thread=kernel_thread)
+            return self._read_held(pid, known_ancestors, complete=False)[0]
 
-    def _process_info_held(self, pid: int, known_ancestors: KnownAncestors | None
-                           ) -> tuple[ProcessInfo, CgroupMembership | None]:
+    def _read_held(self, pid: int, known_ancestors: KnownAncestors | None, complete: bool
+                   ) -> tuple[ProcessInfo, CgroupMembership | None]:
+        """The held process: its stat, exe and cmdline (a kernel thread has neither) and ancestors,
+        and when `complete` its cgroup membership and uids too. Read without a psutil handle:
+        making one reads the stat file again, a third of this cost for each new process on a
+        host that execs (bench/exec_churn.py)."""
         stat = self.stat(pid)
         kernel_thread = stat.is_kernel_thread
+        exe, cmdline = ("", ()) if kernel_thread else (self.exe(pid), self.cmdline(pid))
+        seen = dict(pid=pid, start_time=stat.start_time, comm=stat.comm, exe=exe, cmdline=cmdline, ppid=stat.ppid,
+                    ancestors=self.ancestors(stat.ppid, known=known_ancestors), kernel_thread=kernel_thread)
+        if not complete:
+            return ProcessInfo(**seen), None
         cgroup_path = ""
         membership = None
         try:
@@ -741,22 +737,9 @@ class ProcFS:
             raise
         except RemediatorError:
             pass
-        exe, cmdline, uid, euid = self._identity_fields(pid, kernel_thread)
-        info = ProcessInfo(
-            pid=pid,
-            start_time=stat.start_time,
-            comm=stat.comm,
-            exe=exe,
-            cmdline=cmdline,
-            cgroup=cgroup_path,
-            unit=unit_from_cgroup_path(cgroup_path),
-            uid=uid,
-            user=_user_name(uid),
-            euid=euid,
-            ppid=stat.ppid,
-            ancestors=self.ancestors(stat.ppid, known=known_ancestors),
-            kernel_thread=kernel_thread,
-        )
+        uid, euid = self.uids(pid)
+        info = ProcessInfo(**seen, cgroup=cgroup_path, unit=unit_from_cgroup_path(cgroup_path), uid=uid,
+                           user=_user_name(uid), euid=euid)
         return info, membership
 
     def iter_processes(self) -> Iterator[ProcessInfo]:
