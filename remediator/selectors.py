@@ -154,8 +154,9 @@ class ProtectSelectors:
             return True, ()
         if self.comms:
             info = known(pid) if known is not None else None
-            comm, kernel_thread = (info.comm, info.kernel_thread) if info is not None else (None, None)
-            if info is None:
+            if info is not None:
+                comm, kernel_thread = info.comm, info.kernel_thread
+            else:
                 stat = procfs.stat(pid)
                 comm, kernel_thread = stat.comm, stat.is_kernel_thread
             if not kernel_thread and self._comm_reason(comm):
