@@ -23,7 +23,7 @@ from .model import Policy, PolicySet
 from .probes import BurstCandidate, BurstEvent
 from .procfs import ProcessIdentity, ProcessInfo, ProcFS
 from .safety import exclusion_reason
-from .trees import governing
+from .trees import ancestors_read, governing
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +94,7 @@ class BurstWatch:
         """pid -> ProcessInfo of the process's ancestors, parent first, up to the first one gone: what
         trees.governing needs to find a tree policy's matched ancestor, and safety.exclusion_reason a
         worker the protected service forked (the tick has them in its sample)."""
-        found: dict[int, ProcessInfo] = {}
-        for pid, _comm in info.ancestors:
-            ancestor = self._info(pid)
-            if ancestor is None:
-                break
-            found[pid] = ancestor
-        return found
+        return ancestors_read(info, self._info)
 
     def _info(self, pid: int) -> ProcessInfo | None:
         """Who a pid is (None: gone): through the collector's cache where there is one, as the tick

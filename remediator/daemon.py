@@ -49,7 +49,7 @@ from .sdnotify import Notifier
 from .selectors import ProtectSelectors
 from .sources import PROCFS_DEGRADED, Source, open_source
 from .trustedfs import Trust
-from .trees import governing
+from .trees import ancestors_read, governing
 from .statefile import current_boot_id, load_state, save_state, state_path_for
 from .tick import Carried, ExecutorCarrier, Observers, TickReport, carry_out_decisions, engine_settings, run_tick
 
@@ -417,14 +417,9 @@ class Daemon:
         user), every one is."""
         if not self.policies.judged_by_sketch:
             return True
-        known = {sketch.pid: sketch}
-        if self.policies.covers_descendants:
-            for pid, _comm in sketch.ancestors:
-                link = self.collector.sketch(pid)  # long-lived parents: cached
-                if link is None:
-                    break
-                known[pid] = link
-        governed = governing(sketch, known, self.policies)
+        # Its parents (long-lived, so cached) only where a tree policy could govern it through them.
+        known = ancestors_read(sketch, self.collector.sketch) if self.policies.covers_descendants else {}
+        governed = governing(sketch, {**known, sketch.pid: sketch}, self.policies)
         return governed is not None and governed.policy.trigger.always
 
     def _protected_summary(self) -> str:

@@ -10,7 +10,7 @@ along a chain is (pid, start time), never a pid alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from .matching import MatchResult
 from .model import Policy, PolicySet
@@ -38,6 +38,19 @@ def chain(info: ProcessInfo, processes: Mapping[int, ProcessInfo]) -> list[Proce
         found.append(current)
         seen.add((current.pid, current.start_time))
         current = parent_of(current, processes)
+    return found
+
+
+def ancestors_read(info: ProcessInfo, read: Callable[[int], ProcessInfo | None]) -> dict[int, ProcessInfo]:
+    """pid -> ProcessInfo of `info`'s ancestors as `read(pid)` gives them (a cache's reading, a
+    sketch), parent first, up to the first one it cannot give (gone): what governing() needs of
+    a process's chain where no sample holds it."""
+    found: dict[int, ProcessInfo] = {}
+    for pid, _comm in info.ancestors:
+        ancestor = read(pid)
+        if ancestor is None:
+            break
+        found[pid] = ancestor
     return found
 
 
