@@ -63,7 +63,10 @@ class TickDelta:
     cpu_busy_ns: list[int] = field(default_factory=list)
     psi_some_us: int | None = None
     lost: dict[str, int] = field(default_factory=dict)
-    live_tgids: set[int] = field(default_factory=set)  # processes with entries in the source's maps
+    # Processes with entries in the source's maps. BPF: a view of the probes' own index, not a
+    # copy (a copy hashes every process's tgid, every tick, for a set read only at a rescan):
+    # read it before the next read, like RawSnapshot.proc_cpu.
+    live_tgids: Collection[int] = field(default_factory=set)
     cumulative_usage: dict[int, int] = field(default_factory=dict)  # tgid -> on-CPU ns so far: the next read's baseline
     credits: "RunCredits | None" = None  # the next read's baseline for runs in progress (BPF)
 
@@ -335,11 +338,13 @@ def bpf_delta(
     if current.proc_cpu_changed is not None and current.cpus_of is not None:
         for entry in changed_entries:
             delta.comms.setdefault(entry.tgid, entry.comm)
-        delta.live_tgids.update(current.cpus_of)
+        delta.live_tgids = current.cpus_of.keys()
     else:
+        live = set()
         for (tgid, _cpu), entry in current.proc_cpu.items():
             delta.comms.setdefault(tgid, entry.comm)
-            delta.live_tgids.add(tgid)
+            live.add(tgid)
+        delta.live_tgids = live
 
     cpus_before = previous.cpus if previous else []
     for cpu, state in enumerate(current.cpus):
@@ -538,6 +543,7 @@ class ProcfsSource:
             self._dropped = self.counters.dropped
 
         seen_processes: dict[int, tuple[int, int]] = {}
+        live: set[int] = set()
         for pid in self.procfs.pids():
             try:
                 stat = self.procfs.stat(pid)
@@ -546,7 +552,7 @@ class ProcfsSource:
             ticks = stat.utime + stat.stime
             seen_processes[pid] = (stat.start_time, ticks)
             delta.comms[pid] = stat.comm
-            delta.live_tgids.add(pid)
+            live.add(pid)
             old = self._process_cpu.get(pid)
             if first:
                 continue
@@ -554,6 +560,7 @@ class ProcfsSource:
             if used > 0:
                 delta.usage[pid] = (used * self.tick_ns, None)
         self._process_cpu = seen_processes
+        delta.live_tgids = live
 
         busy = self._read_busy()
         if self._cpu_busy is not None and not first:
