@@ -38,6 +38,8 @@ OFFENDER_LABEL_MIN_S = 0.01
 # its bucket bounds and folding into these loses nothing but resolution. 2**10 ns (1 us) .. 2**31 ns (2.1 s).
 WAIT_BUCKETS_NS = tuple(1 << k for k in range(10, 32))
 TICK_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# Ticks kept before they are counted in without a scrape (10 s at the default 250 ms tick).
+FOLD_EVERY = 40
 TAIL_PERCENTILES = (99.0,)  # exported besides every percentile a loaded policy's trigger uses
 MODES = ("live", "dry-run", "replay")
 REFUSAL_KINDS = ("excluded", "capped", "infeasible", "skipped")  # the engine's decisions not to act
@@ -103,12 +105,34 @@ class _WaitHistogram:
         return self.collect()
 
 
+class _FoldingRegistry(CollectorRegistry):
+    """A registry that counts in the ticks not yet counted (`fold`) before any series is read: a
+    scrape, a filtered scrape (`?name[]=`) and a textfile write all collect through here."""
+
+    def __init__(self, fold):
+        super().__init__()
+        self._fold = fold
+
+    def collect(self):
+        self._fold()
+        yield from super().collect()
+
+    def restricted_registry(self, names):
+        self._fold()
+        return super().restricted_registry(names)
+
+
 class Metrics:
     """The tick observer that keeps the metrics. Thread-safe: the HTTP server's threads collect
-    while the loop updates (prometheus_client locks each value; the histogram holds `_lock`)."""
+    while the loop updates (prometheus_client locks each value; the histogram holds `_lock`).
+
+    A tick's report is only kept (on_tick); the reports are counted in together when the metrics
+    are read (a scrape, the textfile) or every FOLD_EVERY ticks. Counting one tick in touches
+    every series' objects, cold in the CPU caches after the sleep between ticks: a batch pays
+    that once (bench/scale.py). What a scrape sees is the same: every tick up to the last."""
 
     def __init__(self, offender_labels: int = DEFAULT_OFFENDER_LABELS, *, own_process: bool = False):
-        self.registry = CollectorRegistry()
+        self.registry = _FoldingRegistry(self.fold)
         self.offender_labels = offender_labels
         self._lock = threading.Lock()
         self._offenders: set[str] = set()  # comms with a series of their own
@@ -120,6 +144,9 @@ class Metrics:
         self._series_for = None  # the PolicySet the per-policy series below were made for
         self._per_policy_gauges: dict[str, tuple] = {}  # policy name -> its (active, nothing left) gauges
         self._tail_gauges: dict[float, object] = {}
+        self._unfolded: list = []  # the reports of the ticks not yet counted in
+        self._unfolded_lock = threading.Lock()  # the loop appends while a scrape takes them
+        self._fold_lock = threading.Lock()  # one fold at a time: the loop's or a scrape's
         registry = self.registry
 
         def counter(name, doc, labels=()):
@@ -205,30 +232,62 @@ class Metrics:
         self.executor_outcomes.labels(when, outcome.status).inc()
 
     def on_tick(self, report) -> None:
-        sample, policies, state = report.sample, report.policies, report.state
-        self.set_mode(report.mode)
-        if sample.source != self._source_now:
-            for source in SOURCES:
-                self.source.labels(source).set(1 if sample.source == source else 0)
-            self.degraded.set(1 if sample.source == "procfs" else 0)
-            self._source_now = sample.source
-        waits = sample.protected
-        with self._lock:
-            if waits.histogram is not None:
-                self.waits.add(waits.counts(), waits.wait_ns)
-        self.protected_waits.inc(waits.waits)
-        self.protected_wakeups.inc(waits.wakeups)
-        self.protected_processes.set(len(waits.pids))
-        self.protected_threads.set(waits.threads)
-        self._blame(sample, policies)
-        for probe, count in sample.lost.items():
-            if count > 0:
+        with self._unfolded_lock:
+            self._unfolded.append(report)
+            due = len(self._unfolded) >= FOLD_EVERY
+        if due:
+            self.fold()
+
+    @property
+    def unfolded(self) -> int:
+        """Ticks kept but not yet counted in (at most FOLD_EVERY - 1 after a tick)."""
+        return len(self._unfolded)
+
+    def fold(self) -> None:
+        """Count in the ticks not yet counted, in order. The gauges take the last tick's values."""
+        with self._fold_lock:
+            with self._unfolded_lock:
+                reports, self._unfolded = self._unfolded, []
+            if not reports:
+                return
+            waits_total = wakeups_total = 0
+            lost: dict[str, int] = {}
+            blame_by_offender: dict[str, float] = {}
+            blame_by_policy: dict[str, float] = {}
+            for report in reports:
+                waits = report.sample.protected
+                if waits.histogram is not None:
+                    with self._lock:
+                        self.waits.add(waits.counts(), waits.wait_ns)
+                waits_total += waits.waits
+                wakeups_total += waits.wakeups
+                self._blame(report.sample, report.policies, blame_by_offender, blame_by_policy)
+                for probe, count in report.sample.lost.items():
+                    if count > 0:
+                        lost[probe] = lost.get(probe, 0) + count
+                if report.duration_s > 0:
+                    self.tick_duration.observe(report.duration_s)
+            last = reports[-1]
+            sample = last.sample
+            self.set_mode(last.mode)
+            if sample.source != self._source_now:
+                for source in SOURCES:
+                    self.source.labels(source).set(1 if sample.source == source else 0)
+                self.degraded.set(1 if sample.source == "procfs" else 0)
+                self._source_now = sample.source
+            self.protected_waits.inc(waits_total)
+            self.protected_wakeups.inc(wakeups_total)
+            self.protected_processes.set(len(sample.protected.pids))
+            self.protected_threads.set(sample.protected.threads)
+            for offender, seconds in blame_by_offender.items():
+                self.blame_by_offender.labels(offender).inc(seconds)
+            for name, seconds in blame_by_policy.items():
+                self.blame_by_policy.labels(name).inc(seconds)
+            for probe, count in lost.items():
                 self.lost.labels(probe).inc(count)
-        self._per_policy(sample, policies, state)
-        self.ticks.inc()
-        self.last_tick.set(sample.ts)
-        if report.duration_s > 0:
-            self.tick_duration.observe(report.duration_s)
+            self._per_policy(sample, last.policies, last.state)
+            self.ticks.inc(len(reports))
+            self.last_tick.set(sample.ts)
 
     # -- parts --------------------------------------------------------------------------------
     def set_mode(self, mode: str) -> None:
@@ -252,10 +311,8 @@ class Metrics:
             self._unlabelled_blame_s[comm] = so_far
         return OTHER
 
-    def _blame(self, sample, policies) -> None:
+    def _blame(self, sample, policies, by_offender: dict[str, float], by_policy: dict[str, float]) -> None:
         # Summed per series first: a busy host blames dozens of processes a tick, a handful of series.
-        by_offender: dict[str, float] = {}
-        by_policy: dict[str, float] = {}
         for pid, ns in sample.blame:
             if ns <= 0:
                 continue
@@ -268,10 +325,6 @@ class Metrics:
             found = sample.governing(info, policies) if info is not None else None  # a tree policy's too
             name = found.policy.name if found else NO_POLICY
             by_policy[name] = by_policy.get(name, 0.0) + seconds
-        for offender, seconds in by_offender.items():
-            self.blame_by_offender.labels(offender).inc(seconds)
-        for name, seconds in by_policy.items():
-            self.blame_by_policy.labels(name).inc(seconds)
 
     def _policy_series(self, policies) -> None:
         """The series that depend on the policies alone: made again only when they were (re)loaded."""

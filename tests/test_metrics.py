@@ -127,6 +127,66 @@ def test_a_reload_or_a_mode_change_shows_in_the_series_made_once_per_policy_set(
     assert values(metrics, "remediator_degraded")[()] == 0
 
 
+def _report(index: int, policies=PolicySet(())):
+    from remediator.engine import EngineState
+    from remediator.tick import TickReport
+
+    settings = engine_settings(policies, 1.0, frozenset({0}), frozenset({0, 1}), 10, self_pid=-1)
+    return TickReport(blamed_sample(index, [(100 + index % 3, f"w{index % 3}", 20_000_000)]), policies, settings,
+                      EngineState(), "dry-run", (), duration_s=0.001)
+
+
+def test_ticks_are_counted_in_at_the_next_read_and_the_loop_folds_them_when_nobody_reads():
+    from remediator.metrics import FOLD_EVERY
+
+    metrics = Metrics(offender_labels=3)
+    ticks = 2 * FOLD_EVERY + 3
+    for index in range(ticks):
+        metrics.on_tick(_report(index))
+    assert metrics.unfolded == 3  # kept: bounded without a scrape
+    assert values(metrics, "remediator_ticks_total")[()] == ticks
+    assert metrics.unfolded == 0
+    assert values(metrics, "remediator_protected_waits_total")[()] == 10 * ticks
+    assert values(metrics, "remediator_tick_duration_seconds_count")[()] == ticks
+    blame = values(metrics, "remediator_offender_blame_seconds_total")
+    assert sum(blame.values()) == pytest.approx(0.02 * ticks)
+    assert values(metrics, "remediator_last_tick_timestamp_seconds")[()] == 1000.0 + ticks - 1
+
+
+def test_a_filtered_scrape_counts_the_ticks_in_too():
+    from prometheus_client import generate_latest
+
+    metrics = Metrics()
+    for index in range(5):
+        metrics.on_tick(_report(index))
+    text = generate_latest(metrics.registry.restricted_registry(["remediator_ticks_total"])).decode()
+    assert "remediator_ticks_total 5.0" in text
+
+
+def test_a_scrape_while_the_loop_ticks_loses_no_tick():
+    import threading
+
+    metrics = Metrics(offender_labels=3)
+    stop = threading.Event()
+    scrapes = []
+
+    def scrape_all_the_time():
+        while not stop.is_set():
+            scrapes.append(metrics.text())
+
+    scraper = threading.Thread(target=scrape_all_the_time)
+    scraper.start()
+    try:
+        for index in range(600):
+            metrics.on_tick(_report(index))
+    finally:
+        stop.set()
+        scraper.join()
+    assert len(scrapes) > 1
+    assert values(metrics, "remediator_ticks_total")[()] == 600
+    assert values(metrics, "remediator_protected_waits_total")[()] == 6000
+
+
 @pytest.mark.parametrize("observer", [Metrics(), AuditWriter(lambda record: None), DecisionLog()])
 def test_no_attribute_of_an_observer_shadows_one_of_its_methods(observer):
     # A bug seen before: an attribute named like a method (maintained) made calling it fail.
