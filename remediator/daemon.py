@@ -533,7 +533,8 @@ class Daemon:
             log.warning("cannot write the metrics textfile: %s (counted in the summary; the daemon goes on)",
                         self.textfile.last_failure)
         self.notifier.watchdog()
-        self.notifier.status(self._status_line(sample))
+        if self.notifier.status_due():
+            self.notifier.status(self._status_line(sample))
         return [carried.decision for carried in report.carried]
 
     def _checkpoint(self, state: EngineState) -> None:

@@ -7,8 +7,13 @@ import socket
 import time
 
 
+# A STATUS at most this often: systemd (PID 1) wakes to take each message, and `systemctl status`
+# needs no four a second.
+STATUS_EVERY_S = 1.0
+
+
 class Notifier:
-    def __init__(self, environ: dict | None = None, clock=time.monotonic):
+    def __init__(self, environ: dict | None = None, clock=time.monotonic, status_every_s: float = STATUS_EVERY_S):
         environ = os.environ if environ is None else environ
         self.address = environ.get("NOTIFY_SOCKET", "")
         self.clock = clock
@@ -18,6 +23,8 @@ class Notifier:
         # Ping at half the watchdog interval, as sd_watchdog_enabled(3) advises.
         self.watchdog_interval = int(usec) / 2e6 if usec.isdigit() and watchdog_for_us else None
         self._last_ping = float("-inf")
+        self.status_every_s = status_every_s
+        self._last_status = float("-inf")
         self._socket = None
         if self.address:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -40,6 +47,17 @@ class Notifier:
 
     def status(self, text: str) -> None:
         self.notify(f"STATUS={text}")
+
+    def status_due(self) -> bool:
+        """Whether to build and send a STATUS now: someone listens, and status_every_s has passed
+        since the last (the caller then sends one)."""
+        if not self.enabled:
+            return False
+        now = self.clock()
+        if now - self._last_status < self.status_every_s:
+            return False
+        self._last_status = now
+        return True
 
     def watchdog(self) -> None:
         if self.watchdog_interval is None:

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -52,8 +53,12 @@ class RecordingNotifier(Notifier):
 
     def __init__(self, watchdog_usec: int | None = None, clock=None):
         environ = {"WATCHDOG_USEC": str(watchdog_usec)} if watchdog_usec else {}
-        super().__init__(environ, **({"clock": clock} if clock else {}))
+        super().__init__(environ, status_every_s=0.0, **({"clock": clock} if clock else {}))  # a STATUS every tick
         self.sent: list[tuple[float, str]] = []
+
+    @property
+    def enabled(self) -> bool:
+        return True
 
     def notify(self, message: str) -> None:
         self.sent.append((self.clock(), message))
@@ -334,3 +339,20 @@ def test_the_watchdog_is_pinged_on_time_through_a_long_tick(tmp_path, spawn):
     assert now[0] >= 110  # two ticks of ~60 s went by on the fake clock
     gaps = [b - a for a, b in zip(pings, pings[1:])]
     assert len(pings) >= 70 and max(gaps) <= 1.5, gaps
+
+
+def test_a_status_goes_out_at_most_once_a_second_and_only_when_someone_listens(tmp_path):
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify.sock"))
+    now = [100.0]
+    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}, clock=lambda: now[0])
+    try:
+        assert notifier.status_due()  # the first at once
+        now[0] += 0.25
+        assert not notifier.status_due()  # a tick later: not yet
+        now[0] += 0.75
+        assert notifier.status_due()
+        assert not Notifier({}).status_due()  # not under systemd: no line is built at all
+    finally:
+        notifier.close()
+        listener.close()
