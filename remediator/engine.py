@@ -169,11 +169,25 @@ class EngineState:
         return policy.trigger.threshold_us(self.baseline_us(policy, now))
 
 
-def _learn_baseline(state: EngineState, window: Window, policies: PolicySet, now: float) -> EngineState:
+def thresholds_now(state: EngineState, policies: PolicySet, now: float) -> list[tuple[float, float, tuple[str, ...]]]:
+    """(percentile, threshold us, the policies' names) of each tail rule that has a threshold now
+    (PolicySet.tail_rules): what state.threshold_us gives each of those policies."""
+    found = []
+    for trigger, names in policies.tail_rules:
+        percentile = trigger.tail_percentile or 99.0
+        threshold = trigger.threshold_us(state.baselines.value_us(percentile, now) if trigger.relative else None)
+        if threshold is not None:
+            found.append((percentile, threshold, names))
+    return found
+
+
+def _learn_baseline(state: EngineState, window: Window, policies: PolicySet,
+                    thresholds: list[tuple[float, float, tuple[str, ...]]]) -> EngineState:
     """Learn from this window if it is quiet for the percentiles relative triggers watch: no ladder
     in place (a static `always` placement is the normal state, not a remediation) and nothing pending,
-    and its tail not over any trigger's threshold on that percentile (baseline.py checks the waits)."""
-    relative = {policy.trigger.tail_percentile or 99.0 for policy in policies.policies if policy.trigger.relative}
+    and its tail not over any trigger's threshold on that percentile (baseline.py checks the waits).
+    `thresholds`: thresholds_now() for this window's time."""
+    relative = policies.relative_percentiles
     if not relative or state.pending:
         return state
     for remediation in state.remediations.values():
@@ -181,10 +195,8 @@ def _learn_baseline(state: EngineState, window: Window, policies: PolicySet, now
         if remediation.applied and (policy is None or not policy.trigger.always):
             return state
     lowest: dict[float, float] = {}
-    for policy in policies.policies:
-        percentile = policy.trigger.tail_percentile or 99.0
-        threshold = state.threshold_us(policy, now)
-        if percentile in relative and threshold is not None:
+    for percentile, threshold, _names in thresholds:
+        if percentile in relative:
             lowest[percentile] = min(lowest.get(percentile, threshold), threshold)
     baselines = state.baselines.learn(lowest, window.counts, window.duration_s, window.end_s)
     return state if baselines is state.baselines else dataclasses.replace(state, baselines=baselines)
@@ -298,20 +310,15 @@ def decide(
     decisions: list[Decision] = []
 
     # Which policies' tails are over their threshold now (for revert-after-quiet).
-    last_over = dict(state.last_over)
-    for policy in policies.policies:
-        trigger = policy.trigger
-        threshold = state.threshold_us(policy, now)
-        if trigger.always or threshold is None:
-            continue
-        value = window.tail_us(trigger.tail_percentile or 99.0)
-        if value is not None and value > threshold:
-            last_over[policy.name] = now
-    state = dataclasses.replace(state, last_over=last_over)
+    thresholds = thresholds_now(state, policies, now)
+    over = [name for percentile, threshold, names in thresholds
+            if (value := window.tail_us(percentile)) is not None and value > threshold for name in names]
+    if over:
+        state = dataclasses.replace(state, last_over={**state.last_over, **dict.fromkeys(over, now)})
 
     # 1. Verifications whose settle period has ended.
     still_pending = []
-    for pending in state.pending:
+    for pending in state.pending:  # (none on most ticks: the state is then not copied)
         if now >= pending.verify_at or (pending.reverified and _ladder_moved_at(pending, state) is not None):
             decision, extended = _verify(pending, state, now, ts, policies)
             if decision is not None:
@@ -320,7 +327,8 @@ def decide(
                 still_pending.append(extended)
         else:
             still_pending.append(pending)
-    state = dataclasses.replace(state, pending=tuple(still_pending))
+    if state.pending:
+        state = dataclasses.replace(state, pending=tuple(still_pending))
 
     # 2. Give back what has been quiet long enough.
     for remediation in list(state.remediations.values()):
@@ -329,7 +337,7 @@ def decide(
         policy = policies.by_name(remediation.policy)
         if policy is None or policy.trigger.always or policy.limits.revert_after_quiet_s is None:
             continue
-        quiet_since = max(last_over.get(policy.name, float("-inf")), remediation.last_action_at or float("-inf"))
+        quiet_since = max(state.last_over.get(policy.name, float("-inf")), remediation.last_action_at or float("-inf"))
         if now - quiet_since >= policy.limits.revert_after_quiet_s:
             info = sample.processes.get(remediation.identity.pid)
             if info is None or info.identity != remediation.identity:
@@ -399,7 +407,7 @@ def decide(
                 continue  # the tree burns CPU but this member does not: act on those that run
             evidence["tree"] = tree_evidence(governed.root, pid, own_cpu, windows[-(policy.trigger.of_windows or 1):])
         offenders.climb(info, policy, evidence)
-    return _learn_baseline(offenders.finish(), window, policies, now), decisions
+    return _learn_baseline(offenders.finish(), window, policies, thresholds), decisions
 
 
 @dataclass(frozen=True)

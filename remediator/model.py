@@ -208,6 +208,26 @@ class PolicySet:
         return any(policy.match.descendants for policy in self.policies)
 
     @cached_property
+    def tail_rules(self) -> tuple[tuple[Trigger, tuple[str, ...]], ...]:
+        """The tail thresholds of the policies' triggers (`always` has none) as distinct rules, each
+        with the names of the policies that share it: the engine works out each rule's threshold
+        once a tick, not once per policy (the shipped policies share a few)."""
+        rules: dict[tuple, tuple[Trigger, list[str]]] = {}
+        for policy in self.policies:
+            trigger = policy.trigger
+            if trigger.always:
+                continue
+            key = (trigger.tail_percentile or 99.0, trigger.tail_above_us, trigger.tail_baseline_factor,
+                   trigger.tail_at_least_us, trigger.tail_at_most_us)
+            rules.setdefault(key, (trigger, []))[1].append(policy.name)
+        return tuple((trigger, tuple(names)) for trigger, names in rules.values())
+
+    @cached_property
+    def relative_percentiles(self) -> frozenset[float]:
+        """The percentiles that a trigger relative to the learned baseline watches."""
+        return frozenset(policy.trigger.tail_percentile or 99.0 for policy in self.policies if policy.trigger.relative)
+
+    @cached_property
     def judged_by_sketch(self) -> bool:
         """Whether a process's sketch (ProcFS.sketch: comm, exe, cmdline, ancestors) says which of
         these policies governs it: none matches on cgroup, unit or user."""

@@ -183,3 +183,29 @@ def test_a_window_that_closes_no_block_keeps_the_remembered_value_and_one_that_d
         at += TICK
         closed = closed.learn({99.0: 2000.0}, counts(900.0), TICK, at)
     assert closed.value_us(99.0, at) > 800
+
+
+def test_each_policys_threshold_is_its_rules_learned_or_not(tmp_path):
+    """thresholds_now works each distinct tail rule out once: every policy with a threshold gets
+    what state.threshold_us(policy) says, before and after the baseline is learned."""
+    import dataclasses
+    from pathlib import Path
+
+    from remediator.engine import thresholds_now
+    from remediator.model import PolicySet
+    from remediator.policy import load_policies
+
+    shipped = load_policies([Path(__file__).resolve().parent.parent / "policies"])
+    absolute = dataclasses.replace(policies(tmp_path / "..", n=2, m=4).policies[0], name="absolute")
+    mixed = PolicySet(shipped.policies + relative(tmp_path).policies + (absolute,))
+    assert len({policy.name for policy in mixed.policies}) == len(mixed.policies)
+    assert len(mixed.tail_rules) < len([p for p in mixed.policies if not p.trigger.always])  # rules are shared
+    state, _ = run(relative(tmp_path), quiet_windows(1, 40))
+    for engine_state, now in ((EngineState(), 1.0), (state, TICK * 40)):
+        found = {name: (percentile, threshold) for percentile, threshold, names in thresholds_now(engine_state, mixed, now)
+                 for name in names}
+        expected = {policy.name: (policy.trigger.tail_percentile or 99.0, engine_state.threshold_us(policy, now))
+                    for policy in mixed.policies
+                    if not policy.trigger.always and engine_state.threshold_us(policy, now) is not None}
+        assert found == expected
+    assert any(threshold < 2000 for _p, threshold, _n in thresholds_now(state, mixed, TICK * 40))  # learned: under at_most
