@@ -54,6 +54,8 @@ CPU_STATE_HEAD = "<QQIIQQQII"
 
 # (process, CPU) entries per possible CPU when the loader sizes proc_cpu from the host, and the bounds.
 PROC_CPU_ENTRIES_PER_CPU = 256
+COMM_TEXTS_MAX = 4096  # comm fields whose text is kept (cleared past it: a host of changing comms)
+_PROC_CPU_KEY = struct.Struct("<II")
 PROC_CPU_ENTRIES_MIN = 32768
 PROC_CPU_ENTRIES_MAX = 1 << 20
 
@@ -82,14 +84,26 @@ def proc_cpu_entries_for(possible_cpus: int) -> int:
     return max(PROC_CPU_ENTRIES_MIN, min(PROC_CPU_ENTRIES_MAX, possible_cpus * PROC_CPU_ENTRIES_PER_CPU))
 
 
+def window_picks(slot_count: int, since_window: int, current_window: int, first_slot: int = 0) -> tuple[tuple[int, int, int], ...]:
+    """(window index, position of its slot, the tag the slot holds for it) of the windows from
+    `since_window` to `current_window` that a ring of `slot_count` slots can still hold, the slots
+    starting at `first_slot`. Slot w % slot_count holds window w as (w's low 32 bits << 32) | ns:
+    the kernel keeps indices in 32 bits, user space full ones, so a wrap (after 2^32 windows)
+    changes nothing here. The same for every entry of one read: worked out once per read."""
+    return tuple((window, first_slot + window % slot_count, window & 0xFFFFFFFF)
+                 for window in range(max(since_window, current_window - slot_count + 1), current_window + 1))
+
+
+def windows_at(values: Sequence[int], picks: tuple[tuple[int, int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """(window index, ns) of the picked windows (window_picks) that `values` holds."""
+    return tuple([(window, packed & 0xFFFFFFFF) for window, at, tag in picks if (packed := values[at]) and packed >> 32 == tag])
+
+
 def windows_since(slots: Sequence[int], since_window: int, current_window: int) -> tuple[tuple[int, int], ...]:
     """(window index, ns) of the windows from `since_window` to `current_window` that a proc_cpu
-    entry's ring holds. Slot w % len(slots) holds window w as (w's low 32 bits << 32) | ns: the
-    kernel keeps indices in 32 bits, user space full ones, so a wrap (after 2^32 windows) changes
-    nothing here. Only those windows are decoded: older ones closed before the previous read."""
-    count, low32 = len(slots), 0xFFFFFFFF
-    return tuple([(window, packed & low32) for window in range(max(since_window, current_window - count + 1), current_window + 1)
-                  if (packed := slots[window % count]) and packed >> 32 == window & low32])
+    entry's ring (`slots`) holds. Only those windows are decoded: older ones closed before the
+    previous read."""
+    return windows_at(slots, window_picks(len(slots), since_window, current_window))
 
 
 def probes_dir() -> Path:
@@ -556,6 +570,7 @@ class SchedProbes:
         # proc_cpu as last read: the changed set says which entries to read again
         self._proc_cache: dict[tuple[int, int], ProcCpuEntry] = {}
         self._proc_cpus_of: dict[int, set[int]] = {}  # tgid -> its CPUs in _proc_cache
+        self._comm_texts: dict[bytes, str] = {}  # comm field -> text (_comm)
         self._full_read_at = float("-inf")
         self._last_read_window = 0  # the window of the previous snapshot
 
@@ -663,14 +678,25 @@ class SchedProbes:
             queued.update(keys[i:i + 8] for i in range(0, len(keys), 8))
         return cpus, queued
 
-    def _proc_entry(self, tgid: int, cpu: int, raw, current_window: int, since_window: int, offset: int = 0) -> ProcCpuEntry:
-        """The entry with its windows from `since_window` to the current one (older ones closed
-        before the previous read: no tick asks for them again). The kernel keeps each window's
-        index in 32 bits: a slot holds window w when its index is w's low 32 bits."""
+    def _picks(self, since_window: int, current_window: int) -> tuple[tuple[int, int, int], ...]:
+        """The windows an entry read now decodes (older ones closed before the previous read: no
+        tick asks for them again), at their positions in the unpacked value (after total_ns and
+        blame_ns)."""
+        return window_picks(self.settings.window_slots, since_window, current_window, first_slot=2)
+
+    def _comm(self, raw: bytes) -> str:
+        """The text of a comm field; kept by its bytes (a tick reads the same few comms again)."""
+        text = self._comm_texts.get(raw)
+        if text is None:
+            if len(self._comm_texts) >= COMM_TEXTS_MAX:
+                self._comm_texts.clear()
+            text = self._comm_texts[raw] = raw.split(b"\0", 1)[0].decode(errors="replace")
+        return text
+
+    def _proc_entry(self, tgid: int, cpu: int, raw, picks: tuple[tuple[int, int, int], ...], offset: int = 0) -> ProcCpuEntry:
+        """The entry with the picked windows (_picks)."""
         fields = self._proc_value.unpack_from(raw, offset)
-        windows = windows_since(fields[2:-3], since_window, current_window)
-        comm = fields[-3].split(b"\0", 1)[0].decode(errors="replace")
-        return ProcCpuEntry(tgid, cpu, fields[0], windows, comm, fields[1])
+        return ProcCpuEntry(tgid, cpu, fields[0], windows_at(fields, picks), self._comm(fields[-3]), fields[1])
 
     def _read_proc_cpu(self, current_window: int | None = None) -> dict[tuple[int, int], ProcCpuEntry]:
         """Every entry (one batch syscall per few hundred). The probe's clock is CLOCK_MONOTONIC."""
@@ -678,7 +704,8 @@ class SchedProbes:
             current_window = time.monotonic_ns() >> self.settings.window_shift
         keys, values, count = self._maps["proc_cpu"].items()
         size = self._proc_value.size
-        return {(tgid, cpu): self._proc_entry(tgid, cpu, values, current_window, 0, index * size)
+        picks = self._picks(0, current_window)
+        return {(tgid, cpu): self._proc_entry(tgid, cpu, values, picks, index * size)
                 for index, (tgid, cpu) in enumerate(struct.iter_unpack("<II", keys))}
 
     # The whole table is read at the first snapshot, after a queue overflowed, and this often as a
@@ -704,21 +731,28 @@ class SchedProbes:
                 cpus_of.setdefault(tgid, set()).add(cpu)
             return before
         before: dict[tuple[int, int], ProcCpuEntry | None] = {}
-        entry_of = self._proc_entry
-        since_window = self._last_read_window
-        for key, raw in self._maps["proc_cpu"].lookup_each(queued):
-            tgid, cpu = struct.unpack("<II", key)
-            before[(tgid, cpu)] = cache.get((tgid, cpu))
+        # One loop, no call per entry but the lookup: a tick reads dozens, each cold in the caches.
+        picks = self._picks(self._last_read_window, current_window)
+        unpack_key, unpack_value, comm_of = _PROC_CPU_KEY.unpack, self._proc_value.unpack_from, self._comm
+        for raw_key, raw in self._maps["proc_cpu"].lookup_each(queued):
+            key = unpack_key(raw_key)
+            tgid = key[0]
+            before[key] = cache.get(key)
             if raw is None:
-                if cache.pop((tgid, cpu), None) is not None:
+                if cache.pop(key, None) is not None:
                     cpus = cpus_of.get(tgid)
                     if cpus is not None:
-                        cpus.discard(cpu)
+                        cpus.discard(key[1])
                         if not cpus:
                             del cpus_of[tgid]
+                continue
+            fields = unpack_value(raw)
+            cache[key] = ProcCpuEntry(tgid, key[1], fields[0], windows_at(fields, picks), comm_of(fields[-3]), fields[1])
+            cpus = cpus_of.get(tgid)
+            if cpus is None:
+                cpus_of[tgid] = {key[1]}
             else:
-                cache[(tgid, cpu)] = entry_of(tgid, cpu, raw, current_window, since_window)
-                cpus_of.setdefault(tgid, set()).add(cpu)
+                cpus.add(key[1])
         return before
 
     def forget_processes(self, tgids: Iterable[int], cpus: Iterable[int]) -> None:

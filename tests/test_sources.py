@@ -322,6 +322,30 @@ def test_only_the_windows_since_the_previous_read_are_decoded():
     assert windows_since(kernel_slots({97: 9}), 113, 113) == ()
 
 
+def test_windows_picked_once_per_read_decode_a_value_as_its_own_ring_would():
+    # The read unpacks a whole value (total_ns, blame_ns, the slots, comm, ...) and picks the
+    # windows at their positions in it: the same windows as the ring decoded on its own.
+    from remediator.probes import window_picks, windows_at, windows_since
+
+    slots = kernel_slots({100: 1, 101: 2, 110: 3, 111: 4, 112: 5})
+    value = (7, 8, *slots, b"comm", 0, 0)
+    for since, now in ((110, 112), (0, 112), (0, 116), (113, 113)):
+        assert windows_at(value, window_picks(len(slots), since, now, first_slot=2)) == windows_since(slots, since, now)
+
+
+def test_comm_texts_are_kept_by_their_bytes_and_bounded():
+    import types
+
+    from remediator.probes import COMM_TEXTS_MAX, SchedProbes
+
+    holder = types.SimpleNamespace(_comm_texts={})
+    assert SchedProbes._comm(holder, b"vector\0\0\0\0\0\0\0\0\0\0") == "vector"
+    assert SchedProbes._comm(holder, b"caf\xc3\xa9\0junk\0\0\0\0\0\0\0") == "caf\u00e9"
+    for index in range(COMM_TEXTS_MAX + 10):
+        assert SchedProbes._comm(holder, f"w{index}".encode().ljust(16, b"\0")) == f"w{index}"
+    assert len(holder._comm_texts) <= COMM_TEXTS_MAX
+
+
 def test_a_burst_just_after_the_32_bit_window_index_wraps_is_seen():
     # ~2^32 windows after boot (104 days of 2 ms windows, 18 years of 134 ms ones): the probe's
     # window indices wrapped, user space's did not. Decoded, the peak is the burst's.
@@ -356,12 +380,12 @@ def test_psi_reader_keeps_one_descriptor_and_reopens_after_a_failed_read(tmp_pat
     path.write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=100\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=7\n")
     reader = PsiReader(path)
     assert reader.read() == 100
-    descriptor = reader._fd
+    descriptor = reader._file.fd
     path.write_text("some avg10=1.00 avg60=0.00 avg300=0.00 total=2500\n")  # rewritten in place, as the kernel does
-    assert reader.read() == 2500 and reader._fd == descriptor
+    assert reader.read() == 2500 and reader._file.fd == descriptor
     reader.close()
     path.unlink()
-    assert reader.read() is None and reader._fd is None  # no PSI (an old kernel): nothing, no error
+    assert reader.read() is None and reader._file.fd is None  # no PSI (an old kernel): nothing, no error
     path.write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=3000\n")
     assert reader.read() == 3000
     path.write_text("some avg10=0.00 total=oops\n")
