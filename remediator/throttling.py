@@ -15,9 +15,10 @@ ancestors (not their sum: one throttled period stops the whole subtree once).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .cgroupfs import CgroupFS, CgroupMount, discover_cpu_mount, process_cgroup_path
 from .errors import RemediatorError
@@ -65,14 +66,31 @@ def _chain(cgroup_path: str) -> list[str]:
     return chain
 
 
+# A protected process's cpu cgroup is looked up again this often (as the collector re-checks what it
+# knows of a process): a move to another cgroup is rare, and a /proc read every tick is not.
+PATHS_KEPT_S = 5.0
+
+
 class ThrottleReader:
     """Reads how long the protected processes' cpu cgroups were throttled since the last read."""
 
-    def __init__(self, procfs: ProcFS, cgroupfs: CgroupFS, mount: CgroupMount):
+    def __init__(self, procfs: ProcFS, cgroupfs: CgroupFS, mount: CgroupMount,
+                 clock: Callable[[], float] = time.monotonic):
         self.procfs = procfs
         self.cgroupfs = cgroupfs
         self.mount = mount
+        self.clock = clock
         self._last: dict[str, ThrottleCounters] = {}
+        self._paths: dict[int, tuple[float, str | None]] = {}  # pid -> (when read, its cpu cgroup)
+
+    def _path_of(self, pid: int, now: float) -> str | None:
+        """The cpu cgroup of `pid` as read within PATHS_KEPT_S; RemediatorError when it is gone."""
+        kept = self._paths.get(pid)
+        if kept is not None and now - kept[0] < PATHS_KEPT_S:
+            return kept[1]
+        path = process_cgroup_path(self.mount, self.procfs.cgroups(pid))
+        self._paths[pid] = (now, path)
+        return path
 
     @classmethod
     def discover(cls, procfs: ProcFS, cgroupfs: CgroupFS | None = None,
@@ -95,10 +113,15 @@ class ThrottleReader:
         """Throttling of the protected cgroups since the last read (0 on the first read of a
         cgroup); None when no protected process is in a cgroup that can be throttled."""
         paths = set()
-        for pid in pids:
+        now = self.clock()
+        asked = set(pids)
+        for pid in [pid for pid in self._paths if pid not in asked]:
+            del self._paths[pid]  # no longer protected: read afresh if it is again
+        for pid in asked:
             try:
-                path = process_cgroup_path(self.mount, self.procfs.cgroups(pid))
+                path = self._path_of(pid, now)
             except RemediatorError:
+                self._paths.pop(pid, None)
                 continue  # gone: the next rescan drops it
             if path is not None and path.strip("/"):
                 paths.add("/" + path.strip("/"))

@@ -69,6 +69,26 @@ def test_no_cgroup_and_gone_processes_give_none(tmp_path):
     assert reader.read([4242]) is None  # no such process
 
 
+def test_a_move_to_another_cgroup_is_seen_once_the_kept_path_is_due(tmp_path):
+    from remediator.throttling import PATHS_KEPT_S
+
+    reader, root = fake_host(tmp_path, 2)
+    now = [0.0]
+    reader.clock = lambda: now[0]
+    (root / "batch.slice").mkdir()
+    for directory in (root / "api.slice/api.service", root / "api.slice", root / "batch.slice"):
+        write_stat(directory, 2, 0, 0, 0)
+    assert reader.read([100]).cgroups == ("/api.slice/api.service",)
+    (tmp_path / "proc/100/cgroup").write_text("0::/batch.slice\n")  # moved, without an exec
+    now[0] += PATHS_KEPT_S / 2
+    assert reader.read([100]).cgroups == ("/api.slice/api.service",)  # kept: not read every tick
+    now[0] += PATHS_KEPT_S
+    assert reader.read([100]).cgroups == ("/batch.slice",)
+    reader.read([])  # no longer protected: forgotten, and read afresh when it is again
+    (tmp_path / "proc/100/cgroup").write_text("0::/api.slice/api.service\n")
+    assert reader.read([100]).cgroups == ("/api.slice/api.service",)
+
+
 def test_old_recordings_without_throttling_still_read_and_merge():
     s = sample(1.0, throttled_ns=None)
     data = s.to_json()
