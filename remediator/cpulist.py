@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from .keptfile import KeptFile
+
 
 class CpuListError(ValueError):
     pass
@@ -55,17 +57,35 @@ def format_cpulist(cpus: Iterable[int]) -> str:
 _online_parsed: dict[str, tuple[bytes, frozenset[int]]] = {}  # path -> (text, CPUs): read every tick
 
 
-def online_cpus(sysfs_root: str | Path = "/sys") -> frozenset[int]:
-    """CPUs the kernel has online now (read each time; parsed again only when the text changed)."""
-    path = f"{sysfs_root}/devices/system/cpu/online"
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        text = os.read(fd, 65536)
-    finally:
-        os.close(fd)
+def _online_from(path: str, text: bytes) -> frozenset[int]:
+    """The CPUs of an online file's text, parsed again only when the text changed."""
     cached = _online_parsed.get(path)
     if cached is not None and cached[0] == text:
         return cached[1]
     cpus = parse_cpulist(text.decode())
     _online_parsed[path] = (text, cpus)
     return cpus
+
+
+def online_cpus(sysfs_root: str | Path = "/sys") -> frozenset[int]:
+    """CPUs the kernel has online now (read each time)."""
+    path = f"{sysfs_root}/devices/system/cpu/online"
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        text = os.read(fd, 65536)
+    finally:
+        os.close(fd)
+    return _online_from(path, text)
+
+
+class OnlineCpus:
+    """online_cpus() for a caller that asks every tick (the daemon): through a KeptFile."""
+
+    def __init__(self, sysfs_root: str | Path = "/sys"):
+        self._file = KeptFile(f"{sysfs_root}/devices/system/cpu/online")
+
+    def __call__(self) -> frozenset[int]:
+        return _online_from(self._file.path, self._file.read())
+
+    def close(self) -> None:
+        self._file.close()

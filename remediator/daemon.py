@@ -26,7 +26,7 @@ from .cgroupfs import CgroupFS, discover_cpu_mount, discover_cpuset_mount, proce
 from .collector import Collector
 from .throttling import ThrottleReader
 from .config import DaemonConfig, load_config
-from .cpulist import format_cpulist, online_cpus
+from .cpulist import OnlineCpus, format_cpulist, online_cpus
 from .burstwatch import BurstWatch
 from .engine import Decision, EngineSettings, EngineState, decide_burst, export_state, given_back, import_state, protected_groups_of, resume
 from .errors import RemediatorError, SetupError
@@ -129,6 +129,7 @@ class Daemon:
         self.trust = Trust.for_this_process()  # a root daemon must not act on files others can edit
         self._wake = threading.Event()
         self._sleep = sleep
+        self._online_cpus = OnlineCpus()  # asked every tick
         self._stop = False
         self._reload = False
         self.state_write_failures: dict[str, int] = {}
@@ -550,7 +551,7 @@ class Daemon:
         log.info("%s: %s", record["event"], printable(record["message"]))
 
     def _engine_settings(self) -> EngineSettings:
-        online = online_cpus()
+        online = self._online_cpus()
         if self.config.request_cpus is not None:
             request = self.config.request_cpus
         else:
@@ -681,6 +682,7 @@ class Daemon:
                 self.audit.close()
             if self.recorder is not None:
                 self.recorder.close()
+            self._online_cpus.close()
             self.notifier.close()
 
 

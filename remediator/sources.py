@@ -7,7 +7,6 @@ the pure function `bpf_delta()`, tested on hand-made snapshots; the sources arou
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Callable, Collection, Iterable, Mapping, Protocol
 
 from . import histogram
 from .errors import ProcessGone, RemediatorError
+from .keptfile import KeptFile
 from .probes import BurstCandidate, BurstEvent, ExecEvent, ProbeSettings, ProcCpuEntry, RawSnapshot, SchedProbes
 from .procfs import ProcFS, clock_ticks_per_second
 from .sample import SOURCE_BPF, SOURCE_PROCFS
@@ -117,30 +117,21 @@ def parse_psi_some_total_us(text: str) -> int | None:
 
 
 class PsiReader:
-    """The PSI "some" total, read every tick through one descriptor kept open (pread from 0: the
-    kernel formats the file afresh on each read), not an open and close per tick. A failed read
-    closes it; the next read opens the file again."""
+    """The PSI "some" total, read every tick through a KeptFile; None when there is none (an old
+    kernel) or it cannot be read (the next read opens the file again)."""
 
     def __init__(self, path: Path):
         self.path = path
-        self._fd: int | None = None
+        self._file = KeptFile(path)
 
     def read(self) -> int | None:
         try:
-            if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            return parse_psi_some_total_us(os.pread(self._fd, 4096, 0).decode(errors="replace"))
+            return parse_psi_some_total_us(self._file.read(4096).decode(errors="replace"))
         except OSError:
-            self.close()
             return None
 
     def close(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._file.close()
 
 
 # -- BPF ----------------------------------------------------------------------------------------

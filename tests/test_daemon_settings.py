@@ -4,7 +4,7 @@ again on every tick): a reload, a CPU going offline or another request set build
 from __future__ import annotations
 
 from helpers.daemon import write_config
-from remediator import daemon as daemon_module
+from remediator.cpulist import OnlineCpus
 from remediator.daemon import Daemon
 from remediator.tick import engine_settings
 
@@ -12,7 +12,7 @@ from remediator.tick import engine_settings
 def test_engine_settings_are_kept_until_an_input_changes(tmp_path, monkeypatch):
     daemon = Daemon(write_config(tmp_path, [1], mode="dry-run"))
     online = {"cpus": frozenset({0, 1})}
-    monkeypatch.setattr(daemon_module, "online_cpus", lambda: online["cpus"])
+    monkeypatch.setattr(daemon, "_online_cpus", lambda: online["cpus"])
     first = daemon._engine_settings()
     assert daemon._engine_settings() is first
     assert first == engine_settings(daemon.policies, daemon.config.tick_s, frozenset({0}), frozenset({0, 1}),
@@ -25,6 +25,22 @@ def test_engine_settings_are_kept_until_an_input_changes(tmp_path, monkeypatch):
     assert daemon.reload()  # new policies and config objects, even with the same text
     reloaded = daemon._engine_settings()
     assert reloaded is not offline and reloaded == offline
+
+
+def test_the_online_cpus_asked_every_tick_follow_a_hotplug_through_one_descriptor(tmp_path):
+    online_file = tmp_path / "devices/system/cpu/online"
+    online_file.parent.mkdir(parents=True)
+    online_file.write_text("0-3\n")
+    online = OnlineCpus(tmp_path)
+    try:
+        assert online() == frozenset(range(4))
+        descriptor = online._file.fd
+        online_file.write_text("0-1,3\n")  # CPU 2 went offline (rewritten in place, as sysfs does)
+        assert online() == frozenset({0, 1, 3}) and online._file.fd == descriptor
+        online.close()
+        assert online() == frozenset({0, 1, 3})  # opened again
+    finally:
+        online.close()
 
 
 def test_only_processes_an_always_policy_may_govern_are_placed_at_exec(tmp_path):
