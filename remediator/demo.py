@@ -144,9 +144,24 @@ def describe_decision(record: dict) -> str | None:
     return None
 
 
+class CtrlC:
+    """The demo's SIGINT handler: KeyboardInterrupt, and a flag the demo's loops look at. The
+    exception alone can be lost: a Ctrl-C that lands while subprocess forks a workload is raised
+    in an at-fork callback, where Python reports it and drops it, and the demo would run on to
+    its end."""
+
+    def __init__(self):
+        self.pressed = False
+
+    def __call__(self, _signum, _frame) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+
 class Demo:
-    def __init__(self, directory: Path, duration_s: float, out: TextIO = sys.stdout):
+    def __init__(self, directory: Path, duration_s: float, out: TextIO = sys.stdout, ctrl_c: CtrlC | None = None):
         self.directory = directory
+        self.ctrl_c = ctrl_c or CtrlC()
         self.duration_s = duration_s
         self.out = out
         self.tty = out.isatty()
@@ -166,15 +181,22 @@ class Demo:
         self.story.append(printable(text))
         self.say(text)
 
+    def stop_if_interrupted(self) -> None:
+        """Raise the Ctrl-C that an at-fork callback swallowed (see CtrlC)."""
+        if self.ctrl_c.pressed:
+            raise KeyboardInterrupt
+
     def start(self, name: str, argv: list[str], sig: int = signal.SIGKILL, **kwargs) -> subprocess.Popen:
         kwargs.setdefault("stderr", self.workload_log)
         proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_parent(sig), **kwargs)
         self.children.append((name, proc))
+        self.stop_if_interrupted()
         return proc
 
     def ready_line(self, proc: subprocess.Popen, name: str, timeout: float = 15.0) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self.stop_if_interrupted()
             line = proc.stdout.readline()
             if line.startswith("ready"):
                 return line
@@ -206,6 +228,7 @@ class Demo:
         audit = Follower(self.directory / "audit.jsonl")
         deadline = time.monotonic() + 20
         while not (self.directory / "recording.jsonl").exists():
+            self.stop_if_interrupted()
             if self.daemon.poll() is not None or time.monotonic() > deadline:
                 raise RemediatorError(f"demo: remediator did not start:\n{(self.directory / 'daemon.log').read_text()}")
             time.sleep(0.1)
@@ -226,6 +249,7 @@ class Demo:
         pending: list[Sample] = []
         started = time.monotonic()
         while time.monotonic() < until:
+            self.stop_if_interrupted()
             if self.daemon.poll() is not None:
                 raise RemediatorError(f"demo: remediator stopped:\n{(self.directory / 'daemon.log').read_text()}")
             for line in samples.lines():
@@ -318,22 +342,25 @@ def run_demo(duration_s: float, keep_dir: Path | None = None, out: TextIO = sys.
     directory = Path(tempfile.mkdtemp(prefix="remediator-demo-", dir=keep_dir))
     own_cpus = os.sched_getaffinity(0)
     print(f"demo directory {directory}", file=out, flush=True)
-    demo = Demo(directory, duration_s, out)
+    ctrl_c = CtrlC()
+    usual = signal.signal(signal.SIGINT, ctrl_c)
+    demo = Demo(directory, duration_s, out, ctrl_c)
     interrupted = False
     failure: RemediatorError | None = None
     try:
         os.sched_setaffinity(0, own_cpus - {REQUEST_CPU})  # the demo's own drawing stays off the service's CPU
         demo.run()
+        demo.stop_if_interrupted()
     except KeyboardInterrupt:
         interrupted = True
     except RemediatorError as exc:
         failure = exc
     finally:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         try:
             problems = demo.cleanup()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            signal.signal(signal.SIGINT, usual)
             os.sched_setaffinity(0, own_cpus)
     for problem in problems:
         print(f"demo: {problem}", file=sys.stderr)

@@ -159,3 +159,31 @@ def test_the_whole_story_ends_in_a_report(demo, tmp_path):
     journal = directory / "journal.jsonl"
     assert subprocess.run([REMEDIATOR, "revert", "--all", "--journal", str(journal)], capture_output=True,
                           text=True).stdout.count("restored") == 0  # nothing left to give back
+
+
+def test_a_ctrl_c_that_python_dropped_still_stops_the_demo_at_its_next_step(tmp_path):
+    """A SIGINT landing while subprocess forks a workload raises KeyboardInterrupt inside an at-fork
+    callback, where Python reports it and drops it (seen in CI: the demo then ran its 40 s). The
+    handler also sets a flag, and the demo's next step stops on it: a workload just started, the
+    wait for a ready line, the watch loop."""
+    import io
+
+    from remediator.demo import CtrlC, Demo
+
+    ctrl_c = CtrlC()
+    with pytest.raises(KeyboardInterrupt):
+        ctrl_c(signal.SIGINT, None)  # what the handler does; say this exception was dropped
+    demo = Demo(tmp_path, 60.0, out=io.StringIO(), ctrl_c=ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            demo.start("sleeper", ["sleep", "60"], stdout=subprocess.PIPE, text=True)
+        sleeper = demo.children[-1][1]  # started, and kept for the clean-up
+        with pytest.raises(KeyboardInterrupt):
+            demo.ready_line(sleeper, "sleeper")
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            demo.watch(None, None, time.monotonic() + 60)
+        assert time.monotonic() - started < 1.0
+    finally:
+        assert demo.cleanup() == []
+    assert sleeper.returncode is not None  # the clean-up stopped it
