@@ -336,7 +336,8 @@ PROTECT_KEYS = (
         example='users = ["www-data", 33]'),
     Key("request_cpus", "cpus", "CPUs the request path owns: a CPU list, or `auto` = the CPUs the protected processes' cpuset "
         "cgroups allow (cgroup v2 `cpuset.cpus.effective`, v1 `cpuset.effective_cpus`: the unit's AllowedCPUs), and for a "
-        "process whose cgroup allows every online CPU, its threads' own allowed CPUs (sched_getaffinity). Read every tick.",
+        "process whose cgroup allows every online CPU, its threads' own allowed CPUs (sched_getaffinity). Read again when "
+        "the protected processes, their thread counts or the online CPUs change, and at least every 5 s.",
         default="auto", keyword="auto"),
 )
 
