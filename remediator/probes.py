@@ -54,10 +54,9 @@ CPU_STATE_HEAD = "<QQIIQQQII"
 
 # (process, CPU) entries per possible CPU when the loader sizes proc_cpu from the host, and the bounds.
 PROC_CPU_ENTRIES_PER_CPU = 256
-COMM_TEXTS_MAX = 4096  # comm fields whose text is kept (cleared past it: a host of changing comms)
-_PROC_CPU_KEY = struct.Struct("<II")
 PROC_CPU_ENTRIES_MIN = 32768
 PROC_CPU_ENTRIES_MAX = 1 << 20
+COMM_TEXTS_MAX = 4096  # comm fields whose text is kept (cleared past it: a host of changing comms)
 
 
 def _read_pid_max() -> int | None:
@@ -562,6 +561,7 @@ class SchedProbes:
         layouts = self.settings.layouts()
         self._protected_value = layouts["protected_thread"]
         self._proc_value = layouts["proc_cpu"]
+        self._proc_key = layouts["proc_cpu_key"]
         self._wait_stats = layouts["wait_stats"]
         self._cpu_state = struct.Struct(CPU_STATE_HEAD)
         self._cpu_count = min(self.possible_cpus, self._maps["cpu_state"].max_entries)
@@ -706,7 +706,7 @@ class SchedProbes:
         size = self._proc_value.size
         picks = self._picks(0, current_window)
         return {(tgid, cpu): self._proc_entry(tgid, cpu, values, picks, index * size)
-                for index, (tgid, cpu) in enumerate(struct.iter_unpack("<II", keys))}
+                for index, (tgid, cpu) in enumerate(self._proc_key.iter_unpack(keys))}
 
     # The whole table is read at the first snapshot, after a queue overflowed, and this often as a
     # safety net (a queue entry lost to a race leaves its time late until the entry is queued again).
@@ -731,28 +731,24 @@ class SchedProbes:
                 cpus_of.setdefault(tgid, set()).add(cpu)
             return before
         before: dict[tuple[int, int], ProcCpuEntry | None] = {}
-        # One loop, no call per entry but the lookup: a tick reads dozens, each cold in the caches.
-        picks = self._picks(self._last_read_window, current_window)
-        unpack_key, unpack_value, comm_of = _PROC_CPU_KEY.unpack, self._proc_value.unpack_from, self._comm
+        picks = self._picks(self._last_read_window, current_window)  # the same for every entry
         for raw_key, raw in self._maps["proc_cpu"].lookup_each(queued):
-            key = unpack_key(raw_key)
-            tgid = key[0]
+            key = tgid, cpu = self._proc_key.unpack(raw_key)
             before[key] = cache.get(key)
             if raw is None:
                 if cache.pop(key, None) is not None:
                     cpus = cpus_of.get(tgid)
                     if cpus is not None:
-                        cpus.discard(key[1])
+                        cpus.discard(cpu)
                         if not cpus:
                             del cpus_of[tgid]
                 continue
-            fields = unpack_value(raw)
-            cache[key] = ProcCpuEntry(tgid, key[1], fields[0], windows_at(fields, picks), comm_of(fields[-3]), fields[1])
+            cache[key] = self._proc_entry(tgid, cpu, raw, picks)
             cpus = cpus_of.get(tgid)
             if cpus is None:
-                cpus_of[tgid] = {key[1]}
+                cpus_of[tgid] = {cpu}
             else:
-                cpus.add(key[1])
+                cpus.add(cpu)
         return before
 
     def forget_processes(self, tgids: Iterable[int], cpus: Iterable[int]) -> None:
