@@ -9,52 +9,7 @@ from remediator.selectors import ProtectSelectors
 from remediator.sources import TickDelta
 
 from helpers.fakeproc import FakeProc, FakeProcess, FakeThread
-
-
-class RecordingSource:
-    """A Source that records what the collector tells it and returns scripted deltas."""
-
-    name = "bpf"
-    window_ns = 100_000_000
-    limitations = ()
-    has_exec_events = True
-    report_floor_ns = 0
-
-    def __init__(self):
-        self.kernel_tids: set[int] = set()
-        self.pending_execs: list[ExecEvent] = []
-        self.next_delta = TickDelta(0, 1_000_000_000)
-        self.forgotten: set[int] = set()
-
-    def protect(self, tids):
-        self.kernel_tids |= set(tids)
-
-    def unprotect(self, tids):
-        self.kernel_tids -= set(tids)
-
-    def kernel_protected_tids(self, only_if_forked=False):
-        return set(self.kernel_tids)
-
-    def exec_events(self):
-        events, self.pending_execs = self.pending_execs, []
-        return events
-
-    def read(self, protected):
-        return self.next_delta
-
-    def forget(self, tgids):
-        self.forgotten |= set(tgids)
-
-    def close(self):
-        pass
-
-
-class Clock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
+from helpers.sources import Clock, RecordingSource
 
 
 def setup(tmp_path):

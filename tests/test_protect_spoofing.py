@@ -31,7 +31,7 @@ from remediator.policy import check_sources, load_policies
 from remediator.procfs import ProcFS, system_units, unit_from_cgroup_path
 from remediator.selectors import ProtectSelectors
 
-from test_collector import Clock, RecordingSource
+from helpers.sources import Clock, RecordingSource
 
 USER_NGINX = "/user.slice/user-1000.slice/user@1000.service/app.slice/nginx.service"
 NESTED_NGINX = "/system.slice/a.service/x/nginx.service"

@@ -130,7 +130,7 @@ def test_the_collector_reads_a_new_processs_cgroup_file_once_for_its_unit_and_it
     from remediator.collector import Collector
     from remediator.selectors import ProtectSelectors
 
-    from test_collector import Clock, RecordingSource
+    from helpers.sources import Clock, RecordingSource
 
     proc = FakeProc(tmp_path / "proc")
     proc.add(FakeProcess(100, "api", cgroup_v2="/system.slice/api.service"))
