@@ -7,9 +7,11 @@
  *    CPU it was woken onto or preempted on, even when the load balancer then pulls it elsewhere,
  *    split into its own processes (protected) and others;
  *  - the protected set, grown in the kernel on fork so a new thread counts from its first wakeup;
- *  - exec events to user space through a bounded ring buffer.
+ *  - exec events and task events (a process renamed, a thread moved to another cgroup) to user
+ *    space through a bounded ring buffer.
  *
- * Only sched tracepoints; only their arguments plus bpf_get_current_pid_tgid() and
+ * Only sched tracepoints, and task:task_rename and cgroup:cgroup_attach_task where the kernel has
+ * them; only their arguments plus bpf_get_current_pid_tgid() and
  * bpf_get_smp_processor_id(). All counters are cumulative: user space takes differences.
  * One handler per tracepoint (bcc rewrites map calls only in this file, and one program per
  * sched_switch costs less than several). The hot path only looks up and writes in place: the
@@ -44,7 +46,11 @@ struct unreported_cpus {
     u32 head;
 };
 BPF_TABLE("lru_hash", u32, struct unreported_cpus, unreported_cpus, MAX_PROC_CPU_ENTRIES);
-BPF_RINGBUF_OUTPUT(exec_events, EXEC_RING_PAGES);
+/* Exec and task events in one ring, told apart by size, so their order holds: an exec renames its
+ * process just before its exec event, and user space drops that rename. */
+BPF_RINGBUF_OUTPUT(process_events, PROCESS_RING_PAGES);
+/* (kind << 32 | pid) -> max_epoch + 1 when its last event was sent: one event per pid, kind and epoch. */
+BPF_TABLE("lru_hash", u64, u64, task_event_sent, TASK_EVENT_PIDS);
 
 /* ---- burst detection (issue 14; see sched_monitor.h) ---- */
 BPF_HASH(burst_candidates, u32, struct burst_candidate, MAX_BURST_CANDIDATES);
@@ -564,18 +570,74 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
-    struct exec_event *event = exec_events.ringbuf_reserve(sizeof(struct exec_event));
+    struct exec_event *event = process_events.ringbuf_reserve(sizeof(struct exec_event));
     if (!event) {
         struct wait_stats *stats = stats_here();
         if (stats)
             stats->totals.exec_events_dropped++;
         return 0;
     }
+    u32 event_pid = args->pid;
     event->ts = bpf_ktime_get_ns();
-    event->pid = args->pid;
+    event->pid = event_pid;
     event->old_pid = args->old_pid;
     TP_DATA_LOC_READ_STR(event->filename, filename, sizeof(event->filename));
     /* No wakeup: user space reads exec events each tick; only burst events wake it at once. */
-    exec_events.ringbuf_submit(event, BPF_RB_NO_WAKEUP);
+    process_events.ringbuf_submit(event, BPF_RB_NO_WAKEUP);
+#ifdef HAVE_TASK_RENAME
+    /* User space drops the rename this exec made (just before this event): the next one is sent
+     * even within this epoch, or a process renaming itself at once after exec would go unseen. */
+    u64 renamed = ((u64)TASK_RENAMED << 32) | event_pid;
+    task_event_sent.delete(&renamed);
+#endif
     return 0;
 }
+
+/* ---- task events (see sched_monitor.h) ---- */
+#if defined(HAVE_TASK_RENAME) || defined(HAVE_CGROUP_ATTACH)
+static __always_inline void send_task_event(u32 pid, u32 kind)
+{
+    u32 zero = 0;
+    u64 *epoch = max_epoch.lookup(&zero);
+    u64 open = (epoch ? *epoch : 0) + 1;
+    u64 key = ((u64)kind << 32) | pid;
+    u64 *sent = task_event_sent.lookup(&key);
+    if (sent && *sent == open)
+        return; /* already sent this epoch: user space reads the process after the epoch closes */
+    task_event_sent.update(&key, &open);
+    struct task_event *event = process_events.ringbuf_reserve(sizeof(struct task_event));
+    if (!event) {
+        struct wait_stats *stats = stats_here();
+        if (stats)
+            stats->totals.task_events_dropped++;
+        return;
+    }
+    event->pid = pid;
+    event->kind = kind;
+    process_events.ringbuf_submit(event, BPF_RB_NO_WAKEUP); /* read at the tick */
+}
+#endif
+
+#ifdef HAVE_TASK_RENAME
+/* Renamed: by prctl(PR_SET_NAME) or a write to /proc/PID/task/TID/comm, always by a thread of the
+ * same process (so current's tgid is the renamed thread's), and at every exec. Only the main
+ * thread's name is the process's (what selectors and policies match); threads naming themselves
+ * (thread pools do, by the hundred) are left out here. */
+TRACEPOINT_PROBE(task, task_rename)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if ((u32)args->pid == tgid)
+        send_task_event(tgid, TASK_RENAMED);
+    return 0;
+}
+#endif
+
+#ifdef HAVE_CGROUP_ATTACH
+/* Moved to another cgroup: pid is the main thread when a whole process moved (cgroup.procs), else
+ * the one thread moved (cgroup.threads, v1's tasks). The mover is current, not the moved. */
+TRACEPOINT_PROBE(cgroup, cgroup_attach_task)
+{
+    send_task_event((u32)args->pid, TASK_MOVED);
+    return 0;
+}
+#endif

@@ -92,8 +92,8 @@ typedef uint32_t u32;
 #define TASK_STATE_MASK 0xff
 #endif
 
-#ifndef EXEC_RING_PAGES
-#define EXEC_RING_PAGES 16
+#ifndef PROCESS_RING_PAGES /* exec and task events */
+#define PROCESS_RING_PAGES 16
 #endif
 #define EXEC_FILENAME_LEN 128
 
@@ -121,6 +121,7 @@ struct wait_totals {          /* cumulative */
     u64 own_ns;               /* wait time behind threads of protected processes (its own) */
     u64 overflow_ns;          /* the part of unattributed_ns older than the segment ring held */
     u64 migrated_waits;       /* migrations of waiting protected threads (each part charged to its CPU) */
+    u64 task_events_dropped;  /* the task event ring buffer was full */
 };
 
 /* The maximum wait per epoch: user space bumps the epoch, then reads the previous epoch's slot,
@@ -200,6 +201,25 @@ struct exec_event {
     u32 pid;
     u32 old_pid;
     char filename[EXEC_FILENAME_LEN];
+};
+
+/* ---- task events: a process renamed or moved, judged again within a tick ------------------
+ * A process that renames itself (prctl, /proc/self/comm) or is moved to another cgroup without an
+ * exec is told to user space through the exec events' ring buffer, so the collector and the
+ * burst watch judge them again within a tick. Each is sent once per pid per epoch (a process
+ * renaming itself in a loop costs one event a tick; an exec lets the next rename through at once);
+ * a full ring is counted (task_events_dropped) and user space judges every process instead.
+ * The rename and move tracepoints are compiled in only where the kernel has them
+ * (HAVE_TASK_RENAME, HAVE_CGROUP_ATTACH: the loader looks in tracefs). */
+#ifndef TASK_EVENT_PIDS
+#define TASK_EVENT_PIDS 16384 /* pids whose last rename or move event is remembered (LRU) */
+#endif
+#define TASK_RENAMED 1        /* pid: the process (its main thread renamed) */
+#define TASK_MOVED 2          /* pid: the thread moved to another cgroup (the main thread: the process) */
+
+struct task_event {
+    u32 pid;
+    u32 kind;
 };
 
 /* ---- burst detection (issue 14): act within milliseconds of a burst, off the tick ----------

@@ -5,7 +5,8 @@ protected waits over the policy's threshold during which that process ran, and w
 when enough fall within the span (probes/sched_monitor.h, burst detection). This module keeps the
 candidate map current without a full /proc pass every tick: a process is judged once, when first
 seen (a periodic listing of /proc finds new pids; exec events and each tick's sample name
-processes sooner), and again after an exec, which may change what it is. All of that happens at
+processes sooner), and again after an exec, a rename or a move to another cgroup (the collector's
+task events), which may change what it is. All of that happens at
 the tick: between ticks only burst events wake the daemon (exec events do not, so a host that
 execs a lot does not keep it awake), and a child the kernel made a candidate on fork is judged at
 its first event.
@@ -142,8 +143,9 @@ class BurstWatch:
         self._candidates[info.pid] = (info.identity, candidate_for(policy))
         self._judged_info[info.pid] = (info, self.clock())
 
-    def refresh(self, infos: Iterable[ProcessInfo], protected: Iterable[int]) -> None:
-        """Judge the processes a tick named (and those an exec changed), list /proc for new pids
+    def refresh(self, infos: Iterable[ProcessInfo], protected: Iterable[int], changed: Iterable[int] = ()) -> None:
+        """Judge the processes a tick named (and those an exec changed, and those `changed`:
+        renamed or moved to another cgroup, which keeps their identity), list /proc for new pids
         when due, and make the probe's map match."""
         if not self.active:
             if self._candidates:
@@ -165,6 +167,13 @@ class BurstWatch:
                 continue
             self._judged.pop(pid, None)
             self._judge_pid(pid, protected)
+            judged_now.add(pid)
+        for pid in changed:
+            # A new name or cgroup may make it a candidate or end it being one (the collector
+            # dropped its cached reading, so it is read afresh).
+            if pid not in judged_now:
+                self._judged.pop(pid, None)
+                self._judge_pid(pid, protected)
         now = self.clock()
         # The collector's listing of this tick, when it made one, past half the period: the two
         # scans fall on the same ticks then, one listing between them.

@@ -1,9 +1,10 @@
 """The collector: keeps the protected set current and turns each tick's source delta into a Sample.
 
-The protected set is kept three ways, cheapest first: the kernel adds new threads and children of
+The protected set is kept four ways, cheapest first: the kernel adds new threads and children of
 protected processes on fork; exec events name new processes to check against the selectors within
-a tick; a full rescan every few seconds catches the rest (a comm changed by prctl, a process moved
-into a protected cgroup). Without exec events (the procfs source) every tick rescans.
+a tick, and task events the processes renamed (prctl) or moved to another cgroup without an exec;
+a rescan every few seconds catches the rest (new pids; every process every minute, and after
+events were lost). Without exec events (the procfs source) every tick rescans.
 
 A process the selectors match but whose user `[protect] users` does not name is refused, with one
 warning per process; so is a child the kernel protected on fork once it runs as such a user (it
@@ -94,6 +95,9 @@ class Collector:
         self._last_full_rescan = float("-inf")
         self._full_rescan_due = False  # exec events were lost: judge every process at the next rescan
         self._exited: set[int] = set()  # processes found gone at the last rescan, forgotten after the next read
+        # Processes renamed or moved to another cgroup this tick (task events): the burst watch
+        # judges them again too.
+        self.changed: set[int] = set()
         self._cpu_count = os.cpu_count() or 1
 
     # -- the protected set --------------------------------------------------------------------
@@ -160,8 +164,9 @@ class Collector:
         at a full rescan (the first, then every FULL_RESCAN_S, and after exec events were lost),
         else only the pids new since the last listing and those protected now. A process that
         execs is judged at its exec event; one that forks without exec is its parent's copy (and
-        the kernel protects a protected parent's children); what is left, a process renamed or
-        moved to another cgroup without exec, waits for the full rescan. Judging every process
+        the kernel protects a protected parent's children); one renamed or moved to another
+        cgroup without exec is judged at its task event where the kernel has the tracepoints
+        (else it waits for the full rescan). Judging every process
         reads a file of each: 25 to 55 ms per rescan at 1,000 processes (bench/scale.py). A
         source without exec events (procfs) judges every process at each rescan: an exec in
         place keeps its pid and would not be seen otherwise."""
@@ -250,13 +255,26 @@ class Collector:
                 if reader(pid) is None:
                     continue  # gone already (or unreadable: then not protected either)
                 known = self._known_info
-            refused: dict[int, tuple[ProcessInfo, str]] = {}
-            found = self.selectors.match_pid(self.procfs, pid, refused, known)
-            self._warn_refused(refused)
-            if found:
-                _info, reason = found
-                log.debug("protecting pid %d (%s) after exec of %s", pid, reason, event.filename)
-                self._add_process(pid, reason)
+            self._protect_if_selected(pid, known, f"exec of {event.filename}")
+
+    def _protect_if_selected(self, pid: int, known: Callable[[int], ProcessInfo | None] | None, why: str) -> None:
+        refused: dict[int, tuple[ProcessInfo, str]] = {}
+        found = self.selectors.match_pid(self.procfs, pid, refused, known)
+        self._warn_refused(refused)
+        if found:
+            _info, reason = found
+            log.debug("protecting pid %d (%s) after %s", pid, reason, why)
+            self._add_process(pid, reason)
+
+    def _handle_changed(self, changed: set[int]) -> None:
+        """Processes renamed or moved to another cgroup (the source's task events): read afresh by
+        whoever asks next, and judged against the selectors now. A protected one that no longer
+        matches is released at the next rescan, as a protected process always is."""
+        for pid in changed:
+            self._info_cache.pop(pid, None)
+            self._sketches.pop(pid, None)
+            if pid not in self.protected and self.selectors.lists_processes:
+                self._protect_if_selected(pid, None, "it was renamed or moved to another cgroup")
 
     def _refresh_threads(self) -> int:
         """Pick up threads the kernel may have missed (created before the probes loaded) and drop
@@ -298,8 +316,12 @@ class Collector:
             rescanned = False
         threads = self._refresh_threads()
         delta = self.source.read(self.protected)
-        if delta.lost.get("exec_events_dropped"):
-            self._full_rescan_due = True  # a process that exec'd into a protected name may be among them
+        if delta.lost.get("exec_events_dropped") or delta.lost.get("task_events_dropped"):
+            self._full_rescan_due = True  # a process that exec'd into a protected name, or was renamed, may be among them
+        # After the read: the kernel sends one event per process per epoch, and the read closed it.
+        self.changed = self.source.changed_pids() if self.source.has_task_events else set()
+        if self.changed:
+            self._handle_changed(self.changed)
         if self._exited:
             # Found gone at the previous rescan and forgotten only now, after one more read: a
             # process's exit queues its last time in the probe's open epoch, which this read took.

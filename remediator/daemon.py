@@ -527,7 +527,8 @@ class Daemon:
                                       self.observers, discovered=discovered, checkpoint=self._checkpoint,
                                       clock=time.monotonic)
         if self.bursts is not None:
-            self.bursts.refresh(list(discovered) + list(sample.processes.values()), sample.protected.pids)
+            self.bursts.refresh(list(discovered) + list(sample.processes.values()), sample.protected.pids,
+                                changed=self.collector.changed)
         self._save_state()
         if self.textfile is not None and self.textfile.maybe_write(time.monotonic()) is False \
                 and sum(self.textfile.failures.values()) == 1:

@@ -46,7 +46,17 @@ WAIT_TOTAL_FIELDS = (
     "own_ns",
     "overflow_ns",
     "migrated_waits",
+    "task_events_dropped",
 )
+
+# Tracepoints that tell of a process renamed or moved to another cgroup (task events): compiled
+# in where tracefs has them, (category, event) -> the cflag that compiles the handler in.
+TASK_EVENT_TRACEPOINTS = {
+    ("task", "task_rename"): "-DHAVE_TASK_RENAME",
+    ("cgroup", "cgroup_attach_task"): "-DHAVE_CGROUP_ATTACH",
+}
+EXEC_FILENAME_LEN = 128  # as in probes/sched_monitor.h
+TASK_RENAMED = 1  # struct task_event's kinds (probes/sched_monitor.h); the other is TASK_MOVED
 
 # The head of struct cpu_state, before its run ring: since, busy_ns, current_tid, head, owed_ns,
 # changed_epoch[2], changed_count[2].
@@ -194,13 +204,13 @@ class ProbeSettings:
     # tick (report_floor_for: 3.9 ms at 250 ms).
     report_floor_ns: int = REPORT_FLOOR_MIN_NS
     changed_queue_slots: int = 1024  # keys per CPU per epoch; past that, one full read
-    exec_ring_pages: int = 16
+    process_ring_pages: int = 16  # exec and task events
     max_cpus: int | None = None  # None: the host's possible CPUs (the loader fills it in)
     max_burst_candidates: int = 4096
     burst_ring_pages: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("window_slots", "segment_ring", "exec_ring_pages", "burst_ring_pages"):
+        for name in ("window_slots", "segment_ring", "process_ring_pages", "burst_ring_pages"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"{name} must be a power of two, not {value}")
@@ -234,7 +244,8 @@ class ProbeSettings:
             "proc_cpu": struct.Struct(f"<QQ{self.window_slots}Q16sQQ"),
         }
 
-    def cflags(self, state_mask: int, exit_bits: int = 0x30) -> list[str]:
+    def cflags(self, state_mask: int, exit_bits: int = 0x30, task_tracepoints: Collection[tuple[str, str]] = ()) -> list[str]:
+        """`task_tracepoints`: those of TASK_EVENT_TRACEPOINTS the kernel has."""
         return [
             f"-I{probes_dir()}",
             f"-DHIST_SUB_BITS={histogram.SUB_BITS}",
@@ -250,12 +261,12 @@ class ProbeSettings:
             f"-DMAX_CPUS={self.cpus}",
             f"-DREPORT_FLOOR_NS={self.report_floor_ns}ull",
             f"-DCHANGED_QUEUE_SLOTS={self.changed_queue_slots}",
-            f"-DEXEC_RING_PAGES={self.exec_ring_pages}",
+            f"-DPROCESS_RING_PAGES={self.process_ring_pages}",
             f"-DMAX_BURST_CANDIDATES={self.max_burst_candidates}",
             f"-DBURST_RING_PAGES={self.burst_ring_pages}",
             f"-DTASK_STATE_MASK={state_mask:#x}",
             f"-DEXIT_STATE_BITS={exit_bits:#x}",
-        ]
+        ] + [flag for tracepoint, flag in TASK_EVENT_TRACEPOINTS.items() if tracepoint in task_tracepoints]
 
 
 class ProcCpuEntry(NamedTuple):  # a tuple: a tick builds one per entry read
@@ -557,7 +568,12 @@ class SchedProbes:
         self.last_protect_error = ""
         self._exec_events: list[ExecEvent] = []
         self._fresh_exec_pids: list[int] = []  # for burst detection's candidates (take_exec_pids)
-        self.bpf[b"exec_events"].open_ring_buffer(self._on_exec_event)
+        # Renamed processes and moved threads since task_changes() was last asked (task events).
+        self._renamed: set[int] = set()
+        self._moved: set[int] = set()
+        # Both tracepoints, or some changes go unseen until a rescan judges every process.
+        self.has_task_events = all(flag in self.cflags for flag in TASK_EVENT_TRACEPOINTS.values())
+        self.bpf[b"process_events"].open_ring_buffer(self._on_process_event)
         layouts = self.settings.layouts()
         self._protected_value = layouts["protected_thread"]
         self._proc_value = layouts["proc_cpu"]
@@ -762,13 +778,33 @@ class SchedProbes:
             self._proc_cpus_of.pop(tgid, None)
 
     # -- exec events --------------------------------------------------------------------------
-    def _on_exec_event(self, _ctx, data, _size) -> None:
-        event = self.bpf[b"exec_events"].event(data)
-        self._exec_events.append(
-            ExecEvent(event.ts, event.pid, event.old_pid, bytes(event.filename).split(b"\0", 1)[0].decode(errors="replace"))
-        )
+    def _on_process_event(self, _ctx, data, size) -> None:
+        """An exec or a task event (struct task_event is the small one)."""
+        if size == self._TASK_EVENT.size:
+            pid, kind = self._TASK_EVENT.unpack(ct.string_at(data, size))
+            changes = self._renamed if kind == TASK_RENAMED else self._moved
+            if len(changes) < 65536:
+                changes.add(pid)
+            return
+        # Decoded by hand: bcc's event() takes one struct per ring, and this ring carries two.
+        ts, pid, old_pid, filename = self._EXEC_EVENT.unpack(ct.string_at(data, self._EXEC_EVENT.size))
+        self._renamed.discard(pid)  # the rename its exec made, just before (or older: superseded)
+        self._exec_events.append(ExecEvent(ts, pid, old_pid, filename.split(b"\0", 1)[0].decode(errors="replace")))
         if len(self._fresh_exec_pids) < 65536:
-            self._fresh_exec_pids.append(event.pid)
+            self._fresh_exec_pids.append(pid)
+
+    _TASK_EVENT = struct.Struct("<II")  # struct task_event: pid, kind
+    _EXEC_EVENT = struct.Struct(f"<QII{EXEC_FILENAME_LEN}s")  # struct exec_event: ts, pid, old_pid, filename
+
+    def task_changes(self) -> tuple[set[int], set[int]]:
+        """(processes renamed, threads moved to another cgroup) since the last call, renames made
+        by an exec left out (the exec event stands for them). Non-blocking. The kernel sends one
+        event per pid and kind per epoch: ask after snapshot() closed the epoch, so that a process
+        renamed again since its event is read after that too."""
+        self.bpf.ring_buffer_consume()
+        changes = self._renamed, self._moved
+        self._renamed, self._moved = set(), set()
+        return changes
 
     def exec_events(self) -> list[ExecEvent]:
         """Exec events since the last call (non-blocking)."""
@@ -862,7 +898,9 @@ def settings_for_this_kernel(settings: ProbeSettings | None = None) -> tuple[Pro
     root = tracefs_root()
     fmt = root / "events/sched/sched_switch/format" if root else None
     text = fmt.read_text() if fmt is not None and fmt.exists() else ""
-    return settings, settings.cflags(task_state_mask(text), exit_state_bits(text))
+    task_tracepoints = [(category, event) for category, event in TASK_EVENT_TRACEPOINTS
+                        if root is not None and (root / "events" / category / event / "format").exists()]
+    return settings, settings.cflags(task_state_mask(text), exit_state_bits(text), task_tracepoints)
 
 
 def describe_program(settings: ProbeSettings | None = None) -> str:

@@ -94,11 +94,15 @@ class Source(Protocol):
     report_floor_ns: int
     limitations: tuple[str, ...]
     has_exec_events: bool
+    # Whether changed_pids() names every process renamed or moved to another cgroup (lost events
+    # are counted in TickDelta.lost as task_events_dropped).
+    has_task_events: bool
 
     def protect(self, tids: Collection[int]) -> Collection[int]: ...  # returns those it could not protect
     def unprotect(self, tids: Collection[int]) -> None: ...
     def kernel_protected_tids(self, only_if_forked: bool = False) -> set[int] | None: ...
     def exec_events(self) -> list[ExecEvent]: ...
+    def changed_pids(self) -> set[int]: ...  # renamed or moved since the last call; ask after read()
     def read(self, protected: Mapping[int, Collection[int]]) -> TickDelta: ...
     def forget(self, tgids: Collection[int]) -> None: ...
     def close(self) -> None: ...
@@ -136,7 +140,8 @@ class PsiReader:
 
 # -- BPF ----------------------------------------------------------------------------------------
 
-LOST_COUNTERS = ("protected_map_full", "stale_starts", "proc_map_full", "blame_map_full", "exec_events_dropped")
+LOST_COUNTERS = ("protected_map_full", "stale_starts", "proc_map_full", "blame_map_full", "exec_events_dropped",
+                 "task_events_dropped")
 
 
 def _cumulative_usage(
@@ -370,6 +375,7 @@ class BpfSource:
         self._forks_at_walk: int | None = None  # the kernel's protected_forks at the last walk of its map
         self._previous_psi = self._psi_reader.read()
         self._tgid_cache: dict[int, int] = {}
+        self.has_task_events = self.probes.has_task_events
 
     def _tid_to_tgid(self, tid: int) -> int | None:
         if tid in self._tgid_cache:
@@ -405,6 +411,18 @@ class BpfSource:
             # exec keeps the tgid but a reused tid may now be another process's thread
             self._tgid_cache.pop(event.pid, None)
         return events
+
+    def changed_pids(self) -> set[int]:
+        """The processes renamed (their main thread) or moved to another cgroup (any of their
+        threads) since the last call. A moved thread is looked up afresh: a tid kept in the
+        blame cache may have been reused."""
+        changed, moved = self.probes.task_changes()
+        for tid in moved - changed:
+            try:
+                changed.add(self.procfs.tgid_of(tid))
+            except RemediatorError:
+                continue  # gone already
+        return changed
 
     # burst detection (remediator/burstwatch.py): only this source has it
     def set_burst_candidates(self, candidates: Mapping[int, BurstCandidate]) -> None:
@@ -453,6 +471,7 @@ class ProcfsSource:
 
     name = SOURCE_PROCFS
     has_exec_events = False
+    has_task_events = False
 
     def __init__(self, procfs: ProcFS, psi_path: Path = Path("/proc/pressure/cpu"), clock: Callable[[], int] = time.monotonic_ns,
                  counters: ThreadCounters | None = None):
@@ -483,6 +502,9 @@ class ProcfsSource:
 
     def exec_events(self) -> list[ExecEvent]:
         return []
+
+    def changed_pids(self) -> set[int]:
+        return set()  # every tick judges every process (the collector's rescan_s is 0 here)
 
     def _read_busy(self) -> list[int]:
         busy = []

@@ -482,3 +482,31 @@ def test_burstwatch_judges_a_new_exec_once_and_an_exec_in_place_again(tmp_path, 
     source.exec_pids = [child.pid]
     watch.refresh([SERVICE, SHIPPER, child], [SERVICE.pid])
     assert judged == [child.pid] and child.pid not in source.candidates
+
+
+def test_burstwatch_judges_a_renamed_or_moved_process_again_within_the_tick(tmp_path, monkeypatch):
+    """A rename (prctl) or a cgroup move keeps (pid, start time), so neither the sample nor a
+    listing would judge the process again: the collector's task events name it, and it becomes a
+    candidate, or stops being one, at that tick; a pid an exec named in the same tick is judged once."""
+    from remediator import burstwatch
+    from remediator.burstwatch import BurstWatch
+
+    node = ProcessInfo(pid=500, start_time=50, comm="node")
+    source, procs = FakeBurstSource(), FakeProcs(SERVICE, node)
+    watch = BurstWatch(source, procs, daemon=None, clock=lambda: 0.0)
+    watch.set_policies(burst_policies(tmp_path))
+    watch.refresh([], [SERVICE.pid])
+    assert node.pid not in source.candidates
+    judged: list[int] = []
+    original = BurstWatch._judge
+    monkeypatch.setattr(burstwatch.BurstWatch, "_judge", lambda self, info, protected: (judged.append(info.pid), original(self, info, protected)))
+    procs.infos[node.pid] = ProcessInfo(pid=500, start_time=50, comm="fluent-bit")  # process.title = "fluent-bit"
+    watch.refresh([SERVICE], [SERVICE.pid])
+    assert node.pid not in source.candidates and judged == []  # unseen without the event
+    watch.refresh([SERVICE], [SERVICE.pid], changed={node.pid})
+    assert node.pid in source.candidates and judged == [node.pid]
+    judged.clear()
+    procs.infos[node.pid] = ProcessInfo(pid=500, start_time=50, comm="worker")
+    source.exec_pids = [node.pid]
+    watch.refresh([SERVICE], [SERVICE.pid], changed={node.pid})
+    assert node.pid not in source.candidates and judged == [node.pid]

@@ -379,6 +379,43 @@ def test_a_rescan_judges_new_processes_and_every_process_only_at_a_full_rescan(t
     assert set(collector.protected) == {10, 20, 30, 40}
 
 
+def test_a_process_renamed_or_moved_is_judged_at_its_task_event_within_a_tick(tmp_path):
+    """Where the kernel tells of renames and cgroup moves (task events), such a process is judged
+    in the tick that reads the event, not at the next full rescan, and what the sample says about
+    it is read afresh; lost task events make the next rescan a full one."""
+    proc, source, clock, procfs, collector = judging_collector(
+        tmp_path, (FakeProcess(1, "init"), FakeProcess(10, "api"), FakeProcess(20, "node"), FakeProcess(30, "cron")))
+    source.has_task_events = True
+    collector.start()
+    busy = TickDelta(0, 250_000_000, usage={20: (200_000_000, 100_000_000)}, blame={20: 5_000}, wait_ns=6_000)
+    source.next_delta = busy
+    clock.now += 0.25
+    assert collector.sample().processes[20].comm == "node"
+    proc.processes[20].comm = "api"  # process.title = "api": a prctl rename, no exec
+    proc.write()
+    procfs.judged.clear()
+    source.pending_changes = {20}
+    clock.now += 0.25  # no rescan due
+    sample = collector.sample()
+    assert set(collector.protected) == {10, 20} and set(procfs.judged) == {20}  # judged, and read for the sample
+    assert collector.changed == {20} and sample.processes[20].comm == "api"
+    clock.now += 0.25
+    source.next_delta = TickDelta(0, 1_000_000_000, usage={20: (900_000_000, 0)})
+    assert collector.sample().protected.pids == (10, 20)
+    assert collector.changed == set()
+    # Lost task events: the next rescan judges every process.
+    proc.processes[30].comm = "api"
+    proc.write()
+    source.next_delta = TickDelta(0, 1_000_000_000, lost={"task_events_dropped": 1})
+    clock.now += 0.25
+    collector.sample()
+    assert 30 not in collector.protected
+    source.next_delta = TickDelta(0, 1_000_000_000)
+    clock.now += 6
+    collector.sample()
+    assert set(collector.protected) == {10, 20, 30}
+
+
 def test_a_rescan_of_pids_named_lists_no_process(tmp_path):
     proc = FakeProc(tmp_path / "proc")
     proc.add(FakeProcess(1, "init"))

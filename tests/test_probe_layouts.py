@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from remediator.probes import WAIT_TOTAL_FIELDS, ProbeSettings
+from remediator.probes import TASK_RENAMED, WAIT_TOTAL_FIELDS, ProbeSettings, SchedProbes
 
 PROBES = Path(__file__).resolve().parent.parent / "probes"
 
@@ -49,6 +49,12 @@ def c_layout(tmp_path: Path, settings: ProbeSettings) -> dict[str, int]:
         "proc_cpu.comm": "offsetof(struct proc_cpu, comm)",
         "proc_cpu.marked_epoch": "offsetof(struct proc_cpu, marked_epoch)",
         "proc_cpu.unreported_ns": "offsetof(struct proc_cpu, unreported_ns)",
+        "sizeof exec_event": "sizeof(struct exec_event)",
+        "exec_event.pid": "offsetof(struct exec_event, pid)",
+        "exec_event.filename": "offsetof(struct exec_event, filename)",
+        "sizeof task_event": "sizeof(struct task_event)",
+        "task_event.kind": "offsetof(struct task_event, kind)",
+        "TASK_RENAMED": "TASK_RENAMED",
     }
     for name in WAIT_TOTAL_FIELDS:
         queries[f"wait_totals.{name}"] = f"offsetof(struct wait_totals, {name})"
@@ -103,6 +109,13 @@ def python_layout(settings: ProbeSettings) -> dict[str, int]:
         "proc_cpu.comm": 16 + 8 * settings.window_slots,
         "proc_cpu.marked_epoch": 32 + 8 * settings.window_slots,
         "proc_cpu.unreported_ns": 40 + 8 * settings.window_slots,
+        # One ring carries both, told apart by size.
+        "sizeof exec_event": SchedProbes._EXEC_EVENT.size,
+        "exec_event.pid": 8,
+        "exec_event.filename": 16,
+        "sizeof task_event": SchedProbes._TASK_EVENT.size,
+        "task_event.kind": 4,
+        "TASK_RENAMED": TASK_RENAMED,
     }
     for index, name in enumerate(WAIT_TOTAL_FIELDS):
         expected[f"wait_totals.{name}"] = 8 * index

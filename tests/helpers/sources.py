@@ -13,6 +13,7 @@ class RecordingSource:
     window_ns = 100_000_000
     limitations = ()
     has_exec_events = True
+    has_task_events = False
     report_floor_ns = 0
 
     def __init__(self):
@@ -20,6 +21,7 @@ class RecordingSource:
         self.pending_execs: list[ExecEvent] = []
         self.next_delta = TickDelta(0, 1_000_000_000)
         self.forgotten: set[int] = set()
+        self.pending_changes: set[int] = set()  # renamed or moved (with has_task_events)
 
     def protect(self, tids):
         self.kernel_tids |= set(tids)
@@ -33,6 +35,10 @@ class RecordingSource:
     def exec_events(self):
         events, self.pending_execs = self.pending_execs, []
         return events
+
+    def changed_pids(self):
+        changed, self.pending_changes = self.pending_changes, set()
+        return changed
 
     def read(self, protected):
         return self.next_delta

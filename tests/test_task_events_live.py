@@ -1,0 +1,144 @@
+"""Task events on real processes: a rename by prctl, a thread naming itself, an exec, a cgroup move.
+
+Runs as root with BPF (CI); elsewhere it skips saying why, and .ci/run fails on such a skip.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from remediator.collector import Collector
+from remediator.procfs import ProcFS
+from remediator.probes import SchedProbes
+from remediator.selectors import ProtectSelectors
+from remediator.sources import BpfSource
+
+from helpers.cgroups import move_to, scratch_cpuset  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.bpf
+
+PROCFS = ProcFS()
+
+# Waits for a command on stdin, then: "name X" renames the process (its main thread), "thread X"
+# starts a thread that names itself X, "exit" ends it. Prints "ok" after each.
+RENAMER = r"""
+import ctypes, sys, threading
+libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_NAME = 15
+parked = threading.Event()
+def name_thread(name):
+    libc.prctl(PR_SET_NAME, name.encode(), 0, 0, 0)
+    print("ok", flush=True)
+    parked.wait()
+print("ready", flush=True)
+for line in sys.stdin:
+    command, _, name = line.strip().partition(" ")
+    if command == "name":
+        libc.prctl(PR_SET_NAME, name.encode(), 0, 0, 0)
+        print("ok", flush=True)
+    elif command == "thread":
+        threading.Thread(target=name_thread, args=(name,), daemon=True).start()
+    else:
+        break
+parked.set()
+"""
+
+
+def start_renamer(spawn):
+    return spawn([sys.executable, "-c", RENAMER], stdin=subprocess.PIPE)  # spawn waits for "ready"
+
+
+def command(workload, text: str) -> None:
+    workload.proc.stdin.write(text + "\n")
+    workload.proc.stdin.flush()
+    assert workload.read_line() == "ok"
+
+
+@pytest.fixture
+def probes():
+    loaded = SchedProbes()
+    try:
+        if not loaded.has_task_events:
+            pytest.fail("this kernel has task:task_rename and cgroup:cgroup_attach_task (tracefs): they must load")
+        yield loaded
+    finally:
+        loaded.close()
+
+
+def changes(probes: SchedProbes) -> tuple[set[int], set[int]]:
+    probes.snapshot()  # closes the epoch, as the collector's read does before it asks
+    return probes.task_changes()
+
+
+def test_a_process_renaming_itself_is_told_and_its_exec_and_its_threads_names_are_not(spawn, probes):
+    changes(probes)
+    renamer = start_renamer(spawn)  # exec'd: its exec renamed it, and the exec event stands for that
+    pid = renamer.pid
+    renamed, _moved = changes(probes)
+    assert pid not in renamed
+    assert pid in {event.pid for event in probes.exec_events()}
+    command(renamer, "thread pool-worker-1")  # a thread naming itself (thread pools do): not the process's name
+    renamed, _moved = changes(probes)
+    assert pid not in renamed and PROCFS.stat(pid).comm.startswith("python")
+    command(renamer, "name fluent-bit")
+    renamed, _moved = changes(probes)
+    assert pid in renamed and PROCFS.stat(pid).comm == "fluent-bit"
+    # Renamed again in the same epoch after its event: one event per epoch, and the next epoch's rename is told.
+    command(renamer, "name fluent-bit-2")
+    command(renamer, "name fluent-bit-3")
+    renamed, _moved = changes(probes)
+    assert pid in renamed
+    assert changes(probes) == (set(), set())
+    command(renamer, "name fluent-bit-4")
+    assert pid in changes(probes)[0]
+
+
+def test_a_process_moved_to_another_cgroup_is_told_once_and_a_thread_moved_alone_by_its_tid(spawn, probes, scratch_cpuset):
+    renamer = start_renamer(spawn)
+    command(renamer, "thread parked")
+    pid = renamer.pid
+    tids = set(PROCFS.tids(pid))
+    assert len(tids) == 2
+    changes(probes)
+    move_to(scratch_cpuset("0"), pid)  # cgroup.procs moves every thread: one event, for the main thread
+    assert changes(probes)[1] == {pid}
+    (thread,) = tids - {pid}
+    (scratch_cpuset("1") / "tasks").write_text(str(thread))  # v1's tasks file moves one thread
+    assert changes(probes)[1] == {thread}
+
+
+def test_the_source_names_the_process_a_moved_thread_belongs_to(spawn, scratch_cpuset):
+    renamer = start_renamer(spawn)
+    command(renamer, "thread parked")
+    (thread,) = set(PROCFS.tids(renamer.pid)) - {renamer.pid}
+    source = BpfSource(PROCFS)
+    try:
+        source.read({})
+        source.changed_pids()
+        (scratch_cpuset("1") / "tasks").write_text(str(thread))
+        source.read({})
+        assert source.changed_pids() == {renamer.pid}
+    finally:
+        source.close()
+
+
+def test_the_collector_protects_a_process_renamed_into_a_selector_within_one_sample(spawn):
+    renamer = start_renamer(spawn)
+    pid = renamer.pid
+    # No rescan in this test: only the task event can bring the process in.
+    collector = Collector(BpfSource(PROCFS), ProtectSelectors.build(comms=["renamed-api"]), PROCFS, rescan_s=3600.0)
+    try:
+        collector.start()
+        collector.sample()
+        assert pid not in collector.protected
+        command(renamer, "name renamed-api")
+        time.sleep(0.05)
+        collector.sample()
+        assert pid in collector.protected and pid in collector.changed
+        assert collector.protected_reason[pid] == "comm renamed-api"
+    finally:
+        collector.close()
