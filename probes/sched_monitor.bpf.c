@@ -561,6 +561,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     if (!protected_lookup(tid))
         return 0;
     protected_threads.delete(&tid);
+    struct wait_stats *stats = stats_here();
+    if (stats)
+        stats->totals.protected_exits++;
     u32 word = tid >> 6;
     u64 *bits = fork_protected_bits.lookup(&word);
     if (bits)

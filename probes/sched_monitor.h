@@ -122,6 +122,7 @@ struct wait_totals {          /* cumulative */
     u64 overflow_ns;          /* the part of unattributed_ns older than the segment ring held */
     u64 migrated_waits;       /* migrations of waiting protected threads (each part charged to its CPU) */
     u64 task_events_dropped;  /* the task event ring buffer was full */
+    u64 protected_exits;      /* protected threads that exited (and left the protected set in-kernel) */
 };
 
 /* The maximum wait per epoch: user space bumps the epoch, then reads the previous epoch's slot,

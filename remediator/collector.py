@@ -95,6 +95,7 @@ class Collector:
         self._last_full_rescan = float("-inf")
         self._full_rescan_due = False  # exec events were lost: judge every process at the next rescan
         self._exited: set[int] = set()  # processes found gone at the last rescan, forgotten after the next read
+        self._protected_changes: tuple[int | None, int | None] = (None, None)  # see _refresh_threads
         # Processes renamed or moved to another cgroup this tick (task events): the burst watch
         # judges them again too.
         self.changed: set[int] = set()
@@ -280,7 +281,16 @@ class Collector:
         """Pick up threads the kernel may have missed (created before the probes loaded) and drop
         processes that are gone. The task directory is listed only when the thread count
         differs from the threads known (or some were refused): the kernel adds new threads on
-        fork, and listing a 500-thread service every tick cost 1.5 ms (bench/scale.py)."""
+        fork, and listing a 500-thread service every tick cost 1.5 ms (bench/scale.py). The
+        count itself (a stat per protected process: 50 processes of a pre-forking service, 50
+        stats a tick) is read only when the kernel's count of protected threads added and
+        removed (Source.protected_changes) moved at one of the last two reads: a thread that
+        exits leaves the task directory a little after the kernel counts it."""
+        changes = self.source.protected_changes()
+        quiet = changes is not None and changes == self._protected_changes[0] == self._protected_changes[1]
+        self._protected_changes = (self._protected_changes[1], changes)
+        if quiet and not self._untracked:
+            return sum(len(tids) for tids in self.protected.values())
         threads = 0
         for pid in list(self.protected):
             try:

@@ -23,7 +23,7 @@ from typing import Callable
 
 from .audit import AuditLog, AuditWriter, CulpritWriter
 from .cgroupfs import CgroupFS, discover_cpu_mount, discover_cpuset_mount, process_cpuset_cpus
-from .collector import Collector
+from .collector import FULL_RESCAN_S, Collector
 from .throttling import ThrottleReader
 from .config import DaemonConfig, load_config
 from .cpulist import OnlineCpus, format_cpulist, online_cpus
@@ -352,6 +352,10 @@ class Daemon:
                         "policies with always = true can act", fallback, self.degraded)
         elif self.degraded:
             log.warning('source "procfs": degraded: %s, so only policies with always = true can act', self.degraded)
+        elif not source.has_task_events:
+            log.warning("this kernel has no task:task_rename or cgroup:cgroup_attach_task tracepoint: a process renamed "
+                        "or moved to another cgroup without an exec is judged again only at the full rescan, every "
+                        "%.0f s", FULL_RESCAN_S)
         return source
 
     def _start_metrics(self) -> None:

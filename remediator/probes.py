@@ -47,6 +47,7 @@ WAIT_TOTAL_FIELDS = (
     "overflow_ns",
     "migrated_waits",
     "task_events_dropped",
+    "protected_exits",
 )
 
 # Tracepoints that tell of a process renamed or moved to another cgroup (task events): compiled

@@ -103,6 +103,8 @@ class Source(Protocol):
     def kernel_protected_tids(self, only_if_forked: bool = False) -> set[int] | None: ...
     def exec_events(self) -> list[ExecEvent]: ...
     def changed_pids(self) -> set[int]: ...  # renamed or moved since the last call; ask after read()
+    # A count that moves whenever the kernel adds or removes a protected thread (None: no such count).
+    def protected_changes(self) -> int | None: ...
     def read(self, protected: Mapping[int, Collection[int]]) -> TickDelta: ...
     def forget(self, tgids: Collection[int]) -> None: ...
     def close(self) -> None: ...
@@ -412,6 +414,15 @@ class BpfSource:
             self._tgid_cache.pop(event.pid, None)
         return events
 
+    def protected_changes(self) -> int | None:
+        """Threads the kernel added to the protected set on fork, removed at exit, or could not
+        add (the map full), as of the latest read: while it stays, no protected process gained
+        or lost a thread, or exited. None before the first read."""
+        if self._previous is None:
+            return None
+        totals = self._previous.totals
+        return totals["protected_forks"] + totals["protected_exits"] + totals["protected_map_full"]
+
     def changed_pids(self) -> set[int]:
         """The processes renamed (their main thread) or moved to another cgroup (any of their
         threads) since the last call. A moved thread is looked up afresh: a tid kept in the
@@ -505,6 +516,9 @@ class ProcfsSource:
 
     def changed_pids(self) -> set[int]:
         return set()  # every tick judges every process (the collector's rescan_s is 0 here)
+
+    def protected_changes(self) -> int | None:
+        return None  # no kernel set: the collector reads each protected process's thread count every tick
 
     def _read_busy(self) -> list[int]:
         busy = []

@@ -204,6 +204,7 @@ class CountingProcFS(ProcFS):
         super().__init__(root)
         self.info_reads: list[int] = []
         self.task_listings: list[int] = []
+        self.thread_counts: list[int] = []
 
     def process_info_and_cgroups(self, pid, known_ancestors=None):
         self.info_reads.append(pid)
@@ -212,6 +213,10 @@ class CountingProcFS(ProcFS):
     def tids(self, pid):
         self.task_listings.append(pid)
         return super().tids(pid)
+
+    def thread_count(self, pid):
+        self.thread_counts.append(pid)
+        return super().thread_count(pid)
 
 
 def test_a_busy_process_seen_before_is_not_read_again_when_it_returns_to_the_top(tmp_path):
@@ -249,6 +254,37 @@ def test_the_task_directory_is_listed_only_when_the_thread_count_changes(tmp_pat
     assert collector.sample().protected.threads == 3
     assert procfs.task_listings == [10] and 12 in source.kernel_tids
 
+
+
+def test_thread_counts_are_read_only_after_the_kernel_added_or_removed_a_protected_thread(tmp_path):
+    """With a kernel count of protected threads added and removed (the BPF source), a tick reads
+    no thread count while it stays; after it moves, the counts are read at two ticks (a thread that
+    exits leaves its task directory a little after the kernel counts it), and a process gone is
+    dropped."""
+    proc, source, clock, collector = setup(tmp_path)
+    procfs = CountingProcFS(proc.root)
+    collector.procfs = procfs
+    source.kernel_changes = 7
+    for _ in range(4):
+        clock.now += 0.25
+        collector.sample()
+    assert procfs.thread_counts == [10, 10]  # the first two ticks: nothing seen before them
+    procfs.thread_counts.clear()
+    proc.processes[10].threads.append(FakeThread(12))  # forked: the kernel protected it and counted it
+    proc.write()
+    clock.now += 0.25
+    assert collector.sample().protected.threads == 2 and procfs.thread_counts == []  # the count moves at the read
+    source.kernel_changes = 8
+    for _ in range(3):
+        clock.now += 0.25
+        threads = collector.sample().protected.threads
+    assert threads == 3 and procfs.thread_counts == [10, 10]
+    procfs.thread_counts.clear()
+    proc.remove(10)  # the service exits: its threads' exits are counted
+    source.kernel_changes = 11
+    clock.now += 0.25
+    collector.sample()
+    assert collector.protected == {} and procfs.thread_counts == [10]
 
 
 def test_a_rescan_lists_a_protected_processs_threads_only_every_full_rescan(tmp_path):

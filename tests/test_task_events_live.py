@@ -1,4 +1,6 @@
-"""Task events on real processes: a rename by prctl, a thread naming itself, an exec, a cgroup move.
+"""Task events on real processes (a rename by prctl, a thread naming itself, an exec, a cgroup
+move), and the kernel's count of protected threads added and removed that spares the collector's
+per-tick thread counts.
 
 Runs as root with BPF (CI); elsewhere it skips saying why, and .ci/run fails on such a skip.
 """
@@ -140,5 +142,32 @@ def test_the_collector_protects_a_process_renamed_into_a_selector_within_one_sam
         collector.sample()
         assert pid in collector.protected and pid in collector.changed
         assert collector.protected_reason[pid] == "comm renamed-api"
+    finally:
+        collector.close()
+
+
+def test_the_kernel_counts_protected_threads_coming_and_going_and_the_collector_follows(spawn):
+    renamer = start_renamer(spawn)
+    pid = renamer.pid
+    collector = Collector(BpfSource(PROCFS), ProtectSelectors.build(pids=[pid]), PROCFS)
+    try:
+        collector.start()
+        for _ in range(3):
+            collector.sample()
+        before = collector.source.protected_changes()
+        assert collector.sample().protected.threads == 1
+        command(renamer, "thread parked")
+        for _ in range(3):  # counted at the next read, followed within two ticks
+            time.sleep(0.05)
+            threads = collector.sample().protected.threads
+        assert threads == 2 and collector.source.protected_changes() == before + 1
+        renamer.proc.stdin.write("exit\n")
+        renamer.proc.stdin.flush()
+        renamer.proc.wait(timeout=10)
+        for _ in range(3):
+            time.sleep(0.05)
+            collector.sample()
+        assert pid not in collector.protected
+        assert collector.source.protected_changes() == before + 3  # both threads' exits
     finally:
         collector.close()

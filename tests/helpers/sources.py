@@ -22,6 +22,7 @@ class RecordingSource:
         self.next_delta = TickDelta(0, 1_000_000_000)
         self.forgotten: set[int] = set()
         self.pending_changes: set[int] = set()  # renamed or moved (with has_task_events)
+        self.kernel_changes: int | None = None  # protected_changes(): None, as procfs
 
     def protect(self, tids):
         self.kernel_tids |= set(tids)
@@ -35,6 +36,9 @@ class RecordingSource:
     def exec_events(self):
         events, self.pending_execs = self.pending_execs, []
         return events
+
+    def protected_changes(self):
+        return self.kernel_changes
 
     def changed_pids(self):
         changed, self.pending_changes = self.pending_changes, set()
