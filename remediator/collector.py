@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 INFO_CACHE_MAX = 8192
 ANCESTRY_MAX = 4096
 FULL_RESCAN_S = 60.0  # see Collector._candidates
+CHANGED_PER_TICK_MAX = 32  # renamed or moved processes judged in one tick (task events); past it, a full rescan
 
 
 class _AncestorMemory:
@@ -330,6 +331,14 @@ class Collector:
             self._full_rescan_due = True  # a process that exec'd into a protected name, or was renamed, may be among them
         # After the read: the kernel sends one event per process per epoch, and the read closed it.
         self.changed = self.source.changed_pids() if self.source.has_task_events else set()
+        if len(self.changed) > CHANGED_PER_TICK_MAX:
+            # Renaming costs a process one system call and judging it costs the daemon a few /proc
+            # reads (and the burst watch more): a local user renaming many processes in a loop
+            # gets a full rescan instead, at most every rescan_s (and the count in the sample's lost
+            # events, as metrics and the summary show them).
+            delta.lost["task_events_over_cap"] = len(self.changed)
+            self.changed = set()
+            self._full_rescan_due = True
         if self.changed:
             self._handle_changed(self.changed)
         if self._exited:

@@ -439,6 +439,20 @@ def test_a_process_renamed_or_moved_is_judged_at_its_task_event_within_a_tick(tm
     source.next_delta = TickDelta(0, 1_000_000_000, usage={20: (900_000_000, 0)})
     assert collector.sample().protected.pids == (10, 20)
     assert collector.changed == set()
+    # A flood of renames (a local user renaming many processes in a loop) is not judged one by
+    # one: it is counted and the next rescan judges every process.
+    from remediator.collector import CHANGED_PER_TICK_MAX
+    for pid in range(1000, 1000 + CHANGED_PER_TICK_MAX + 1):
+        proc.add(FakeProcess(pid, "api" if pid == 1000 else "spam"))
+    proc.write()
+    procfs.judged.clear()
+    source.pending_changes = set(range(1000, 1000 + CHANGED_PER_TICK_MAX + 1))
+    clock.now += 0.25
+    assert collector.sample().lost == {"task_events_over_cap": CHANGED_PER_TICK_MAX + 1}
+    assert procfs.judged == [] and collector.changed == set() and 1000 not in collector.protected
+    clock.now += 6
+    collector.sample()
+    assert 1000 in collector.protected
     # Lost task events: the next rescan judges every process.
     proc.processes[30].comm = "api"
     proc.write()
@@ -449,7 +463,7 @@ def test_a_process_renamed_or_moved_is_judged_at_its_task_event_within_a_tick(tm
     source.next_delta = TickDelta(0, 1_000_000_000)
     clock.now += 6
     collector.sample()
-    assert set(collector.protected) == {10, 20, 30}
+    assert set(collector.protected) == {10, 20, 30, 1000}
 
 
 def test_a_rescan_of_pids_named_lists_no_process(tmp_path):
