@@ -116,22 +116,24 @@ class Phases:
         return statistics.mean(tick.get(name, 0.0) for tick in self.ticks)
 
 
-def start_host(args, directory: Path) -> tuple[subprocess.Popen, int]:
+def start_host(args, directory: Path) -> tuple[subprocess.Popen, list[int]]:
+    """The synthetic host, and the pids of its service's processes."""
     binary = directory / "scale_host"
     subprocess.run(["gcc", "-O2", "-pthread", "-o", str(binary), str(HERE / "scale_host.c")], check=True)
     host = subprocess.Popen([str(binary), str(args.processes), str(args.wakeups), str(args.service_threads),
-                             str(args.service_wakeups)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+                             str(args.service_wakeups), str(getattr(args, "service_processes", 1))],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
     line = host.stdout.readline()
     if not line.startswith("ready"):
         host.kill()
         raise SystemExit(f"scale_host did not start: {line!r}")
-    return host, int(line.split()[1])
+    return host, [int(pid) for pid in line.split()[1:]]
 
 
 def measure(args, settings: ProbeSettings) -> dict:
     procfs = ProcFS()
     directory = Path(tempfile.mkdtemp(prefix="remediator-scale-"))
-    host, service = start_host(args, directory)
+    host, services = start_host(args, directory)
     try:
         time.sleep(1.0)
         before, started = context_switches(), time.monotonic()
@@ -150,7 +152,7 @@ def measure(args, settings: ProbeSettings) -> dict:
 
         probes.snapshot = counted
         sources_module.bpf_delta = phases.timed("delta", sources_module.bpf_delta)
-        collector = Collector(source, ProtectSelectors.build(pids=[service]), procfs)
+        collector = Collector(source, ProtectSelectors.build(pids=services), procfs)
         policies = load_policies([ROOT / "policies"], online_cpus=online_cpus())
         me = daemon_identity(procfs)  # this script plays the daemon
         bursts = BurstWatch(source, procfs, me, info_of=collector.info, sketch_of=collector.sketch)
@@ -320,7 +322,7 @@ def measure_daemon(args, protect_by: str, old_tree: Path | None) -> dict:
     after a warm-up. With `old_tree`, that tree's daemon runs beside it at the same time, on the
     same host and its noise: {"this tree": {...}, "old": {...}}."""
     directory = Path(tempfile.mkdtemp(prefix="remediator-scale-daemon-"))
-    host, service = start_host(args, directory)
+    host, services = start_host(args, directory)
     daemons: dict[str, subprocess.Popen] = {}
     trees = {"this tree": None, **({"old": old_tree} if old_tree is not None else {})}
     try:
@@ -328,7 +330,7 @@ def measure_daemon(args, protect_by: str, old_tree: Path | None) -> dict:
             place = directory / f"daemon-{index}"
             place.mkdir()
             config = place / "remediator.toml"
-            protect = f"pids = [{service}]" if protect_by == "pid" else BY_COMM
+            protect = f"pids = [{', '.join(map(str, services))}]" if protect_by == "pid" else BY_COMM
             config.write_text(daemon_config(place, protect, "bench/scale.py", args.daemon_metrics_port + index))
             if tree is None and args.daemon_profile:
                 command = [sys.executable, "-c", PROFILED_DAEMON, str(place / "daemon.prof"), "run", "--config", str(config)]
@@ -439,6 +441,8 @@ def main() -> int:
     parser.add_argument("--wakeups", type=int, default=25, help="wakeups per second of each process")
     parser.add_argument("--service-threads", type=int, default=500)
     parser.add_argument("--service-wakeups", type=int, default=10)
+    parser.add_argument("--service-processes", type=int, default=1,
+                        help="the service's threads shared among this many processes (a pre-forking server)")
     parser.add_argument("--ticks", type=int, default=80)
     parser.add_argument("--warmup", type=float, default=45.0,
                         help="seconds of ticks before measuring (and before the daemon runs are measured)")

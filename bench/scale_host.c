@@ -1,10 +1,11 @@
 /* A synthetic busy host for bench/scale.py: N small processes that each wake R times a second
  * and work a few microseconds (context switches without much CPU), and one service with T threads
- * that do the same. Prints "ready SERVICE_PID" once everything runs; runs until killed (its
- * children die with it: PR_SET_PDEATHSIG).
+ * that do the same, shared among S processes (a pre-forking server's workers; 1 by default).
+ * Prints "ready SERVICE_PID..." once everything runs; runs until killed (its children die with
+ * it: PR_SET_PDEATHSIG).
  *
  *     gcc -O2 -pthread -o scale_host scale_host.c
- *     ./scale_host PROCESSES WAKEUPS_PER_S SERVICE_THREADS SERVICE_WAKEUPS_PER_S
+ *     ./scale_host PROCESSES WAKEUPS_PER_S SERVICE_THREADS SERVICE_WAKEUPS_PER_S [SERVICE_PROCESSES]
  */
 #include <pthread.h>
 #include <signal.h>
@@ -42,21 +43,28 @@ static void *service_thread(void *arg)
 
 int main(int argc, char **argv)
 {
-    if (argc != 5) {
-        fprintf(stderr, "usage: %s PROCESSES WAKEUPS_PER_S SERVICE_THREADS SERVICE_WAKEUPS_PER_S\n", argv[0]);
+    if (argc != 5 && argc != 6) {
+        fprintf(stderr, "usage: %s PROCESSES WAKEUPS_PER_S SERVICE_THREADS SERVICE_WAKEUPS_PER_S [SERVICE_PROCESSES]\n", argv[0]);
         return 2;
     }
     int processes = atoi(argv[1]), threads = atoi(argv[3]);
+    int service_processes = argc == 6 ? atoi(argv[5]) : 1;
+    if (service_processes < 1 || service_processes > 1024)
+        service_processes = 1;
     long period_ns = 1000000000L / atol(argv[2]);
     service_period_ns = 1000000000L / atol(argv[4]);
-    pid_t service = fork();
-    if (service == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        prctl(PR_SET_NAME, "scale-service");
-        pthread_t tid;
-        for (int i = 1; i < threads; i++)
-            pthread_create(&tid, NULL, service_thread, (void *)(long)i);
-        service_thread(0);
+    pid_t services[1024];
+    for (int s = 0; s < service_processes; s++) {
+        int own = threads / service_processes + (s < threads % service_processes);
+        services[s] = fork();
+        if (services[s] == 0) {
+            prctl(PR_SET_PDEATHSIG, SIGKILL);
+            prctl(PR_SET_NAME, "scale-service");
+            pthread_t tid;
+            for (int i = 1; i < own; i++)
+                pthread_create(&tid, NULL, service_thread, (void *)(long)(s * 100000 + i));
+            service_thread((void *)(long)(s * 100000));
+        }
     }
     for (int i = 0; i < processes; i++) {
         if (fork() == 0) {
@@ -65,7 +73,10 @@ int main(int argc, char **argv)
             work_loop(period_ns, (unsigned)i);
         }
     }
-    printf("ready %d\n", service);
+    printf("ready");
+    for (int s = 0; s < service_processes; s++)
+        printf(" %d", services[s]);
+    printf("\n");
     fflush(stdout);
     pause();
     return 0;
