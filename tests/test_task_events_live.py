@@ -20,38 +20,14 @@ from remediator.selectors import ProtectSelectors
 from remediator.sources import BpfSource
 
 from helpers.cgroups import move_to, scratch_cpuset  # noqa: F401 (fixture)
+from helpers.workloads import WORKLOADS
 
 pytestmark = pytest.mark.bpf
 
 PROCFS = ProcFS()
 
-# Waits for a command on stdin, then: "name X" renames the process (its main thread), "thread X"
-# starts a thread that names itself X, "exit" ends it. Prints "ok" after each.
-RENAMER = r"""
-import ctypes, sys, threading
-libc = ctypes.CDLL(None, use_errno=True)
-PR_SET_NAME = 15
-parked = threading.Event()
-def name_thread(name):
-    libc.prctl(PR_SET_NAME, name.encode(), 0, 0, 0)
-    print("ok", flush=True)
-    parked.wait()
-print("ready", flush=True)
-for line in sys.stdin:
-    command, _, name = line.strip().partition(" ")
-    if command == "name":
-        libc.prctl(PR_SET_NAME, name.encode(), 0, 0, 0)
-        print("ok", flush=True)
-    elif command == "thread":
-        threading.Thread(target=name_thread, args=(name,), daemon=True).start()
-    else:
-        break
-parked.set()
-"""
-
-
 def start_renamer(spawn):
-    return spawn([sys.executable, "-c", RENAMER], stdin=subprocess.PIPE)  # spawn waits for "ready"
+    return spawn([sys.executable, str(WORKLOADS / "renamer.py")], stdin=subprocess.PIPE)  # spawn waits for "ready"
 
 
 def command(workload, text: str) -> None:
