@@ -268,6 +268,25 @@ class Collector:
             log.debug("protecting pid %d (%s) after %s", pid, reason, why)
             self._add_process(pid, reason)
 
+    def _changed_processes(self, delta: TickDelta) -> set[int]:
+        """The processes renamed or moved to another cgroup since the last read (a moved thread
+        stands for its process). Renaming costs a process one system call and judging it costs
+        the daemon a few /proc reads (and the burst watch more): past CHANGED_PER_TICK_MAX in a
+        tick (a local user renaming many processes in a loop) none is judged one by one; they
+        are counted in the sample's lost events and the next rescan judges every process."""
+        renamed, moved = self.source.task_changes()
+        moved -= renamed
+        if len(renamed) + len(moved) > CHANGED_PER_TICK_MAX:
+            delta.lost["task_events_over_cap"] = len(renamed) + len(moved)
+            self._full_rescan_due = True
+            return set()
+        for tid in moved:
+            try:
+                renamed.add(tid if tid in self.protected else self.procfs.tgid_of(tid))
+            except RemediatorError:
+                continue  # gone already
+        return renamed
+
     def _handle_changed(self, changed: set[int]) -> None:
         """Processes renamed or moved to another cgroup (the source's task events): read afresh by
         whoever asks next, and judged against the selectors now. A protected one that no longer
@@ -330,15 +349,7 @@ class Collector:
         if delta.lost.get("exec_events_dropped") or delta.lost.get("task_events_dropped"):
             self._full_rescan_due = True  # a process that exec'd into a protected name, or was renamed, may be among them
         # After the read: the kernel sends one event per process per epoch, and the read closed it.
-        self.changed = self.source.changed_pids() if self.source.has_task_events else set()
-        if len(self.changed) > CHANGED_PER_TICK_MAX:
-            # Renaming costs a process one system call and judging it costs the daemon a few /proc
-            # reads (and the burst watch more): a local user renaming many processes in a loop
-            # gets a full rescan instead, at most every rescan_s (and the count in the sample's lost
-            # events, as metrics and the summary show them).
-            delta.lost["task_events_over_cap"] = len(self.changed)
-            self.changed = set()
-            self._full_rescan_due = True
+        self.changed = self._changed_processes(delta) if self.source.has_task_events else set()
         if self.changed:
             self._handle_changed(self.changed)
         if self._exited:

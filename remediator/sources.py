@@ -94,15 +94,16 @@ class Source(Protocol):
     report_floor_ns: int
     limitations: tuple[str, ...]
     has_exec_events: bool
-    # Whether changed_pids() names every process renamed or moved to another cgroup (lost events
-    # are counted in TickDelta.lost as task_events_dropped).
+    # Whether task_changes() names every process renamed or thread moved to another cgroup (lost
+    # events are counted in TickDelta.lost as task_events_dropped).
     has_task_events: bool
 
     def protect(self, tids: Collection[int]) -> Collection[int]: ...  # returns those it could not protect
     def unprotect(self, tids: Collection[int]) -> None: ...
     def kernel_protected_tids(self, only_if_forked: bool = False) -> set[int] | None: ...
     def exec_events(self) -> list[ExecEvent]: ...
-    def changed_pids(self) -> set[int]: ...  # renamed or moved since the last call; ask after read()
+    # (processes renamed, threads moved to another cgroup) since the last call; ask after read().
+    def task_changes(self) -> tuple[set[int], set[int]]: ...
     # A count that moves whenever the kernel adds or removes a protected thread (None: no such count).
     def protected_changes(self) -> int | None: ...
     def read(self, protected: Mapping[int, Collection[int]]) -> TickDelta: ...
@@ -423,17 +424,10 @@ class BpfSource:
         totals = self._previous.totals
         return totals["protected_forks"] + totals["protected_exits"] + totals["protected_map_full"]
 
-    def changed_pids(self) -> set[int]:
-        """The processes renamed (their main thread) or moved to another cgroup (any of their
-        threads) since the last call. A moved thread is looked up afresh: a tid kept in the
-        blame cache may have been reused."""
-        changed, moved = self.probes.task_changes()
-        for tid in moved - changed:
-            try:
-                changed.add(self.procfs.tgid_of(tid))
-            except RemediatorError:
-                continue  # gone already
-        return changed
+    def task_changes(self) -> tuple[set[int], set[int]]:
+        """(processes renamed, threads moved to another cgroup: the main thread when the whole
+        process moved) since the last call."""
+        return self.probes.task_changes()
 
     # burst detection (remediator/burstwatch.py): only this source has it
     def set_burst_candidates(self, candidates: Mapping[int, BurstCandidate]) -> None:
@@ -514,8 +508,8 @@ class ProcfsSource:
     def exec_events(self) -> list[ExecEvent]:
         return []
 
-    def changed_pids(self) -> set[int]:
-        return set()  # every tick judges every process (the collector's rescan_s is 0 here)
+    def task_changes(self) -> tuple[set[int], set[int]]:
+        return set(), set()  # every tick judges every process (the collector's rescan_s is 0 here)
 
     def protected_changes(self) -> int | None:
         return None  # no kernel set: the collector reads each protected process's thread count every tick

@@ -89,19 +89,19 @@ def test_a_process_moved_to_another_cgroup_is_told_once_and_a_thread_moved_alone
     assert changes(probes)[1] == {thread}
 
 
-def test_the_source_names_the_process_a_moved_thread_belongs_to(spawn, scratch_cpuset):
+def test_the_collector_names_the_process_a_moved_thread_belongs_to(spawn, scratch_cpuset):
     renamer = start_renamer(spawn)
     command(renamer, "thread parked")
     (thread,) = set(PROCFS.tids(renamer.pid)) - {renamer.pid}
-    source = BpfSource(PROCFS)
+    collector = Collector(BpfSource(PROCFS), ProtectSelectors.build(comms=["nothing-by-this-name"]), PROCFS, rescan_s=3600.0)
     try:
-        source.read({})
-        source.changed_pids()
+        collector.start()
+        collector.sample()
         (scratch_cpuset("1") / "tasks").write_text(str(thread))
-        source.read({})
-        assert source.changed_pids() == {renamer.pid}
+        collector.sample()
+        assert collector.changed == {renamer.pid}
     finally:
-        source.close()
+        collector.close()
 
 
 def test_the_collector_protects_a_process_renamed_into_a_selector_within_one_sample(spawn):

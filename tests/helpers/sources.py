@@ -21,7 +21,8 @@ class RecordingSource:
         self.pending_execs: list[ExecEvent] = []
         self.next_delta = TickDelta(0, 1_000_000_000)
         self.forgotten: set[int] = set()
-        self.pending_changes: set[int] = set()  # renamed or moved (with has_task_events)
+        self.pending_changes: set[int] = set()  # processes renamed (with has_task_events)
+        self.pending_moves: set[int] = set()  # threads moved to another cgroup (with has_task_events)
         self.kernel_changes: int | None = None  # protected_changes(): None, as procfs
 
     def protect(self, tids):
@@ -40,9 +41,10 @@ class RecordingSource:
     def protected_changes(self):
         return self.kernel_changes
 
-    def changed_pids(self):
-        changed, self.pending_changes = self.pending_changes, set()
-        return changed
+    def task_changes(self):
+        renamed, self.pending_changes = self.pending_changes, set()
+        moved, self.pending_moves = self.pending_moves, set()
+        return renamed, moved
 
     def read(self, protected):
         return self.next_delta
