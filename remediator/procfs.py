@@ -715,6 +715,32 @@ class ProcFS:
         with self.hold(pid):
             return self._read_held(pid, known_ancestors, complete=False)[0]
 
+    def selector_reading(self, pid: int, cgroups: bool, users: bool) -> tuple[ProcessInfo, CgroupMembership | None]:
+        """What [protect] selectors judge a process by, and no more: its stat (comm, start time,
+        kernel thread), with `cgroups` its cgroup membership (path, unit and the v1 paths), with
+        `users` its uids; exe, cmdline and ancestors are left unread. A rescan judges every
+        protected process again, and a pre-forking service protected as 50 processes read 50 whole
+        process readings (stat, exe, cmdline, cgroup, status, a stat per ancestor) every 5 s:
+        ~38 ms (bench/scale.py --service-processes 50)."""
+        with self.hold(pid):
+            stat = self.stat(pid)
+            seen = dict(pid=pid, start_time=stat.start_time, comm=stat.comm, ppid=stat.ppid,
+                        kernel_thread=stat.is_kernel_thread)
+            membership = None
+            if cgroups:
+                try:
+                    membership = self.cgroups(pid)
+                except ProcessGone:
+                    raise
+                except RemediatorError:
+                    pass
+                path = membership.systemd_path if membership is not None else ""
+                seen.update(cgroup=path, unit=unit_from_cgroup_path(path))
+            if users:
+                uid, euid = self.uids(pid)
+                seen.update(uid=uid, user=_user_name(uid), euid=euid)
+            return ProcessInfo(**seen), membership
+
     def _read_held(self, pid: int, known_ancestors: KnownAncestors | None, complete: bool
                    ) -> tuple[ProcessInfo, CgroupMembership | None]:
         """The held process: its stat, exe and cmdline (a kernel thread has neither) and ancestors,

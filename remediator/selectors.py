@@ -172,14 +172,17 @@ class ProtectSelectors:
         known: KnownInfo | None = None,
     ) -> tuple[ProcessInfo, str] | None:
         """(who the process is, why it is protected), or None: not matched, refused, gone or unreadable.
-        A refused process goes into `refused` (pid -> (info, why)) when given."""
+        A refused process goes into `refused` (pid -> (info, why)) when given. Who it is is what
+        the selectors judge by (ProcFS.selector_reading: no exe, cmdline or ancestors)."""
         try:
-            may_match, v1_paths = self._first_look(procfs, pid, known)
+            may_match, _paths = self._first_look(procfs, pid, known)
             if not may_match:
                 return None
-            info = procfs.process_info(pid)
-            if (self.cgroups or self.units) and not v1_paths:
-                v1_paths = tuple(procfs.cgroups(pid).v1_paths.values())
+            by_cgroup = bool(self.cgroups or self.units)
+            # What the selectors and the users judge by, read together (one held process): not the
+            # whole reading, which the caller makes when it wants one (Collector.info).
+            info, membership = procfs.selector_reading(pid, cgroups=by_cgroup, users=bool(self.users))
+            v1_paths = tuple(membership.v1_paths.values()) if membership is not None else ()
         except RemediatorError:
             return None  # gone, or unreadable (EACCES): cannot be judged, so not protected
         reason, refusal = self.examine(info, v1_paths)

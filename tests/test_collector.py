@@ -287,6 +287,38 @@ def test_thread_counts_are_read_only_after_the_kernel_added_or_removed_a_protect
     assert collector.protected == {} and procfs.thread_counts == [10]
 
 
+def test_a_rescan_judges_the_protected_processes_by_what_the_selectors_need_only(tmp_path):
+    """Every rescan judges each protected process again (it may have been renamed, moved or have
+    changed user): from its stat, cgroup and status, not a whole reading with its exe, cmdline and
+    ancestors (a pre-forking service protected as 50 processes read 50 of those every 5 s, beside
+    the sample's own kept readings)."""
+    proc = FakeProc(tmp_path / "proc")
+    proc.add(FakeProcess(1, "init"))
+    for pid in range(10, 60):
+        proc.add(FakeProcess(pid, "api", ppid=1))
+    proc.write()
+    whole: list[int] = []
+
+    class WholeReadingProcFS(ProcFS):
+        def cmdline(self, pid):
+            whole.append(pid)
+            return super().cmdline(pid)
+
+    source, clock = RecordingSource(), Clock()
+    collector = Collector(source, ProtectSelectors.build(comms=["api"], users=[0]), WholeReadingProcFS(proc.root),
+                          rescan_s=5.0, mono_clock=clock, wall_clock=lambda: 1_700_000_000.0)
+    collector.start()
+    assert len(collector.protected) == 50 and whole == []
+    clock.now += 0.25
+    collector.sample()  # the sample reads each protected process in full once (and keeps the reading)
+    whole.clear()
+    proc.processes[12].uid = 1000  # changed user: refused at the next rescan
+    proc.write()
+    clock.now += 6
+    collector.sample()
+    assert len(collector.protected) == 49 and 12 not in collector.protected and whole == []
+
+
 def test_a_rescan_lists_a_protected_processs_threads_only_every_full_rescan(tmp_path):
     from remediator.collector import FULL_RESCAN_S
 
