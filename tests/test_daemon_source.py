@@ -86,6 +86,29 @@ def test_an_explicit_bpf_on_the_command_line_names_the_flag_to_opt_out(tmp_path,
     assert len(err.splitlines()) == 1 and err.rstrip().endswith("set --source auto (or procfs)")
 
 
+def test_a_kernel_without_the_rename_and_move_tracepoints_is_named_at_start(tmp_path, monkeypatch, caplog):
+    """Where the kernel lacks task:task_rename or cgroup:cgroup_attach_task, a process renamed or
+    moved without exec is seen only at the full rescan: the daemon says so at start."""
+    from remediator import daemon as daemon_module
+
+    class SourceWithoutTaskEvents:
+        name = "bpf"
+        has_task_events = False
+
+    monkeypatch.setattr(daemon_module, "open_source", lambda *_args, **_kwargs: (SourceWithoutTaskEvents(), None))
+    config = write_config(tmp_path, [1], mode="dry-run")
+    with caplog.at_level("WARNING", logger="remediator.daemon"):
+        Daemon(config, mode="dry-run")._open_source()
+    assert [record.getMessage() for record in caplog.records] == [
+        "this kernel has no task:task_rename or cgroup:cgroup_attach_task tracepoint: a process renamed or moved "
+        "to another cgroup without an exec is judged again only at the full rescan, every 60 s"]
+    caplog.clear()
+    SourceWithoutTaskEvents.has_task_events = True
+    with caplog.at_level("WARNING", logger="remediator.daemon"):
+        Daemon(config, mode="dry-run")._open_source()
+    assert caplog.records == []
+
+
 # -- real processes in a mount namespace without kernel headers ------------------------------------
 
 def without_kernel_headers(argv: list[str]) -> list[str]:
