@@ -53,40 +53,19 @@ def main() -> int:
     daemons: dict[str, subprocess.Popen] = {}
     loop = None
     try:
-        trees = {"this tree": None}
+        old_tree = None
         if args.old_ref:
             (directory / "old").mkdir()
-            trees[args.old_ref] = old_ref.extract(args.old_ref, directory / "old")
-        for index, (label, tree) in enumerate(trees.items()):
-            place = directory / f"daemon-{index}"
-            place.mkdir()
-            config = place / "remediator.toml"
-            config.write_text(scale.daemon_config(place, scale.BY_COMM, "bench/exec_churn.py"))
-            command, env = scale.daemon_command(config, tree)
-            daemons[label] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(place / "daemon.log", "w"),
-                                              env=env, cwd=str(tree or scale.ROOT))
+            old_tree = old_ref.extract(args.old_ref, directory / "old")
+        daemons = scale.start_shipped_daemons(directory, old_tree, args.old_ref, "bench/exec_churn.py")
         time.sleep(args.warmup)
-        hz = os.sysconf("SC_CLK_TCK")
         print(f"Host: {HostShape.processes} processes, a {HostShape.service_threads}-thread service named by comm; "
               f"the daemon as shipped (dry-run, shipped policies), {args.seconds:g} s per phase")
         for phase in ("no exec loop", f"{args.rate} execs/s of sleep {args.lifetime}"):
             if phase != "no exec loop":
                 loop = subprocess.Popen([str(loop_binary), str(args.rate), args.lifetime])
                 time.sleep(5)
-            for label, daemon in daemons.items():
-                if daemon.poll() is not None:
-                    raise SystemExit(f"exec_churn: the daemon ({label}) exited")
-            before = {label: scale.cpu_ticks(daemon.pid) for label, daemon in daemons.items()}
-            started = time.monotonic()
-            time.sleep(args.seconds)
-            elapsed = time.monotonic() - started
-            used = {label: 100.0 * (scale.cpu_ticks(daemon.pid) - before[label]) / hz / elapsed
-                    for label, daemon in daemons.items()}
-            line = f"{phase}: this tree {used['this tree']:.2f}% of one core"
-            if args.old_ref:
-                old = used[args.old_ref]
-                line += f", {args.old_ref} beside it {old:.2f}%: **{used['this tree'] / max(old, 1e-9):.2f}x**"
-            print(line, flush=True)
+            print(scale.daemons_cpu_line(daemons, args.seconds, phase, args.old_ref), flush=True)
     finally:
         if loop is not None:
             loop.kill()

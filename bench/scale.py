@@ -388,6 +388,41 @@ def daemon_command(config: Path, tree: Path | None) -> tuple[list[str], dict[str
     return [sys.executable, "-m", "remediator.cli", "run", "--config", str(config)], old_ref.environment(tree)
 
 
+def start_shipped_daemons(directory: Path, old_tree: Path | None, old_label: str, generated_by: str
+                          ) -> dict[str, subprocess.Popen]:
+    """The daemon as shipped (dry-run, shipped policies, the service named by comm), this tree's and,
+    with `old_tree`, that tree's beside it (under `old_label`): label -> its process."""
+    daemons: dict[str, subprocess.Popen] = {}
+    trees = {"this tree": None, **({old_label: old_tree} if old_tree is not None else {})}
+    for index, (label, tree) in enumerate(trees.items()):
+        place = directory / f"daemon-{index}"
+        place.mkdir()
+        config = place / "remediator.toml"
+        config.write_text(daemon_config(place, BY_COMM, generated_by))
+        command, env = daemon_command(config, tree)
+        daemons[label] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(place / "daemon.log", "w"),
+                                          env=env, cwd=str(tree or ROOT))
+    return daemons
+
+
+def daemons_cpu_line(daemons: dict[str, subprocess.Popen], seconds: float, phase: str, old_label: str | None) -> str:
+    """Each daemon's CPU over `seconds` from now, side by side, as one line of the phase."""
+    hz = os.sysconf("SC_CLK_TCK")
+    for label, daemon in daemons.items():
+        if daemon.poll() is not None:
+            raise SystemExit(f"the daemon ({label}) exited")
+    before = {label: cpu_ticks(daemon.pid) for label, daemon in daemons.items()}
+    started = time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - started
+    used = {label: 100.0 * (cpu_ticks(daemon.pid) - before[label]) / hz / elapsed for label, daemon in daemons.items()}
+    line = f"{phase}: this tree {used['this tree']:.2f}% of one core"
+    if old_label is not None:
+        old = used[old_label]
+        line += f", {old_label} beside it {old:.2f}%: **{used['this tree'] / max(old, 1e-9):.2f}x**"
+    return line
+
+
 def stop_daemons(daemons) -> None:
     """SIGTERM each daemon (it reverts and exits), then wait; one that does not exit in 20 s is killed."""
     for daemon in daemons:

@@ -14,6 +14,7 @@ stays protected in the kernel until the next rescan finds it: the fork tracepoin
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from typing import Callable, Collection
 
 from .errors import ProcessGone, RemediatorError
 from .printable import printable
+from .probes import TASK_MOVED, TASK_RENAMED
 from .procfs import CgroupMembership, ProcessIdentity, ProcessInfo, ProcFS, ProcStat
 from .throttling import ThrottleReader
 from .sample import ProcessUsage, ProtectedWaits, Sample
@@ -36,7 +38,12 @@ log = logging.getLogger(__name__)
 INFO_CACHE_MAX = 8192
 ANCESTRY_MAX = 4096
 FULL_RESCAN_S = 60.0  # see Collector._candidates
-CHANGED_PER_TICK_MAX = 32  # renamed or moved processes judged in one tick (task events); past it, a full rescan
+# Renamed or moved processes judged in one tick (task events), the rest kept for the next ticks, up
+# to CHANGED_QUEUE_MAX. Each costs the collector a stat or two and the burst watch a sketch: about
+# 0.3 ms cold (bench/rename_flood.py), so 4 a tick bound what renaming processes in a loop can
+# make the daemon spend to ~0.5% of a core.
+CHANGED_PER_TICK_MAX = 4
+CHANGED_QUEUE_MAX = 4096
 
 
 class _AncestorMemory:
@@ -100,6 +107,7 @@ class Collector:
         # Processes renamed or moved to another cgroup this tick (task events): the burst watch
         # judges them again too.
         self.changed: set[int] = set()
+        self._changed_queue: dict[tuple[int, int], None] = {}  # (TASK_RENAMED or TASK_MOVED, pid or tid), oldest first
         self._cpu_count = os.cpu_count() or 1
 
     # -- the protected set --------------------------------------------------------------------
@@ -269,23 +277,35 @@ class Collector:
             self._add_process(pid, reason)
 
     def _changed_processes(self, delta: TickDelta) -> set[int]:
-        """The processes renamed or moved to another cgroup since the last read (a moved thread
-        stands for its process). Renaming costs a process one system call and judging it costs
-        the daemon a few /proc reads (and the burst watch more): past CHANGED_PER_TICK_MAX in a
-        tick (a local user renaming many processes in a loop) none is judged one by one; they
-        are counted in the sample's lost events and the next rescan judges every process."""
+        """The processes renamed or moved to another cgroup (a moved thread stands for its
+        process) to judge this tick: at most CHANGED_PER_TICK_MAX, oldest first, the rest kept
+        for the next ticks. Renaming costs a process one system call and judging it costs the
+        daemon a few /proc reads (and the burst watch a sketch): a local user renaming processes in
+        a loop gets a bounded budget a tick, not the daemon's CPU, and a process renaming itself
+        in a loop holds one place in the queue. Past CHANGED_QUEUE_MAX waiting, the queue is
+        dropped (counted in the sample's lost events) and the next rescan judges every process."""
         renamed, moved = self.source.task_changes()
-        moved -= renamed
-        if len(renamed) + len(moved) > CHANGED_PER_TICK_MAX:
-            delta.lost["task_events_over_cap"] = len(renamed) + len(moved)
+        queue = self._changed_queue
+        for pid in renamed:
+            queue.setdefault((TASK_RENAMED, pid), None)
+        for tid in moved - renamed:
+            queue.setdefault((TASK_MOVED, tid), None)
+        if len(queue) > CHANGED_QUEUE_MAX:
+            delta.lost["task_events_over_cap"] = len(queue)
+            queue.clear()
             self._full_rescan_due = True
             return set()
-        for tid in moved:
-            try:
-                renamed.add(tid if tid in self.protected else self.procfs.tgid_of(tid))
-            except RemediatorError:
-                continue  # gone already
-        return renamed
+        changed: set[int] = set()
+        for entry in list(itertools.islice(queue, CHANGED_PER_TICK_MAX)):
+            del queue[entry]
+            kind, pid = entry
+            if kind == TASK_MOVED and pid not in self.protected:
+                try:
+                    pid = self.procfs.tgid_of(pid)
+                except RemediatorError:
+                    continue  # gone already
+            changed.add(pid)
+        return changed
 
     def _handle_changed(self, changed: set[int]) -> None:
         """Processes renamed or moved to another cgroup (the source's task events): read afresh by

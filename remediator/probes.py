@@ -57,7 +57,7 @@ TASK_EVENT_TRACEPOINTS = {
     ("cgroup", "cgroup_attach_task"): "-DHAVE_CGROUP_ATTACH",
 }
 EXEC_FILENAME_LEN = 128  # as in probes/sched_monitor.h
-TASK_RENAMED = 1  # struct task_event's kinds (probes/sched_monitor.h); the other is TASK_MOVED
+TASK_RENAMED, TASK_MOVED = 1, 2  # struct task_event's kinds (probes/sched_monitor.h)
 
 # The head of struct cpu_state, before its run ring: since, busy_ns, current_tid, head, owed_ns,
 # changed_epoch[2], changed_count[2].

@@ -447,7 +447,7 @@ def test_a_rescan_judges_new_processes_and_every_process_only_at_a_full_rescan(t
     assert set(collector.protected) == {10, 20, 30, 40}
 
 
-def test_a_process_renamed_or_moved_is_judged_at_its_task_event_within_a_tick(tmp_path):
+def test_a_process_renamed_or_moved_is_judged_at_its_task_event_within_a_tick(tmp_path, monkeypatch):
     """Where the kernel tells of renames and cgroup moves (task events), such a process is judged
     in the tick that reads the event, not at the next full rescan, and what the sample says about
     it is read afresh; lost task events make the next rescan a full one."""
@@ -471,20 +471,27 @@ def test_a_process_renamed_or_moved_is_judged_at_its_task_event_within_a_tick(tm
     source.next_delta = TickDelta(0, 1_000_000_000, usage={20: (900_000_000, 0)})
     assert collector.sample().protected.pids == (10, 20)
     assert collector.changed == set()
-    # A flood of renames (a local user renaming many processes in a loop) is not judged one by
-    # one: it is counted and the next rescan judges every process.
+    # A flood of renames (a local user renaming many processes in a loop): CHANGED_PER_TICK_MAX are
+    # judged a tick, oldest first, the rest wait their turn; past CHANGED_QUEUE_MAX waiting, they are
+    # counted as lost and the next rescan judges every process.
+    from remediator import collector as collector_module
     from remediator.collector import CHANGED_PER_TICK_MAX
-    for pid in range(1000, 1000 + CHANGED_PER_TICK_MAX + 1):
-        proc.add(FakeProcess(pid, "api" if pid == 1000 else "spam"))
+    flood = list(range(1000, 1000 + CHANGED_PER_TICK_MAX + 1))
+    for pid in flood:
+        proc.add(FakeProcess(pid, "api" if pid == flood[-1] else "spam"))
     proc.write()
     procfs.judged.clear()
-    source.pending_changes = set(range(1000, 1000 + CHANGED_PER_TICK_MAX + 1))
+    source.pending_changes = set(flood)
     clock.now += 0.25
-    assert collector.sample().lost == {"task_events_over_cap": CHANGED_PER_TICK_MAX + 1}
-    assert procfs.judged == [] and collector.changed == set() and 1000 not in collector.protected
-    clock.now += 6
     collector.sample()
-    assert 1000 in collector.protected
+    assert len(collector.changed) == CHANGED_PER_TICK_MAX and flood[-1] not in collector.protected
+    clock.now += 0.25
+    collector.sample()
+    assert collector.changed == {flood[-1]} and flood[-1] in collector.protected
+    monkeypatch.setattr(collector_module, "CHANGED_QUEUE_MAX", 3)
+    source.pending_changes = set(range(2000, 2004))
+    clock.now += 0.25
+    assert collector.sample().lost == {"task_events_over_cap": 4} and collector.changed == set()
     # Lost task events: the next rescan judges every process.
     proc.processes[30].comm = "api"
     proc.write()
@@ -495,7 +502,7 @@ def test_a_process_renamed_or_moved_is_judged_at_its_task_event_within_a_tick(tm
     source.next_delta = TickDelta(0, 1_000_000_000)
     clock.now += 6
     collector.sample()
-    assert set(collector.protected) == {10, 20, 30, 1000}
+    assert set(collector.protected) == {10, 20, 30, flood[-1]}
 
 
 def test_a_rescan_of_pids_named_lists_no_process(tmp_path):
