@@ -44,6 +44,7 @@ FULL_RESCAN_S = 60.0  # see Collector._candidates
 # make the daemon spend to ~0.5% of a core.
 CHANGED_PER_TICK_MAX = 4
 CHANGED_QUEUE_MAX = 4096
+CHANGED_AGAIN_AFTER_S = 5.0  # a process judged from a task event waits this long to be judged from another
 
 
 class _AncestorMemory:
@@ -107,7 +108,12 @@ class Collector:
         # Processes renamed or moved to another cgroup this tick (task events): the burst watch
         # judges them again too.
         self.changed: set[int] = set()
-        self._changed_queue: dict[tuple[int, int], None] = {}  # (TASK_RENAMED or TASK_MOVED, pid or tid), oldest first
+        # Task events waiting to be judged (see _changed_processes), keyed (TASK_RENAMED or
+        # TASK_MOVED, pid or tid): the queue oldest first, those judged lately until they are due
+        # again, and when each was last judged.
+        self._changed_queue: dict[tuple[int, int], None] = {}
+        self._changed_later: dict[tuple[int, int], float] = {}
+        self._changed_judged_at: dict[tuple[int, int], float] = {}
         self._cpu_count = os.cpu_count() or 1
 
     # -- the protected set --------------------------------------------------------------------
@@ -280,24 +286,40 @@ class Collector:
         """The processes renamed or moved to another cgroup (a moved thread stands for its
         process) to judge this tick: at most CHANGED_PER_TICK_MAX, oldest first, the rest kept
         for the next ticks. Renaming costs a process one system call and judging it costs the
-        daemon a few /proc reads (and the burst watch a sketch): a local user renaming processes in
-        a loop gets a bounded budget a tick, not the daemon's CPU, and a process renaming itself
-        in a loop holds one place in the queue. Past CHANGED_QUEUE_MAX waiting, the queue is
-        dropped (counted in the sample's lost events) and the next rescan judges every process."""
+        daemon a few /proc reads (and the burst watch a sketch), so:
+        - a tick judges at most CHANGED_PER_TICK_MAX: a local user renaming processes in a loop
+          gets a bounded budget, not the daemon's CPU;
+        - a process is judged from its task events at most once per CHANGED_AGAIN_AFTER_S: one that
+          retitles itself all the time (a worker naming each job) is judged at the first rename
+          at once and then every few seconds, the last rename never lost;
+        - one waiting holds one place however often it renames itself. Past CHANGED_QUEUE_MAX
+          waiting, the queue is dropped (counted in the sample's lost events) and the next rescan
+          judges every process."""
         renamed, moved = self.source.task_changes()
-        queue = self._changed_queue
-        for pid in renamed:
-            queue.setdefault((TASK_RENAMED, pid), None)
-        for tid in moved - renamed:
-            queue.setdefault((TASK_MOVED, tid), None)
-        if len(queue) > CHANGED_QUEUE_MAX:
-            delta.lost["task_events_over_cap"] = len(queue)
+        now = self.mono_clock()
+        queue, later, judged_at = self._changed_queue, self._changed_later, self._changed_judged_at
+        for entry in [(TASK_RENAMED, pid) for pid in renamed] + [(TASK_MOVED, tid) for tid in moved - renamed]:
+            last = judged_at.get(entry)
+            if last is not None and now - last < CHANGED_AGAIN_AFTER_S:
+                later.setdefault(entry, last + CHANGED_AGAIN_AFTER_S)
+            else:
+                queue.setdefault(entry, None)
+        for entry in [entry for entry, due in later.items() if due <= now]:
+            del later[entry]
+            queue.setdefault(entry, None)
+        if len(queue) + len(later) > CHANGED_QUEUE_MAX:
+            delta.lost["task_events_over_cap"] = len(queue) + len(later)
             queue.clear()
+            later.clear()
             self._full_rescan_due = True
             return set()
+        if len(judged_at) > CHANGED_QUEUE_MAX:
+            self._changed_judged_at = judged_at = {entry: when for entry, when in judged_at.items()
+                                                   if now - when < CHANGED_AGAIN_AFTER_S}
         changed: set[int] = set()
         for entry in list(itertools.islice(queue, CHANGED_PER_TICK_MAX)):
             del queue[entry]
+            judged_at[entry] = now
             kind, pid = entry
             if kind == TASK_MOVED and pid not in self.protected:
                 try:

@@ -505,6 +505,31 @@ def test_a_process_renamed_or_moved_is_judged_at_its_task_event_within_a_tick(tm
     assert set(collector.protected) == {10, 20, 30, flood[-1]}
 
 
+def test_a_process_renaming_itself_all_the_time_is_judged_every_few_seconds_and_its_last_name_counts(tmp_path):
+    """A worker that retitles itself for every job sends a task event every tick: it is judged at
+    its first rename at once, then at most every CHANGED_AGAIN_AFTER_S, and the rename that came
+    in between is judged when that time is up, not lost."""
+    from remediator.collector import CHANGED_AGAIN_AFTER_S
+
+    proc, source, clock, procfs, collector = judging_collector(
+        tmp_path, (FakeProcess(1, "init"), FakeProcess(10, "api"), FakeProcess(20, "worker")))
+    source.has_task_events = True
+    collector.start()
+    judged_ticks = []
+    for tick in range(int(CHANGED_AGAIN_AFTER_S / 0.25) * 2 + 8):
+        if tick == 30:
+            proc.processes[20].comm = "api"  # its last title, between two judgements
+            proc.write()
+        source.pending_changes = {20} if tick <= 30 else set()
+        clock.now += 0.25
+        collector.sample()
+        if 20 in collector.changed:
+            judged_ticks.append(tick)
+        if tick == 39:
+            assert 20 not in collector.protected  # renamed at tick 30, judged at its turn
+    assert judged_ticks == [0, 20, 40] and 20 in collector.protected
+
+
 def test_a_rescan_of_pids_named_lists_no_process(tmp_path):
     proc = FakeProc(tmp_path / "proc")
     proc.add(FakeProcess(1, "init"))
