@@ -4,7 +4,7 @@ Each exec'd process is judged within a tick (a policy may govern it: the burst w
 candidate, an `always` policy places it at exec), which reads who it is from /proc: its stat,
 cgroup, uids, exe, cmdline and its ancestors. This bench runs the daemon as shipped (`remediator
 run`, dry-run, shipped policies, the service named by comm) on a small synthetic host
-(bench/scale_host.c: 100 processes, a 50-thread service) and measures its CPU first with no exec
+(bench/scale.py's SmallHost: 100 processes, a 50-thread service) and measures its CPU first with no exec
 loop, then with bench/exec_loop.c forking and exec'ing `sleep LIFETIME` RATE times a second.
 With --old-ref REF, that ref's daemon runs beside this tree's at the same time, on the same host
 and its noise, and the ratio is printed.
@@ -17,22 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import old_ref  # noqa: E402
 import scale  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
-
-
-class HostShape:
-    processes, wakeups, service_threads, service_wakeups = 100, 25, 50, 10
 
 
 def main() -> int:
@@ -46,34 +37,19 @@ def main() -> int:
     if os.geteuid() != 0:
         print("exec_churn: run as root (the probes)", file=sys.stderr)
         return 1
-    directory = Path(tempfile.mkdtemp(prefix="remediator-exec-churn-"))
-    loop_binary = directory / "exec_loop"
-    subprocess.run(["gcc", "-O2", "-o", str(loop_binary), str(HERE / "exec_loop.c")], check=True)
-    host, _service = scale.start_host(HostShape, directory)
-    daemons: dict[str, subprocess.Popen] = {}
-    loop = None
-    try:
-        old_tree = None
-        if args.old_ref:
-            (directory / "old").mkdir()
-            old_tree = old_ref.extract(args.old_ref, directory / "old")
-        daemons = scale.start_shipped_daemons(directory, old_tree, args.old_ref, "bench/exec_churn.py")
-        time.sleep(args.warmup)
-        print(f"Host: {HostShape.processes} processes, a {HostShape.service_threads}-thread service named by comm; "
-              f"the daemon as shipped (dry-run, shipped policies), {args.seconds:g} s per phase")
-        for phase in ("no exec loop", f"{args.rate} execs/s of sleep {args.lifetime}"):
-            if phase != "no exec loop":
-                loop = subprocess.Popen([str(loop_binary), str(args.rate), args.lifetime])
-                time.sleep(5)
-            print(scale.daemons_cpu_line(daemons, args.seconds, phase, args.old_ref), flush=True)
-    finally:
-        if loop is not None:
-            loop.kill()
-            loop.wait()
-        scale.stop_daemons(daemons.values())
-        os.killpg(host.pid, 9)
-        host.wait()
-        shutil.rmtree(directory, ignore_errors=True)
+    with scale.small_host_side_by_side("bench/exec_churn.py", args.old_ref, args.warmup, args.seconds,
+                                       "exec_loop.c") as (daemons, loop_binary):
+        loop = None
+        try:
+            for phase in ("no exec loop", f"{args.rate} execs/s of sleep {args.lifetime}"):
+                if phase != "no exec loop":
+                    loop = subprocess.Popen([str(loop_binary), str(args.rate), args.lifetime])
+                    time.sleep(5)
+                print(scale.daemons_cpu_line(daemons, args.seconds, phase, args.old_ref), flush=True)
+        finally:
+            if loop is not None:
+                loop.kill()
+                loop.wait()
     return 0
 
 

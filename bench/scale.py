@@ -38,6 +38,7 @@ entry of a host where every process ran on every CPU, at the per-entry cost meas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import cProfile
 import io
@@ -386,6 +387,40 @@ def daemon_command(config: Path, tree: Path | None) -> tuple[list[str], dict[str
     if tree is None:
         return [REMEDIATOR, "run", "--config", str(config)], None
     return [sys.executable, "-m", "remediator.cli", "run", "--config", str(config)], old_ref.environment(tree)
+
+
+class SmallHost:
+    """The small synthetic host of bench/exec_churn.py and bench/rename_flood.py."""
+    processes, wakeups, service_threads, service_wakeups = 100, 25, 50, 10
+
+
+@contextlib.contextmanager
+def small_host_side_by_side(bench: str, old_ref_name: str | None, warmup: float, seconds: float, helper_c: str):
+    """A SmallHost, the daemon as shipped on it (and `old_ref_name`'s beside it), warmed up for
+    `warmup` s, and the bench's helper program compiled from bench/`helper_c`: yields (daemons, the
+    helper's path). Everything is stopped and removed at the end."""
+    directory = Path(tempfile.mkdtemp(prefix=f"remediator-{Path(bench).stem}-"))
+    helper = directory / Path(helper_c).stem
+    host = None
+    daemons: dict[str, subprocess.Popen] = {}
+    try:
+        subprocess.run(["gcc", "-O2", "-o", str(helper), str(HERE / helper_c)], check=True)
+        host, _services = start_host(SmallHost, directory)
+        old_tree = None
+        if old_ref_name:
+            (directory / "old").mkdir()
+            old_tree = old_ref.extract(old_ref_name, directory / "old")
+        daemons = start_shipped_daemons(directory, old_tree, old_ref_name, bench)
+        time.sleep(warmup)
+        print(f"Host: {SmallHost.processes} processes, a {SmallHost.service_threads}-thread service named by comm; "
+              f"the daemon as shipped (dry-run, shipped policies), {seconds:g} s per phase")
+        yield daemons, helper
+    finally:
+        stop_daemons(daemons.values())
+        if host is not None:
+            os.killpg(host.pid, 9)
+            host.wait()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def start_shipped_daemons(directory: Path, old_tree: Path | None, old_label: str, generated_by: str
