@@ -690,8 +690,7 @@ class ProcFS:
         its child: that one only took a dead parent's pid, and its own parents are nobody's."""
         found = {info.pid: info}
         for stat in self._parents(info.ppid, limit, info.pid, info.start_time):
-            found[stat.pid] = ProcessInfo(pid=stat.pid, start_time=stat.start_time, comm=stat.comm, ppid=stat.ppid,
-                                          kernel_thread=stat.is_kernel_thread)
+            found[stat.pid] = ProcessInfo(**self._stat_fields(stat))
         return found
 
     def process_info(self, pid: int, known_ancestors: KnownAncestors | None = None) -> ProcessInfo:
@@ -723,23 +722,37 @@ class ProcFS:
         process readings (stat, exe, cmdline, cgroup, status, a stat per ancestor) every 5 s:
         ~38 ms (bench/scale.py --service-processes 50)."""
         with self.hold(pid):
-            stat = self.stat(pid)
-            seen = dict(pid=pid, start_time=stat.start_time, comm=stat.comm, ppid=stat.ppid,
-                        kernel_thread=stat.is_kernel_thread)
+            seen = self._stat_fields(self.stat(pid))
             membership = None
             if cgroups:
-                try:
-                    membership = self.cgroups(pid)
-                except ProcessGone:
-                    raise
-                except RemediatorError:
-                    pass
-                path = membership.systemd_path if membership is not None else ""
-                seen.update(cgroup=path, unit=unit_from_cgroup_path(path))
+                membership = self._membership_fields(pid, seen)
             if users:
-                uid, euid = self.uids(pid)
-                seen.update(uid=uid, user=_user_name(uid), euid=euid)
+                self._user_fields(pid, seen)
             return ProcessInfo(**seen), membership
+
+    @staticmethod
+    def _stat_fields(stat: ProcStat) -> dict:
+        """A ProcessInfo's fields from the process's stat."""
+        return dict(pid=stat.pid, start_time=stat.start_time, comm=stat.comm, ppid=stat.ppid,
+                    kernel_thread=stat.is_kernel_thread)
+
+    def _membership_fields(self, pid: int, seen: dict) -> CgroupMembership | None:
+        """Add the held process's cgroup and unit to `seen`; its membership (None: unreadable)."""
+        membership = None
+        try:
+            membership = self.cgroups(pid)
+        except ProcessGone:
+            raise
+        except RemediatorError:
+            pass
+        path = membership.systemd_path if membership is not None else ""
+        seen.update(cgroup=path, unit=unit_from_cgroup_path(path))
+        return membership
+
+    def _user_fields(self, pid: int, seen: dict) -> None:
+        """Add the held process's uids and user to `seen`."""
+        uid, euid = self.uids(pid)
+        seen.update(uid=uid, user=_user_name(uid), euid=euid)
 
     def _read_held(self, pid: int, known_ancestors: KnownAncestors | None, complete: bool
                    ) -> tuple[ProcessInfo, CgroupMembership | None]:
@@ -748,25 +761,14 @@ class ProcFS:
         making one reads the stat file again, a third of this cost for each new process on a
         host that execs (bench/exec_churn.py)."""
         stat = self.stat(pid)
-        kernel_thread = stat.is_kernel_thread
-        exe, cmdline = ("", ()) if kernel_thread else (self.exe(pid), self.cmdline(pid))
-        seen = dict(pid=pid, start_time=stat.start_time, comm=stat.comm, exe=exe, cmdline=cmdline, ppid=stat.ppid,
-                    ancestors=self.ancestors(stat.ppid, known=known_ancestors), kernel_thread=kernel_thread)
+        seen = self._stat_fields(stat)
+        exe, cmdline = ("", ()) if stat.is_kernel_thread else (self.exe(pid), self.cmdline(pid))
+        seen.update(exe=exe, cmdline=cmdline, ancestors=self.ancestors(stat.ppid, known=known_ancestors))
         if not complete:
             return ProcessInfo(**seen), None
-        cgroup_path = ""
-        membership = None
-        try:
-            membership = self.cgroups(pid)
-            cgroup_path = membership.systemd_path
-        except ProcessGone:
-            raise
-        except RemediatorError:
-            pass
-        uid, euid = self.uids(pid)
-        info = ProcessInfo(**seen, cgroup=cgroup_path, unit=unit_from_cgroup_path(cgroup_path), uid=uid,
-                           user=_user_name(uid), euid=euid)
-        return info, membership
+        membership = self._membership_fields(pid, seen)
+        self._user_fields(pid, seen)
+        return ProcessInfo(**seen), membership
 
     def iter_processes(self) -> Iterator[ProcessInfo]:
         """Every process that is still there by the time it is read; vanished ones are skipped."""

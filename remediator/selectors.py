@@ -145,13 +145,13 @@ class ProtectSelectors:
         """Why this process is protected ("comm nginx*"), or None (not matched, or refused)."""
         return self.examine(info, cgroup_paths)[0]
 
-    def _first_look(self, procfs: ProcFS, pid: int, known: KnownInfo | None = None) -> tuple[bool, tuple[str, ...]]:
-        """A cheap look (comm from stat, then the cgroup file) before reading everything: whether the
-        process may match, and the v1 cgroup paths if they were read. `known(pid)`: who the
-        caller already knows the pid to be, as recently as it trusts (a process just read at its
-        exec): its comm then costs no stat."""
+    def _first_look(self, procfs: ProcFS, pid: int, known: KnownInfo | None = None) -> bool:
+        """A cheap look (comm from stat, then the cgroup file) before reading what the selectors
+        judge by: whether the process may match. `known(pid)`: who the caller already knows the
+        pid to be, as recently as it trusts (a process just read at its exec): its comm then costs
+        no stat."""
         if pid in self.pids:
-            return True, ()
+            return True
         if self.comms:
             info = known(pid) if known is not None else None
             if info is not None:
@@ -160,12 +160,11 @@ class ProtectSelectors:
                 stat = procfs.stat(pid)
                 comm, kernel_thread = stat.comm, stat.is_kernel_thread
             if not kernel_thread and self._comm_reason(comm):
-                return True, ()
+                return True
         if self.cgroups or self.units:
             membership = procfs.cgroups(pid)
-            v1_paths = tuple(membership.v1_paths.values())
-            return bool(self._cgroup_reason({membership.v2_path, *v1_paths} - {""})), v1_paths
-        return False, ()
+            return bool(self._cgroup_reason({membership.v2_path, *membership.v1_paths.values()} - {""}))
+        return False
 
     def match_pid(
         self, procfs: ProcFS, pid: int, refused: dict[int, tuple[ProcessInfo, str]] | None = None,
@@ -175,13 +174,12 @@ class ProtectSelectors:
         A refused process goes into `refused` (pid -> (info, why)) when given. Who it is is what
         the selectors judge by (ProcFS.selector_reading: no exe, cmdline or ancestors)."""
         try:
-            may_match, _paths = self._first_look(procfs, pid, known)
-            if not may_match:
+            if not self._first_look(procfs, pid, known):
                 return None
-            by_cgroup = bool(self.cgroups or self.units)
             # What the selectors and the users judge by, read together (one held process): not the
             # whole reading, which the caller makes when it wants one (Collector.info).
-            info, membership = procfs.selector_reading(pid, cgroups=by_cgroup, users=bool(self.users))
+            info, membership = procfs.selector_reading(pid, cgroups=bool(self.cgroups or self.units),
+                                                       users=bool(self.users))
             v1_paths = tuple(membership.v1_paths.values()) if membership is not None else ()
         except RemediatorError:
             return None  # gone, or unreadable (EACCES): cannot be judged, so not protected
