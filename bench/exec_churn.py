@@ -30,9 +30,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=int, default=50, help="execs per second")
     parser.add_argument("--lifetime", default="0.5", help="seconds each exec'd process lives (sleep's argument)")
-    parser.add_argument("--seconds", type=float, default=40.0, help="measured per phase")
-    parser.add_argument("--warmup", type=float, default=25.0)
-    parser.add_argument("--old-ref", default=None, help="also run that git ref's daemon beside this tree's")
+    scale.side_by_side_arguments(parser, seconds=40.0)
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("exec_churn: run as root (the probes)", file=sys.stderr)

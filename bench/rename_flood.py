@@ -31,9 +31,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--few", type=int, default=6, help="processes renaming themselves every 10 ms")
     parser.add_argument("--many", type=int, default=200, help="processes renaming themselves as fast as they can")
-    parser.add_argument("--seconds", type=float, default=30.0, help="measured per phase")
-    parser.add_argument("--warmup", type=float, default=25.0)
-    parser.add_argument("--old-ref", default=None, help="also run that git ref's daemon beside this tree's")
+    scale.side_by_side_arguments(parser, seconds=30.0)
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("rename_flood: run as root (the probes)", file=sys.stderr)

@@ -394,6 +394,13 @@ class SmallHost:
     processes, wakeups, service_threads, service_wakeups = 100, 25, 50, 10
 
 
+def side_by_side_arguments(parser: argparse.ArgumentParser, seconds: float) -> None:
+    """The options of a bench that runs small_host_side_by_side."""
+    parser.add_argument("--seconds", type=float, default=seconds, help="measured per phase")
+    parser.add_argument("--warmup", type=float, default=25.0)
+    parser.add_argument("--old-ref", default=None, help="also run that git ref's daemon beside this tree's")
+
+
 @contextlib.contextmanager
 def small_host_side_by_side(bench: str, old_ref_name: str | None, warmup: float, seconds: float, helper_c: str):
     """A SmallHost, the daemon as shipped on it (and `old_ref_name`'s beside it), warmed up for
