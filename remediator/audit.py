@@ -71,6 +71,9 @@ def audit_record(decision: Decision, outcome: Outcome | None, mode: str) -> dict
             record["original"] = outcome.original
         if outcome.threads:
             record["threads"] = outcome.threads
+        if outcome.changed_at is not None:
+            # `epoch` is when the engine decided; this is when the change was in place.
+            record["changed_epoch"] = round(outcome.changed_at, 3)
         if outcome.left:
             # What remediator had set and someone else changed since: left as they set it.
             record["left_changed_by_other"] = outcome.left

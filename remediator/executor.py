@@ -15,6 +15,7 @@ is "would-apply" with the exact change, and nothing is written anywhere (not eve
 from __future__ import annotations
 
 import logging
+import time
 from typing import Collection, Iterable
 
 from .actuators import KINDS, Actuator, ActuatorError, default_actuators, dry_run_twins
@@ -134,6 +135,7 @@ class Executor:
 
         try:
             result = actuator.apply(plan)
+            changed_at = time.time()  # the change took effect here; the journal's fsync comes after
         except ProcessGone as exc:
             self._record(self.journal.record_dropped, entry, f"{exc} during the change")
             return outcome("gone", f"{exc} during the change", original=entry.original)
@@ -152,7 +154,8 @@ class Executor:
 
         note = self._record(self.journal.record_applied, entry, result.applied)
         self._known_tids[entry.entry_id] = self._initial_known(entry, result.applied)
-        return outcome("applied", result.message + note, original=entry.original, applied=result.applied, threads=result.threads)
+        return outcome("applied", result.message + note, original=entry.original, applied=result.applied, threads=result.threads,
+                       changed_at=changed_at)
 
     @staticmethod
     def _earlier(existing: JournalEntry | None) -> dict:

@@ -284,6 +284,7 @@ class Outcome:
     applied: dict | None = None
     threads: int = 0
     left: dict | None = None  # what was left because someone else changed it since (RestoreResult.left)
+    changed_at: float | None = None  # time.time() once a live change was in place (before its journal line)
 
     @property
     def is_error(self) -> bool:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 import pytest
 
 from helpers.faults import FaultySyscalls
 from helpers.remediation import new_executor, nice_request, thread_nices  # noqa: F401  (fixture)
 from helpers.workloads import hog_argv
+from remediator.audit import audit_record
+from remediator.engine import Decision
+from remediator.procfs import ProcFS
 
 pytestmark = pytest.mark.root
 
@@ -82,3 +86,26 @@ def test_out_of_range_nice_is_invalid_and_touches_nothing(spawn, new_executor):
     outcome = executor.apply(nice_request(hog.pid, 25), ())
     assert outcome.status == "invalid" and "-20 to 19" in outcome.message
     assert syscalls.changes() == []
+
+
+def test_the_audit_says_when_the_change_was_in_place(spawn, new_executor):
+    """`epoch` is when the engine decided; `changed_epoch` when the last thread was changed, which
+    bench/incident.py measures detection to (the journal's fsync comes after it)."""
+    hog = spawn(hog_argv(threads=2))
+    syscalls = FaultySyscalls()
+    last_change = []
+    syscalls.before("setpriority", lambda tid: last_change.append(time.time()), skip=2)  # the third thread
+    executor = new_executor(syscalls=syscalls)
+    decided = time.time()
+
+    outcome = executor.apply(nice_request(hog.pid, 10), ())
+
+    assert outcome.status == "applied", outcome
+    assert decided <= last_change[0] <= outcome.changed_at <= time.time()
+    decision = Decision("act", 0.0, decided, ProcFS().process_info(hog.pid), None, "step 1")
+    record = audit_record(decision, outcome, "live")
+    assert record["epoch"] == round(decided, 3) and record["changed_epoch"] == round(outcome.changed_at, 3)
+    dry = new_executor(journal_path=None, dry_run=True).apply(nice_request(hog.pid, 15), ())
+    assert dry.status == "would-apply" and dry.changed_at is None  # nothing was changed
+    assert "changed_epoch" not in audit_record(decision, dry, "dry-run")
+    executor.restore()
