@@ -214,6 +214,13 @@ max_changes_per_minute = 60
     return config
 
 
+def in_place_at(audit_line: dict) -> float:
+    """When an applied change was in place: `changed_epoch` (after the last write), not `epoch` (the
+    decision, before the journal's fsync and the writes themselves: a cgroup move waits for an RCU
+    grace period, several milliseconds)."""
+    return audit_line.get("changed_epoch", audit_line["epoch"])
+
+
 def run_scenario(name: str, args: argparse.Namespace, directory: Path) -> dict:
     """One run of one configuration into `directory`; returns the daemon's figures (if any)."""
     shutil.rmtree(directory, ignore_errors=True)
@@ -327,7 +334,7 @@ def analyse(name: str, rounds: list[dict], daemon: list[dict]) -> dict:
         "bursts": sum(len(run["bursts"]) for run in rounds),
         "changes": len(changes),
         # the first round drawn in the picture
-        "actions": [{"t": round(line["epoch"] - first["load_start"], 3), "step": line.get("step", {}).get("action"),
+        "actions": [{"t": round(in_place_at(line) - first["load_start"], 3), "step": line.get("step", {}).get("action"),
                      "outcome": line.get("outcome"), "pid": line["process"]["pid"]} for line in first["acts"]],
         "series": {"t": [round(t - first["load_start"], 4) for t in first["sent_at"]], "latency_ms": first["latency_ms"],
                    "bursts": [round(when - first["load_start"], 3) for when, _ in first["bursts"]]},
@@ -341,7 +348,7 @@ def analyse(name: str, rounds: list[dict], daemon: list[dict]) -> dict:
         latencies, missed = [], 0
         for run in rounds:
             for when, pid in run["bursts"]:
-                acted = [line["epoch"] for line in run["acts"] if line["process"]["pid"] == pid and line.get("outcome") == "applied"]
+                acted = [in_place_at(line) for line in run["acts"] if line["process"]["pid"] == pid and line.get("outcome") == "applied"]
                 if acted:
                     latencies.append(min(acted) - when)
                 else:
