@@ -28,7 +28,8 @@ from .throttling import ThrottleReader
 from .config import DaemonConfig, load_config
 from .cpulist import OnlineCpus, format_cpulist, online_cpus
 from .burstwatch import BurstWatch
-from .engine import Decision, EngineSettings, EngineState, decide_burst, export_state, given_back, import_state, protected_groups_of, resume
+from .engine import (Decision, EngineSettings, EngineState, decide_burst, export_state, forget, given_back, import_state,
+                     protected_groups_of, resume)
 from .errors import RemediatorError, SetupError
 from .executor import Executor
 from .health import LOG_WRITE_FAILURES, describe_counts, error_name
@@ -62,6 +63,9 @@ def plural(count: int, word: str) -> str:
 SUMMARY_EVERY_S = 30.0
 FIRST_SUMMARY_S = 5.0  # a new user sees a judgement of the host within seconds
 AUTO_CPUS_REFRESH_S = 5.0
+# The engine forgets a process when an outcome says it is gone; one whose step changed nothing
+# (unchanged, refused, denied) leaves no journal entry to say so, and is looked for this often.
+FORGET_EXITED_EVERY_S = 60.0
 WARN_KINDS = frozenset({"exhausted", "capped", "infeasible", "skipped"})
 
 
@@ -322,7 +326,7 @@ class Daemon:
                       "root; staying dry-run")
             return False
         dry_state = self.state
-        self.state = dataclasses.replace(self.state, remediations={}, recent_changes=(), pending=())
+        self.state = dataclasses.replace(self.state, remediations={}, recent_changes=(), recent_placements=(), pending=())
         try:
             self._enter_live("mode-change", policies)
         except RemediatorError as exc:
@@ -530,6 +534,7 @@ class Daemon:
         self.state, report = run_tick(self.state, sample, self.policies, settings, ExecutorCarrier(self.executor, self.mode),
                                       self.observers, discovered=discovered, checkpoint=self._checkpoint,
                                       clock=time.monotonic)
+        self._forget_exited()
         if self.bursts is not None:
             self.bursts.refresh(list(discovered) + list(sample.processes.values()), sample.protected.pids,
                                 changed=self.collector.changed)
@@ -542,6 +547,17 @@ class Daemon:
         if self.notifier.status_due():
             self.notifier.status(self._status_line(sample))
         return [carried.decision for carried in report.carried]
+
+    def _forget_exited(self) -> None:
+        """Drop the ladders of processes that exited (or whose pid was reused) without an outcome
+        saying so: the state, and the file it is saved to, stay bounded by the live processes."""
+        now = time.monotonic()
+        if now - getattr(self, "_exited_checked_at", float("-inf")) < FORGET_EXITED_EVERY_S:
+            return
+        self._exited_checked_at = now
+        for identity in {remediation.identity for remediation in self.state.remediations.values()}:
+            if not self._same_process(identity):
+                self.state = forget(self.state, identity)
 
     def _checkpoint(self, state: EngineState) -> None:
         self.state = state

@@ -12,7 +12,8 @@ Rules, in the order they are checked:
   once the current one has had its settle time, and only while the trigger still holds;
 - after the last step: no further escalation, and one warning;
 - at most `max_actions_per_hour` actions per process and policy, and `max_changes_per_minute`
-  across the host;
+  across the host; placements by `always` policies count apart, per user, against the same number,
+  so a user exec'ing processes a placement names cannot spend the budget remediations need;
 - once the protected tail has stayed under the policy's threshold for `revert_after_quiet`, the
   process gets its originals back; after that, `cooldown` must pass before the policy acts on it
   again (so a process is not changed and given back in a loop);
@@ -149,6 +150,7 @@ class EngineState:
     remediations: Mapping[tuple[ProcessIdentity, str], Remediation] = field(default_factory=dict)
     pending: tuple[PendingVerification, ...] = ()
     recent_changes: tuple[float, ...] = ()  # engine times of actions, for the per-minute cap
+    recent_placements: tuple[tuple[int, float], ...] = ()  # (uid, engine time) of `always` placements: their own cap
     last_over: Mapping[str, float] = field(default_factory=dict)  # policy -> last time its tail was over
     excluded_seen: frozenset[ProcessIdentity] = frozenset()
     next_action: int = 1
@@ -491,6 +493,8 @@ class _Offenders:
         self.protected_groups = list(protected_groups)
         self.decisions = decisions
         self.recent_changes = tuple(t for t in state.recent_changes if t > now - 60.0)
+        self.recent_placements = tuple((uid, t) for uid, t in state.recent_placements if t > now - 60.0)
+        self.planned_placements: dict[int, int] = {}  # uid -> placements decided this round
         self.remediations = dict(state.remediations)
         self.excluded_seen = set(state.excluded_seen)
         self.planned_changes = 0
@@ -569,7 +573,19 @@ class _Offenders:
                              evidence=evidence)
                 )
             return
-        if len(self.recent_changes) + self.planned_changes + len(steps) > self.settings.max_changes_per_minute:
+        if place:
+            # A placement's budget is its user's: anyone can exec a process an always-policy names,
+            # and those must never use up what the host's remediations need.
+            placed = sum(1 for uid, _ in self.recent_placements if uid == info.uid) + self.planned_placements.get(info.uid, 0)
+            if placed + len(steps) > self.settings.max_changes_per_minute:
+                decisions.append(
+                    Decision("capped", now, ts, info, policy,
+                             f"{placed} placements of uid {info.uid}'s processes in the last minute: "
+                             f"max_changes_per_minute = {self.settings.max_changes_per_minute} (per user, for always-policies)",
+                             evidence=evidence)
+                )
+                return
+        elif len(self.recent_changes) + self.planned_changes + len(steps) > self.settings.max_changes_per_minute:
             decisions.append(
                 Decision("capped", now, ts, info, policy,
                          f"{len(self.recent_changes) + self.planned_changes} changes in the last minute: "
@@ -586,7 +602,10 @@ class _Offenders:
                     decisions.append(Decision("infeasible", now, ts, info, policy, why_not, step_index=index, step=step, evidence=evidence))
                 continue
             action_id, self.state = _action_id(self.state, info)
-            self.planned_changes += 1
+            if place:
+                self.planned_placements[info.uid] = self.planned_placements.get(info.uid, 0) + 1
+            else:
+                self.planned_changes += 1
             decisions.append(
                 Decision("act", now, ts, info, policy, f"step {index + 1} of {len(policy.steps)}: {step.describe()}",
                          step_index=index, step=step, request=request, evidence=evidence, action_id=action_id)
@@ -594,7 +613,7 @@ class _Offenders:
 
     def finish(self) -> EngineState:
         return dataclasses.replace(self.state, remediations=self.remediations, excluded_seen=frozenset(self.excluded_seen),
-                                   recent_changes=self.recent_changes)
+                                   recent_changes=self.recent_changes, recent_placements=self.recent_placements)
 
 
 def record_outcome(state: EngineState, decision: Decision, status: str, policies: PolicySet) -> EngineState:
@@ -630,7 +649,11 @@ def record_outcome(state: EngineState, decision: Decision, status: str, policies
         reverted_at=None,
     )
     remediations[key] = remediation
-    state = dataclasses.replace(state, remediations=remediations, recent_changes=state.recent_changes + (now,))
+    if decision.policy.trigger.always:
+        placed = state.recent_placements + ((decision.info.uid, now),)
+        state = dataclasses.replace(state, remediations=remediations, recent_placements=placed)
+    else:
+        state = dataclasses.replace(state, remediations=remediations, recent_changes=state.recent_changes + (now,))
     if status in APPLIED_STATUSES and not decision.policy.trigger.always:
         trigger = decision.policy.trigger
         percentile = trigger.tail_percentile or 99.0
@@ -690,6 +713,7 @@ def export_state(state: EngineState) -> dict:
         "format": STATE_FORMAT,
         "next_action": state.next_action,
         "recent_changes": list(state.recent_changes),
+        "recent_placements": [list(item) for item in state.recent_placements],
         "baselines": state.baselines.to_json(),
         "remediations": [
             {
@@ -728,6 +752,7 @@ def import_state(data: Mapping, state: EngineState | None = None) -> EngineState
         if not isinstance(next_action, int) or isinstance(next_action, bool) or next_action < 1:
             raise ValueError(f"next_action: expected a positive integer, got {next_action!r}")
         recent = tuple(number(t, "recent_changes") for t in data["recent_changes"])
+        placements = tuple((int(uid), number(t, "recent_placements")) for uid, t in data.get("recent_placements", []))
         saved_baselines = Baselines.from_json(data.get("baselines", {}))  # absent from files written before baselines
         remediations: dict[tuple[ProcessIdentity, str], Remediation] = {}
         for item in data["remediations"]:
@@ -750,8 +775,8 @@ def import_state(data: Mapping, state: EngineState | None = None) -> EngineState
     # Baselines this process has learned already (a dry run turning live) are newer than the saved ones.
     baselines = state.baselines if state.baselines.by_percentile else saved_baselines
     # max: ids stay unique when a dry run (which counts on) turns live again
-    return dataclasses.replace(state, remediations=remediations, recent_changes=recent, baselines=baselines,
-                               next_action=max(next_action, state.next_action))
+    return dataclasses.replace(state, remediations=remediations, recent_changes=recent, recent_placements=placements,
+                               baselines=baselines, next_action=max(next_action, state.next_action))
 
 
 def resume(
@@ -782,7 +807,9 @@ def resume(
             last_over[remediation.policy] = now
         remediations[key] = remediation
     recent = tuple(t for t in state.recent_changes if t > now - 60.0)
-    return dataclasses.replace(state, remediations=remediations, recent_changes=recent, last_over=last_over)
+    placements = tuple((uid, t) for uid, t in state.recent_placements if t > now - 60.0)
+    return dataclasses.replace(state, remediations=remediations, recent_changes=recent, recent_placements=placements,
+                               last_over=last_over)
 
 
 def given_back(state: EngineState, now: float) -> EngineState:

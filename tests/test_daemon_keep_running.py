@@ -25,11 +25,13 @@ from pathlib import Path
 import pytest
 
 from helpers.daemon import wait_until, write_config
-from helpers.remediation import thread_nices
+from helpers.remediation import identity_of, thread_nices
 from remediator import daemon as daemon_module
 from remediator.audit import AuditLog, read_audit
 from remediator.daemon import Daemon
+from remediator.engine import EngineState, Remediation
 from remediator.journal import Journal
+from remediator.procfs import ProcessIdentity
 from remediator.sdnotify import Notifier
 from remediator.statefile import state_path_for
 
@@ -231,6 +233,34 @@ def test_a_state_file_that_cannot_be_written_is_counted_not_fatal(tmp_path, spaw
     assert process.state_write_failures == {"ENOSPC": 3}  # tried each tick, never raised
     statuses = [m for _, m in notifier.sent if m.startswith("STATUS=") and "protected p99" in m]
     assert len(statuses) == 3 and "failed writes: state 3 (ENOSPC 3)" in statuses[-1]
+
+
+def test_the_ladders_of_processes_that_exited_are_forgotten(tmp_path, spawn, monkeypatch):
+    """A step that changed nothing (unchanged, refused, denied) leaves no journal entry, so no
+    outcome ever says its process left: the daemon looks for such processes itself, or a user
+    exec'ing pre-niced copies of what an always-policy names would grow the state (and the file it
+    is saved to) without end. Looked for once a minute; a pid reused by another process counts as gone."""
+    victim = spawn(["sh", "-c", "echo ready; exec sleep 600"])
+    alive = spawn(["sh", "-c", "echo ready; exec sleep 600"])
+    exited = spawn(["sh", "-c", "echo ready; exec sleep 600"])
+    alive_identity, exited_identity = identity_of(alive.pid), identity_of(exited.pid)
+    reused_identity = ProcessIdentity(alive.pid, alive_identity.start_time - 1)
+    exited.kill()
+    process = Daemon(config_for(tmp_path, victim.pid), notifier=RecordingNotifier(), max_ticks=1, sleep=lambda _s: None)
+
+    def ladders(*identities):
+        return EngineState(remediations={(i, "test-placed"): Remediation(i, "test-placed", step_index=0, applied=True)
+                                         for i in identities})
+
+    process.state = ladders(alive_identity, exited_identity, reused_identity)
+    process._forget_exited()
+    assert [identity for identity, _ in process.state.remediations] == [alive_identity]
+    process.state = ladders(alive_identity, exited_identity)
+    process._forget_exited()  # within the minute: not looked for again yet
+    assert len(process.state.remediations) == 2
+    monkeypatch.setattr(daemon_module, "FORGET_EXITED_EVERY_S", 0.0)
+    process._forget_exited()
+    assert [identity for identity, _ in process.state.remediations] == [alive_identity]
 
 
 # -- reloads that change the mode ----------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from remediator import histogram
-from remediator.engine import EngineSettings, EngineState, decide, record_outcome
+from remediator.engine import EngineSettings, EngineState, decide, export_state, import_state, record_outcome
 from remediator.policy import load_policies
 from remediator.procfs import ProcessInfo
 from remediator.sample import ProcessUsage, ProtectedWaits, Sample
@@ -365,3 +365,62 @@ def test_a_ladder_of_steps_that_cannot_work_says_so_once(tmp_path):
     assert kinds(per_tick) == [(0, "skipped", 0), (0, "skipped", 1), (0, "exhausted", None)]
     assert "no step of the ladder can work" in per_tick[0][2].message
     assert not state.active()
+
+
+PLACEMENT = """
+[[policy]]
+name = "maintenance"
+description = "test"
+[policy.match]
+comm = ["updatedb"]
+[policy.trigger]
+always = true
+[[policy.actions]]
+nice = 19
+settle = "1s"
+[policy.limits]
+cooldown = "1s"
+max_actions_per_hour = 6
+revert_after_quiet = "never"
+min_cpus = 1
+"""
+
+
+def test_a_users_execs_under_an_always_policy_never_spend_the_remediations_budget(tmp_path):
+    """Anyone can exec a program named like one a placement policy names (`cp /bin/sleep ~/updatedb`),
+    a dozen a minute; those placements are capped per user and leave the host's budget alone."""
+    path = tmp_path / "p.toml"
+    path.write_text(LADDER.format(n=1, m=1, offender='{ cpu = 0.5, cpu_kind = "peak", blame_share = 0.2, require = "all" }',
+                                  cooldown="10s", hourly=6, quiet="5s") + PLACEMENT)
+    p = load_policies([path])
+    state, kinds_seen = EngineState(), []
+    for i in range(12):  # twelve execs by uid 1000 within the minute, as many as the cap and more
+        hostile = ProcessInfo(pid=5000 + i, start_time=500 + i, comm="updatedb", uid=1000)
+        state, decisions = decide(state, sample(TICK * (i + 1)), p, SETTINGS, discovered=[hostile])
+        for d in decisions:
+            kinds_seen.append(d.kind)
+            if d.kind == "act":
+                state = record_outcome(state, d, "unchanged", p)  # pre-set to nice 19: nothing even changes
+    assert kinds_seen == ["act"] * 10 + ["capped"] * 2
+    assert "placements of uid 1000" in decisions[0].message
+    # The real shipper still gets its step, and root's own updatedb its placement.
+    state, decisions = decide(state, hot(TICK * 13), p, SETTINGS,
+                              discovered=[ProcessInfo(pid=6000, start_time=600, comm="updatedb", uid=0)])
+    assert sorted((d.kind, d.info.comm) for d in decisions) == [("act", "fluent-bit"), ("act", "updatedb")]
+
+
+def test_the_placements_budget_survives_a_restart(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text(PLACEMENT)
+    p = load_policies([path])
+    state = EngineState()
+    for i in range(10):
+        state, decisions = decide(state, sample(TICK * (i + 1)), p, SETTINGS,
+                                  discovered=[ProcessInfo(pid=5000 + i, start_time=500 + i, comm="updatedb", uid=1000)])
+        for d in decisions:
+            state = record_outcome(state, d, "applied", p)
+    restored = import_state(export_state(state))
+    assert restored.recent_placements == state.recent_placements and len(restored.recent_placements) == 10
+    _, decisions = decide(restored, sample(TICK * 11), p, SETTINGS,
+                          discovered=[ProcessInfo(pid=5100, start_time=600, comm="updatedb", uid=1000)])
+    assert [d.kind for d in decisions] == ["capped"]
