@@ -104,7 +104,7 @@ class Executor:
         except OSError as exc:
             return outcome("failed", f"cannot read {exc.filename or 'the current state'}: {exc.strerror or exc}: nothing changed")
         original = existing.original if existing else plan.current
-        refusal = self._refuse_affected(plan, identity, protected_pids)
+        refusal = self._refuse_affected(plan, info, protected_pids)
         if refusal:
             return outcome("refused", refusal)
 
@@ -166,10 +166,13 @@ class Executor:
             return {}
         return {"original": existing.original, "applied": existing.applied if existing.state == "applied" else {}}
 
-    def _refuse_affected(self, plan, identity: ProcessIdentity, protected_pids: Collection[int]) -> str | None:
-        """Why a change that reaches other processes too (a unit's property) may not be made."""
+    def _refuse_affected(self, plan, offender: ProcessInfo, protected_pids: Collection[int]) -> str | None:
+        """Why a change that reaches other processes too (a unit's property) may not be made: one of
+        them is off limits, or, in a group remediator did not make, runs as another user. A unit can
+        hold several users' processes (cron's and atd's jobs run in its unit when PAM opens no
+        session for them): a job calling itself fluent-bit must not get root's cron throttled."""
         for pid in plan.affects:
-            if pid == identity.pid:
+            if pid == offender.pid:
                 continue
             try:
                 info = self.procfs.process_info(pid)
@@ -178,6 +181,10 @@ class Executor:
             reason = self._exclusion(info, protected_pids)
             if reason:
                 return f"the change reaches pid {pid} ({info.comm}) too, which is off limits: {reason}; nothing changed"
+            if plan.affects_foreign_group and info.uid != offender.uid:
+                return (f"the change reaches pid {pid} ({info.comm}) too, which runs as uid {info.uid}, not as the "
+                        f"offender's uid {offender.uid}: a unit-wide change may not reach another user's processes; "
+                        "nothing changed")
         return None
 
     def _exclusion(self, info: ProcessInfo, protected_pids: Collection[int]) -> str | None:

@@ -257,6 +257,21 @@ def test_a_group_holding_a_protected_process_is_never_changed(host):
     assert v2.cgroupfs.calls == []
 
 
+def test_another_users_offender_in_our_own_group_does_not_stop_the_next_step(host):
+    """remediator's own group holds what one policy placed there, whoever runs it: only a group
+    someone else made (a unit) must hold the offender's user alone (tests/test_cpuset_systemd.py)."""
+    v2 = host()
+    executor = v2.executor()
+    assert executor.apply(request(WEIGHT_10), ()).status == "applied"
+    v2.procs.add_process(OTHER, 1, comm="fluent-bit", cgroup=f"/{GROUP}", uid=1000)
+    v2.cgroupfs.place(f"/{GROUP}", OTHER)
+
+    outcome = executor.apply(request(IDLE, step=1), ())
+
+    assert outcome.status == "applied", outcome
+    assert v2.file("cpu.idle") == "1"
+
+
 def test_no_cpu_controller_on_the_tree_is_said_plainly(host):
     v2 = host(controllers="cpuset io memory pids")  # cpu bound elsewhere: discovery finds no cpu hierarchy
     journal = Journal(v2.journal_path)

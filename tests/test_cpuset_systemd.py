@@ -197,6 +197,19 @@ def test_a_unit_that_also_holds_a_protected_process_is_refused(systemd_host):
     assert not [call for call in host.systemd.calls if call[0] == "set"]
 
 
+def test_a_unit_that_also_holds_another_users_process_is_refused(systemd_host):
+    """cron's unit holds every user's jobs when PAM opens no session for them: a job of uid 1000
+    calling itself fluent-bit must not get root's cron daemon confined with it."""
+    host = systemd_host()
+    host.procs.add_process(OTHER, START, comm="cron", cgroup=SERVICE, uid=0)
+    host.cgroupfs.place(SERVICE, OTHER)
+    (host.procs.root / str(PID) / "status").write_text(f"Name:\tfluent-bit\nTgid:\t{PID}\nUid:\t1000\t1000\t1000\t1000\n")
+    outcome = host.executor().apply(host.request(), protected_pids=())
+    assert outcome.status == "refused", outcome
+    assert f"reaches pid {OTHER} (cron) too, which runs as uid 0, not as the offender's uid 1000" in outcome.message
+    assert not [call for call in host.systemd.calls if call[0] == "set"]
+
+
 def test_a_process_under_a_users_manager_is_refused_not_moved(systemd_host, tmp_path):
     host = systemd_host()
     user_unit = "/user.slice/user-1000.slice/user@1000.service/app.slice/fluent-bit.service"

@@ -130,6 +130,9 @@ class Plan:
     # Other processes the change reaches (a unit's property reaches all of its processes): the
     # executor refuses the change when one of them is off limits.
     affects: tuple[int, ...] = ()
+    # True when they share a group someone else made (a systemd unit), not one of remediator's own
+    # (whose members one policy placed): then each must also run as the offender's user.
+    affects_foreign_group: bool = False
 
 
 @dataclass(frozen=True)

@@ -276,7 +276,7 @@ class CpuActuator:
         if not wanted:
             text = ", ".join(property_text(name, properties.get(name, UNSET)) for name in PROPERTIES)
             return Plan(self.kind, identity, current, target, f"{unit} already has as little CPU as {setting_text(setting)} ({text})",
-                        unchanged=True, affects=members)
+                        unchanged=True, affects=members, affects_foreign_group=True)
         assignments = " ".join(property_text(name, value) for name, value in wanted.items())
         was = " ".join(property_text(name, properties.get(name, UNSET)) for name in wanted)
         description = f"systemd SetUnitProperties {unit} --runtime {assignments} (was {was})"
@@ -285,7 +285,7 @@ class CpuActuator:
             description += f"; the unit's {others} other process{'es' if others != 1 else ''} too"
         details = {"unit": unit, "set": wanted}
         expected = {"unit": unit, "properties": {**properties, **wanted}}
-        return Plan(self.kind, identity, current, target, description, details=details, expected=expected, affects=members)
+        return Plan(self.kind, identity, current, target, description, details=details, expected=expected, affects=members, affects_foreign_group=True)
 
     def _plan_scope(self, identity: ProcessIdentity, target: dict, current: dict, setting: dict, scope: str) -> Plan:
         wanted = _weaker_properties({}, setting)

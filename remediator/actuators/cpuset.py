@@ -454,7 +454,7 @@ class CpusetActuator:
         narrowed = narrowed_mask(now, cpus)
         if narrowed is None:
             description = f"{unit} already has {describe_allowed(current['allowed_cpus'])}, within {format_cpulist(cpus)}: left as it is"
-            return Plan(self.kind, identity, current, target, description, unchanged=True, affects=members)
+            return Plan(self.kind, identity, current, target, description, unchanged=True, affects=members, affects_foreign_group=True)
         cpus = narrowed
         wanted = format_cpulist(cpus)
         call = f"systemd SetUnitProperties {unit} --runtime AllowedCPUs={wanted}"
@@ -468,7 +468,7 @@ class CpusetActuator:
             description += f"; requested {format_cpulist(requested)}, online {format_cpulist(online)}"
         details = {"unit": unit, "allowed_cpus": wanted, "cpus": sorted(cpus), "requested": sorted(requested)}
         expected = {"unit": unit, "allowed_cpus": wanted, "requested": sorted(requested)}
-        return Plan(self.kind, identity, current, target, description, threads=threads, details=details, expected=expected, affects=members)
+        return Plan(self.kind, identity, current, target, description, threads=threads, details=details, expected=expected, affects=members, affects_foreign_group=True)
 
     def _scopes(self) -> OffenderScopes:
         assert self.systemd is not None

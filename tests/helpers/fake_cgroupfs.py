@@ -42,7 +42,8 @@ class FakeProcTree:
         # psutil reads the boot time from here before anything else (as tests/helpers/fakeproc.py writes it).
         (root / "stat").write_text("cpu  1 2 3 4\nbtime 1700000000\n")
 
-    def add_process(self, pid: int, start_time: int, *, comm: str = "fluent-bit", cgroup: str = "/", tids=()) -> None:
+    def add_process(self, pid: int, start_time: int, *, comm: str = "fluent-bit", cgroup: str = "/", tids=(),
+                    uid: int = 0) -> None:
         directory = self.root / str(pid)
         (directory / "task").mkdir(parents=True)
         for tid in (pid, *tids):
@@ -53,7 +54,7 @@ class FakeProcTree:
         fields[17] = str(1 + len(tids))  # num_threads
         fields[19] = str(start_time)
         (directory / "stat").write_text(f"{pid} ({comm}) {' '.join(fields)}\n")
-        (directory / "status").write_text(f"Name:\t{comm}\nTgid:\t{pid}\nUid:\t0\t0\t0\t0\n")
+        (directory / "status").write_text(f"Name:\t{comm}\nTgid:\t{pid}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")
         (directory / "cmdline").write_text(f"{comm}\0")
         self.set_cgroup(pid, cgroup)
 
