@@ -29,6 +29,10 @@ from .trees import ancestors_read, governing
 log = logging.getLogger(__name__)
 
 SCAN_EVERY_S = 5.0
+# New pids a listing found, judged this many a tick (oldest first; the rest wait for the next
+# ticks): a user forking thousands of idle processes would otherwise have the daemon read every one
+# of them in one tick. Processes that run are named by the tick's sample and judged at once.
+NEW_PIDS_PER_TICK_MAX = 256
 SHARED_LISTING_S = 0.1  # a listing of /proc this recent is the tick's own
 # An event within this long of judging its process uses the info judged (a fork child is judged at
 # its first event): reading /proc again would add ~1-5 ms to detection for nothing new. The
@@ -71,6 +75,7 @@ class BurstWatch:
         self._candidates: dict[int, tuple[ProcessIdentity, BurstCandidate]] = {}
         self._judged_info: dict[int, tuple[ProcessInfo, float]] = {}  # candidate pid -> (info judged, when)
         self._last_scan = float("-inf")
+        self._unjudged: dict[int, None] = {}  # pids a listing found, not judged yet (oldest first)
         self.events_seen = 0
         self.events_stale = 0  # events for a process that is gone or no longer a candidate
         self._protected: set[int] = set()  # the protected pids as of the last refresh
@@ -85,6 +90,7 @@ class BurstWatch:
         self._judged.clear()
         self._candidates.clear()
         self._judged_info.clear()
+        self._unjudged.clear()
         self._last_scan = float("-inf")
 
     @property
@@ -178,7 +184,8 @@ class BurstWatch:
         # The collector's listing of this tick, when it made one, past half the period: the two
         # scans fall on the same ticks then, one listing between them.
         shared = self.procfs.recent_pids(SHARED_LISTING_S) if now - self._last_scan >= SCAN_EVERY_S / 2 else None
-        if shared is not None or now - self._last_scan >= SCAN_EVERY_S:
+        scanned = shared is not None or now - self._last_scan >= SCAN_EVERY_S
+        if scanned:
             self._last_scan = now
             pids = set(shared if shared is not None else self.procfs.pids())
             for pid in list(self._judged):
@@ -186,16 +193,23 @@ class BurstWatch:
                     del self._judged[pid]
                     self._candidates.pop(pid, None)
                     self._judged_info.pop(pid, None)
-            for pid in pids - self._judged.keys():
+            waiting = [pid for pid in self._unjudged if pid in pids]
+            self._unjudged = dict.fromkeys(waiting + sorted(pids - self._judged.keys() - self._unjudged.keys()))
+        for pid in list(self._unjudged)[:NEW_PIDS_PER_TICK_MAX]:
+            del self._unjudged[pid]
+            if pid not in self._judged:
                 self._judge_pid(pid, protected)
-            # Children the kernel made candidates on fork: the processes among them were just
-            # judged with the rest (kept when a policy with within governs them); threads and
-            # the others go.
+        if scanned:
+            # Children the kernel made candidates on fork: the processes among them judged by now
+            # stay when a policy with within governs them; threads and the others go.
             inherited = self.source.inherited_burst_candidates()
-            self.source.drop_burst_candidates([pid for pid in inherited if pid not in self._candidates])
+            self.source.drop_burst_candidates([pid for pid in inherited
+                                               if pid not in self._candidates and pid not in self._unjudged])
         for pid in protected & self._candidates.keys():
             del self._candidates[pid]
             self._judged_info.pop(pid, None)
+        for pid in [pid for pid, (_info, when) in self._judged_info.items() if now - when >= JUDGED_INFO_FRESH_S]:
+            del self._judged_info[pid]  # of no more use (see evidence), and a process's whole reading
         self.source.set_burst_candidates({pid: candidate for pid, (_identity, candidate) in self._candidates.items()})
 
     def _judge_pid(self, pid: int, protected: set[int]) -> None:

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 # tick; a cache of only this tick's processes read ~20 new ones a tick at ~1.3 ms each (ancestors,
 # exe, cmdline: bench/scale.py), where a kept one costs a stat read every rescan interval.
 INFO_CACHE_MAX = 8192
+# And at most this much command-line text in each of the two caches (of readings and sketches): a
+# process's arguments are read up to 32 KiB (procfs.CMDLINE_MAX_BYTES), and a user's forked
+# children share theirs at no cost to the user, so a count alone would let them hold gigabytes.
+CACHED_CMDLINE_BYTES_MAX = 8 << 20
 ANCESTRY_MAX = 4096
 FULL_RESCAN_S = 60.0  # see Collector._candidates
 # Renamed or moved processes judged in one tick (task events), the rest kept for the next ticks, up
@@ -45,6 +49,42 @@ FULL_RESCAN_S = 60.0  # see Collector._candidates
 CHANGED_PER_TICK_MAX = 4
 CHANGED_QUEUE_MAX = 4096
 CHANGED_AGAIN_AFTER_S = 5.0  # a process judged from a task event waits this long to be judged from another
+
+
+def cmdline_bytes(info: ProcessInfo) -> int:
+    return sum(map(len, info.cmdline))
+
+
+class ReadingCache(dict):
+    """pid -> (ProcessInfo, when read), counting the command-line text it holds (`cmdline_bytes`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cmdline_bytes = 0
+
+    def __setitem__(self, pid: int, entry: tuple[ProcessInfo, float]) -> None:
+        self.pop(pid, None)
+        self.cmdline_bytes += cmdline_bytes(entry[0])
+        super().__setitem__(pid, entry)
+
+    def __delitem__(self, pid: int) -> None:
+        self.cmdline_bytes -= cmdline_bytes(self[pid][0])
+        super().__delitem__(pid)
+
+    def pop(self, pid: int, default=None):
+        entry = super().pop(pid, None)
+        if entry is None:
+            return default
+        self.cmdline_bytes -= cmdline_bytes(entry[0])
+        return entry
+
+    def clear(self) -> None:
+        super().clear()
+        self.cmdline_bytes = 0
+
+    @property
+    def full(self) -> bool:
+        return len(self) >= INFO_CACHE_MAX or self.cmdline_bytes >= CACHED_CMDLINE_BYTES_MAX
 
 
 class _AncestorMemory:
@@ -92,11 +132,11 @@ class Collector:
         self.protected_reason: dict[int, str] = {}
         self._warned_refused: set[ProcessIdentity] = set()  # refused processes already logged
         self._untracked: dict[int, set[int]] = {}  # pid -> threads the protected map refused
-        self._info_cache: dict[int, tuple[ProcessInfo, float]] = {}  # pid -> (info, when checked)
+        self._info_cache = ReadingCache()  # pid -> (info, when checked)
         # pid -> (start time, comm, its ancestors, when read) of the parents walked through lately
         self._ancestry: dict[int, tuple[int, str, tuple[tuple[int, str], ...], float]] = {}
         self._ancestor_memory = _AncestorMemory(self._ancestors_held, self._learn_ancestors)
-        self._sketches: dict[int, tuple[ProcessInfo, float]] = {}  # pid -> (sketch, when read): see sketch()
+        self._sketches = ReadingCache()  # pid -> (sketch, when read): see sketch()
         self._last_rescan = float("-inf")
         self._listed: set[int] | None = None  # the pids of the last rescan's listing (comm, cgroup, unit selectors)
         self._rescan_listing: list[int] | None = None  # that listing, when this tick's rescan made one
@@ -488,7 +528,7 @@ class Collector:
         except RemediatorError:
             self._sketches.pop(pid, None)
             return None
-        if len(self._sketches) >= INFO_CACHE_MAX:
+        if self._sketches.full:
             self._sketches.clear()  # bounded: sketched again at most once per process
         self._sketches[pid] = (sketch, now)
         return sketch
@@ -522,10 +562,13 @@ class Collector:
         self._ancestry[link.pid] = (link.start_time, link.comm, above, self.mono_clock())
 
     def _trim_info_cache(self, keep) -> None:
-        """Down to half the bound, the longest unchecked first (never those this tick uses)."""
-        oldest_first = sorted((checked, pid) for pid, (_info, checked) in self._info_cache.items() if pid not in keep)
-        for _checked, pid in oldest_first[: len(self._info_cache) - INFO_CACHE_MAX // 2]:
-            del self._info_cache[pid]
+        """Down to half the bounds, the longest unchecked first (never those this tick uses)."""
+        cache = self._info_cache
+        oldest_first = sorted((checked, pid) for pid, (_info, checked) in cache.items() if pid not in keep)
+        for _checked, pid in oldest_first:
+            if len(cache) <= INFO_CACHE_MAX // 2 and cache.cmdline_bytes <= CACHED_CMDLINE_BYTES_MAX // 2:
+                break
+            del cache[pid]
 
     def _with_group(self, info: ProcessInfo, membership: CgroupMembership | None = None) -> ProcessInfo:
         """`info` with its scheduling group, read now (`membership`: its cgroup file as just read)."""
@@ -562,7 +605,7 @@ class Collector:
                     if ancestor is None:
                         break
                     processes[ancestor_pid] = ancestor
-        if len(self._info_cache) > INFO_CACHE_MAX:
+        if self._info_cache.full:
             self._trim_info_cache(keep=processes)
 
         usage = tuple(

@@ -154,6 +154,15 @@ class CgroupMembership:
         return self.v2_path or self.v1_paths.get("name=systemd", "")
 
 
+def bounded_cmdline(data: bytes) -> bytes:
+    """The first CMDLINE_MAX_BYTES of a cmdline read as CMDLINE_MAX_BYTES + 1 bytes, still
+    NUL-terminated when it was NUL-separated, so split_cmdline splits it as it would the whole."""
+    if len(data) <= CMDLINE_MAX_BYTES:
+        return data
+    data = data[:CMDLINE_MAX_BYTES]
+    return data + b"\0" if b"\0" in data else data
+
+
 def split_cmdline(data: str) -> list[str]:
     """/proc/PID/cmdline's text as arguments, as psutil splits it: on NULs, or on spaces where a
     process rewrote its title (setproctitle: no NUL at the end, or one NUL after a spaced title)."""
@@ -239,6 +248,10 @@ IDLE_WORKER_S = 10.0  # a worker with nothing to read for this long ends (a Proc
 
 
 READ_CHUNK = 16384  # more than a process's stat, status or cgroup file holds: one read() each
+# A process's arguments can be a quarter of its stack limit (unlimited: gigabytes), shared by every
+# child it forks: the daemon reads, judges and keeps only this much of them. A JVM's classpath is a
+# few KiB; a policy's `cmdline` pattern is matched against these first bytes (docs/policy-format.md).
+CMDLINE_MAX_BYTES = 32768
 
 
 def _read_all(fd: int) -> bytes:
@@ -541,19 +554,19 @@ class ProcFS:
 
             def read() -> bytes:
                 with open(path, "rb") as handle:
-                    return handle.read()
+                    return handle.read(CMDLINE_MAX_BYTES + 1)
         else:
             directory = os.dup(held)
 
             def read() -> bytes:
                 try:
                     with open(os.open("cmdline", os.O_RDONLY | os.O_CLOEXEC, dir_fd=directory), "rb") as handle:
-                        return handle.read()
+                        return handle.read(CMDLINE_MAX_BYTES + 1)
                 finally:
                     os.close(directory)
 
         try:
-            data = self._bounded_read(pid, "cmdline", read).decode(errors="replace")
+            data = bounded_cmdline(self._bounded_read(pid, "cmdline", read)).decode(errors="replace")
         except ReadBlocked as exc:
             if held is not None and not exc.abandoned:
                 os.close(directory)  # refused before the worker had it; an abandoned read closes its own

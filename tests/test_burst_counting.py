@@ -510,3 +510,30 @@ def test_burstwatch_judges_a_renamed_or_moved_process_again_within_the_tick(tmp_
     source.exec_pids = [node.pid]
     watch.refresh([SERVICE], [SERVICE.pid], changed={node.pid})
     assert node.pid not in source.candidates and judged == [node.pid]
+
+
+def test_burstwatch_judges_a_flood_of_new_idle_pids_a_bounded_number_a_tick(tmp_path, monkeypatch):
+    """A user forking thousands of idle processes: the listing's new pids are judged
+    NEW_PIDS_PER_TICK_MAX a tick, oldest first, those gone meanwhile never read; a process that
+    runs is named by the tick's sample and judged at once; readings kept for events age out."""
+    from remediator import burstwatch
+    from remediator.burstwatch import BurstWatch
+
+    monkeypatch.setattr(burstwatch, "NEW_PIDS_PER_TICK_MAX", 3)
+    idle = [ProcessInfo(pid=1000 + i, start_time=100 + i, comm="sleep") for i in range(8)]
+    procs = FakeProcs(SERVICE, *idle)
+    source, now = FakeBurstSource(), [0.0]
+    watch = BurstWatch(source, procs, daemon=None, clock=lambda: now[0])
+    watch.set_policies(burst_policies(tmp_path))
+    watch.refresh([], [SERVICE.pid])
+    assert procs.reads == 3
+    del procs.infos[idle[7].pid]  # exits before its turn comes
+    procs.infos[SHIPPER.pid] = SHIPPER
+    now[0] = 0.25
+    watch.refresh([SHIPPER], [SERVICE.pid])  # it ran: judged at once, beside the next three
+    assert procs.reads == 6 and SHIPPER.pid in source.candidates
+    now[0] = 5.5
+    watch.refresh([], [SERVICE.pid])  # the next listing drops the gone pid from the queue: never read
+    assert procs.reads == 8 and not watch._unjudged
+    assert SHIPPER.pid not in watch._judged_info  # judged 5 s ago: of no use to an event any more
+    assert SHIPPER.pid in source.candidates

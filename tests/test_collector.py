@@ -702,3 +702,28 @@ def test_with_placement_at_exec_only_the_wanted_exec_d_processes_are_read_in_ful
     source.pending_execs.append(ExecEvent(0, 42, 42, "/bin/sleep"))
     clock.now += 0.25
     assert collector.sample().processes[42].uid == 1000
+
+
+def test_the_cached_readings_hold_a_bounded_amount_of_command_line_text(tmp_path, monkeypatch):
+    """A user's forked children share a long argument list at no cost to the user; a cache bounded
+    by its count alone would hold 8,192 copies of it. Sketches are dropped together once they hold
+    the bound (and read again at most once each); the kept readings are trimmed, oldest first."""
+    from remediator import collector as collector_module
+
+    monkeypatch.setattr(collector_module, "CACHED_CMDLINE_BYTES_MAX", 10_000)
+    proc, _source, clock, collector = setup(tmp_path)
+    for pid in range(100, 112):
+        proc.add(FakeProcess(pid, "sleep", start_time=pid, cmdline=("sleep", "x" * 2000)))
+    proc.write()
+    for pid in range(100, 112):
+        assert collector.sketch(pid).cmdline == ("sleep", "x" * 2000)
+        assert collector._sketches.cmdline_bytes == sum(map(collector_module.cmdline_bytes, (s for s, _ in collector._sketches.values())))
+        assert collector._sketches.cmdline_bytes <= 10_000 + 2005
+    for pid in range(100, 112):
+        clock.now += 0.01
+        collector.info(pid)
+    collector._trim_info_cache(keep=())
+    assert collector._info_cache.cmdline_bytes <= 5_000 and list(collector._info_cache) == [110, 111]  # the newest
+    collector._info_cache.pop(111)
+    collector._info_cache.pop(12345)  # not there: nothing counted
+    assert collector._info_cache.cmdline_bytes == 2005

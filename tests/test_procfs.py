@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import shutil
+import sys
 
 import psutil
 import pytest
@@ -144,6 +145,25 @@ def test_cmdline_splits_as_psutil_does():
     finally:
         child.kill()
         child.wait()
+
+
+def test_only_the_first_32_kib_of_a_long_command_line_are_read_and_kept():
+    """A process's arguments can be a quarter of its stack limit, and its forked children share
+    them at no cost to it: the daemon reads 32 KiB of them, still split on their NULs."""
+    from remediator.procfs import CMDLINE_MAX_BYTES, bounded_cmdline
+
+    program = [sys.executable, "-c", "import time; time.sleep(30)"]
+    child = subprocess.Popen([*program, "a" * 20000, "b" * 20000, "c" * 20000])
+    try:
+        arguments = ProcFS().cmdline(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert arguments[:4] == (*program, "a" * 20000)
+    before = sum(len(part.encode()) + 1 for part in arguments[:4])
+    assert arguments[4:] == ("b" * (CMDLINE_MAX_BYTES - before),)  # cut, and still split on its NULs
+    assert bounded_cmdline(b"x" * (CMDLINE_MAX_BYTES + 1)) == b"x" * CMDLINE_MAX_BYTES  # a title: no NUL to keep
+    assert bounded_cmdline(b"short\0") == b"short\0"
 
 
 def test_uids_come_from_the_uid_line_wherever_it_is(tmp_path):
