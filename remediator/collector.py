@@ -130,6 +130,7 @@ class Collector:
         self.throttling = throttling  # reads the protected cgroups' own-quota throttling each tick
         self.protected: dict[int, set[int]] = {}  # pid -> tids
         self.protected_reason: dict[int, str] = {}
+        self._protected_start: dict[int, int] = {}  # pid -> the start time of the process protected under it
         self._warned_refused: set[ProcessIdentity] = set()  # refused processes already logged
         self._untracked: dict[int, set[int]] = {}  # pid -> threads the protected map refused
         self._info_cache = ReadingCache()  # pid -> (info, when checked)
@@ -158,11 +159,18 @@ class Collector:
 
     # -- the protected set --------------------------------------------------------------------
     def _sync_threads(self, pid: int) -> bool:
-        """Protect the process's threads not yet known, forget those gone; False if the process is gone."""
+        """Protect the process's threads not yet known, forget those gone; False if the process is
+        gone, or its pid now names another process (started later than the one protected): that
+        one's threads are never listed, let alone protected, on the strength of the pid alone."""
         try:
-            tids = set(self.procfs.tids(pid))
+            with self.procfs.hold(pid):
+                start_time = self.procfs.stat(pid).start_time
+                if self._protected_start.get(pid, start_time) != start_time:
+                    return False
+                tids = set(self.procfs.tids(pid))
         except RemediatorError:
             return False
+        self._protected_start[pid] = start_time
         known = self.protected.setdefault(pid, set())
         new = tids - known
         refused: set[int] = set()
@@ -191,6 +199,7 @@ class Collector:
 
     def _drop_process(self, pid: int) -> None:
         self._untracked.pop(pid, None)
+        self._protected_start.pop(pid, None)
         tids = self.protected.pop(pid, set())
         self.protected_reason.pop(pid, None)
         if tids:

@@ -54,6 +54,24 @@ def test_a_thread_the_kernel_missed_is_added_and_a_gone_process_dropped(tmp_path
     assert sample.protected.pids == () and collector.protected == {}
 
 
+def test_a_protected_pid_taken_by_another_process_is_dropped_not_its_threads_protected(tmp_path):
+    """The protected process exits and another takes its pid before the next tick (a user racing
+    pids): the thread count differs, and the newcomer's threads must not be protected on the
+    strength of the pid alone (it would be exempt from every policy, and its waits would steer blame)."""
+    proc, source, clock, collector = setup(tmp_path)
+    assert collector.protected == {10: {10, 11}}
+    proc.remove(10)
+    proc.add(FakeProcess(10, "worker", start_time=5000, threads=[FakeThread(10), FakeThread(12), FakeThread(13)]))
+    proc.write()
+    source.kernel_tids -= {10, 11}  # the kernel forgot the exited threads
+    clock.now += 0.25  # before the next rescan
+
+    sample = collector.sample()
+
+    assert collector.protected == {} and sample.protected.pids == ()
+    assert not source.kernel_tids & {10, 12, 13}
+
+
 def test_children_added_in_the_kernel_are_adopted_at_rescan(tmp_path):
     proc, source, clock, collector = setup(tmp_path)
     proc.add(FakeProcess(40, "sh", ppid=10))  # forked by api: the kernel protected it on fork
