@@ -78,6 +78,7 @@ class BurstWatch:
         self._unjudged: dict[int, None] = {}  # pids a listing found, not judged yet (oldest first)
         self.events_seen = 0
         self.events_stale = 0  # events for a process that is gone or no longer a candidate
+        self.left_out = 0  # candidates the probe's map could not hold at the last refresh (it is full)
         self._protected: set[int] = set()  # the protected pids as of the last refresh
 
     @staticmethod
@@ -160,7 +161,9 @@ class BurstWatch:
             return
         protected = self._protected = set(protected)
         judged_now: set[int] = set()
+        named: list[int] = []
         for info in infos:
+            named.append(info.pid)
             if self._judged.get(info.pid) != info.identity:
                 self._judge(info, protected)
                 judged_now.add(info.pid)
@@ -210,7 +213,21 @@ class BurstWatch:
             self._judged_info.pop(pid, None)
         for pid in [pid for pid, (_info, when) in self._judged_info.items() if now - when >= JUDGED_INFO_FRESH_S]:
             del self._judged_info[pid]  # of no more use (see evidence), and a process's whole reading
-        self.source.set_burst_candidates({pid: candidate for pid, (_identity, candidate) in self._candidates.items()})
+        # The candidates the sample named lately (they ran) first: more than the map holds leaves
+        # out the longest idle ones, so a user's thousands of idle look-alikes cannot keep a real
+        # shipper out. Room is left for the children the kernel adds on fork between two scans.
+        for pid in named:
+            if pid in self._candidates:
+                self._candidates[pid] = self._candidates.pop(pid)  # to the end: the most recent
+        recent_first = list(reversed(self._candidates))
+        capacity = getattr(self.source, "burst_capacity", None)
+        kept = recent_first if capacity is None else recent_first[: capacity - capacity // 8]
+        left_out = len(recent_first) - len(kept)
+        left_out += self.source.set_burst_candidates({pid: self._candidates[pid][1] for pid in kept}) or 0
+        if left_out and not self.left_out:
+            log.warning("the burst candidate map is full: %d processes a policy with tail.within governs are left "
+                        "to the tick (detected within its windows, not within milliseconds)", left_out)
+        self.left_out = left_out
 
     def _judge_pid(self, pid: int, protected: set[int]) -> None:
         reader = self.reader

@@ -639,6 +639,9 @@ class Daemon:
         untracked = collector.untracked_threads() if collector is not None else 0
         if untracked:
             parts.append(f"protected map full: {plural(untracked, 'thread')} not tracked")
+        bursts = getattr(self, "bursts", None)
+        if bursts is not None and bursts.left_out:
+            parts.append(f"burst candidate map full: {plural(bursts.left_out, 'process')} left to the tick")
         if self.lost_totals:
             parts.append("probe events lost: " + ", ".join(f"{name} {count}" for name, count in sorted(self.lost_totals.items())))
         blocked = self.procfs.blocked_reads

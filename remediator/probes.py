@@ -817,10 +817,12 @@ class SchedProbes:
     _CANDIDATE = struct.Struct(f"<QQIIII QQ {BURST_MAX_COUNT}Q".replace(" ", ""))
     _BURST_EVENT = struct.Struct("<QQQII")
 
-    def set_burst_candidates(self, wanted: dict[int, BurstCandidate]) -> None:
+    def set_burst_candidates(self, wanted: dict[int, BurstCandidate]) -> int:
         """Make the candidate map hold exactly `wanted` (tgid -> what to count). A candidate whose
-        settings did not change keeps its counted waits; only differences touch the map."""
+        settings did not change keeps its counted waits; only differences touch the map. Returns
+        how many of `wanted` the map could not hold (it is full)."""
         candidates = self._maps["burst_candidates"]
+        left_out = 0
         for tgid in [tgid for tgid in self._burst_candidates if tgid not in wanted]:
             candidates.delete(struct.pack("<I", tgid))
             del self._burst_candidates[tgid]
@@ -832,12 +834,14 @@ class SchedProbes:
             try:
                 candidates.update(struct.pack("<I", tgid), value)
             except OSError:
-                continue  # the map is full: that process is left to the tick
+                left_out += 1  # the map is full: that process is left to the tick (tried again next tick)
+                continue
             self._burst_candidates[tgid] = candidate
         floor = min((c.threshold_ns for c in self._burst_candidates.values()), default=0)
         if floor != self._burst_floor:  # one syscall fewer per tick when the candidates stay
             self._maps["burst_floor"].update(struct.pack("<I", 0), struct.pack("<Q", floor))
             self._burst_floor = floor
+        return left_out
 
     def burst_candidates(self) -> dict[int, BurstCandidate]:
         return dict(self._burst_candidates)

@@ -430,8 +430,13 @@ class BpfSource:
         return self.probes.task_changes()
 
     # burst detection (remediator/burstwatch.py): only this source has it
-    def set_burst_candidates(self, candidates: Mapping[int, BurstCandidate]) -> None:
-        self.probes.set_burst_candidates(dict(candidates))
+    def set_burst_candidates(self, candidates: Mapping[int, BurstCandidate]) -> int:
+        return self.probes.set_burst_candidates(dict(candidates))
+
+    @property
+    def burst_capacity(self) -> int:
+        """How many candidates the probe's map holds (set_burst_candidates leaves the rest out)."""
+        return self.probes.settings.max_burst_candidates
 
     def poll_bursts(self, timeout_s: float) -> list[BurstEvent]:
         return self.probes.poll(timeout_s)

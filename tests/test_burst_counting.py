@@ -537,3 +537,29 @@ def test_burstwatch_judges_a_flood_of_new_idle_pids_a_bounded_number_a_tick(tmp_
     assert procs.reads == 8 and not watch._unjudged
     assert SHIPPER.pid not in watch._judged_info  # judged 5 s ago: of no use to an event any more
     assert SHIPPER.pid in source.candidates
+
+
+def test_a_full_candidate_map_leaves_out_the_longest_idle_not_the_shipper_that_runs(tmp_path, caplog):
+    """A user's thousands of idle processes calling themselves fluent-bit are candidates by policy;
+    more than the probe's map holds leaves out those the samples named longest ago, keeps room
+    for the kernel's fork children, and says so once."""
+    from remediator.burstwatch import BurstWatch
+
+    look_alikes = [ProcessInfo(pid=2000 + i, start_time=200 + i, comm="fluent-bit") for i in range(10)]
+    procs = FakeProcs(SERVICE, *look_alikes)
+    source = FakeBurstSource()
+    source.burst_capacity = 8  # room for 7: an eighth is left for fork children
+    watch = BurstWatch(source, procs, daemon=None, clock=lambda: 0.0)
+    watch.set_policies(burst_policies(tmp_path))
+    with caplog.at_level("WARNING"):
+        watch.refresh([], [SERVICE.pid])
+    assert len(source.candidates) == 7 and watch.left_out == 3
+    assert "burst candidate map is full: 3 processes" in caplog.text
+    procs.infos[SHIPPER.pid] = SHIPPER
+    watch.refresh([SHIPPER], [SERVICE.pid])  # the real shipper runs: named by the sample
+    assert SHIPPER.pid in source.candidates and len(source.candidates) == 7 and watch.left_out == 4
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        watch.refresh([look_alikes[0]], [SERVICE.pid])
+    assert look_alikes[0].pid in source.candidates and SHIPPER.pid in source.candidates
+    assert "map is full" not in caplog.text  # said once, while it stays full

@@ -37,3 +37,17 @@ def test_a_full_protected_map_refuses_threads_and_counts_forks(spawn):
         assert probes.snapshot().totals["protected_map_full"] == 6
     finally:
         probes.close()
+
+
+def test_a_full_burst_candidate_map_says_how_many_it_left_out():
+    from remediator.probes import BurstCandidate
+
+    probes = SchedProbes(ProbeSettings(max_burst_candidates=4))
+    try:
+        wanted = {4_100_000 + i: BurstCandidate(threshold_ns=2_000_000, count=2, span_ns=50_000_000) for i in range(6)}
+        assert probes.set_burst_candidates(wanted) == 2
+        assert set(probes.burst_candidates()) == set(list(wanted)[:4])
+        assert probes.set_burst_candidates(dict(list(wanted.items())[2:])) == 0  # two freed: the rest fit
+        assert set(probes.burst_candidates()) == set(list(wanted)[2:])
+    finally:
+        probes.close()
