@@ -119,3 +119,25 @@ def test_dry_run_names_the_files_and_changes_nothing(spawn, new_executor, cpu_hi
         f"write {hog.pid} to {group}/cgroup.procs (was {before})"
     )
     assert cpu_cgroup(hog.pid) == before and not group.exists()
+
+
+def test_a_process_under_a_cpu_quota_is_not_moved_out_of_it(spawn, new_executor, cpu_hierarchy, policy_name):
+    """A container's --cpus (or a unit's CPUQuota=) on a v1 host is cpu.cfs_quota_us on its cpu
+    cgroup: moved into remediator's group, the process would escape it. Refused, left where it is."""
+    limited = cpu_hierarchy.mount_point / f"test-limited-{os.getpid()}"
+    limited.mkdir()
+    try:
+        (limited / "cpu.cfs_quota_us").write_text("50000")
+        hog = spawn(hog_argv(threads=1))
+        (limited / "cgroup.procs").write_text(str(hog.pid))
+        executor = new_executor()
+
+        outcome = executor.apply(cpu_request(hog.pid, policy_name, (("idle", 1),)), ())
+
+        assert outcome.status == "invalid", outcome
+        assert "would lift the quota of its cgroup" in outcome.message and "cpu.cfs_quota_us='50000'" in outcome.message
+        assert cpu_cgroup(hog.pid) == f"/{limited.name}"
+        assert not (cpu_hierarchy.mount_point / f"remediator-{policy_name}").exists()
+        assert executor.active() == []
+    finally:
+        evacuate_and_remove(limited, cpu_hierarchy.mount_point)

@@ -101,6 +101,31 @@ def test_enables_cpuset_creates_the_cgroup_moves_the_process_and_restores(host):
     assert "cpuset" in (root / "cgroup.subtree_control").read_text().split()
 
 
+def test_a_process_under_limits_is_not_moved_out_of_them(host):
+    """On v2 one tree holds every controller: a process moved into remediator's cpuset would leave
+    its cgroup's memory.max (a container's, a supervisor's) behind. Refused, nothing written."""
+    v2 = host()
+    (v2.root / "system.slice" / "memory.max").write_text("1073741824\n")
+    v2.cgroupfs.calls.clear()
+
+    outcome = v2.executor().apply(v2.request(), ())
+
+    assert outcome.status == "invalid", outcome
+    assert "would lift the limits of its cgroup" in outcome.message and "memory.max='1073741824'" in outcome.message
+    assert v2.cgroupfs.changes() == [] and v2.procs.cgroup(PID) == SERVICE
+
+
+def test_the_cpus_are_narrowed_to_those_its_cpuset_allows_now_never_widened(host):
+    v2 = host()
+    (v2.root / "system.slice" / "cpuset.cpus").write_text("1-2\n")
+    (v2.root / "system.slice" / "cpuset.cpus.effective").write_text("1-2\n")
+
+    outcome = v2.executor().apply(v2.request(cpus=frozenset({2, 3})), ())
+
+    assert outcome.status == "applied", outcome
+    assert (v2.root / "remediator-log-shippers" / "cpuset.cpus").read_text().strip() == "2"
+
+
 def test_a_deeper_parent_gets_cpuset_enabled_all_the_way_down(host):
     v2 = host(parent="/remediator.slice")
     v2.cgroupfs.make_cgroup("/remediator.slice")

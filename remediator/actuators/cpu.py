@@ -24,7 +24,8 @@ siblings, which is where a systemd host puts a service and a sidecar (each its o
   where before every thread competed alone, so it is not left on behind the host's back. Never a raise by the
   move: a process whose cgroup (or an ancestor below the root) already gives as little (cpu.idle 1,
   a weight or a cpu.max as low) stays where it is, and one whose cgroup holds limits (memory.max,
-  pids.max, cpu.max, io.max, a cpuset: scope.limits_in_the_way) is refused rather than moved out.
+  pids.max, cpu.max, io.max, a cpuset: scope.limits_in_the_way; on v1, where the cpu hierarchy is a
+  tree of its own, cpu.cfs_quota_us) is refused rather than moved out.
 
 One kind, "cpu": a later step adds its setting on top of the earlier ones (cpu_weight, then
 cpu_idle), and the journal keeps the original from before the first, so a revert gives back every
@@ -50,7 +51,8 @@ from ..systemd import SystemdManager, unit_for_cgroup
 from .base import ActuatorError, ApplyResult, ChangeFailed, ChangeInvalid, Plan, RestoreResult, ensure_alive, systemd_call
 from .cpuset import CPU_IDLE_MISSING, enable_controller_steps, give_back_controller, write_error
 from .kind import Compiling, Host
-from .scope import OffenderScopes, limits_in_the_way, outside_units, scope_cgroup_of, scope_name, scope_of_applied, scope_text
+from .scope import (V1_CPU_LIMIT_DEFAULTS, OffenderScopes, limits_in_the_way, outside_units, scope_cgroup_of, scope_name,
+                    scope_of_applied, scope_text)
 
 CGROUP_PREFIX = "remediator-"
 UNSET = 2**64 - 1  # systemd's "not set" for CPUWeight, "no quota" for CPUQuotaPerSecUSec
@@ -246,6 +248,12 @@ class CpuActuator:
                                         f"the limits of its cgroup ({', '.join(limits)}): nothing changed")
             # Our group is a child of the root, which the no-internal-process rule exempts.
             enable = enable_controller_steps(self.cgroupfs, mount, "/", "cpu")
+        elif moving:
+            # A container's --cpus or a unit's CPUQuota= on a v1 host: out of its group, it would be lifted.
+            limits = limits_in_the_way(self.cgroupfs, mount, current["cgroup"], V1_CPU_LIMIT_DEFAULTS)
+            if limits:
+                raise ChangeInvalid(f"pid {identity.pid} is in {current['cgroup']}, and moving it into {directory} would lift "
+                                    f"the quota of its cgroup ({', '.join(limits)}): nothing changed")
         writes_for = _v2_writes if mount.version == 2 else _v1_writes
         exists = self.cgroupfs.exists(directory)
         writes = writes_for(setting, directory, self._read) if exists else writes_for(setting, directory, lambda path: "")

@@ -39,6 +39,8 @@ LIMIT_DEFAULTS = {
     "io.max": ("",),
     "cpuset.cpus": ("",),
 }
+# On cgroup v1 the cpu hierarchy is its own tree: moving a process in it lifts only its quota.
+V1_CPU_LIMIT_DEFAULTS = {"cpu.cfs_quota_us": ("-1",)}
 SCOPE_PROPERTIES = ("CPUWeight", "CPUQuotaPerSecUSec", "CPUQuotaPeriodUSec", "AllowedCPUs")
 # How long systemd may take to move the pid (the start job runs after the D-Bus answer).
 SETTLE_S = 5.0
@@ -71,22 +73,23 @@ def outside_units(cgroup_path: str) -> tuple[bool, str]:
     return True, why
 
 
-def limits_in_the_way(cgroupfs: CgroupFS, mount: CgroupMount, cgroup_path: str) -> list[str]:
+def limits_in_the_way(cgroupfs: CgroupFS, mount: CgroupMount, cgroup_path: str,
+                      defaults: dict[str, tuple[str, ...]] = LIMIT_DEFAULTS) -> list[str]:
     """The limits set on a cgroup or its ancestors below the root ('file=value'): what a process
-    moved out of it would escape."""
+    moved out of it would escape (`defaults`: each file's values that mean no limit)."""
     found = []
     parts = [part for part in cgroup_path.split("/") if part]
     for depth in range(len(parts), 0, -1):
         directory = mount.fs_path("/" + "/".join(parts[:depth]))
         if directory is None:
             continue
-        for name, defaults in LIMIT_DEFAULTS.items():
+        for name, unlimited in defaults.items():
             try:
                 value = cgroupfs.read(directory / name).strip()
             except OSError:
                 continue  # that controller is not enabled there: no limit from it
             first = value.split()[0] if value else ""
-            if first not in defaults:
+            if first not in unlimited:
                 found.append(f"{directory / name}={value!r}")
     return found
 
