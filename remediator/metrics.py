@@ -5,19 +5,24 @@ on a loopback address (`MetricsServer`) and/or writes it for node_exporter's tex
 (`TextfileWriter`); `remediator replay --metrics FILE` writes what the daemon would have exported
 after a recording. Every label is bounded: policies, steps, results, reasons and probes come from
 the config and the code; offender comms (any process can choose its own) get a series of their own
-for the first `offender_labels` comms that earn one, and all others count under "other".
+for the first `offender_labels` comms of processes a policy governs that earn one, as many again for
+processes no policy names, and all others count under "other". Two sets of places, so that processes
+no policy names cannot take the places of the offenders the policies are about.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import io
 import os
 import socket
+import socketserver
 import sys
 import threading
+import time
 from pathlib import Path
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, make_wsgi_app
 from prometheus_client.core import HistogramMetricFamily
@@ -34,6 +39,7 @@ NO_POLICY = "none"
 # An offender comm earns its own series once it has been blamed for this much (while counted under
 # "other"): a comm that was on the protected CPUs for a moment must not take one of the N places.
 OFFENDER_LABEL_MIN_S = 0.01
+PENDING_COMMS_MAX = 4096  # comms still under the bar remembered at once, per set of places
 # The probe's histogram is log-linear: 8 buckets per power of two, so every power of two is one of
 # its bucket bounds and folding into these loses nothing but resolution. 2**10 ns (1 us) .. 2**31 ns (2.1 s).
 WAIT_BUCKETS_NS = tuple(1 << k for k in range(10, 32))
@@ -105,6 +111,32 @@ class _WaitHistogram:
         return self.collect()
 
 
+class _CommPlaces:
+    """Up to `size` offender comms with a series of their own: the first that are blamed for
+    OFFENDER_LABEL_MIN_S in all (while counted under "other") keep one for good."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.labelled: set[str] = set()
+        self._pending_s: dict[str, float] = {}  # blame of comms under the bar so far
+
+    def earn(self, comm: str, seconds: float) -> bool:
+        """Whether `comm` has a place now that it was blamed `seconds` more."""
+        if comm in self.labelled:
+            return True
+        if len(self.labelled) >= self.size:
+            return False
+        so_far = self._pending_s.get(comm, 0.0) + seconds
+        if so_far >= OFFENDER_LABEL_MIN_S:
+            self.labelled.add(comm)
+            self._pending_s.pop(comm, None)
+            return True  # from now on; what it had before stays in "other" (counters never go down)
+        if len(self._pending_s) >= PENDING_COMMS_MAX:
+            self._pending_s.clear()  # bounded: a host of short-lived comms must not grow this
+        self._pending_s[comm] = so_far
+        return False
+
+
 class _FoldingRegistry(CollectorRegistry):
     """A registry that counts in the ticks not yet counted (`fold`) before any series is read: a
     scrape, a filtered scrape (`?name[]=`) and a textfile write all collect through here."""
@@ -135,8 +167,10 @@ class Metrics:
         self.registry = _FoldingRegistry(self.fold)
         self.offender_labels = offender_labels
         self._lock = threading.Lock()
-        self._offenders: set[str] = set()  # comms with a series of their own
-        self._unlabelled_blame_s: dict[str, float] = {}  # blame of the others, until one earns a series
+        # Offender comms with a series of their own: those of processes a policy governs, and the
+        # others. Apart, so that any local user naming processes at will cannot fill the first.
+        self._governed_places = _CommPlaces(offender_labels)
+        self._unnamed_places = _CommPlaces(offender_labels)
         self._tail_series: set[tuple[str, ...]] = set()
         # Set again only when they change: most ticks change none of these.
         self._mode_now: str | None = None
@@ -175,7 +209,8 @@ class Metrics:
                                "tail above which it acts.", ("policy", "percentile"))
         self.blame_by_offender = counter("remediator_offender_blame_seconds_total", "Time others ran on a CPU "
                                          "while a protected thread waited for it, by the offender's comm (the "
-                                         f"first N comms to earn a series; the rest under \"{OTHER}\").", ("comm",))
+                                         "first N comms of governed processes and the first N of the others to earn "
+                                         f"a series; the rest under \"{OTHER}\").", ("comm",))
         self.blame_by_policy = counter("remediator_policy_blame_seconds_total", "The same blame, by the policy "
                                        f"that governs the offender (\"{NO_POLICY}\": no policy names it).", ("policy",))
         self.actions = counter("remediator_actions_total", "Ladder steps carried out, by result (applied, "
@@ -297,19 +332,11 @@ class Metrics:
             self.mode.labels(each).set(1 if each == mode else 0)
         self._mode_now = mode
 
-    def _offender(self, comm: str, seconds: float) -> str:
-        if comm in self._offenders:
-            return comm
-        if len(self._offenders) < self.offender_labels:
-            so_far = self._unlabelled_blame_s.get(comm, 0.0) + seconds
-            if so_far >= OFFENDER_LABEL_MIN_S:
-                self._offenders.add(comm)
-                self._unlabelled_blame_s.pop(comm, None)
-                return comm  # from now on; what it had before stays in "other" (counters never go down)
-            if len(self._unlabelled_blame_s) >= 4096:
-                self._unlabelled_blame_s.clear()  # bounded: a host of short-lived comms must not grow this
-            self._unlabelled_blame_s[comm] = so_far
-        return OTHER
+    def _offender(self, comm: str, seconds: float, governed: bool) -> str:
+        if comm in self._governed_places.labelled or comm in self._unnamed_places.labelled:
+            return comm  # a comm keeps its series whichever process of that name is blamed
+        places = self._governed_places if governed else self._unnamed_places
+        return comm if places.earn(comm, seconds) else OTHER
 
     def _blame(self, sample, policies, by_offender: dict[str, float], by_policy: dict[str, float]) -> None:
         # Summed per series first: a busy host blames dozens of processes a tick, a handful of series.
@@ -320,9 +347,9 @@ class Metrics:
             info = sample.processes.get(pid)
             usage = None if info is not None else sample.usage_of(pid)
             comm = info.comm if info is not None else usage.comm if usage is not None else "?"
-            offender = self._offender(comm, seconds)
-            by_offender[offender] = by_offender.get(offender, 0.0) + seconds
             found = sample.governing(info, policies) if info is not None else None  # a tree policy's too
+            offender = self._offender(comm, seconds, governed=bool(found))
+            by_offender[offender] = by_offender.get(offender, 0.0) + seconds
             name = found.policy.name if found else NO_POLICY
             by_policy[name] = by_policy.get(name, 0.0) + seconds
 
@@ -377,16 +404,109 @@ class Metrics:
 
 # -- serving ----------------------------------------------------------------------------------
 
+# A connection gets this long in all, from accept to the last byte of the answer: the request line,
+# the headers and the answer. A scrape on loopback takes milliseconds; a client that trickles its
+# request a byte at a time is cut off here, however long it would keep going.
+CONNECTION_DEADLINE_S = 5.0
+# Connections served at once, each on a thread of its own while it lasts (at most the deadline). One
+# more is closed at once, never queued: connections by the thousand cost no threads and no descriptors.
+MAX_CONNECTIONS = 8
+# What a request may send (request line and headers): a scrape sends a few hundred bytes.
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+class _CutOff(ConnectionAbortedError):
+    """A connection past its deadline or its byte budget. A ConnectionAbortedError, so that wsgiref
+    drops it as quietly as a client that went away, with no traceback in the journal."""
+
+
+class _DeadlineSocket(io.RawIOBase):
+    """A connection's socket as a file whose reads and writes all end by one deadline (each call
+    may block only for the time left), and whose reads stop at `max_read` bytes in all."""
+
+    def __init__(self, sock: socket.socket, deadline: float, max_read: int):
+        self._sock = sock
+        self._deadline = deadline
+        self._left_to_read = max_read
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def _block_at_most_the_time_left(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise _CutOff("past the connection's deadline")
+        self._sock.settimeout(left)
+
+    def readinto(self, buffer) -> int:
+        if self._left_to_read <= 0:
+            raise _CutOff(f"a request longer than {MAX_REQUEST_BYTES} bytes")
+        self._block_at_most_the_time_left()
+        try:
+            received = self._sock.recv_into(memoryview(buffer)[:self._left_to_read])
+        except TimeoutError:
+            raise _CutOff("past the connection's deadline") from None
+        self._left_to_read -= received
+        return received
+
+    def write(self, data) -> int:
+        self._block_at_most_the_time_left()
+        try:
+            self._sock.sendall(data)  # the timeout bounds the whole sendall, not each send
+        except TimeoutError:
+            raise _CutOff("past the connection's deadline") from None
+        return len(data)
+
+
 class _QuietHandler(WSGIRequestHandler):
-    timeout = 5.0  # a client that sends nothing holds the server this long at most
+    def setup(self) -> None:
+        # In place of StreamRequestHandler's per-call timeout: one deadline for the whole connection.
+        self.connection = self.request
+        stream = _DeadlineSocket(self.request, time.monotonic() + self.server.deadline_s, MAX_REQUEST_BYTES)
+        self.rfile = io.BufferedReader(stream)
+        self.wfile = stream
 
     def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
         pass  # a scrape every 15 s is not news for the journal
 
 
-class _Server(WSGIServer):
-    """One request at a time, on one thread: a local user opening connections by the thousand gets
-    them queued or refused, not a thread each (the unit's TasksMax is the daemon's too)."""
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    """Each connection on a thread of its own, at most `max_connections` at once and each for at most
+    `deadline_s`: a client that trickles or stalls holds one thread that long and delays nobody
+    else. A connection beyond the cap is closed at once (never queued), so a local user opening
+    connections by the thousand gets neither a thread nor a descriptor kept for each."""
+
+    daemon_threads = True  # a handler never holds up the daemon's exit
+    block_on_close = False  # and keeps no list of its threads
+
+    def __init__(self, address, deadline_s: float, max_connections: int):
+        self.deadline_s = deadline_s
+        self._free_places = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, _QuietHandler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._free_places.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread started (TasksMax): the place is free again
+            self._free_places.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._free_places.release()
+
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return  # a client cut off, gone or refused: not news for the journal
+        super().handle_error(request, client_address)
 
 
 class _Server6(_Server):
@@ -394,14 +514,18 @@ class _Server6(_Server):
 
 
 class MetricsServer:
-    """GET /metrics on a loopback address, served by one thread (prometheus_client's WSGI app)."""
+    """GET /metrics on a loopback address (prometheus_client's WSGI app): a thread accepts, and each
+    connection is served on a thread of its own, at most `max_connections` at once, each cut off
+    after `deadline_s`."""
 
-    def __init__(self, metrics: Metrics, host: str, port: int):
+    def __init__(self, metrics: Metrics, host: str, port: int, *, deadline_s: float = CONNECTION_DEADLINE_S,
+                 max_connections: int = MAX_CONNECTIONS):
         server_class = _Server6 if ":" in host else _Server
         try:
-            self.server = make_server(host, port, make_wsgi_app(metrics.registry), server_class, handler_class=_QuietHandler)
+            self.server = server_class((host, port), deadline_s, max_connections)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot listen on {format_address(host, port)}: {exc.strerror or exc}") from None
+        self.server.set_app(make_wsgi_app(metrics.registry))
         self.host = host
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)

@@ -194,7 +194,7 @@ MATCH_KEYS = (
     Key(
         "cmdline",
         "regex",
-        "A Python regular expression searched (not anchored) in the command line, arguments joined with spaces.",
+        "A Python regular expression searched (not anchored) in the command line, arguments joined with spaces; the first 32 KiB of the arguments are read.",
         item_check=check_regex,
         example='cmdline = "logstash.*-f /etc/logstash"',
     ),
@@ -365,7 +365,7 @@ RECORDING_KEYS = (
 )
 
 CONFIG_LIMITS_KEYS = (
-    Key("max_changes_per_minute", "integer", "Most changes the daemon makes per minute, over all policies.", default=10, minimum=1, maximum=10000),
+    Key("max_changes_per_minute", "integer", "Most changes the daemon makes per minute, over all policies; `always` placements count apart, the same number per user.", default=10, minimum=1, maximum=10000),
 )
 
 def check_listen(text: str) -> tuple[str, int]:
@@ -400,7 +400,8 @@ METRICS_KEYS = (
         "textfile collector, which reads `*.prom` files. Relative to this file; under the shipped unit its directory "
         "must be writable (ReadWritePaths=).", pattern=r".*\.prom$", pattern_hint="a file name ending in .prom"),
     Key("offender_labels", "integer", "Offender comms that get a series of their own in "
-        "`remediator_offender_blame_seconds_total` (the first to earn one); the rest count as \"other\".",
+        "`remediator_offender_blame_seconds_total` (the first to earn one): up to this many of processes a policy "
+        "governs, and as many of the others; the rest count as \"other\".",
         default=20, minimum=1, maximum=1000),
 )
 

@@ -4,11 +4,15 @@ errors; and the real daemon's /metrics, scraped over HTTP and checked by promtoo
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import os
+import select
 import socket
 import stat
+import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,12 +23,16 @@ from helpers.workloads import hog_argv, victim_argv
 from remediator.audit import AuditWriter
 from remediator.config import load_config
 from remediator.daemon import DecisionLog
-from remediator.metrics import OTHER, Metrics, MetricsServer, TextfileWriter
+from remediator.engine import EngineState
+from remediator.metrics import (CONNECTION_DEADLINE_S, MAX_REQUEST_BYTES, OTHER, PENDING_COMMS_MAX, Metrics, MetricsServer,
+                                TextfileWriter)
 from remediator.model import PolicySet
 from remediator.procfs import ProcessInfo
 from remediator.sample import ProtectedWaits, Sample
 from remediator.schema import PolicyErrors
-from remediator.tick import Observers, TickObserver, engine_settings, replay_samples
+from remediator.tick import Observers, TickObserver, TickReport, engine_settings, replay_samples
+
+SHIPPED_POLICIES = Path(__file__).resolve().parent.parent / "policies"
 
 
 def values(metrics: Metrics, name: str) -> dict[tuple, float]:
@@ -88,6 +96,60 @@ def test_a_comm_that_only_flickers_gets_no_series_of_its_own():
     replay_samples(samples, PolicySet(()), engine_settings(PolicySet(()), 1.0, frozenset({0}), frozenset({0, 1}), 10, -1),
                    Observers([metrics]))
     assert set(values(metrics, "remediator_offender_blame_seconds_total")) == {(("comm", OTHER),)}
+
+
+def blame_by_comm(metrics: Metrics) -> dict[str, float]:
+    series = values(metrics, "remediator_offender_blame_seconds_total")
+    return {dict(labels)["comm"]: value for labels, value in series.items()}
+
+
+def tell_ticks(metrics: Metrics, policies: PolicySet, blames: list[list[tuple[int, str, int]]]) -> None:
+    """One tick per list of (pid, comm, ns), told to the observer as the tick does (no engine)."""
+    settings = engine_settings(policies, 1.0, frozenset({0}), frozenset({0, 1}), 10, self_pid=-1)
+    for index, blame in enumerate(blames):
+        metrics.on_tick(TickReport(blamed_sample(index, blame), policies, settings, EngineState(), "live", ()))
+
+
+def test_processes_no_policy_names_cannot_push_a_governed_offender_into_other():
+    from remediator.policy import load_policies
+
+    shipped = load_policies([SHIPPED_POLICIES])
+    metrics = Metrics()  # 20 places
+    squatters = [[(100 + i, f"squat-{i}", 10_000_000)] for i in range(20)]  # each just over the bar
+    latecomers = [[(200 + i, f"late-{i}", 1_000_000_000)] for i in range(30)]
+    tell_ticks(metrics, shipped, squatters + latecomers + [[(500, "fluent-bit", 1_000_000_000)]])
+    blame = blame_by_comm(metrics)
+    assert blame["fluent-bit"] == pytest.approx(1.0)  # the log-shippers policy governs it: a place of its own
+    assert {f"squat-{i}" for i in range(20)} <= set(blame)
+    assert not any(comm.startswith("late-") for comm in blame)
+    assert blame[OTHER] == pytest.approx(30.0)
+    assert len(blame) == 20 + 1 + 1
+
+
+def test_governed_comms_have_places_of_their_own_and_all_places_stay_bounded():
+    from remediator.policy import load_policies
+
+    shipped = load_policies([SHIPPED_POLICIES])
+    shippers = ["fluent-bit", "vector", "filebeat", "promtail", "otelcol"]  # all governed by log-shippers
+    metrics = Metrics(offender_labels=3)
+    ticks = [[(100 + i, f"worker-{i}", 20_000_000)] for i in range(50)]
+    ticks += [[(500 + i, comm, 1_000_000_000)] for i, comm in enumerate(shippers)]
+    tell_ticks(metrics, shipped, ticks)
+    blame = blame_by_comm(metrics)
+    assert set(blame) == {"worker-0", "worker-1", "worker-2", "fluent-bit", "vector", "filebeat", OTHER}
+    assert sum(blame.values()) == pytest.approx(50 * 0.02 + 5 * 1.0)  # no blame lost, only counted as other
+
+
+def test_a_flood_of_comms_under_the_bar_does_not_reset_a_governed_offenders_progress():
+    from remediator.policy import load_policies
+
+    shipped = load_policies([SHIPPED_POLICIES])
+    metrics = Metrics()
+    flood = [(1000 + i, f"blip-{i}", 1000) for i in range(PENDING_COMMS_MAX + 1000)]  # each far under the bar
+    tell_ticks(metrics, shipped, [[(500, "fluent-bit", 6_000_000)], flood, [(500, "fluent-bit", 6_000_000)]])
+    blame = blame_by_comm(metrics)
+    assert blame["fluent-bit"] == pytest.approx(0.006)  # 12 ms in all: over the bar at the second tick
+    assert set(blame) == {"fluent-bit", OTHER}
 
 
 def test_a_reload_or_a_mode_change_shows_in_the_series_made_once_per_policy_set():
@@ -239,6 +301,97 @@ def test_the_server_serves_ipv6_loopback_when_the_host_has_it():
     try:
         assert server.url.startswith("http://[::1]:")
         assert "remediator_ticks_total" in scrape(server.url)
+    finally:
+        server.close()
+
+
+def cut_off_after(sock: socket.socket, request: bytes, every_s: float, give_up_s: float) -> float | None:
+    """Send `request` a byte every `every_s`; the seconds until the server closed the connection, or
+    None if it was still open after `give_up_s`."""
+    started = time.monotonic()
+    for byte in request:
+        try:
+            sock.send(bytes([byte]))
+            readable, _, _ = select.select([sock], [], [], every_s)
+            if readable and not sock.recv(4096):
+                return time.monotonic() - started
+        except OSError:  # reset: closed with our bytes unread
+            return time.monotonic() - started
+        if time.monotonic() - started > give_up_s:
+            return None
+    return None
+
+
+def test_a_client_trickling_its_request_is_cut_off_at_the_deadline_while_scrapes_go_through():
+    server = MetricsServer(Metrics(), "127.0.0.1", 0)
+    endless = b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * 100
+    cut_off = []
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as trickler:
+            give_up_s = 3 * CONNECTION_DEADLINE_S
+            thread = threading.Thread(target=lambda: cut_off.append(cut_off_after(trickler, endless, 1.0, give_up_s)))
+            thread.start()
+            try:
+                time.sleep(1.5)  # the trickler is still on its request line
+                started = time.monotonic()
+                with urllib.request.urlopen(server.url, timeout=3) as response:
+                    assert response.status == 200 and b"remediator_ticks_total" in response.read()
+                assert time.monotonic() - started < 2.0
+            finally:
+                thread.join()
+        assert cut_off[0] is not None, "the trickling client was never cut off"
+        assert CONNECTION_DEADLINE_S - 1.0 <= cut_off[0] <= CONNECTION_DEADLINE_S + 2.0
+    finally:
+        server.close()
+
+
+def test_connections_beyond_the_cap_are_closed_at_once_and_take_no_thread():
+    server = MetricsServer(Metrics(), "127.0.0.1", 0, deadline_s=3.0, max_connections=2)
+    threads_before = threading.active_count()
+    silent = []
+    try:
+        silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]  # hold both places
+        with pytest.raises((OSError, http.client.HTTPException)):
+            urllib.request.urlopen(server.url, timeout=1).read()
+        started = time.monotonic()
+        for _ in range(50):  # one after another: all at once would only overflow the kernel's listen backlog
+            with socket.create_connection(("127.0.0.1", server.port), timeout=1.0) as refused:
+                try:
+                    assert refused.recv(1) == b""  # closed at once, not queued until a place frees
+                except ConnectionResetError:
+                    pass
+            assert threading.active_count() <= threads_before + 2
+        assert time.monotonic() - started < 1.0
+        # The silent ones are cut off at their deadline, and their places serve again.
+        assert wait_until(lambda: "remediator_ticks_total" in _try_scrape(server.url), 8.0, what="a scrape")
+    finally:
+        for sock in silent:
+            sock.close()
+        server.close()
+
+
+def _try_scrape(url: str) -> str:
+    try:
+        return scrape(url)
+    except (OSError, http.client.HTTPException):
+        return ""
+
+
+def test_a_request_longer_than_the_budget_is_cut_off_before_it_is_served():
+    server = MetricsServer(Metrics(), "127.0.0.1", 0)
+    headers = b"".join(b"X-Big-%d: %s\r\n" % (i, b"a" * 1500) for i in range(60))  # 60 lines: under 100, each short
+    assert len(headers) > MAX_REQUEST_BYTES
+    answer = b""
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=3) as sock:
+            try:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\n" + headers + b"\r\n")
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            except OSError:
+                pass  # reset: closed with our bytes unread
+        assert not answer.startswith(b"HTTP/1.0 200"), answer[:100]
+        assert "remediator_ticks_total" in scrape(server.url)  # and the server serves on
     finally:
         server.close()
 
