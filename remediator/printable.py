@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import re
 
-# C0 controls (newline, carriage return, escape...), DEL, C1 controls, and the Unicode line and
-# paragraph separators some viewers break lines on.
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# C0 controls (newline, carriage return, escape...), DEL, C1 controls, the Unicode line and
+# paragraph separators some viewers break lines on, and the bidirectional marks, embeddings,
+# overrides and isolates, which reorder what a terminal shows ("trojan source": a name can be made
+# to read as another, or to hide the columns after it).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 

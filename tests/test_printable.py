@@ -25,6 +25,9 @@ from remediator.printable import printable
         ("\x9b31m", "\\x9b31m"),
         ("ünïcode ok", "ünïcode ok"),
         ("line\u2028sep", "line\\u2028sep"),
+        ("tib-tneulf\u202e", "tib-tneulf\\u202e"),  # right-to-left override: would read "fluent-bit"
+        ("a\u2066b\u2069c\u200fd", "a\\u2066b\\u2069c\\u200fd"),  # isolates, a right-to-left mark
+        ("עברית", "עברית"),  # right-to-left text itself is fine
     ],
 )
 def test_printable(raw, shown):
