@@ -28,6 +28,12 @@ ACTION_COLOURS = {"act": "tab:red", "revert": "tab:green"}
 VERDICT_COLOURS = {"helped": "tab:green", "did-not-help": "tab:red", "inconclusive": "tab:gray", "unknown": "tab:gray"}
 
 
+def drawn(text: str) -> str:
+    """Process-controlled text as matplotlib draws it literally: escaped (printable), and with `$`
+    escaped, or a comm like `$\\foo$` would be parsed as mathtext and stop the picture."""
+    return printable(text).replace("$", r"\$")
+
+
 @dataclass(frozen=True)
 class Mark:
     epoch: float
@@ -117,11 +123,11 @@ def draw(data: ReportData):
         x = seconds(mark.epoch)
         if mark.kind in MARKED:
             tail_axes.axvline(x, color=ACTION_COLOURS[mark.kind], linewidth=1.2, alpha=0.8)
-            tail_axes.annotate(mark.label, (x, top), xytext=(3, -12 - 11 * (index % 4)), textcoords="offset points",
+            tail_axes.annotate(drawn(mark.label), (x, top), xytext=(3, -12 - 11 * (index % 4)), textcoords="offset points",
                                fontsize=7, color=ACTION_COLOURS[mark.kind], va="top", gid=mark.kind)
         else:
             colour = VERDICT_COLOURS.get(mark.verdict, "tab:purple")
-            tail_axes.annotate(mark.label, (x, data.threshold_us), xytext=(3, 10 + 11 * (index % 3)),
+            tail_axes.annotate(drawn(mark.label), (x, data.threshold_us), xytext=(3, 10 + 11 * (index % 3)),
                                textcoords="offset points", fontsize=7, color=colour, gid="verify",
                                arrowprops={"arrowstyle": "-", "color": colour, "linewidth": 0.6})
     tail_axes.set_ylabel("protected run-queue wait (µs)")
@@ -130,7 +136,7 @@ def draw(data: ReportData):
     tail_axes.legend(loc="upper right", fontsize=8)
     tail_axes.grid(True, which="major", alpha=0.3)
 
-    names = [printable(f"{b.comm} ({b.pid})") for b in data.blamed][::-1]
+    names = [drawn(f"{b.comm} ({b.pid})") for b in data.blamed][::-1]
     shares = [b.share * 100 for b in data.blamed][::-1]
     bars = blame_axes.barh(names, shares, color="tab:orange", gid="blame")
     blame_axes.bar_label(bars, fmt="%.0f%%", fontsize=8, padding=2)

@@ -116,3 +116,17 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["report", "-o", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and all(line.startswith("remediator: error:") for line in err), err
+
+
+def test_a_comm_that_reads_as_mathtext_is_drawn_as_it_is(scene_files):
+    """Any process can call itself `$\\foo$`: matplotlib would parse it as mathtext and fail."""
+    import dataclasses
+
+    audit, _, _ = scene_files
+    data = build(load_scene(audit, RECORDING))
+    hostile = dataclasses.replace(data.blamed[0], comm="$\\undefinedmacro{$")
+    data = dataclasses.replace(data, blamed=[hostile, *data.blamed[1:]])
+    figure = draw(data)
+    assert png_bytes(figure).startswith(b"\x89PNG")
+    labels = [t.get_text() for t in figure.axes[1].get_yticklabels()]
+    assert labels[-1] == "\\$\\undefinedmacro{\\$ (27667)"
