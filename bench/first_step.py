@@ -60,6 +60,7 @@ from incident import (  # noqa: E402  (the same workloads and percentiles as the
     OTHER_CPU,
     ROOT,
     add_workload_arguments,
+    interrupted,
     latency_figures,
     loadgen_argv,
     on_all_cpus,
@@ -375,10 +376,6 @@ def markdown(table: dict, args: argparse.Namespace) -> str:
                 f"{row['max_ms']} | {ratios.get('p99_ms', '-')} | {ratios.get('p999_ms', '-')} | {ratios.get('max_ms', '-')} |"
             )
     return "\n".join(lines) + "\n"
-
-
-def interrupted(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main() -> int:

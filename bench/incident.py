@@ -166,7 +166,15 @@ def stop_tree(proc: subprocess.Popen) -> None:
     except psutil.NoSuchProcess:
         children = []
     if proc.poll() is None:
-        proc.send_signal(signal.SIGINT if proc.args[1:2] == ["record"] else signal.SIGKILL)
+        if "run" in proc.args[1:3]:
+            # The daemon: SIGTERM, so that it gives back every change (revert_on_exit) and leaves no group.
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        else:
+            proc.send_signal(signal.SIGINT if proc.args[1:2] == ["record"] else signal.SIGKILL)
     for child in children:
         try:
             child.kill()
@@ -449,6 +457,11 @@ def plot(runs: dict[str, dict], path: Path) -> None:
 run_burst_s = 0.4
 
 
+def interrupted(signum, frame) -> None:
+    """SIGTERM as Ctrl-C: each run's cleanup (its processes killed, the daemon's changes restored) runs."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> int:
     global run_burst_s
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -463,6 +476,7 @@ def main() -> int:
     parser.add_argument("--runs", default="none,dry-run,live,hand-fix,detection")
     parser.add_argument("--publish", action="store_true", help="copy the table and the picture to docs/")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, interrupted)
     run_burst_s = args.burst_ms / 1000
     if os.geteuid() != 0:
         print("incident: run as root (sudo ./bootstrap bench incident)", file=sys.stderr)
@@ -509,4 +523,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as stop:
+        print(f"incident: interrupted ({stop}); the run's processes were stopped and the daemon's changes given back",
+              file=sys.stderr)
+        sys.exit(130)
