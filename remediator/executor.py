@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Collection, Iterable
+from typing import Collection, Iterable, NamedTuple
 
 from .actuators import KINDS, Actuator, ActuatorError, default_actuators, dry_run_twins
 from .cpulist import format_cpulist
@@ -31,6 +31,17 @@ log = logging.getLogger(__name__)
 ON_START_CHOICES = ("restore", "keep")
 # An entry from another boot: its process cannot exist any more, whatever holds the pid now.
 PREVIOUS_BOOT = "from a previous boot: process gone"
+# maintain() journals an entry's record at most this often. A process that churns threads still has
+# every new thread changed each tick, but costs at most 6 records a minute, each the size of its
+# live threads (threads.PerThreadActuator._live_record), instead of one per tick.
+MAINTAIN_JOURNAL_INTERVAL_S = 10.0
+
+
+class Unjournalled(NamedTuple):
+    """A record maintain() made within the interval, not on disk yet."""
+
+    base: dict | None  # the journal's record it was built on: a later step's record replaces both
+    record: dict
 
 
 class Executor:
@@ -55,6 +66,8 @@ class Executor:
         self.daemon = daemon_identity(procfs, self_pid)
         self._known_tids: dict[str, set[int]] = {}  # entry id -> threads already handled by maintain()
         self._noticed_tids: dict[str, set[int]] = {}  # entry id -> threads reported as changed by someone else
+        self._unjournalled: dict[str, Unjournalled] = {}  # entry id -> maintain()'s record waiting for the interval
+        self._journalled_at: dict[str, float] = {}  # entry id -> when maintain() last wrote its record (journal clock)
 
     # -- apply --------------------------------------------------------------------------------
     def apply(self, request: ActionRequest, protected_pids: Collection[int]) -> Outcome:
@@ -208,10 +221,16 @@ class Executor:
 
     # -- every tick ---------------------------------------------------------------------------
     def maintain(self) -> list[Outcome]:
-        """Re-apply to threads created since the change; drop entries whose process is gone."""
+        """Re-apply to threads created since the change; drop entries whose process is gone.
+
+        New threads are changed every tick; an entry's record is journalled at most every
+        MAINTAIN_JOURNAL_INTERVAL_S. Between writes the actuator changes only the threads a restore
+        from the record on disk gives back anyway (after a crash, say); the others wait for the write.
+        """
         if self.dry_run or self.journal is None:
             return []
         outcomes = []
+        now = self.journal.clock()
         for entry in self.journal.active():
             actuator = self.actuators.get(entry.kind)
             if actuator is None or entry.state != "applied":
@@ -221,6 +240,12 @@ class Executor:
                 continue
             known = self._known_tids.setdefault(entry.entry_id, self._initial_known(entry, entry.applied))
             noticed = self._noticed_tids.setdefault(entry.entry_id, set())
+            in_place = self._in_place(entry)
+            last_write = self._journalled_at.get(entry.entry_id)
+            # A clock stepped back counts as the interval over. Only per-thread actuators return
+            # records, so only they are ever within an interval and given `journalled`.
+            waiting = last_write is not None and 0 <= now - last_write < MAINTAIN_JOURNAL_INTERVAL_S
+            options = {"journalled": entry.applied or {}} if waiting else {}
             try:
                 with self.procfs.hold(entry.identity.pid):
                     try:
@@ -229,7 +254,7 @@ class Executor:
                         raise
                     except RemediatorError:
                         continue  # unreadable this tick; try again on the next
-                    result = actuator.maintain(entry.identity, entry.original, entry.applied or {}, known, noticed)
+                    result = actuator.maintain(entry.identity, entry.original, in_place or {}, known, noticed, **options)
             except ProcessGone as exc:
                 outcomes.append(self._drop(entry, actuator, str(exc)))
                 continue
@@ -239,14 +264,39 @@ class Executor:
             except (OSError, RemediatorError) as exc:
                 outcomes.append(Outcome("failed", entry.kind, entry.identity, str(exc)))
                 continue
+            note = self._journal_maintained(entry, result.applied if result is not None else None, waiting, now)
             if result is not None:
-                message = result.message
-                if result.applied is not None:
-                    message += self._record(self.journal.record_applied, entry, result.applied)
                 outcomes.append(
-                    Outcome(result.status, entry.kind, entry.identity, message, entry.original, result.applied or entry.applied, result.threads)
+                    Outcome(result.status, entry.kind, entry.identity, result.message + note, entry.original,
+                            result.applied or in_place, result.threads)
                 )
         return outcomes
+
+    def _in_place(self, entry: JournalEntry) -> dict | None:
+        """What maintain() has in place on the entry's process: its record still waiting for the
+        journal, or else the journal's. One built on a record a later step has replaced is dropped."""
+        waiting = self._unjournalled.get(entry.entry_id)
+        if waiting is not None and waiting.base is entry.applied:
+            return waiting.record
+        self._unjournalled.pop(entry.entry_id, None)
+        return entry.applied
+
+    def _journal_maintained(self, entry: JournalEntry, record: dict | None, waiting: bool, now: float) -> str:
+        """Write maintain()'s newest record, now or (within the interval) once the interval is over;
+        a failed write keeps it for the next attempt. Returns the note for the outcome message."""
+        if record is not None:
+            self._unjournalled[entry.entry_id] = Unjournalled(entry.applied, record)
+        if waiting or entry.entry_id not in self._unjournalled:
+            return ""
+        self._journalled_at[entry.entry_id] = now
+        note = self._record(self.journal.record_applied, entry, self._unjournalled[entry.entry_id].record)
+        if not note:
+            del self._unjournalled[entry.entry_id]
+        return note
+
+    def _forget_maintained(self, entry_id: str) -> None:
+        for state in (self._known_tids, self._noticed_tids, self._unjournalled, self._journalled_at):
+            state.pop(entry_id, None)
 
     # -- restore ------------------------------------------------------------------------------
     def restore(self, identity: ProcessIdentity | None = None, kinds: Iterable[str] | None = None) -> list[Outcome]:
@@ -292,7 +342,7 @@ class Executor:
                     return outcome("failed", f"cannot read the process: {exc}")
                 # An intent whose outcome is unknown: a value from either it or the step before is ours.
                 planned = entry.target if entry.state == "pending" else None
-                result = actuator.restore(identity, entry.original, entry.applied, planned)
+                result = actuator.restore(identity, entry.original, self._in_place(entry), planned)
         except ProcessGone as exc:
             return self._drop(entry, actuator, str(exc))
         except ActuatorError as exc:
@@ -303,8 +353,7 @@ class Executor:
             return outcome("failed", f"{exc}; the entry stays in the journal for another attempt")
         # Closed either way: what someone else set since stays theirs, and the entry has nothing left to give back.
         message = result.message + self._record(self.journal.record_restored, entry, result.message)
-        self._known_tids.pop(entry.entry_id, None)
-        self._noticed_tids.pop(entry.entry_id, None)
+        self._forget_maintained(entry.entry_id)
         return outcome("restored" if result.restored else LEFT_BY_OTHER, message, result.left)
 
     def _drop(self, entry: JournalEntry, actuator: Actuator, reason: str) -> Outcome:
@@ -316,8 +365,7 @@ class Executor:
         message = f"{reason}: nothing to restore" + (f"; {cleanup}" if cleanup else "")
         if self.journal is not None:
             message += self._record(self.journal.record_dropped, entry, message)
-        self._known_tids.pop(entry.entry_id, None)
-        self._noticed_tids.pop(entry.entry_id, None)
+        self._forget_maintained(entry.entry_id)
         return Outcome("dropped", entry.kind, entry.identity, message, entry.original, entry.applied)
 
     # -- start-up -----------------------------------------------------------------------------

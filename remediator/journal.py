@@ -21,8 +21,11 @@ the next record never lands glued onto a partial line; until that cut succeeds t
 to write. A line that an older version left glued (partial bytes, then a whole record) is read
 back from the whole record. A file holding only closed entries is compacted on open (new file,
 fsync, rename), never while a line in it is unreadable: that line may be the intent of a change
-still in place. One process at a time may write: an flock on <path>.lock, so `remediator revert`
-cannot race the daemon.
+still in place. A file that grows long while entries are open (maintain() rewriting the record of a
+process that churns threads) is compacted the same way while open: to the open entries' state, the
+records `entry_records` writes, which fold back to the same entries. Nothing but the fold is kept in
+memory: records are folded as they are written, and only their count stays (for `order`). One
+process at a time may write: an flock on <path>.lock, so `remediator revert` cannot race the daemon.
 
 Every intent carries the boot id (/proc/sys/kernel/random/boot_id): after a reboot, (pid, start
 time) can name a new process, so an entry from another boot is never applied to anything
@@ -52,6 +55,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_JOURNAL_PATH = "/var/lib/remediator/journal.jsonl"
 FORMAT_VERSION = 1
+OPS = ("intent", "applied", "failed", "restored", "dropped")
+# An open journal is compacted once it holds this many bytes and COMPACT_GROWTH times what its last
+# compaction left: its size stays bounded by what the open entries hold, and each rewrite (of the
+# open entries only) is paid for by the growth before it.
+COMPACT_AT_BYTES = 1 << 20
+COMPACT_GROWTH = 4
 
 OPEN_STATES = ("pending", "applied")  # pending: intent written, outcome unknown (possibly applied)
 CLOSED_STATES = ("failed", "restored", "dropped")
@@ -77,7 +86,7 @@ class JournalEntry:
     since: float  # wall-clock time of the first intent
     updated: float
     evidence: dict = field(default_factory=dict)
-    order: int = 0  # position of the first intent in the file: restore goes newest first
+    order: int = 0  # grows with the position of the first intent in the file: restore goes newest first
     boot_id: str = ""  # the boot the change was made in ("" in entries older than boot ids)
 
     @property
@@ -104,13 +113,55 @@ class JournalEntry:
 
 def fold(records: Iterable[dict]) -> dict[str, JournalEntry]:
     """The state of every entry after applying the records in order. Pure; unknown ops are ignored."""
+    return _fold_counting(records)[0]
+
+
+def _fold_counting(records: Iterable[dict]) -> tuple[dict[str, JournalEntry], int]:
+    """fold(), and how many records it could not use: malformed ones, and ops this version does not
+    know (a newer version's). A compaction would lose them, so it does not run while there are any."""
     entries: dict[str, JournalEntry] = {}
+    ignored = 0
     for order, record in enumerate(records):
+        if record.get("op") not in OPS:
+            ignored += 1
+            continue
         try:
             apply_record(entries, record, order)
         except (KeyError, TypeError, ValueError) as exc:
+            ignored += 1
             log.warning("journal: ignoring a malformed %r record (%s: %s)", record.get("op"), type(exc).__name__, exc)
-    return entries
+    return entries, ignored
+
+
+def entry_records(entry: JournalEntry) -> list[dict]:
+    """Records that fold back to `entry` (an open one), for a compacted file: its intent with the
+    first original, then what is in place, then the latest intent again while its outcome is
+    unknown. Only `updated` of a pending entry without an applied step reads back as `since`."""
+    intent = {
+        "v": FORMAT_VERSION,
+        "time": entry.since,
+        "op": "intent",
+        "entry": entry.entry_id,
+        "pid": entry.identity.pid,
+        "start_time": entry.identity.start_time,
+        "kind": entry.kind,
+        "policy": entry.policy,
+        "step": entry.step_index,
+        "original": entry.original,
+        "target": entry.target,
+        "evidence": entry.evidence,
+        "boot_id": entry.boot_id,
+    }
+    records = [intent]
+    if entry.applied is not None:
+        records.append({"v": FORMAT_VERSION, "time": entry.updated, "op": "applied", "entry": entry.entry_id, "applied": entry.applied})
+        if entry.state == "pending":
+            records.append({**intent, "time": entry.updated})
+    return records
+
+
+def _line(record: dict) -> bytes:
+    return (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode()
 
 
 def apply_record(entries: dict[str, JournalEntry], record: dict, order: int) -> None:
@@ -242,6 +293,13 @@ def load_entries(path: str | Path) -> list[JournalEntry]:
     return sorted(fold(records).values(), key=lambda entry: entry.order)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
 class Journal:
     """The journal file of one remediator: append-only, fsync'd, locked against a second writer."""
 
@@ -269,12 +327,15 @@ class Journal:
         self._lock_fd: int | None = None
         self._unreadable: list[int] = []
         self._cut_back_to: int | None = None  # a failed write left bytes past this offset
+        self._dir_unsynced = False  # a compaction renamed a new file in, and the directory's fsync failed
         self._dir: TrustedDirectory | None = None
+        self._size = 0  # bytes in the file (its complete lines)
+        self._compacted_size = 0  # bytes right after the last compaction (0 before: a long file is compacted at its next record)
         if read_only:
             records, _, warnings = read_records(self.path, trust) if self.path.exists() else ([], 0, [])
             for warning in warnings:
                 log.warning("%s", warning)
-            self._records = records
+            self._record_count = len(records)
             self._entries = fold(records)
             return
         # The directory is created 0700 where missing, checked, and held: every file in it is opened
@@ -282,9 +343,10 @@ class Journal:
         self._dir = TrustedDirectory(self.path.parent, trust, create_mode=0o700, shown=str(self.path))
         try:
             self._lock()
-            self._records = self._load()
-            self._entries = fold(self._records)
-            if self._records and not any(entry.active for entry in self._entries.values()):
+            records = self._load()
+            self._record_count = len(records)  # the records themselves are not kept: the fold is the state
+            self._entries, self._ignored = _fold_counting(records)
+            if records and not any(entry.active for entry in self._entries.values()):
                 if self._unreadable:
                     log.warning(
                         "journal %s not compacted: line %s cannot be read and may be the intent of a change "
@@ -323,6 +385,7 @@ class Journal:
             data = read_all(fd)
             found = scan_bytes(data, self.path)
             records, complete = found.records, found.complete
+            self._size = complete
             self._unreadable = found.unreadable
             for warning in found.warnings:
                 log.warning("%s", warning)
@@ -355,9 +418,67 @@ class Journal:
             except OSError:
                 pass
             return
-        log.debug("journal %s compacted (%d closed records dropped)", self.path, len(self._records))
-        self._records = []
+        log.debug("journal %s compacted (%d closed records dropped)", self.path, self._record_count)
+        self._record_count = 0
+        self._size = 0
         self._entries = {}
+
+    def _compact_open(self) -> None:
+        """Rewrite a grown file to the open entries' state (entry_records): a new file written and
+        fsync'd, renamed into place, the directory fsync'd. Not while a line cannot be read or a
+        record is not understood (it may be the intent of a change still in place). Failing leaves
+        the file as it is, only longer: retried once it has grown COMPACT_GROWTH times again."""
+        assert self._dir is not None and self._fd is not None
+        self._compacted_size = self._size
+        if self._unreadable or self._ignored:
+            log.warning(
+                "journal %s (%d bytes) not compacted: %s cannot be read, and may be the intent of a change still in place",
+                self.path, self._size,
+                f"line {', '.join(map(str, self._unreadable))}" if self._unreadable else f"{self._ignored} record(s)",
+            )
+            return
+        active = [entry for entry in self.entries() if entry.active]
+        data = b"".join(_line(record) for entry in active for record in entry_records(entry))
+        temporary = self.path.name + ".compact"
+        fd: int | None = None
+        try:
+            fd = self._dir.open(temporary, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)
+            _write_all(fd, data)
+            os.fsync(fd)
+            self._dir.rename(temporary, self.path.name)
+        except OSError as exc:
+            log.warning("journal %s not compacted: %s", self.path, exc.strerror or exc)
+            if fd is not None:
+                os.close(fd)
+            try:
+                os.unlink(temporary, dir_fd=self._dir.fd)
+            except OSError:
+                pass
+            return
+        # The new file is the journal from here on. Until the directory is fsync'd a crash may bring
+        # the old name back (complete, the same state), but not what is appended to the new one:
+        # _append fsyncs the directory first.
+        old, self._fd = self._fd, fd
+        try:
+            os.close(old)
+        except OSError:
+            pass  # the old file is replaced: nothing of it is needed
+        self._dir_unsynced = True
+        try:
+            self._sync_dir()
+        except OSError as exc:
+            log.warning("journal %s: compacted, but the directory cannot be fsync'd yet: %s", self.path, exc.strerror or exc)
+        # The same open entries (the same objects: callers may hold them); `order` keeps growing.
+        self._entries = {entry.entry_id: entry for entry in active}
+        log.debug("journal %s compacted while open: %d bytes to %d", self.path, self._size, len(data))
+        self._size = self._compacted_size = len(data)
+
+    def _sync_dir(self) -> None:
+        assert self._dir is not None
+        if self._dir_unsynced:
+            self._dir.fsync()
+            self._dir_unsynced = False
 
     def _open_for_append(self) -> None:
         assert self._dir is not None
@@ -385,21 +506,21 @@ class Journal:
         self.close()
 
     # -- writing ------------------------------------------------------------------------------
-    def _append(self, record: dict) -> None:
+    def _append(self, record: dict) -> JournalEntry:
+        """Write and fsync one record, fold it in, and return its entry as folded (a compaction
+        that follows may leave a closed entry out of the journal's state)."""
         if self.read_only:
             raise JournalError(f"journal {self.path} was opened read-only")
         if self._fd is None:
             raise JournalError(f"journal {self.path} is closed")
         record = {"v": FORMAT_VERSION, "time": self.clock(), **record}
-        line = (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        line = _line(record)
         if self._cut_back_to is not None:
             self._cut_back(self._cut_back_to)  # an earlier failed write: its bytes must go first
+        self._sync_dir()  # a compacted file's name must be durable before a record in it counts
         good = os.fstat(self._fd).st_size  # we hold the lock: nobody else appends
-        view = memoryview(line)
         try:
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
+            _write_all(self._fd, line)
             os.fsync(self._fd)
         except OSError as exc:
             # A short write (ENOSPC) leaves a partial line; a failed fsync (EIO) leaves a line the
@@ -413,8 +534,13 @@ class Journal:
                     self.path, good, cut_exc.strerror or cut_exc,
                 )
             raise exc
-        self._records.append(record)
-        apply_record(self._entries, record, len(self._records) - 1)
+        apply_record(self._entries, record, self._record_count)
+        self._record_count += 1
+        self._size = good + len(line)
+        entry = self._entries[record["entry"]]
+        if self._size >= max(COMPACT_AT_BYTES, COMPACT_GROWTH * self._compacted_size):
+            self._compact_open()
+        return entry
 
     def _cut_back(self, offset: int) -> None:
         self._cut_back_to = offset
@@ -436,7 +562,7 @@ class Journal:
         """Write (and fsync) the original before a change. An active entry of the same kind keeps its original."""
         existing = self.find(identity, kind)
         entry_id = existing.entry_id if existing else uuid.uuid4().hex[:16]
-        self._append(
+        return self._append(
             {
                 "op": "intent",
                 "entry": entry_id,
@@ -451,23 +577,18 @@ class Journal:
                 "boot_id": self.boot.boot_id,
             }
         )
-        return self._entries[entry_id]
 
     def record_applied(self, entry: JournalEntry, applied: dict) -> JournalEntry:
-        self._append({"op": "applied", "entry": entry.entry_id, "applied": applied})
-        return self._entries[entry.entry_id]
+        return self._append({"op": "applied", "entry": entry.entry_id, "applied": applied})
 
     def record_failed(self, entry: JournalEntry, reason: str, *, left_changed: bool = False) -> JournalEntry:
-        self._append({"op": "failed", "entry": entry.entry_id, "reason": reason, "left_changed": left_changed})
-        return self._entries[entry.entry_id]
+        return self._append({"op": "failed", "entry": entry.entry_id, "reason": reason, "left_changed": left_changed})
 
     def record_restored(self, entry: JournalEntry, detail: str = "") -> JournalEntry:
-        self._append({"op": "restored", "entry": entry.entry_id, "detail": detail})
-        return self._entries[entry.entry_id]
+        return self._append({"op": "restored", "entry": entry.entry_id, "detail": detail})
 
     def record_dropped(self, entry: JournalEntry, reason: str) -> JournalEntry:
-        self._append({"op": "dropped", "entry": entry.entry_id, "reason": reason})
-        return self._entries[entry.entry_id]
+        return self._append({"op": "dropped", "entry": entry.entry_id, "reason": reason})
 
     # -- reading ------------------------------------------------------------------------------
     def entries(self) -> list[JournalEntry]:

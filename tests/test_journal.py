@@ -234,3 +234,108 @@ def test_read_only_reads_without_locking_creating_or_compacting(tmp_path):
     size = path.stat().st_size
     assert Journal(path, read_only=True).active() == []
     assert path.stat().st_size == size  # only closed entries, yet not compacted by a reader
+
+
+# -- compaction while open: a file a long-lived entry keeps rewriting stays bounded -------------------
+
+def open_entries(entries) -> list[tuple[dict, dict]]:
+    return [(entry.to_json(), entry.evidence) for entry in sorted(entries, key=lambda e: e.order) if entry.active]
+
+
+def test_an_open_journal_that_grows_is_compacted_to_the_same_open_entries(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "COMPACT_AT_BYTES", 4096)
+    path = tmp_path / "journal.jsonl"
+    clock = iter(range(1000, 100000))
+    with Journal(path, clock=lambda: float(next(clock))) as journal:
+        closed = intent(journal, identity=ProcessIdentity(1, 1))
+        journal.record_restored(closed, "done")
+        applied = intent(journal)
+        journal.record_applied(applied, {"nice": 10})
+        further = intent(journal, identity=ProcessIdentity(7, 8))  # a second step whose outcome is unknown
+        journal.record_applied(further, {"nice": 10, "set": {"7": 10}})
+        intent(journal, identity=ProcessIdentity(7, 8), target={"nice": 15, "set": {"7": 15}}, step=1)
+        pending = intent(journal, identity=ProcessIdentity(9, 9), kind="affinity", target={"cpus": [1]})
+        inode = path.stat().st_ino
+        sizes = []
+        for round_number in range(200):  # maintain() rewriting one entry's record
+            journal.record_applied(applied, {"nice": 10, "tids": list(range(2621, 2651)), "round": round_number})
+            sizes.append(path.stat().st_size)
+        assert path.stat().st_ino != inode  # a new file renamed into place
+        assert sum(sizes[i + 1] - sizes[i] for i in range(199) if sizes[i + 1] > sizes[i]) > 40_000  # written in all
+        assert max(sizes) < 8192  # at most COMPACT_GROWTH times what a compaction leaves (about 1.5 KiB here)
+        in_memory = open_entries(journal.entries())
+        assert [entry["entry"] for entry, _ in in_memory] == [applied.entry_id, further.entry_id, pending.entry_id]
+        assert journal.get(closed.entry_id) is None  # closed entries are not carried over
+        assert open_entries(load_entries(path)) == in_memory  # the file folds back to the same state
+        assert journal.get(further.entry_id).state == "pending" and journal.get(further.entry_id).applied == {"nice": 10, "set": {"7": 10}}
+        assert journal.get(applied.entry_id).applied["round"] == 199
+        # Writing goes on into the new file, and a new entry sorts after the old ones.
+        later = intent(journal, identity=ProcessIdentity(11, 11))
+        assert [entry.entry_id for entry in journal.active()][-1] == later.entry_id
+        in_memory = open_entries(journal.entries())
+    assert not (tmp_path / "journal.jsonl.compact").exists()
+    with Journal(path) as reopened:
+        assert open_entries(reopened.entries()) == in_memory
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_an_open_journal_is_not_compacted_while_a_line_cannot_be_read(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(journal_module, "COMPACT_AT_BYTES", 2048)
+    path = tmp_path / "journal.jsonl"
+    with Journal(path) as journal:
+        entry = intent(journal)
+    with open(path, "ab") as handle:
+        handle.write(b'{"entry": "abc", "op": "intent", garbage\n')  # maybe a live intent: keep it
+    caplog.set_level(logging.WARNING)
+    with Journal(path) as journal:
+        for round_number in range(100):
+            journal.record_applied(journal.get(entry.entry_id), {"nice": 10, "round": round_number})
+    assert b"garbage" in path.read_bytes() and path.stat().st_size > 4 * 2048
+    assert "not compacted: line 2 cannot be read" in caplog.text
+
+
+def test_a_compaction_that_fails_leaves_the_journal_as_it_was(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(journal_module, "COMPACT_AT_BYTES", 2048)
+    path = tmp_path / "journal.jsonl"
+    caplog.set_level(logging.WARNING)
+    with Journal(path) as journal:
+        entry = intent(journal)
+
+        def no_room(source, target):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(journal._dir, "rename", no_room)
+        for round_number in range(60):
+            journal.record_applied(journal.get(entry.entry_id), {"nice": 10, "round": round_number})
+    assert "not compacted: No space left on device" in caplog.text
+    assert not (tmp_path / "journal.jsonl.compact").exists()
+    assert [record["op"] for record in lines(path)] == ["intent"] + ["applied"] * 60  # every record still there
+    [reloaded] = load_entries(path)
+    assert reloaded.applied == {"nice": 10, "round": 59}
+
+
+def test_after_a_compaction_no_record_counts_until_the_new_name_is_durable(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "COMPACT_AT_BYTES", 2048)
+    path = tmp_path / "journal.jsonl"
+    with Journal(path) as journal:
+        entry = intent(journal)
+        directory_syncs = {"fail": True}
+        real_fsync = journal._dir.fsync
+
+        def flaky_fsync():
+            if directory_syncs["fail"]:
+                raise OSError(5, "Input/output error")
+            real_fsync()
+
+        monkeypatch.setattr(journal._dir, "fsync", flaky_fsync)
+        inode = path.stat().st_ino
+        with pytest.raises(OSError, match="Input/output error"):
+            for round_number in range(100):
+                journal.record_applied(journal.get(entry.entry_id), {"nice": 10, "round": round_number})
+        assert path.stat().st_ino != inode  # compacted, but its name is not durable yet: the next record is refused
+        size = path.stat().st_size
+        directory_syncs["fail"] = False
+        journal.record_applied(journal.get(entry.entry_id), {"nice": 10, "round": "after"})
+        assert path.stat().st_size > size
+    [reloaded] = load_entries(path)
+    assert reloaded.applied == {"nice": 10, "round": "after"}

@@ -10,11 +10,16 @@ gets (nice.weaker_nice, affinity.narrowed_mask); a thread the rule leaves is not
 set is journalled per thread (`"set": {tid: value}` in the applied record), so a restore, a later
 step and maintain() touch a thread only while it still holds what remediator set: a value someone
 else (an operator's renice/taskset, or the thread itself) put there since is left, and said so.
+
+A record holds only the threads alive when it is written (`_live_record`): a thread that exited
+needs no restore, so a process that churns threads costs a record the size of its live threads, not
+of every thread it ever had. A value set on a thread that exited stays ours (`"inherited"`) while a
+thread born after the change holds it, since that thread may have inherited it.
 """
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import Callable, Collection, Generic, Iterable, TypeVar
 
 from ..errors import ProcessGone
 from ..procfs import ProcessIdentity, ProcFS
@@ -98,6 +103,89 @@ class PerThreadActuator(Generic[V]):
             return None
         return {int(tid): self.from_json(value) for tid, value in record["set"].items()}
 
+    def _inherited(self, record: dict | None) -> list[V]:
+        """Values set on threads that exited since, which a thread born after the change still held
+        when the record was written (absent from records written before they were kept)."""
+        return [self.from_json(value) for value in (record or {}).get("inherited", ())]
+
+    def _live_record(
+        self,
+        pid: int,
+        record: dict,
+        set_map: dict[int, V],
+        tids: Iterable[int],
+        inherited: Iterable[V],
+        value: V,
+        originals: Collection[int],
+        live: Collection[int],
+    ) -> dict:
+        """`record` with `tids` and `set` cut to the threads alive now, and `inherited` worked out again.
+
+        A number missing from this listing is asked for directly before it is dropped: a listing
+        taken while threads exit can skip a live one, and dropping that one would lose its restore.
+        A value set on an exited thread matters only to a thread born after the change that holds
+        it now (restore counts such a thread as ours by the value it holds): it is kept while one
+        does, and dropped once none does, so the record stays as small as the live process.
+        """
+        tids = set(tids)
+        exited = {tid for tid in {*set_map, *tids} if tid not in live and not self.procfs.owns_thread(pid, tid)}
+        still_set = {tid: held for tid, held in set_map.items() if tid not in exited}
+        unheld = {set_map[tid] for tid in exited if tid in set_map} | set(inherited)
+        unheld -= {value, *still_set.values()}  # ours anyway: the step's value, or a live thread's in `set`
+        kept = self._held_by_born_after(unheld, live, still_set, originals) if unheld else []
+        result = {key: item for key, item in record.items() if key not in ("tids", "set", "inherited")}
+        result["tids"] = sorted(tids - exited)
+        result["set"] = {str(tid): self.to_json(held) for tid, held in sorted(still_set.items())}
+        if kept:
+            result["inherited"] = [self.to_json(held) for held in kept]
+        return result
+
+    def _held_by_born_after(self, unheld: set[V], live: Collection[int], still_set: dict[int, V], originals: Collection[int]) -> list[V]:
+        """Which of `unheld` a live thread holds that restore judges by its value (neither in `set`
+        nor one of the originals). A thread that cannot be read might hold any of them: all stay."""
+        held: list[V] = []
+        for tid in sorted(live):
+            if not unheld:
+                break
+            if tid in still_set or tid in originals:
+                continue
+            try:
+                now = self.get(tid)
+            except ProcessLookupError:
+                continue
+            except OSError:
+                return held + sorted(unheld, key=self.value_text)
+            if now in unheld:
+                unheld.discard(now)
+                held.append(now)
+        return held
+
+    def _restorable(self, journalled: dict, original: dict) -> Callable[[int, V], bool]:
+        """Would a restore from `journalled` alone (after a crash now) give a thread holding `value`
+        its original back? As restore() judges: a thread in `set` while it holds what is set there,
+        an original thread not in `set` never, any other while it holds one of the record's values."""
+        recorded = self._set_map(journalled)
+        if recorded is None:
+            return lambda tid, value: True  # such a record is restored unconditionally
+        originals = {int(tid) for tid in original["threads"]}
+        values = {*recorded.values(), *self._inherited(journalled)}
+        if self.value_key in journalled:
+            values.add(self.from_json(journalled[self.value_key]))
+
+        def restorable(tid: int, value: V) -> bool:
+            if tid in recorded:
+                return recorded[tid] == value
+            return tid not in originals and value in values
+
+        return restorable
+
+    def _forget_exited(self, pid: int, live: Collection[int], *tid_sets: set[int] | None) -> None:
+        """Drop the threads that exited from maintain()'s bookkeeping, so it stays as small as the
+        live process (and a number the kernel hands to a new thread later is new again)."""
+        for tids in tid_sets:
+            if tids:
+                tids.difference_update([tid for tid in tids if tid not in live and not self.procfs.owns_thread(pid, tid)])
+
     def _calls(self, values: dict[int, V], new: str = "") -> str:
         """'setpriority(PRIO_PROCESS, tid, 10) on 3 threads' (one call per distinct value)."""
         groups: dict[str, list[int]] = {}
@@ -171,6 +259,9 @@ class PerThreadActuator(Generic[V]):
             "skip": sorted([*kept, *others]),
             "left": left,
             "earlier": None if not track else {str(tid): self.to_json(v) for tid, v in (ours or {}).items()},
+            "inherited": [self.to_json(v) for v in self._inherited(applied)],
+            # The threads restore gives their own original (the first step's threads).
+            "originals": sorted(self._threads(original) if original else threads),
         }
         expected = {self.value_key: self.to_json(value), **extra}
         if track:
@@ -225,7 +316,11 @@ class PerThreadActuator(Generic[V]):
             raise ProcessGone(pid, "no thread left to change")
         applied = {self.value_key: self.to_json(value), "tids": sorted(seen), **details.get("extra", {})}
         if details.get("earlier") is not None:
-            applied["set"] = {**details["earlier"], **{str(tid): self.to_json(v) for tid, v in set_now.items()}}
+            earlier = {int(tid): self.from_json(v) for tid, v in details["earlier"].items()}
+            inherited = [self.from_json(v) for v in details.get("inherited", ())]
+            applied = self._live_record(
+                pid, applied, {**earlier, **set_now}, seen, inherited, value, set(details.get("originals", ())), set(seen)
+            )
         if set_now:
             message = self._describe_changes(pid, set_now, list(changed.values()), details.get("note", ""))
         else:
@@ -296,6 +391,7 @@ class PerThreadActuator(Generic[V]):
         # A thread born after the change holds one of our values when it inherited it from a thread we set.
         our_values = [value for values in ours.values() for value in values]
         our_values += [self.from_json(record[self.value_key]) for record in records if self.value_key in record]
+        our_values += [value for record in records for value in self._inherited(record)]
         restored: dict[int, V] = {}
         before_restore: dict[int, V] = {}  # what each number carried right before our set
         others: dict[int, tuple[V, V]] = {}
@@ -357,17 +453,33 @@ class PerThreadActuator(Generic[V]):
 
     # -- threads created since --------------------------------------------------------------
     def maintain(
-        self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int], noticed: set[int] | None = None
+        self,
+        identity: ProcessIdentity,
+        original: dict,
+        applied: dict,
+        known_tids: set[int],
+        noticed: set[int] | None = None,
+        *,
+        journalled: dict | None = None,
     ) -> MaintainResult | None:
         """The rule on threads born since (a thread that reset its own value gets the change again);
         a thread that was there and no longer holds what remediator set is left, and said so once
-        (`noticed` holds the tids already reported)."""
+        (`noticed` holds the tids already reported). Both sets are cut to the live threads.
+
+        `journalled`: given when this round's record cannot be journalled yet (the executor writes
+        an entry's record at most every few seconds): the record on disk. A new thread is changed
+        now only when a restore from that record alone would give it back (after a crash, say); one
+        that would get a value it does not count as ours waits for the round that can journal it.
+        """
         pid = identity.pid
         value = self.from_json(applied[self.value_key])
         ours = self._set_map(applied)
+        live = set(self.procfs.tids(pid))
+        self._forget_exited(pid, live, known_tids, noticed)
+        restorable = None if journalled is None else self._restorable(journalled, original)
         set_now: dict[int, V] = {}
         others: dict[int, tuple[V, V]] = {}
-        for tid in sorted(self.procfs.tids(pid)):
+        for tid in sorted(live):
             if tid in known_tids:
                 if ours is None or noticed is None or tid not in ours or tid in noticed:
                     continue
@@ -386,6 +498,9 @@ class PerThreadActuator(Generic[V]):
                 new = self.rule(self.get(tid), value)
                 if new is None:
                     continue  # inherited the value (or a weaker one) from the thread that created it
+                if restorable is not None and not restorable(tid, new):
+                    known_tids.discard(tid)  # new again next round: changed once its value can be journalled
+                    continue
                 self.set(tid, new)
             except ProcessLookupError:
                 continue
@@ -398,11 +513,16 @@ class PerThreadActuator(Generic[V]):
         record = None
         if set_now and ours is not None:
             # Journalled, so that after a restart these are ours, not new threads to change again.
-            record = {
-                **applied,
-                "tids": sorted({*applied.get("tids", ()), *set_now}),
-                "set": {**applied["set"], **{str(tid): self.to_json(v) for tid, v in set_now.items()}},
-            }
+            record = self._live_record(
+                pid,
+                applied,
+                {**ours, **set_now},
+                {*(int(tid) for tid in applied.get("tids", ())), *set_now},
+                self._inherited(applied),
+                value,
+                {int(tid) for tid in original["threads"]},
+                live,
+            )
         if not set_now:
             return MaintainResult(f"pid {pid}: " + self._others_text(others), 0, status="left-changed-by-other")
         message = f"{self._calls(set_now, 'new ')} of pid {pid}"
