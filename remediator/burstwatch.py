@@ -14,6 +14,7 @@ its first event.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from typing import Callable, Iterable
@@ -198,7 +199,7 @@ class BurstWatch:
                     self._judged_info.pop(pid, None)
             waiting = [pid for pid in self._unjudged if pid in pids]
             self._unjudged = dict.fromkeys(waiting + sorted(pids - self._judged.keys() - self._unjudged.keys()))
-        for pid in list(self._unjudged)[:NEW_PIDS_PER_TICK_MAX]:
+        for pid in list(itertools.islice(self._unjudged, NEW_PIDS_PER_TICK_MAX)):
             del self._unjudged[pid]
             if pid not in self._judged:
                 self._judge_pid(pid, protected)

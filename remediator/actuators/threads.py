@@ -128,7 +128,7 @@ class PerThreadActuator(Generic[V]):
         does, and dropped once none does, so the record stays as small as the live process.
         """
         tids = set(tids)
-        exited = {tid for tid in {*set_map, *tids} if tid not in live and not self.procfs.owns_thread(pid, tid)}
+        exited = self._exited(pid, {*set_map, *tids}, live)
         still_set = {tid: held for tid, held in set_map.items() if tid not in exited}
         unheld = {set_map[tid] for tid in exited if tid in set_map} | set(inherited)
         unheld -= {value, *still_set.values()}  # ours anyway: the step's value, or a live thread's in `set`
@@ -179,12 +179,17 @@ class PerThreadActuator(Generic[V]):
 
         return restorable
 
+    def _exited(self, pid: int, tids: Iterable[int], live: Collection[int]) -> set[int]:
+        """Those of `tids` that exited: missing from the listing `live`, and asked for directly (a
+        listing taken while threads exit can skip a live one)."""
+        return {tid for tid in tids if tid not in live and not self.procfs.owns_thread(pid, tid)}
+
     def _forget_exited(self, pid: int, live: Collection[int], *tid_sets: set[int] | None) -> None:
         """Drop the threads that exited from maintain()'s bookkeeping, so it stays as small as the
         live process (and a number the kernel hands to a new thread later is new again)."""
         for tids in tid_sets:
             if tids:
-                tids.difference_update([tid for tid in tids if tid not in live and not self.procfs.owns_thread(pid, tid)])
+                tids.difference_update(self._exited(pid, tids, live))
 
     def _calls(self, values: dict[int, V], new: str = "") -> str:
         """'setpriority(PRIO_PROCESS, tid, 10) on 3 threads' (one call per distinct value)."""
