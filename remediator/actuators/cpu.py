@@ -51,7 +51,7 @@ from ..systemd import SystemdManager, unit_for_cgroup
 from .base import ActuatorError, ApplyResult, ChangeFailed, ChangeInvalid, Plan, RestoreResult, ensure_alive, systemd_call
 from .cpuset import CPU_IDLE_MISSING, enable_controller_steps, give_back_controller, write_error
 from .kind import Compiling, Host
-from .scope import (V1_CPU_LIMIT_DEFAULTS, OffenderScopes, limits_in_the_way, outside_units, scope_cgroup_of, scope_name,
+from .scope import (V1_CPU_LIMIT_DEFAULTS, OffenderScopes, outside_units, refuse_lifting_limits, scope_cgroup_of, scope_name,
                     scope_of_applied, scope_text)
 
 CGROUP_PREFIX = "remediator-"
@@ -242,18 +242,12 @@ class CpuActuator:
                     return Plan(self.kind, identity, current, target,
                                 f"pid {identity.pid} is in {current['cgroup']}, which already has {held}, as little as {setting_text(setting)}: not moved",
                                 unchanged=True)
-                limits = limits_in_the_way(self.cgroupfs, mount, current["cgroup"])
-                if limits:
-                    raise ChangeInvalid(f"pid {identity.pid} is in {current['cgroup']}, and moving it into {directory} would lift "
-                                        f"the limits of its cgroup ({', '.join(limits)}): nothing changed")
+                refuse_lifting_limits(self.cgroupfs, mount, identity.pid, current["cgroup"], directory)
             # Our group is a child of the root, which the no-internal-process rule exempts.
             enable = enable_controller_steps(self.cgroupfs, mount, "/", "cpu")
         elif moving:
             # A container's --cpus or a unit's CPUQuota= on a v1 host: out of its group, it would be lifted.
-            limits = limits_in_the_way(self.cgroupfs, mount, current["cgroup"], V1_CPU_LIMIT_DEFAULTS)
-            if limits:
-                raise ChangeInvalid(f"pid {identity.pid} is in {current['cgroup']}, and moving it into {directory} would lift "
-                                    f"the quota of its cgroup ({', '.join(limits)}): nothing changed")
+            refuse_lifting_limits(self.cgroupfs, mount, identity.pid, current["cgroup"], directory, V1_CPU_LIMIT_DEFAULTS, "quota")
         writes_for = _v2_writes if mount.version == 2 else _v1_writes
         exists = self.cgroupfs.exists(directory)
         writes = writes_for(setting, directory, self._read) if exists else writes_for(setting, directory, lambda path: "")

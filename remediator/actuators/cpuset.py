@@ -67,7 +67,8 @@ from ..procfs import ProcessIdentity, ProcFS
 from ..placement import CGROUP_PREFIX, owned_cgroup_name
 from ..systemd import SystemdManager, describe_allowed, unit_for_cgroup
 from .kind import Compiling, Host, compile_cpu_spec, effect_cpus, target_cpus
-from .scope import LIMIT_DEFAULTS, OffenderScopes, limits_in_the_way, outside_units, scope_cgroup_of, scope_name, scope_of_applied, scope_text
+from .scope import (LIMITS_BESIDE_CPUSET, OffenderScopes, outside_units, refuse_lifting_limits, scope_cgroup_of, scope_name,
+                    scope_of_applied, scope_text)
 from .affinity import narrowed_mask
 from .base import (
     ActuatorError,
@@ -409,13 +410,8 @@ class CpusetActuator:
                                         "would widen it; nothing changed")
             if mount.version == 2:
                 # One tree for every controller: out of its cgroup, it would leave its memory.max,
-                # pids.max and cpu.max behind (a container's, or a supervisor's). Its cpuset is no
-                # such limit: the CPUs above are within it.
-                limits = limits_in_the_way(self.cgroupfs, mount, current["cgroup"],
-                                           {name: v for name, v in LIMIT_DEFAULTS.items() if name != "cpuset.cpus"})
-                if limits:
-                    raise ChangeInvalid(f"pid {identity.pid} is in {current['cgroup']}, and moving it into {target_dir} "
-                                        f"would lift the limits of its cgroup ({', '.join(limits)}): nothing changed")
+                # pids.max and cpu.max behind (a container's, or a supervisor's).
+                refuse_lifting_limits(self.cgroupfs, mount, identity.pid, current["cgroup"], target_dir, LIMITS_BESIDE_CPUSET)
         mems = self._parent_mems(mount, parent_dir)
         if not mems:
             raise ChangeFailed(f"cannot read the memory nodes of {parent_dir} (cpuset.mems): nothing changed")

@@ -41,6 +41,8 @@ LIMIT_DEFAULTS = {
 }
 # On cgroup v1 the cpu hierarchy is its own tree: moving a process in it lifts only its quota.
 V1_CPU_LIMIT_DEFAULTS = {"cpu.cfs_quota_us": ("-1",)}
+# A cpuset step's CPUs are within the process's cpuset already: that one is no limit it lifts.
+LIMITS_BESIDE_CPUSET = {name: unlimited for name, unlimited in LIMIT_DEFAULTS.items() if name != "cpuset.cpus"}
 SCOPE_PROPERTIES = ("CPUWeight", "CPUQuotaPerSecUSec", "CPUQuotaPeriodUSec", "AllowedCPUs")
 # How long systemd may take to move the pid (the start job runs after the D-Bus answer).
 SETTLE_S = 5.0
@@ -92,6 +94,16 @@ def limits_in_the_way(cgroupfs: CgroupFS, mount: CgroupMount, cgroup_path: str,
             if first not in unlimited:
                 found.append(f"{directory / name}={value!r}")
     return found
+
+
+def refuse_lifting_limits(cgroupfs: CgroupFS, mount: CgroupMount, pid: int, cgroup_path: str, destination,
+                          defaults: dict[str, tuple[str, ...]] = LIMIT_DEFAULTS, what: str = "limits") -> None:
+    """ChangeInvalid when moving `pid` from `cgroup_path` into `destination` would lift a limit of
+    its cgroup or an ancestor (limits_in_the_way): it is refused, never taken out of them."""
+    limits = limits_in_the_way(cgroupfs, mount, cgroup_path, defaults)
+    if limits:
+        raise ChangeInvalid(f"pid {pid} is in {cgroup_path}, and moving it into {destination} would lift "
+                            f"the {what} of its cgroup ({', '.join(limits)}): nothing changed")
 
 
 class OffenderScopes:
