@@ -133,6 +133,25 @@ def _fold_counting(records: Iterable[dict]) -> tuple[dict[str, JournalEntry], in
     return entries, ignored
 
 
+def intent_record(entry_id: str, identity: ProcessIdentity, kind: str, *, policy: str, step_index: int, original: dict,
+                  target: dict, evidence: dict, boot_id: str) -> dict:
+    """An intent's fields (the journal adds "v" and "time"): written before a change, and written
+    again for each open entry by a compaction (entry_records), so both carry every field."""
+    return {
+        "op": "intent",
+        "entry": entry_id,
+        "pid": identity.pid,
+        "start_time": identity.start_time,
+        "kind": kind,
+        "policy": policy,
+        "step": step_index,
+        "original": original,
+        "target": target,
+        "evidence": evidence,
+        "boot_id": boot_id,
+    }
+
+
 def entry_records(entry: JournalEntry) -> list[dict]:
     """Records that fold back to `entry` (an open one), for a compacted file: its intent with the
     first original, then what is in place, then the latest intent again while its outcome is
@@ -140,17 +159,8 @@ def entry_records(entry: JournalEntry) -> list[dict]:
     intent = {
         "v": FORMAT_VERSION,
         "time": entry.since,
-        "op": "intent",
-        "entry": entry.entry_id,
-        "pid": entry.identity.pid,
-        "start_time": entry.identity.start_time,
-        "kind": entry.kind,
-        "policy": entry.policy,
-        "step": entry.step_index,
-        "original": entry.original,
-        "target": entry.target,
-        "evidence": entry.evidence,
-        "boot_id": entry.boot_id,
+        **intent_record(entry.entry_id, entry.identity, entry.kind, policy=entry.policy, step_index=entry.step_index,
+                        original=entry.original, target=entry.target, evidence=entry.evidence, boot_id=entry.boot_id),
     }
     records = [intent]
     if entry.applied is not None:
@@ -563,19 +573,9 @@ class Journal:
         existing = self.find(identity, kind)
         entry_id = existing.entry_id if existing else uuid.uuid4().hex[:16]
         return self._append(
-            {
-                "op": "intent",
-                "entry": entry_id,
-                "pid": identity.pid,
-                "start_time": identity.start_time,
-                "kind": kind,
-                "policy": policy,
-                "step": step_index,
-                "original": existing.original if existing else original,
-                "target": target,
-                "evidence": evidence or {},
-                "boot_id": self.boot.boot_id,
-            }
+            intent_record(entry_id, identity, kind, policy=policy, step_index=step_index,
+                          original=existing.original if existing else original, target=target, evidence=evidence or {},
+                          boot_id=self.boot.boot_id)
         )
 
     def record_applied(self, entry: JournalEntry, applied: dict) -> JournalEntry:
