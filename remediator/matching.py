@@ -137,10 +137,22 @@ def check_regex(pattern: str) -> str:
     return pattern
 
 
+# The ending a group of ours takes for another user's offenders (placement.per_user_name): no
+# policy name or cpuset `cgroup` may end so, or one policy's group could be another user's.
+PER_USER_SUFFIX = re.compile(r"\.uid[0-9]+$")
+
+
+def check_not_per_user(name: str) -> str:
+    if PER_USER_SUFFIX.search(name):
+        raise ValueError(f"{_quote(name)} ends like a per-user group of remediator's ('.uid' and digits, "
+                         "for other users' offenders): choose another name")
+    return name
+
+
 def check_cgroup_name(name: str) -> str:
     if name in (".", ".."):
         raise ValueError(f"cgroup name {_quote(name)} is not a plain name")
-    return name
+    return check_not_per_user(name)
 
 
 def check_protect_cgroup(path: str) -> str:

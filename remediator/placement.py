@@ -59,6 +59,17 @@ def resolve_cpu_spec(spec: CpuSpec, request_cpus: Iterable[int], online: Iterabl
     return spec.cpus & frozenset(online)
 
 
-def owned_cgroup_name(name: str) -> str:
-    """'log-shippers' -> 'remediator-log-shippers', the directory the cpuset actuator creates."""
-    return name if name.startswith(CGROUP_PREFIX) else CGROUP_PREFIX + name
+def owned_cgroup_name(name: str, uid: int = 0) -> str:
+    """'log-shippers' -> 'remediator-log-shippers', the directory the cpuset actuator creates
+    (for uid 1000's offenders 'remediator-log-shippers.uid1000', see per_user_name)."""
+    return per_user_name(name if name.startswith(CGROUP_PREFIX) else CGROUP_PREFIX + name, uid)
+
+
+def per_user_name(name: str, uid: int) -> str:
+    """The name of a group (or scope) of ours for one user's offenders: root's keeps the plain name,
+    any other uid gets '.uidN'. A group's setting (cpu.idle, a weight, a cpuset) reaches every
+    process in it, so offenders of two users never share one: a local user's look-alike escalated
+    to cpu_idle would idle root's real shipper too, and on systemd the unit-wide step would be
+    refused for both (actuators/cpu.py)."""
+    return name if uid == 0 else f"{name}.uid{uid}"
+

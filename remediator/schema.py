@@ -31,6 +31,7 @@ from .keys import Key
 from .durations import DURATION_PATTERN, DURATION_RE, format_duration, parse_duration
 from .errors import Location, RemediatorError
 from .matching import (
+    check_not_per_user,
     check_cgroup_glob,
     check_comm_glob,
     check_exe_glob,
@@ -304,8 +305,8 @@ LIMITS_KEYS = (
 )
 
 POLICY_KEYS = (
-    Key("name", "string", "Unique name across all policy files; shown in the audit log.", required=True, pattern=NAME_PATTERN,
-        pattern_hint="a letter or digit, then letters, digits, '.', '_', '-'"),
+    Key("name", "string", "Unique name across all policy files; shown in the audit log (and naming the policy's cgroup for cpu steps, so it may not end in `.uid` and digits).",
+        required=True, pattern=NAME_PATTERN, pattern_hint="a letter or digit, then letters, digits, '.', '_', '-'", item_check=check_not_per_user),
     Key("description", "string", "Why this policy exists (shown by `policy explain` and in the audit log).", required=True),
     Key("priority", "integer", "When two policies match one process, the higher priority wins (see precedence).", default=0, minimum=-1000, maximum=1000),
     Key("match", "table", "Which processes are offenders: every key given must match; a list means any of its items.", required=True, keys=MATCH_KEYS),

@@ -15,6 +15,8 @@ from remediator.cgroupfs import discover_cpu_mount
 from remediator.model import ActionRequest
 
 pytestmark = pytest.mark.root
+NOBODY = 65534
+SLEEPER = ["sh", "-c", "echo ready; exec sleep 600"]  # any user can run it, wherever the checkout is
 
 
 @pytest.fixture
@@ -30,9 +32,9 @@ def policy_name(cpu_hierarchy):
     """A group name of this test's own, removed at teardown even when the test fails."""
     name = f"test-cpu-{os.getpid()}"
     yield name
-    directory = cpu_hierarchy.mount_point / f"remediator-{name}"
-    if directory.exists():
-        evacuate_and_remove(directory, cpu_hierarchy.mount_point)
+    for directory in (cpu_hierarchy.mount_point / f"remediator-{name}", cpu_hierarchy.mount_point / f"remediator-{name}.uid{NOBODY}"):
+        if directory.exists():
+            evacuate_and_remove(directory, cpu_hierarchy.mount_point)
 
 
 def cpu_request(pid: int, policy: str, setting: tuple, step: int = 0) -> ActionRequest:
@@ -141,3 +143,26 @@ def test_a_process_under_a_cpu_quota_is_not_moved_out_of_it(spawn, new_executor,
         assert executor.active() == []
     finally:
         evacuate_and_remove(limited, cpu_hierarchy.mount_point)
+
+
+def test_another_users_offender_gets_a_group_of_its_own(spawn, new_executor, cpu_hierarchy, policy_name):
+    """A local user's look-alike of a shipper, escalated to cpu_idle, must not idle root's real
+    one: a group's setting reaches everyone in it, so each user's offenders get their own group."""
+    roots = spawn(SLEEPER)
+    users = spawn(SLEEPER, user=NOBODY)
+    executor = new_executor()
+    group = cpu_hierarchy.mount_point / f"remediator-{policy_name}"
+    theirs = cpu_hierarchy.mount_point / f"remediator-{policy_name}.uid{NOBODY}"
+
+    steps = [executor.apply(cpu_request(roots.pid, policy_name, (("weight", 10),)), ()),
+             executor.apply(cpu_request(users.pid, policy_name, (("weight", 10),)), ()),
+             executor.apply(cpu_request(users.pid, policy_name, (("idle", 1),), step=1), ())]
+
+    assert [outcome.status for outcome in steps] == ["applied"] * 3, steps
+    assert cpu_cgroup(roots.pid) == f"/{group.name}" and cpu_cgroup(users.pid) == f"/{theirs.name}"
+    assert (theirs / "cpu.idle").read_text().strip() == "1"
+    assert (group / "cpu.idle").read_text().strip() == "0", "root's group keeps its own step"
+
+    restored = executor.restore()
+    assert [outcome.status for outcome in restored] == ["restored", "restored"], restored
+    assert not group.exists() and not theirs.exists()

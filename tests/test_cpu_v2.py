@@ -272,6 +272,32 @@ def test_another_users_offender_in_our_own_group_does_not_stop_the_next_step(hos
     assert v2.file("cpu.idle") == "1"
 
 
+def test_another_users_offender_gets_a_group_of_its_own_and_its_steps_stay_there(host):
+    """A group's setting reaches every process in it: a local user's look-alike of the shipper,
+    escalated to cpu_idle, must not idle root's real one, so each user's offenders get their own
+    group (placement.per_user_name) and the revert removes both."""
+    v2 = host()
+    v2.procs.add_process(OTHER, 1, comm="fluent-bit", cgroup=CGROUP, uid=1000)
+    v2.cgroupfs.place(CGROUP, OTHER)
+    executor = v2.executor()
+    theirs = v2.root / f"{GROUP}.uid1000"
+
+    assert executor.apply(request(WEIGHT_10), ()).status == "applied"
+    first = executor.apply(request(WEIGHT_10, pid=OTHER, start=1), ())
+    idle = executor.apply(request(IDLE, step=1, pid=OTHER, start=1), ())
+
+    assert first.status == "applied" and idle.status == "applied", (first, idle)
+    assert f"write {OTHER} to {theirs / 'cgroup.procs'}" in first.message
+    assert (theirs / "cgroup.procs").read_text().split() == [str(OTHER)]
+    assert (theirs / "cpu.idle").read_text().strip() == "1"
+    assert (v2.group / "cgroup.procs").read_text().split() == [str(PID)]
+    assert v2.file("cpu.idle") == "0" and v2.file("cpu.weight") == "10", "root's group keeps its own step"
+
+    restored = executor.restore()
+    assert [outcome.status for outcome in restored] == ["restored", "restored"], restored
+    assert not theirs.exists() and not v2.group.exists()
+
+
 def test_no_cpu_controller_on_the_tree_is_said_plainly(host):
     v2 = host(controllers="cpuset io memory pids")  # cpu bound elsewhere: discovery finds no cpu hierarchy
     journal = Journal(v2.journal_path)

@@ -27,10 +27,10 @@ SERVICE = "/system.slice/fluent-bit.service"
 
 
 class V2Host:
-    def __init__(self, tmp_path, *, parent="/", controllers="cpuset cpu io memory pids"):
+    def __init__(self, tmp_path, *, parent="/", controllers="cpuset cpu io memory pids", uid=0):
         self.procs = FakeProcTree(tmp_path / "proc")
         self.cgroupfs = FakeCgroupV2(tmp_path / "cgroup", self.procs, cpus="0-3", mems="0", controllers=controllers)
-        self.procs.add_process(PID, START, cgroup=SERVICE, tids=WORKERS)
+        self.procs.add_process(PID, START, cgroup=SERVICE, tids=WORKERS, uid=uid)
         self.cgroupfs.make_cgroup("/system.slice")
         self.cgroupfs.make_cgroup(SERVICE, pids=[PID])
         self.threads = FakeThreads(frozenset(range(4)))
@@ -99,6 +99,22 @@ def test_enables_cpuset_creates_the_cgroup_moves_the_process_and_restores(host):
     assert not (root / "remediator-log-shippers").exists()
     # "+cpuset" stays enabled (documented): it changes nothing by itself.
     assert "cpuset" in (root / "cgroup.subtree_control").read_text().split()
+
+
+def test_another_users_offender_gets_a_cpuset_of_its_own(host):
+    """Offenders of two users never share a group of ours (placement.per_user_name): a later step
+    narrowing one user's cpuset must not narrow another's."""
+    v2 = host(uid=1000)
+    executor = v2.executor()
+
+    outcome = executor.apply(v2.request(), ())
+
+    assert outcome.status == "applied", outcome
+    assert v2.procs.cgroup(PID) == "/remediator-log-shippers.uid1000"
+    assert not (v2.root / "remediator-log-shippers").exists()
+    [restored] = executor.restore()
+    assert restored.status == "restored", restored
+    assert not (v2.root / "remediator-log-shippers.uid1000").exists()
 
 
 def test_a_process_under_limits_is_not_moved_out_of_them(host):

@@ -36,6 +36,18 @@ def test_check_reports_every_problem_and_exits_1(tmp_path, capsys):
     assert captured.err == "3 errors, 0 warnings\n"
 
 
+def test_a_name_ending_like_another_users_group_is_an_error_at_its_line(tmp_path, capsys):
+    """'.uidN' ends the groups of ours that hold other users' offenders: a policy (or a cpuset
+    `cgroup`) named so would share uid N's group."""
+    (tmp_path / "a.toml").write_text(GOOD.replace('name = "a"', 'name = "a.uid1000"').replace(
+        "nice = 10", '[policy.actions.cpuset]\ncpus = "1"\ncgroup = "b.uid0"'))
+    assert main(["policy", "check", str(tmp_path / "a.toml"), "--online-cpus", "0-1"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(": error: ")[0] for line in out] == [f"{tmp_path}/a.toml:2:8", f"{tmp_path}/a.toml:9:10"], out
+    assert "policy[0].name: 'a.uid1000' ends like a per-user group of remediator's" in out[0]
+    assert "policy[0].actions[0].cpuset.cgroup: 'b.uid0' ends like" in out[1]
+
+
 def test_check_json_for_ci(tmp_path, capsys):
     (tmp_path / "a.toml").write_text(GOOD.replace('nice = 10', 'affinity = "0-7"'))
     assert main(["policy", "check", "--format", "json", "--online-cpus", "0-3", str(tmp_path)]) == 0

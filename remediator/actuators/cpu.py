@@ -45,7 +45,7 @@ from ..cgroupfs import CgroupFS, CgroupMount, cgroup_pids, discover_cpu_mount, p
 from ..durations import parse_duration
 from ..errors import ProcessGone
 from ..keys import Key
-from ..placement import owned_cgroup_name
+from ..placement import owned_cgroup_name, per_user_name
 from ..procfs import ProcessIdentity, ProcFS
 from ..systemd import SystemdManager, unit_for_cgroup
 from .base import ActuatorError, ApplyResult, ChangeFailed, ChangeInvalid, Plan, RestoreResult, ensure_alive, systemd_call
@@ -193,7 +193,8 @@ class CpuActuator:
         path = process_cgroup_path(mount, self.procfs.cgroups(pid))
         if path is None:
             raise ChangeFailed(f"pid {pid} has no place in the cpu hierarchy at {mount.mount_point}: nothing changed")
-        current = {"cgroup": path, **mount.to_json()}
+        # Whose offender: a group of ours holds one user's offenders only (placement.per_user_name).
+        current = {"cgroup": path, **mount.to_json(), "uid": self.procfs.uid(pid)}
         if mount.version == 2:
             if self.systemd is None:
                 return current  # no manager owns the tree: a group of our own, as on v1
@@ -227,6 +228,7 @@ class CpuActuator:
         group = str(target.get("group") or "")
         if not group or "/" in group or group in (".", ".."):
             raise ChangeInvalid(f"cpu step needs a group name, not {group!r}: nothing changed")
+        group = per_user_name(group, int(current.get("uid", 0)))
         if current.get("outside_units"):
             return self._plan_scope(identity, target, current, setting, scope_name(group))
         mount = self.mount
@@ -523,7 +525,7 @@ class CpuKind:
 
     def target(self, params: Mapping[str, Any], policy: str, min_cpus: int, request_cpus: frozenset[int],
                online_cpus: frozenset[int]) -> tuple[dict | None, str]:
-        # On cgroup v1 the offenders of one policy share the group remediator-POLICY.
+        # On cgroup v1 one user's offenders of one policy share the group remediator-POLICY (.uidN).
         return {"cpu": dict(params["cpu"]), "group": policy}, ""
 
     def unavailable(self) -> str | None:
@@ -548,7 +550,7 @@ class CpuKind:
             else:
                 change = f"CPUQuota={setting['quota_us'] * 100 / setting['period_us']:g}% CPUQuotaPeriodSec={setting['period_us']}us"
             if unit is None and outside_units(membership.v2_path or "/")[0]:
-                scope = owned_cgroup_name(policy) + ".scope"
+                scope = owned_cgroup_name(policy, host.procfs.uid(pid)) + ".scope"
                 return f"{step} through systemd: {scope_text(scope, pid, membership.v2_path or '/')} {change}"
             if unit is None:
                 return f"refused on this systemd host: {why}"

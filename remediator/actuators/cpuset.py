@@ -64,7 +64,7 @@ from ..errors import ProcessGone, RemediatorError
 from ..keys import Key
 from ..matching import check_cgroup_name
 from ..procfs import ProcessIdentity, ProcFS
-from ..placement import CGROUP_PREFIX, owned_cgroup_name
+from ..placement import CGROUP_PREFIX, owned_cgroup_name, per_user_name
 from ..systemd import SystemdManager, describe_allowed, unit_for_cgroup
 from .kind import Compiling, Host, compile_cpu_spec, effect_cpus, target_cpus
 from .scope import (LIMITS_BESIDE_CPUSET, OffenderScopes, outside_units, refuse_lifting_limits, scope_cgroup_of, scope_name,
@@ -300,6 +300,7 @@ class CpusetActuator:
             **mount.to_json(),
             "threads": {str(tid): sorted(mask) for tid, mask in masks.items()},
             "default": sorted(default),
+            "uid": self.procfs.uid(pid),  # whose offender: a group of ours holds one user's (placement.per_user_name)
         }
         if self.systemd is not None and mount.version == 2:
             unit, why = unit_for_cgroup(path)
@@ -370,7 +371,7 @@ class CpusetActuator:
         self, identity: ProcessIdentity, target: dict, current: dict, *, original: dict | None = None, applied: dict | None = None
     ) -> Plan:
         mount = self._require_mount()
-        name = cgroup_name(str(target.get("cgroup") or ""))
+        name = per_user_name(cgroup_name(str(target.get("cgroup") or "")), int(current.get("uid", 0)))
         requested = frozenset(int(cpu) for cpu in target.get("cpus") or ())
         if not requested:
             raise ChangeInvalid("cpuset needs a non-empty CPU set: nothing changed")
@@ -767,7 +768,7 @@ def cpuset_steps_unavailable(mounts: list[CgroupMount]) -> str | None:
 
 CPUSET_KEYS = (
     Key("cpus", "cpus", "CPUs of the cgroup: a CPU list or `unprotected`.", required=True, keyword="unprotected"),
-    Key("cgroup", "string", "Name of the remediator-owned cpuset cgroup (created as `remediator-NAME`): letters, digits, `.`, `_`, `-`.",
+    Key("cgroup", "string", "Name of the remediator-owned cpuset cgroup (created as `remediator-NAME`, `remediator-NAME.uidN` for uid N's offenders): letters, digits, `.`, `_`, `-`, not ending in `.uid` and digits.",
         required=True, pattern=r"^[A-Za-z0-9_.-]+$", pattern_hint="letters, digits, '.', '_', '-'", item_check=check_cgroup_name),
 )
 
@@ -806,11 +807,11 @@ class CpusetKind:
                 return (f"cpuset through systemd: SetUnitProperties {unit} --runtime AllowedCPUs={cpus} "
                         "(the process stays in its unit; every process of the unit gets it)")
             if outside_units(membership.v2_path)[0]:
-                scope = owned_cgroup_name(params["cgroup"]) + ".scope"
+                scope = owned_cgroup_name(params["cgroup"], host.procfs.uid(pid)) + ".scope"
                 return f"cpuset through systemd: {scope_text(scope, pid, membership.v2_path)} AllowedCPUs={cpus}"
             return f"refused on this systemd host: {why}"
         current = membership.v1_paths.get("cpuset") or membership.v2_path or "/"
-        name = owned_cgroup_name(params["cgroup"])
+        name = owned_cgroup_name(params["cgroup"], host.procfs.uid(pid))
         data.update(cgroup=current, target_cgroup=name)
         if current.rstrip("/").endswith("/" + name):
             return f"cpuset: already in {current}; cpus {cpus}"

@@ -114,3 +114,37 @@ def test_a_cpuset_step_gives_our_scope_allowed_cpus_and_the_revert_every_thread_
     wait_for(lambda: masks(foreign) == before, 10, "every thread's mask as before")
     wait_for(scope_gone, 10, f"{SCOPE} stopped and its cgroup gone")
     assert not DROPINS.exists(), sorted(os.listdir(DROPINS))
+
+
+NOBODY = 65534
+NOBODYS_SCOPE = f"remediator-guest-foreign.uid{NOBODY}.scope"
+
+
+def test_another_users_offender_gets_a_scope_of_its_own(foreign, executor):
+    """A scope's CPUWeight reaches every process in it: a local user's look-alike escalated to
+    cpu_idle must not idle root's offender, nor (the unit path refusing a change that reaches
+    another user) block root's next step. Each user's offenders get a scope of their own."""
+    sleeper = subprocess.Popen(["sleep", "600"], user=NOBODY)
+    try:
+        (FOREIGN / "cgroup.procs").write_text(str(sleeper.pid))
+        steps = [executor.apply(cpu_request(foreign, (("weight", 10),)), ()),
+                 executor.apply(cpu_request(sleeper.pid, (("weight", 10),)), ()),
+                 executor.apply(cpu_request(sleeper.pid, (("idle", 1),), step=1), ()),
+                 executor.apply(cpu_request(foreign, (("weight", 5),), step=1), ())]
+        print("\n".join(step.message for step in steps))
+        assert [step.status for step in steps] == ["applied"] * 4, steps
+        assert cgroup_of(foreign) == SCOPE_CGROUP
+        assert cgroup_of(sleeper.pid) == f"/system.slice/{NOBODYS_SCOPE}"
+        assert show(NOBODYS_SCOPE, "CPUWeight")["CPUWeight"] == "idle"
+        assert show(SCOPE, "CPUWeight")["CPUWeight"] == "5"
+
+        restored = executor.restore()
+        print("\n".join(outcome.message for outcome in restored))
+        assert [outcome.status for outcome in restored] == ["restored", "restored"], restored
+        assert cgroup_of(foreign) == "/guest-foreign" and cgroup_of(sleeper.pid) == "/guest-foreign"
+        wait_for(scope_gone, 10, f"{SCOPE} stopped and its cgroup gone")
+        wait_for(lambda: show(NOBODYS_SCOPE, "ActiveState")["ActiveState"] in ("inactive", "failed"), 10, f"{NOBODYS_SCOPE} stopped")
+    finally:
+        sleeper.kill()
+        sleeper.wait(timeout=30)
+        subprocess.run(["systemctl", "stop", NOBODYS_SCOPE], capture_output=True, timeout=60)
