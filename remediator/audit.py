@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,6 +23,7 @@ from .errors import RemediatorError
 from .model import Outcome
 from .jsonlines import read_json_lines
 from .printable import printable
+from .procfs import ProcessIdentity
 from .trustedfs import Trust, TrustedDirectory
 
 
@@ -80,30 +82,81 @@ def audit_record(decision: Decision, outcome: Outcome | None, mode: str) -> dict
     return record
 
 
-def outcome_record(when: str, outcome: Outcome, mode: str) -> dict:
+def outcome_record(when: str, outcome: Outcome, mode: str, folded: int = 0) -> dict:
     """A change the executor made or gave back outside a decision: re-applied to a new thread
-    ("maintain"), or restored at start-up, exit or a mode change."""
-    return {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "epoch": round(time.time(), 3), "mode": mode,
-            "decision": when, "process": {"pid": outcome.identity.pid, "start_time": outcome.identity.start_time},
-            "outcome": outcome.status, "change": outcome.message}
+    ("maintain"), or restored at start-up, exit or a mode change. `folded`: how many more outcomes
+    like it since the process's last such line this one stands for (AuditWriter)."""
+    record = {"ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "epoch": round(time.time(), 3), "mode": mode,
+              "decision": when, "process": {"pid": outcome.identity.pid, "start_time": outcome.identity.start_time},
+              "outcome": outcome.status, "change": outcome.message}
+    if folded:
+        record["folded"] = folded
+    return record
+
+
+# A process that keeps making threads under a per-thread change gets a "maintain" outcome every
+# tick: at most one line per process and outcome in this time, the rest folded into the next.
+MAINTAIN_LINE_EVERY_S = 60.0
+# Outcomes that end an entry: always written at once, and they end the process's fold.
+ENDING_STATUSES = frozenset({"gone", "dropped", "restored"})
+
+
+@dataclass
+class _Fold:
+    written_at: float  # when the last line for this process and outcome was written
+    count: int = 0  # outcomes since, not written
+    last: tuple[Outcome, str] | None = None  # the newest of them, with its mode
 
 
 class AuditWriter:
-    """The tick's audit observer: one line per decision, and one per outcome that changed something.
-    `sink` takes a record (AuditLog.write, or a list's append for replay)."""
+    """The tick's audit observer: one line per decision, and one per outcome that changed something,
+    but for "maintain" outcomes at most one line per process and status every
+    MAINTAIN_LINE_EVERY_S: a process making threads all day (or a hostile user's, made to) must not
+    fill the disk at a line a tick. The others are counted into the next line ("folded"), written
+    at the first tick after the interval. `sink` takes a record (AuditLog.write, or a list's append
+    for replay); `clock` is monotonic seconds."""
 
-    def __init__(self, sink: Callable[[dict], object]):
+    def __init__(self, sink: Callable[[dict], object], clock: Callable[[], float] = time.monotonic):
         self.sink = sink
+        self.clock = clock
+        self._folds: dict[tuple[ProcessIdentity, str], _Fold] = {}
 
     def on_decision(self, carried) -> None:
         self.sink(audit_record(carried.decision, carried.outcome, carried.mode))
 
     def on_outcome(self, when: str, outcome: Outcome, mode: str) -> None:
-        if outcome.status != "unchanged":
+        if outcome.status == "unchanged":
+            return
+        if when != "maintain" or outcome.status in ENDING_STATUSES:
+            self._end_folds(outcome.identity)
             self.sink(outcome_record(when, outcome, mode))
+            return
+        key = (outcome.identity, outcome.status)
+        fold, now = self._folds.get(key), self.clock()
+        if fold is not None and 0 <= now - fold.written_at < MAINTAIN_LINE_EVERY_S:
+            fold.count += 1
+            fold.last = (outcome, mode)
+            return
+        self._folds[key] = _Fold(now)
+        self.sink(outcome_record(when, outcome, mode, fold.count if fold is not None else 0))
 
     def on_tick(self, report) -> None:
-        pass
+        now = self.clock()
+        for key, fold in list(self._folds.items()):
+            if 0 <= now - fold.written_at < MAINTAIN_LINE_EVERY_S:
+                continue
+            if fold.last is None:
+                del self._folds[key]  # quiet for a whole interval: the next outcome is written at once
+                continue
+            self.sink(outcome_record("maintain", *fold.last, folded=fold.count - 1))
+            self._folds[key] = _Fold(now)
+
+    def _end_folds(self, identity: ProcessIdentity) -> None:
+        """Write what is folded for a process whose entry ends (or changes), so its count is not lost."""
+        for key in [key for key in self._folds if key[0] == identity]:
+            fold = self._folds.pop(key)
+            if fold.last is not None:
+                self.sink(outcome_record("maintain", *fold.last, folded=fold.count - 1))
 
 
 class CulpritWriter:
@@ -220,7 +273,8 @@ def decision_detail(record: dict) -> str:
     if offender:
         parts.append(f"cpu {offender.get('cpu')} peak {offender.get('peak_cpu')} blame {offender.get('blame_share')}")
     if record.get("change"):
-        parts.append(record["change"])
+        folded = record.get("folded")
+        parts.append(record["change"] + (f" (and {folded} more like it since the last line)" if folded else ""))
     elif record.get("message"):
         parts.append(record["message"])
     return "; ".join(parts)

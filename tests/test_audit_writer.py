@@ -1,0 +1,85 @@
+"""The audit observer's lines for outcomes outside decisions: a process that keeps making threads
+under a per-thread change gets at most one "maintain" line per status a minute, the rest counted
+into the next line, so no process (nor a hostile user's, made to churn) can fill the disk."""
+
+from __future__ import annotations
+
+from remediator.audit import MAINTAIN_LINE_EVERY_S, AuditWriter, decision_detail
+from remediator.model import Outcome
+from remediator.procfs import ProcessIdentity
+
+CHURNER, OTHER = ProcessIdentity(4242, 7), ProcessIdentity(4343, 8)
+TICK_S = 0.25
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def maintained(identity: ProcessIdentity, text: str, status: str = "applied") -> Outcome:
+    return Outcome(status, "affinity", identity, text)
+
+
+def run_ticks(writer: AuditWriter, clock: Clock, ticks: int, outcomes) -> None:
+    for tick in range(ticks):
+        for outcome in outcomes(tick):
+            writer.on_outcome("maintain", outcome, "live")
+        writer.on_tick(None)
+        clock.now += TICK_S
+
+
+def test_a_churning_process_gets_a_line_a_minute_that_counts_the_rest():
+    lines: list[dict] = []
+    clock = Clock()
+    writer = AuditWriter(lines.append, clock=clock)
+    ticks = int(3 * MAINTAIN_LINE_EVERY_S / TICK_S)  # three minutes, new threads at every tick
+
+    run_ticks(writer, clock, ticks, lambda tick: [maintained(CHURNER, f"tick {tick}: affinity 1 on 1 new thread")])
+
+    writer.on_outcome("maintain", maintained(CHURNER, "pid 4242 is gone", "gone"), "live")
+
+    # 720 outcomes, four lines: at once, after each minute (the newest, counting the others), and
+    # what was still counted when the process went; then the end itself.
+    assert [(line["change"].split(":")[0], line.get("folded", 0)) for line in lines] == [
+        ("tick 0", 0), ("tick 240", 239), ("tick 480", 239), ("tick 719", 238), ("pid 4242 is gone", 0)]
+    assert sum(1 + line.get("folded", 0) for line in lines[:-1]) == ticks
+    assert decision_detail(lines[1]) == "tick 240: affinity 1 on 1 new thread (and 239 more like it since the last line)"
+    assert all(line["decision"] == "maintain" and line["process"] == {"pid": 4242, "start_time": 7} for line in lines)
+
+def test_every_outcome_is_written_or_counted_and_the_end_of_an_entry_at_once():
+    lines: list[dict] = []
+    clock = Clock()
+    writer = AuditWriter(lines.append, clock=clock)
+    run_ticks(writer, clock, 100, lambda tick: [maintained(CHURNER, f"tick {tick}")])
+
+    writer.on_outcome("maintain", maintained(CHURNER, "pid 4242 is gone", "gone"), "live")
+
+    # The first line, then the fold of the other 99 at the end, then the end itself.
+    assert [(line["outcome"], line["change"], line.get("folded", 0)) for line in lines] == [
+        ("applied", "tick 0", 0), ("applied", "tick 99", 98), ("gone", "pid 4242 is gone", 0)]
+
+
+def test_each_process_and_each_status_has_its_own_fold_and_a_quiet_one_is_written_at_once():
+    lines: list[dict] = []
+    clock = Clock()
+    writer = AuditWriter(lines.append, clock=clock)
+    run_ticks(writer, clock, 4, lambda tick: [maintained(CHURNER, "a"), maintained(OTHER, "b"), maintained(CHURNER, "no", "denied")])
+    assert [(line["process"]["pid"], line["outcome"]) for line in lines] == [(4242, "applied"), (4343, "applied"), (4242, "denied")]
+
+    run_ticks(writer, clock, int(2 * MAINTAIN_LINE_EVERY_S / TICK_S), lambda tick: [])  # quiet: folds written, then dropped
+    assert len(lines) == 6 and {line.get("folded") for line in lines[3:]} == {2}
+    writer.on_outcome("maintain", maintained(OTHER, "again"), "live")
+    assert lines[-1]["change"] == "again" and "folded" not in lines[-1]
+
+
+def test_outcomes_of_other_kinds_are_never_folded():
+    lines: list[dict] = []
+    writer = AuditWriter(lines.append, clock=Clock())
+    for _ in range(3):
+        writer.on_outcome("exit", Outcome("restored", "nice", CHURNER, "nice 0 (was 10)"), "live")
+    writer.on_outcome("maintain", Outcome("unchanged", "nice", CHURNER, "nothing new"), "live")
+    assert len(lines) == 3
