@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
+
+import remediator.actuators as actuators
 
 from helpers.cgroups import cpuset_path_of, no_leftover_cgroups  # noqa: F401  (fixture)
 from helpers.faults import FaultySyscalls
@@ -83,3 +87,11 @@ def test_dry_run_of_a_further_step_reads_the_journal_without_locking_it(spawn, t
         dry.journal.record_dropped(dry.active()[0], "test")
     real.restore()
     assert set(thread_nices(hog.pid).values()) == {0}
+
+
+@pytest.mark.parametrize("actuator", ["AffinityActuator", "CpuActuator", "CpusetActuator", "NiceActuator", "SchedActuator", "DryRun"])
+def test_every_actuator_takes_what_the_executor_may_pass_to_maintain(actuator):
+    """The executor passes `journalled=` while it holds back an entry's record: an actuator that
+    did not take it would raise TypeError out of the tick."""
+    parameters = inspect.signature(getattr(actuators, actuator).maintain).parameters
+    assert "journalled" in parameters and parameters["journalled"].kind is inspect.Parameter.KEYWORD_ONLY

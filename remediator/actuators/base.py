@@ -178,8 +178,13 @@ class Actuator(Protocol):
     ) -> RestoreResult: ...
 
     def maintain(
-        self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int], noticed: set[int] | None = None
-    ) -> MaintainResult | None: ...
+        self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int], noticed: set[int] | None = None,
+        *, journalled: dict | None = None,
+    ) -> MaintainResult | None:
+        """Keep the change on threads born since. `journalled`: the record on disk, given while the
+        executor holds back this round's record (actuators/threads.py); one with no per-thread
+        record takes it and ignores it."""
+        ...
 
     def cleanup(self, original: dict, applied: dict | None) -> str: ...
 
@@ -209,7 +214,8 @@ class DryRun:
         raise RemediatorError("dry run: nothing was changed, so nothing is restored")
 
     def maintain(
-        self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int], noticed: set[int] | None = None
+        self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int], noticed: set[int] | None = None,
+        *, journalled: dict | None = None,
     ) -> None:
         return None
 

@@ -459,7 +459,8 @@ class CpuActuator:
         return removed + (give_back_controller(self.cgroupfs, "cpu", enabled) if enabled else "")
 
     def maintain(
-        self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int], noticed: set[int] | None = None
+        self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int], noticed: set[int] | None = None,
+        *, journalled: dict | None = None,
     ) -> None:
         return None  # a cgroup holds every thread, and threads born later, by itself
 

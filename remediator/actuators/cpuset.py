@@ -740,7 +740,8 @@ class CpusetActuator:
         return self._cleanup_note(self._mount_of(original), (applied or {}).get("cgroup")).lstrip("; ")
 
     def maintain(
-        self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int], noticed: set[int] | None = None
+        self, identity: ProcessIdentity, original: dict, applied: dict, known_tids: set[int], noticed: set[int] | None = None,
+        *, journalled: dict | None = None,
     ) -> None:
         return None  # new threads start in their creator's cgroup: nothing to follow up
 
