@@ -409,8 +409,11 @@ class Metrics:
 # request a byte at a time is cut off here, however long it would keep going.
 CONNECTION_DEADLINE_S = 5.0
 # Connections served at once, each on a thread of its own while it lasts (at most the deadline). One
-# more is closed at once, never queued: connections by the thousand cost no threads and no descriptors.
+# more takes the place of the oldest: connections by the thousand cost no more threads and
+# descriptors than this, and a few held open by a local user cannot keep a scrape out.
 MAX_CONNECTIONS = 8
+# How long a new connection waits for the place of the one it cut off to free (microseconds, as a rule).
+TAKE_PLACE_WAIT_S = 0.5
 # What a request may send (request line and headers): a scrape sends a few hundred bytes.
 MAX_REQUEST_BYTES = 64 * 1024
 
@@ -476,32 +479,63 @@ class _QuietHandler(WSGIRequestHandler):
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
     """Each connection on a thread of its own, at most `max_connections` at once and each for at most
     `deadline_s`: a client that trickles or stalls holds one thread that long and delays nobody
-    else. A connection beyond the cap is closed at once (never queued), so a local user opening
-    connections by the thousand gets neither a thread nor a descriptor kept for each."""
+    else. When every place is taken, a new connection takes the place of the oldest (its socket is
+    shut down, which ends its thread's read or write at once). A scrape on loopback is over within
+    milliseconds of its connect, so connections held open by a local user (silent, trickling, or
+    not reading the answer) are cut off first, and to cut off a scrape one would have to open
+    `max_connections` in those milliseconds; connections by the thousand cost no more threads."""
 
     daemon_threads = True  # a handler never holds up the daemon's exit
     block_on_close = False  # and keeps no list of its threads
+    # Connections the kernel queues before accept: with a place to take over, each accept waits
+    # for the thread cut off to end, and a scrape's SYN dropped behind a flood would wait a second.
+    request_queue_size = 128
 
     def __init__(self, address, deadline_s: float, max_connections: int):
         self.deadline_s = deadline_s
         self._free_places = threading.BoundedSemaphore(max_connections)
+        self._lock = threading.Lock()
+        self._open: dict[socket.socket, float] = {}  # connection -> when accepted
+        self.taken_over = 0  # connections cut off to make place for a newer one
         super().__init__(address, _QuietHandler)
 
     def process_request(self, request, client_address) -> None:
         if not self._free_places.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
+            if not (self._cut_off_oldest() and self._free_places.acquire(timeout=TAKE_PLACE_WAIT_S)):
+                self.shutdown_request(request)
+                return
+        with self._lock:
+            self._open[request] = time.monotonic()
         try:
             super().process_request(request, client_address)
         except BaseException:  # no thread started (TasksMax): the place is free again
-            self._free_places.release()
+            self._closed(request)
             raise
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._free_places.release()
+            self._closed(request)
+
+    def _closed(self, request) -> None:
+        with self._lock:
+            if self._open.pop(request, None) is None:
+                return  # released already
+        self._free_places.release()
+
+    def _cut_off_oldest(self) -> bool:
+        with self._lock:
+            if not self._open:
+                return False
+            oldest = min(self._open, key=self._open.__getitem__)
+            self._open[oldest] = float("inf")  # not chosen twice; its thread frees the place
+            self.taken_over += 1
+        try:
+            oldest.shutdown(socket.SHUT_RDWR)  # its thread's read or write returns at once; the thread ends
+        except OSError:
+            pass  # closed meanwhile: its place frees anyway
+        return True
 
     def handle_error(self, request, client_address) -> None:
         if isinstance(sys.exc_info()[1], OSError):
@@ -515,8 +549,8 @@ class _Server6(_Server):
 
 class MetricsServer:
     """GET /metrics on a loopback address (prometheus_client's WSGI app): a thread accepts, and each
-    connection is served on a thread of its own, at most `max_connections` at once, each cut off
-    after `deadline_s`."""
+    connection is served on a thread of its own, at most `max_connections` at once (a new one
+    takes the place of the oldest), each cut off after `deadline_s`."""
 
     def __init__(self, metrics: Metrics, host: str, port: int, *, deadline_s: float = CONNECTION_DEADLINE_S,
                  max_connections: int = MAX_CONNECTIONS):
