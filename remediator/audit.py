@@ -108,55 +108,84 @@ class _Fold:
     last: tuple[Outcome, str] | None = None  # the newest of them, with its mode
 
 
-class AuditWriter:
-    """The tick's audit observer: one line per decision, and one per outcome that changed something,
-    but for "maintain" outcomes at most one line per process and status every
-    MAINTAIN_LINE_EVERY_S: a process making threads all day (or a hostile user's, made to) must not
-    fill the disk at a line a tick. The others are counted into the next line ("folded"), written
-    at the first tick after the interval. `sink` takes a record (AuditLog.write, or a list's append
-    for replay); `clock` is monotonic seconds."""
+# (when, outcome, mode, folded): one line to write; `folded` counts the outcomes like it since the
+# process's previous such line that were not written.
+Line = tuple[str, Outcome, str, int]
 
-    def __init__(self, sink: Callable[[dict], object], clock: Callable[[], float] = time.monotonic):
-        self.sink = sink
+
+class MaintainFold:
+    """Which outcomes outside decisions get a line (audit and daemon log alike): all but
+    "unchanged", but "maintain" outcomes at most once per process and status every
+    MAINTAIN_LINE_EVERY_S. A process making threads all day (or a hostile user's, made to) must not
+    fill the disk, nor push the daemon's other messages past journald's rate limit, at a line a
+    tick. The others are counted into the next line, written at the first tick after the interval
+    or when the process's entry ends. `clock` is monotonic seconds."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self._folds: dict[tuple[ProcessIdentity, str], _Fold] = {}
 
-    def on_decision(self, carried) -> None:
-        self.sink(audit_record(carried.decision, carried.outcome, carried.mode))
-
-    def on_outcome(self, when: str, outcome: Outcome, mode: str) -> None:
+    def outcome(self, when: str, outcome: Outcome, mode: str) -> list[Line]:
+        """The lines to write now for this outcome."""
         if outcome.status == "unchanged":
-            return
+            return []
         if when != "maintain" or outcome.status in ENDING_STATUSES:
-            self._end_folds(outcome.identity)
-            self.sink(outcome_record(when, outcome, mode))
-            return
+            return [*self._end(outcome.identity), (when, outcome, mode, 0)]
         key = (outcome.identity, outcome.status)
         fold, now = self._folds.get(key), self.clock()
         if fold is not None and 0 <= now - fold.written_at < MAINTAIN_LINE_EVERY_S:
             fold.count += 1
             fold.last = (outcome, mode)
-            return
+            return []
         self._folds[key] = _Fold(now)
-        self.sink(outcome_record(when, outcome, mode, fold.count if fold is not None else 0))
+        return [(when, outcome, mode, fold.count if fold is not None else 0)]
 
-    def on_tick(self, report) -> None:
-        now = self.clock()
+    def tick(self) -> list[Line]:
+        """The folded lines whose interval is over."""
+        now, lines = self.clock(), []
         for key, fold in list(self._folds.items()):
             if 0 <= now - fold.written_at < MAINTAIN_LINE_EVERY_S:
                 continue
             if fold.last is None:
                 del self._folds[key]  # quiet for a whole interval: the next outcome is written at once
                 continue
-            self.sink(outcome_record("maintain", *fold.last, folded=fold.count - 1))
+            lines.append(("maintain", *fold.last, fold.count - 1))
             self._folds[key] = _Fold(now)
+        return lines
 
-    def _end_folds(self, identity: ProcessIdentity) -> None:
-        """Write what is folded for a process whose entry ends (or changes), so its count is not lost."""
+    def _end(self, identity: ProcessIdentity) -> list[Line]:
+        """What is folded for a process whose entry ends, so that its count is not lost."""
+        lines = []
         for key in [key for key in self._folds if key[0] == identity]:
             fold = self._folds.pop(key)
             if fold.last is not None:
-                self.sink(outcome_record("maintain", *fold.last, folded=fold.count - 1))
+                lines.append(("maintain", *fold.last, fold.count - 1))
+        return lines
+
+
+def folded_text(folded: int) -> str:
+    return f" (and {folded} more like it since the last line)" if folded else ""
+
+
+class AuditWriter:
+    """The tick's audit observer: one line per decision, and one per outcome that changed something
+    (maintain outcomes folded, see MaintainFold). `sink` takes a record (AuditLog.write, or a list's
+    append for replay); `clock` is monotonic seconds."""
+
+    def __init__(self, sink: Callable[[dict], object], clock: Callable[[], float] = time.monotonic):
+        self.sink = sink
+        self.fold = MaintainFold(clock)
+
+    def on_decision(self, carried) -> None:
+        self.sink(audit_record(carried.decision, carried.outcome, carried.mode))
+
+    def on_outcome(self, when: str, outcome: Outcome, mode: str) -> None:
+        for line in self.fold.outcome(when, outcome, mode):
+            self.sink(outcome_record(*line))
+
+    def on_tick(self, report) -> None:
+        for line in self.fold.tick():
+            self.sink(outcome_record(*line))
 
 
 class CulpritWriter:
@@ -273,8 +302,7 @@ def decision_detail(record: dict) -> str:
     if offender:
         parts.append(f"cpu {offender.get('cpu')} peak {offender.get('peak_cpu')} blame {offender.get('blame_share')}")
     if record.get("change"):
-        folded = record.get("folded")
-        parts.append(record["change"] + (f" (and {folded} more like it since the last line)" if folded else ""))
+        parts.append(record["change"] + folded_text(record.get("folded") or 0))
     elif record.get("message"):
         parts.append(record["message"])
     return "; ".join(parts)

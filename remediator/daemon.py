@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .audit import AuditLog, AuditWriter, CulpritWriter
+from .audit import AuditLog, AuditWriter, CulpritWriter, Line, MaintainFold, folded_text
 from .cgroupfs import CgroupFS, discover_cpu_mount, discover_cpuset_mount, process_cpuset_cpus
 from .collector import FULL_RESCAN_S, Collector
 from .throttling import ThrottleReader
@@ -711,7 +711,11 @@ class Daemon:
 
 
 class DecisionLog:
-    """The tick's observer for the daemon's log (journald): one line per decision and per change."""
+    """The tick's observer for the daemon's log (journald): one line per decision and per change
+    (maintain outcomes folded as in the audit log, audit.MaintainFold)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self.fold = MaintainFold(clock)
 
     def on_decision(self, carried: Carried) -> None:
         decision, outcome = carried.decision, carried.outcome
@@ -733,10 +737,12 @@ class DecisionLog:
             log.info("%s %s by %s: %s", decision.kind, who, policy, decision.message)
 
     def on_outcome(self, when: str, outcome: Outcome, mode: str) -> None:
-        if outcome.status == "unchanged":
-            return
-        level = logging.WARNING if outcome.is_error else logging.INFO
-        log.log(level, "%s: %s", when, outcome)
+        self._log(self.fold.outcome(when, outcome, mode))
 
     def on_tick(self, report: TickReport) -> None:
-        pass
+        self._log(self.fold.tick())
+
+    @staticmethod
+    def _log(lines: list[Line]) -> None:
+        for when, outcome, _mode, folded in lines:
+            log.log(logging.WARNING if outcome.is_error else logging.INFO, "%s: %s%s", when, outcome, folded_text(folded))

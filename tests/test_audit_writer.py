@@ -4,7 +4,10 @@ into the next line, so no process (nor a hostile user's, made to churn) can fill
 
 from __future__ import annotations
 
+import logging
+
 from remediator.audit import MAINTAIN_LINE_EVERY_S, AuditWriter, decision_detail
+from remediator.daemon import DecisionLog
 from remediator.model import Outcome
 from remediator.procfs import ProcessIdentity
 
@@ -83,3 +86,19 @@ def test_outcomes_of_other_kinds_are_never_folded():
         writer.on_outcome("exit", Outcome("restored", "nice", CHURNER, "nice 0 (was 10)"), "live")
     writer.on_outcome("maintain", Outcome("unchanged", "nice", CHURNER, "nothing new"), "live")
     assert len(lines) == 3
+
+
+def test_the_daemon_log_folds_the_same_lines(caplog):
+    """journald drops a unit's messages past its rate limit: a line a tick for one churning
+    process would push the daemon's other messages out."""
+    clock = Clock()
+    log = DecisionLog(clock=clock)
+    with caplog.at_level(logging.INFO, logger="remediator"):
+        for tick in range(100):
+            log.on_outcome("maintain", maintained(CHURNER, f"tick {tick}"), "live")
+            log.on_tick(None)
+            clock.now += TICK_S
+        log.on_outcome("maintain", maintained(CHURNER, "pid 4242 is gone", "gone"), "live")
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 3, lines
+    assert "tick 99" in lines[1] and lines[1].endswith("(and 98 more like it since the last line)")
