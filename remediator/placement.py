@@ -73,3 +73,14 @@ def per_user_name(name: str, uid: int) -> str:
     refused for both (actuators/cpu.py)."""
     return name if uid == 0 else f"{name}.uid{uid}"
 
+
+
+def offenders_group(name: str, uid: int, current_cgroup: str) -> str:
+    """The group of ours (`name`, with the prefix) a step puts this offender in: the one of that
+    name it is in already, whatever its uid is now (a process placed, then changing its uid, keeps
+    its group, so that a later step adds to the earlier ones and never lifts them), else its
+    user's (per_user_name)."""
+    here = current_cgroup.rstrip("/").rsplit("/", 1)[-1]
+    if here == name or (here.startswith(name + ".uid") and here[len(name) + 4:].isdigit()):
+        return here
+    return per_user_name(name, uid)

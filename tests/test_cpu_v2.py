@@ -298,6 +298,22 @@ def test_another_users_offender_gets_a_group_of_its_own_and_its_steps_stay_there
     assert not theirs.exists() and not v2.group.exists()
 
 
+def test_a_process_that_changes_its_uid_keeps_the_group_it_was_placed_in(host):
+    """A later step adds to the earlier ones: moved into another user's group it would lose them
+    (cpu_max there without the cpu_idle of the first), so it stays where it was placed."""
+    v2 = host()
+    executor = v2.executor()
+    assert executor.apply(request(IDLE), ()).status == "applied"
+    status = v2.procs.root / str(PID) / "status"
+    status.write_text(status.read_text().replace("Uid:\t0\t0\t0\t0", "Uid:\t1000\t1000\t1000\t1000"))
+
+    outcome = executor.apply(request(QUOTA_20, step=1), ())
+
+    assert outcome.status == "applied", outcome
+    assert v2.procs.cgroup(PID) == f"/{GROUP}" and not (v2.root / f"{GROUP}.uid1000").exists()
+    assert v2.file("cpu.idle") == "1" and v2.file("cpu.max") == "20000 100000"
+
+
 def test_no_cpu_controller_on_the_tree_is_said_plainly(host):
     v2 = host(controllers="cpuset io memory pids")  # cpu bound elsewhere: discovery finds no cpu hierarchy
     journal = Journal(v2.journal_path)

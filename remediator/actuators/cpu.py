@@ -45,7 +45,7 @@ from ..cgroupfs import CgroupFS, CgroupMount, cgroup_pids, discover_cpu_mount, p
 from ..durations import parse_duration
 from ..errors import ProcessGone
 from ..keys import Key
-from ..placement import owned_cgroup_name, per_user_name
+from ..placement import offenders_group, owned_cgroup_name, per_user_name
 from ..procfs import ProcessIdentity, ProcFS
 from ..systemd import SystemdManager, unit_for_cgroup
 from .base import ActuatorError, ApplyResult, ChangeFailed, ChangeInvalid, Plan, RestoreResult, ensure_alive, systemd_call
@@ -228,12 +228,11 @@ class CpuActuator:
         group = str(target.get("group") or "")
         if not group or "/" in group or group in (".", ".."):
             raise ChangeInvalid(f"cpu step needs a group name, not {group!r}: nothing changed")
-        group = per_user_name(group, int(current.get("uid", 0)))
         if current.get("outside_units"):
-            return self._plan_scope(identity, target, current, setting, scope_name(group))
+            return self._plan_scope(identity, target, current, setting, scope_name(per_user_name(group, int(current.get("uid", 0)))))
         mount = self.mount
         assert mount is not None
-        name = CGROUP_PREFIX + group
+        name = offenders_group(CGROUP_PREFIX + group, int(current.get("uid", 0)), current["cgroup"])
         directory = mount.mount_point / name
         moving = current["cgroup"] != "/" + name
         enable: list = []

@@ -64,7 +64,7 @@ from ..errors import ProcessGone, RemediatorError
 from ..keys import Key
 from ..matching import check_cgroup_name
 from ..procfs import ProcessIdentity, ProcFS
-from ..placement import CGROUP_PREFIX, owned_cgroup_name, per_user_name
+from ..placement import CGROUP_PREFIX, offenders_group, owned_cgroup_name
 from ..systemd import SystemdManager, describe_allowed, unit_for_cgroup
 from .kind import Compiling, Host, compile_cpu_spec, effect_cpus, target_cpus
 from .scope import (LIMITS_BESIDE_CPUSET, OffenderScopes, outside_units, refuse_lifting_limits, scope_cgroup_of, scope_name,
@@ -371,7 +371,7 @@ class CpusetActuator:
         self, identity: ProcessIdentity, target: dict, current: dict, *, original: dict | None = None, applied: dict | None = None
     ) -> Plan:
         mount = self._require_mount()
-        name = per_user_name(cgroup_name(str(target.get("cgroup") or "")), int(current.get("uid", 0)))
+        name = offenders_group(cgroup_name(str(target.get("cgroup") or "")), int(current.get("uid", 0)), current["cgroup"])
         requested = frozenset(int(cpu) for cpu in target.get("cpus") or ())
         if not requested:
             raise ChangeInvalid("cpuset needs a non-empty CPU set: nothing changed")
