@@ -16,6 +16,7 @@ import errno
 import functools
 import io
 import os
+import selectors
 import socket
 import socketserver
 import sys
@@ -408,14 +409,19 @@ class Metrics:
 # the headers and the answer. A scrape on loopback takes milliseconds; a client that trickles its
 # request a byte at a time is cut off here, however long it would keep going.
 CONNECTION_DEADLINE_S = 5.0
-# Connections served at once, each on a thread of its own while it lasts (at most the deadline). One
-# more takes the place of the oldest: connections by the thousand cost no more threads and
-# descriptors than this, and a few held open by a local user cannot keep a scrape out.
+# Requests answered at once, each on a thread of its own while it lasts (at most the deadline).
 MAX_CONNECTIONS = 8
-# How long a new connection waits for the place of the one it cut off to free (microseconds, as a rule).
-TAKE_PLACE_WAIT_S = 0.5
+# Connections still sending their request: held by the accepting thread alone (a descriptor and
+# what they sent, no thread), this many at most; one more closes the one accepted first.
+MAX_WAITING = 64
+# An answer still being written after this long has a client that does not read it: when a
+# complete request waits for a place, that connection is cut off for it.
+STALLED_S = 1.0
 # What a request may send (request line and headers): a scrape sends a few hundred bytes.
 MAX_REQUEST_BYTES = 64 * 1024
+REQUEST_END = b"\r\n\r\n"
+# How often the accepting thread looks again while a complete request waits for a place.
+PLACE_RETRY_S = 0.01
 
 
 class _CutOff(ConnectionAbortedError):
@@ -425,12 +431,14 @@ class _CutOff(ConnectionAbortedError):
 
 class _DeadlineSocket(io.RawIOBase):
     """A connection's socket as a file whose reads and writes all end by one deadline (each call
-    may block only for the time left), and whose reads stop at `max_read` bytes in all."""
+    may block only for the time left), whose reads give `received` (what the accepting thread
+    read) first, and stop at `max_read` bytes in all."""
 
-    def __init__(self, sock: socket.socket, deadline: float, max_read: int):
+    def __init__(self, sock: socket.socket, deadline: float, max_read: int, received: bytes = b""):
         self._sock = sock
         self._deadline = deadline
-        self._left_to_read = max_read
+        self._received = received
+        self._left_to_read = max_read - len(received)
 
     def readable(self) -> bool:
         return True
@@ -445,6 +453,11 @@ class _DeadlineSocket(io.RawIOBase):
         self._sock.settimeout(left)
 
     def readinto(self, buffer) -> int:
+        if self._received:
+            count = min(len(buffer), len(self._received))
+            buffer[:count] = self._received[:count]
+            self._received = self._received[count:]
+            return count
         if self._left_to_read <= 0:
             raise _CutOff(f"a request longer than {MAX_REQUEST_BYTES} bytes")
         self._block_at_most_the_time_left()
@@ -468,7 +481,8 @@ class _QuietHandler(WSGIRequestHandler):
     def setup(self) -> None:
         # In place of StreamRequestHandler's per-call timeout: one deadline for the whole connection.
         self.connection = self.request
-        stream = _DeadlineSocket(self.request, time.monotonic() + self.server.deadline_s, MAX_REQUEST_BYTES)
+        received, accepted_at = self.server.take_received(self.request)
+        stream = _DeadlineSocket(self.request, accepted_at + self.server.deadline_s, MAX_REQUEST_BYTES, received)
         self.rfile = io.BufferedReader(stream)
         self.wfile = stream
 
@@ -476,71 +490,209 @@ class _QuietHandler(WSGIRequestHandler):
         pass  # a scrape every 15 s is not news for the journal
 
 
+class _Waiting:
+    """A connection still sending its request, held by the accepting thread."""
+
+    __slots__ = ("sock", "address", "accepted_at", "received")
+
+    def __init__(self, sock: socket.socket, address, accepted_at: float):
+        self.sock, self.address, self.accepted_at, self.received = sock, address, accepted_at, b""
+
+
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
-    """Each connection on a thread of its own, at most `max_connections` at once and each for at most
-    `deadline_s`: a client that trickles or stalls holds one thread that long and delays nobody
-    else. When every place is taken, a new connection takes the place of the oldest (its socket is
-    shut down, which ends its thread's read or write at once). A scrape on loopback is over within
-    milliseconds of its connect, so connections held open by a local user (silent, trickling, or
-    not reading the answer) are cut off first, and to cut off a scrape one would have to open
-    `max_connections` in those milliseconds; connections by the thousand cost no more threads."""
+    """One thread accepts and reads every request line and headers, without a thread per
+    connection; only a complete request gets a thread of its own to be answered on, at most
+    `max_connections` at once. Each connection gets `deadline_s` from accept to the last byte.
+
+    So a local user's connections that never send a request, or trickle it, hold a descriptor each
+    (at most `max_waiting`, the first accepted closed for one more) and no place: a scrape, which
+    sends its request as it connects, is answered as soon as it is in. A client that sends a
+    request and does not read the answer holds its place until its deadline, or `STALLED_S` once a
+    complete request waits for it. Connections by the thousand cost no thread and no memory kept."""
 
     daemon_threads = True  # a handler never holds up the daemon's exit
     block_on_close = False  # and keeps no list of its threads
-    # Connections the kernel queues before accept: with a place to take over, each accept waits
-    # for the thread cut off to end, and a scrape's SYN dropped behind a flood would wait a second.
+    # Connections the kernel queues before accept: a scrape's SYN dropped behind a flood waits a second.
     request_queue_size = 128
 
-    def __init__(self, address, deadline_s: float, max_connections: int):
+    def __init__(self, address, deadline_s: float, max_connections: int, max_waiting: int = MAX_WAITING):
         self.deadline_s = deadline_s
-        self._free_places = threading.BoundedSemaphore(max_connections)
+        self.max_connections = max_connections
+        self.max_waiting = max_waiting
         self._lock = threading.Lock()
-        self._open: dict[socket.socket, float] = {}  # connection -> when accepted
-        self.taken_over = 0  # connections cut off to make place for a newer one
+        self._answering: dict[socket.socket, float] = {}  # connection -> when its answer began (under _lock)
+        self._received: dict[socket.socket, tuple[bytes, float]] = {}  # handed to its thread (under _lock)
+        self._waiting: dict[socket.socket, _Waiting] = {}  # the accepting thread's alone, oldest first
+        self._complete: list[_Waiting] = []  # complete requests waiting for a place, oldest first
+        self._stopping = False
+        self._stopped = threading.Event()
+        self._wake, self._waker = socket.socketpair()
+        self.closed_waiting = 0  # connections closed for a newer one while sending their request
+        self.cut_off_stalled = 0  # answers cut off for a complete request
         super().__init__(address, _QuietHandler)
+        self.socket.setblocking(False)
 
-    def process_request(self, request, client_address) -> None:
-        if not self._free_places.acquire(blocking=False):
-            if not (self._cut_off_oldest() and self._free_places.acquire(timeout=TAKE_PLACE_WAIT_S)):
-                self.shutdown_request(request)
-                return
-        with self._lock:
-            self._open[request] = time.monotonic()
+    # -- the accepting thread ----------------------------------------------------------------
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
         try:
-            super().process_request(request, client_address)
-        except BaseException:  # no thread started (TasksMax): the place is free again
-            self._closed(request)
-            raise
+            with selectors.DefaultSelector() as selector:
+                selector.register(self.socket, selectors.EVENT_READ)
+                selector.register(self._wake, selectors.EVENT_READ)
+                while not self._stopping:
+                    events = selector.select(self._timeout(poll_interval))
+                    now = time.monotonic()
+                    incoming = False
+                    for key, _ in events:
+                        if key.fileobj is self.socket:
+                            incoming = True
+                        elif key.fileobj is self._wake:
+                            self._wake.recv(64)
+                        else:
+                            self._receive(selector, key.fileobj)
+                    # Requests in first, then the newcomers: one more can close the oldest waiting.
+                    if incoming:
+                        self._accept(selector, now)
+                    self._expire(selector, now)
+                    self._place_complete(now)
+        finally:
+            for waiting in [*self._waiting.values(), *self._complete]:
+                waiting.sock.close()
+            self._waiting.clear()
+            self._complete.clear()
+            self._stopped.set()
+
+    def _timeout(self, poll_interval: float) -> float:
+        if self._complete:
+            return PLACE_RETRY_S
+        if self._waiting:
+            first = next(iter(self._waiting.values()))
+            return max(0.0, min(poll_interval, first.accepted_at + self.deadline_s - time.monotonic()))
+        return poll_interval
+
+    def _accept(self, selector, now: float) -> None:
+        for _ in range(self.max_waiting):  # a bounded batch: the requests in are read between batches
+            try:
+                sock, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # EMFILE and the like: the kernel keeps it queued for the next round
+            sock.setblocking(False)
+            if len(self._waiting) >= self.max_waiting:
+                self._drop(selector, next(iter(self._waiting)))
+                self.closed_waiting += 1
+            self._waiting[sock] = _Waiting(sock, address, now)
+            selector.register(sock, selectors.EVENT_READ)
+
+    def _receive(self, selector, sock: socket.socket) -> None:
+        waiting = self._waiting.get(sock)
+        if waiting is None:
+            return
+        try:
+            chunk = sock.recv(MAX_REQUEST_BYTES - len(waiting.received))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._drop(selector, sock)  # gone before its request was in
+            return
+        searched_from = max(0, len(waiting.received) - len(REQUEST_END) + 1)
+        waiting.received += chunk
+        if REQUEST_END in waiting.received[searched_from:]:
+            selector.unregister(sock)
+            del self._waiting[sock]
+            self._complete.append(waiting)
+        elif len(waiting.received) >= MAX_REQUEST_BYTES:
+            self._drop(selector, sock)  # a request longer than any scrape's: never answered
+
+    def _drop(self, selector, sock: socket.socket) -> None:
+        selector.unregister(sock)
+        del self._waiting[sock]
+        sock.close()
+
+    def _expire(self, selector, now: float) -> None:
+        while self._waiting:
+            sock, waiting = next(iter(self._waiting.items()))
+            if now - waiting.accepted_at < self.deadline_s:
+                break
+            self._drop(selector, sock)  # its request never came in time
+
+    def _place_complete(self, now: float) -> None:
+        """Hand complete requests to threads, oldest first, while places are free; with none free,
+        cut off an answer stalled past STALLED_S, and look again shortly."""
+        while self._complete:
+            waiting = self._complete[0]
+            if now - waiting.accepted_at >= self.deadline_s:
+                self._complete.pop(0).sock.close()
+                continue
+            with self._lock:
+                if len(self._answering) >= self.max_connections:
+                    self._cut_off_a_stalled_answer(now)
+                    return  # its place frees when its thread ends
+                self._answering[waiting.sock] = now
+                self._received[waiting.sock] = (waiting.received, waiting.accepted_at)
+            self._complete.pop(0)
+            try:
+                self.process_request(waiting.sock, waiting.address)
+            except BaseException:  # no thread started (TasksMax): the place is free again
+                self._answered(waiting.sock)
+                waiting.sock.close()
+                raise
+
+    def _cut_off_a_stalled_answer(self, now: float) -> None:
+        """Under _lock."""
+        stalled = [(began, sock) for sock, began in self._answering.items() if now - began >= STALLED_S]
+        if not stalled:
+            return
+        _, sock = min(stalled, key=lambda item: item[0])
+        self._answering[sock] = float("inf")  # never chosen twice: its thread frees the place
+        self.cut_off_stalled += 1
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # its thread's write returns at once; the thread ends
+        except OSError:
+            pass  # closed meanwhile
+
+    # -- the answering threads ---------------------------------------------------------------
+    def take_received(self, sock: socket.socket) -> tuple[bytes, float]:
+        """(what the accepting thread read of this connection's request, when it was accepted)."""
+        with self._lock:
+            return self._received.pop(sock, (b"", time.monotonic()))
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._closed(request)
+            self._answered(request)
 
-    def _closed(self, request) -> None:
+    def _answered(self, sock: socket.socket) -> None:
         with self._lock:
-            if self._open.pop(request, None) is None:
-                return  # released already
-        self._free_places.release()
-
-    def _cut_off_oldest(self) -> bool:
-        with self._lock:
-            if not self._open:
-                return False
-            oldest = min(self._open, key=self._open.__getitem__)
-            self._open[oldest] = float("inf")  # not chosen twice; its thread frees the place
-            self.taken_over += 1
+            self._answering.pop(sock, None)
+            self._received.pop(sock, None)
         try:
-            oldest.shutdown(socket.SHUT_RDWR)  # its thread's read or write returns at once; the thread ends
+            self._waker.send(b"\0")  # a complete request may be waiting for this place
         except OSError:
-            pass  # closed meanwhile: its place frees anyway
-        return True
+            pass
 
     def handle_error(self, request, client_address) -> None:
         if isinstance(sys.exc_info()[1], OSError):
             return  # a client cut off, gone or refused: not news for the journal
         super().handle_error(request, client_address)
+
+    # -- stopping ----------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop the accepting thread's loop and wait for it (BaseServer's own waits for its own loop)."""
+        self._stopping = True
+        try:
+            self._waker.send(b"\0")
+        except OSError:
+            pass
+        self._stopped.wait()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake.close()
+        self._waker.close()
 
 
 class _Server6(_Server):
@@ -548,15 +700,15 @@ class _Server6(_Server):
 
 
 class MetricsServer:
-    """GET /metrics on a loopback address (prometheus_client's WSGI app): a thread accepts, and each
-    connection is served on a thread of its own, at most `max_connections` at once (a new one
-    takes the place of the oldest), each cut off after `deadline_s`."""
+    """GET /metrics on a loopback address (prometheus_client's WSGI app): one thread accepts and
+    reads the requests, and each complete request is answered on a thread of its own, at most
+    `max_connections` at once, each connection cut off `deadline_s` after its accept."""
 
     def __init__(self, metrics: Metrics, host: str, port: int, *, deadline_s: float = CONNECTION_DEADLINE_S,
-                 max_connections: int = MAX_CONNECTIONS):
+                 max_connections: int = MAX_CONNECTIONS, max_waiting: int = MAX_WAITING):
         server_class = _Server6 if ":" in host else _Server
         try:
-            self.server = server_class((host, port), deadline_s, max_connections)
+            self.server = server_class((host, port), deadline_s, max_connections, max_waiting)
         except OSError as exc:
             raise OSError(exc.errno, f"cannot listen on {format_address(host, port)}: {exc.strerror or exc}") from None
         self.server.set_app(make_wsgi_app(metrics.registry))

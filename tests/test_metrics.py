@@ -24,7 +24,7 @@ from remediator.audit import AuditWriter
 from remediator.config import load_config
 from remediator.daemon import DecisionLog
 from remediator.engine import EngineState
-from remediator.metrics import (CONNECTION_DEADLINE_S, MAX_REQUEST_BYTES, OTHER, PENDING_COMMS_MAX, Metrics, MetricsServer,
+from remediator.metrics import (CONNECTION_DEADLINE_S, MAX_REQUEST_BYTES, OTHER, PENDING_COMMS_MAX, STALLED_S, Metrics, MetricsServer,
                                 TextfileWriter)
 from remediator.model import PolicySet
 from remediator.procfs import ProcessInfo
@@ -355,30 +355,55 @@ def closed_by_the_server(sock: socket.socket, within_s: float) -> bool:
         return False
 
 
-def test_silent_connections_holding_every_place_keep_no_scrape_out_and_take_no_thread():
-    """A local user holding every place with connections that never send a request: a scrape takes
-    the place of the one that has waited longest, at once; a flood of them keeps the threads at
-    the cap, and scrapes still go through."""
-    server = MetricsServer(Metrics(), "127.0.0.1", 0, deadline_s=30.0, max_connections=2)
+def test_silent_connections_hold_no_place_and_no_thread_and_keep_no_scrape_out():
+    """A local user's connections that never send a request are held by the accepting thread
+    alone (a descriptor each, at most max_waiting, the first accepted closed for one more): every
+    place stays free for scrapes, and no thread is started for them."""
+    server = MetricsServer(Metrics(), "127.0.0.1", 0, deadline_s=30.0, max_connections=2, max_waiting=4)
     threads_before = threading.active_count()
     silent: list[socket.socket] = []
     try:
-        silent = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]  # hold both places
-        assert wait_until(lambda: threading.active_count() >= threads_before + 2, 5.0, what="both places taken")
+        for _ in range(50):  # one after another: all at once would only overflow the kernel's listen backlog
+            silent.append(socket.create_connection(("127.0.0.1", server.port), timeout=1.0))
+        assert wait_until(lambda: server.server.closed_waiting >= 46, 5.0, what="all but the newest 4 closed")
+        assert threading.active_count() == threads_before
+        assert all(closed_by_the_server(sock, 1.0) for sock in silent[:46]), "the first accepted gave way"
+        assert not closed_by_the_server(silent[-1], 0.2)
+
         started = time.monotonic()
         assert "remediator_ticks_total" in scrape(server.url)
         assert time.monotonic() - started < 2.0
-        assert closed_by_the_server(silent[0], 2.0), "the longest-waiting connection gave its place"
-        assert not closed_by_the_server(silent[1], 0.2), "the other one is still served"
-
-        for _ in range(50):  # one after another: all at once would only overflow the kernel's listen backlog
-            silent.append(socket.create_connection(("127.0.0.1", server.port), timeout=1.0))
-            assert threading.active_count() <= threads_before + 2
-        assert "remediator_ticks_total" in scrape(server.url)
-        assert server.server.taken_over >= 50
     finally:
         for sock in silent:
             sock.close()
+        server.close()
+
+
+def test_an_answer_its_client_does_not_read_gives_its_place_to_a_waiting_request():
+    """A client that sends a request and never reads the answer holds its place only until a
+    complete request needs it and STALLED_S has passed, not until its deadline."""
+    server = MetricsServer(Metrics(), "127.0.0.1", 0, deadline_s=30.0, max_connections=1)
+    metrics_app = server.server.get_app()
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] != "/big":
+            return metrics_app(environ, start_response)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return (b"x" * (1 << 20) for _ in range(256))  # far more than the socket buffers hold
+
+    server.server.set_app(app)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as stalled:
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads
+            time.sleep(0.3)  # its answer has begun and filled the buffers
+            started = time.monotonic()
+            with urllib.request.urlopen(server.url, timeout=10) as response:
+                assert response.status == 200 and b"remediator_ticks_total" in response.read()
+            waited = time.monotonic() - started
+        assert STALLED_S - 0.5 <= waited < STALLED_S + 2.0, waited
+        assert server.server.cut_off_stalled == 1
+    finally:
         server.close()
 
 
