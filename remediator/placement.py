@@ -8,6 +8,7 @@ offline, so the same policy file means the right thing on every host.
 from __future__ import annotations
 
 import os
+import re
 from typing import Callable, Iterable, Mapping
 
 from .model import CpuSpec
@@ -75,12 +76,26 @@ def per_user_name(name: str, uid: int) -> str:
 
 
 
-def offenders_group(name: str, uid: int, current_cgroup: str) -> str:
-    """The group of ours (`name`, with the prefix) a step puts this offender in: the one of that
-    name it is in already, whatever its uid is now (a process placed, then changing its uid, keeps
-    its group, so that a later step adds to the earlier ones and never lifts them), else its
-    user's (per_user_name)."""
+def owned_group_path(cgroup_path: str, parent: str = "/") -> bool:
+    """Whether a cgroup is one of remediator's: named with its prefix directly under `parent` (the
+    hierarchy's root for the cpu groups, the cpuset parent for cpusets), where only root makes
+    groups. A delegated subtree (a container's, a user's) can name its own groups anything, deeper
+    down: the name alone proves nothing."""
+    head, _, name = cgroup_path.rstrip("/").rpartition("/")
+    return head == parent.rstrip("/") and name.startswith(CGROUP_PREFIX)
+
+
+def offenders_group(name: str, uid: int, current_cgroup: str, placed_in: str | None) -> str:
+    """The group of ours (`name`, with the prefix) a step puts this offender in: the one an earlier
+    step of this kind placed it in (`placed_in`, from the journal) while it is still there, whatever
+    its uid is now, so that a later step adds to the earlier ones and never lifts them; else its
+    user's (per_user_name). Never the group it is in by its name alone: a child of an offender,
+    born in root's group, that runs as another user goes into that user's."""
     here = current_cgroup.rstrip("/").rsplit("/", 1)[-1]
-    if here == name or (here.startswith(name + ".uid") and here[len(name) + 4:].isdigit()):
-        return here
+    if placed_in is not None and current_cgroup == placed_in:
+        if here == name or (here.startswith(name) and _PER_USER_ENDING.fullmatch(here[len(name):])):
+            return here
     return per_user_name(name, uid)
+
+
+_PER_USER_ENDING = re.compile(r"\.uid[0-9]+")  # ASCII digits only, as per_user_name writes them

@@ -171,7 +171,8 @@ TYPES = {
     "table-array": "array of tables",
 }
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# At most 200 characters: the name goes into cgroup and scope names (with ".uidN" and ".scope"), which systemd caps at 255.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,199}$"
 MATCHES_NOTHING = "is an empty list, which matches nothing; remove the key or give at least one item"
 
 MATCH_KEYS = (
@@ -306,7 +307,7 @@ LIMITS_KEYS = (
 
 POLICY_KEYS = (
     Key("name", "string", "Unique name across all policy files; shown in the audit log (and naming the policy's cgroup for cpu steps, so it may not end in `.uid` and digits).",
-        required=True, pattern=NAME_PATTERN, pattern_hint="a letter or digit, then letters, digits, '.', '_', '-'", item_check=check_not_per_user),
+        required=True, pattern=NAME_PATTERN, pattern_hint="a letter or digit, then letters, digits, '.', '_', '-'; 200 characters at most", item_check=check_not_per_user),
     Key("description", "string", "Why this policy exists (shown by `policy explain` and in the audit log).", required=True),
     Key("priority", "integer", "When two policies match one process, the higher priority wins (see precedence).", default=0, minimum=-1000, maximum=1000),
     Key("match", "table", "Which processes are offenders: every key given must match; a list means any of its items.", required=True, keys=MATCH_KEYS),

@@ -314,6 +314,39 @@ def test_a_process_that_changes_its_uid_keeps_the_group_it_was_placed_in(host):
     assert v2.file("cpu.idle") == "1" and v2.file("cpu.max") == "20000 100000"
 
 
+def test_a_group_named_like_ours_deeper_down_is_not_ours(host):
+    """A container root (or a user with a delegated subtree) can name a group of its own
+    `remediator-log-shippers`: a look-alike started there is still its user's offender, and goes
+    into its user's group, not into root's."""
+    v2 = host()
+    v2.cgroupfs.make_cgroup(f"/jobs/{GROUP}")
+    v2.procs.add_process(OTHER, 1, comm="fluent-bit", cgroup=f"/jobs/{GROUP}", uid=1000)
+    v2.cgroupfs.place(f"/jobs/{GROUP}", OTHER)
+    executor = v2.executor()
+
+    outcome = executor.apply(request(IDLE, pid=OTHER, start=1), ())
+
+    assert outcome.status == "applied", outcome
+    assert v2.procs.cgroup(OTHER) == f"/{GROUP}.uid1000"
+    assert not v2.group.exists()
+
+
+def test_a_child_born_in_roots_group_that_runs_as_another_user_gets_that_users_group(host):
+    """A root offender's child inherits root's group; one that then runs as another user (a job
+    runner's) and is stepped itself goes into its user's group: no step of its reaches root's."""
+    v2 = host()
+    executor = v2.executor()
+    assert executor.apply(request(WEIGHT_10), ()).status == "applied"
+    v2.procs.add_process(OTHER, 1, comm="fluent-bit", cgroup=f"/{GROUP}", uid=1000)
+    v2.cgroupfs.place(f"/{GROUP}", OTHER)
+
+    outcome = executor.apply(request(IDLE, pid=OTHER, start=1), ())
+
+    assert outcome.status == "applied", outcome
+    assert v2.procs.cgroup(OTHER) == f"/{GROUP}.uid1000"
+    assert v2.file("cpu.idle") == "0", "root's group keeps its own step"
+
+
 def test_no_cpu_controller_on_the_tree_is_said_plainly(host):
     v2 = host(controllers="cpuset io memory pids")  # cpu bound elsewhere: discovery finds no cpu hierarchy
     journal = Journal(v2.journal_path)

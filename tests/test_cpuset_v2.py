@@ -117,6 +117,22 @@ def test_another_users_offender_gets_a_cpuset_of_its_own(host):
     assert not (v2.root / "remediator-log-shippers.uid1000").exists()
 
 
+def test_a_cgroup_named_like_ours_deeper_down_keeps_its_limits_and_its_cpus(host):
+    """Only a group directly under the cpuset parent is ours: one a container names
+    `remediator-x` in its own subtree is checked as any other (never wider, never out of limits)."""
+    v2 = host()
+    v2.cgroupfs.make_cgroup("/system.slice/remediator-log-shippers")
+    v2.cgroupfs.place("/system.slice/remediator-log-shippers", PID)
+    v2.procs.set_cgroup(PID, "/system.slice/remediator-log-shippers")
+    (v2.root / "system.slice" / "remediator-log-shippers" / "pids.max").write_text("100\n")
+
+    outcome = v2.executor().apply(v2.request(), ())
+
+    assert outcome.status == "invalid", outcome
+    assert "pids.max" in outcome.message
+    assert v2.procs.cgroup(PID) == "/system.slice/remediator-log-shippers"
+
+
 def test_a_process_under_limits_is_not_moved_out_of_them(host):
     """On v2 one tree holds every controller: a process moved into remediator's cpuset would leave
     its cgroup's memory.max (a container's, a supervisor's) behind. Refused, nothing written."""

@@ -134,3 +134,12 @@ def test_no_traceback_on_hostile_files(tmp_path):
     )
     assert f"{tmp_path}/huge-int.toml:2:12: error: policy[0].priority: 99999999999999999999999999999 is out of range (-1000..1000)" in lines
     assert all(": error: " in line or ": warning: " in line for line in lines)
+
+
+def test_a_policy_name_longer_than_200_characters_is_an_error(tmp_path, capsys):
+    """The name goes into cgroup and scope names (with '.uidN' and '.scope'), which systemd caps at 255."""
+    (tmp_path / "a.toml").write_text(GOOD.replace('name = "a"', f'name = "{"a" * 201}"'))
+    assert main(["policy", "check", str(tmp_path / "a.toml"), "--online-cpus", "0-1"]) == 1
+    assert "200 characters at most" in capsys.readouterr().out
+    (tmp_path / "a.toml").write_text(GOOD.replace('name = "a"', f'name = "{"a" * 200}"'))
+    assert main(["policy", "check", str(tmp_path / "a.toml"), "--online-cpus", "0-1"]) == 0

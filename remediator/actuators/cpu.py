@@ -232,7 +232,7 @@ class CpuActuator:
             return self._plan_scope(identity, target, current, setting, scope_name(per_user_name(group, int(current.get("uid", 0)))))
         mount = self.mount
         assert mount is not None
-        name = offenders_group(CGROUP_PREFIX + group, int(current.get("uid", 0)), current["cgroup"])
+        name = offenders_group(CGROUP_PREFIX + group, int(current.get("uid", 0)), current["cgroup"], (applied or {}).get("cgroup"))
         directory = mount.mount_point / name
         moving = current["cgroup"] != "/" + name
         enable: list = []

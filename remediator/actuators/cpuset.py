@@ -64,7 +64,7 @@ from ..errors import ProcessGone, RemediatorError
 from ..keys import Key
 from ..matching import check_cgroup_name
 from ..procfs import ProcessIdentity, ProcFS
-from ..placement import CGROUP_PREFIX, offenders_group, owned_cgroup_name
+from ..placement import CGROUP_PREFIX, offenders_group, owned_cgroup_name, owned_group_path, per_user_name
 from ..systemd import SystemdManager, describe_allowed, unit_for_cgroup
 from .kind import Compiling, Host, compile_cpu_spec, effect_cpus, target_cpus
 from .scope import (LIMITS_BESIDE_CPUSET, OffenderScopes, outside_units, refuse_lifting_limits, scope_cgroup_of, scope_name,
@@ -371,14 +371,16 @@ class CpusetActuator:
         self, identity: ProcessIdentity, target: dict, current: dict, *, original: dict | None = None, applied: dict | None = None
     ) -> Plan:
         mount = self._require_mount()
-        name = offenders_group(cgroup_name(str(target.get("cgroup") or "")), int(current.get("uid", 0)), current["cgroup"])
+        requested_name, uid = cgroup_name(str(target.get("cgroup") or "")), int(current.get("uid", 0))
+        name = offenders_group(requested_name, uid, current["cgroup"], (applied or {}).get("cgroup"))
         requested = frozenset(int(cpu) for cpu in target.get("cpus") or ())
         if not requested:
             raise ChangeInvalid("cpuset needs a non-empty CPU set: nothing changed")
         if "unit" in current:
             return self._plan_unit(identity, target, current, mount, requested)
         if current.get("outside_units"):
-            return self._plan_scope(identity, target, current, mount, requested, scope_name(name.removeprefix(CGROUP_PREFIX)))
+            return self._plan_scope(identity, target, current, mount, requested,
+                                    scope_name(per_user_name(requested_name, uid).removeprefix(CGROUP_PREFIX)))
         parent_dir = mount.fs_path(self.parent)
         if parent_dir is None or not self.cgroupfs.exists(parent_dir):
             raise ChangeFailed(f"cpuset parent cgroup {self.parent} does not exist under {mount.mount_point}: nothing changed")
@@ -393,9 +395,10 @@ class CpusetActuator:
                 f"requested CPUs {format_cpulist(requested)} are all outside what cpuset parent {source} allows "
                 f"({format_cpulist(allowed)}): nothing changed"
             )
-        if current["cgroup"] != target_path and not current["cgroup"].rsplit("/", 1)[-1].startswith(CGROUP_PREFIX):
+        if current["cgroup"] != target_path and not owned_group_path(current["cgroup"], self.parent):
             # Never wider: a cpuset that already allows only some of these CPUs stays (not one of ours:
-            # moving between our own cgroups is a later step's business).
+            # moving between our own cgroups is a later step's business; one named like ours deeper
+            # down, in a container's subtree, is not ours).
             now = effective_cpus(self.cgroupfs, mount, current["cgroup"])
             if now is not None and now[0] <= cpus:
                 description = (
@@ -554,7 +557,7 @@ class CpusetActuator:
         ensure_alive(self.procfs, plan.identity)
         message = plan.description
         previous = plan.current.get("cgroup")
-        if previous != details["cgroup"] and previous and previous.rsplit("/", 1)[-1].startswith(CGROUP_PREFIX):
+        if previous != details["cgroup"] and previous and owned_group_path(previous, self.parent):
             # A later step moved it from one of our cgroups to another: the old one may be empty now.
             message += self._cleanup_note(self._require_mount(), previous)
         applied = {
