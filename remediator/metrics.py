@@ -411,17 +411,22 @@ class Metrics:
 CONNECTION_DEADLINE_S = 5.0
 # Requests answered at once, each on a thread of its own while it lasts (at most the deadline).
 MAX_CONNECTIONS = 8
-# Connections still sending their request: held by the accepting thread alone (a descriptor and
-# what they sent, no thread), this many at most; one more closes the one accepted first.
+# Connections not answered yet (still sending their request, or sent and waiting for a place):
+# held by the accepting thread alone (a descriptor and what they sent, no thread), this many at
+# most; one more closes the one accepted first, one still sending before one waiting for a place.
 MAX_WAITING = 64
 # An answer still being written after this long has a client that does not read it: when a
 # complete request waits for a place, that connection is cut off for it.
 STALLED_S = 1.0
 # What a request may send (request line and headers): a scrape sends a few hundred bytes.
 MAX_REQUEST_BYTES = 64 * 1024
-REQUEST_END = b"\r\n\r\n"
-# How often the accepting thread looks again while a complete request waits for a place.
-PLACE_RETRY_S = 0.01
+REQUEST_ENDS = (b"\r\n\r\n", b"\n\n")  # the blank line after the headers (a bare \n is tolerated, as wsgiref does)
+# How often the accepting thread looks again while a complete request waits for a place (a place
+# that frees wakes it at once): only for an answer that stalls.
+PLACE_RETRY_S = 0.1
+# Out of descriptors (EMFILE, ENFILE): the listening socket rests this long, so the thread does not
+# spin on a connection it cannot accept; the kernel keeps it queued meanwhile.
+ACCEPT_REST_S = 0.1
 
 
 class _CutOff(ConnectionAbortedError):
@@ -496,7 +501,7 @@ class _Waiting:
     __slots__ = ("sock", "address", "accepted_at", "received")
 
     def __init__(self, sock: socket.socket, address, accepted_at: float):
-        self.sock, self.address, self.accepted_at, self.received = sock, address, accepted_at, b""
+        self.sock, self.address, self.accepted_at, self.received = sock, address, accepted_at, bytearray()
 
 
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
@@ -505,10 +510,11 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
     `max_connections` at once. Each connection gets `deadline_s` from accept to the last byte.
 
     So a local user's connections that never send a request, or trickle it, hold a descriptor each
-    (at most `max_waiting`, the first accepted closed for one more) and no place: a scrape, which
-    sends its request as it connects, is answered as soon as it is in. A client that sends a
-    request and does not read the answer holds its place until its deadline, or `STALLED_S` once a
-    complete request waits for it. Connections by the thousand cost no thread and no memory kept."""
+    and no place; with those waiting for a place they are `max_waiting` at most, the first accepted
+    closed for one more. A scrape, which sends its request as it connects, is answered as soon as
+    it is in, the newest complete request first. A client that sends a request and does not read the
+    answer holds its place until its deadline, or `STALLED_S` once a complete request waits for it.
+    Connections by the thousand cost no thread, no memory kept and no more descriptors."""
 
     daemon_threads = True  # a handler never holds up the daemon's exit
     block_on_close = False  # and keeps no list of its threads
@@ -526,9 +532,11 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
         self._complete: list[_Waiting] = []  # complete requests waiting for a place, oldest first
         self._stopping = False
         self._stopped = threading.Event()
+        self._accept_rests_until: float | None = None  # out of descriptors: see ACCEPT_REST_S
         self._wake, self._waker = socket.socketpair()
         self.closed_waiting = 0  # connections closed for a newer one while sending their request
         self.cut_off_stalled = 0  # answers cut off for a complete request
+        self.unstarted = 0  # complete requests closed unanswered: no thread could be started
         super().__init__(address, _QuietHandler)
         self.socket.setblocking(False)
 
@@ -552,6 +560,9 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
                     # Requests in first, then the newcomers: one more can close the oldest waiting.
                     if incoming:
                         self._accept(selector, now)
+                    if self._accept_rests_until is not None and now >= self._accept_rests_until:
+                        selector.register(self.socket, selectors.EVENT_READ)
+                        self._accept_rests_until = None
                     self._expire(selector, now)
                     self._place_complete(now)
         finally:
@@ -564,6 +575,8 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
     def _timeout(self, poll_interval: float) -> float:
         if self._complete:
             return PLACE_RETRY_S
+        if self._accept_rests_until is not None:
+            return ACCEPT_REST_S
         if self._waiting:
             first = next(iter(self._waiting.values()))
             return max(0.0, min(poll_interval, first.accepted_at + self.deadline_s - time.monotonic()))
@@ -576,10 +589,17 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                return  # EMFILE and the like: the kernel keeps it queued for the next round
+                # EMFILE and the like: the kernel keeps the connection queued, and the listening
+                # socket stays readable; it rests, or this thread would spin on it.
+                selector.unregister(self.socket)
+                self._accept_rests_until = now + ACCEPT_REST_S
+                return
             sock.setblocking(False)
-            if len(self._waiting) >= self.max_waiting:
-                self._drop(selector, next(iter(self._waiting)))
+            if len(self._waiting) + len(self._complete) >= self.max_waiting:
+                if self._waiting:
+                    self._drop(selector, next(iter(self._waiting)))
+                else:
+                    self._complete.pop(0).sock.close()
                 self.closed_waiting += 1
             self._waiting[sock] = _Waiting(sock, address, now)
             selector.register(sock, selectors.EVENT_READ)
@@ -597,9 +617,9 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
         if not chunk:
             self._drop(selector, sock)  # gone before its request was in
             return
-        searched_from = max(0, len(waiting.received) - len(REQUEST_END) + 1)
+        searched_from = max(0, len(waiting.received) - 3)
         waiting.received += chunk
-        if REQUEST_END in waiting.received[searched_from:]:
+        if any(waiting.received.find(end, searched_from) >= 0 for end in REQUEST_ENDS):
             selector.unregister(sock)
             del self._waiting[sock]
             self._complete.append(waiting)
@@ -619,26 +639,29 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
             self._drop(selector, sock)  # its request never came in time
 
     def _place_complete(self, now: float) -> None:
-        """Hand complete requests to threads, oldest first, while places are free; with none free,
-        cut off an answer stalled past STALLED_S, and look again shortly."""
+        """Hand complete requests to threads, the newest first (a flood of requests queued before
+        a scrape does not make it wait), while places are free; with none free, cut off an answer
+        stalled past STALLED_S, and look again shortly."""
+        late = [waiting for waiting in self._complete if now - waiting.accepted_at >= self.deadline_s]
+        for waiting in late:
+            waiting.sock.close()  # past its deadline before a place freed
+        if late:
+            self._complete = [waiting for waiting in self._complete if waiting not in late]
         while self._complete:
-            waiting = self._complete[0]
-            if now - waiting.accepted_at >= self.deadline_s:
-                self._complete.pop(0).sock.close()
-                continue
+            waiting = self._complete[-1]
             with self._lock:
                 if len(self._answering) >= self.max_connections:
                     self._cut_off_a_stalled_answer(now)
                     return  # its place frees when its thread ends
                 self._answering[waiting.sock] = now
-                self._received[waiting.sock] = (waiting.received, waiting.accepted_at)
-            self._complete.pop(0)
+                self._received[waiting.sock] = (bytes(waiting.received), waiting.accepted_at)
+            self._complete.pop()
             try:
                 self.process_request(waiting.sock, waiting.address)
-            except BaseException:  # no thread started (TasksMax): the place is free again
+            except Exception:  # no thread started (TasksMax, memory): this one is not answered
                 self._answered(waiting.sock)
                 waiting.sock.close()
-                raise
+                self.unstarted += 1
 
     def _cut_off_a_stalled_answer(self, now: float) -> None:
         """Under _lock."""

@@ -9,6 +9,8 @@ import os
 import select
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -493,3 +495,89 @@ def test_the_daemons_metrics_over_http_in_a_dry_run(spawn, daemon, tmp_path):
     assert run.stop() == 0
     assert "remediator_actions_total" in textfile.read_text()  # written at exit too
     assert os.stat(textfile).st_mode & 0o777 == 0o644
+
+
+def test_requests_queued_for_a_place_are_bounded_and_the_newest_is_answered_first():
+    """Complete requests waiting for a place count against the same bound as connections still
+    sending theirs (the first accepted closed for one more), so a flood of them cannot run the
+    daemon out of descriptors; and the newest is answered first, so a scrape does not wait behind
+    the flood until its deadline."""
+    server = MetricsServer(Metrics(), "127.0.0.1", 0, deadline_s=30.0, max_connections=1, max_waiting=4)
+    metrics_app = server.server.get_app()
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] != "/big":
+            return metrics_app(environ, start_response)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return (b"x" * (1 << 20) for _ in range(256))
+
+    server.server.set_app(app)
+    flood: list[socket.socket] = []
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as stalled:
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")  # holds the only place
+            time.sleep(0.3)
+            for _ in range(20):
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=1.0)
+                sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                flood.append(sock)
+            assert wait_until(lambda: server.server.closed_waiting >= 16, 5.0, what="all but the newest 4 closed")
+            with urllib.request.urlopen(server.url, timeout=10) as response:
+                assert response.status == 200 and b"remediator_ticks_total" in response.read()
+    finally:
+        for sock in flood:
+            sock.close()
+        server.close()
+
+
+def test_a_request_ending_in_bare_newlines_is_answered():
+    """`printf 'GET /metrics HTTP/1.0\\n\\n' | nc` as a health check: wsgiref takes a bare newline."""
+    server = MetricsServer(Metrics(), "127.0.0.1", 0)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.0\n\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.0 200") and b"remediator_ticks_total" in answer, answer[:200]
+    finally:
+        server.close()
+
+
+OUT_OF_DESCRIPTORS = """
+import os, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+from remediator.metrics import Metrics, MetricsServer
+server = MetricsServer(Metrics(), "127.0.0.1", 0)
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 4, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+print(server.port, flush=True)
+time.sleep(60)
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_descriptors_the_accepting_thread_rests_instead_of_spinning():
+    """At EMFILE the listening socket stays readable: the thread must not spin on it (it would
+    make the daemon a noisy neighbour of its own)."""
+    server = subprocess.Popen([sys.executable, "-c", OUT_OF_DESCRIPTORS, str(Path(__file__).resolve().parent.parent)],
+                              stdout=subprocess.PIPE, text=True)
+    clients: list[socket.socket] = []
+    try:
+        port = int(server.stdout.readline())
+        for _ in range(20):  # more than it may hold: the kernel queues the rest
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=2.0))
+        time.sleep(0.3)
+        before = cpu_seconds(server.pid)
+        time.sleep(1.0)
+        used = cpu_seconds(server.pid) - before
+        assert used < 0.5, f"{used:.2f} s of CPU in 1 s out of descriptors"
+    finally:
+        for sock in clients:
+            sock.close()
+        server.kill()
+        server.wait(timeout=30)
