@@ -115,7 +115,7 @@ Line = tuple[str, Outcome, str, int]
 
 class MaintainFold:
     """Which outcomes outside decisions get a line (audit and daemon log alike): all but
-    "unchanged", but "maintain" outcomes at most once per process and status every
+    "unchanged", but "maintain" outcomes at most once per process, kind and status every
     MAINTAIN_LINE_EVERY_S. A process making threads all day (or a hostile user's, made to) must not
     fill the disk, nor push the daemon's other messages past journald's rate limit, at a line a
     tick. The others are counted into the next line, written at the first tick after the interval
@@ -123,7 +123,7 @@ class MaintainFold:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
-        self._folds: dict[tuple[ProcessIdentity, str], _Fold] = {}
+        self._folds: dict[tuple[ProcessIdentity, str, str], _Fold] = {}  # (process, kind, status)
 
     def outcome(self, when: str, outcome: Outcome, mode: str) -> list[Line]:
         """The lines to write now for this outcome."""
@@ -131,7 +131,7 @@ class MaintainFold:
             return []
         if when != "maintain" or outcome.status in ENDING_STATUSES:
             return [*self._end(outcome.identity), (when, outcome, mode, 0)]
-        key = (outcome.identity, outcome.status)
+        key = (outcome.identity, outcome.kind, outcome.status)
         fold, now = self._folds.get(key), self.clock()
         if fold is not None and 0 <= now - fold.written_at < MAINTAIN_LINE_EVERY_S:
             fold.count += 1

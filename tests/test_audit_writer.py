@@ -23,8 +23,8 @@ class Clock:
         return self.now
 
 
-def maintained(identity: ProcessIdentity, text: str, status: str = "applied") -> Outcome:
-    return Outcome(status, "affinity", identity, text)
+def maintained(identity: ProcessIdentity, text: str, status: str = "applied", kind: str = "affinity") -> Outcome:
+    return Outcome(status, kind, identity, text)
 
 
 def run_ticks(writer: AuditWriter, clock: Clock, ticks: int, outcomes) -> None:
@@ -66,15 +66,17 @@ def test_every_outcome_is_written_or_counted_and_the_end_of_an_entry_at_once():
         ("applied", "tick 0", 0), ("applied", "tick 99", 98), ("gone", "pid 4242 is gone", 0)]
 
 
-def test_each_process_and_each_status_has_its_own_fold_and_a_quiet_one_is_written_at_once():
+def test_each_process_kind_and_status_has_its_own_fold_and_a_quiet_one_is_written_at_once():
     lines: list[dict] = []
     clock = Clock()
     writer = AuditWriter(lines.append, clock=clock)
-    run_ticks(writer, clock, 4, lambda tick: [maintained(CHURNER, "a"), maintained(OTHER, "b"), maintained(CHURNER, "no", "denied")])
-    assert [(line["process"]["pid"], line["outcome"]) for line in lines] == [(4242, "applied"), (4343, "applied"), (4242, "denied")]
+    run_ticks(writer, clock, 4, lambda tick: [maintained(CHURNER, "a"), maintained(OTHER, "b"), maintained(CHURNER, "no", "denied"),
+                                              maintained(CHURNER, "c", kind="nice")])
+    assert [(line["process"]["pid"], line["outcome"], line["change"]) for line in lines] == [
+        (4242, "applied", "a"), (4343, "applied", "b"), (4242, "denied", "no"), (4242, "applied", "c")]
 
     run_ticks(writer, clock, int(2 * MAINTAIN_LINE_EVERY_S / TICK_S), lambda tick: [])  # quiet: folds written, then dropped
-    assert len(lines) == 6 and {line.get("folded") for line in lines[3:]} == {2}
+    assert len(lines) == 8 and {line.get("folded") for line in lines[4:]} == {2}
     writer.on_outcome("maintain", maintained(OTHER, "again"), "live")
     assert lines[-1]["change"] == "again" and "folded" not in lines[-1]
 
