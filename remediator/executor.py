@@ -357,9 +357,15 @@ class Executor:
         return outcome("restored" if result.restored else LEFT_BY_OTHER, message, result.left)
 
     def _drop(self, entry: JournalEntry, actuator: Actuator, reason: str) -> Outcome:
-        """The process left (or its pid names another one now): close the entry, touch nothing of it."""
+        """The process left (or its pid names another one now): close the entry, touch nothing of
+        the process; what outlives it (a unit's property, a group of ours) the actuator's cleanup
+        gives back. A cleanup that could not ask (systemd unreachable) keeps the entry open for the
+        next attempt: closing it would lose the original for good."""
         try:
             cleanup = actuator.cleanup(entry.original, entry.applied or entry.target)
+        except ActuatorError as exc:
+            return Outcome("failed", entry.kind, entry.identity,
+                           f"{reason}: {exc.message}; the entry stays in the journal for another attempt", entry.original, entry.applied)
         except (OSError, RemediatorError) as exc:
             cleanup = f"cleanup failed: {exc}"
         message = f"{reason}: nothing to restore" + (f"; {cleanup}" if cleanup else "")

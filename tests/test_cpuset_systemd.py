@@ -15,9 +15,10 @@ import shutil
 
 import pytest
 
-from remediator.actuators import CpusetActuator
+from remediator.actuators import CpuActuator, CpusetActuator
 from remediator.executor import Executor
 from remediator.journal import Journal
+from remediator.model import ActionRequest
 from remediator.procfs import ProcessIdentity
 from remediator.systemd import SystemdError, SystemdManager, cpus_to_mask, mask_to_cpus, unit_for_cgroup
 from test_cpuset_v2 import PID, SERVICE, START, V2Host
@@ -36,11 +37,25 @@ class FakeSystemd:
         self.realizes = realizes
         self.cgroup_root = None
         self.control_dir = None  # set by SystemdHost: where runtime drop-ins are written, as systemd does
+        self.properties: dict[str, dict[str, int]] = {}  # CPUWeight, CPUQuota... per unit (unset: 2**64 - 1)
+        self.unreachable = False  # the bus does not answer
 
     # The drop-in bookkeeping is the real manager's: it only touches files.
     _dropin = SystemdManager._dropin
     runtime_dropins = SystemdManager.runtime_dropins
     remove_runtime_dropins = SystemdManager.remove_runtime_dropins
+
+    def get_unit_properties(self, unit: str, names) -> dict[str, int]:
+        self.calls.append(("get-properties", unit))
+        if self.unreachable:
+            raise SystemdError(f"get {unit}: the system bus did not answer (timed out)")
+        return {name: self.properties.get(unit, {}).get(name, 2**64 - 1) for name in names}
+
+    def set_unit_properties(self, unit: str, values: dict[str, int]) -> None:
+        self.calls.append(("set-properties", unit, dict(values)))
+        if self.unreachable:
+            raise SystemdError(f"SetUnitProperties({unit}): the system bus did not answer (timed out)")
+        self.properties.setdefault(unit, {}).update(values)
 
     def get_allowed_cpus(self, unit: str) -> str:
         self.calls.append(("get", unit))
@@ -305,3 +320,50 @@ def test_revert_leaves_no_runtime_drop_in_of_ours_and_keeps_an_operators(tmp_pat
     assert executor.apply(host.request(cpus={2, 3}), ()).status == "applied"
     executor.restore()
     assert dropin.exists() and dropin.read_text().endswith("AllowedCPUs=0-3\n")
+
+
+def cpu_executor(host) -> Executor:
+    cpu = CpuActuator(host.procfs, mount=host.cgroupfs.mount, cgroupfs=host.cgroupfs, systemd=host.systemd)
+    journal = Journal(host.journal_path)
+    host.journals.append(journal)
+    return Executor(journal, host.procfs, dry_run=False, actuators={"cpu": cpu}, self_pid=0)
+
+
+def cpu_idle_request() -> ActionRequest:
+    return ActionRequest(ProcessIdentity(PID, START), "cpu", "log-shippers", 0, {"cpu": {"idle": 1}, "group": "log-shippers"})
+
+
+def test_a_units_cpu_weight_is_given_back_when_the_process_it_was_set_for_exits(systemd_host):
+    """A compressor a shipper forked is stepped: CPUWeight=idle on the shipper's unit, journaled
+    under the compressor. The unit outlives it: when it exits, the unit gets its weight back
+    (it stayed idle until reboot before, out of reach of any revert)."""
+    host = systemd_host()
+    executor = cpu_executor(host)
+    assert executor.apply(cpu_idle_request(), ()).status == "applied"
+    assert host.systemd.properties["fluent-bit.service"]["CPUWeight"] == 0
+
+    shutil.rmtree(host.procs.root / str(PID))
+    [outcome] = executor.maintain()
+
+    assert outcome.status == "dropped", outcome
+    assert "SetUnitProperties fluent-bit.service --runtime CPUWeight=[not set]" in outcome.message
+    assert host.systemd.properties["fluent-bit.service"]["CPUWeight"] == 2**64 - 1
+    assert executor.active() == []
+
+
+def test_with_systemd_unreachable_the_entry_stays_until_the_unit_can_be_given_back(systemd_host):
+    host = systemd_host()
+    executor = cpu_executor(host)
+    assert executor.apply(cpu_idle_request(), ()).status == "applied"
+    shutil.rmtree(host.procs.root / str(PID))
+    host.systemd.unreachable = True
+
+    [outcome] = executor.maintain()
+
+    assert outcome.status == "failed" and "stays in the journal" in outcome.message, outcome
+    assert len(executor.active()) == 1
+    host.systemd.unreachable = False
+    [outcome] = executor.maintain()
+    assert outcome.status == "dropped", outcome
+    assert host.systemd.properties["fluent-bit.service"]["CPUWeight"] == 2**64 - 1
+    assert executor.active() == []

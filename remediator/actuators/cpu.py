@@ -438,12 +438,18 @@ class CpuActuator:
         return CgroupMount(int(original["version"]), Path(original["mount"]), original.get("root", "/"), frozenset({"cpu"}))
 
     def cleanup(self, original: dict, applied: dict | None) -> str:
-        """Remove our v1 group, or stop our scope, once no process is left in it."""
+        """After the process left: give the unit back its properties (the unit outlives the
+        process: a compressor a shipper forked, a service restarted), remove our v1 group, or stop
+        our scope, once no process is left in it. A unit systemd cannot be asked about now raises,
+        so that the entry stays for another attempt."""
         ours = (applied or {}).get("cgroup")
         if original.get("outside_units"):
             scope = scope_of_applied(applied)
             return self.scopes.stop_if_empty(scope) if self.scopes is not None and scope else ""
-        if "unit" in original or not ours or not ours.lstrip("/").startswith(CGROUP_PREFIX):
+        if "unit" in original:
+            text, _back, _left = self._restore_unit_parts(original, applied)
+            return text
+        if not ours or not ours.lstrip("/").startswith(CGROUP_PREFIX):
             return ""
         directory = self._mount_of(original).fs_path(ours)
         enabled = list((applied or {}).get("enabled", ()))

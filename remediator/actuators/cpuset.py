@@ -730,11 +730,9 @@ class CpusetActuator:
     def cleanup(self, original: dict, applied: dict | None) -> str:
         """After the process left: remove our cgroup if nothing else is in it."""
         if original and "unit" in original:
-            # The unit outlives the process: its property is given back all the same.
-            try:
-                return self._restore_unit(original, applied)[0]
-            except ActuatorError as exc:
-                return exc.message
+            # The unit outlives the process: its property is given back all the same. A systemd
+            # that cannot be asked now raises, and the entry stays for another attempt.
+            return self._restore_unit(original, applied)[0]
         if not original or "mount" not in original:
             return ""
         if original.get("outside_units"):
