@@ -23,7 +23,7 @@ from .errors import RemediatorError
 from .model import Outcome
 from .jsonlines import read_json_lines
 from .printable import printable
-from .procfs import ProcessIdentity
+from .procfs import ProcessIdentity, shown_cmdline
 from .trustedfs import Trust, TrustedDirectory
 
 
@@ -51,7 +51,7 @@ def audit_record(decision: Decision, outcome: Outcome | None, mode: str) -> dict
             "pid": info.pid,
             "start_time": info.start_time,
             "comm": info.comm,
-            "cmdline": " ".join(info.cmdline),
+            "cmdline": shown_cmdline(info.cmdline),
         },
         "message": decision.message,
         "evidence": dict(decision.evidence),

@@ -29,7 +29,7 @@ from typing import Iterable, Mapping
 
 from .engine import Decision
 from .model import PolicySet
-from .procfs import ProcessIdentity, ProcessInfo
+from .procfs import ProcessIdentity, ProcessInfo, shown_cmdline
 from .safety import exclusion_reason, services_own
 from .sample import Sample
 
@@ -76,7 +76,7 @@ def _process(info: ProcessInfo) -> dict:
         "start_time": info.start_time,
         "comm": info.comm,
         "exe": info.exe,
-        "cmdline": " ".join(info.cmdline),
+        "cmdline": shown_cmdline(info.cmdline),
         "cgroup": info.cgroup,
         "unit": info.unit,
         "user": info.user or info.uid,

@@ -56,6 +56,8 @@ from .verification import INCONCLUSIVE, MAX_REVERIFY, PeriodCounts, judge, perio
 
 # How often a policy's "skipped: self-inflicted" is audited while the service keeps throttling itself.
 SELF_INFLICTED_AUDIT_S = 60.0
+# A per-minute cap is said (a "capped" decision) at most this often per user and policy.
+CAPPED_SAID_EVERY_S = 60.0
 
 APPLIED_STATUSES = frozenset({"applied", "would-apply", "unchanged"})
 GONE_STATUSES = frozenset({"gone"})
@@ -155,6 +157,9 @@ class EngineState:
     excluded_seen: frozenset[ProcessIdentity] = frozenset()
     next_action: int = 1
     self_inflicted_at: Mapping[str, float] = field(default_factory=dict)  # policy -> last "skipped" audit
+    # (uid, policy) -> (when a per-minute cap was last said for them, how many times it held since
+    # unsaid): not kept across restarts, at most one more line then.
+    capped_said: Mapping[tuple[int, str], tuple[float, int]] = field(default_factory=dict)
     baselines: Baselines = field(default_factory=Baselines)  # the service's quiet tail, per percentile
 
     def active(self) -> list[Remediation]:
@@ -498,6 +503,9 @@ class _Offenders:
         self.remediations = dict(state.remediations)
         self.excluded_seen = set(state.excluded_seen)
         self.planned_changes = 0
+        # Kept while it counts unsaid holds (an hour at most), else its interval: (uid, policy) pairs.
+        self.capped_said = {key: said for key, said in state.capped_said.items()
+                            if now - said[0] < (3600.0 if said[1] else CAPPED_SAID_EVERY_S)}
 
     def excluded(self, info: ProcessInfo, policy: Policy, match) -> bool:
         reason = exclusion_reason(info, self.protected_pids, processes=self.processes, daemon=self.settings.daemon)
@@ -578,19 +586,14 @@ class _Offenders:
             # and those must never use up what the host's remediations need.
             placed = sum(1 for uid, _ in self.recent_placements if uid == info.uid) + self.planned_placements.get(info.uid, 0)
             if placed + len(steps) > self.settings.max_changes_per_minute:
-                decisions.append(
-                    Decision("capped", now, ts, info, policy,
+                self._capped(info, policy, evidence,
                              f"{placed} placements of uid {info.uid}'s processes in the last minute: "
-                             f"max_changes_per_minute = {self.settings.max_changes_per_minute} (per user, for always-policies)",
-                             evidence=evidence)
-                )
+                             f"max_changes_per_minute = {self.settings.max_changes_per_minute} (per user, for always-policies)")
                 return
         elif len(self.recent_changes) + self.planned_changes + len(steps) > self.settings.max_changes_per_minute:
-            decisions.append(
-                Decision("capped", now, ts, info, policy,
+            self._capped(info, policy, evidence,
                          f"{len(self.recent_changes) + self.planned_changes} changes in the last minute: "
-                         f"max_changes_per_minute = {self.settings.max_changes_per_minute}", evidence=evidence)
-            )
+                         f"max_changes_per_minute = {self.settings.max_changes_per_minute}")
             return
 
         for index, step in steps:
@@ -611,9 +614,25 @@ class _Offenders:
                          step_index=index, step=step, request=request, evidence=evidence, action_id=action_id)
             )
 
+    def _capped(self, info: ProcessInfo, policy: Policy, evidence: dict, message: str) -> None:
+        """A per-minute cap held: said at most once a minute per user and policy, the times it held
+        in between counted into the next. Anyone can exec look-alikes of what an always-policy
+        names by the hundred a second: a decision (an audit line, a log warning) for each would
+        fill the disk and push the daemon's other messages past journald's rate limit."""
+        key = (info.uid, policy.name)
+        said = self.capped_said.get(key)
+        if said is not None and self.now - said[0] < CAPPED_SAID_EVERY_S:
+            self.capped_said[key] = (said[0], said[1] + 1)
+            return
+        if said is not None and said[1]:
+            message += f" (held {said[1]} more time{'s' if said[1] != 1 else ''} for uid {info.uid} and this policy since it was last said)"
+        self.capped_said[key] = (self.now, 0)
+        self.decisions.append(Decision("capped", self.now, self.ts, info, policy, message, evidence=evidence))
+
     def finish(self) -> EngineState:
         return dataclasses.replace(self.state, remediations=self.remediations, excluded_seen=frozenset(self.excluded_seen),
-                                   recent_changes=self.recent_changes, recent_placements=self.recent_placements)
+                                   recent_changes=self.recent_changes, recent_placements=self.recent_placements,
+                                   capped_said=self.capped_said)
 
 
 def record_outcome(state: EngineState, decision: Decision, status: str, policies: PolicySet) -> EngineState:

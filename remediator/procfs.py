@@ -154,6 +154,18 @@ class CgroupMembership:
         return self.v2_path or self.v1_paths.get("name=systemd", "")
 
 
+# The command line an audit or culprit line shows: enough to tell processes apart. A process's own
+# arguments (32 KiB read, invalid UTF-8 six bytes each in JSON) must not make each of its lines huge.
+SHOWN_CMDLINE_MAX = 1024
+
+
+def shown_cmdline(argv) -> str:
+    text = " ".join(argv)
+    if len(text) <= SHOWN_CMDLINE_MAX:
+        return text
+    return text[:SHOWN_CMDLINE_MAX] + f"... ({len(text) - SHOWN_CMDLINE_MAX} more characters)"
+
+
 def bounded_cmdline(data: bytes) -> bytes:
     """The first CMDLINE_MAX_BYTES of a cmdline read as CMDLINE_MAX_BYTES + 1 bytes, still
     NUL-terminated when it was NUL-separated, so split_cmdline splits it as it would the whole."""

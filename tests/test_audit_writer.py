@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import logging
 
-from remediator.audit import MAINTAIN_LINE_EVERY_S, AuditWriter, decision_detail
+from remediator.audit import MAINTAIN_LINE_EVERY_S, AuditWriter, audit_record, decision_detail
 from remediator.daemon import DecisionLog
+from remediator.engine import Decision
 from remediator.model import Outcome
-from remediator.procfs import ProcessIdentity
+from remediator.procfs import ProcessIdentity, ProcessInfo
 
 CHURNER, OTHER = ProcessIdentity(4242, 7), ProcessIdentity(4343, 8)
 TICK_S = 0.25
@@ -104,3 +105,14 @@ def test_the_daemon_log_folds_the_same_lines(caplog):
     lines = [record.getMessage() for record in caplog.records]
     assert len(lines) == 3, lines
     assert "tick 99" in lines[1] and lines[1].endswith("(and 98 more like it since the last line)")
+
+
+def test_a_process_cannot_make_its_audit_lines_huge_with_its_arguments():
+    """32 KiB of arguments (invalid UTF-8 is six bytes each in JSON) on every line of a process
+    that can get many lines: an audit line keeps the first 1,024 characters and says how many more."""
+    info = ProcessInfo(pid=4242, start_time=7, comm="updatedb", cmdline=("updatedb", "\ufffd" * 32000))
+    record = audit_record(Decision("capped", 1.0, 1.0, info, None, "capped"), None, "live")
+    assert len(record["process"]["cmdline"]) < 1100
+    assert record["process"]["cmdline"].endswith("... (30985 more characters)")  # 32,009 in all
+    assert audit_record(Decision("capped", 1.0, 1.0, ProcessInfo(pid=1, start_time=1, comm="x", cmdline=("x", "-v")), None, "c"),
+                        None, "live")["process"]["cmdline"] == "x -v"

@@ -393,20 +393,41 @@ def test_a_users_execs_under_an_always_policy_never_spend_the_remediations_budge
     path.write_text(LADDER.format(n=1, m=1, offender='{ cpu = 0.5, cpu_kind = "peak", blame_share = 0.2, require = "all" }',
                                   cooldown="10s", hourly=6, quiet="5s") + PLACEMENT)
     p = load_policies([path])
-    state, kinds_seen = EngineState(), []
+    state, seen = EngineState(), []
     for i in range(12):  # twelve execs by uid 1000 within the minute, as many as the cap and more
         hostile = ProcessInfo(pid=5000 + i, start_time=500 + i, comm="updatedb", uid=1000)
         state, decisions = decide(state, sample(TICK * (i + 1)), p, SETTINGS, discovered=[hostile])
         for d in decisions:
-            kinds_seen.append(d.kind)
+            seen.append(d)
             if d.kind == "act":
                 state = record_outcome(state, d, "unchanged", p)  # pre-set to nice 19: nothing even changes
-    assert kinds_seen == ["act"] * 10 + ["capped"] * 2
-    assert "placements of uid 1000" in decisions[0].message
+    assert [d.kind for d in seen] == ["act"] * 10 + ["capped"]  # said once: the second time is counted, not said
+    assert "placements of uid 1000" in seen[-1].message
     # The real shipper still gets its step, and root's own updatedb its placement.
     state, decisions = decide(state, hot(TICK * 13), p, SETTINGS,
                               discovered=[ProcessInfo(pid=6000, start_time=600, comm="updatedb", uid=0)])
     assert sorted((d.kind, d.info.comm) for d in decisions) == [("act", "fluent-bit"), ("act", "updatedb")]
+
+
+def test_a_cap_that_holds_hundreds_of_times_a_minute_is_said_once_a_minute_with_the_count(tmp_path):
+    """Execs of look-alikes by the hundred a second: a "capped" decision (an audit line, a log
+    warning) for each would fill the disk; one a minute per user and policy says how many."""
+    path = tmp_path / "p.toml"
+    path.write_text(PLACEMENT)
+    p = load_policies([path])
+    state, capped = EngineState(), []
+    for i in range(600):  # 100 execs a tick for 6 ticks... then on, over 150 s
+        now = TICK * (i // 100 + 1) + 60.0 * (i // 200)
+        hostile = ProcessInfo(pid=5000 + i, start_time=500 + i, comm="updatedb", uid=1000)
+        state, decisions = decide(state, sample(now), p, SETTINGS, discovered=[hostile])
+        for d in decisions:
+            if d.kind == "act":
+                state = record_outcome(state, d, "applied", p)
+            elif d.kind == "capped":
+                capped.append(d.message)
+    assert len(capped) == 3, capped
+    assert "held" not in capped[0]
+    assert all("more times for uid 1000 and this policy since it was last said" in message for message in capped[1:]), capped
 
 
 def test_the_placements_budget_survives_a_restart(tmp_path):
