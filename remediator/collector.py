@@ -492,11 +492,18 @@ class Collector:
                     info = self._with_group(info)  # setsid or a cgroup move changes it
                     self._info_cache[pid] = (info, now)
                     return info
+            blocked_before = self.procfs.blocked_reads
             info, membership = self.procfs.process_info_and_cgroups(pid, known_ancestors=self._ancestor_memory)
             info = self._with_group(info, membership)
         except (ProcessGone, RemediatorError):
             self._info_cache.pop(pid, None)
             return None
+        if self.procfs.blocked_reads != blocked_before:
+            # Its cmdline was not read (a read blocked, or too many do): unknown now, and read
+            # again next time, not kept as empty for the process's life (a cmdline policy would
+            # never match it: fluentd, logstash).
+            self._info_cache.pop(pid, None)
+            return info
         self._info_cache[pid] = (info, now)
         return info
 

@@ -264,6 +264,7 @@ READ_CHUNK = 16384  # more than a process's stat, status or cgroup file holds: o
 # child it forks: the daemon reads, judges and keeps only this much of them. A JVM's classpath is a
 # few KiB; a policy's `cmdline` pattern is matched against these first bytes (docs/policy-format.md).
 CMDLINE_MAX_BYTES = 32768
+BLOCKED_WARNING_EVERY_S = 60.0  # see ProcFS._warn_blocked
 
 
 def _read_all(fd: int) -> bytes:
@@ -391,6 +392,7 @@ class ProcFS:
         self.root = Path(root)
         self._root = str(self.root)  # plain strings: the daemon reads these files every tick
         self._bounded = BoundedReads(read_timeout_s)
+        self._blocked_warned_at, self._blocked_warned_count = float("-inf"), 0
         self._held: dict[int, int] = {}  # pid -> directory descriptor of the process held by hold()
         self._last_listing: tuple[float, list[int]] | None = None  # (monotonic time, pids) of the last pids()
 
@@ -592,10 +594,20 @@ class ProcFS:
             return self._bounded.call(path, read)
         except ReadBlocked as exc:
             if "earlier read" not in str(exc):
-                log.warning("%s: its %s is taken as unknown", exc, name)
+                self._warn_blocked(f"{exc}: its {name} is taken as unknown")
             raise
         except OSError as exc:
             raise translate_os_error(exc, pid, f"read {path}") from None
+
+    def _warn_blocked(self, text: str) -> None:
+        """At most one warning a minute: with reads stuck, every process execed is refused one, and
+        a line each would push the daemon's other messages past journald's rate limit."""
+        now = time.monotonic()
+        if now - self._blocked_warned_at >= BLOCKED_WARNING_EVERY_S:
+            since = self.blocked_reads - self._blocked_warned_count
+            more = f" ({since - 1} more since the last such warning)" if self._blocked_warned_at > float("-inf") and since > 1 else ""
+            log.warning("%s%s", text, more)
+            self._blocked_warned_at, self._blocked_warned_count = now, self.blocked_reads
 
     def exe(self, pid: int) -> str:
         """The executable path, or "" where the kernel will not say (kernel threads, EACCES, zombies).

@@ -745,3 +745,32 @@ def test_the_cached_readings_hold_a_bounded_amount_of_command_line_text(tmp_path
     collector._info_cache.pop(111)
     collector._info_cache.pop(12345)  # not there: nothing counted
     assert collector._info_cache.cmdline_bytes == 2005
+
+
+def test_a_cmdline_not_read_because_reads_block_is_read_again_not_kept_empty(tmp_path):
+    """With reads stuck (a user's processes whose cmdline blocks), a process read meanwhile gets
+    an empty cmdline: taken as unknown then, but read again next time, or a cmdline policy
+    (fluentd, logstash) would never match it for its whole life."""
+    import os
+
+    from test_procfs_blocking import release
+
+    proc, _source, clock, collector = setup(tmp_path)
+    proc.add(FakeProcess(40, "ruby", cmdline=("ruby", "/usr/bin/fluentd")))
+    proc.add(FakeProcess(41, "stuck"))
+    proc.write()
+    fifo = proc.root / "41" / "cmdline"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    collector.procfs._bounded.timeout_s = 0.1
+    collector.procfs._bounded.max_stuck = 1
+    try:
+        assert collector.info(41).cmdline == ()  # blocks: one read stuck, the most there may be
+        assert collector.info(40).cmdline == ()  # refused: too many reads stuck
+        release(fifo)
+        for worker in list(collector.procfs._bounded.stuck.values()):
+            worker.join(10)
+        clock.now += 0.25  # the next tick, well within the time a reading is trusted
+        assert collector.info(40).cmdline == ("ruby", "/usr/bin/fluentd")
+    finally:
+        release(fifo)
