@@ -122,3 +122,38 @@ def test_dry_run_says_the_exact_call_and_changes_nothing(spawn, new_executor):
     assert outcome.status == "would-apply", outcome
     assert outcome.message.startswith(f"sched_setscheduler(tid, SCHED_IDLE, 0) on 3 threads of pid {hog.pid} (was other)")
     assert thread_policies(hog.pid) == before
+
+
+def test_a_thread_born_under_the_change_never_gets_a_realtime_class_back(spawn, new_executor, tmp_path):
+    """The main thread realtime (rtkit, RLIMIT_RTPRIO) and its workers normal: the step leaves the
+    main thread and idles the workers; a thread a worker makes inherits idle. Restored, it gets
+    SCHED_OTHER, not the main thread's FIFO: realtime for a thread that never held it."""
+    flag = tmp_path / "spawn-now"
+    script = textwrap.dedent(f"""
+        import os, threading, time
+        def worker():
+            while not os.path.exists({str(flag)!r}):
+                time.sleep(0.01)
+            born = threading.Thread(target=time.sleep, args=(600,), daemon=True)
+            born.start()
+            print(f"tid={{born.native_id}}", flush=True)
+            time.sleep(600)
+        threading.Thread(target=worker, daemon=True).start()
+        print("ready", flush=True)
+        time.sleep(600)
+    """)
+    process = spawn([sys.executable, "-c", script])
+    os.sched_setscheduler(process.pid, os.SCHED_FIFO, os.sched_param(1))  # the main thread only; it sleeps
+    executor = new_executor()
+    assert executor.apply(sched_request(process.pid, "idle"), ()).status == "applied"
+    assert os.sched_getscheduler(process.pid) == os.SCHED_FIFO  # realtime threads are never touched
+
+    flag.write_text("")
+    tid = int(process.read_line().split("=")[1])
+    assert os.sched_getscheduler(tid) == os.SCHED_IDLE  # inherited from the idled worker
+
+    [restored] = executor.restore()
+
+    assert restored.status == "restored", restored
+    assert os.sched_getscheduler(tid) == os.SCHED_OTHER
+    assert os.sched_getscheduler(process.pid) == os.SCHED_FIFO

@@ -133,6 +133,13 @@ class SchedActuator(PerThreadActuator[SchedValue]):
             return "leaving SCHED_IDLE or setting a realtime policy needs CAP_SYS_NICE"
         return ""
 
+    def born_since_value(self, default: SchedValue) -> SchedValue:
+        """Never a realtime class for a thread that never held one: a process whose main thread is
+        FIFO or RR (rtkit, RLIMIT_RTPRIO) with normal workers would otherwise give realtime to
+        every worker born under the change, and to its children (and the shipped unit's
+        RestrictRealtime= refuses it, so the entry would never close). SCHED_OTHER instead."""
+        return ("other", 0, default[2]) if default[0] in REALTIME else default
+
     # -- children born under the change -----------------------------------------------------
     def restore(self, identity: ProcessIdentity, original: dict, applied: dict | None, planned: dict | None = None) -> RestoreResult:
         result = super().restore(identity, original, applied, planned)
@@ -143,7 +150,7 @@ class SchedActuator(PerThreadActuator[SchedValue]):
         if not applied or "born_after" not in applied or self.value_key not in applied:
             return ""
         ours = self.from_json(applied[self.value_key])
-        default = self.from_json(original["default"])
+        default = self.born_since_value(self.from_json(original["default"]))
         born_after = int(applied["born_after"])
         restored = threads = 0
         for child in self._descendants_born_since(pid, born_after):

@@ -385,7 +385,7 @@ class PerThreadActuator(Generic[V]):
         """
         pid = identity.pid
         originals = self._threads(original)
-        default = self.from_json(original["default"])
+        default = self.born_since_value(self.from_json(original["default"]))
         records = [record for record in (applied, planned) if record is not None]
         maps = [self._set_map(record) for record in records]
         unconditional = not records or any(found is None for found in maps)
@@ -455,6 +455,11 @@ class PerThreadActuator(Generic[V]):
                 }
             }
         return RestoreResult(message, restored=bool(restored) or not others, left=left)
+
+    def born_since_value(self, default: V) -> V:
+        """What a thread born after the change (holding a value of ours it inherited) gets back:
+        the process's default (its main thread's original); an actuator may make it safer."""
+        return default
 
     # -- threads created since --------------------------------------------------------------
     def maintain(
