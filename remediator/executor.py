@@ -35,6 +35,9 @@ PREVIOUS_BOOT = "from a previous boot: process gone"
 # every new thread changed each tick, but costs at most 6 records a minute, each the size of its
 # live threads (threads.PerThreadActuator._live_record), instead of one per tick.
 MAINTAIN_JOURNAL_INTERVAL_S = 10.0
+# A change that reaches other processes too (a unit's property, a group of ours) checks each of
+# them first (off limits, another user): at most this many, or it is refused.
+AFFECTED_CHECK_MAX = 1024
 
 
 class Unjournalled(NamedTuple):
@@ -184,6 +187,11 @@ class Executor:
         them is off limits, or, in a group remediator did not make, runs as another user. A unit can
         hold several users' processes (cron's and atd's jobs run in its unit when PAM opens no
         session for them): a job calling itself fluent-bit must not get root's cron throttled."""
+        if len(plan.affects) > AFFECTED_CHECK_MAX:
+            # Each is read in full with its parent chain: a user's session scope of thousands of
+            # processes would stall the tick (and the watchdog) for seconds at every attempt.
+            return (f"the change reaches {len(plan.affects)} processes, more than the {AFFECTED_CHECK_MAX} remediator "
+                    "checks before a change that reaches them all; nothing changed")
         for pid in plan.affects:
             if pid == offender.pid:
                 continue

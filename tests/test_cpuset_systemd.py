@@ -367,3 +367,19 @@ def test_with_systemd_unreachable_the_entry_stays_until_the_unit_can_be_given_ba
     assert outcome.status == "dropped", outcome
     assert host.systemd.properties["fluent-bit.service"]["CPUWeight"] == 2**64 - 1
     assert executor.active() == []
+
+
+def test_a_unit_of_more_processes_than_are_checked_is_refused(systemd_host, monkeypatch):
+    """Each process a unit-wide change reaches is read in full first: a user's session scope of
+    thousands would stall the tick at every attempt, so past the bound the change is refused."""
+    import remediator.executor
+
+    monkeypatch.setattr(remediator.executor, "AFFECTED_CHECK_MAX", 2)
+    host = systemd_host()
+    for pid in (OTHER, OTHER + 1):
+        host.procs.add_process(pid, START, comm="worker", cgroup=SERVICE)
+        host.cgroupfs.place(SERVICE, pid)
+    outcome = host.executor().apply(host.request(), protected_pids=())
+    assert outcome.status == "refused", outcome
+    assert "reaches 3 processes, more than the 2 remediator checks" in outcome.message
+    assert not [call for call in host.systemd.calls if call[0] == "set"]
