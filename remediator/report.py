@@ -20,6 +20,7 @@ from .audit import decision_detail
 from .errors import RemediatorError
 from .incident import Blamed, Scene
 from .printable import printable
+from .trustedfs import open_output
 
 DEFAULT_THRESHOLD_US = 2000.0  # the shipped policies' tail threshold, when the audit names none
 MARKED = ("act", "revert")  # decisions drawn as vertical lines
@@ -206,6 +207,8 @@ def write_report(data: ReportData, output: str | Path) -> tuple[Path, Path]:
     finally:
         _pyplot().close(figure)
     png_path, html_path = base.with_name(base.name + ".png"), base.with_name(base.name + ".html")
-    png_path.write_bytes(png)
-    html_path.write_text(html_page(data, png))
+    with open_output(png_path, "wb") as handle:
+        handle.write(png)
+    with open_output(html_path, "w") as handle:
+        handle.write(html_page(data, png))
     return png_path, html_path

@@ -405,3 +405,16 @@ class TrustedDirectory:
         except FileNotFoundError:
             return False
         return True
+
+
+def open_output(path: str | Path, mode: str = "w"):
+    """A file a command writes where its user says (`report -o`, `record -o`): created or
+    truncated, never through a symbolic link at that name (root writing into a user's directory
+    would otherwise write wherever the link points). Errors are RemediatorErrors naming the file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RemediatorError(f"{path}: is a symbolic link: not written through it") from None
+        raise RemediatorError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return os.fdopen(fd, mode)

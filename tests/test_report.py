@@ -118,6 +118,21 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert len(err) == 3 and all(line.startswith("remediator: error:") for line in err), err
 
 
+def test_the_output_is_never_written_through_a_symbolic_link(scene_files, tmp_path, capsys):
+    """root running `report -o` into a user's directory: a link the user planted at the name must
+    not make it overwrite what the link points to; and a directory that is not there is one line."""
+    audit, _samples, _ = scene_files
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    (tmp_path / "incident.png").symlink_to(victim)
+    assert main(["report", "--audit", str(audit), "--recording", str(RECORDING), "-o", str(tmp_path / "incident")]) == 1
+    assert main(["report", "--audit", str(audit), "--recording", str(RECORDING), "-o", str(tmp_path / "none" / "x")]) == 1
+    assert victim.read_text() == "keep me"
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"remediator: error: {tmp_path}/incident.png: is a symbolic link: not written through it",
+                   f"remediator: error: cannot write {tmp_path}/none/x.png: No such file or directory"], err
+
+
 def test_a_comm_that_reads_as_mathtext_is_drawn_as_it_is(scene_files):
     """Any process can call itself `$\\foo$`: matplotlib would parse it as mathtext and fail."""
     import dataclasses

@@ -23,6 +23,7 @@ from ..policy import load_policies
 from ..printable import printable
 from ..sample import Sample, read_samples, write_samples
 from ..tick import Observers, engine_settings, replay_samples
+from ..trustedfs import open_output
 from .common import add_selector_arguments, add_source_arguments, interval_samples, open_collector, positive_float
 
 RECORD_EXAMPLES = """\
@@ -80,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_record(args: argparse.Namespace) -> int:
     collector, note = open_collector(args)
     print(note, file=sys.stderr)
-    stream = sys.stdout if args.output == "-" else open(args.output, "w")
+    stream = sys.stdout if args.output == "-" else open_output(args.output)
     written = 0
     try:
         for sample in interval_samples(collector, args.interval, args.count):
