@@ -129,3 +129,21 @@ def test_sched_idle_on_every_thread_of_a_units_process_and_back(sidecar, executo
     [restored] = executor.restore()
     assert restored.status == "restored", restored
     assert {os.sched_getscheduler(tid) for tid in tids} == {os.SCHED_OTHER}
+
+
+def test_a_units_weight_is_given_back_when_the_process_it_was_set_for_exits(sidecar, executor):
+    """The unit outlives the process the step was journaled under (a compressor a shipper forked
+    and that finished): when it exits, the unit gets its CPUWeight back, and no drop-in is left."""
+    before = show(UNIT, *PROPERTIES)
+    assert executor.apply(cpu_request(sidecar, (("idle", 1),)), ()).status == "applied"
+    assert show(UNIT, "CPUWeight")["CPUWeight"] == "idle"
+
+    os.kill(sidecar, 9)  # no Restart=: the unit goes inactive, its runtime property stays
+    wait_for(lambda: not Path(f"/proc/{sidecar}").exists(), 10, "the process gone")
+    outcomes = executor.maintain()
+    print("\n".join(outcome.message for outcome in outcomes))
+
+    assert [outcome.status for outcome in outcomes] == ["dropped"], outcomes
+    assert show(UNIT, *PROPERTIES) == before
+    assert not DROPINS.exists() or not os.listdir(DROPINS), sorted(os.listdir(DROPINS))
+    assert executor.active() == []
