@@ -368,7 +368,14 @@ class Executor:
         """The process left (or its pid names another one now): close the entry, touch nothing of
         the process; what outlives it (a unit's property, a group of ours) the actuator's cleanup
         gives back. A cleanup that could not ask (systemd unreachable) keeps the entry open for the
-        next attempt: closing it would lose the original for good."""
+        next attempt: closing it would lose the original for good. So does one on a unit that a
+        newer change of the same kind holds (another offender of that unit): that one gives back
+        this one's value first, then this one the unit's original, as a revert does newest first."""
+        newer = self._newer_on_the_same_unit(entry)
+        if newer is not None:
+            return Outcome("unchanged", entry.kind, entry.identity,
+                           f"{reason}: {entry.original['unit']} is given back after the newer change on it (entry "
+                           f"{newer.entry_id}); the entry stays until then", entry.original, entry.applied)
         try:
             cleanup = actuator.cleanup(entry.original, entry.applied or entry.target)
         except ActuatorError as exc:
@@ -381,6 +388,16 @@ class Executor:
             message += self._record(self.journal.record_dropped, entry, message)
         self._forget_maintained(entry.entry_id)
         return Outcome("dropped", entry.kind, entry.identity, message, entry.original, entry.applied)
+
+    def _newer_on_the_same_unit(self, entry: JournalEntry) -> JournalEntry | None:
+        unit = (entry.original or {}).get("unit")
+        if not unit or self.journal is None:
+            return None
+        for other in self.journal.active():
+            if (other.entry_id != entry.entry_id and other.kind == entry.kind and other.order > entry.order
+                    and (other.original or {}).get("unit") == unit):
+                return other
+        return None
 
     # -- start-up -----------------------------------------------------------------------------
     def reconcile(self, on_start: str) -> list[Outcome]:

@@ -383,3 +383,33 @@ def test_a_unit_of_more_processes_than_are_checked_is_refused(systemd_host, monk
     assert outcome.status == "refused", outcome
     assert "reaches 3 processes, more than the 2 remediator checks" in outcome.message
     assert not [call for call in host.systemd.calls if call[0] == "set"]
+
+
+def test_two_offenders_of_one_unit_give_its_original_back_whichever_exits_first(systemd_host):
+    """A (cpu_weight 10, the unit was at its default) then B (cpu_idle) in one unit: each step is
+    an entry. A exits first while B's idle holds: A waits, B gives back A's weight when it exits,
+    then A the unit's original. Before, A closed as "changed by someone else" and the unit was
+    left at A's weight for good."""
+    host = systemd_host()
+    host.procs.add_process(OTHER, START, comm="fluent-bit", cgroup=SERVICE)
+    host.cgroupfs.place(SERVICE, OTHER)
+    executor = cpu_executor(host)
+    weight = ActionRequest(ProcessIdentity(PID, START), "cpu", "log-shippers", 0, {"cpu": {"weight": 10}, "group": "log-shippers"})
+    idle = ActionRequest(ProcessIdentity(OTHER, START), "cpu", "log-shippers", 1, {"cpu": {"idle": 1}, "group": "log-shippers"})
+    assert executor.apply(weight, ()).status == "applied"
+    assert executor.apply(idle, ()).status == "applied"
+    properties = host.systemd.properties["fluent-bit.service"]
+    assert properties["CPUWeight"] == 0
+
+    shutil.rmtree(host.procs.root / str(PID))
+    [waiting] = executor.maintain()
+    assert waiting.status == "unchanged" and "given back after the newer change" in waiting.message, waiting
+    assert properties["CPUWeight"] == 0 and len(executor.active()) == 2
+
+    shutil.rmtree(host.procs.root / str(OTHER))
+    outcomes = executor.maintain()  # the older first, still waiting; then the newer gives back 10
+    assert properties["CPUWeight"] == 10, [str(o) for o in outcomes]
+    outcomes = executor.maintain()
+    assert [o.status for o in outcomes] == ["dropped"], [str(o) for o in outcomes]
+    assert properties["CPUWeight"] == 2**64 - 1
+    assert executor.active() == []
