@@ -139,7 +139,7 @@ def check_regex(pattern: str) -> str:
 
 # The ending a group of ours takes for another user's offenders (placement.per_user_name): no
 # policy name or cpuset `cgroup` may end so, or one policy's group could be another user's.
-PER_USER_SUFFIX = re.compile(r"\.uid[0-9]+$")
+PER_USER_SUFFIX = re.compile(r"\.uid[0-9]+$")  # ASCII digits only, as per_user_name writes them
 
 
 def check_not_per_user(name: str) -> str:

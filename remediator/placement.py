@@ -8,9 +8,9 @@ offline, so the same policy file means the right thing on every host.
 from __future__ import annotations
 
 import os
-import re
 from typing import Callable, Iterable, Mapping
 
+from .matching import PER_USER_SUFFIX
 from .model import CpuSpec
 
 # The cpuset actuator creates its cgroups with this prefix (actuators/cpuset.py, cgroup_name).
@@ -75,7 +75,6 @@ def per_user_name(name: str, uid: int) -> str:
     return name if uid == 0 else f"{name}.uid{uid}"
 
 
-
 def owned_group_path(cgroup_path: str, parent: str = "/") -> bool:
     """Whether a cgroup is one of remediator's: named with its prefix directly under `parent` (the
     hierarchy's root for the cpu groups, the cpuset parent for cpusets), where only root makes
@@ -93,9 +92,7 @@ def offenders_group(name: str, uid: int, current_cgroup: str, placed_in: str | N
     born in root's group, that runs as another user goes into that user's."""
     here = current_cgroup.rstrip("/").rsplit("/", 1)[-1]
     if placed_in is not None and current_cgroup == placed_in:
-        if here == name or (here.startswith(name) and _PER_USER_ENDING.fullmatch(here[len(name):])):
+        if here == name or (here.startswith(name) and PER_USER_SUFFIX.fullmatch(here[len(name):])):
             return here
     return per_user_name(name, uid)
 
-
-_PER_USER_ENDING = re.compile(r"\.uid[0-9]+")  # ASCII digits only, as per_user_name writes them
