@@ -49,6 +49,7 @@ from typing import Iterable
 
 from .errors import RemediatorError
 from .procfs import Boot, ProcessIdentity, current_boot
+from .statefile import write_durably
 from .trustedfs import Trust, TrustedDirectory, read_all, read_bytes
 
 log = logging.getLogger(__name__)
@@ -303,13 +304,6 @@ def load_entries(path: str | Path) -> list[JournalEntry]:
     return sorted(fold(records).values(), key=lambda entry: entry.order)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
 class Journal:
     """The journal file of one remediator: append-only, fsync'd, locked against a second writer."""
 
@@ -454,8 +448,7 @@ class Journal:
         try:
             fd = self._dir.open(temporary, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
             os.fchmod(fd, 0o600)
-            _write_all(fd, data)
-            os.fsync(fd)
+            write_durably(fd, data)
             self._dir.rename(temporary, self.path.name)
         except OSError as exc:
             log.warning("journal %s not compacted: %s", self.path, exc.strerror or exc)
@@ -530,8 +523,7 @@ class Journal:
         self._sync_dir()  # a compacted file's name must be durable before a record in it counts
         good = os.fstat(self._fd).st_size  # we hold the lock: nobody else appends
         try:
-            _write_all(self._fd, line)
-            os.fsync(self._fd)
+            write_durably(self._fd, line)
         except OSError as exc:
             # A short write (ENOSPC) leaves a partial line; a failed fsync (EIO) leaves a line the
             # disk may not hold. Either way the record does not count: cut back to the last good
