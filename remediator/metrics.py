@@ -32,7 +32,7 @@ from prometheus_client.process_collector import ProcessCollector
 from . import histogram
 from .model import Outcome
 from .statefile import write_durably
-from .trustedfs import Trust, TrustedDirectory
+from .trustedfs import Trust, TrustedDirectory, open_output
 
 DEFAULT_OFFENDER_LABELS = 20
 OTHER = "other"
@@ -819,4 +819,5 @@ def write_text(metrics: Metrics, destination: str) -> None:
         sys.stdout.buffer.write(metrics.text())
         sys.stdout.flush()
         return
-    Path(destination).write_bytes(metrics.text())
+    with open_output(destination, "wb") as handle:  # never through a link planted at the name
+        handle.write(metrics.text())

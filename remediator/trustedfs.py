@@ -408,7 +408,7 @@ class TrustedDirectory:
 
 
 def open_output(path: str | Path, mode: str = "w"):
-    """A file a command writes where its user says (`report -o`, `record -o`): created or
+    """A file a command writes where its user says (`report -o`, `record -o`, `replay --metrics`): created or
     truncated, never through a symbolic link at that name (root writing into a user's directory
     would otherwise write wherever the link points). Errors are RemediatorErrors naming the file."""
     try:

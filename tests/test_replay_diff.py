@@ -60,3 +60,17 @@ def test_json_without_against_is_still_one_line_per_decision(capsys):
                  "--format", "json"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines and all(json.loads(line)["mode"] == "replay" for line in lines)
+
+
+def test_replay_metrics_are_never_written_through_a_symbolic_link(capsys, tmp_path):
+    """As `report -o`: root replaying into a user's directory must not follow a link planted at the name."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    (tmp_path / "replay.prom").symlink_to(victim)
+    assert main(["replay", str(RECORDINGS / "fluent-bit-bursts.jsonl"), "--request-cpus", "0", "--policies", str(POLICIES),
+                 "--metrics", str(tmp_path / "replay.prom")]) == 1
+    assert victim.read_text() == "keep me"
+    assert capsys.readouterr().err.strip() == f"remediator: error: {tmp_path}/replay.prom: is a symbolic link: not written through it"
+    assert main(["replay", str(RECORDINGS / "fluent-bit-bursts.jsonl"), "--request-cpus", "0", "--policies", str(POLICIES),
+                 "--metrics", str(tmp_path / "fresh.prom")]) == 0
+    assert "remediator_ticks_total" in (tmp_path / "fresh.prom").read_text()
