@@ -496,7 +496,8 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class _Waiting:
-    """A connection still sending its request, held by the accepting thread."""
+    """A connection not answered yet (still sending its request, or waiting for a place), held by
+    the accepting thread."""
 
     __slots__ = ("sock", "address", "accepted_at", "received")
 
@@ -534,7 +535,7 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
         self._stopped = threading.Event()
         self._accept_rests_until: float | None = None  # out of descriptors: see ACCEPT_REST_S
         self._wake, self._waker = socket.socketpair()
-        self.closed_waiting = 0  # connections closed for a newer one while sending their request
+        self.closed_waiting = 0  # connections closed unanswered for a newer one (MAX_WAITING)
         self.cut_off_stalled = 0  # answers cut off for a complete request
         self.unstarted = 0  # complete requests closed unanswered: no thread could be started
         super().__init__(address, _QuietHandler)
@@ -642,11 +643,13 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
         """Hand complete requests to threads, the newest first (a flood of requests queued before
         a scrape does not make it wait), while places are free; with none free, cut off an answer
         stalled past STALLED_S, and look again shortly."""
-        late = [waiting for waiting in self._complete if now - waiting.accepted_at >= self.deadline_s]
-        for waiting in late:
-            waiting.sock.close()  # past its deadline before a place freed
-        if late:
-            self._complete = [waiting for waiting in self._complete if waiting not in late]
+        in_time = []
+        for waiting in self._complete:
+            if now - waiting.accepted_at < self.deadline_s:
+                in_time.append(waiting)
+            else:
+                waiting.sock.close()  # past its deadline before a place freed
+        self._complete = in_time
         while self._complete:
             waiting = self._complete[-1]
             with self._lock:

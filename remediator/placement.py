@@ -95,4 +95,3 @@ def offenders_group(name: str, uid: int, current_cgroup: str, placed_in: str | N
         if here == name or (here.startswith(name) and PER_USER_SUFFIX.fullmatch(here[len(name):])):
             return here
     return per_user_name(name, uid)
-
