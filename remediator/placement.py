@@ -32,10 +32,16 @@ def auto_request_cpus(
     and the users check, so no stranger's affinity gets in. Processes and threads that vanished are
     skipped. `get_affinity` is the read (os.sched_getaffinity by default); `policy explain` passes
     one that reads /proc so it also works against a fake procfs tree.
+
+    The reading stops once the union holds every online CPU: nothing read after can narrow it, and
+    a service whose threads are not pinned (the usual case) costs one read, not one per thread
+    (500 system calls every few seconds for a 500-thread service, bench/scale.py).
     """
     online = frozenset(online)
     cpus: set[int] = set()
     for pid, tids in protected.items():
+        if online <= cpus:
+            break
         allowed = cgroup_cpus(pid)
         if allowed is not None and not online <= allowed:
             cpus.update(allowed & online)  # the cgroup restricts the process: its share is the answer
@@ -45,6 +51,8 @@ def auto_request_cpus(
                 cpus.update(get_affinity(tid))
             except (ProcessLookupError, FileNotFoundError):
                 continue  # the thread exited: an ordinary event
+            if online <= cpus:
+                break
     return frozenset(cpus)
 
 

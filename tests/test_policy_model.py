@@ -209,6 +209,30 @@ def test_auto_request_cpus_is_the_union_and_skips_vanished_threads():
     assert auto_request_cpus({os.getpid(): [os.getpid()]}, own, no_cgroup) == own
 
 
+def test_auto_request_cpus_stop_reading_once_every_online_cpu_is_requested():
+    read = []
+
+    def affinity(tid):
+        read.append(tid)
+        return {0, 1} if tid == 11 else {0}
+
+    cgroups_read = []
+
+    def no_cgroup(pid):
+        cgroups_read.append(pid)
+        return None
+
+    online = frozenset({0, 1})
+    tids = list(range(10, 510))  # a 500-thread service, unpinned from its second thread on
+    assert auto_request_cpus({1: tids, 2: [600, 601]}, online, no_cgroup, get_affinity=affinity) == online
+    assert read == [10, 11]  # nothing read after can narrow the union
+    assert cgroups_read == [1]
+    # Pinned threads are all read: each may add a CPU.
+    read.clear()
+    assert auto_request_cpus({1: [10, 12, 13]}, frozenset({0, 1, 2}), no_cgroup, get_affinity=affinity) == {0}
+    assert read == [10, 12, 13]
+
+
 def test_auto_request_cpus_come_from_a_restricting_cgroup_not_from_the_threads():
     masks = {10: {0, 1, 2, 3}, 20: {1}}
 
