@@ -30,6 +30,11 @@ from .trees import ancestors_read, governing
 log = logging.getLogger(__name__)
 
 SCAN_EVERY_S = 5.0
+# The burst watch lists /proc itself only when no listing of the collector's (its rescan, every 5 s)
+# came this long after the last scan: it waits a little past the period for the collector's, so
+# the two fall on the same ticks however they started (one listing, not two, every 5 s: 2-4 ms
+# each at 1,000 processes).
+OWN_SCAN_AFTER_S = 1.5 * SCAN_EVERY_S
 # New pids a listing found, judged this many a tick (oldest first; the rest wait for the next
 # ticks): a user forking thousands of idle processes would otherwise have the daemon read every one
 # of them in one tick. Processes that run are named by the tick's sample and judged at once.
@@ -185,10 +190,10 @@ class BurstWatch:
                 self._judged.pop(pid, None)
                 self._judge_pid(pid, protected)
         now = self.clock()
-        # The collector's listing of this tick, when it made one, past half the period: the two
-        # scans fall on the same ticks then, one listing between them.
+        # The collector's listing of this tick, when it made one, past half the period; our own
+        # only when none came (OWN_SCAN_AFTER_S).
         shared = self.procfs.recent_pids(SHARED_LISTING_S) if now - self._last_scan >= SCAN_EVERY_S / 2 else None
-        scanned = shared is not None or now - self._last_scan >= SCAN_EVERY_S
+        scanned = shared is not None or now - self._last_scan >= OWN_SCAN_AFTER_S
         if scanned:
             self._last_scan = now
             pids = set(shared if shared is not None else self.procfs.pids())

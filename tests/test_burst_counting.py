@@ -431,7 +431,7 @@ def test_the_burst_floor_is_written_only_when_it_changes():
 
 
 def test_burstwatch_scans_with_the_collectors_listing_of_the_tick_when_it_has_one(tmp_path):
-    from remediator.burstwatch import SCAN_EVERY_S, BurstWatch
+    from remediator.burstwatch import OWN_SCAN_AFTER_S, SCAN_EVERY_S, BurstWatch
 
     procs = FakeProcs(SERVICE, SHIPPER)
     now = [0.0]
@@ -448,15 +448,37 @@ def test_burstwatch_scans_with_the_collectors_listing_of_the_tick_when_it_has_on
     watch.refresh([], [SERVICE.pid])
     assert procs.listings == 1 and newcomer.pid in watch._candidates
     # Before half the period a shared listing is not taken (the scan just ran); at the full
-    # period with none shared, it lists /proc itself.
+    # period with none shared, it waits for one; past OWN_SCAN_AFTER_S it lists /proc itself.
     procs.shared = [SERVICE.pid]
     now[0] += 1.0
     watch.refresh([], [SERVICE.pid])
     assert newcomer.pid in watch._candidates
     procs.shared = None
-    now[0] += SCAN_EVERY_S
+    now[0] += SCAN_EVERY_S - 1.0
+    watch.refresh([], [SERVICE.pid])
+    assert procs.listings == 1
+    now[0] = SCAN_EVERY_S / 2 + OWN_SCAN_AFTER_S
     watch.refresh([], [SERVICE.pid])
     assert procs.listings == 2
+
+
+def test_burstwatch_falls_in_step_with_the_collectors_listings(tmp_path):
+    """The daemon's first refresh lists /proc, and the collector's first rescan lists it a tick
+    later: after one period the burst watch takes the collector's listings and makes none."""
+    from remediator.burstwatch import SCAN_EVERY_S, BurstWatch
+
+    procs = FakeProcs(SERVICE, SHIPPER)
+    now = [0.0]
+    watch = BurstWatch(FakeBurstSource(), procs, daemon=None, clock=lambda: now[0])
+    watch.set_policies(burst_policies(tmp_path))
+    watch.refresh([], [SERVICE.pid])
+    assert procs.listings == 1
+    tick = 0.25
+    for step in range(1, 200):  # 50 s of ticks; the collector lists /proc every 5 s from the second tick
+        now[0] = step * tick
+        procs.shared = [SERVICE.pid, SHIPPER.pid] if (step - 1) % int(SCAN_EVERY_S / tick) == 0 else None
+        watch.refresh([], [SERVICE.pid])
+    assert procs.listings == 1
 
 
 def test_burstwatch_judges_a_new_exec_once_and_an_exec_in_place_again(tmp_path, monkeypatch):
@@ -532,7 +554,7 @@ def test_burstwatch_judges_a_flood_of_new_idle_pids_a_bounded_number_a_tick(tmp_
     now[0] = 0.25
     watch.refresh([SHIPPER], [SERVICE.pid])  # it ran: judged at once, beside the next three
     assert procs.reads == 6 and SHIPPER.pid in source.candidates
-    now[0] = 5.5
+    now[0] = burstwatch.OWN_SCAN_AFTER_S + 0.5
     watch.refresh([], [SERVICE.pid])  # the next listing drops the gone pid from the queue: never read
     assert procs.reads == 8 and not watch._unjudged
     assert SHIPPER.pid not in watch._judged_info  # judged 5 s ago: of no use to an event any more
