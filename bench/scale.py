@@ -280,7 +280,8 @@ sys.exit(main())
 
 PROTECT_FORMS = {
     "pid": "[protect] pids: only that process is looked at when the protected set is resolved again",
-    "comm": "[protect] comm, as unit and cgroup: each process is judged at a rescan, new ones every 5 s, all every 60 s",
+    "comm": "[protect] comm: new processes judged at a rescan every 5 s, every process every 10 min "
+            "(every 60 s with cgroup or unit selectors)",
 }
 
 
@@ -524,7 +525,7 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=45.0,
                         help="seconds of ticks before measuring (and before the daemon runs are measured)")
     parser.add_argument("--daemon-seconds", type=float, default=65.0,
-                        help="then run the daemon as shipped on the same host this long (0: not; past 60 s a full rescan is in it)")
+                        help="then run the daemon as shipped on the same host this long (0: not)")
     parser.add_argument("--old-ref", default=None,
                         help="also run that git ref's daemon (its remediator/ and probes/) beside this tree's, at the same time")
     parser.add_argument("--daemon-metrics-port", type=int, default=19447)

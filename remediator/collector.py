@@ -42,6 +42,13 @@ INFO_CACHE_MAX = 8192
 CACHED_CMDLINE_BYTES_MAX = 8 << 20
 ANCESTRY_MAX = 4096
 FULL_RESCAN_S = 60.0  # see Collector._candidates
+# The same where the kernel tells of every exec, rename and cgroup move (none lost) and the
+# selectors are comm and pids only: a process can then come to match only at such an event, or as
+# a new pid, so judging every process (a stat each: ~30 ms at 1,000 processes, about half of what
+# comm costs the daemon beyond pids) is a safety net. A process the users check refused is judged
+# again at every rescan instead: a daemon exec'd as root drops its privileges a moment later.
+FULL_RESCAN_WITH_EVENTS_S = 600.0
+REFUSED_REJUDGED_MAX = 256  # refused processes judged again at each rescan; the rest at the full one
 # Renamed or moved processes judged in one tick (task events), the rest kept for the next ticks, up
 # to CHANGED_QUEUE_MAX. Each costs the collector a stat or two and the burst watch a sketch: about
 # 0.3 ms cold (bench/rename_flood.py), so 4 a tick bound what renaming processes in a loop can
@@ -144,6 +151,7 @@ class Collector:
         self._last_thread_listing = float("-inf")  # see _rescan
         self._last_full_rescan = float("-inf")
         self._full_rescan_due = False  # exec events were lost: judge every process at the next rescan
+        self._refused: set[int] = set()  # refused by the users check at the last rescan: judged again at the next
         self._exited: set[int] = set()  # processes found gone at the last rescan, forgotten after the next read
         self._protected_changes: tuple[int | None, int | None] = (None, None)  # see _refresh_threads
         # Processes renamed or moved to another cgroup this tick (task events): the burst watch
@@ -226,8 +234,9 @@ class Collector:
 
     def _candidates(self) -> list[int] | None:
         """The processes a rescan judges against comm, cgroup and unit selectors: every process
-        at a full rescan (the first, then every FULL_RESCAN_S, and after exec events were lost),
-        else only the pids new since the last listing and those protected now. A process that
+        at a full rescan (the first, then every full_rescan_s, and after exec or task events were
+        lost), else only the pids new since the last listing, those protected now and those the
+        users check refused lately (up to REFUSED_REJUDGED_MAX). A process that
         execs is judged at its exec event; one that forks without exec is its parent's copy (and
         the kernel protects a protected parent's children); one renamed or moved to another
         cgroup without exec is judged at its task event where the kernel has the tracepoints
@@ -240,13 +249,24 @@ class Collector:
         listed = self.procfs.pids()
         now = self.mono_clock()
         full = (self._listed is None or self._full_rescan_due or not self.source.has_exec_events
-                or now - self._last_full_rescan >= FULL_RESCAN_S)
-        candidates = listed if full else [pid for pid in listed if pid not in self._listed] + list(self.protected)
+                or now - self._last_full_rescan >= self.full_rescan_s)
+        if full:
+            candidates = listed
+        else:
+            candidates = [pid for pid in listed if pid not in self._listed or pid in self._refused]
+            candidates += [pid for pid in self.protected if pid not in self._refused]
         if full:
             self._last_full_rescan, self._full_rescan_due = now, False
         self._listed = set(listed)
         self._rescan_listing = listed
         return candidates
+
+    @property
+    def full_rescan_s(self) -> float:
+        """How often a rescan judges every process (see FULL_RESCAN_WITH_EVENTS_S)."""
+        selectors = self.selectors
+        told = self.source.has_exec_events and self.source.has_task_events
+        return FULL_RESCAN_WITH_EVENTS_S if told and not (selectors.cgroups or selectors.units) else FULL_RESCAN_S
 
     def _rescan(self) -> None:
         self._rescan_listing = None
@@ -284,6 +304,7 @@ class Collector:
                 refused[pid] = child_refused
             self._drop_process(pid)
         self._warn_refused(refused)
+        self._refused = set(itertools.islice(refused, REFUSED_REJUDGED_MAX))
         # A process already protected has its task directory listed only every FULL_RESCAN_S:
         # each tick compares its thread count (_refresh_threads) and lists it when the count
         # differs, and the kernel protects new threads on fork; the listing (1 ms for a 500-thread
@@ -326,6 +347,8 @@ class Collector:
         refused: dict[int, tuple[ProcessInfo, str]] = {}
         found = self.selectors.match_pid(self.procfs, pid, refused, known)
         self._warn_refused(refused)
+        if refused and len(self._refused) < REFUSED_REJUDGED_MAX:
+            self._refused.update(refused)  # judged again at the next rescan (a privilege drop after exec)
         if found:
             _info, reason = found
             log.debug("protecting pid %d (%s) after %s", pid, reason, why)

@@ -465,6 +465,62 @@ def test_a_rescan_judges_new_processes_and_every_process_only_at_a_full_rescan(t
     assert set(collector.protected) == {10, 20, 30, 40}
 
 
+def test_with_every_change_told_by_the_kernel_a_comm_rescan_judges_every_process_only_every_ten_minutes(tmp_path):
+    """Exec, rename and cgroup-move events (none lost) and comm selectors: a process can come to
+    match only at an event or as a new pid, so the full rescan is a rarer safety net. With cgroup
+    or unit selectors (a cgroup renamed sends no event) it stays at FULL_RESCAN_S."""
+    from remediator.collector import FULL_RESCAN_S, FULL_RESCAN_WITH_EVENTS_S
+
+    proc, source, clock, procfs, collector = judging_collector(
+        tmp_path, (FakeProcess(1, "init"), FakeProcess(10, "api"), FakeProcess(20, "fluent-bit")))
+    source.has_task_events = True
+    assert collector.full_rescan_s == FULL_RESCAN_WITH_EVENTS_S
+    collector.start()
+    procfs.judged.clear()
+    for _ in range(int(FULL_RESCAN_S / 5) + 1):
+        clock.now += 5
+        collector.sample()
+    assert not {1, 20} & set(procfs.judged)  # past FULL_RESCAN_S: no full rescan
+    clock.now += FULL_RESCAN_WITH_EVENTS_S
+    collector.sample()
+    assert {1, 20} <= set(procfs.judged)
+    cgroups = Collector(source, ProtectSelectors.build(comms=["api"], cgroups=["/system.slice/api.service"]), procfs)
+    assert cgroups.full_rescan_s == FULL_RESCAN_S
+    source.has_task_events = False
+    assert collector.full_rescan_s == FULL_RESCAN_S
+
+
+def test_a_process_refused_by_the_users_check_is_judged_again_at_the_next_rescan(tmp_path):
+    """A daemon exec'd as root that drops its privileges a moment later: refused at its exec (and
+    at a rescan), protected at the next rescan once it runs as a protect user, not at the full one."""
+    proc = FakeProc(tmp_path / "proc")
+    for process in (FakeProcess(1, "init"), FakeProcess(10, "api", uid=33), FakeProcess(20, "api", uid=0)):
+        proc.add(process)
+    proc.write()
+    source, clock, procfs = RecordingSource(), Clock(), JudgingProcFS(proc.root)
+    source.has_task_events = True
+    collector = Collector(source, ProtectSelectors.build(comms=["api"], users=[33]), procfs, rescan_s=5.0,
+                          mono_clock=clock, wall_clock=lambda: 1_700_000_000.0)
+    collector.start()
+    assert set(collector.protected) == {10}
+    # 20 drops to uid 33; 30 execs as root and drops a moment after the exec event was judged.
+    proc.processes[20].uid = 33
+    proc.add(FakeProcess(30, "api", uid=0))
+    proc.write()
+    clock.now += 5
+    collector.sample()
+    assert set(collector.protected) == {10, 20}  # 30 was new: judged (and refused) at this rescan
+    source.pending_execs = [ExecEvent(0, 30, 30, "/usr/sbin/api")]
+    clock.now += 0.25
+    collector.sample()
+    assert set(collector.protected) == {10, 20}
+    proc.processes[30].uid = 33
+    proc.write()
+    clock.now += 5
+    collector.sample()
+    assert set(collector.protected) == {10, 20, 30}
+
+
 def test_a_process_renamed_or_moved_is_judged_at_its_task_event_within_a_tick(tmp_path, monkeypatch):
     """Where the kernel tells of renames and cgroup moves (task events), such a process is judged
     in the tick that reads the event, not at the next full rescan, and what the sample says about
