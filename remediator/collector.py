@@ -48,7 +48,9 @@ FULL_RESCAN_S = 60.0  # see Collector._candidates
 # comm costs the daemon beyond pids) is a safety net. A process the users check refused is judged
 # again at every rescan instead: a daemon exec'd as root drops its privileges a moment later.
 FULL_RESCAN_WITH_EVENTS_S = 600.0
-REFUSED_REJUDGED_MAX = 256  # refused processes judged again at each rescan; the rest at the full one
+# Refused processes judged again at each rescan (a stat and a status read each); the rest wait for
+# the full one. Few: a local user's look-alikes by the thousand must not cost a read each every 5 s.
+REFUSED_REJUDGED_MAX = 64
 # Renamed or moved processes judged in one tick (task events), the rest kept for the next ticks, up
 # to CHANGED_QUEUE_MAX. Each costs the collector a stat or two and the burst watch a sketch: about
 # 0.3 ms cold (bench/rename_flood.py), so 4 a tick bound what renaming processes in a loop can

@@ -521,6 +521,29 @@ def test_a_process_refused_by_the_users_check_is_judged_again_at_the_next_rescan
     assert set(collector.protected) == {10, 20, 30}
 
 
+def test_a_users_look_alikes_by_the_hundred_are_not_all_judged_again_at_every_rescan(tmp_path):
+    """Refused processes are judged again at each rescan only up to REFUSED_REJUDGED_MAX: a
+    local user's idle look-alikes cannot make the daemon read each of them every 5 s."""
+    from remediator.collector import REFUSED_REJUDGED_MAX
+
+    proc = FakeProc(tmp_path / "proc")
+    look_alikes = [FakeProcess(1000 + i, "api", uid=1000) for i in range(REFUSED_REJUDGED_MAX + 50)]
+    for process in (FakeProcess(1, "init"), FakeProcess(10, "api", uid=33), *look_alikes):
+        proc.add(process)
+    proc.write()
+    source, clock, procfs = RecordingSource(), Clock(), JudgingProcFS(proc.root)
+    source.has_task_events = True
+    collector = Collector(source, ProtectSelectors.build(comms=["api"], users=[33]), procfs, rescan_s=5.0,
+                          mono_clock=clock, wall_clock=lambda: 1_700_000_000.0)
+    collector.start()
+    assert set(collector.protected) == {10}
+    procfs.judged.clear()
+    clock.now += 5
+    collector.sample()
+    judged_again = {pid for pid in procfs.judged if pid >= 1000}
+    assert len(judged_again) == REFUSED_REJUDGED_MAX
+
+
 def test_a_process_renamed_or_moved_is_judged_at_its_task_event_within_a_tick(tmp_path, monkeypatch):
     """Where the kernel tells of renames and cgroup moves (task events), such a process is judged
     in the tick that reads the event, not at the next full rescan, and what the sample says about
