@@ -421,15 +421,17 @@ class JudgingProcFS(ProcFS):
         return super().stat(pid, tid)
 
 
-def judging_collector(tmp_path, processes):
-    """A collector protecting comm "api" over a fake /proc of `processes`, its stat reads counted."""
+def judging_collector(tmp_path, processes, users=(), task_events=False):
+    """A collector protecting comm "api" (run by `users`, when given) over a fake /proc of
+    `processes`, its stat reads counted; its source sends task events with `task_events`."""
     proc = FakeProc(tmp_path / "proc")
     for process in processes:
         proc.add(process)
     proc.write()
     source, clock, procfs = RecordingSource(), Clock(), JudgingProcFS(proc.root)
-    collector = Collector(source, ProtectSelectors.build(comms=["api"]), procfs, rescan_s=5.0, mono_clock=clock,
-                          wall_clock=lambda: 1_700_000_000.0)
+    source.has_task_events = task_events
+    collector = Collector(source, ProtectSelectors.build(comms=["api"], users=users), procfs, rescan_s=5.0,
+                          mono_clock=clock, wall_clock=lambda: 1_700_000_000.0)
     return proc, source, clock, procfs, collector
 
 
@@ -471,9 +473,8 @@ def test_with_every_change_told_by_the_kernel_a_comm_rescan_judges_every_process
     or unit selectors (a cgroup renamed sends no event) it stays at FULL_RESCAN_S."""
     from remediator.collector import FULL_RESCAN_S, FULL_RESCAN_WITH_EVENTS_S
 
-    proc, source, clock, procfs, collector = judging_collector(
-        tmp_path, (FakeProcess(1, "init"), FakeProcess(10, "api"), FakeProcess(20, "fluent-bit")))
-    source.has_task_events = True
+    _proc, source, clock, procfs, collector = judging_collector(
+        tmp_path, (FakeProcess(1, "init"), FakeProcess(10, "api"), FakeProcess(20, "fluent-bit")), task_events=True)
     assert collector.full_rescan_s == FULL_RESCAN_WITH_EVENTS_S
     collector.start()
     procfs.judged.clear()
@@ -493,14 +494,9 @@ def test_with_every_change_told_by_the_kernel_a_comm_rescan_judges_every_process
 def test_a_process_refused_by_the_users_check_is_judged_again_at_the_next_rescan(tmp_path):
     """A daemon exec'd as root that drops its privileges a moment later: refused at its exec (and
     at a rescan), protected at the next rescan once it runs as a protect user, not at the full one."""
-    proc = FakeProc(tmp_path / "proc")
-    for process in (FakeProcess(1, "init"), FakeProcess(10, "api", uid=33), FakeProcess(20, "api", uid=0)):
-        proc.add(process)
-    proc.write()
-    source, clock, procfs = RecordingSource(), Clock(), JudgingProcFS(proc.root)
-    source.has_task_events = True
-    collector = Collector(source, ProtectSelectors.build(comms=["api"], users=[33]), procfs, rescan_s=5.0,
-                          mono_clock=clock, wall_clock=lambda: 1_700_000_000.0)
+    proc, source, clock, procfs, collector = judging_collector(
+        tmp_path, (FakeProcess(1, "init"), FakeProcess(10, "api", uid=33), FakeProcess(20, "api", uid=0)),
+        users=[33], task_events=True)
     collector.start()
     assert set(collector.protected) == {10}
     # 20 drops to uid 33; 30 execs as root and drops a moment after the exec event was judged.
@@ -526,15 +522,9 @@ def test_a_users_look_alikes_by_the_hundred_are_not_all_judged_again_at_every_re
     local user's idle look-alikes cannot make the daemon read each of them every 5 s."""
     from remediator.collector import REFUSED_REJUDGED_MAX
 
-    proc = FakeProc(tmp_path / "proc")
     look_alikes = [FakeProcess(1000 + i, "api", uid=1000) for i in range(REFUSED_REJUDGED_MAX + 50)]
-    for process in (FakeProcess(1, "init"), FakeProcess(10, "api", uid=33), *look_alikes):
-        proc.add(process)
-    proc.write()
-    source, clock, procfs = RecordingSource(), Clock(), JudgingProcFS(proc.root)
-    source.has_task_events = True
-    collector = Collector(source, ProtectSelectors.build(comms=["api"], users=[33]), procfs, rescan_s=5.0,
-                          mono_clock=clock, wall_clock=lambda: 1_700_000_000.0)
+    _proc, _source, clock, procfs, collector = judging_collector(
+        tmp_path, (FakeProcess(1, "init"), FakeProcess(10, "api", uid=33), *look_alikes), users=[33], task_events=True)
     collector.start()
     assert set(collector.protected) == {10}
     procfs.judged.clear()
