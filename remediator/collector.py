@@ -254,11 +254,10 @@ class Collector:
                 or now - self._last_full_rescan >= self.full_rescan_s)
         if full:
             candidates = listed
+            self._last_full_rescan, self._full_rescan_due = now, False
         else:
             candidates = [pid for pid in listed if pid not in self._listed or pid in self._refused]
             candidates += [pid for pid in self.protected if pid not in self._refused]
-        if full:
-            self._last_full_rescan, self._full_rescan_due = now, False
         self._listed = set(listed)
         self._rescan_listing = listed
         return candidates
