@@ -164,7 +164,7 @@ def measure(args, settings: ProbeSettings) -> dict:
         collector.start()
         history_s, history_windows = history_for(policies, TICK_S)
         cached_cpus = None
-        profile = cProfile.Profile() if args.profile else None
+        profile = cProfile.Profile(time.thread_time_ns, 1e-9) if args.profile else None
         try:
             next_tick = time.monotonic()
             # Not measured until the host is in its steady state: a process that barely runs is
@@ -374,6 +374,8 @@ def measure_daemon(args, protect_by: str, old_tree: Path | None) -> dict:
             stats.sort_stats("tottime").print_stats(args.daemon_profile)
             stats.sort_stats("cumulative").print_stats(args.daemon_profile)
             print(text.getvalue(), file=sys.stderr)
+            if args.keep_profile:
+                shutil.copyfile(profile_out, args.keep_profile)  # for pstats' callers and callees
         return results
     finally:
         stop_daemons(daemons.values())
@@ -534,6 +536,8 @@ def main() -> int:
     parser.add_argument("--daemon-profile", type=int, default=0, metavar="N",
                         help="profile the shipped daemon's main thread over --daemon-seconds and print the N "
                              "costliest functions to stderr (its CPU share then includes the profiler's overhead)")
+    parser.add_argument("--keep-profile", default=None, metavar="PATH",
+                        help="with --daemon-profile, also keep the profile (pstats format) at PATH")
     parser.add_argument("--also-floor-ms", type=float, default=1.0,
                         help="measure the tick again with this report floor, side by side (0: not)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
