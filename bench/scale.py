@@ -33,6 +33,7 @@ entry of a host where every process ran on every CPU, at the per-entry cost meas
     sudo .venv/bin/python bench/scale.py                 ~8 min (each part after a 45 s warm-up)
     sudo .venv/bin/python bench/scale.py --processes 300 --ticks 12
     sudo .venv/bin/python bench/scale.py --daemon-profile 40    where the daemon's own CPU goes
+    sudo .venv/bin/python bench/scale.py --protect-by comm --also-tick-ms 500   what a slower tick saves
 """
 
 from __future__ import annotations
@@ -299,7 +300,8 @@ def thread_cpu_ticks(pid: int) -> dict[int, int]:
 BY_COMM = 'comm = ["scale-service"]'  # the synthetic service, as a [protect] line
 
 
-def daemon_config(place: Path, protect: str, generated_by: str, metrics_port: int | None = None) -> str:
+def daemon_config(place: Path, protect: str, generated_by: str, metrics_port: int | None = None,
+                  tick_s: float = TICK_S) -> str:
     """The config the benches run the daemon as shipped with on this host: dry-run, the shipped
     policies, the service named by `protect` (a [protect] line), request_cpus "auto", the journal
     and audit log in `place`, and metrics on loopback at `metrics_port` (None: none)."""
@@ -310,7 +312,7 @@ def daemon_config(place: Path, protect: str, generated_by: str, metrics_port: in
 request_cpus = "auto"
 [daemon]
 mode = "dry-run"
-tick = "{TICK_S * 1000:g}ms"
+tick = "{tick_s * 1000:g}ms"
 policies = ["{ROOT / 'policies'}"]
 journal = "{place / 'journal.jsonl'}"
 audit_log = "{place / 'audit.jsonl'}"
@@ -322,19 +324,22 @@ def measure_daemon(args, protect_by: str, old_tree: Path | None) -> dict:
     service protected) on the same host: its whole CPU time, the tick's phases and all the rest
     (the rolling recording, metrics, state file, burst watch, rescans), over --daemon-seconds
     after a warm-up. With `old_tree`, that tree's daemon runs beside it at the same time, on the
-    same host and its noise: {"this tree": {...}, "old": {...}}."""
+    same host and its noise: {"this tree": {...}, "old": {...}}. With --also-tick-ms, this tree's daemon
+    at that tick runs beside them too ("this tree, tick N ms")."""
     directory = Path(tempfile.mkdtemp(prefix="remediator-scale-daemon-"))
     host, services = start_host(args, directory)
     daemons: dict[str, subprocess.Popen] = {}
-    trees = {"this tree": None, **({"old": old_tree} if old_tree is not None else {})}
+    trees = {"this tree": (None, TICK_S), **({"old": (old_tree, TICK_S)} if old_tree is not None else {})}
+    if args.also_tick_ms > 0:
+        trees[also_tick_label(args)] = (None, args.also_tick_ms / 1000)
     try:
-        for index, (label, tree) in enumerate(trees.items()):
+        for index, (label, (tree, tick_s)) in enumerate(trees.items()):
             place = directory / f"daemon-{index}"
             place.mkdir()
             config = place / "remediator.toml"
             protect = f"pids = [{', '.join(map(str, services))}]" if protect_by == "pid" else BY_COMM
-            config.write_text(daemon_config(place, protect, "bench/scale.py", args.daemon_metrics_port + index))
-            if tree is None and args.daemon_profile:
+            config.write_text(daemon_config(place, protect, "bench/scale.py", args.daemon_metrics_port + index, tick_s))
+            if label == "this tree" and args.daemon_profile:
                 command = [sys.executable, "-c", PROFILED_DAEMON, str(place / "daemon.prof"), "run", "--config", str(config)]
                 env = None
             else:
@@ -382,6 +387,10 @@ def measure_daemon(args, protect_by: str, old_tree: Path | None) -> dict:
         os.killpg(host.pid, 9)
         host.wait()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def also_tick_label(args) -> str:
+    return f"this tree, tick {args.also_tick_ms:g} ms"
 
 
 def daemon_command(config: Path, tree: Path | None) -> tuple[list[str], dict[str, str] | None]:
@@ -515,6 +524,10 @@ def model(result: dict, args, cpus: int) -> dict:
     }
 
 
+def interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--processes", type=int, default=1000)
@@ -538,12 +551,16 @@ def main() -> int:
                              "costliest functions to stderr (its CPU share then includes the profiler's overhead)")
     parser.add_argument("--keep-profile", default=None, metavar="PATH",
                         help="with --daemon-profile, also keep the profile (pstats format) at PATH")
+    parser.add_argument("--also-tick-ms", type=float, default=0.0, metavar="MS",
+                        help="also run this tree's daemon with this tick beside the others, at the same time (0: not)")
     parser.add_argument("--also-floor-ms", type=float, default=1.0,
                         help="measure the tick again with this report floor, side by side (0: not)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="profile the steady-state ticks and print the N costliest functions to stderr "
                              "(the phase times then include the profiler's overhead)")
     args = parser.parse_args()
+    # SIGTERM as Ctrl-C: the synthetic host's 1,000 processes and the daemons are killed on the way out.
+    signal.signal(signal.SIGTERM, interrupted)
     if os.geteuid() != 0:
         print("scale: run as root (the probes)", file=sys.stderr)
         return 1
@@ -601,6 +618,10 @@ def main() -> int:
                 old = runs["old"]["daemon_percent"]
                 print(f"{args.old_ref}'s daemon beside it, at the same time: {old:.2f}%; this tree / {args.old_ref}: "
                       f"**{ours['daemon_percent'] / max(old, 1e-9):.2f}x**.")
+            if also_tick_label(args) in runs:
+                other = runs[also_tick_label(args)]["daemon_percent"]
+                print(f"This tree's daemon at a {args.also_tick_ms:g} ms tick beside it, at the same time: {other:.2f}%; "
+                      f"against the {TICK_S * 1000:g} ms tick: **{other / max(ours['daemon_percent'], 1e-9):.2f}x**.")
             print("Its threads, % of one core: " + ", ".join(
                 f"{tid}: {percent:.2f}" for tid, percent in sorted(ours["threads_percent"].items())))
     finally:
@@ -610,4 +631,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as stopped:
+        print(f"scale: interrupted ({stopped or 'Ctrl-C'}); its processes are gone", file=sys.stderr)
+        sys.exit(130)
