@@ -253,7 +253,7 @@ class Daemon:
             self.observers.outcome(when, outcome, self.mode)
         self.state_path = state_path_for(self.config.journal_path)
         self._saved_state = None
-        saved, why = load_state(self.state_path, self.boot_id)
+        saved, why = load_state(self.state_path, self.boot_id, self.trust)
         if saved is None:
             if why != "none saved":
                 log.warning("engine state: %s: ladders and caps start afresh", why)
@@ -288,13 +288,13 @@ class Daemon:
         if exported == self._saved_state:
             return
         try:
-            save_state(self.state_path, exported, self.boot_id)
-        except OSError as exc:
+            save_state(self.state_path, exported, self.boot_id, self.executor.journal.directory)
+        except (OSError, RemediatorError) as exc:
             name = error_name(exc)
             self.state_write_failures[name] = self.state_write_failures.get(name, 0) + 1
             if sum(self.state_write_failures.values()) == 1:
                 log.warning("cannot save the engine state to %s: %s (counted in the summary; the daemon goes on)",
-                            self.state_path, exc.strerror or exc)
+                            self.state_path, getattr(exc, "strerror", None) or exc)
             return
         self._saved_state = exported
 

@@ -364,6 +364,12 @@ class Journal:
             self.close()
             raise
 
+    @property
+    def directory(self) -> TrustedDirectory | None:
+        """The journal's directory, checked and held open while the journal is (None: read-only):
+        the engine state is written beside the journal through it."""
+        return self._dir
+
     # -- opening ------------------------------------------------------------------------------
     def _lock(self) -> None:
         assert self._dir is not None

@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+from .trustedfs import Trust, TrustedDirectory, UntrustedPath, read_bytes
+
 STATE_SUFFIX = ".engine-state.json"
 
 
@@ -36,38 +38,46 @@ def write_durably(fd: int, data: bytes) -> None:
     os.fsync(fd)
 
 
-def save_state(path: Path, engine_state: dict, boot_id: str) -> None:
-    """Replace the state file; raises OSError (the caller counts it and carries on)."""
+def save_state(path: Path, engine_state: dict, boot_id: str, directory: TrustedDirectory | None = None) -> None:
+    """Replace the state file; raises OSError or UntrustedPath (the caller counts either and
+    carries on). Every step goes through `directory`'s descriptor: the journal's, checked and held
+    open (None: the file's directory, checked now), so no path is walked again after the check and
+    nothing is written through a symlink."""
     data = json.dumps({"boot_id": boot_id, "engine": engine_state}, separators=(",", ":")).encode()
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    held = directory if directory is not None else TrustedDirectory(path.parent)
+    temp = f".{path.name}.{os.getpid()}.tmp"
     try:
+        fd = held.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
-            write_durably(fd, data)
-        finally:
-            os.close(fd)
-        os.rename(temp, path)
-    except OSError:
-        try:
-            os.unlink(temp)
+            try:
+                write_durably(fd, data)
+            finally:
+                os.close(fd)
+            held.rename(temp, path.name)
         except OSError:
-            pass
-        raise
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory)
+            try:
+                os.unlink(temp, dir_fd=held.fd)
+            except OSError:
+                pass
+            raise
+        held.fsync()
     finally:
-        os.close(directory)
+        if directory is None:
+            held.close()
 
 
-def load_state(path: Path, boot_id: str) -> tuple[dict | None, str]:
-    """(the engine's saved state, "") or (None, why there is none to use)."""
+def load_state(path: Path, boot_id: str, trust: Trust | None = None) -> tuple[dict | None, str]:
+    """(the engine's saved state, "") or (None, why there is none to use). Read as the journal is
+    (trustedfs): a file another user could write would let them reset the caps and cooldowns it
+    keeps, and a FIFO there would hang the reader."""
     try:
-        raw = path.read_bytes()
+        raw = read_bytes(path, trust)
     except FileNotFoundError:
         return None, "none saved"
     except OSError as exc:
         return None, f"cannot read {path}: {exc.strerror or exc}"
+    except UntrustedPath as exc:
+        return None, f"{exc}: ignored"
     try:
         data = json.loads(raw)
     except ValueError as exc:

@@ -247,3 +247,50 @@ def test_a_trusted_directory_opens_its_entries_without_following_links(tmp_path)
         with pytest.raises(UntrustedPath, match="it is a symlink"):
             held.open("audit.jsonl", os.O_WRONLY | os.O_APPEND)
         assert held.kind("audit.jsonl") == "link"
+
+
+def test_the_engine_state_is_read_only_from_a_file_no_other_user_can_write(tmp_path):
+    """The state file holds caps and cooldowns (what not to do again): one a local user could write
+    would let them reset those, and a FIFO in its place would hang the reader. Read as the journal is."""
+    from remediator.statefile import load_state, save_state, state_path_for
+
+    home = directory(tmp_path / "var")
+    path = state_path_for(home / "journal.jsonl")
+    assert load_state(path, "boot", STRICT) == (None, "none saved")
+    save_state(path, {"format": 1}, "boot")
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert load_state(path, "boot", STRICT) == ({"format": 1}, "")
+    os.chmod(path, 0o622)
+    saved, why = load_state(path, "boot", STRICT)
+    assert saved is None and "it is group- or world-writable (mode 0622)" in why and why.endswith(": ignored"), why
+    os.chmod(path, 0o600)
+    os.chown(path, USER, USER)
+    saved, why = load_state(path, "boot", STRICT)
+    assert saved is None and "owned by uid 65534" in why, why
+    path.unlink()
+    os.mkfifo(path, 0o600)
+    saved, why = load_state(path, "boot", STRICT)  # returns: does not wait for a writer
+    assert saved is None and "not a regular file" in why, why
+
+
+def test_the_engine_state_is_written_through_the_journal_directory_descriptor(tmp_path):
+    """Saved through the journal's checked directory, held open: a rename of its path afterwards
+    (only root could) does not send the write elsewhere, and the temporary file is never opened
+    through a link planted at its name."""
+    from remediator.statefile import save_state, state_path_for
+
+    home = directory(tmp_path / "var")
+    path = state_path_for(home / "journal.jsonl")
+    with TrustedDirectory(home, STRICT) as held:
+        moved = tmp_path / "moved"
+        home.rename(moved)
+        home.mkdir()
+        save_state(path, {"format": 1}, "boot", held)
+        assert not path.exists()
+        assert json.loads((moved / path.name).read_text()) == {"boot_id": "boot", "engine": {"format": 1}}
+        elsewhere = file(tmp_path / "elsewhere", "kept\n")
+        os.symlink(elsewhere, moved / f".{path.name}.{os.getpid()}.tmp")
+        with pytest.raises(UntrustedPath, match="it is a symlink"):
+            save_state(path, {"format": 2}, "boot", held)
+        assert elsewhere.read_text() == "kept\n"
+        assert json.loads((moved / path.name).read_text())["engine"] == {"format": 1}
