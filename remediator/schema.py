@@ -349,7 +349,10 @@ DAEMON_KEYS = (
         "`auto`: the probes, else procfs; `procfs`: procfs only. On procfs there is no run-queue tail and no blame, so only "
         "`always` policies can act, and every status line, log summary and audit record says `degraded: no tail, no blame`.",
         default="bpf", choices=("bpf", "auto", "procfs")),
-    Key("tick", "duration", "Sampling period: one window per tick.", default="250ms", minimum=0.01, maximum=60),
+    Key("tick", "duration", "Sampling period: one window per tick, so a trigger's `windows`/`of` span that many "
+        "ticks. Most of the daemon's CPU is per tick: on bench/scale's host (1,000 processes, ~47,000 context "
+        "switches a second) 1.17% of one core at 250 ms and 0.79% at 500 ms, side by side. A `within` trigger "
+        "does not wait for the tick.", default="250ms", minimum=0.01, maximum=60),
     Key("policies", "strings", "Policy files or directories (every `*.toml` inside), relative to this file.", default=["policies"]),
     Key("journal", "string", "Durable record of original values (relative paths are relative to this file).", default="/var/lib/remediator/journal.jsonl"),
     Key("audit_log", "string", "One JSON line per decision, with its evidence.", default="/var/log/remediator/audit.jsonl"),
