@@ -49,8 +49,7 @@ from typing import Iterable
 
 from .errors import RemediatorError
 from .procfs import Boot, ProcessIdentity, current_boot
-from .statefile import write_durably
-from .trustedfs import Trust, TrustedDirectory, read_all, read_bytes
+from .trustedfs import Trust, TrustedDirectory, read_all, read_bytes, write_durably
 
 log = logging.getLogger(__name__)
 

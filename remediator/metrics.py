@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import functools
 import io
-import os
 import selectors
 import socket
 import socketserver
@@ -31,7 +30,6 @@ from prometheus_client.process_collector import ProcessCollector
 
 from . import histogram
 from .model import Outcome
-from .statefile import write_durably
 from .trustedfs import Trust, TrustedDirectory, open_output
 
 DEFAULT_OFFENDER_LABELS = 20
@@ -797,23 +795,8 @@ class TextfileWriter:
 def write_atomically(path: Path, data: bytes, trust: Trust | None = None) -> None:
     """Replace `path` through its checked directory (trustedfs): never through a symlink, nor in a
     directory someone else could swap. 0644: node_exporter runs as its own user."""
-    temp = f".{path.name}.{os.getpid()}.tmp"
     with TrustedDirectory(path.parent, trust, shown=str(path)) as directory:
-        fd = directory.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            try:
-                os.fchmod(fd, 0o644)  # whatever the umask (the unit's is 0027)
-                write_durably(fd, data)
-            finally:
-                os.close(fd)
-            directory.rename(temp, path.name)
-        except OSError:
-            try:
-                os.unlink(temp, dir_fd=directory.fd)
-            except OSError:
-                pass
-            raise
-        directory.fsync()
+        directory.replace(path.name, data, 0o644)
 
 
 def write_text(metrics: Metrics, destination: str) -> None:

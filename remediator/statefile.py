@@ -11,7 +11,6 @@ meaningful only within the boot that wrote them.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from .trustedfs import Trust, TrustedDirectory, UntrustedPath, read_bytes
@@ -30,40 +29,17 @@ def current_boot_id(proc_root: str | Path = "/proc") -> str:
         return ""
 
 
-def write_durably(fd: int, data: bytes) -> None:
-    """All of `data` to `fd`, then fsync (the caller closes it and renames it into place)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-    os.fsync(fd)
-
-
 def save_state(path: Path, engine_state: dict, boot_id: str, directory: TrustedDirectory | None = None) -> None:
     """Replace the state file; raises OSError or UntrustedPath (the caller counts either and
     carries on). Every step goes through `directory`'s descriptor: the journal's, checked and held
     open (None: the file's directory, checked now), so no path is walked again after the check and
     nothing is written through a symlink."""
     data = json.dumps({"boot_id": boot_id, "engine": engine_state}, separators=(",", ":")).encode()
-    held = directory if directory is not None else TrustedDirectory(path.parent)
-    temp = f".{path.name}.{os.getpid()}.tmp"
-    try:
-        fd = held.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        try:
-            try:
-                write_durably(fd, data)
-            finally:
-                os.close(fd)
-            held.rename(temp, path.name)
-        except OSError:
-            try:
-                os.unlink(temp, dir_fd=held.fd)
-            except OSError:
-                pass
-            raise
-        held.fsync()
-    finally:
-        if directory is None:
-            held.close()
+    if directory is not None:
+        directory.replace(path.name, data)
+        return
+    with TrustedDirectory(path.parent) as held:
+        held.replace(path.name, data)
 
 
 def load_state(path: Path, boot_id: str, trust: Trust | None = None) -> tuple[dict | None, str]:

@@ -249,6 +249,14 @@ def _named(exc: OSError, shown: str) -> OSError:
     return type(exc)(exc.errno, exc.strerror, shown)
 
 
+def write_durably(fd: int, data: bytes) -> None:
+    """All of `data` to `fd`, then fsync (the caller closes it and renames it into place)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+
 def read_all(fd: int) -> bytes:
     chunks = []
     while chunk := os.read(fd, 1 << 16):
@@ -392,6 +400,27 @@ class TrustedDirectory:
             os.close(fd)
             raise
         return fd
+
+    def replace(self, name: str, data: bytes, mode: int = 0o600) -> None:
+        """Replace entry `name` with `data`, atomically and durably: a temporary file beside it
+        (never through a symlink), fsync, rename over it, fsync of the directory. A crash leaves
+        the old file or the new one. Raises OSError or UntrustedPath."""
+        temp = f".{name}.{os.getpid()}.tmp"
+        fd = self.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            try:
+                os.fchmod(fd, mode)  # whatever the umask (the unit's is 0027)
+                write_durably(fd, data)
+            finally:
+                os.close(fd)
+            self.rename(temp, name)
+        except OSError:
+            try:
+                os.unlink(temp, dir_fd=self.fd)
+            except OSError:
+                pass
+            raise
+        self.fsync()
 
     def rename(self, source: str, target: str) -> None:
         os.rename(source, target, src_dir_fd=self.fd, dst_dir_fd=self.fd)
