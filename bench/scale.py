@@ -18,7 +18,8 @@ shipped policies and the service protected, and each phase's thread CPU time is 
 The probes load as the daemon loads them (probe_settings_for its tick): an entry is read once it
 has the report floor (1/64 of the tick, 3.9 ms at 250 ms) of on-CPU or blamed time not yet read.
 The same tick is measured again, side by side, with the floor at --also-floor-ms (1 ms, the
-floor before it followed the tick), to show what the floor buys.
+floor before it followed the tick), to show what the floor buys: both sets of probes load at once
+on the same host, and each tick period runs both ticks in turn, in alternating order.
 
 The model of the same tick on 64 and 192 CPUs. proc_cpu holds one entry per (process, CPU it ran
 on), but a tick reads only the entries each CPU queued as changed (or at a thread's exit): the
@@ -132,121 +133,160 @@ def start_host(args, directory: Path) -> tuple[subprocess.Popen, list[int]]:
     return host, [int(pid) for pid in line.split()[1:]]
 
 
-def measure(args, settings: ProbeSettings) -> dict:
+class Rig:
+    """One daemon's tick in this process, against its own probes (loaded with `settings`): the
+    collector, the burst watch, the engine state and the audit log, each phase timed apart."""
+
+    def __init__(self, settings: ProbeSettings, procfs: ProcFS, services: list[int], policies, me, directory: Path,
+                 delta_phases: list):
+        self.phases = Phases()
+        self.source = BpfSource(procfs, settings)
+        self.probes = self.source.probes
+        self.read_counts: list[int] = []  # entries read per tick (the changed set)
+        timed_snapshot = self.phases.timed("map reads", self.probes.snapshot)
+
+        def counted():
+            delta_phases[0] = self.phases  # the delta that follows is this rig's
+            result = timed_snapshot()
+            self.read_counts.append(len(result.proc_cpu_changed or ()))  # the warm-up's are dropped below
+            return result
+
+        self.probes.snapshot = counted
+        self.collector = Collector(self.source, ProtectSelectors.build(pids=services), procfs)
+        self.policies, self.me = policies, me
+        self.bursts = BurstWatch(self.source, procfs, me, info_of=self.collector.info, sketch_of=self.collector.sketch)
+        self.bursts.set_policies(policies)
+        self.collector.exec_reader = self.bursts.reader  # as the daemon wires them
+        self.audit = AuditLog(directory / "audit.jsonl")
+        self.state = EngineState()
+        self.history_s, self.history_windows = history_for(policies, TICK_S)
+        self.cached_cpus = None
+
+    def tick(self, steady: bool) -> None:
+        phases = self.phases
+        start = time.thread_time_ns()
+        sample = self.collector.sample()
+        phases.add("matching", time.thread_time_ns() - start)  # the read phases are taken out below
+        start = time.thread_time_ns()
+        online = online_cpus()
+        if self.cached_cpus is None:  # the daemon reads it again only when the protected set changes
+            self.cached_cpus = auto_request_cpus(self.collector.protected, online, lambda pid: None)
+        phases.add("auto cpus", time.thread_time_ns() - start)
+        settings = EngineSettings(request_cpus=self.cached_cpus, online_cpus=online, max_changes_per_minute=10,
+                                  self_pid=self.me.pid, self_start_time=self.me.start_time,
+                                  history_s=self.history_s, history_windows=self.history_windows)
+        start = time.thread_time_ns()
+        self.state, decisions = decide(self.state, sample, self.policies, settings)
+        phases.add("engine", time.thread_time_ns() - start)
+        start = time.thread_time_ns()
+        self.bursts.refresh(sample.processes.values(), sample.protected.pids)
+        phases.add("bursts", time.thread_time_ns() - start)
+        start = time.thread_time_ns()
+        for decision in decisions:
+            self.audit.write(audit_record(decision, None, "dry-run"))
+        phases.add("audit", time.thread_time_ns() - start)
+        current = phases.current
+        current["matching"] -= current.get("map reads", 0.0) + current.get("delta", 0.0)
+        if steady:
+            phases.next_tick()
+        else:
+            phases.current = {}  # the first tick reads everything and judges every process: not steady state
+
+    def close(self) -> None:
+        self.collector.close()
+        self.audit.close()
+
+
+def measure(args, settings_list: list[ProbeSettings]) -> list[dict]:
+    """The tick of each settings, measured side by side: each its own probes loaded at once on the
+    same host, their ticks taken in turn (in alternating order) every tick period."""
     procfs = ProcFS()
     directory = Path(tempfile.mkdtemp(prefix="remediator-scale-"))
     host, services = start_host(args, directory)
+    rigs: list[Rig] = []
+    original_delta = sources_module.bpf_delta
     try:
         time.sleep(1.0)
         before, started = context_switches(), time.monotonic()
         time.sleep(1.0)
         switches_per_s = (context_switches() - before) / (time.monotonic() - started)
 
-        phases = Phases()
-        source = BpfSource(procfs, settings)
-        probes = source.probes
-        read_counts: list[int] = []  # entries read per tick (the changed set)
+        delta_phases: list = [None]  # the rig whose snapshot came last
 
-        def counted(snapshot=phases.timed("map reads", probes.snapshot)):
-            result = snapshot()
-            read_counts.append(len(result.proc_cpu_changed or ()))  # the warm-up's are dropped below
-            return result
+        def timed_delta(*a, **k):
+            start = time.thread_time_ns()
+            try:
+                return original_delta(*a, **k)
+            finally:
+                delta_phases[0].add("delta", time.thread_time_ns() - start)
 
-        probes.snapshot = counted
-        sources_module.bpf_delta = phases.timed("delta", sources_module.bpf_delta)
-        collector = Collector(source, ProtectSelectors.build(pids=services), procfs)
+        sources_module.bpf_delta = timed_delta
         policies = load_policies([ROOT / "policies"], online_cpus=online_cpus())
         me = daemon_identity(procfs)  # this script plays the daemon
-        bursts = BurstWatch(source, procfs, me, info_of=collector.info, sketch_of=collector.sketch)
-        bursts.set_policies(policies)
-        collector.exec_reader = bursts.reader  # as the daemon wires them
-        audit = AuditLog(directory / "audit.jsonl")
-        state = EngineState()
-        collector.start()
-        history_s, history_windows = history_for(policies, TICK_S)
-        cached_cpus = None
+        for index, settings in enumerate(settings_list):
+            place = directory / f"rig-{index}"
+            place.mkdir()
+            rigs.append(Rig(settings, procfs, services, policies, me, place, delta_phases))
+        for rig in rigs:
+            rig.collector.start()
         profile = cProfile.Profile(time.thread_time_ns, 1e-9) if args.profile else None
-        try:
-            next_tick = time.monotonic()
-            # Not measured until the host is in its steady state: a process that barely runs is
-            # first read once it has spent the report floor, tens of seconds after the probes load.
-            warmup = max(1, round(args.warmup / TICK_S))
-            for tick in range(warmup + args.ticks):
-                next_tick += TICK_S
-                time.sleep(max(0.0, next_tick - time.monotonic()))
-                if profile is not None and tick == warmup:
+        next_tick = time.monotonic()
+        # Not measured until the host is in its steady state: a process that barely runs is
+        # first read once it has spent the report floor, tens of seconds after the probes load.
+        warmup = max(1, round(args.warmup / TICK_S))
+        for tick in range(warmup + args.ticks):
+            next_tick += TICK_S
+            time.sleep(max(0.0, next_tick - time.monotonic()))
+            order = rigs if tick % 2 == 0 else rigs[::-1]  # neither always finds the caches the other warmed
+            for rig in order:
+                profiled = profile is not None and tick >= warmup and rig is rigs[0]
+                if profiled:
                     profile.enable()  # steady state only: the first tick judges every process
-                start = time.thread_time_ns()
-                sample = collector.sample()
-                phases.add("matching", time.thread_time_ns() - start)  # the read phases are taken out below
-                start = time.thread_time_ns()
-                online = online_cpus()
-                if cached_cpus is None:  # the daemon reads it again only when the protected set changes
-                    cached_cpus = auto_request_cpus(collector.protected, online, lambda pid: None)
-                phases.add("auto cpus", time.thread_time_ns() - start)
-                settings = EngineSettings(request_cpus=cached_cpus, online_cpus=online, max_changes_per_minute=10,
-                                          self_pid=me.pid, self_start_time=me.start_time,
-                                          history_s=history_s, history_windows=history_windows)
-                start = time.thread_time_ns()
-                state, decisions = decide(state, sample, policies, settings)
-                phases.add("engine", time.thread_time_ns() - start)
-                start = time.thread_time_ns()
-                bursts.refresh(sample.processes.values(), sample.protected.pids)
-                phases.add("bursts", time.thread_time_ns() - start)
-                start = time.thread_time_ns()
-                for decision in decisions:
-                    audit.write(audit_record(decision, None, "dry-run"))
-                phases.add("audit", time.thread_time_ns() - start)
-                current = phases.current
-                current["matching"] -= current.get("map reads", 0.0) + current.get("delta", 0.0)
-                if tick < warmup:
-                    phases.current = {}  # the first tick reads everything and judges every process: not steady state
-                else:
-                    phases.next_tick()
-            if profile is not None:
-                profile.disable()
-                text = io.StringIO()
-                stats = pstats.Stats(profile, stream=text)
-                stats.sort_stats("tottime").print_stats(args.profile)
-                stats.sort_stats("cumulative").print_stats(args.profile)
-                print(text.getvalue(), file=sys.stderr)
-            # Per-entry costs for the model.
-            entries = len(probes._proc_cache)
-            start = time.thread_time_ns()
-            full = probes._read_proc_cpu()
-            full_ms = (time.thread_time_ns() - start) / 1e6
-            start = time.thread_time_ns()
-            uncached_cpus = auto_request_cpus(collector.protected, online_cpus(), lambda pid: None)
-            uncached_ms = (time.thread_time_ns() - start) / 1e6
-            assert uncached_cpus == cached_cpus
-            steady_reads = read_counts[warmup:]
-            changed_now = statistics.median(steady_reads) if steady_reads else 0
-            changed_mean = statistics.mean(steady_reads) if steady_reads else 0
-        finally:
-            collector.close()
-            audit.close()
+                rig.tick(steady=tick >= warmup)
+                if profiled:
+                    profile.disable()
+        if profile is not None:
+            text = io.StringIO()
+            stats = pstats.Stats(profile, stream=text)
+            stats.sort_stats("tottime").print_stats(args.profile)
+            stats.sort_stats("cumulative").print_stats(args.profile)
+            print(text.getvalue(), file=sys.stderr)
+        return [rig_result(rig, switches_per_s, warmup) for rig in rigs]
     finally:
+        sources_module.bpf_delta = original_delta
+        for rig in rigs:
+            rig.close()
         os.killpg(host.pid, 9)
         host.wait()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def rig_result(rig: Rig, switches_per_s: float, warmup: int) -> dict:
+    """A rig's phases, and its per-entry costs for the model."""
+    probes, phases = rig.probes, rig.phases
+    entries = len(probes._proc_cache)
+    start = time.thread_time_ns()
+    full = probes._read_proc_cpu()
+    full_ms = (time.thread_time_ns() - start) / 1e6
+    start = time.thread_time_ns()
+    uncached_cpus = auto_request_cpus(rig.collector.protected, online_cpus(), lambda pid: None)
+    uncached_ms = (time.thread_time_ns() - start) / 1e6
+    assert uncached_cpus == rig.cached_cpus
+    steady_reads = rig.read_counts[warmup:]
     names = ("map reads", "delta", "matching", "engine", "bursts", "auto cpus", "audit")
-    per_phase = {name: phases.median(name) for name in names}
-    per_phase_mean = {name: phases.mean(name) for name in names}
-    total = statistics.median(sum(tick.get(name, 0.0) for name in names) for tick in phases.ticks)
-    total_mean = statistics.mean(sum(tick.get(name, 0.0) for name in names) for tick in phases.ticks)
     return {
         "switches_per_s": switches_per_s,
         "entries": entries,
         "full_entries": len(full),
         "full_read_ms": full_ms,
         "uncached_auto_cpus_ms": uncached_ms,
-        "threads": sum(len(tids) for tids in collector.protected.values()),
-        "changed_now": changed_now,
-        "changed_mean": changed_mean,
-        "per_phase_ms": per_phase,
-        "per_phase_mean_ms": per_phase_mean,
-        "tick_ms": total,
-        "tick_mean_ms": total_mean,
+        "threads": sum(len(tids) for tids in rig.collector.protected.values()),
+        "changed_now": statistics.median(steady_reads) if steady_reads else 0,
+        "changed_mean": statistics.mean(steady_reads) if steady_reads else 0,
+        "per_phase_ms": {name: phases.median(name) for name in names},
+        "per_phase_mean_ms": {name: phases.mean(name) for name in names},
+        "tick_ms": statistics.median(sum(tick.get(name, 0.0) for name in names) for tick in phases.ticks),
+        "tick_mean_ms": statistics.mean(sum(tick.get(name, 0.0) for name in names) for tick in phases.ticks),
         "ticks": len(phases.ticks),
     }
 
@@ -565,23 +605,27 @@ def main() -> int:
         print("scale: run as root (the probes)", file=sys.stderr)
         return 1
     daemon_settings = probe_settings_for(TICK_S)  # as the daemon loads them
-    result = measure(args, daemon_settings)
-    other = None
+    compared = [daemon_settings]
     if args.also_floor_ms > 0:
-        other = measure(args, dataclasses.replace(daemon_settings, report_floor_ns=int(args.also_floor_ms * 1e6)))
+        compared.append(dataclasses.replace(daemon_settings, report_floor_ns=int(args.also_floor_ms * 1e6)))
+    result, *others = measure(args, compared)
+    other = others[0] if others else None
     per_s = 1 / TICK_S
     print(f"Synthetic host: {args.processes} processes waking {args.wakeups}/s, a protected service with "
           f"{result['threads']} threads waking {args.service_wakeups}/s: {result['switches_per_s']:,.0f} context "
           f"switches/s on {os.cpu_count()} CPUs; tick {TICK_S * 1000:g} ms; medians of {result['ticks']} ticks "
           "(thread CPU time)")
     print()
-    print("| phase | ms per tick, median | mean | % of one core (mean) |")
-    print("|---|---|---|---|")
+    beside = f" floor {args.also_floor_ms:g} ms beside it: mean |" if other is not None else ""
+    print("| phase | ms per tick, median | mean | % of one core (mean) |" + beside)
+    print("|---|---|---|---|" + ("---|" if other is not None else ""))
     for name, ms in result["per_phase_ms"].items():
         mean = result["per_phase_mean_ms"][name]
-        print(f"| {name} | {ms:.3f} | {mean:.3f} | {mean * per_s / 10:.3f} |")
+        also = f" {other['per_phase_mean_ms'][name]:.3f} |" if other is not None else ""
+        print(f"| {name} | {ms:.3f} | {mean:.3f} | {mean * per_s / 10:.3f} |" + also)
     total, total_mean = result["tick_ms"], result["tick_mean_ms"]
-    print(f"| **total** | {total:.3f} | {total_mean:.3f} | **{total_mean * per_s / 10:.2f}** (goal <= {GOAL_PERCENT:g}) |")
+    also = f" {other['tick_mean_ms']:.3f} |" if other is not None else ""
+    print(f"| **total** | {total:.3f} | {total_mean:.3f} | **{total_mean * per_s / 10:.2f}** (goal <= {GOAL_PERCENT:g}) |" + also)
     print()
     print(f"proc_cpu: {result['full_entries']} entries, {result['entries']} of them read so far, {result['changed_now']:g} read per tick "
           f"(mean {result['changed_mean']:.1f}) "
