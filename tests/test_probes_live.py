@@ -89,25 +89,7 @@ def test_fluent_bit_hog_is_blamed_and_leaves_when_pinned_away(spawn, two_cpus):
     """
     victim = spawn(victim_argv(0))
     hog = spawn(hog_argv("fluent-bit", 2))
-    # One compressing thread on each CPU: left alone, the load balancer sometimes parks both on
-    # CPU 1 for seconds.
-    workers = sorted(tid for tid in PROCFS.tids(hog.pid) if tid != hog.pid)  # the main thread only waits
-    for worker, cpu in zip(workers, (0, 1)):
-        os.sched_setaffinity(worker, {cpu})
-    phases = {"alone": [], "contended": []}
-    with collecting(ProtectSelectors.build(pids=[victim.pid])) as collector:
-        # Twelve alternations: tick-long waits are about one per thousand wakeups, and each
-        # condition needs enough of them (and of the drift between seconds) to compare.
-        for _ in range(12):
-            for phase, sig in (("alone", signal.SIGSTOP), ("contended", signal.SIGCONT)):
-                os.kill(hog.pid, sig)
-                time.sleep(0.2)
-                collector.sample()
-                time.sleep(1.0)
-                phases[phase].append(collector.sample())
-        pin(hog.pid, {1})
-        time.sleep(0.3)
-        pinned = observe(collector, 3.0)
+
     def tail(samples):
         counts = Counter()
         for sample in samples:
@@ -118,17 +100,44 @@ def test_fluent_bit_hog_is_blamed_and_leaves_when_pinned_away(spawn, two_cpus):
     def blame_share(samples, pid):
         return sum(s.blame_of(pid) for s in samples) / sum(s.protected.wait_ns for s in samples)
 
-    contended = phases["contended"]
-    (p99_alone, p999_alone, long_alone), (p99_hog, p999_hog, long_hog) = tail(phases["alone"]), tail(contended)
-    blamed = Counter()
-    for sample in contended:
-        blamed.update(dict(sample.blame))
-    top_pid = blamed.most_common(1)[0][0]
-    share = blame_share(contended, hog.pid)
-    share_pinned = pinned.blame_share(hog.pid)
-    report = (f"alone p99 {p99_alone:.0f} us p99.9 {p999_alone:.0f} us, {long_alone} waits >= 2 ms; contended p99 "
-              f"{p99_hog:.0f} us p99.9 {p999_hog:.0f} us, {long_hog} waits >= 2 ms; hog blame share {share:.2f} -> {share_pinned:.2f} pinned; "
-              f"top blame pid {top_pid} (hog {hog.pid})")
+    reports = []
+    with collecting(ProtectSelectors.build(pids=[victim.pid])) as collector:
+        # A second look only when the first misses on the tail: another session's burst on CPU 0
+        # while the hog is stopped gives "alone" tick-long waits too (7 seen once in CI, against
+        # 0-2 usually). A hog that caused no such waits, or a probe that missed them, fails both.
+        for _attempt in range(2):
+            # One compressing thread on each CPU: left alone, the load balancer sometimes parks both
+            # on CPU 1 for seconds.
+            workers = sorted(tid for tid in PROCFS.tids(hog.pid) if tid != hog.pid)  # the main thread only waits
+            for worker, cpu in zip(workers, (0, 1)):
+                os.sched_setaffinity(worker, {cpu})
+            phases = {"alone": [], "contended": []}
+            # Twelve alternations: tick-long waits are about one per thousand wakeups, and each
+            # condition needs enough of them (and of the drift between seconds) to compare.
+            for _ in range(12):
+                for phase, sig in (("alone", signal.SIGSTOP), ("contended", signal.SIGCONT)):
+                    os.kill(hog.pid, sig)
+                    time.sleep(0.2)
+                    collector.sample()
+                    time.sleep(1.0)
+                    phases[phase].append(collector.sample())
+            pin(hog.pid, {1})
+            time.sleep(0.3)
+            pinned = observe(collector, 3.0)
+            contended = phases["contended"]
+            (p99_alone, p999_alone, long_alone), (p99_hog, p999_hog, long_hog) = tail(phases["alone"]), tail(contended)
+            blamed = Counter()
+            for sample in contended:
+                blamed.update(dict(sample.blame))
+            top_pid = blamed.most_common(1)[0][0]
+            share = blame_share(contended, hog.pid)
+            share_pinned = pinned.blame_share(hog.pid)
+            reports.append(f"alone p99 {p99_alone:.0f} us p99.9 {p999_alone:.0f} us, {long_alone} waits >= 2 ms; contended p99 "
+                           f"{p99_hog:.0f} us p99.9 {p999_hog:.0f} us, {long_hog} waits >= 2 ms; hog blame share {share:.2f} -> "
+                           f"{share_pinned:.2f} pinned; top blame pid {top_pid} (hog {hog.pid})")
+            if long_hog >= 5 and long_hog >= 2 * long_alone:
+                break
+    report = "; then ".join(reports)
     print(report)
     assert contended[-1].processes[hog.pid].comm == "fluent-bit"
     assert top_pid == hog.pid, report
