@@ -409,23 +409,11 @@ class Journal:
     def _compact(self) -> None:
         """Only closed entries: replace the file with an empty one, atomically (or leave it as it is)."""
         assert self._dir is not None
-        temporary = self.path.name + ".compact"
         try:
-            fd = self._dir.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.fchmod(fd, 0o600)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            self._dir.rename(temporary, self.path.name)
-            self._dir.fsync()
+            self._dir.replace(self.path.name, b"")
         except OSError as exc:
             # Only closed entries: the file is merely longer than it needs to be.
             log.warning("journal %s not compacted: %s", self.path, exc.strerror or exc)
-            try:
-                os.unlink(temporary, dir_fd=self._dir.fd)
-            except OSError:
-                pass
             return
         log.debug("journal %s compacted (%d closed records dropped)", self.path, self._record_count)
         self._record_count = 0

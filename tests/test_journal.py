@@ -182,7 +182,7 @@ def test_a_file_with_only_closed_entries_is_compacted_on_open(tmp_path):
         assert journal.entries() == []
     assert path.stat().st_size == 0
     assert path.stat().st_ino != inode_before  # a new file renamed into place, not truncated in place
-    assert not (tmp_path / "journal.jsonl.compact").exists()
+    assert not list(tmp_path.glob(".journal.jsonl.*.tmp"))  # no temporary file left
 
 
 def test_a_file_with_active_entries_is_not_compacted(tmp_path):
@@ -273,7 +273,7 @@ def test_an_open_journal_that_grows_is_compacted_to_the_same_open_entries(tmp_pa
         later = intent(journal, identity=ProcessIdentity(11, 11))
         assert [entry.entry_id for entry in journal.active()][-1] == later.entry_id
         in_memory = open_entries(journal.entries())
-    assert not (tmp_path / "journal.jsonl.compact").exists()
+    assert not list(tmp_path.glob(".journal.jsonl.*.tmp"))  # no temporary file left
     with Journal(path) as reopened:
         assert open_entries(reopened.entries()) == in_memory
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
@@ -308,7 +308,7 @@ def test_a_compaction_that_fails_leaves_the_journal_as_it_was(tmp_path, monkeypa
         for round_number in range(60):
             journal.record_applied(journal.get(entry.entry_id), {"nice": 10, "round": round_number})
     assert "not compacted: No space left on device" in caplog.text
-    assert not (tmp_path / "journal.jsonl.compact").exists()
+    assert not list(tmp_path.glob(".journal.jsonl.*.tmp"))  # no temporary file left
     assert [record["op"] for record in lines(path)] == ["intent"] + ["applied"] * 60  # every record still there
     [reloaded] = load_entries(path)
     assert reloaded.applied == {"nice": 10, "round": 59}
