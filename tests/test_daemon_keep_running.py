@@ -13,6 +13,7 @@ samples) with a no-op sleep, so a tick follows the next at once.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import weakref
 from pathlib import Path
 
 import pytest
@@ -261,6 +263,32 @@ def test_the_ladders_of_processes_that_exited_are_forgotten(tmp_path, spawn, mon
     monkeypatch.setattr(daemon_module, "FORGET_EXITED_EVERY_S", 0.0)
     process._forget_exited()
     assert [identity for identity, _ in process.state.remediations] == [alive_identity]
+
+
+def test_the_loop_collects_cycles_itself_between_ticks_and_gives_the_collector_back(tmp_path, spawn, monkeypatch):
+    """Automatic collection is off while the loop runs (its passes came mid-tick, about once a
+    second on a busy host); the loop collects between ticks instead, so a cycle made during one
+    tick is gone by the next when a collection is due each tick, and the collector is given back."""
+    victim = spawn(["sh", "-c", "echo ready; exec sleep 600"])
+    monkeypatch.setattr(daemon_module, "COLLECT_CYCLES_EVERY_S", 0.0)
+
+    class Node:
+        pass
+
+    enabled, cycles, freed = [], [], []
+
+    def sleep(_seconds):
+        enabled.append(gc.isenabled())
+        freed.append([cycle() is None for cycle in cycles])
+        node = Node()
+        node.itself = node  # unreachable once this returns: only the cyclic collector frees it
+        cycles.append(weakref.ref(node))
+
+    assert gc.isenabled()
+    assert Daemon(config_for(tmp_path, victim.pid), notifier=RecordingNotifier(), max_ticks=3, sleep=sleep).run() == 0
+    assert enabled == [False, False, False]
+    assert freed == [[], [True], [True, True]]
+    assert gc.isenabled()
 
 
 # -- reloads that change the mode ----------------------------------------------------------------------
