@@ -397,7 +397,16 @@ def measure_daemon(args, protect_by: str, old_tree: Path | None) -> dict:
             profiled.send_signal(signal.SIGUSR1)
         started = time.monotonic()
         before = {label: (cpu_ticks(daemon.pid), thread_cpu_ticks(daemon.pid)) for label, daemon in daemons.items()}
-        time.sleep(args.daemon_seconds)
+        # One period after another: the first minutes name the host's processes for the first time
+        # (a full /proc reading each), the later ones show the daemon once it knows them.
+        periods: dict[str, list[float]] = {label: [] for label in daemons}
+        for _ in range(args.daemon_periods):
+            period_started = time.monotonic()
+            period_before = {label: cpu_ticks(daemon.pid) for label, daemon in daemons.items()}
+            time.sleep(args.daemon_seconds)
+            period_s = time.monotonic() - period_started
+            for label, daemon in daemons.items():
+                periods[label].append(100.0 * (cpu_ticks(daemon.pid) - period_before[label]) / hz / period_s)
         elapsed = time.monotonic() - started
         results = {}
         for label, daemon in daemons.items():
@@ -405,8 +414,8 @@ def measure_daemon(args, protect_by: str, old_tree: Path | None) -> dict:
             used_s = (cpu_ticks(daemon.pid) - ticks) / hz
             threads = {tid: 100.0 * (used - threads_before.get(tid, 0)) / hz / elapsed
                        for tid, used in thread_cpu_ticks(daemon.pid).items()}
-            results[label] = {"daemon_percent": 100.0 * used_s / elapsed, "seconds": args.daemon_seconds,
-                              "threads_percent": threads}
+            results[label] = {"daemon_percent": 100.0 * used_s / elapsed, "seconds": elapsed,
+                              "threads_percent": threads, "periods_percent": periods[label]}
         if profiled is not None:
             profile_out = directory / "daemon-0" / "daemon.prof"
             profiled.send_signal(signal.SIGUSR2)
@@ -450,6 +459,8 @@ def side_by_side_arguments(parser: argparse.ArgumentParser, seconds: float) -> N
     """The options of a bench that runs small_host_side_by_side."""
     parser.add_argument("--seconds", type=float, default=seconds, help="measured per phase")
     parser.add_argument("--warmup", type=float, default=25.0)
+    parser.add_argument("--daemon-periods", type=int, default=1, metavar="N",
+                        help="measure the daemon over N periods of --daemon-seconds one after the other, and print each")
     parser.add_argument("--old-ref", default=None, help="also run that git ref's daemon beside this tree's")
 
 
@@ -581,6 +592,8 @@ def main() -> int:
                         help="seconds of ticks before measuring (and before the daemon runs are measured)")
     parser.add_argument("--daemon-seconds", type=float, default=65.0,
                         help="then run the daemon as shipped on the same host this long (0: not)")
+    parser.add_argument("--daemon-periods", type=int, default=1, metavar="N",
+                        help="measure the daemon over N periods of --daemon-seconds one after the other, and print each")
     parser.add_argument("--old-ref", default=None,
                         help="also run that git ref's daemon (its remediator/ and probes/) beside this tree's, at the same time")
     parser.add_argument("--daemon-metrics-port", type=int, default=19447)
@@ -657,7 +670,11 @@ def main() -> int:
             print()
             print(f"The daemon as shipped (remediator run, dry-run, shipped policies) on the same host, the service "
                   f"protected by {protect_by} ({PROTECT_FORMS[protect_by]}): **{ours['daemon_percent']:.2f}% of one core** "
-                  f"over {ours['seconds']:g} s after a {args.warmup:g} s warm-up (goal <= {GOAL_PERCENT:g}).")
+                  f"over {ours['seconds']:.0f} s after a {args.warmup:g} s warm-up (goal <= {GOAL_PERCENT:g}).")
+            if args.daemon_periods > 1:
+                for label, run in runs.items():
+                    print(f"By period of {args.daemon_seconds:g} s, {label}: "
+                          + ", ".join(f"{percent:.2f}%" for percent in run["periods_percent"]))
             if "old" in runs:
                 old = runs["old"]["daemon_percent"]
                 print(f"{args.old_ref}'s daemon beside it, at the same time: {old:.2f}%; this tree / {args.old_ref}: "
