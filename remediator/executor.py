@@ -3,7 +3,9 @@
 For each request it holds the process (a directory descriptor of /proc/<pid>, see ProcFS.hold)
 from the identity check to the end of the change, re-reads it, re-checks its identity (pid, start
 time) and the safety rules just before the change (on the parent chain as /proc has it then, so a
-worker the protected service forked is refused whatever the engine knew of it), asks the actuator
+worker the protected service forked is refused whatever the engine knew of it), checks that the
+policy that asked still governs the process as read then (the engine decides on readings cached
+for seconds: an exec, a rename or a dropped privilege since must not be acted on), asks the actuator
 for a plan (reads only), writes the original to the journal (fsync), makes the change, and writes
 the outcome. Every result is an `Outcome`; a process that left (ESRCH) and a refusal by the kernel
 (EPERM, EINVAL) are outcomes too, never exceptions.
@@ -22,9 +24,10 @@ from .actuators import KINDS, Actuator, ActuatorError, default_actuators, dry_ru
 from .cpulist import format_cpulist
 from .errors import ProcessGone, RemediatorError
 from .journal import Journal, JournalEntry
-from .model import LEFT_BY_OTHER, ActionRequest, Outcome
+from .model import LEFT_BY_OTHER, ActionRequest, Outcome, PolicySet
 from .procfs import ProcessIdentity, ProcessInfo, ProcFS
 from .safety import daemon_identity, exclusion_reason
+from .trees import ancestors_read, governing
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,9 @@ class Executor:
         self._journalled_at: dict[str, float] = {}  # entry id -> when maintain() last wrote its record (journal clock)
 
     # -- apply --------------------------------------------------------------------------------
-    def apply(self, request: ActionRequest, protected_pids: Collection[int]) -> Outcome:
+    def apply(self, request: ActionRequest, protected_pids: Collection[int], policies: PolicySet | None = None) -> Outcome:
+        """`policies`: the set the request's policy is in; the change is made only while that
+        policy governs the process as read now (the daemon always passes them)."""
         identity, kind = request.identity, request.kind
         if kind not in self.actuators:
             return Outcome("invalid", kind, identity, f"unknown action kind {kind!r} (known: {', '.join(KINDS)})")
@@ -82,13 +87,13 @@ class Executor:
         # list through the hold fails as gone instead of naming the newcomer.
         try:
             with self.procfs.hold(identity.pid):
-                return self._apply_held(request, protected_pids)
+                return self._apply_held(request, protected_pids, policies)
         except ProcessGone as exc:
             return Outcome("gone", kind, identity, str(exc))
         except RemediatorError as exc:
             return Outcome("failed", kind, identity, f"cannot read the process: {exc}")
 
-    def _apply_held(self, request: ActionRequest, protected_pids: Collection[int]) -> Outcome:
+    def _apply_held(self, request: ActionRequest, protected_pids: Collection[int], policies: PolicySet | None) -> Outcome:
         identity, kind = request.identity, request.kind
 
         def outcome(status: str, message: str, **extra) -> Outcome:
@@ -106,6 +111,10 @@ class Executor:
         reason = self._exclusion(info, protected_pids)
         if reason:
             return outcome("refused", f"pid {identity.pid} ({info.comm}) is off limits: {reason}")
+        if policies is not None:
+            reason = self._not_governed_now(info, request.policy, policies)
+            if reason:
+                return outcome("refused", reason)
 
         existing = self.journal.find(identity, kind) if self.journal else None
         try:
@@ -211,6 +220,24 @@ class Executor:
     def _exclusion(self, info: ProcessInfo, protected_pids: Collection[int]) -> str | None:
         """safety.exclusion_reason on the parent chain read now, each link checked by start time."""
         return exclusion_reason(info, protected_pids, processes=self.procfs.parent_chain(info), daemon=self.daemon)
+
+    def _not_governed_now(self, info: ProcessInfo, policy: str, policies: PolicySet) -> str | None:
+        """Why `policy` does not govern the process as just read (None: it does). Its ancestors are
+        read too when a tree policy could govern it through one."""
+        processes = {info.pid: info}
+        if policies.covers_descendants:
+            processes.update(ancestors_read(info, self._info_or_none))
+        governed = governing(info, processes, policies)
+        if governed is not None and governed.policy.name == policy:
+            return None
+        now = f"policy {governed.policy.name} governs it" if governed is not None else "no policy names it"
+        return f"pid {info.pid} ({info.comm}) as read now is not policy {policy}'s to change ({now}): nothing changed"
+
+    def _info_or_none(self, pid: int) -> ProcessInfo | None:
+        try:
+            return self.procfs.process_info(pid)
+        except RemediatorError:
+            return None
 
     def _record(self, write, entry: JournalEntry, *args, **kwargs) -> str:
         """Write an outcome record; a journal that fails now is reported, not raised (the change happened)."""

@@ -27,7 +27,7 @@ class Carrier(Protocol):
 
     mode: str  # "live" | "dry-run" | "replay"
 
-    def apply(self, decision: Decision, protected_pids: Sequence[int]) -> Outcome: ...
+    def apply(self, decision: Decision, protected_pids: Sequence[int], policies: PolicySet) -> Outcome: ...
 
     def revert(self, decision: Decision) -> Outcome: ...
 
@@ -41,8 +41,8 @@ class ExecutorCarrier:
         self.executor = executor
         self.mode = mode
 
-    def apply(self, decision: Decision, protected_pids: Sequence[int]) -> Outcome:
-        return self.executor.apply(decision.request, protected_pids)
+    def apply(self, decision: Decision, protected_pids: Sequence[int], policies: PolicySet) -> Outcome:
+        return self.executor.apply(decision.request, protected_pids, policies)
 
     def revert(self, decision: Decision) -> Outcome:
         """Every change of the process given back, summed up as one outcome."""
@@ -72,7 +72,7 @@ class PretendCarrier:
 
     mode = "replay"
 
-    def apply(self, decision: Decision, protected_pids: Sequence[int]) -> Outcome:
+    def apply(self, decision: Decision, protected_pids: Sequence[int], policies: PolicySet) -> Outcome:
         return Outcome("would-apply", decision.request.kind if decision.request else "all", decision.identity,
                        decision.message)
 
@@ -166,7 +166,7 @@ def carry_out(state: EngineState, decision: Decision, carrier: Carrier, policies
     only told (verify, exhausted, capped, excluded, infeasible)."""
     if decision.kind not in CARRIED_KINDS:
         return state, None
-    outcome = carrier.apply(decision, protected_pids) if decision.kind == "act" else carrier.revert(decision)
+    outcome = carrier.apply(decision, protected_pids, policies) if decision.kind == "act" else carrier.revert(decision)
     return record_outcome(state, decision, outcome.status, policies), outcome
 
 
