@@ -33,6 +33,13 @@ ROOT = "/"
 # How long the kernel's autogroup setting, read for every process in the root cpu group, is taken
 # as read: the file costs as much as the process's own cgroup file, and a sysctl changes it rarely.
 AUTOGROUP_SETTING_KEPT_S = 5.0
+# How long a v2 cgroup's answer to "is cpu enabled here" (its cgroup.controllers) is taken as read:
+# a process's group is found by walking up from its cgroup, every info re-check walks again, and
+# the processes named in a tick share a few parents (system.slice, user.slice), so each walk read
+# the same two or three files. A unit given CPUWeight= (systemd enables the controller then) is
+# seen within this long, as a process moved to another cgroup is seen within the re-check's 5 s.
+CONTROLLERS_KEPT_S = 5.0
+CONTROLLERS_KEPT_MAX = 4096
 GROUP_WEIGHTED_KINDS = frozenset(kind.name for kind in ACTION_KINDS if kind.group_weighted)  # nice, sched
 
 
@@ -99,6 +106,7 @@ class SchedGroups:
         self.cgroupfs = cgroupfs or CgroupFS()
         self.clock = clock
         self._autogroup_setting: tuple[float, bool] | None = None  # (when read, enabled)
+        self._cpu_enabled: dict[str, tuple[float, bool]] = {}  # v2 cgroup path -> (when read, cpu listed)
 
     @classmethod
     def for_host(cls, procfs: ProcFS, cgroupfs: CgroupFS | None = None, mountinfo: str | Path | None = None) -> "SchedGroups":
@@ -131,16 +139,33 @@ class SchedGroups:
         if mount.version == 1:
             return path if mount.fs_path(path) is not None else None
         while path != ROOT:  # v2: where the controller is enabled
-            directory = mount.fs_path(path)
-            if directory is None:
+            enabled = self._cpu_enabled_at(mount, path)
+            if enabled is None:
                 return None
-            try:
-                if "cpu" in self.cgroupfs.read(directory / "cgroup.controllers").split():
-                    return path
-            except OSError:
-                return None
+            if enabled:
+                return path
             path = path.rsplit("/", 1)[0] or ROOT
         return ROOT
+
+    def _cpu_enabled_at(self, mount: CgroupMount, path: str) -> bool | None:
+        """Whether v2 cgroup `path` lists cpu in its cgroup.controllers (None: unreadable), read
+        again at most every CONTROLLERS_KEPT_S."""
+        now = self.clock()
+        kept = self._cpu_enabled.get(path)
+        if kept is not None and now - kept[0] < CONTROLLERS_KEPT_S:
+            return kept[1]
+        directory = mount.fs_path(path)
+        if directory is None:
+            return None
+        try:
+            enabled = "cpu" in self.cgroupfs.read(directory / "cgroup.controllers").split()
+        except OSError:
+            self._cpu_enabled.pop(path, None)
+            return None
+        if len(self._cpu_enabled) >= CONTROLLERS_KEPT_MAX:
+            self._cpu_enabled.clear()
+        self._cpu_enabled[path] = (now, enabled)
+        return enabled
 
     def group_of(self, pid: int, membership: CgroupMembership | None = None) -> str:
         """The process's group ("" when it cannot be read); ProcessGone when it has exited."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from helpers.fakeproc import FakeProc, FakeProcess
-from remediator.cgroupfs import CgroupMount
+from remediator.cgroupfs import CgroupFS, CgroupMount
 from remediator.procfs import ProcFS
 from remediator.schedgroups import SchedGroups, can_affect, parse_autogroup, unreachable_reason
 
@@ -124,6 +124,34 @@ def test_the_autogroup_setting_is_read_again_only_after_it_was_kept_a_while(tmp_
     assert groups.group_of(100) == "autogroup-4"  # the setting as read, not a file read per process
     now[0] += 1.0
     assert groups.group_of(100) == "/"
+
+
+def test_a_v2_cgroups_controllers_are_read_again_only_after_they_were_kept_a_while(tmp_path):
+    """Every process of system.slice walks up through it: its cgroup.controllers is read once per
+    CONTROLLERS_KEPT_S, not once per process; a unit given CPUWeight= since is seen after that."""
+    from remediator.schedgroups import CONTROLLERS_KEPT_S
+
+    proc = FakeProc(tmp_path / "proc")
+    for pid in range(100, 110):
+        proc.add(FakeProcess(pid, f"worker{pid}", cgroup_v2="/system.slice/api.service"))
+    mount = v2_tree(tmp_path)
+    reads: list[str] = []
+
+    class CountingCgroupFS(CgroupFS):
+        def read(self, path):
+            reads.append(str(path.relative_to(mount.mount_point)))
+            return super().read(path)
+
+    now = [1000.0]
+    groups = SchedGroups(ProcFS(proc.write()), mount, CountingCgroupFS(), clock=lambda: now[0])
+    assert {groups.group_of(pid) for pid in range(100, 110)} == {"/system.slice"}
+    assert reads == ["system.slice/api.service/cgroup.controllers", "system.slice/cgroup.controllers"]
+    (mount.mount_point / "system.slice/api.service/cgroup.controllers").write_text("cpu memory pids\n")  # CPUWeight=
+    now[0] += CONTROLLERS_KEPT_S - 0.5
+    assert groups.group_of(100) == "/system.slice"  # as read
+    now[0] += 1.0
+    assert groups.group_of(100) == "/system.slice/api.service"
+    assert len(reads) == 3
 
 
 def test_the_collector_reads_a_new_processs_cgroup_file_once_for_its_unit_and_its_group(tmp_path):
