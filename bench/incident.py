@@ -362,6 +362,11 @@ def analyse(name: str, rounds: list[dict], daemon: list[dict]) -> dict:
                 else:
                     missed += 1
         result["detection_s"] = [round(v, 3) for v in latencies]
+        # Why a burst was missed, when an act was decided and not carried out: its outcome and first message.
+        result["acts_not_applied"] = {}
+        for line in acts:
+            if line.get("outcome") != "applied":
+                result["acts_not_applied"].setdefault(line.get("outcome"), [0, str(line.get("message", ""))[:200]])[0] += 1
         result["detection_missed"] = missed
         result["detection_median_s"] = round(statistics.median(latencies), 3) if latencies else None
         result["detection_p95_s"] = round(percentile(latencies, 95), 3) if latencies else None
@@ -425,6 +430,8 @@ def markdown(runs: dict[str, dict], args: argparse.Namespace) -> str:
     lines += ["", "| target | measured | wanted | |", "|---|---|---|---|"]
     for what, measured, wanted, met in verdicts(runs):
         lines.append(f"| {what} | {measured} | {wanted} | {'met' if met else '**missed**'} |")
+    for outcome, (count, message) in (runs.get("detection") or {}).get("acts_not_applied", {}).items():
+        lines.append(f"\nDetection run: {count} act decision(s) {outcome}, the first: {message}")
     return "\n".join(lines) + "\n"
 
 
