@@ -459,8 +459,6 @@ def side_by_side_arguments(parser: argparse.ArgumentParser, seconds: float) -> N
     """The options of a bench that runs small_host_side_by_side."""
     parser.add_argument("--seconds", type=float, default=seconds, help="measured per phase")
     parser.add_argument("--warmup", type=float, default=25.0)
-    parser.add_argument("--daemon-periods", type=int, default=1, metavar="N",
-                        help="measure the daemon over N periods of --daemon-seconds one after the other, and print each")
     parser.add_argument("--old-ref", default=None, help="also run that git ref's daemon beside this tree's")
 
 
