@@ -159,6 +159,10 @@ class Collector:
         # Processes renamed or moved to another cgroup this tick (task events): the burst watch
         # judges them again too.
         self.changed: set[int] = set()
+        # Whether a cached reading's re-check also reads the uids (a policy matches on user), and
+        # the processes it found running as other uids since the last sample (they join `changed`).
+        self.recheck_uids = False
+        self._uids_changed_since: set[int] = set()
         # Task events waiting to be judged (see _changed_processes), keyed (TASK_RENAMED or
         # TASK_MOVED, pid or tid): the queue oldest first, those judged lately until they are due
         # again, and when each was last judged.
@@ -474,7 +478,11 @@ class Collector:
             self._exited = set()
         if rescanned:
             self._exited = self._exited_since_listing(delta.live_tgids)
-        return self._build_sample(delta, threads)
+        sample = self._build_sample(delta, threads)
+        if self._uids_changed_since:  # read afresh already: judged again by the burst watch only
+            self.changed = self.changed | self._uids_changed_since
+            self._uids_changed_since = set()
+        return sample
 
     # More missing pids than this after a listing made before the read: list /proc again instead
     # of a stat each (a host where many processes exit).
@@ -512,7 +520,7 @@ class Collector:
                 # Same process and same name: a process that renames itself after exec (prctl,
                 # as a Python or Java program naming itself does) must be seen under its new
                 # name, or the policy that names it never matches.
-                if stat.start_time == info.start_time and stat.comm == info.comm:
+                if stat.start_time == info.start_time and stat.comm == info.comm and not self._uids_changed(info):
                     info = self._with_group(info)  # setsid or a cgroup move changes it
                     self._info_cache[pid] = (info, now)
                     return info
@@ -530,6 +538,18 @@ class Collector:
             return info
         self._info_cache[pid] = (info, now)
         return info
+
+    def _uids_changed(self, info: ProcessInfo) -> bool:
+        """Whether the process runs as other uids than `info` says, read only where it matters
+        (recheck_uids). A daemon started as root that drops to its own user (setuid) sends no
+        event the collector hears: without this a `user` policy would never match it, and the burst
+        watch would keep it judged as root. A change counts as the process changed this tick."""
+        if not self.recheck_uids:
+            return False
+        if self.procfs.uids(info.pid) == (info.uid, info.euid):
+            return False
+        self._uids_changed_since.add(info.pid)
+        return True
 
     def _known_info(self, pid: int) -> ProcessInfo | None:
         """The cached info or sketch of `pid` while info() would take it as read, else None (not

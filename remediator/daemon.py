@@ -220,6 +220,7 @@ class Daemon:
             self.bursts.set_policies(self.policies)
             self.collector.exec_reader = self.bursts.reader
         self.collector.exec_wanted = self._placed_at_exec
+        self.collector.recheck_uids = self.policies.matches_user
         self.state = EngineState()
         self.observers = Observers([], on_error=self._observer_failed)
         try:
@@ -476,6 +477,7 @@ class Daemon:
                         self.bursts.set_policies(self.policies)
                         self.collector.exec_reader = self.bursts.reader
                     self.collector.track_execs = self._has_always_policies()
+                    self.collector.recheck_uids = self.policies.matches_user
             self.tick(discovered)
             discovered = []
             ticks += 1

@@ -233,6 +233,11 @@ class PolicySet:
         these policies governs it: none matches on cgroup, unit or user."""
         return not any(policy.match.cgroup or policy.match.unit or policy.match.user for policy in self.policies)
 
+    @cached_property
+    def matches_user(self) -> bool:
+        """Whether a policy matches on user: a process's uids then count for which policy governs it."""
+        return any(policy.match.user for policy in self.policies)
+
     def by_name(self, name: str) -> Policy | None:
         for policy in self.policies:
             if policy.name == name:
