@@ -60,6 +60,7 @@ SELF_INFLICTED_AUDIT_S = 60.0
 CAPPED_SAID_EVERY_S = 60.0
 
 APPLIED_STATUSES = frozenset({"applied", "would-apply", "unchanged"})
+CHANGED_STATUSES = frozenset({"applied", "would-apply"})  # "unchanged": it was so already
 GONE_STATUSES = frozenset({"gone"})
 
 
@@ -105,6 +106,9 @@ class Decision:
     request: ActionRequest | None = None
     evidence: Mapping = field(default_factory=dict)
     action_id: str | None = None
+    # An act under a tree policy: the tree's root (trees.governing), whose later evidence must come
+    # after this step (EngineState.tree_steps).
+    tree_root: ProcessIdentity | None = None
 
     @property
     def identity(self) -> ProcessIdentity:
@@ -161,6 +165,11 @@ class EngineState:
     # unsaid): not kept across restarts, at most one more line then.
     capped_said: Mapping[tuple[int, str], tuple[float, int]] = field(default_factory=dict)
     baselines: Baselines = field(default_factory=Baselines)  # the service's quiet tail, per percentile
+    # (tree root, policy) -> when a step of that tree policy last changed a member of the tree. The
+    # tick judges a tree by windows that began after it: its CPU and blame before then are the
+    # harm that step answered (a burst child moved off at once by tail.within, its parent then
+    # stepped for the child's CPU). Not kept across restarts: neither are the windows.
+    tree_steps: Mapping[tuple[ProcessIdentity, str], float] = field(default_factory=dict)
 
     def active(self) -> list[Remediation]:
         return [r for r in self.remediations.values() if r.applied]
@@ -294,6 +303,13 @@ def tree_evidence(root: ProcessInfo, pid: int, own_cpu: float, windows: tuple[Wi
     }
 
 
+def _before_tree_step(state: EngineState, root: ProcessIdentity, policy: Policy, windows: Sequence[Window]) -> bool:
+    """Whether the windows a tree policy's trigger judges began before that tree's last step."""
+    stepped_at = state.tree_steps.get((root, policy.name))
+    judged = windows[-(policy.trigger.of_windows or 1):]
+    return stepped_at is not None and bool(judged) and judged[0].start_s < stepped_at
+
+
 def _end_s(window: Window) -> float:
     return window.end_s
 
@@ -384,6 +400,8 @@ def decide(
         if policy.trigger.always:
             offenders.climb(info, policy, {"trigger": "always", "match": match.detail}, place=True)
             continue
+        if root is not None and _before_tree_step(state, root, policy, windows):
+            continue  # judged again on windows after the step this tree just had
         trigger_evidence = evaluate_trigger(policy.trigger, windows, pid, state.baseline_us(policy, now), root)
         if not trigger_evidence.fired:
             continue
@@ -413,7 +431,7 @@ def decide(
             if own_cpu <= 0.0:
                 continue  # the tree burns CPU but this member does not: act on those that run
             evidence["tree"] = tree_evidence(governed.root, pid, own_cpu, windows[-(policy.trigger.of_windows or 1):])
-        offenders.climb(info, policy, evidence)
+        offenders.climb(info, policy, evidence, tree_root=root)
     return _learn_baseline(offenders.finish(), window, policies, thresholds), decisions
 
 
@@ -475,7 +493,9 @@ def decide_burst(
         return state, decisions  # not what this policy counts (a lone spike never acts)
     offenders = _Offenders(state, now, ts, settings, protected_pids, protected_groups, known, decisions)
     if not offenders.excluded(info, policy, match):
-        offenders.climb(info, policy, {"match": match.detail, **burst.to_json(trigger)})
+        # Its evidence is the burst just counted, never older than a step: no tree_steps check.
+        offenders.climb(info, policy, {"match": match.detail, **burst.to_json(trigger)},
+                        tree_root=governed.root.identity if policy.match.descendants else None)
     return offenders.finish(), decisions
 
 
@@ -518,9 +538,11 @@ class _Offenders:
             )
         return True
 
-    def climb(self, info: ProcessInfo, policy: Policy, evidence: dict, place: bool = False) -> None:
+    def climb(self, info: ProcessInfo, policy: Policy, evidence: dict, place: bool = False,
+              tree_root: ProcessIdentity | None = None) -> None:
         """The trigger holds for `info` (or `place`: an always-policy places it): the next step, if
-        the ladder, settle time, cooldown and caps allow."""
+        the ladder, settle time, cooldown and caps allow. `tree_root`: the root of the tree a tree
+        policy judged (see Decision.tree_root)."""
         now, ts, decisions, remediations = self.now, self.ts, self.decisions, self.remediations
         key = (info.identity, policy.name)
         remediation = remediations.get(key) or Remediation(info.identity, policy.name)
@@ -611,7 +633,8 @@ class _Offenders:
                 self.planned_changes += 1
             decisions.append(
                 Decision("act", now, ts, info, policy, f"step {index + 1} of {len(policy.steps)}: {step.describe()}",
-                         step_index=index, step=step, request=request, evidence=evidence, action_id=action_id)
+                         step_index=index, step=step, request=request, evidence=evidence, action_id=action_id,
+                         tree_root=tree_root)
             )
 
     def _capped(self, info: ProcessInfo, policy: Policy, evidence: dict, message: str) -> None:
@@ -668,6 +691,11 @@ def record_outcome(state: EngineState, decision: Decision, status: str, policies
         reverted_at=None,
     )
     remediations[key] = remediation
+    if decision.tree_root is not None and status in CHANGED_STATUSES:
+        # A step older than every window kept can no longer be after a judged window's start.
+        oldest = state.windows[0].start_s if state.windows else now
+        kept = {key: at for key, at in state.tree_steps.items() if at > oldest}
+        state = dataclasses.replace(state, tree_steps={**kept, (decision.tree_root, decision.policy.name): now})
     if decision.policy.trigger.always:
         placed = state.recent_placements + ((decision.info.uid, now),)
         state = dataclasses.replace(state, remediations=remediations, recent_placements=placed)

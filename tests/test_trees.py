@@ -229,3 +229,41 @@ def test_governing_skips_the_walk_only_where_no_ancestor_can_change_the_answer(t
         for info in processes.values():
             assert governing(info, processes, policy_set) == _governing_by_full_walk(info, processes, policy_set), \
                 (round_, info, [p.comm for p in chain(info, processes)])
+
+
+def test_a_tree_stepped_off_the_tick_is_judged_again_only_on_windows_after_that_step(tmp_path):
+    """A burst child moved off at once (tail.within) answered the harm the tick's recent windows
+    hold: those windows must not then step its parent for the child's CPU (in bench/incident the
+    shipper that forks each burst was moved, and every later child was born idle). Once the windows
+    judged all began after the step and the tree is still over, its members that run get steps."""
+    from remediator.engine import BurstEvidence, decide_burst
+
+    path = tmp_path / "within.toml"
+    path.write_text(POLICY.format(descendants="true").replace(
+        "windows = 2, of = 3 }", 'windows = 2, of = 3, within = "50ms", waits = 2 }'))
+    policy_set = load_policies([path])
+    assert policy_set.by_name("shippers").trigger.burst_within_s == 0.05
+    burning, blamed = {220: 0.9, 200: 0.05}, {220: 0.5}
+
+    # The tick alone: the tree's running members, the shipper too, are stepped in one round.
+    assert sorted(d.info.pid for d in run(policy_set, [tick(1.0 + i * TICK, 5000.0, burning, blamed) for i in range(2)])) == [200, 220]
+
+    state = EngineState()
+    for t in (1.0, 1.25):
+        state, decisions = decide(state, tick(t, 5000.0, burning, blamed) if t == 1.0 else
+                                  tick(t, 100.0, {}, {}), policy_set, SETTINGS)  # one window over: no tick step yet
+        assert [d for d in decisions if d.kind == "act"] == []
+    state, decisions = decide_burst(state, XZ[0], BurstEvidence(waits=2, first_s=1.27, last_s=1.29, last_wait_us=5000.0),
+                                    policy_set, SETTINGS, [SERVICE.pid], [], 1.3, 1_700_000_001.3, ancestors=PROCESSES)
+    (burst_act,) = decisions
+    assert burst_act.info.pid == 220 and burst_act.tree_root == VECTOR.identity
+    state = record_outcome(state, burst_act, "applied", policy_set)
+    acted_at: dict[float, list[int]] = {}
+    for t in (1.5, 1.75, 2.0, 2.25):
+        state, decisions = decide(state, tick(t, 5000.0, burning, blamed), policy_set, SETTINGS)
+        acted_at[t] = [d.info.pid for d in decisions if d.kind == "act"]
+        for d in decisions:
+            if d.kind == "act":
+                state = record_outcome(state, d, "applied", policy_set)
+    # Until the three windows judged began after 1.3 s, the shipper is not stepped on the child's CPU.
+    assert acted_at == {1.5: [], 1.75: [], 2.0: [], 2.25: [200]}
