@@ -368,7 +368,11 @@ def run_demo(duration_s: float, keep_dir: Path | None = None, out: TextIO = sys.
         shutil.rmtree(directory, ignore_errors=True)
         if failure:
             raise failure
-        print("demo interrupted: every process it started is stopped and every change given back", file=out)
+        if problems:
+            print("demo interrupted: every process it started is stopped, but not everything could be "
+                  "cleaned (see above)", file=out)
+        else:
+            print("demo interrupted: every process it started is stopped and every change given back", file=out)
         return 128 + signal.SIGINT
     from .incident import load_scene
     from .report import build, write_report
@@ -378,8 +382,8 @@ def run_demo(duration_s: float, keep_dir: Path | None = None, out: TextIO = sys.
                                  directory / "report")
     except KeyboardInterrupt:
         shutil.rmtree(directory, ignore_errors=True)  # everything was already stopped and given back
-        print("demo interrupted while drawing the report: everything it started is stopped and every change "
-              "given back", file=out)
+        print("demo interrupted while drawing the report: everything it started is stopped and "
+              + ("every change given back" if not problems else "not everything could be cleaned (see above)"), file=out)
         return 128 + signal.SIGINT
     print(f"everything the demo started is stopped and every change given back{'' if not problems else ' (see above)'}.",
           file=out)
