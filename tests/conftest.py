@@ -45,7 +45,10 @@ from helpers.workloads import spawn  # noqa: E402,F401  (fixture)
 from helpers.daemon import daemon  # noqa: E402,F401  (fixture)
 
 
-CGROUP_GLOBS = ("/sys/fs/cgroup/cpuset/remediator*", "/sys/fs/cgroup/unified/remediator*", "/sys/fs/cgroup/remediator*")
+# Where remediator makes groups on this host: the v1 cpuset and cpu hierarchies (cpuset steps;
+# cpu_idle, cpu_weight and cpu_quota steps), and the unified one.
+CGROUP_GLOBS = ("/sys/fs/cgroup/cpuset/remediator*", "/sys/fs/cgroup/cpu/remediator*", "/sys/fs/cgroup/unified/remediator*",
+                "/sys/fs/cgroup/remediator*")
 
 
 def _remediator_cgroups() -> set[str]:
