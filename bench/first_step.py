@@ -209,7 +209,7 @@ def follow_bursts(bursts_file: Path, stop, on_burst) -> None:
                 offset = file.tell()
             while "\n" in pending:
                 line, pending = pending.split("\n", 1)
-                when, pid = line.split()
+                when, pid = line.split()[:2]
                 on_burst(float(when), int(pid))
         stop.wait(0.001)
 

@@ -304,7 +304,9 @@ def read_run(directory: Path) -> dict:
     lines = [line.split() for line in (directory / "latency.txt").read_text().splitlines()]
     sent_at = [float(when) for when, _ in lines]
     load_start, load_end = sent_at[0], sent_at[-1]
-    bursts = [(float(when), int(pid)) for when, pid in (line.split() for line in (directory / "bursts.txt").read_text().splitlines())]
+    # onset, pid, and (with a process per burst) the CPU cgroup it was born in
+    bursts = [(float(fields[0]), int(fields[1]), fields[2] if len(fields) > 2 else "")
+              for fields in (line.split() for line in (directory / "bursts.txt").read_text().splitlines())]
     counts: dict[int, int] = {}
     for sample in read_samples(directory / "samples.jsonl"):
         if load_start <= sample.ts <= load_end:
@@ -317,7 +319,9 @@ def read_run(directory: Path) -> dict:
         "load_start": load_start,
         "sent_at": sent_at,
         "latency_ms": [float(latency) for _, latency in lines],
-        "bursts": [(when, pid) for when, pid in bursts if load_start <= when <= load_end],
+        "bursts": [(when, pid) for when, pid, _ in bursts if load_start <= when <= load_end],
+        # bursts whose process was born in a group of remediator's: a step on its parent came first
+        "born_placed": {pid for when, pid, cgroup in bursts if load_start <= when <= load_end and "/remediator-" in cgroup},
         "counts": counts,
         "acts": [line for line in audit if line.get("decision") == "act"],
     }
@@ -353,12 +357,14 @@ def analyse(name: str, rounds: list[dict], daemon: list[dict]) -> dict:
         starts = [d["start_to_first_sample_s"] for d in daemon if d.get("start_to_first_sample_s") is not None]
         result["start_to_first_sample_s"] = round(statistics.median(starts), 2) if starts else None
     if name == "detection":
-        latencies, missed = [], 0
+        latencies, missed, born_placed = [], 0, 0
         for run in rounds:
             for when, pid in run["bursts"]:
                 acted = [in_place_at(line) for line in run["acts"] if line["process"]["pid"] == pid and line.get("outcome") == "applied"]
                 if acted:
                     latencies.append(min(acted) - when)
+                elif pid in run["born_placed"]:
+                    born_placed += 1  # nothing to detect: a step on its parent placed it from birth
                 else:
                     missed += 1
         result["detection_s"] = [round(v, 3) for v in latencies]
@@ -368,6 +374,7 @@ def analyse(name: str, rounds: list[dict], daemon: list[dict]) -> dict:
             if line.get("outcome") != "applied":
                 result["acts_not_applied"].setdefault(line.get("outcome"), [0, str(line.get("message", ""))[:200]])[0] += 1
         result["detection_missed"] = missed
+        result["detection_born_placed"] = born_placed
         result["detection_median_s"] = round(statistics.median(latencies), 3) if latencies else None
         result["detection_p95_s"] = round(percentile(latencies, 95), 3) if latencies else None
     return result
@@ -388,8 +395,10 @@ def verdicts(runs: dict[str, dict]) -> list[tuple[str, str, str, bool]]:
                          ratio <= TARGETS[target]))
     if det:
         median, p95 = det.get("detection_median_s"), det.get("detection_p95_s")
+        placed = det.get("detection_born_placed")
         rows.append(("detection to action, median", f"{median} s over {len(det.get('detection_s', []))} bursts "
-                     f"({det.get('detection_missed')} missed)", f"<= {TARGETS['detection_median_s']} s, none missed",
+                     f"({det.get('detection_missed')} missed"
+                     + (f", {placed} born in remediator's group after a step on their parent" if placed else "") + ")", f"<= {TARGETS['detection_median_s']} s, none missed",
                      median is not None and median <= TARGETS["detection_median_s"] and not det.get("detection_missed")))
         rows.append(("detection to action, p95", f"{p95} s", f"<= {TARGETS['detection_p95_s']} s", p95 is not None and p95 <= TARGETS["detection_p95_s"]))
         if live:
