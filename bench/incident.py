@@ -50,6 +50,7 @@ REQUEST_CPU, OTHER_CPU = 0, 1
 
 sys.path.insert(0, str(ROOT))
 from remediator import histogram  # noqa: E402
+from remediator.placement import CGROUP_PREFIX  # noqa: E402
 from remediator.sample import read_samples  # noqa: E402
 
 TARGETS = {
@@ -304,9 +305,10 @@ def read_run(directory: Path) -> dict:
     lines = [line.split() for line in (directory / "latency.txt").read_text().splitlines()]
     sent_at = [float(when) for when, _ in lines]
     load_start, load_end = sent_at[0], sent_at[-1]
-    # onset, pid, and (with a process per burst) the CPU cgroup it was born in
+    # onset, pid, and (with a process per burst) the CPU cgroup it was born in; those under load
     bursts = [(float(fields[0]), int(fields[1]), fields[2] if len(fields) > 2 else "")
               for fields in (line.split() for line in (directory / "bursts.txt").read_text().splitlines())]
+    bursts = [burst for burst in bursts if load_start <= burst[0] <= load_end]
     counts: dict[int, int] = {}
     for sample in read_samples(directory / "samples.jsonl"):
         if load_start <= sample.ts <= load_end:
@@ -319,9 +321,9 @@ def read_run(directory: Path) -> dict:
         "load_start": load_start,
         "sent_at": sent_at,
         "latency_ms": [float(latency) for _, latency in lines],
-        "bursts": [(when, pid) for when, pid, _ in bursts if load_start <= when <= load_end],
+        "bursts": [(when, pid) for when, pid, _ in bursts],
         # bursts whose process was born in a group of remediator's: a step on its parent came first
-        "born_placed": {pid for when, pid, cgroup in bursts if load_start <= when <= load_end and "/remediator-" in cgroup},
+        "born_placed": {pid for _, pid, cgroup in bursts if "/" + CGROUP_PREFIX in cgroup},
         "counts": counts,
         "acts": [line for line in audit if line.get("decision") == "act"],
     }
